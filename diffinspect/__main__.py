@@ -1,0 +1,3 @@
+from diffinspect.cli import main
+
+main()

@@ -1,0 +1,197 @@
+"""The `inspect` / `diffinspect` command line: each command is a thin call into the library."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from diffinspect import DiffinspectError
+
+app = typer.Typer(
+    name="inspect",
+    help="Visual inspection with diffusion models trained on good parts only.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except DiffinspectError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except _click_exceptions() as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+def _click_exceptions() -> tuple[type[BaseException], ...]:
+    import click
+
+    return (click.ClickException,)
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DiffinspectError(f"{what} not found: {path}")
+    return path
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                    transient=False)
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="MVTec category (uses train/good) or a folder of good images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+    model: str | None = typer.Option(None, "--model", help="unet or dit [default: unet]."),
+    size: str | None = typer.Option(None, "--size", help="tiny, small or base [default: small]."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Model input side in pixels [default: 64]."),
+    steps: int | None = typer.Option(None, "--steps", help="Training steps."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop cleanly after this many minutes."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step [default: 16]."),
+    holdout: float | None = typer.Option(None, "--holdout", help="Share of good images kept for calibration."),
+    config: Path | None = typer.Option(None, "--config", help="TOML config (flags override it)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
+    distill_steps: int | None = typer.Option(None, "--distill-steps", help="Also distil a 1-4 step student."),
+) -> None:
+    """Train a diffusion model on photos of good parts and write a model bundle."""
+    from diffinspect.config import load_config
+    from diffinspect.train import train as run_train
+
+    _existing(data, "data folder")
+    cfg = load_config(config, {
+        "model.kind": model, "model.size": size, "data.image_size": image_size, "train.steps": steps,
+        "train.max_minutes": max_minutes, "train.batch_size": batch_size, "data.holdout": holdout,
+        "train.device": device, "train.seed": seed})
+    with _progress_bar() as bar:
+        task = bar.add_task("training", total=None, info="")
+
+        def progress(step: int, total: int, loss: float, elapsed: float) -> None:
+            budget = cfg.train.max_minutes
+            bar.update(task, completed=step, total=total if total < 10**9 else None,
+                       info=f"loss {loss:.4f}  {step / max(elapsed, 1e-9):.2f} steps/s"
+                       + (f"  {elapsed / 60:.1f}/{budget:g} min" if budget else ""))
+
+        bundle = run_train(data, out, cfg, resume=resume, overwrite=overwrite, progress=progress,
+                           log=bar.console.print)
+    console.print(f"bundle written to [bold]{bundle.path}[/]; next: inspect calibrate {bundle.path}")
+    if distill_steps:
+        from diffinspect.train.distill import distill as run_distill
+
+        run_distill(bundle.path, steps=distill_steps, log=console.print)
+
+
+@app.command()
+def calibrate(
+    bundle: Path | None = typer.Argument(None, help="Bundle to calibrate (omit with --detector copod)."),
+    normal_dir: Path | None = typer.Argument(None, help="Good images; default: the training holdout."),
+    false_reject_rate: float = typer.Option(0.01, "--false-reject-rate", help="Target rate of good parts rejected."),
+    detector: str = typer.Option("diffusion", "--detector", help="diffusion, or copod for a COPOD-only bundle."),
+    out: Path | None = typer.Option(None, "--out", help="With --detector copod: the bundle folder to write."),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or openvino."),
+    device: str = typer.Option("auto", "--device", help="Device for the backend."),
+    sampler: str | None = typer.Option(None, "--sampler", help="teacher or student [default: the bundle's]."),
+    tune: bool = typer.Option(False, "--tune", help="Pick t* and the map recipe on synthetic defects first."),
+) -> None:
+    """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
+    from diffinspect.inspect.threshold import describe_bound
+
+    if detector == "copod":
+        from diffinspect.inspect.cold_start import calibrate_copod_only
+
+        folder = normal_dir or bundle
+        if folder is None or out is None:
+            raise DiffinspectError("usage: inspect calibrate --detector copod GOOD_DIR --out BUNDLE")
+        n, thr = calibrate_copod_only(_existing(folder, "folder"), out, false_reject_rate)
+        console.print(f"COPOD bundle written to {out}: threshold {thr:.4g}")
+        console.print(describe_bound(n, false_reject_rate))
+        return
+    if bundle is None:
+        raise DiffinspectError("name the bundle to calibrate: inspect calibrate BUNDLE [GOOD_DIR]")
+    from diffinspect.inspect.calibrate import calibrate as run_calibrate
+
+    if tune:
+        from diffinspect.inspect.tune import tune as run_tune
+
+        choice = run_tune(bundle, backend=backend, device=device, log=console.print)
+        console.print(f"tuned recipe: {choice}")
+    with _progress_bar() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total, info="")
+            bar.update(tasks[what], completed=done)
+
+        result = run_calibrate(bundle, normal_dir, false_reject_rate, backend, device, sampler,
+                               progress=progress, log=bar.console.print)
+    console.print(f"threshold [bold]{result.threshold:.4g}[/] (pixel {result.pixel_threshold:.4g}) "
+                  f"on {result.backend}; statistics from {result.n_reference} images")
+    console.print(result.bound)
+    if result.copod_threshold is not None:
+        console.print(f"COPOD fallback fitted, threshold {result.copod_threshold:.4g}")
+
+
+@app.command()
+def score(
+    bundle: Path = typer.Argument(..., help="Calibrated bundle."),
+    paths: list[Path] = typer.Argument(..., help="Images or folders of images."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line per image."),
+    overlay_dir: Path | None = typer.Option(None, "--overlay-dir", help="Write heatmap overlays here."),
+    detector: str = typer.Option("diffusion", "--detector", help="diffusion or copod."),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or openvino."),
+    device: str = typer.Option("auto", "--device", help="Device for the backend."),
+    sampler: str | None = typer.Option(None, "--sampler", help="teacher or student [default: the bundle's]."),
+) -> None:
+    """Score images: label, score and optional heatmap overlay per image."""
+    import json
+
+    from diffinspect.inspect.runtime import load_detector
+    from diffinspect.inspect.score import expand_paths, score_paths
+
+    det = load_detector(bundle, detector, backend, device, sampler)
+    files = expand_paths([_existing(p, "path") for p in paths])
+    if not files:
+        raise DiffinspectError("no images found in the given paths")
+    records = []
+    for rec in score_paths(det, files, overlay_dir):
+        records.append(rec)
+        if as_json:
+            print(json.dumps(rec.to_dict()), flush=True)
+    if not as_json:
+        _print_records(records)
+    if all(r.label == "error" for r in records):
+        raise typer.Exit(1)
+
+
+def _print_records(records) -> None:
+    from rich.table import Table
+
+    table = Table("image", "label", "score", "threshold", "ms", "overlay / error")
+    colors = {"ok": "green", "ng": "bold red", "error": "yellow"}
+    for r in records:
+        table.add_row(Path(r.path).name, f"[{colors[r.label]}]{r.label.upper()}[/]",
+                      "" if r.score is None else f"{r.score:.3f}", f"{r.threshold:.3f}",
+                      "" if r.latency_ms is None else f"{r.latency_ms:.1f}", r.error or r.overlay or "")
+    Console().print(table)

@@ -1,0 +1,202 @@
+"""Typed configuration: defaults < a TOML file < command-line flags, validated with one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from diffinspect import DiffinspectError
+
+
+@dataclass
+class DataConfig:
+    color: str = "auto"  # auto | gray | rgb; auto looks at the training images
+    image_size: int = 64
+    resize: str = "stretch"  # stretch | crop | pad, for frames whose aspect ratio differs
+    roi: list[int] | None = None  # x, y, width, height
+    holdout: float = 0.15  # share of good images kept back for calibration
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "unet"  # unet | dit
+    size: str = "small"  # tiny | small | base
+    schedule: str = "linear"  # linear | cosine
+
+
+@dataclass
+class AugmentConfig:
+    # Off by default: a flip or a brightness change can turn a real defect into "normal".
+    hflip: bool = False
+    vflip: bool = False
+    rot90: bool = False
+    shift: int = 0  # max shift in pixels
+    brightness: float = 0.0  # max relative change
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None
+    max_minutes: float | None = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    t_max: int = 1000  # noise levels trained on: [0, t_max)
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 500
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ScoreConfig:
+    t_star: int = 100  # noise level a frame is taken to before it is rebuilt
+    steps: int = 1  # DDIM steps of the rebuild (the teacher's; students are set by distillation)
+    noise_draws: int = 1  # mean of K fixed noise draws
+    pixel_weight: float = 1.0  # channel-mean L1 error
+    ssim_weight: float = 1.0  # 1 - SSIM
+    feature_weight: float = 1.0  # denoiser feature error between x and its rebuild
+    blur_sigma: float = 2.0  # pixels at model size
+    top_k: float = 0.01  # image score = mean of the top share of map pixels
+    frame_weight: float = 0.0  # weight of the whole-frame mean map (defects covering the frame)
+    seed: int = 0
+
+
+@dataclass
+class CalibrateConfig:
+    false_reject_rate: float = 0.01
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.color": ("auto", "gray", "rgb"),
+    "data.resize": ("stretch", "crop", "pad"),
+    "model.kind": ("unet", "dit"),
+    "model.size": ("tiny", "small", "base"),
+    "model.schedule": ("linear", "cosine"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+POSITIVE = {"data.image_size", "train.steps", "train.max_minutes", "train.batch_size", "train.lr",
+            "train.checkpoint_every", "train.t_max", "score.t_star", "score.steps", "score.noise_draws"}
+UNIT_INTERVAL = {"data.holdout", "train.ema_decay", "score.top_k", "calibrate.false_reject_rate"}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the TOML file, then overrides given as {"section.key": value} (None = not given)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise DiffinspectError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise DiffinspectError(f"config file {path} is not valid TOML: {exc}") from None
+        _apply(cfg, raw, prefix="")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _apply(obj: Any, raw: dict[str, Any], prefix: str) -> None:
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if not dataclasses.is_dataclass(obj) or key not in {f.name for f in dataclasses.fields(obj)}:
+            raise DiffinspectError(f"unknown config key: {name}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise DiffinspectError(f"config key {name} must be a table")
+            _apply(current, value, prefix=f"{name}.")
+        else:
+            _set(obj, key, value, name)
+
+
+def _set(root: Any, key: str, value: Any, name: str | None = None) -> None:
+    """Set a dotted key (on root) or a plain key (on a section), converting to the field's type."""
+    obj = root
+    if name is None:
+        name = key
+        *parents, key = key.split(".")
+        for part in parents:
+            obj = getattr(obj, part)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        raise DiffinspectError(f"unknown config key: {name}")
+    setattr(obj, key, _convert(value, hints[key], name))
+
+
+def _convert(value: Any, hint: Any, name: str) -> Any:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise DiffinspectError(f"config key {name} must be a list, got {value!r}")
+        return [_convert(v, args[0], name) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise DiffinspectError(f"config key {name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise DiffinspectError(f"config key {name} must be a whole number, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DiffinspectError(f"config key {name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise DiffinspectError(f"config key {name} must be a string, got {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise DiffinspectError(f"config key {key} must be one of {', '.join(choices)}; got {value!r}")
+    for key in POSITIVE:
+        value = _get(cfg, key)
+        if value is not None and value <= 0:
+            raise DiffinspectError(f"config key {key} must be positive, got {value}")
+    for key in UNIT_INTERVAL:
+        value = _get(cfg, key)
+        if not 0 <= value < 1:
+            raise DiffinspectError(f"config key {key} must be in [0, 1), got {value}")
+    if cfg.data.roi is not None and (len(cfg.data.roi) != 4 or min(cfg.data.roi[2:]) <= 0):
+        raise DiffinspectError("config key data.roi must be [x, y, width, height] with positive size")
+    if cfg.score.t_star >= 1000:
+        raise DiffinspectError(f"config key score.t_star must be below 1000, got {cfg.score.t_star}")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,162 @@
+"""Decoding and preprocessing of frames (OpenCV only, no torch).
+
+Every frame, whatever its file format, bit depth or channel count, becomes a uint8 array of shape
+(H, W, C) with C = 1 (gray) or 3 (RGB) before it reaches a model. Preprocessing then crops the ROI
+and fits the frame to the model's square input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from diffinspect import DiffinspectError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+COLOR_MODES = ("gray", "rgb")
+RESIZE_MODES = ("stretch", "crop", "pad")
+
+
+class ImageError(DiffinspectError):
+    """A frame that cannot be used: unreadable, not an image, too large."""
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def decode_image(data: bytes, color: str, max_megapixels: float | None = None) -> np.ndarray:
+    """Decode encoded image bytes to uint8 (H, W, C), C=1 for gray and 3 for RGB."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if max_megapixels is not None:
+        _check_megapixels(buf, max_megapixels)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise ImageError("not a decodable image (corrupt, truncated or unsupported format)")
+    return to_uint8(img, color)
+
+
+def read_image(path: str | Path, color: str, max_megapixels: float | None = None) -> np.ndarray:
+    """Read an image file to uint8 (H, W, C); raise ImageError naming the problem."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return decode_image(data, color, max_megapixels)
+
+
+def _check_megapixels(buf: np.ndarray, limit: float) -> None:
+    # Read only the header so a huge frame is refused before it is decoded.
+    header = cv2.imdecode(buf, cv2.IMREAD_REDUCED_GRAYSCALE_8)
+    if header is not None:
+        megapixels = header.shape[0] * header.shape[1] * 64 / 1e6
+        if megapixels > limit * 1.1:
+            raise ImageError(f"frame of about {megapixels:.1f} MP exceeds the limit of {limit} MP")
+
+
+def to_uint8(img: np.ndarray, color: str) -> np.ndarray:
+    """Bring any decoded OpenCV array (8/16-bit/float, 1/3/4 channels, BGR order) to uint8 gray or RGB."""
+    if color not in COLOR_MODES:
+        raise DiffinspectError(f"colour mode must be one of {COLOR_MODES}, got {color!r}")
+    if img.dtype == np.uint16:
+        img = (img.astype(np.float32) / 257.0).round().astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        scale = 255.0 if float(np.nanmax(img)) <= 1.0 else 1.0
+        img = np.clip(np.nan_to_num(img) * scale, 0, 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        out = img if color == "gray" else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        code = cv2.COLOR_BGRA2GRAY if color == "gray" else cv2.COLOR_BGRA2RGB
+        out = cv2.cvtColor(img, code)
+    else:
+        code = cv2.COLOR_BGR2GRAY if color == "gray" else cv2.COLOR_BGR2RGB
+        out = cv2.cvtColor(img[:, :, :3], code)
+    if out.ndim == 2:
+        out = out[:, :, None]
+    return np.ascontiguousarray(out)
+
+
+def looks_gray(img_bgr_or_rgb: np.ndarray, tol: int = 3) -> bool:
+    """True when a colour image carries no colour (all channels within tol)."""
+    if img_bgr_or_rgb.ndim == 2 or img_bgr_or_rgb.shape[2] == 1:
+        return True
+    c = img_bgr_or_rgb[:, :, :3].astype(np.int16)
+    return bool(np.abs(c[:, :, 0] - c[:, :, 1]).max() <= tol and np.abs(c[:, :, 1] - c[:, :, 2]).max() <= tol)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a decoded frame becomes the model's square input. Stored in the bundle manifest."""
+
+    color: str = "gray"
+    image_size: int = 64
+    resize: str = "stretch"  # stretch | crop (centre) | pad (letterbox)
+    roi: tuple[int, int, int, int] | None = None  # x, y, width, height in frame pixels
+
+    def to_dict(self) -> dict:
+        return {"color": self.color, "image_size": self.image_size, "resize": self.resize,
+                "roi": list(self.roi) if self.roi else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        roi = d.get("roi")
+        return cls(color=d["color"], image_size=int(d["image_size"]), resize=d.get("resize", "stretch"),
+                   roi=tuple(roi) if roi else None)
+
+    def crop_roi(self, img: np.ndarray) -> np.ndarray:
+        if self.roi is None:
+            return img
+        x, y, w, h = self.roi
+        out = img[max(y, 0):y + h, max(x, 0):x + w]
+        if out.size == 0:
+            raise ImageError(f"ROI {self.roi} lies outside the {img.shape[1]}x{img.shape[0]} frame")
+        return out
+
+    def fit(self, img: np.ndarray, size: int | None = None) -> np.ndarray:
+        """ROI-crop and resize a uint8 (H, W, C) frame to (size, size, C)."""
+        size = size or self.image_size
+        img = self.crop_roi(img)
+        h, w = img.shape[:2]
+        if self.resize == "crop":
+            side = min(h, w)
+            y0, x0 = (h - side) // 2, (w - side) // 2
+            img = img[y0:y0 + side, x0:x0 + side]
+        elif self.resize == "pad":
+            side = max(h, w)
+            y0, x0 = (side - h) // 2, (side - w) // 2
+            img = cv2.copyMakeBorder(img, y0, side - h - y0, x0, side - w - x0, cv2.BORDER_REPLICATE)
+        interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
+        out = cv2.resize(img, (size, size), interpolation=interp)
+        if out.ndim == 2:
+            out = out[:, :, None]
+        return out
+
+    def map_to_frame(self, amap: np.ndarray, frame_shape: tuple[int, ...]) -> np.ndarray:
+        """Place a (size, size) anomaly map back on the frame's pixel grid (inverse of fit)."""
+        fh, fw = frame_shape[:2]
+        full = np.full((fh, fw), float(amap.min()), dtype=np.float32)
+        x, y, w, h = self.roi if self.roi else (0, 0, fw, fh)
+        x, y = max(x, 0), max(y, 0)
+        w, h = min(w, fw - x), min(h, fh - y)
+        if self.resize == "stretch":
+            full[y:y + h, x:x + w] = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+        elif self.resize == "crop":
+            side = min(h, w)
+            y0, x0 = (h - side) // 2, (w - side) // 2
+            full[y + y0:y + y0 + side, x + x0:x + x0 + side] = cv2.resize(amap, (side, side))
+        else:
+            side = max(h, w)
+            y0, x0 = (side - h) // 2, (side - w) // 2
+            big = cv2.resize(amap, (side, side))
+            full[y:y + h, x:x + w] = big[y0:y0 + h, x0:x0 + w]
+        return full

@@ -1,0 +1,186 @@
+"""Calibration from good parts only: normalization statistics, the conformal threshold, the fallback.
+
+Two disjoint sets of good images keep the threshold honest:
+- reference images (the training images, when still on disk) give the per-pixel statistics;
+- calibration images (a folder the user names, else the training holdout) give the scores whose
+  conformal quantile is the threshold. Their scores are exchangeable with new good parts' scores because
+  nothing was fitted on them, so the false-reject bound holds.
+When the training images are gone, the calibration images are split: 30 % for statistics, the rest
+for scores.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffinspect import DiffinspectError
+from diffinspect.bundle import Bundle
+from diffinspect.data.datasets import list_images
+from diffinspect.data.image import ImageError, Preprocess, read_image
+from diffinspect.inspect.backends import make_engine
+from diffinspect.inspect.diffusion import CALIBRATION_FILE, DiffusionDetector, Stats, fit_frames
+from diffinspect.inspect.threshold import conformal_threshold, describe_bound, min_calibration_size
+
+MAX_REFERENCE = 256
+SELFCHECK_FRAMES = 4
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class CalibrationResult:
+    n: int
+    n_reference: int
+    source: str
+    threshold: float
+    pixel_threshold: float
+    false_reject_rate: float
+    backend: str
+    copod_threshold: float | None
+
+    @property
+    def bound(self) -> str:
+        return describe_bound(self.n, self.false_reject_rate)
+
+
+def load_frames(paths: list[Path], color: str, what: str, progress: Progress | None = None
+                ) -> tuple[list[np.ndarray], list[Path]]:
+    frames, kept, bad = [], [], []
+    for i, p in enumerate(paths):
+        try:
+            frames.append(read_image(p, color))
+            kept.append(p)
+        except ImageError as exc:
+            bad.append(f"{p.name} ({exc})")
+        if progress:
+            progress(f"reading {what}", i + 1, len(paths))
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable {what}: {', '.join(bad[:3])}", stacklevel=2)
+    return frames, kept
+
+
+def image_sets(bundle: Bundle, normal_dir: str | Path | None, seed: int = 0
+               ) -> tuple[list[Path], list[Path], str]:
+    """(reference paths, calibration paths, description of the calibration source)."""
+    training = bundle.manifest.get("training") or {}
+    source = Path(training.get("source", "/nonexistent"))
+    reference = [source / f for f in training.get("train_files", [])]
+    reference = [p for p in reference if p.exists()]
+    if normal_dir is not None:
+        calib = list_images(normal_dir)
+        if not calib:
+            raise DiffinspectError(f"no images found under {normal_dir}")
+        described = f"{len(calib)} good images from {normal_dir}"
+    else:
+        calib = [source / f for f in training.get("holdout_files", [])]
+        calib = [p for p in calib if p.exists()]
+        if not calib:
+            raise DiffinspectError(
+                f"bundle {bundle.path} has no held-out good images on disk: name a folder of good images "
+                f"(inspect calibrate {bundle.path} GOOD_DIR)")
+        described = f"{len(calib)} good images held back from training ({source})"
+    if not reference:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(calib))
+        cut = max(4, int(0.3 * len(calib)))
+        reference = sorted(calib[i] for i in order[:cut])
+        calib = sorted(calib[i] for i in order[cut:])
+        described += f", split {len(reference)} for statistics / {len(calib)} for the threshold"
+    elif len(reference) > MAX_REFERENCE:
+        idx = np.random.default_rng(seed).choice(len(reference), MAX_REFERENCE, replace=False)
+        reference = sorted(reference[i] for i in idx)
+    return reference, calib, described
+
+
+def calibrate(
+    bundle_path: str | Path,
+    normal_dir: str | Path | None = None,
+    false_reject_rate: float = 0.01,
+    backend: str = "auto",
+    device: str = "auto",
+    sampler: str | None = None,
+    fallback: bool = True,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = print,
+) -> CalibrationResult:
+    bundle = Bundle.load(bundle_path)
+    prep = Preprocess.from_dict(bundle.manifest["preprocess"])
+    reference, calib, described = image_sets(bundle, normal_dir)
+    need = min_calibration_size(false_reject_rate)
+    if len(calib) < need:
+        raise DiffinspectError(
+            f"{len(calib)} calibration images cannot bound the false-reject rate at {false_reject_rate:g}: "
+            f"need at least {need} (name a folder with more good images, or raise --false-reject-rate)")
+    log(f"calibrating on {described}")
+    ref_frames, _ = load_frames(reference, prep.color, "reference images", progress)
+    cal_frames, cal_paths = load_frames(calib, prep.color, "calibration images", progress)
+
+    engine = make_engine(bundle, backend, device, sampler)
+    size = prep.image_size
+    probe = DiffusionDetector(engine, prep, Stats.identity(len(engine.term_names), size), 0.0, None)
+    raw = _batched(probe, fit_frames(ref_frames, prep), "statistics", progress)[2]
+    stats = Stats.fit(raw)
+    detector = DiffusionDetector(engine, prep, stats, 0.0, None)
+    fitted = fit_frames(cal_frames, prep)
+    maps, scores, _ = _batched(detector, fitted, "scoring calibration images", progress)
+    threshold = conformal_threshold(scores, false_reject_rate)
+    # Overlays outline pixels above the conformal threshold of per-image map maxima: a good part shows
+    # an outlined region with probability at most the same rate.
+    pixel_threshold = conformal_threshold(maps.reshape(len(maps), -1).max(1), false_reject_rate)
+
+    buf = io.BytesIO()
+    np.savez(buf, mean=stats.mean, std=stats.std, terms=np.array(engine.term_names), scores=scores,
+             map_max=maps.reshape(len(maps), -1).max(1), selfcheck_frames=fitted[:SELFCHECK_FRAMES],
+             selfcheck_scores=scores[:SELFCHECK_FRAMES])
+    copod_fields = None
+    with bundle.updating() as up:
+        up.write_bytes(CALIBRATION_FILE, buf.getvalue())
+        if fallback:
+            copod_fields = _fit_fallback(up, ref_frames, cal_frames, prep, false_reject_rate)
+        up.manifest["calibration"] = {
+            "threshold": threshold, "pixel_threshold": pixel_threshold,
+            "false_reject_rate": false_reject_rate, "n": len(scores), "n_reference": len(ref_frames),
+            "source": described, "backend": engine.name, "sampler": sampler or bundle.manifest["sampler"]["default"],
+            "score_stats": {"mean": float(scores.mean()), "std": float(scores.std()),
+                            "max": float(scores.max()), "median": float(np.median(scores))},
+            "terms": list(engine.term_names), "rule": "split-conformal",
+        }
+        if copod_fields is not None:
+            up.manifest["fallback"] = copod_fields
+    return CalibrationResult(len(scores), len(ref_frames), described, threshold, pixel_threshold,
+                             false_reject_rate, engine.name,
+                             float(copod_fields["threshold"]) if copod_fields else None)
+
+
+def _batched(detector: DiffusionDetector, fitted: np.ndarray, what: str, progress: Progress | None):
+    parts, step = [], detector.batch_size
+    for i in range(0, len(fitted), step):
+        parts.append(detector.run_fitted(fitted[i:i + step]))
+        if progress:
+            progress(what, min(i + step, len(fitted)), len(fitted))
+    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+
+def _fit_fallback(up, ref_frames, cal_frames, prep: Preprocess, rate: float) -> dict:
+    """COPOD on classical embeddings: fitted on the reference images, thresholded on the calibration
+    images (the same split as the diffusion detector, so its bound holds too)."""
+    from diffinspect.inspect.fallback import CopodDetector
+    from diffinspect.inspect.features import embed_frames
+
+    ref_emb = embed_frames([prep.crop_roi(f) for f in ref_frames])
+    copod = CopodDetector(ref_emb, 0.0, prep, false_reject_rate=rate, n_calibration=len(cal_frames))
+    copod.threshold = conformal_threshold(copod.score_embeddings(copod.embed(cal_frames)), rate)
+    with tempfile.TemporaryDirectory() as tmp:
+        fields = copod.save(tmp)
+        staged = up.staging_path(fields["embeddings_file"])
+        shutil.move(Path(tmp) / fields["embeddings_file"], staged)
+    up.add_file(fields["embeddings_file"], staged)
+    fields["file"] = fields["embeddings_file"]
+    return fields

@@ -1,0 +1,35 @@
+"""The one contract every detector keeps: the diffusion backends and the COPOD fallback alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from diffinspect.data.image import Preprocess
+
+
+@dataclass
+class Scored:
+    """Scores of a batch: maps are (N, S, S) float32 in calibrated z-units (None for COPOD)."""
+
+    scores: np.ndarray
+    maps: np.ndarray | None
+
+
+class Detector(Protocol):
+    name: str  # "diffusion" | "copod"
+    backend: str  # e.g. "torch:cpu", "onnxruntime:CPUExecutionProvider", "openvino:CPU", "copod"
+    threshold: float  # image score above which a frame is NG
+    pixel_threshold: float | None  # map value above which a pixel is outlined in overlays
+    preprocess: Preprocess
+
+    def score(self, frames: list[np.ndarray]) -> Scored:
+        """Score decoded uint8 (H, W, C) frames of any size; preprocessing happens inside."""
+        ...
+
+
+def label_for(score: float, threshold: float) -> str:
+    """The threshold rule, in one place: strictly above the threshold is NG."""
+    return "ng" if score > threshold else "ok"

@@ -1,0 +1,625 @@
+"""Offline evaluation (`inspect evaluate`): detectors and classical baselines on labelled images.
+
+Every method is scored on the same test images, read once per batch: the bundle's diffusion detector,
+its COPOD fallback and the baselines (IForest, OCSVM, COPOD on downscaled pixels with PCA and on
+classical embeddings). Metrics come from metrics.py, files from report.py.
+
+What a detector must offer (the `Detector` protocol): `score(frames) -> Scored(scores, maps)` on uint8
+frames as read in `preprocess.color`; `threshold` (NG strictly above); `preprocess` (its ROI/resize, used
+to put ground-truth masks on the map grid); `pixel_threshold`, `name`, `backend`. Optional: `embed(frames)`
+(classical features for the embedding baselines), `calibration_n` or `n_calibration` and
+`false_reject_rate` (for the sentence on how the threshold was set).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from diffinspect import DiffinspectError
+from diffinspect.data.datasets import (
+    LabelledSet,
+    TestSample,
+    is_mvtec_category,
+    labelled_set,
+    list_images,
+    normal_images,
+)
+from diffinspect.data.image import ImageError, Preprocess, read_image
+from diffinspect.inspect import metrics
+from diffinspect.inspect.baselines import KINDS, EmbeddingBaseline, PixelBaseline
+from diffinspect.inspect.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from diffinspect.inspect.detector import Detector
+from diffinspect.inspect.report import GalleryItem, MethodView, summarize, write_report
+from diffinspect.inspect.threshold import describe_bound
+
+Embedder = Callable[[list[np.ndarray]], np.ndarray]
+DEFAULT_ALPHA = 0.05  # baselines' target false-reject rate when no detector says what the line uses
+
+
+@dataclass
+class Method:
+    """One scored method. `features` names the shared step that turns frames into its input."""
+
+    name: str
+    kind: str  # "detector" | "baseline"
+    features: str
+    score: Callable[[object], tuple[np.ndarray, np.ndarray | None]]
+    threshold: float | None
+    preprocess: Preprocess | None = None
+    pixel_threshold: float | None = None
+    backend: str = ""
+    calibration: str | None = None
+
+
+@dataclass
+class Featurizer:
+    color: str
+    fn: Callable[[list[np.ndarray]], object]
+
+
+@dataclass
+class Scores:
+    """One method's output over a test set; pairs are (map, mask) on the map grid, None where unknown."""
+
+    scores: np.ndarray
+    pairs: list[tuple[np.ndarray, np.ndarray] | None] | None
+    seconds: float
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    test: LabelledSet
+    train: list[Path] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def evaluate(
+    bundles: Sequence[str | Path],
+    datasets: Sequence[str | Path],
+    report_dir: str | Path,
+    baselines: Sequence[str] = KINDS,
+    backend: str = "auto",
+    device: str = "auto",
+    one_class: str | None = None,
+    robustness: bool = False,
+    train_dirs: Sequence[str | Path | None] | None = None,
+    *,
+    detectors: Mapping[str, Detector] | None = None,
+    embedder: Embedder | None = None,
+    alpha: float | None = None,
+    batch_size: int = 16,
+    train_share: float = 0.5,
+    calib_share: float = 0.2,
+    seed: int = 0,
+    gallery_size: int = 6,
+    progress: bool = True,
+) -> dict:
+    """Evaluate bundles (and/or pre-loaded `detectors`) and baselines on datasets; write the report.
+
+    datasets: MVTec categories or folders with good/ and defect folders; with one_class, folders of
+    class folders (ROOT/<class>/*.png) where one_class is normal and every other class an anomaly.
+    train_dirs: good images for the baselines, one per dataset (or one for all); default: an MVTec
+    category's train/good, or the one-class training share. Returns the report dict (report.json).
+    """
+    if not datasets:
+        raise DiffinspectError("no dataset to evaluate")
+    notes: list[str] = []
+    dets = _load_detectors(bundles, backend, device, notes)
+    for name, det in (detectors or {}).items():
+        dets[_unique(name, dets)] = det
+    kinds = _baseline_names(baselines)
+    if alpha is None:
+        alpha = _detector_alpha(dets)
+        source = "the detector's target" if dets and alpha != DEFAULT_ALPHA else "the default"
+    else:
+        source = "as asked"
+    if kinds:
+        notes.append(f"baseline thresholds target a false-reject rate of {alpha:g} ({source})")
+    embed_fn, embed_color = _embedder(embedder, dets, notes)
+    train_list = _train_dirs(train_dirs, len(datasets))
+    report: dict = {"datasets": {}, "summary": {}, "notes": notes}
+    views: dict[str, list[MethodView]] = {}
+    with _progress(progress) as bar:
+        for root, train_dir in zip(datasets, train_list, strict=True):
+            spec = _dataset_spec(Path(root), one_class, train_dir, train_share, seed)
+            name = _unique(spec.name, report["datasets"])
+            methods = [_detector_method(n, d) for n, d in dets.items()]
+            # Detectors take frames as read in their colour mode: the identity feature step.
+            feats = {m.features: Featurizer(_color(m), _identity) for m in methods}
+            methods += _fit_baselines(spec, kinds, alpha, calib_share, seed, embed_fn, embed_color,
+                                      _roi_crop(dets), feats, batch_size)
+            if not methods:
+                raise DiffinspectError("nothing to evaluate: give a bundle or keep at least one baseline")
+            results, views[name] = _evaluate_dataset(spec, methods, feats, robustness, batch_size, seed,
+                                                     gallery_size, bar)
+            report["datasets"][name] = results
+            notes.extend(f"{name}: {n}" for n in spec.notes)
+    notes.extend(_general_notes(robustness))
+    report["summary"] = summarize(report["datasets"])
+    report["notes"] = list(dict.fromkeys(notes))  # keep order, drop repeats
+    write_report(report, views, Path(report_dir))
+    return report
+
+
+# --- setting up datasets and methods -------------------------------------------------------------
+
+def _unique(name: str, taken: Mapping[str, object]) -> str:
+    out, i = name, 2
+    while out in taken:
+        out, i = f"{name}_{i}", i + 1
+    return out
+
+
+def _train_dirs(train_dirs: Sequence[str | Path | None] | None, n: int) -> list[Path | None]:
+    if not train_dirs:
+        return [None] * n
+    if len(train_dirs) == 1:
+        return [Path(train_dirs[0]) if train_dirs[0] else None] * n
+    if len(train_dirs) != n:
+        raise DiffinspectError(f"{len(train_dirs)} training folders for {n} datasets: "
+                               "give one, or one per dataset")
+    return [Path(t) if t else None for t in train_dirs]
+
+
+def _baseline_names(baselines: Sequence[str]) -> list[str]:
+    """Kinds expand to both variants (iforest -> iforest_pixels, iforest_embed); full names pick one."""
+    names: list[str] = []
+    for b in baselines:
+        if b in KINDS:
+            names += [f"{b}_pixels", f"{b}_embed"]
+        elif b.rsplit("_", 1)[0] in KINDS and b.rsplit("_", 1)[-1] in ("pixels", "embed"):
+            names.append(b)
+        else:
+            raise DiffinspectError(f"unknown baseline {b!r}: choose from {', '.join(KINDS)} "
+                                   "(or e.g. iforest_pixels, copod_embed)")
+    return list(dict.fromkeys(names))
+
+
+def _load_detectors(bundles: Sequence[str | Path], backend: str, device: str,
+                    notes: list[str]) -> dict[str, Detector]:
+    if not bundles:
+        return {}
+    from diffinspect.inspect.runtime import load_detector  # lazy: pulls in the backends
+
+    out: dict[str, Detector] = {}
+    for bundle in bundles:
+        bundle = Path(bundle)
+        prefix = "" if len(bundles) == 1 else f"{bundle.name}_"
+        # Not caught: an uncalibrated bundle must stop the run with the loader's message.
+        det = load_detector(bundle, "diffusion", backend, device)
+        if getattr(det, "name", "") == "copod":
+            notes.append(f"{bundle}: no diffusion model in the bundle, only the COPOD fallback is evaluated")
+        else:
+            out[_unique(bundle.name if prefix else "diffinspect", out)] = det
+        out[_unique(f"{prefix}copod_fallback", out)] = load_detector(bundle, "copod")
+    return out
+
+
+def _detector_alpha(dets: Mapping[str, Detector]) -> float:
+    for det in dets.values():
+        rate = getattr(det, "false_reject_rate", None)
+        if isinstance(rate, float) and 0 < rate < 1:
+            return rate
+    return DEFAULT_ALPHA
+
+
+def _embedder(embedder: Embedder | None, dets: Mapping[str, Detector],
+              notes: list[str]) -> tuple[Embedder | None, str]:
+    """Explicit embedder, else a detector's .embed (the COPOD fallback), else features.embed_frames.
+
+    The returned function takes whole frames: a detector's .embed crops its own ROI; the others get
+    the first detector's ROI crop here so every baseline looks at the same pixels.
+    """
+    color = next((d.preprocess.color for d in dets.values()), "rgb")
+    if embedder is None:
+        for det in dets.values():
+            if callable(getattr(det, "embed", None)):
+                return det.embed, det.preprocess.color
+        try:
+            from diffinspect.inspect.features import embed_frames as embedder
+        except ImportError:
+            notes.append("no classical embedding available: *_embed baselines skipped")
+            return None, color
+    crop = _roi_crop(dets)
+    fn = embedder
+    return (lambda frames: fn([crop(f) for f in frames])), color
+
+
+def _dataset_spec(root: Path, one_class: str | None, train_dir: Path | None, train_share: float,
+                  seed: int) -> DatasetSpec:
+    if one_class is not None:
+        spec = _one_class_spec(root, one_class, train_share, seed)
+        if train_dir is not None:
+            spec.train = normal_images(train_dir)
+        return spec
+    test = labelled_set(root)
+    spec = DatasetSpec(test.name, test, None, list(test.warnings))
+    if train_dir is not None:
+        spec.train = normal_images(train_dir)
+    elif is_mvtec_category(root):
+        spec.train = normal_images(root)
+    else:
+        spec.notes.append("no training good images (no train/good, no train_dirs): baselines skipped")
+    return spec
+
+
+def _one_class_spec(root: Path, cls: str, train_share: float, seed: int) -> DatasetSpec:
+    """ROOT/<class>/ images: `cls` is normal (a seeded share trains the baselines), the others anomalies."""
+    if not root.is_dir():
+        raise DiffinspectError(f"dataset folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if cls not in classes:
+        found = ", ".join(classes) or "none"
+        raise DiffinspectError(f"class {cls!r} not found under {root}; classes: {found}")
+    if len(classes) < 2:
+        raise DiffinspectError(f"{root} holds only class {cls!r}: the one-class protocol needs other classes")
+    normal = list_images(root / cls)
+    if len(normal) < 2:
+        raise DiffinspectError(f"class {cls!r} under {root} holds {len(normal)} images: need at least 2")
+    if not 0 < train_share < 1:
+        raise DiffinspectError(f"train share must be between 0 and 1, got {train_share}")
+    order = np.random.default_rng(seed).permutation(len(normal))
+    n_train = min(max(round(train_share * len(normal)), 1), len(normal) - 1)
+    train = [normal[i] for i in sorted(order[:n_train])]
+    test = LabelledSet(name=f"{root.name}[{cls}]")
+    test.samples = [TestSample(normal[i], "good") for i in sorted(order[n_train:])]
+    for c in classes:
+        if c != cls:
+            # A folder literally named "good" is an anomaly class here; keep it apart from the normal label.
+            defect = c if c != "good" else "class_good"
+            test.samples += [TestSample(p, defect) for p in list_images(root / c)]
+    note = (f"one-class protocol: class {cls!r} is normal ({n_train} images train/calibrate the baselines, "
+            f"{len(normal) - n_train} are test good), the other {len(classes) - 1} classes are anomalies")
+    return DatasetSpec(test.name, test, train, [note])
+
+
+def _color(m: Method) -> str:
+    return m.features.split(":", 1)[1] if m.features.startswith("frames:") else "rgb"
+
+
+def _identity(frames: list[np.ndarray]) -> list[np.ndarray]:
+    return frames
+
+
+def _detector_method(name: str, det: Detector) -> Method:
+    def score(frames: object) -> tuple[np.ndarray, np.ndarray | None]:
+        out = det.score(frames)  # type: ignore[arg-type]
+        maps = None if out.maps is None else np.asarray(out.maps, dtype=np.float32)
+        if maps is not None and maps.ndim == 4:
+            maps = maps[..., 0] if maps.shape[-1] == 1 else maps[:, 0]
+        return np.asarray(out.scores, dtype=np.float64).ravel(), maps
+
+    n = getattr(det, "calibration_n", None) or getattr(det, "n_calibration", None)
+    rate = getattr(det, "false_reject_rate", None)
+    calibration = describe_bound(int(n), float(rate)) if n and rate else None
+    return Method(name, "detector", f"frames:{det.preprocess.color}", score, det.threshold, det.preprocess,
+                  det.pixel_threshold, str(getattr(det, "backend", "")), calibration)
+
+
+def _roi_crop(dets: Mapping[str, Detector]) -> Callable[[np.ndarray], np.ndarray]:
+    """Baselines look at the same ROI as the first detector (nothing to crop without one)."""
+    pre = next((d.preprocess for d in dets.values()), None)
+    return pre.crop_roi if pre is not None and pre.roi else (lambda f: f)
+
+
+def _fit_baselines(spec: DatasetSpec, names: list[str], alpha: float, calib_share: float, seed: int,
+                   embed_fn: Embedder | None, embed_color: str, crop: Callable[[np.ndarray], np.ndarray],
+                   feats: dict[str, Featurizer], batch_size: int) -> list[Method]:
+    """Fit the baselines on the dataset's good training images; register their shared feature steps."""
+    if not names or spec.train is None:
+        return []
+    methods: list[Method] = []
+    pixel_names = [n for n in names if n.endswith("_pixels")]
+    if pixel_names:
+        prep = PixelBaseline("iforest")  # only for .pixels(): every pixel baseline shares the same input
+        feats["pixels"] = Featurizer("gray", lambda fr: prep.pixels([crop(f) for f in fr]))
+        train_px = _features_of(spec.train, feats["pixels"], batch_size)
+        for n in pixel_names:
+            px = PixelBaseline(n.split("_")[0], alpha=alpha, calib_share=calib_share, seed=seed)
+            methods.append(_baseline_method(n, "pixels", px.fit(train_px)))
+    embed_names = [n for n in names if n.endswith("_embed")]
+    if embed_names and embed_fn is not None:
+        feats["embed"] = Featurizer(embed_color, embed_fn)
+        train_emb = _features_of(spec.train, feats["embed"], batch_size)
+        for n in embed_names:
+            em = EmbeddingBaseline(n.split("_")[0], alpha=alpha, calib_share=calib_share, seed=seed)
+            methods.append(_baseline_method(n, "embed", em.fit(train_emb)))
+    return methods
+
+
+def _features_of(paths: list[Path], feat: Featurizer, batch_size: int) -> np.ndarray:
+    # In batches, so a large training set never sits in memory as full-size frames.
+    parts = [np.asarray(feat.fn([_read(p, feat.color) for p in paths[i:i + batch_size]]))
+             for i in range(0, len(paths), batch_size)]
+    return np.concatenate(parts)
+
+
+def _baseline_method(name: str, features: str, bl: PixelBaseline | EmbeddingBaseline) -> Method:
+    note = describe_bound(bl.calibration_n, bl.alpha_) + "; these images were held out of the baseline's fit"
+    if bl.alpha_ != bl.false_reject_rate:
+        note += f" (too few for the requested rate {bl.false_reject_rate:g})"
+    return Method(name, "baseline", features, lambda x: (bl.decision_function(x), None), bl.threshold_,
+                  calibration=note)
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+
+def _read(path: Path, color: str) -> np.ndarray:
+    try:
+        return read_image(path, color)
+    except ImageError as exc:
+        raise ImageError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
+
+
+def _read_mask(path: Path | None, shape: tuple[int, int], notes: list[str]) -> np.ndarray | None:
+    if path is None:
+        return None
+    m = read_image(path, "gray")[..., 0] > 127
+    if m.shape != shape:
+        # Masks are drawn on the frame grid; if a tool saved them at another size, nearest keeps them binary.
+        notes.append(f"ground-truth masks of another size than their images (e.g. {path.name}) resized "
+                     "to the image with nearest-neighbour")
+        m = metrics.resize_mask(m, shape)
+    return m
+
+
+def mask_on_map(mask: np.ndarray, amap: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """Bring a frame-grid mask onto a detector's map grid, as `Preprocess.fit` brings the frame.
+
+    Returns (map part, mask) of equal shape. ROI crop, centre crop and letterbox are applied to the mask
+    as to the frame, then nearest-neighbour resizing; for letterboxed maps the padding (no frame pixels)
+    is cut from the map instead. Pixels outside the ROI or the centre crop are not evaluated.
+    """
+    m = pre.crop_roi(mask)
+    h, w = m.shape[:2]
+    mh, mw = amap.shape
+    if pre.resize == "crop":
+        side = min(h, w)
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        m = m[y0:y0 + side, x0:x0 + side]
+    elif pre.resize == "pad":
+        side = max(h, w)
+        y0, x0 = (side - h) // 2, (side - w) // 2
+        r0, r1 = round(y0 * mh / side), round((y0 + h) * mh / side)
+        c0, c1 = round(x0 * mw / side), round((x0 + w) * mw / side)
+        amap = amap[r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)]
+    return amap, metrics.resize_mask(m, amap.shape)
+
+
+def _evaluate_dataset(spec: DatasetSpec, methods: list[Method], feats: dict[str, Featurizer],
+                      robustness: bool, batch_size: int, seed: int, gallery_size: int,
+                      bar: _Bar) -> tuple[dict, list[MethodView]]:
+    samples = spec.test.samples
+    labels = np.array([s.is_anomalous for s in samples], dtype=bool)
+    # Maps are kept only where masks make pixel metrics possible (the gallery re-scores its few frames).
+    with_masks = any(s.mask is not None for s in samples)
+    clean = _score_set(samples, methods, feats, batch_size, bar, spec.name, with_masks, spec.notes)
+    n_unmasked = sum(s.is_anomalous and s.mask is None for s in samples)
+    if with_masks:
+        if n_unmasked:
+            spec.notes.append(f"{n_unmasked} defective images have no ground-truth mask: "
+                              "left out of pixel metrics")
+    elif labels.any() and any(m.kind == "detector" for m in methods):
+        spec.notes.append("no ground-truth masks: pixel AUROC and AUPRO not defined")
+    results = {m.name: _method_metrics(m, clean[m.name], samples, labels) for m in methods}
+    if robustness:
+        for kind in CORRUPTIONS:
+            for sev in SEVERITIES:
+                out = _score_set(samples, methods, feats, batch_size, bar, f"{spec.name} {kind} s{sev}",
+                                 False, spec.notes, corruption=(kind, sev, seed))
+                for m in methods:
+                    th = metrics.threshold_metrics(labels, out[m.name].scores, m.threshold)
+                    results[m.name].setdefault("robustness", {}).setdefault(kind, {})[str(sev)] = {
+                        "image_auroc": metrics.image_auroc(labels, out[m.name].scores),
+                        "false_reject_rate": th["false_reject_rate"],
+                    }
+    shown = {m.name for m in methods if m.kind == "detector"}
+    if not shown:
+        ranked = [m.name for m in methods if results[m.name]["image_auroc"] is not None]
+        shown = {max(ranked, key=lambda n: results[n]["image_auroc"])} if ranked else set()
+    views = [_view(m, clean[m.name], samples, labels, gallery_size if m.name in shown else 0, spec.notes)
+             for m in methods]
+    return results, views
+
+
+def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str, Featurizer],
+               batch_size: int, bar: _Bar, label: str, pixel_pairs: bool, notes: list[str],
+               corruption: tuple[str, int, int] | None = None) -> dict[str, Scores]:
+    """Score every method on the samples, batch by batch; each frame is read once per colour."""
+    used = {m.features for m in methods}
+    feats = {k: f for k, f in feats.items() if k in used}
+    colors = {f.color for f in feats.values()}
+    scores: dict[str, list[np.ndarray]] = {m.name: [] for m in methods}
+    pairs: dict[str, list] = {m.name: [] for m in methods}
+    seconds = dict.fromkeys([m.name for m in methods] + list(feats), 0.0)
+    if corruption is None and samples:
+        _warm_up(samples[0], methods, feats)
+    task = bar.add(label, len(samples))
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        frames = {c: [_read(s.path, c) for s in batch] for c in colors}
+        if corruption is not None:
+            kind, sev, sd = corruption
+            # Seeded per image (not per method): every method sees the same corrupted frame.
+            seed_key = [sd, CORRUPTIONS.index(kind), sev]
+            frames = {c: [corrupt(f, kind, sev, np.random.default_rng([*seed_key, start + i]))
+                          for i, f in enumerate(fs)] for c, fs in frames.items()}
+        inputs = {}
+        for key, feat in feats.items():
+            t0 = time.perf_counter()
+            inputs[key] = feat.fn(frames[feat.color])
+            seconds[key] += time.perf_counter() - t0
+        masks = None
+        for m in methods:
+            t0 = time.perf_counter()
+            s, mp = m.score(inputs[m.features])
+            seconds[m.name] += time.perf_counter() - t0
+            if len(s) != len(batch):
+                raise DiffinspectError(f"{m.name} returned {len(s)} scores for {len(batch)} frames")
+            scores[m.name].append(s)
+            if pixel_pairs and mp is not None and m.preprocess is not None:
+                if masks is None:
+                    shapes = [f.shape[:2] for f in frames[_color(m)]]
+                    masks = [_read_mask(smp.mask, shp, notes) for smp, shp in zip(batch, shapes, strict=True)]
+                for smp, amap, mask, fr in zip(batch, mp, masks, frames[_color(m)], strict=True):
+                    if smp.is_anomalous and mask is None:
+                        pairs[m.name].append(None)
+                    else:
+                        full = mask if mask is not None else np.zeros(fr.shape[:2], dtype=bool)
+                        pairs[m.name].append(mask_on_map(full, amap, m.preprocess))
+        bar.advance(task, len(batch))
+    out = {}
+    for m in methods:
+        out[m.name] = Scores(np.concatenate(scores[m.name]) if scores[m.name] else np.zeros(0),
+                             pairs[m.name] or None, seconds[m.name] + seconds[m.features])
+    return out
+
+
+def _warm_up(sample: TestSample, methods: list[Method], feats: dict[str, Featurizer]) -> None:
+    # First calls pay for lazy initialization (sessions, caches): keep that out of the latency figure.
+    detectors = [m for m in methods if m.kind == "detector"]
+    frames = {c: [_read(sample.path, c)] for c in {_color(m) for m in detectors}}
+    for m in detectors:
+        m.score(frames[_color(m)])
+
+
+# --- metrics and views -----------------------------------------------------------------------------
+
+def _method_metrics(m: Method, res: Scores, samples: list[TestSample], labels: np.ndarray) -> dict:
+    n = len(samples)
+    out: dict = {"kind": m.kind, "backend": m.backend or None, "threshold": m.threshold,
+                 "calibration": m.calibration, "n_images": n, "n_good": int((~labels).sum()),
+                 "n_defective": int(labels.sum())}
+    out.update(_scores_metrics(labels, res.scores, m.threshold, res.pairs))
+    out["f1_max_test_tuned"] = metrics.f1_max(labels, res.scores)
+    out["latency_ms"] = 1000.0 * res.seconds / n if n else None
+    per_defect = {}
+    defects = np.array([s.defect for s in samples])
+    for d in sorted(set(defects[labels])):
+        subset = (defects == d) | ~labels
+        row = _scores_metrics(labels[subset], res.scores[subset], m.threshold, _subset(res.pairs, subset))
+        per_defect[d] = {"n": int((defects == d).sum()), "image_auroc": row["image_auroc"],
+                         "image_ap": row["image_ap"], "recall": row["recall"], "miss_rate": row["miss_rate"],
+                         "pixel_auroc": row["pixel_auroc"], "aupro": row["aupro"]}
+    out["per_defect"] = per_defect
+    return out
+
+
+def _subset(pairs: list | None, keep: np.ndarray) -> list | None:
+    return None if pairs is None else [p for p, k in zip(pairs, keep, strict=True) if k]
+
+
+def _scores_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None,
+                    pairs: list | None) -> dict:
+    out = {"image_auroc": metrics.image_auroc(labels, scores), "image_ap": metrics.image_ap(labels, scores),
+           "pixel_auroc": None, "aupro": None}
+    known = [p for p in (pairs or []) if p is not None]
+    if known:
+        maps_, masks_ = [p[0] for p in known], [p[1] for p in known]
+        out["pixel_auroc"] = metrics.pixel_auroc(maps_, masks_)
+        out["aupro"] = metrics.aupro(maps_, masks_)
+    th = metrics.threshold_metrics(labels, scores, threshold)
+    out.update({k: th[k] for k in ("false_reject_rate", "miss_rate", "precision", "recall", "f1")})
+    return out
+
+
+def _view(m: Method, res: Scores, samples: list[TestSample], labels: np.ndarray, k: int,
+          notes: list[str]) -> MethodView:
+    view = MethodView(m.name, m.kind, labels, res.scores, m.threshold)
+    if m.threshold is None or k <= 0:
+        return view
+    s = res.scores
+    good_ng = [i for i in np.argsort(-s, kind="stable") if not labels[i] and s[i] > m.threshold][:k]
+    bad_ok = [i for i in np.argsort(s, kind="stable") if labels[i] and s[i] <= m.threshold][:k]
+    view.false_rejects = [_gallery_item(m, samples[i], float(s[i]), "ng", notes) for i in good_ng]
+    view.misses = [_gallery_item(m, samples[i], float(s[i]), "ok", notes) for i in bad_ok]
+    return view
+
+
+def _gallery_item(m: Method, sample: TestSample, score: float, label: str, notes: list[str]) -> GalleryItem:
+    frame = _read(sample.path, _color(m))
+    image = None
+    # Re-scoring a handful of frames is cheaper than holding every map of a large test set in memory;
+    # the caption and label keep the score from the evaluation run.
+    amap = m.score([frame])[1] if m.kind == "detector" and m.preprocess is not None else None
+    if amap is not None:
+        try:
+            from diffinspect.inspect.overlay import render_overlay
+        except ImportError:
+            render_overlay = None
+            notes.append("overlay module not available: galleries show plain frames")
+        if render_overlay is not None:
+            amap = m.preprocess.map_to_frame(amap[0], frame.shape)
+            try:
+                image = render_overlay(frame, amap, score, m.threshold, label, m.pixel_threshold)
+            except Exception as exc:  # a drawing bug must not throw away a finished evaluation
+                notes.append(f"overlay failed ({type(exc).__name__}: {exc}): galleries show plain frames")
+    if image is None:
+        image = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR if frame.shape[2] == 1 else cv2.COLOR_RGB2BGR)
+    caption = f"{sample.path.name} ({sample.defect}) score {score:.3g}"
+    return GalleryItem(caption, image)
+
+
+# --- notes -----------------------------------------------------------------------------
+
+def _general_notes(robustness: bool) -> list[str]:
+    notes = [
+        "pixel metrics are computed on each detector's anomaly-map grid (cheaper than upscaling maps to "
+        "full frames): ground-truth masks are ROI-cropped and cropped/letterboxed like the frames and "
+        "resized with nearest-neighbour; pixels outside the ROI or centre crop are not evaluated",
+        "AUPRO: per-region overlap over 8-connected ground-truth regions, integrated up to 30 % FPR of "
+        "defect-free pixels and divided by 0.3",
+        "f1_max_test_tuned is the best F1 over thresholds chosen on the test set itself (optimistic, for "
+        "comparison with papers); every other threshold figure uses the calibrated threshold",
+        "latency_ms: wall time per frame of the scoring call (baselines: feature step + model), image "
+        "decoding excluded, after one warm-up call",
+        "baselines (arXiv 2412.07539): IForest, OCSVM (nu=0.1, gamma=scale, standardized) and COPOD on "
+        "64 px grayscale pixels reduced by PCA to 50 components (*_pixels) or on classical embeddings "
+        "(*_embed), fitted on good training images only",
+    ]
+    if robustness:
+        notes.append("robustness: test images re-scored under each corruption at severities 1-3 (same "
+                     "corrupted frames for every method); thresholds are the clean calibrated ones")
+    return notes
+
+
+# --- progress --------------------------------------------------------------------------------------
+
+class _Bar:
+    """A rich progress bar on stderr, or nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+
+    def __enter__(self) -> _Bar:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def add(self, label: str, total: int) -> int | None:
+        return None if self.progress is None else self.progress.add_task(label, total=total)
+
+    def advance(self, task: int | None, n: int) -> None:
+        if self.progress is not None and task is not None:
+            self.progress.advance(task, n)
+
+
+def _progress(enabled: bool) -> _Bar:
+    return _Bar(enabled)

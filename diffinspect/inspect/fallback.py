@@ -1,0 +1,215 @@
+"""The COPOD fallback: classical embeddings scored by an empirical-copula outlier score.
+
+It keeps the line going when the diffusion path cannot run, needs no accelerator and no trained
+network, and is fitted from good frames only.
+
+COPOD (Li et al., ICDM 2020) scores a point by how far into the tails of each feature's empirical
+distribution it lies: per dimension, the left tail probability F(x) = P(X <= x) and the right tail
+probability P(X >= x) from the fit set, -log of each, a skewness-corrected tail (left for features
+skewed left, right otherwise), and the per-dimension maximum of the skew-corrected tail and the mean of
+both tails, summed over dimensions (pyod's aggregation; the paper's Algorithm 1 takes the maximum of
+the three sums instead, which scores a part that is extreme on both sides in different features lower).
+
+Why the scoring is written here rather than calling pyod's COPOD.decision_function: pyod (checked on
+3.6) concatenates the fit set with the batch being scored and recomputes the ECDFs and skewness on that
+union, so a frame's score depends on the other frames in its batch (and a batch of many defective
+frames dilutes its own tails). Here every new frame is scored alone against the fit set: the ECDF of
+a new value z over the n fit values is (#{X <= z} + 1) / (n + 1), which is exactly what pyod computes
+for a batch of one (the skewness sign, too, comes from the fit set alone; pyod's includes the new
+point, which can flip it on a near-symmetric feature), so batch and single-frame scores agree. It
+also keeps the runtime free of the pyod import (about 1.5 s, and it pulls in matplotlib).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from diffinspect import DiffinspectError
+from diffinspect.data.image import Preprocess
+from diffinspect.inspect.detector import Scored
+from diffinspect.inspect.features import FEATURE_VERSION, embed_frames, embedding_dim
+from diffinspect.inspect.threshold import conformal_threshold, min_calibration_size
+
+EMBEDDINGS_FILE = "embeddings.npy"
+MIN_FIT = 20  # below this the ECDF tails are too coarse (resolution 1/(n+1)) to separate anything
+_CHUNK_ELEMENTS = 4_000_000  # bound the (batch, n_fit, dims) comparison to a few MB at a time
+
+
+class _EcdfCopod:
+    """COPOD with the fit set fixed: new points never change the ECDFs they are scored against."""
+
+    def __init__(self, embeddings: np.ndarray) -> None:
+        x = np.asarray(embeddings, dtype=np.float64)
+        # Robust standardization (median / IQR). COPOD itself is invariant to it (ECDF ranks and the
+        # sign of the skewness survive any increasing affine map per feature), so it changes no score;
+        # it keeps the stored numbers well scaled for other detectors reading the same set, and a
+        # zero IQR (constant feature) falls back to scale 1 instead of dividing by zero.
+        self.center = np.median(x, axis=0)
+        q75, q25 = np.percentile(x, [75.0, 25.0], axis=0)
+        iqr = q75 - q25
+        self.scale = np.where(iqr > 0, iqr, 1.0)
+        self.fit = self._standardize(x)
+        self.n = self.fit.shape[0]
+        d = self.fit - self.fit.mean(axis=0)
+        m2, m3 = (d ** 2).mean(axis=0), (d ** 3).mean(axis=0)
+        skew = np.divide(m3, m2 ** 1.5, out=np.zeros_like(m3), where=m2 > 1e-24)
+        self.skew_sign = np.sign(skew)
+
+    def _standardize(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.center) / self.scale
+
+    def score(self, embeddings: np.ndarray) -> np.ndarray:
+        z = self._standardize(embeddings)
+        out = np.empty(z.shape[0], dtype=np.float64)
+        step = max(1, _CHUNK_ELEMENTS // max(1, self.fit.size))
+        for start in range(0, z.shape[0], step):
+            out[start:start + step] = self._score_chunk(z[start:start + step])
+        return out
+
+    def _score_chunk(self, z: np.ndarray) -> np.ndarray:
+        below = (self.fit[None, :, :] <= z[:, None, :]).sum(axis=1)
+        above = (self.fit[None, :, :] >= z[:, None, :]).sum(axis=1)
+        # The +1 counts the new point in its own ECDF: tail probabilities never reach 0 (finite log),
+        # and the score equals pyod's for a batch of one.
+        left = -np.log((below + 1.0) / (self.n + 1.0))
+        right = -np.log((above + 1.0) / (self.n + 1.0))
+        s = self.skew_sign
+        skewed = left * -np.sign(s - 1) + right * np.sign(s + 1)  # left if skew < 0, right if > 0, both if 0
+        return np.maximum(skewed, (left + right) / 2.0).sum(axis=1)
+
+
+class CopodDetector:
+    """The fallback detector: classical embeddings of ROI crops, COPOD score, conformal threshold."""
+
+    name = "copod"
+    backend = "copod"
+    pixel_threshold: float | None = None  # COPOD gives no anomaly map
+
+    def __init__(self, embeddings: np.ndarray, threshold: float, preprocess: Preprocess, *,
+                 feature_size: int = 128, false_reject_rate: float | None = None,
+                 n_calibration: int = 0) -> None:
+        emb = np.asarray(embeddings, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[1] != embedding_dim() or emb.shape[0] < 1:
+            raise DiffinspectError(f"COPOD fit set must be (n, {embedding_dim()}) embeddings, "
+                                   f"got {emb.shape}")
+        if not np.isfinite(emb).all():
+            raise DiffinspectError("COPOD fit set holds non-finite embeddings")
+        self.embeddings = emb  # the fit set, kept as float32 so a saved copy rebuilds the same model
+        self.threshold = float(threshold)
+        self.preprocess = preprocess
+        self.feature_size = int(feature_size)
+        self.false_reject_rate = false_reject_rate
+        self.n_calibration = int(n_calibration)
+        self.calibration_scores: np.ndarray | None = None  # set by fit_copod, not persisted
+        self._model = _EcdfCopod(emb)
+
+    def embed(self, frames: list[np.ndarray]) -> np.ndarray:
+        """Raw classical embeddings (N, D) float32 of the frames' ROI crops (what the fit set holds)."""
+        # Only the ROI crop here: the embedding resizes to its own size, and skipping the model's
+        # resize keeps detail (and the aspect handling) independent of the diffusion input size.
+        return embed_frames([self.preprocess.crop_roi(f) for f in frames], self.feature_size)
+
+    def score_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        """COPOD scores (N,) float64 of embeddings against the fit set; higher is more anomalous."""
+        emb = np.asarray(embeddings, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.embeddings.shape[1]:
+            raise DiffinspectError(f"expected (n, {self.embeddings.shape[1]}) embeddings, got {emb.shape}")
+        return self._model.score(emb)
+
+    def score(self, frames: list[np.ndarray]) -> Scored:
+        return Scored(scores=self.score_embeddings(self.embed(frames)), maps=None)
+
+    def save(self, folder: str | Path) -> dict[str, str]:
+        """Write the fit set to folder/embeddings.npy (no pickle); return the manifest fields."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / EMBEDDINGS_FILE, self.embeddings, allow_pickle=False)
+        # repr() of a float round-trips exactly, so the loaded threshold is bit-identical.
+        return {
+            "detector": self.name,
+            "threshold": repr(self.threshold),
+            "false_reject_rate": repr(self.false_reject_rate) if self.false_reject_rate is not None else "",
+            "n_calibration": str(self.n_calibration),
+            "n_fit": str(self.embeddings.shape[0]),
+            "feature_size": str(self.feature_size),
+            "feature_version": str(FEATURE_VERSION),
+            "embedding_dim": str(self.embeddings.shape[1]),
+            "embeddings_file": EMBEDDINGS_FILE,
+        }
+
+    @classmethod
+    def load(cls, folder: str | Path, manifest_fields: dict, preprocess: Preprocess) -> CopodDetector:
+        """Rebuild the detector from save()'s fields; the refit is deterministic, so scores match.
+
+        folder: the folder save() wrote to, or the embeddings file itself (as a bundle hands it out
+        after verifying its checksum).
+        """
+        fields = dict(manifest_fields)
+        version = int(_field(fields, "feature_version", str(FEATURE_VERSION)))
+        if version != FEATURE_VERSION:
+            raise DiffinspectError(f"COPOD fallback was fitted on feature recipe v{version}, this version "
+                                   f"computes v{FEATURE_VERSION}: run `inspect calibrate` again")
+        path = Path(folder)
+        if not path.is_file():
+            path = path / str(_field(fields, "embeddings_file", EMBEDDINGS_FILE))
+        try:
+            emb = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DiffinspectError(f"cannot read COPOD embeddings {path}: {exc}") from None
+        n_fit = fields.get("n_fit")
+        if n_fit not in (None, "") and int(n_fit) != emb.shape[0]:
+            raise DiffinspectError(f"{path} holds {emb.shape[0]} embeddings, the manifest says {n_fit}")
+        rate = fields.get("false_reject_rate")
+        return cls(emb, float(_field(fields, "threshold")), preprocess,
+                   feature_size=int(_field(fields, "feature_size", "128")),
+                   false_reject_rate=float(rate) if rate not in (None, "") else None,
+                   n_calibration=int(_field(fields, "n_calibration", "0")))
+
+
+def _field(fields: dict, key: str, default: str | None = None) -> str:
+    value = fields.get(key, default)
+    if value in (None, ""):
+        raise DiffinspectError(f"COPOD manifest field {key!r} is missing")
+    return str(value)
+
+
+def fit_copod(frames: list[np.ndarray], preprocess: Preprocess, false_reject_rate: float = 0.01, *,
+              feature_size: int = 128, calibration_fraction: float = 0.5, seed: int = 0) -> CopodDetector:
+    """Fit the fallback on good frames and set its threshold for the target false-reject rate.
+
+    The frames are split at random (seeded) into a fit part, whose embeddings become COPOD's ECDFs,
+    and a calibration part, scored against the fit part exactly as a new frame will be; the conformal
+    threshold comes from those scores. The returned detector is the one fitted on the fit part ONLY.
+    Refitting on all frames would make every calibration frame part of the ECDFs it was scored
+    against: its tails shrink towards the bulk, its score drops below what an unseen good frame gets,
+    the threshold comes out too low and the false-reject rate on the line exceeds the target. Keeping
+    the fit part fixed, calibration scores and future good frames are exchangeable given that fit set,
+    so P(good frame rejected) <= rate holds (split-conformal). Using every frame in both roles with a
+    valid bound needs full or cross-conformal methods (per-frame re-ranking, or a 2x looser bound).
+    """
+    n = len(frames)
+    need_cal = min_calibration_size(false_reject_rate)  # also rejects a rate outside (0, 1)
+    if n < need_cal + MIN_FIT:
+        raise DiffinspectError(
+            f"{n} good images cannot both fit the COPOD fallback and bound the false-reject rate at "
+            f"{false_reject_rate:g}: need at least {need_cal + MIN_FIT} good images ({need_cal} to calibrate "
+            f"+ {MIN_FIT} to fit), or ask for a higher --false-reject-rate")
+    if not 0.0 < calibration_fraction < 1.0:
+        raise DiffinspectError(f"calibration fraction must be between 0 and 1, got {calibration_fraction}")
+    # Calibration gets at least what the rate needs; the fit part gets at least MIN_FIT.
+    n_cal = min(max(need_cal, math.ceil(n * calibration_fraction)), n - MIN_FIT)
+    # A random split, not the file order: frames often arrive in time order, and a drift between the
+    # first and second half would make the calibration part unlike both the fit part and the line.
+    order = np.random.default_rng(seed).permutation(n)
+    cal_idx, fit_idx = np.sort(order[:n_cal]), np.sort(order[n_cal:])
+    embed_crop = [preprocess.crop_roi(f) for f in frames]
+    emb = embed_frames(embed_crop, feature_size)
+    det = CopodDetector(emb[fit_idx], threshold=math.inf, preprocess=preprocess, feature_size=feature_size,
+                        false_reject_rate=false_reject_rate, n_calibration=n_cal)
+    scores = det.score_embeddings(emb[cal_idx])
+    det.threshold = conformal_threshold(scores, false_reject_rate)
+    det.calibration_scores = scores
+    return det

@@ -1,0 +1,120 @@
+"""What a line engineer sees: the frame, the anomaly heatmap, the outlined defect and the verdict.
+
+Heatmap scaling (fixed, so a colour means the same on every frame of a line): map values are in
+calibrated z-units; 0 and below is the coldest colour (blue in JET) and the hottest colour (red) is
+reached at 2 x pixel_threshold, so the outlined region (over pixel_threshold) sits mid-scale
+(green/yellow) at its border and turns red only where it is clearly over. Without a pixel threshold
+the top of the scale is the map's own maximum, but never below 3 z, so a good frame's map (which
+rarely passes 3 z) stays cold instead of being stretched into a false alarm.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from diffinspect import DiffinspectError
+
+MIN_SIDE = 256  # small frames are upscaled to this so the header text and outlines are readable
+HOT_FLOOR_Z = 3.0
+# BGR header colours; ERROR is amber so it reads as "no verdict", neither pass nor fail.
+LABEL_COLOURS = {"ok": (40, 150, 40), "ng": (30, 30, 210), "error": (0, 150, 230)}
+UNKNOWN_COLOUR = (110, 110, 110)
+CONTOUR_COLOUR = (255, 255, 255)  # white drawn over a black halo: visible on any heat colour
+HALO_COLOUR = (0, 0, 0)
+
+
+def render_overlay(frame: np.ndarray, amap: np.ndarray | None, score: float, threshold: float, label: str,
+                   pixel_threshold: float | None = None, alpha: float = 0.45) -> np.ndarray:
+    """BGR uint8 image (header band on top of the frame) ready for cv2.imwrite.
+
+    frame: uint8 (H, W), (H, W, 1) or (H, W, 3) RGB. amap: 2-D map in z-units covering the whole frame
+    (any resolution; use Preprocess.map_to_frame first when an ROI was cropped), or None (COPOD).
+    """
+    image = _to_bgr(frame)
+    scale = max(1, math.ceil(MIN_SIDE / min(image.shape[:2])))
+    if scale > 1:
+        # Nearest neighbour: an engineer should see the real pixels, not interpolated blur.
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    if amap is not None:
+        image = _draw_map(image, amap, pixel_threshold, alpha)
+    return np.ascontiguousarray(np.vstack([_header(image.shape[1], score, threshold, label), image]))
+
+
+def write_overlay(path: str | Path, image: np.ndarray) -> Path:
+    """Write image as PNG at path (parent folders created); returns the path."""
+    path = Path(path)
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise DiffinspectError(f"cannot encode overlay for {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Encoding in memory and writing bytes also works for paths cv2.imwrite cannot open (non-ASCII).
+        path.write_bytes(buf.tobytes())
+    except OSError as exc:
+        raise DiffinspectError(f"cannot write overlay {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _to_bgr(frame: np.ndarray) -> np.ndarray:
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
+        raise DiffinspectError(f"overlay frame must be uint8, got {getattr(frame, 'dtype', type(frame))}")
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim == 2:
+        return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    if frame.ndim == 3 and frame.shape[2] == 3:
+        return cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+    raise DiffinspectError(f"overlay frame must be (H, W), (H, W, 1) or (H, W, 3), got {frame.shape}")
+
+
+def _draw_map(image: np.ndarray, amap: np.ndarray, pixel_threshold: float | None, alpha: float) -> np.ndarray:
+    amap = np.asarray(amap, dtype=np.float32)
+    if amap.ndim == 3 and amap.shape[0] == 1:
+        amap = amap[0]
+    if amap.ndim != 2 or amap.size == 0:
+        raise DiffinspectError(f"anomaly map must be 2-D, got shape {amap.shape}")
+    h, w = image.shape[:2]
+    amap = cv2.resize(np.nan_to_num(amap, nan=0.0), (w, h), interpolation=cv2.INTER_LINEAR)
+    if pixel_threshold is not None and pixel_threshold > 0:
+        hot = 2.0 * pixel_threshold
+    else:
+        hot = max(float(amap.max()), HOT_FLOOR_Z)
+    level = np.clip(amap / hot, 0.0, 1.0) * 255.0
+    heat = cv2.applyColorMap(level.astype(np.uint8), cv2.COLORMAP_JET)
+    out = cv2.addWeighted(image, 1.0 - alpha, heat, alpha, 0.0)
+    if pixel_threshold is not None:
+        mask = (amap > pixel_threshold).astype(np.uint8)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        width = max(1, round(min(h, w) / 200))
+        cv2.drawContours(out, contours, -1, HALO_COLOUR, width + 2, cv2.LINE_AA)
+        cv2.drawContours(out, contours, -1, CONTOUR_COLOUR, width, cv2.LINE_AA)
+    return out
+
+
+def _header(width: int, score: float, threshold: float, label: str) -> np.ndarray:
+    key = str(label).strip().lower()
+    text = f"{key.upper() or '?'}   score {_num(score)} / thr {_num(threshold)}"
+    height = max(32, round(width * 0.09))
+    band = np.empty((height, width, 3), dtype=np.uint8)
+    band[:] = LABEL_COLOURS.get(key, UNKNOWN_COLOUR)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    # Largest font that fits both the band height and the frame width (long labels shrink, not clip).
+    font_scale = height / 45.0
+    thick = max(1, round(font_scale * 2))
+    (tw, th), base = cv2.getTextSize(text, font, font_scale, thick)
+    margin = max(4, height // 5)
+    if tw > width - 2 * margin:
+        font_scale *= (width - 2 * margin) / tw
+        thick = max(1, round(font_scale * 2))
+        (tw, th), base = cv2.getTextSize(text, font, font_scale, thick)
+    y = (height + th) // 2
+    cv2.putText(band, text, (margin, y), font, font_scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return band
+
+
+def _num(x: float) -> str:
+    return f"{x:.2f}" if x is not None and math.isfinite(x) else "n/a"

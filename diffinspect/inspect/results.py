@@ -1,0 +1,286 @@
+"""The results store of `inspect watch`: SQLite is the truth, `results.jsonl` is its mirror.
+
+One row per frame, a frame being (absolute path, size, mtime_ns) — see intake.py for why not the path
+alone. `INSERT OR IGNORE` on that UNIQUE key, one transaction per batch, makes a frame's row commit
+exactly once however often the frame is scored (crash + restart, a rescan racing an event).
+
+Durability: WAL with synchronous=FULL. With NORMAL, a power cut can roll back the last committed
+transactions; the watcher moves or deletes a frame right after its commit, so a rolled-back row would
+be a frame lost with no result. FULL costs one fsync per batch (a few ms here, off the scoring path).
+
+The JSON lines are appended only after the commit, in row-id order, so the file is always a prefix of
+the table; on start-up a torn last line is cut off and the rows the crash kept from it are appended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TextIO
+
+from diffinspect import DiffinspectError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS frames (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,           -- absolute path where the frame was found
+    folder TEXT NOT NULL,         -- the watched folder (camera) it came from
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,          -- unix seconds
+    mtime_ns INTEGER NOT NULL,    -- exact, part of the frame's identity
+    status TEXT NOT NULL CHECK (status IN ('ok', 'ng', 'error')),
+    score REAL,
+    threshold REAL,
+    detector TEXT,                -- diffusion | copod (NULL for error rows)
+    backend TEXT,
+    latency_ms REAL,              -- from first seen to the row being written
+    overlay TEXT,
+    error TEXT,
+    fallback_reason TEXT,         -- why the fallback scored it (NULL when diffusion did)
+    received_at REAL NOT NULL,    -- unix seconds, when the watcher first saw the file
+    scored_at REAL NOT NULL,      -- unix seconds, when the row was written
+    UNIQUE (path, size, mtime_ns)
+);
+"""
+
+
+@dataclass
+class FrameRow:
+    path: str
+    folder: str
+    size: int
+    mtime: float
+    mtime_ns: int
+    status: str
+    score: float | None
+    threshold: float | None
+    detector: str | None
+    backend: str | None
+    latency_ms: float | None
+    overlay: str | None
+    error: str | None
+    fallback_reason: str | None
+    received_at: float
+    scored_at: float
+    id: int | None = None
+
+
+_COLUMNS = [f.name for f in fields(FrameRow) if f.name != "id"]
+_INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(_COLUMNS)}) "
+           f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+_SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM frames"
+
+
+def row_json(row: FrameRow | dict) -> str:
+    get = row.get if isinstance(row, dict) else functools.partial(getattr, row)
+    return json.dumps({"id": get("id"), **{c: get(c) for c in _COLUMNS}})
+
+
+class ResultStore:
+    """Thread-safe: lanes commit concurrently, the intake thread looks frames up."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self._lockfile = _exclusive_lock(out / ".watch.lock")
+        self.db_path = out / "results.db"
+        self.jsonl_path = out / "results.jsonl"
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            self.reconciled = self._reconcile_jsonl()
+        except (sqlite3.Error, OSError) as exc:
+            self._lockfile.close()
+            raise DiffinspectError(f"cannot use the results in {out} ({exc}); move results.db and "
+                                   f"results.jsonl away to start afresh") from None
+        self._jsonl: TextIO | None = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._jsonl_last = self._max_id()
+        self._jsonl_behind = False
+
+    def status_of(self, path: str, size: int, mtime_ns: int) -> str | None:
+        with self._lock:
+            hit = self._db.execute("SELECT status FROM frames WHERE path=? AND size=? AND mtime_ns=?",
+                                   (path, size, mtime_ns)).fetchone()
+        return hit[0] if hit else None
+
+    def commit(self, rows: list[FrameRow]) -> list[FrameRow]:
+        """Commit a batch in one transaction; returns the rows that were new (ids set)."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                inserted = []
+                for row in rows:
+                    cur.execute(_INSERT, [getattr(row, c) for c in _COLUMNS])
+                    if cur.rowcount == 1:
+                        row.id = cur.lastrowid
+                        inserted.append(row)
+                cur.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    cur.execute("ROLLBACK")
+                for row in rows:
+                    row.id = None
+                raise
+            try:
+                self._mirror(inserted)
+            except Exception:  # the rows are committed whatever happens to their mirror lines
+                self._jsonl_behind = True
+        return inserted
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._jsonl is not None:
+                with contextlib.suppress(OSError):
+                    self._jsonl.close()
+            self._db.close()
+            self._lockfile.close()
+
+    # -- the JSONL mirror ----------------------------------------------------------------------
+
+    def _mirror(self, inserted: list[FrameRow]) -> None:
+        """Append after the commit. A failed write (disk full) is caught up from the table later,
+        so the file stays an in-order prefix of the table."""
+        if self._jsonl_behind:
+            lines = [row_json(r) for r in self._rows_after(self._jsonl_last)]
+        else:
+            lines = [row_json(r) for r in inserted]
+        if not lines:
+            return
+        good: int | None = None
+        try:
+            if self._jsonl is None:
+                self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+            good = self._jsonl.tell()
+            self._jsonl.write("\n".join(lines) + "\n")
+            self._jsonl.flush()
+        except OSError:
+            self._jsonl_behind = True
+            if self._jsonl is not None:
+                # Drop the file object with whatever it still buffers, then cut the torn line by
+                # path: the next write starts on a line boundary.
+                with contextlib.suppress(OSError):
+                    self._jsonl.close()
+                if good is not None:
+                    with contextlib.suppress(OSError):
+                        os.truncate(self.jsonl_path, good)
+                self._jsonl = None
+            return
+        self._jsonl_last = json.loads(lines[-1])["id"]
+        self._jsonl_behind = False
+
+    def _reconcile_jsonl(self) -> int:
+        """Make the JSONL match the table after a crash; returns how many lines were written."""
+        db_max = self._max_id()
+        last = _last_jsonl_id(self.jsonl_path)
+        if last == db_max:
+            return 0
+        if last is None or last > db_max:
+            # Unreadable, or lines whose commit never happened: the table is the truth.
+            tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                n = self._write_rows(f, 0)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.jsonl_path)
+            return n
+        with open(self.jsonl_path, "a", encoding="utf-8") as f:
+            return self._write_rows(f, last)
+
+    def _write_rows(self, f, after_id: int) -> int:  # noqa: ANN001
+        n = 0
+        for row in self._rows_after(after_id):
+            f.write(row_json(row) + "\n")
+            n += 1
+        return n
+
+    def _rows_after(self, after_id: int):  # noqa: ANN202 (a cursor of dicts)
+        cur = self._db.execute(f"{_SELECT} WHERE id > ? ORDER BY id", (after_id,))
+        names = [d[0] for d in cur.description]
+        for values in cur:
+            yield dict(zip(names, values, strict=True))
+
+    def _max_id(self) -> int:
+        return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
+
+
+def _last_jsonl_id(path: Path) -> int | None:
+    """Id of the last complete line (0 for an empty or missing file), cutting off a torn last line;
+    None when the file cannot be trusted."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        start = max(0, size - (1 << 20))
+        f.seek(start)
+        tail = f.read()
+        cut = tail.rfind(b"\n")
+        if cut < 0:
+            if start > 0:
+                return None
+            f.truncate(0)  # a single torn line: nothing was complete
+            return 0
+        if cut != len(tail) - 1:
+            f.truncate(start + cut + 1)  # the crash tore the last line
+        lines = tail[:cut].rsplit(b"\n", 1)
+        try:
+            return int(json.loads(lines[-1])["id"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def load_rows(out: Path) -> list[dict]:
+    """All rows of OUT/results.db as dicts, in id order (for tests, benchmarks and reports)."""
+    db = sqlite3.connect(f"file:{out / 'results.db'}?mode=ro", uri=True)
+    try:
+        cur = db.execute(f"{_SELECT} ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, values, strict=True)) for values in cur]
+    finally:
+        db.close()
+
+
+def load_jsonl(out: Path) -> list[dict]:
+    with open(out / "results.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class _LockFile:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)  # closing releases the flock (so does the process dying, even by kill -9)
+
+
+def _exclusive_lock(path: Path) -> _LockFile:
+    """Two watchers on one OUT would interleave the JSONL mirror: refuse the second."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no guard
+        return _LockFile(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DiffinspectError(f"another `inspect watch` is already writing to {path.parent}") from None
+    except OSError:
+        pass  # a filesystem without locks: run unguarded rather than not at all
+    return _LockFile(fd)

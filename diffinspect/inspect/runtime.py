@@ -1,0 +1,50 @@
+"""Loading a detector from a bundle: the diffusion model on a chosen backend, or the COPOD fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from diffinspect import DiffinspectError
+from diffinspect.bundle import Bundle
+from diffinspect.data.image import Preprocess
+from diffinspect.inspect.detector import Detector
+
+DETECTORS = ("diffusion", "copod")
+
+
+def _bundle(bundle: str | Path | Bundle) -> Bundle:
+    return bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+
+
+def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", backend: str = "auto",
+                  device: str = "auto", sampler: str | None = None) -> Detector:
+    """A calibrated detector from a bundle. detector: "diffusion" | "copod"."""
+    if detector not in DETECTORS:
+        raise DiffinspectError(f"unknown detector {detector!r}: choose diffusion or copod")
+    b = _bundle(bundle)
+    if detector == "copod" or "model" not in b.manifest:
+        return load_fallback(b)
+    from diffinspect.inspect.backends import make_engine
+    from diffinspect.inspect.diffusion import CALIBRATION_FILE, DiffusionDetector, Stats
+
+    cal = b.manifest.get("calibration")
+    if not cal:
+        raise DiffinspectError(f"bundle {b.path} was never calibrated: run `inspect calibrate {b.path}`")
+    with np.load(b.file(CALIBRATION_FILE)) as z:
+        stats = Stats(z["mean"], z["std"])
+    engine = make_engine(b, backend, device, sampler or cal.get("sampler"))
+    return DiffusionDetector(engine, Preprocess.from_dict(b.manifest["preprocess"]), stats, cal["threshold"],
+                             cal["pixel_threshold"], cal["n"], cal["false_reject_rate"])
+
+
+def load_fallback(bundle: str | Path | Bundle) -> Detector:
+    """The COPOD fallback stored in a bundle (classical features; never needs torch or an accelerator)."""
+    from diffinspect.inspect.fallback import CopodDetector
+
+    b = _bundle(bundle)
+    fields = b.manifest.get("fallback")
+    if not fields:
+        raise DiffinspectError(f"bundle {b.path} has no COPOD fallback: run `inspect calibrate {b.path}`")
+    return CopodDetector.load(b.file(fields["file"]), fields, Preprocess.from_dict(b.manifest["preprocess"]))

@@ -1,0 +1,89 @@
+"""Denoisers (U-Net, DiT) and the noise schedule.
+
+Both denoisers keep one contract:
+    forward(x (N, C, H, W), t (N,) float timesteps in [0, 1000)) -> predicted ε, shape of x
+    features(x, t) -> list of encoder feature maps (N, D, h, w), cheap (no decoder pass)
+    attributes kind, size, image_size, channels
+
+The edge runtime imports `diffinspect.models.schedule` (pure numpy) without torch: importing any
+submodule runs this file, so torch and the networks are imported only inside the functions below.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from diffinspect import DiffinspectError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+MODEL_KINDS = ("unet", "dit")
+MODEL_SIZES = ("tiny", "small", "base")
+MIN_IMAGE_SIZE = 16
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise DiffinspectError(f"unknown model {what} {value!r}: choose one of {', '.join(choices)}")
+
+
+def image_multiple(kind: str, size: str, image_size: int) -> int:
+    """The number the image side must be a multiple of, for this kind and size at about this image size."""
+    _check_choice("kind", kind, MODEL_KINDS)
+    _check_choice("size", size, MODEL_SIZES)
+    if kind == "unet":
+        from diffinspect.models.unet import unet_downsamplings
+
+        return 2 ** unet_downsamplings(image_size)
+    from diffinspect.models.dit import dit_patch_size
+
+    return dit_patch_size(size, image_size)
+
+
+def check_image_size(kind: str, size: str, image_size: int) -> None:
+    """Raise a one-line DiffinspectError if the model cannot take square images of this side."""
+    if image_size < MIN_IMAGE_SIZE:
+        raise DiffinspectError(f"image size {image_size} is too small: use at least {MIN_IMAGE_SIZE}")
+    m = image_multiple(kind, size, image_size)
+    if image_size % m:
+        lo, hi = image_size // m * m, (image_size // m + 1) * m
+        raise DiffinspectError(
+            f"image size {image_size} does not fit the {kind}: use a multiple of {m} (e.g. {lo} or {hi})"
+        )
+
+
+def build_model(kind: str, size: str, image_size: int, channels: int) -> nn.Module:
+    """A freshly initialized denoiser; load weights with `load_state_dict` (derived buffers are not saved)."""
+    check_image_size(kind, size, image_size)
+    if channels < 1:
+        raise DiffinspectError(f"a model needs at least 1 image channel, got {channels}")
+    if kind == "unet":
+        from diffinspect.models.unet import UNet
+
+        return UNet(size, image_size, channels)
+    from diffinspect.models.dit import DiT
+
+    return DiT(size, image_size, channels)
+
+
+def describe(model: nn.Module, image_size: int, channels: int) -> dict[str, Any]:
+    """Parameter count and GFLOPs of one forward pass on one frame.
+
+    FLOPs are those torch's FlopCounterMode counts: matmuls and convolutions, 2 per multiply-add;
+    norms, activations and softmax are left out (a few percent here).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, channels, image_size, image_size)
+    t = torch.zeros(1)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x, t)
+    return {
+        "kind": getattr(model, "kind", type(model).__name__),
+        "size": getattr(model, "size", None),
+        "params": sum(p.numel() for p in model.parameters()),
+        "gflops": counter.get_total_flops() / 1e9,
+    }

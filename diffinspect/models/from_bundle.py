@@ -1,0 +1,44 @@
+"""Rebuilding the denoisers and the scoring graph stored in a bundle (torch; imported lazily)."""
+
+from __future__ import annotations
+
+import torch
+
+from diffinspect.bundle import Bundle
+from diffinspect.models import build_model
+from diffinspect.models.schedule import NoiseSchedule
+from diffinspect.models.scoring import Recipe, ScoringGraph
+
+SAMPLERS = ("teacher", "student")
+
+
+def load_denoiser(bundle: Bundle, weights: str = "weights.pt") -> torch.nn.Module:
+    m = bundle.manifest["model"]
+    model = build_model(m["kind"], m["size"], m["image_size"], m["channels"])
+    state = torch.load(bundle.file(weights), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def resolve_sampler(bundle: Bundle, sampler: str | None) -> str:
+    from diffinspect import DiffinspectError
+
+    sampler = sampler or bundle.manifest.get("sampler", {}).get("default", "teacher")
+    if sampler not in SAMPLERS:
+        raise DiffinspectError(f"unknown sampler {sampler!r}: use teacher or student")
+    if sampler == "student" and not bundle.manifest.get("sampler", {}).get("student"):
+        raise DiffinspectError(f"bundle {bundle.path} has no distilled student (run `inspect distill`)")
+    return sampler
+
+
+def load_graph(bundle: Bundle, sampler: str | None = None, recipe: Recipe | None = None) -> ScoringGraph:
+    """The scoring graph of the bundle, with the teacher (N DDIM steps) or the distilled student."""
+    sampler = resolve_sampler(bundle, sampler)
+    recipe = recipe or Recipe.from_dict(bundle.manifest["score"])
+    schedule = NoiseSchedule.from_dict(bundle.manifest["schedule"])
+    if sampler == "student":
+        student = bundle.manifest["sampler"]["student"]
+        return ScoringGraph(
+            load_denoiser(bundle, student["weights"]), schedule, recipe, steps=student["steps"]
+        )
+    return ScoringGraph(load_denoiser(bundle), schedule, recipe)

@@ -1,0 +1,85 @@
+"""`train(data, out, cfg)`: decode the good images, fit the denoiser, write the bundle atomically."""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from diffinspect import bundle as bundle_io
+from diffinspect.bundle import Bundle
+from diffinspect.config import Config
+from diffinspect.data.datasets import normal_images
+from diffinspect.data.image import Preprocess
+from diffinspect.models.schedule import NoiseSchedule
+from diffinspect.models.scoring import Recipe
+from diffinspect.train.data import choose_color, load_training_set
+from diffinspect.train.fit import clear_checkpoints, fit, model_summary
+
+WEIGHTS = "weights.pt"
+
+
+def preprocess_for(data: Path, cfg: Config) -> Preprocess:
+    d = cfg.data
+    color = choose_color(normal_images(data), d.color)
+    return Preprocess(color=color, image_size=d.image_size, resize=d.resize,
+                      roi=tuple(d.roi) if d.roi else None)
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    cfg: Config,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int, int, float, float], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> Bundle:
+    data, out = Path(data).resolve(), Path(out).resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite and not resume:
+        from diffinspect import DiffinspectError
+
+        raise DiffinspectError(f"output folder {out} exists and is not empty (choose another --out)")
+    prep = preprocess_for(data, cfg)
+    tset = load_training_set(data, prep, cfg.data.holdout, cfg.train.seed)
+    if tset.skipped:
+        names = ", ".join(p.name for p, _ in tset.skipped[:5])
+        more = f" and {len(tset.skipped) - 5} more" if len(tset.skipped) > 5 else ""
+        warnings.warn(f"skipped {len(tset.skipped)} undecodable images: {names}{more}", stacklevel=2)
+    channels = 3 if prep.color == "rgb" else 1
+    log(f"training on {len(tset.train_files)} images ({prep.color}, {prep.image_size} px), "
+        f"{len(tset.holdout_files)} held back for calibration")
+    result = fit(tset, cfg, out, resume=resume, progress=progress, on_step=on_step)
+    if int(torch.distributed.is_initialized() and torch.distributed.get_rank()) != 0:
+        return None  # type: ignore[return-value]  # only rank 0 writes the bundle
+    summary = model_summary(result.model, prep.image_size, channels)
+    manifest = bundle_io.new_manifest(
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        model={"kind": cfg.model.kind, "size": cfg.model.size, "image_size": prep.image_size,
+               "channels": channels, "params": summary["params"], "gflops": round(summary["gflops"], 4)},
+        preprocess=prep.to_dict(),
+        schedule=NoiseSchedule(cfg.model.schedule).to_dict(),
+        score=Recipe.from_dict(vars(cfg.score)).__dict__,
+        sampler={"default": "teacher", "student": None},
+        training={
+            "data": str(tset.root), "source": str(tset.source),
+            "train_files": tset.relative(tset.train_files), "holdout_files": tset.relative(tset.holdout_files),
+            "skipped": [[str(p), why] for p, why in tset.skipped],
+            "steps": result.steps, "seconds": round(result.seconds, 1),
+            "steps_per_second": round(result.steps_per_second, 3), "final_loss": round(result.final_loss, 5),
+            "device": str(cfg.train.device), "config": cfg.to_dict(),
+        },
+        calibration=None,
+        exports={},
+    )
+    with bundle_io.creating(out, overwrite=True) as tmp:
+        torch.save(result.model.state_dict(), tmp / WEIGHTS)
+        bundle_io.finish(tmp, manifest, [WEIGHTS])
+    clear_checkpoints(out)
+    log(f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
+        f"({result.steps_per_second:.2f} steps/s), loss {result.final_loss:.4f}")
+    return Bundle.load(out)

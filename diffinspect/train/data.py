@@ -1,0 +1,65 @@
+"""Training images: decode, choose the colour mode, keep back a holdout, fit to the model size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from diffinspect import DiffinspectError
+from diffinspect.data.datasets import is_mvtec_category, normal_images
+from diffinspect.data.image import ImageError, Preprocess, decode_image, looks_gray
+
+MIN_IMAGES = 10
+
+
+@dataclass
+class TrainingSet:
+    root: Path
+    preprocess: Preprocess
+    train_files: list[Path]
+    holdout_files: list[Path]
+    images: np.ndarray  # (N, S, S, C) uint8, the training share only
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def relative(self, paths: list[Path]) -> list[str]:
+        return [str(p.relative_to(self.source)) for p in paths]
+
+    @property
+    def source(self) -> Path:
+        return self.root / "train" / "good" if is_mvtec_category(self.root) else self.root
+
+
+def choose_color(files: list[Path], requested: str) -> str:
+    """`auto` is gray when the first images carry no colour, else RGB."""
+    if requested != "auto":
+        return requested
+    import cv2
+
+    for f in files[:16]:
+        img = cv2.imdecode(np.fromfile(f, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is not None and not looks_gray(img):
+            return "rgb"
+    return "gray"
+
+
+def load_training_set(data: str | Path, preprocess: Preprocess, holdout: float, seed: int) -> TrainingSet:
+    root = Path(data)
+    files = normal_images(root)
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_hold = int(round(len(files) * holdout))
+    holdout_files = sorted(files[i] for i in order[:n_hold])
+    train_files = sorted(files[i] for i in order[n_hold:])
+    images, kept, skipped = [], [], []
+    for f in train_files:
+        try:
+            images.append(preprocess.fit(decode_image(f.read_bytes(), preprocess.color)))
+            kept.append(f)
+        except (ImageError, OSError) as exc:
+            skipped.append((f, str(exc)))
+    if len(kept) < MIN_IMAGES:
+        raise DiffinspectError(
+            f"only {len(kept)} decodable training images under {root} (of {len(train_files)} after a "
+            f"{holdout:.0%} holdout); at least {MIN_IMAGES} are needed")
+    return TrainingSet(root, preprocess, kept, holdout_files, np.stack(images), skipped)

@@ -1,0 +1,184 @@
+"""Fitting a denoiser on good images: AdamW, EMA weights, checkpoints, resume, time budget, DDP."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffinspect import DiffinspectError
+from diffinspect.config import Config
+from diffinspect.models import build_model, check_image_size, describe
+from diffinspect.models.schedule import NoiseSchedule, q_sample
+from diffinspect.train.augment import augment_batch
+from diffinspect.train.data import TrainingSet
+
+# The recipe we stand behind when the user gives neither --steps nor --max-minutes.
+DEFAULT_STEPS = 20000
+DEFAULT_MAX_MINUTES = 15.0
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the EMA weights, used for scoring
+    steps: int
+    seconds: float
+    final_loss: float
+    steps_per_second: float
+    interrupted: bool = False
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested.startswith("cuda:")):
+        if not torch.cuda.is_available():
+            raise DiffinspectError("CUDA was asked for (--device cuda) but no CUDA device is available")
+        return torch.device(requested)
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise DiffinspectError(f"unknown device {requested!r}: use auto, cpu or cuda")
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".checkpoint")
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return int(os.environ.get("RANK", "0")), world
+
+
+def fit(
+    data: TrainingSet,
+    cfg: Config,
+    out: Path,
+    resume: bool = False,
+    progress: Callable[[int, int, float, float], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train on data.images; checkpoints go to `<out>.checkpoint/`. `progress(step, total, loss, elapsed)`."""
+    tc, mc = cfg.train, cfg.model
+    size, channels = data.preprocess.image_size, data.preprocess.color == "rgb" and 3 or 1
+    check_image_size(mc.kind, mc.size, size)
+    device = resolve_device(tc.device)
+    rank, world = _distributed()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.manual_seed(tc.seed)
+    model = build_model(mc.kind, mc.size, size, channels).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    schedule = NoiseSchedule(mc.schedule)
+    ab_all = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
+    total = tc.steps if tc.steps is not None else (DEFAULT_STEPS if tc.max_minutes is None else 10**9)
+    budget = tc.max_minutes if tc.max_minutes is not None else (DEFAULT_MAX_MINUTES if tc.steps is None else None)
+
+    ckpt_path = checkpoint_dir(out) / "last.pt"
+    step, elapsed_before = 0, 0.0
+    if resume:
+        if not ckpt_path.exists():
+            raise DiffinspectError(f"nothing to resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed_before = int(state["step"]), float(state["elapsed"])
+    start_step = step
+    train_model: torch.nn.Module = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # uint8 N,C,H,W on CPU
+    gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)
+    # Replay the generator so a resumed run draws the batches an uninterrupted run would have drawn.
+    for _ in range(step):
+        _draw(gen, images.shape[0], tc.batch_size, tc.t_max, channels, size)
+    use_amp = device.type == "cuda"
+    t0 = time.monotonic()
+    loss_ema, interrupted = float("nan"), False
+
+    def save_checkpoint() -> None:
+        if rank != 0:
+            return
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                    "step": step, "elapsed": elapsed_before + time.monotonic() - t0}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    try:
+        while step < total:
+            elapsed = elapsed_before + time.monotonic() - t0
+            if budget is not None and elapsed >= budget * 60:
+                break
+            idx, t, noise = _draw(gen, images.shape[0], tc.batch_size, tc.t_max, channels, size)
+            x0 = images[idx].float().div_(127.5).sub_(1.0)
+            x0 = augment_batch(x0, tc.augment, gen)
+            x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+            xt = q_sample(x0, noise, ab_all[t].view(-1, 1, 1, 1))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                pred = train_model(xt, t.float())
+            loss = F.mse_loss(pred.float(), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            _ema_update(ema, model, tc.ema_decay if step > 100 else 0.0)
+            step += 1
+            value = float(loss.detach())
+            loss_ema = value if np.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * value
+            if progress is not None and rank == 0:
+                progress(step, total, loss_ema, elapsed_before + time.monotonic() - t0)
+            if step % tc.checkpoint_every == 0:
+                save_checkpoint()
+            if on_step is not None:
+                on_step(step)
+    except KeyboardInterrupt:
+        interrupted = True
+        save_checkpoint()
+    seconds = elapsed_before + time.monotonic() - t0
+    if interrupted:
+        raise DiffinspectError(f"training interrupted at step {step}; checkpoint saved to {ckpt_path} "
+                               f"(run the same command with --resume to continue)")
+    if world > 1:
+        torch.distributed.barrier()
+    rate = (step - start_step) / max(time.monotonic() - t0, 1e-9)
+    return TrainResult(ema.cpu().eval(), step, seconds, loss_ema, rate)
+
+
+def _draw(gen: torch.Generator, n: int, batch: int, t_max: int, channels: int, size: int):
+    idx = torch.randint(0, n, (batch,), generator=gen)
+    t = torch.randint(0, t_max, (batch,), generator=gen)
+    noise = torch.randn(batch, channels, size, size, generator=gen)
+    return idx, t, noise
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
+def clear_checkpoints(out: Path) -> None:
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+
+
+def model_summary(model: torch.nn.Module, image_size: int, channels: int) -> dict:
+    return describe(model, image_size, channels)

@@ -1,0 +1,49 @@
+"""Shared fixtures: small synthetic data made by the tests, caches kept out of $HOME."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_CACHE = Path(tempfile.mkdtemp(prefix="diffinspect-test-cache-"))
+os.environ.setdefault("MPLCONFIGDIR", str(_CACHE / "mpl"))
+os.environ.setdefault("OV_CACHE_DIR", str(_CACHE / "ov"))
+os.environ["HOME"] = str(_CACHE)  # onnxruntime / OpenVINO / matplotlib caches
+
+
+@pytest.fixture(scope="session")
+def line_dir(tmp_path_factory) -> Path:
+    """A small synthetic production line (MVTec layout), 64 px, shared by the whole session."""
+    from diffinspect.data.synthetic import make_line
+
+    root = tmp_path_factory.mktemp("line") / "metal"
+    return make_line(root, "metal", n_train=60, n_test_good=24, n_test_defect=20, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(line_dir, tmp_path_factory) -> Path:
+    """A tiny U-Net bundle trained a few steps on the synthetic line (not calibrated)."""
+    from diffinspect.config import load_config
+    from diffinspect.train import train
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    cfg = load_config(overrides={"model.size": "tiny", "data.image_size": 32, "train.steps": 60,
+                                 "train.batch_size": 8, "data.holdout": 0.3})
+    train(line_dir, out, cfg, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def calibrated_bundle(trained_bundle, line_dir, tmp_path_factory) -> Path:
+    """A copy of the tiny bundle, calibrated on the synthetic line's good test images."""
+    import shutil
+
+    from diffinspect.inspect.calibrate import calibrate
+
+    out = tmp_path_factory.mktemp("calibrated") / "tiny"
+    shutil.copytree(trained_bundle, out)
+    calibrate(out, line_dir / "test" / "good", false_reject_rate=0.1, log=lambda *_: None)
+    return out

@@ -1,0 +1,113 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from diffinspect import DiffinspectError
+from diffinspect.bundle import Bundle
+from diffinspect.config import load_config
+from diffinspect.models.from_bundle import load_denoiser
+from diffinspect.train import train
+from diffinspect.train.fit import checkpoint_dir
+
+QUIET = {"log": lambda *_: None}
+
+
+def tiny(**over):
+    base = {"model.size": "tiny", "data.image_size": 32, "train.batch_size": 8, "train.steps": 4}
+    base.update(over)
+    return load_config(overrides=base)
+
+
+def losses_of(line_dir, tmp_path, kind):
+    seen = []
+    train(line_dir, tmp_path / kind, tiny(**{"model.kind": kind, "train.steps": 50}),
+          progress=lambda s, n, loss, e: seen.append(loss), **QUIET)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_loss_falls_and_bundle_loads(line_dir, tmp_path, kind):
+    seen = losses_of(line_dir, tmp_path, kind)
+    assert len(seen) == 50
+    assert seen[-1] < 0.8 * seen[2], (seen[2], seen[-1])
+    b = Bundle.load(tmp_path / kind)
+    assert b.manifest["model"]["kind"] == kind
+    model = load_denoiser(b)
+    x = torch.zeros(1, b.manifest["model"]["channels"], 32, 32)
+    assert model(x, torch.zeros(1)).shape == x.shape
+
+
+def test_deterministic_on_cpu(line_dir, tmp_path):
+    a = train(line_dir, tmp_path / "a", tiny(), **QUIET)
+    b = train(line_dir, tmp_path / "b", tiny(), **QUIET)
+    sa = torch.load(a.path / "weights.pt", weights_only=True)
+    sb = torch.load(b.path / "weights.pt", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_interrupt_saves_checkpoint_and_resume_continues(line_dir, tmp_path):
+    out = tmp_path / "b"
+
+    def interrupt(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(DiffinspectError, match="--resume"):
+        train(line_dir, out, tiny(**{"train.steps": 6}), on_step=interrupt, **QUIET)
+    assert (checkpoint_dir(out) / "last.pt").exists()
+    assert not out.exists()  # never a half-written bundle
+    steps = []
+    b = train(line_dir, out, tiny(**{"train.steps": 6}), resume=True,
+              progress=lambda s, *_: steps.append(s), **QUIET)
+    assert steps == [4, 5, 6]
+    assert b.manifest["training"]["steps"] == 6
+    # An uninterrupted run draws the same batches: same weights.
+    ref = train(line_dir, tmp_path / "ref", tiny(**{"train.steps": 6}), **QUIET)
+    sa = torch.load(b.path / "weights.pt", weights_only=True)
+    sr = torch.load(ref.path / "weights.pt", weights_only=True)
+    assert all(torch.allclose(sa[k], sr[k], atol=1e-6) for k in sa)
+    assert not checkpoint_dir(out).exists()
+
+
+def test_resume_without_checkpoint(line_dir, tmp_path):
+    with pytest.raises(DiffinspectError, match="nothing to resume"):
+        train(line_dir, tmp_path / "x", tiny(), resume=True, **QUIET)
+
+
+def write_images(folder: Path, n: int, bad: int = 0) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    for i in range(bad):
+        (folder / f"bad{i}.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(DiffinspectError, match="not found"):
+        train(tmp_path / "missing", tmp_path / "o", tiny(), **QUIET)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DiffinspectError, match="no images"):
+        train(tmp_path / "empty", tmp_path / "o", tiny(), **QUIET)
+    few = write_images(tmp_path / "few", 8, bad=4)
+    with pytest.raises(DiffinspectError, match="at least 10"):
+        train(few, tmp_path / "o", tiny(), **QUIET)
+    ok = write_images(tmp_path / "ok", 14)
+    with pytest.raises(DiffinspectError, match="multiple of"):
+        train(ok, tmp_path / "o", tiny(**{"data.image_size": 36}), **QUIET)
+    if not torch.cuda.is_available():
+        with pytest.raises(DiffinspectError, match="CUDA"):
+            train(ok, tmp_path / "o", tiny(**{"train.device": "cuda"}), **QUIET)
+    assert not (tmp_path / "o").exists()
+
+
+def test_undecodable_files_are_skipped_and_counted(tmp_path):
+    data = write_images(tmp_path / "d", 16, bad=2)
+    with pytest.warns(UserWarning, match="skipped 2 undecodable"):
+        b = train(data, tmp_path / "o", tiny(**{"data.holdout": 0.0}), **QUIET)
+    assert len(b.manifest["training"]["skipped"]) == 2
+    assert b.manifest["preprocess"]["color"] == "gray"

@@ -1,0 +1,407 @@
+"""Unit-level tests of `inspect watch`: completeness checks, the results store, routing, layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from watch_fakes import Factory, FakeDetector, frame_bytes, n_rows, wait_for, write_frame
+
+from diffinspect import DiffinspectError
+from diffinspect.data.image import ImageError
+from diffinspect.inspect.intake import Candidate, FrameChanged, dispose, looks_complete, read_frame
+from diffinspect.inspect.results import FrameRow, ResultStore, load_jsonl, load_rows
+from diffinspect.inspect.watch import WatchOptions, run_watch
+
+FAST = {"quiet": True, "stable_ms": 30, "empty_ms": 150, "settle_ms": 150, "rescan_seconds": 0.3}
+
+
+def options(**kw: object) -> WatchOptions:
+    return WatchOptions(**{**FAST, **kw})
+
+
+def once(folders: list[Path], out: Path, primary: Factory | None = None, fallback: Factory | None = None,
+         **kw: object):
+    return run_watch(folders, out, primary or Factory(), fallback or Factory(name="copod"),
+                     options(once=True, **kw))
+
+
+def frames_in(folder: Path, n: int, start: int = 0, ng_every: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_frame(folder / f"f{i:04d}.png", 200 if ng_every and i % ng_every == 0 else 50)
+            for i in range(start, start + n)]
+
+
+def row(path: str, **kw: object) -> FrameRow:
+    base = dict(path=path, folder="/cam", size=1, mtime=1.0, mtime_ns=1_000_000_000, status="ok", score=1.0,
+                threshold=2.0, detector="diffusion", backend="fake", latency_ms=1.0, overlay=None, error=None,
+                fallback_reason=None, received_at=1.0, scored_at=2.0)
+    return FrameRow(**{**base, **kw})
+
+
+# -- completeness ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp"])
+def test_looks_complete_refuses_any_prefix(ext: str) -> None:
+    data = frame_bytes(50, size=32, ext=ext)
+    assert looks_complete(data)
+    for cut in (10, len(data) // 2, len(data) - 1):
+        assert not looks_complete(data[:cut]), cut
+
+
+def test_read_frame_checks_identity_and_kind(tmp_path: Path) -> None:
+    cam = tmp_path / "cam"
+    p = write_frame((cam.mkdir() or cam) / "a.png", 50)
+    st = p.stat()
+    good = Candidate(p, cam, st.st_size, st.st_mtime_ns, time.time())
+    assert read_frame(good, None) == p.read_bytes()
+    with pytest.raises(FrameChanged):  # grew since it was found complete
+        read_frame(Candidate(p, cam, st.st_size - 1, st.st_mtime_ns, time.time()), None)
+    with pytest.raises(ImageError, match="larger than"):
+        read_frame(good, 10)
+    outside = write_frame(tmp_path / "secret.png", 50)
+    (cam / "link.png").symlink_to(outside)
+    with pytest.raises(ImageError, match="outside the watched folder"):
+        read_frame(Candidate(cam / "link.png", cam, st.st_size, st.st_mtime_ns, 0.0), None)
+    os.mkfifo(cam / "pipe.png")
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_frame(Candidate(cam / "pipe.png", cam, 0, 0, 0.0), None)
+
+
+# -- the results store -----------------------------------------------------------------------------
+
+
+def test_store_commits_a_frame_once(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    assert len(store.commit([row("/cam/a.png"), row("/cam/b.png")])) == 2
+    assert store.commit([row("/cam/a.png", status="ng")]) == []  # same frame: ignored
+    assert len(store.commit([row("/cam/a.png", size=2)])) == 1  # same name, new content: new frame
+    assert store.status_of("/cam/a.png", 1, 1_000_000_000) == "ok"
+    store.close()
+    rows = load_rows(tmp_path)
+    assert len(rows) == 3 and [r["id"] for r in rows] == sorted({r["id"] for r in rows})
+    assert load_jsonl(tmp_path) == rows
+    with open(tmp_path / "results.db", "rb") as f:
+        assert f.read(16) == b"SQLite format 3\x00"
+
+
+def test_store_repairs_jsonl_after_a_crash(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    store.commit([row(f"/cam/{i}.png") for i in range(5)])
+    store.close()
+    lines = (tmp_path / "results.jsonl").read_text().splitlines(keepends=True)
+    # Crash after the commit of rows 4-5 and in the middle of writing row 4's line.
+    (tmp_path / "results.jsonl").write_text("".join(lines[:3]) + lines[3][:17])
+    store = ResultStore(tmp_path)
+    assert store.reconciled == 2
+    store.commit([row("/cam/5.png")])
+    store.close()
+    assert load_jsonl(tmp_path) == load_rows(tmp_path)
+    assert len(load_rows(tmp_path)) == 6
+
+
+def test_store_rebuilds_jsonl_that_runs_ahead(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    store.commit([row("/cam/a.png")])
+    store.close()
+    with open(tmp_path / "results.jsonl", "a") as f:  # a line whose commit never happened
+        f.write(json.dumps({**load_rows(tmp_path)[0], "id": 9, "path": "/cam/ghost.png"}) + "\n")
+    ResultStore(tmp_path).close()
+    assert load_jsonl(tmp_path) == load_rows(tmp_path)
+
+
+def test_store_refuses_a_second_watcher(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    with pytest.raises(DiffinspectError, match="already writing"):
+        ResultStore(tmp_path)
+    store.close()
+    ResultStore(tmp_path).close()
+
+
+def test_dispose_never_overwrites(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    paths = frames_in(cam, 1)
+    (out / "ok").mkdir(parents=True)
+    (out / "ok" / "f0000.png").write_bytes(b"earlier frame")
+    st = paths[0].stat()
+    dest = dispose(paths[0], st.st_size, st.st_mtime_ns, "ok", "move", out)
+    assert dest == str(out / "ok" / "f0000-1.png")
+    assert (out / "ok" / "f0000.png").read_bytes() == b"earlier frame"
+    write_frame(paths[0], 60)  # same name, new frame: not the one the row describes
+    with pytest.raises(OSError, match="changed"):
+        dispose(paths[0], st.st_size, st.st_mtime_ns - 1, "ok", "move", out)
+    assert paths[0].exists()
+
+
+# -- whole runs (once) -----------------------------------------------------------------------------
+
+
+def test_backlog_oldest_first_with_overlays(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    paths = frames_in(cam, 12, ng_every=4)
+    for i, p in enumerate(paths):  # names and ages in opposite orders
+        os.utime(p, ns=(time.time_ns(), time.time_ns() - (i + 1) * 10**9))
+    s = once([cam], out)
+    rows = load_rows(out)
+    assert [Path(r["path"]).name for r in rows] == [p.name for p in reversed(paths)]
+    assert (s.scored, s.ng, s.ok, s.error, s.fallback) == (12, 3, 9, 0, 0)
+    for r in rows:  # overlays=ng by default, through the real overlay module
+        assert (r["overlay"] is not None) == (r["status"] == "ng")
+        assert r["overlay"] is None or Path(r["overlay"]).stat().st_size > 0
+        assert r["path"] == os.path.abspath(r["path"]) and r["folder"] == str(cam)
+        assert r["received_at"] <= r["scored_at"] and r["latency_ms"] >= 0
+    assert load_jsonl(out) == rows
+
+
+def test_restart_does_not_rescore_and_moves_committed_frames(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 6, ng_every=3)
+    once([cam], out)  # keep
+    primary = Factory()
+    once([cam], out, primary=primary, after="move")  # as if a crash hit between commit and move
+    assert primary.made[0].seen == 0
+    assert len(load_rows(out)) == 6
+    assert not list(cam.iterdir())
+    assert len(list((out / "ok").iterdir())) == 4 and len(list((out / "ng").iterdir())) == 2
+
+
+def test_same_name_new_content_is_a_new_frame(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    (p,) = frames_in(cam, 1)
+    once([cam], out)
+    write_frame(p, 220)
+    os.utime(p, ns=(time.time_ns(), p.stat().st_mtime_ns + 10**9))
+    once([cam], out)
+    assert [r["status"] for r in load_rows(out)] == ["ok", "ng"]
+
+
+def test_files_that_are_not_frames_are_ignored(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 2)
+    write_frame(cam / ".hidden.png", 50)  # the usual temporary name of a frame being written
+    (cam / "f.png.part").write_bytes(b"x")
+    (cam / "notes.txt").write_text("x")
+    write_frame((cam / "sub").mkdir() or cam / "sub" / "deep.png", 50)
+    once([cam], out)
+    assert sorted(Path(r["path"]).name for r in load_rows(out)) == ["f0000.png", "f0001.png"]
+    once([cam], tmp_path / "out2", recursive=True, pattern="*.PNG")
+    assert len(load_rows(tmp_path / "out2")) == 3
+
+
+def test_out_inside_the_watched_folder(tmp_path: Path) -> None:
+    cam = tmp_path / "cam"
+    frames_in(cam, 4, ng_every=2)
+    once([cam], cam / "results", recursive=True, overlays="all", after="move")
+    once([cam], cam / "results", recursive=True, overlays="all", after="move")
+    rows = load_rows(cam / "results")
+    assert len(rows) == 4  # its own overlays and moved frames are never taken as frames
+
+
+def test_per_folder_detectors_and_folder_tags(tmp_path: Path) -> None:
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    frames_in(a, 3)
+    frames_in(b, 5)
+    special = Factory()
+    run_watch([a, b], out, Factory(), Factory(name="copod"), options(once=True),
+              per_folder={b: (special, Factory(name="copod"))})
+    rows = load_rows(out)
+    assert sorted(r["folder"] for r in rows) == [str(a)] * 3 + [str(b)] * 5
+    assert special.made[0].seen == 5
+    with pytest.raises(DiffinspectError, match="not watched"):
+        run_watch([a], out, Factory(), Factory(), options(once=True), per_folder={b: (special, special)})
+
+
+def test_detector_that_cannot_load_uses_the_fallback(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 5)
+    primary = Factory(fail_first=99)
+    s = once([cam], out, primary=primary)
+    rows = load_rows(out)
+    assert s.fallback == 5 and {r["detector"] for r in rows} == {"copod"}
+    assert all("no accelerator" in r["fallback_reason"] for r in rows)
+
+
+def test_both_detectors_failing_gives_error_rows(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 3)
+    s = once([cam], out, primary=Factory(fail_after=0), fallback=Factory(name="copod", fail_after=0))
+    rows = load_rows(out)
+    assert s.error == 3 and all("device lost" in r["error"] for r in rows)
+
+
+def test_non_finite_scores_go_to_the_fallback(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 3)
+    once([cam], out, primary=Factory(nan=True))
+    assert {(r["detector"], r["fallback_reason"]) for r in load_rows(out)} == {
+        ("copod", "diffusion score not finite")}
+
+
+def test_hung_detector_is_abandoned(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 4)
+    t0 = time.monotonic()
+    once([cam], out, primary=Factory(hang_s=30), score_timeout_s=0.3)
+    assert time.monotonic() - t0 < 10
+    rows = load_rows(out)
+    assert len(rows) == 4 and all("no answer within" in r["fallback_reason"] for r in rows)
+
+
+def test_detector_that_hangs_while_loading_does_not_hold_the_line(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 3)
+
+    def wedged() -> FakeDetector:
+        time.sleep(30)
+        return FakeDetector()
+
+    t0 = time.monotonic()
+    s = once([cam], out, primary=wedged, score_timeout_s=0.3)
+    assert time.monotonic() - t0 < 10 and s.fallback == 3
+    assert {r["fallback_reason"] for r in load_rows(out)} == {"diffusion detector still loading"}
+
+
+def test_colour_of_the_fallback_differs(tmp_path: Path) -> None:
+    class RgbFallback(FakeDetector):
+        def score(self, frames: list[np.ndarray]):  # noqa: ANN201
+            assert all(f.shape[2] == 3 for f in frames)
+            return super().score(frames)
+
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 2)
+    fb = RgbFallback(name="copod")
+    object.__setattr__(fb, "preprocess", type(fb.preprocess)(color="rgb"))
+    once([cam], out, primary=Factory(fail_after=0), fallback=lambda: fb)
+    assert [r["detector"] for r in load_rows(out)] == ["copod", "copod"]
+
+
+def test_quiet_mode_prints_one_line_per_frame(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 3, ng_every=2)
+    (cam / "bad.png").write_bytes(b"not an image")
+    once([cam], out)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+    assert sum(" ng " in line for line in lines) == 2 and sum("error" in line for line in lines) == 1
+
+
+def test_live_view_runs(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 3)
+    s = once([cam], out, quiet=False)
+    assert s.scored == 3
+
+
+def test_stop_event_and_new_files(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 2)
+    stop = threading.Event()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(s=run_watch(
+        [cam], out, Factory(), Factory(name="copod"), options(stop=stop))))
+    t.start()
+    try:
+        wait_for(lambda: n_rows(out) == 2)
+        frames_in(cam, 3, start=2)
+        (cam / "late.tmp").write_bytes(frame_bytes(50))
+        os.rename(cam / "late.tmp", cam / "late.png")  # the atomic-publish idiom
+        wait_for(lambda: n_rows(out) == 6)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive() and result["s"].scored == 6
+
+
+def test_folder_removed_and_recreated(tmp_path: Path) -> None:
+    """A camera share unmounted and mounted again: the watcher keeps going and finds new frames."""
+    import shutil
+
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 2)
+    stop = threading.Event()
+    t = threading.Thread(target=run_watch, args=([cam], out, Factory(), Factory(name="copod"),
+                                                 options(stop=stop)))
+    t.start()
+    try:
+        wait_for(lambda: n_rows(out) == 2)
+        shutil.rmtree(cam)
+        time.sleep(0.5)
+        frames_in(cam, 3, start=10)
+        wait_for(lambda: n_rows(out) == 5)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive()
+
+
+def test_mirror_catches_up_after_a_failed_write(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+
+    class DiskFull:
+        def __init__(self, f) -> None:  # noqa: ANN001
+            self.f, self.fail = f, True
+
+        def write(self, text: str) -> None:
+            if self.fail:
+                self.fail = False
+                self.f.write(text[:5])  # a torn write, then ENOSPC
+                raise OSError(28, "No space left on device")
+            self.f.write(text)
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(self.f, name)
+
+    store._jsonl = DiskFull(store._jsonl)
+    store.commit([row("/cam/a.png")])  # committed; its line could not be written
+    store.commit([row("/cam/b.png")])
+    store.close()
+    assert load_jsonl(tmp_path) == load_rows(tmp_path) and len(load_rows(tmp_path)) == 2
+
+
+def test_unreadable_results_database_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "results.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(DiffinspectError, match="move results.db"):
+        ResultStore(tmp_path)
+    (tmp_path / "results.db").unlink()
+    ResultStore(tmp_path).close()  # the lock was released
+
+
+def test_name_reused_while_the_old_frame_is_being_scored(tmp_path: Path) -> None:
+    """after=move: the camera writes a new frame under a name whose old frame is in the pipeline."""
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    cam.mkdir()
+    stop = threading.Event()
+    opts = options(stop=stop, after="move", rescan_seconds=60)  # only events, no safety net
+    t = threading.Thread(target=run_watch, args=([cam], out, Factory(cost_s=0.4), Factory(name="copod"),
+                                                 opts))
+    t.start()
+    try:
+        wait_for(lambda: (out / "results.jsonl").exists())
+        time.sleep(0.2)
+        write_frame(cam / "same.png", 50)
+        time.sleep(0.2)  # now being scored (0.4 s)
+        os.unlink(cam / "same.png")
+        write_frame(cam / "same.png", 200)
+        wait_for(lambda: n_rows(out) == 2, timeout=5)
+    finally:
+        stop.set()
+        t.join(10)
+    assert [r["status"] for r in load_rows(out)] == ["ok", "ng"]
+    # The old frame's file was replaced before it could be moved: only the new one is in ng/.
+    assert [len(list((out / d).glob("same*.png"))) for d in ("ok", "ng")] == [0, 1]
+    assert not list(cam.iterdir())
+
+
+def test_options_are_checked(tmp_path: Path) -> None:
+    for bad in ({"overlays": "some"}, {"after": "archive"}, {"batch": 0}, {"queue_size": 2, "batch": 8},
+                {"max_latency_ms": 0}):
+        with pytest.raises(DiffinspectError):
+            run_watch([tmp_path], tmp_path / "out", Factory(), Factory(), options(**bad))
+    with pytest.raises(DiffinspectError, match="not found"):
+        run_watch([tmp_path / "nope"], tmp_path / "out", Factory(), Factory(), options())
