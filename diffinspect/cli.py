@@ -23,7 +23,9 @@ console = Console(stderr=True)
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except DiffinspectError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -132,10 +134,9 @@ def calibrate(
     from diffinspect.inspect.calibrate import calibrate as run_calibrate
 
     if tune:
-        from diffinspect.inspect.tune import tune as run_tune
+        from diffinspect.train.tune import tune as run_tune
 
-        choice = run_tune(bundle, backend=backend, device=device, log=console.print)
-        console.print(f"tuned recipe: {choice}")
+        run_tune(bundle, log=console.print)
     with _progress_bar() as bar:
         tasks: dict[str, int] = {}
 
@@ -195,3 +196,141 @@ def _print_records(records) -> None:
                       "" if r.score is None else f"{r.score:.3f}", f"{r.threshold:.3f}",
                       "" if r.latency_ms is None else f"{r.latency_ms:.1f}", r.error or r.overlay or "")
     Console().print(table)
+
+
+@app.command()
+def watch(
+    folders: list[Path] = typer.Argument(..., help="Camera folders to watch (one per camera)."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Bundle [default: ./inspect.toml, else ./model]."),
+    out: Path | None = typer.Option(None, "--out", help="Results folder [default: ./inspect_results]."),
+    backend: str | None = typer.Option(None, "--backend", help="auto, torch, onnxruntime or openvino."),
+    device: str | None = typer.Option(None, "--device", help="Device for the backend."),
+    batch: int | None = typer.Option(None, "--batch", help="Frames scored together (micro-batch) [default: 8]."),
+    overlays: str | None = typer.Option(None, "--overlays", help="Heatmap overlays for: ng, all or none."),
+    after: str | None = typer.Option(None, "--after", help="After a frame's row is committed: keep, move or delete."),
+    recursive: bool = typer.Option(False, "--recursive", help="Watch sub-folders too."),
+    pattern: str | None = typer.Option(None, "--pattern", help="Only file names matching this glob."),
+    once: bool = typer.Option(False, "--once", help="Score the backlog, then exit."),
+    quiet: bool = typer.Option(False, "--quiet", help="Plain log lines instead of the live view."),
+    max_latency_ms: float | None = typer.Option(None, "--max-latency-ms",
+                                                help="Frames that would miss this deadline go to the fallback."),
+    max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Larger frames get an error row."),
+) -> None:
+    """Watch camera folders and score every frame exactly once; the line never stops."""
+    from diffinspect.config import STATION_FILE, load_station
+    from diffinspect.inspect.runtime import load_detector, load_fallback
+    from diffinspect.inspect.watch import WatchOptions, run_watch
+
+    station = load_station()
+    bundle = model or (Path(station["model"]) if "model" in station else Path("model"))
+    if not (bundle / "manifest.json").exists():
+        raise DiffinspectError(f"no model bundle at {bundle}: pass --model BUNDLE, or set model = \"...\" "
+                               f"under [watch] in ./{STATION_FILE}")
+    for f in folders:
+        if not f.is_dir():
+            raise DiffinspectError(f"camera folder not found: {f}")
+    backend = backend or station.get("backend", "auto")
+    device = device or station.get("device", "auto")
+
+    def factories(b: Path):
+        return (lambda: load_detector(b, "diffusion", backend, device)), (lambda: load_fallback(b))
+
+    per_folder = {Path(folder).resolve(): factories(Path(b)) for folder, b in station.get("cameras", {}).items()}
+    options = WatchOptions(
+        batch=batch or station.get("batch", 8), overlays=overlays or station.get("overlays", "ng"),
+        after=after or station.get("after", "keep"), recursive=recursive, pattern=pattern, once=once,
+        quiet=quiet, max_latency_ms=max_latency_ms or station.get("max_latency_ms"), max_megapixels=max_megapixels)
+    make_detector, make_fallback = factories(bundle)
+    summary = run_watch(folders, out or Path(station.get("out", "inspect_results")), make_detector, make_fallback,
+                        options, per_folder=per_folder or None)
+    console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, error {summary.error}, "
+                  f"fallback {summary.fallback}); {summary.fps:.1f} frames/s")
+
+
+@app.command()
+def evaluate(
+    bundles: list[Path] = typer.Argument(..., help="Bundle(s), then labelled dataset(s): BUNDLE... DATA..."),
+    report: Path = typer.Option(Path("report"), "--report", help="Folder for report.html, summary.md, report.json."),
+    baselines: str = typer.Option("iforest,ocsvm,copod", "--baselines", help="Comma list, or 'none'."),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or openvino."),
+    device: str = typer.Option("auto", "--device", help="Device for the backend."),
+    one_class: str | None = typer.Option(None, "--one-class", help="Class-folder data: this class is normal."),
+    robustness: bool = typer.Option(False, "--robustness", help="Also score under noise, blur, light, JPEG, shifts."),
+) -> None:
+    """Offline evaluation report: AUROC, AUPRO, rates at the threshold, baselines side by side."""
+    from diffinspect.inspect.evaluate import evaluate as run_evaluate
+
+    models = [p for p in bundles if (p / "manifest.json").exists()]
+    data = [p for p in bundles if p not in models]
+    if not data:
+        raise DiffinspectError("name at least one labelled dataset after the bundle(s)")
+    for d in data:
+        _existing(d, "dataset")
+    kinds = [] if baselines.strip().lower() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
+    result = run_evaluate(models, data, report, kinds, backend, device, one_class, robustness)
+    console.print(f"report written to {report / 'report.html'}")
+    for name, methods in result["datasets"].items():
+        for method, figs in methods.items():
+            auroc = figs.get("image_auroc")
+            console.print(f"  {name:20s} {method:22s} image AUROC "
+                          + ("n/a" if auroc is None else f"{auroc:.3f}"))
+
+
+@app.command()
+def distill(
+    bundle: Path = typer.Argument(..., help="Trained bundle; the student is written into it."),
+    steps: int = typer.Option(2, "--steps", help="Student DDIM steps: 1, 2 or 4."),
+    teacher_steps: int = typer.Option(10, "--teacher-steps", help="DDIM steps of the teacher it learns from."),
+    iterations: int | None = typer.Option(None, "--iterations", help="Distillation iterations [default: 1500]."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop cleanly after this many minutes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last distillation checkpoint."),
+) -> None:
+    """Distil the sampler to 1-4 steps; the checkpoint kept is the one that best finds synthetic defects."""
+    from diffinspect.train.distill import distill as run_distill
+
+    _existing(bundle, "bundle")
+    with _progress_bar() as bar:
+        task = bar.add_task("distilling", total=None, info="")
+
+        def progress(step: int, total: int, loss: float, elapsed: float) -> None:
+            bar.update(task, completed=step, total=total if total < 10**9 else None,
+                       info=f"loss {loss:.5f}  {step / max(elapsed, 1e-9):.2f} it/s"
+                       + (f"  {elapsed / 60:.1f}/{max_minutes:g} min" if max_minutes else ""))
+
+        result = run_distill(bundle, steps=steps, teacher_steps=teacher_steps, iterations=iterations,
+                             max_minutes=max_minutes, device=device, resume=resume, progress=progress,
+                             log=bar.console.print)
+    console.print(f"{result['steps']}-step student is now the default sampler of [bold]{bundle}[/]"
+                  + ("" if result["calibration"] else f"; next: inspect calibrate {bundle}"))
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("demo_run"), "--workdir", help="Where the line, model and results go."),
+    fast: bool = typer.Option(False, "--fast", help="A smaller line and model (about a minute; for tests)."),
+) -> None:
+    """Run a whole synthetic production line: train, distil, calibrate, export, watch, evaluate."""
+    from rich.panel import Panel
+
+    from diffinspect.demo import run_demo
+
+    r = run_demo(workdir, fast=fast, log=console.print)
+    h = r.headline
+
+    def fmt(v, spec=".3f"):
+        return "n/a" if v is None else format(v, spec)
+
+    body = "\n".join([
+        f"report            {r.report}",
+        f"results database  {r.results_db}  ({h['frames_scored']} rows for {r.frames_dropped} frames dropped, "
+        f"{h['errors']} errors of {r.corrupt_dropped} corrupt)",
+        f"NG overlays       {r.overlays}",
+        f"model bundle      {r.bundle}  (runtime: {r.export})",
+        "",
+        f"image AUROC {fmt(h['image_auroc'])}   pixel AUROC {fmt(h['pixel_auroc'])}   "
+        f"false rejects {fmt(h['false_reject_rate'], '.1%')}   misses {fmt(h['miss_rate'], '.1%')}   "
+        f"watch {fmt(h['frames_per_second'], '.1f')} frames/s",
+        f"finished in {r.seconds / 60:.1f} min",
+    ])
+    Console().print(Panel(body, title="diffinspect demo", expand=False))

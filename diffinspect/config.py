@@ -21,6 +21,11 @@ class DataConfig:
     resize: str = "stretch"  # stretch | crop | pad, for frames whose aspect ratio differs
     roi: list[int] | None = None  # x, y, width, height
     holdout: float = 0.15  # share of good images kept back for calibration
+    # frame: the whole frame is resized to image_size. tiles: the frame is resized by tile_scale of its
+    # native resolution and cut into overlapping image_size tiles, so small defects on large frames and
+    # fine textures keep their pixels.
+    feed: str = "frame"
+    tile_scale: float = 0.5
 
 
 @dataclass
@@ -90,6 +95,7 @@ class Config:
 CHOICES = {
     "data.color": ("auto", "gray", "rgb"),
     "data.resize": ("stretch", "crop", "pad"),
+    "data.feed": ("frame", "tiles"),
     "model.kind": ("unet", "dit"),
     "model.size": ("tiny", "small", "base"),
     "model.schedule": ("linear", "cosine"),
@@ -191,6 +197,8 @@ def validate(cfg: Config) -> None:
             raise DiffinspectError(f"config key {key} must be in [0, 1), got {value}")
     if cfg.data.roi is not None and (len(cfg.data.roi) != 4 or min(cfg.data.roi[2:]) <= 0):
         raise DiffinspectError("config key data.roi must be [x, y, width, height] with positive size")
+    if not 0 < cfg.data.tile_scale <= 4:
+        raise DiffinspectError(f"config key data.tile_scale must be in (0, 4], got {cfg.data.tile_scale}")
     if cfg.score.t_star >= 1000:
         raise DiffinspectError(f"config key score.t_star must be below 1000, got {cfg.score.t_star}")
 
@@ -200,3 +208,30 @@ def _get(cfg: Config, key: str) -> Any:
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+STATION_FILE = "inspect.toml"
+STATION_KEYS = {"model", "out", "backend", "device", "batch", "overlays", "after", "max_latency_ms", "cameras"}
+
+
+def load_station(path: str | Path = STATION_FILE) -> dict[str, Any]:
+    """The `[watch]` table of a station's ./inspect.toml (empty when there is none).
+
+    [watch]
+    model = "model"                 # bundle for every folder
+    out = "results"
+    [watch.cameras]                 # optional: a bundle per camera folder
+    "camera_feed/cam2" = "model_cam2"
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise DiffinspectError(f"{path} is not valid TOML: {exc}") from None
+    watch = raw.get("watch", {})
+    unknown = set(watch) - STATION_KEYS
+    if unknown:
+        raise DiffinspectError(f"unknown key in {path} [watch]: {sorted(unknown)[0]}")
+    return watch

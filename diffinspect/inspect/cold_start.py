@@ -1,0 +1,34 @@
+"""A COPOD-only bundle from good images alone: a line can be inspected before any model is trained."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+from diffinspect import bundle as bundle_io
+from diffinspect.data.datasets import normal_images
+from diffinspect.data.image import Preprocess
+from diffinspect.inspect.calibrate import load_frames
+from diffinspect.train.data import choose_color
+
+
+def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.01) -> tuple[int, float]:
+    """Fit COPOD on classical embeddings of the good images; returns (calibration n, threshold)."""
+    from diffinspect.inspect.fallback import fit_copod
+
+    files = normal_images(folder)
+    prep = Preprocess(color=choose_color(files, "auto"))
+    frames, _ = load_frames(files, prep.color, "good images")
+    copod = fit_copod(frames, prep, false_reject_rate)
+    manifest = bundle_io.new_manifest(
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        preprocess=prep.to_dict(), calibration=None, exports={}, training={"source": str(Path(folder).resolve())})
+    with bundle_io.creating(out) as tmp:
+        fields = copod.save(tmp / "copod")
+        shutil.move(tmp / "copod" / fields["embeddings_file"], tmp / fields["embeddings_file"])
+        (tmp / "copod").rmdir()
+        fields["file"] = fields["embeddings_file"]
+        manifest["fallback"] = fields
+        bundle_io.finish(tmp, manifest, [fields["embeddings_file"]])
+    return copod.n_calibration, copod.threshold
