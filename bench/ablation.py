@@ -84,12 +84,12 @@ def image_scores(maps: np.ndarray, rule: str) -> np.ndarray:
     flat = maps.reshape(len(maps), -1)
     if rule == "max":
         return flat.max(1)
+    if rule == "top1+mean":
+        k = max(1, int(0.01 * flat.shape[1]))
+        return np.sort(flat, 1)[:, -k:].mean(1) + flat.mean(1)
     if rule.startswith("top"):
         k = max(1, int(float(rule[3:]) / 100 * flat.shape[1]))
         return np.sort(flat, 1)[:, -k:].mean(1)
-    if rule.startswith("top1+mean"):
-        k = max(1, int(0.01 * flat.shape[1]))
-        return np.sort(flat, 1)[:, -k:].mean(1) + flat.mean(1)
     raise ValueError(rule)
 
 
@@ -128,6 +128,7 @@ def main() -> None:
             m = prep.fit(m[:, :, None].astype(np.uint8))[:, :, 0]
             masks[i] = m > 127
     # Same-day subset for ball_screw: good photos taken on the defects' days.
+    has_days = any(re.search(r"_2009(05|06|07)", s.path.name) for s in test.samples)
     sameday = np.array([(not s.is_anomalous and bool(re.search(r"_2009(05|06|07)", s.path.name))) or s.is_anomalous
                         for s in test.samples])
     print(f"loaded {len(ref)} reference, {len(frames)} test images in {time.time() - t0:.0f}s")
@@ -138,7 +139,13 @@ def main() -> None:
         recipe = Recipe(t_star=ts, noise_draws=args.draws)
         graph = ScoringGraph(model, schedule, recipe)
         t1 = time.time()
-        r_ref, r_test = raw_terms(graph, ref), raw_terms(graph, frames)
+        cache = Path(args.bundle) / f".ablation_t{ts}_d{args.draws}.npz"
+        if cache.exists():
+            with np.load(cache) as z:
+                r_ref, r_test = z["ref"], z["test"]
+        else:
+            r_ref, r_test = raw_terms(graph, ref), raw_terms(graph, frames)
+            np.savez(cache, ref=r_ref, test=r_test)
         print(f"t*={ts}: raw terms in {time.time() - t1:.0f}s")
         for j, name in enumerate(graph.term_names):
             terms[f"{name}@{ts}"] = (r_ref[:, j:j + 1], r_test[:, j:j + 1])
@@ -156,7 +163,7 @@ def main() -> None:
                 for rule in ("max", "top1", "top0.1", "top1+mean"):
                     s = image_scores(m, rule)
                     rows.append((name, norm, sigma, rule, roc_auc_score(labels, s),
-                                 roc_auc_score(labels[sameday], s[sameday]) if sameday.sum() < len(labels) else None,
+                                 roc_auc_score(labels[sameday], s[sameday]) if has_days else None,
                                  pixel_auroc(m, masks)))
     # Combinations of the best single terms, per-pixel normalization.
     names = list(terms)
@@ -167,14 +174,34 @@ def main() -> None:
             for rule in ("top1", "top1+mean"):
                 s = image_scores(m, rule)
                 rows.append((f"{a}+{c}", norm, 2, rule, roc_auc_score(labels, s),
-                             roc_auc_score(labels[sameday], s[sameday]) if sameday.sum() < len(labels) else None,
+                             roc_auc_score(labels[sameday], s[sameday]) if has_days else None,
                              pixel_auroc(m, masks)))
+    # The shipped default: all three reconstruction terms at each t*.
+    for ts in [int(v) for v in args.t_star.split(",")]:
+        for norm in ("pixel", "global"):
+            z = sum(normalize(*terms[f"{n}@{ts}"], norm) for n in ("pixel", "ssim", "feature"))[:, 0] / 3
+            for sigma in (0, 2, 4):
+                m = blur(z, sigma)
+                for rule in ("max", "top1", "top0.1"):
+                    s = image_scores(m, rule)
+                    rows.append((f"pixel+ssim+feature@{ts}", norm, sigma, rule, roc_auc_score(labels, s),
+                                 roc_auc_score(labels[sameday], s[sameday]) if has_days else None,
+                                 pixel_auroc(m, masks)))
     rows.sort(key=lambda r: -r[4])
+    with open(Path(args.bundle) / ".ablation.tsv", "w") as f:
+        for r in rows:
+            f.write("\t".join(str(v) for v in r) + "\n")
     print(f"{'terms':34s} {'norm':6s} {'blur':>4s} {'score':10s} {'imgAUROC':>8s} {'sameday':>8s} {'pixAUROC':>8s}")
     for r in rows[:40]:
         same = f"{r[5]:.3f}" if r[5] is not None else "-"
         pix = f"{r[6]:.3f}" if r[6] is not None else "-"
         print(f"{r[0]:34s} {r[1]:6s} {r[2]:4} {r[3]:10s} {r[4]:8.3f} {same:>8s} {pix:>8s}")
+    print("best per term family:")
+    seen = set()
+    for r in rows:
+        if r[0] not in seen:
+            seen.add(r[0])
+            print("  ", r)
     best_pix = max(rows, key=lambda r: r[6] or 0)
     print("best pixel AUROC:", best_pix)
 

@@ -69,8 +69,8 @@ class ScoreConfig:
     pixel_weight: float = 1.0  # channel-mean L1 error
     ssim_weight: float = 1.0  # 1 - SSIM
     feature_weight: float = 1.0  # denoiser feature error between x and its rebuild
-    blur_sigma: float = 2.0  # pixels at model size
-    top_k: float = 0.01  # image score = mean of the top share of map pixels
+    blur_sigma: float = 2.0  # pixels at model size, for the map users see
+    top_k: float = 0.001  # image score = mean of the top share of the sharp (unblurred) map
     frame_weight: float = 0.0  # weight of the whole-frame mean map (defects covering the frame)
     seed: int = 0
 

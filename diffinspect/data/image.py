@@ -96,22 +96,38 @@ def looks_gray(img_bgr_or_rgb: np.ndarray, tol: int = 3) -> bool:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a decoded frame becomes the model's square input. Stored in the bundle manifest."""
+    """How a decoded frame becomes the model's square input(s). Stored in the bundle manifest.
+
+    feed "frame": the frame (after the ROI crop) is fitted whole to one image_size square (`fit`).
+    feed "tiles": the frame is scaled by tile_scale of its native resolution (`canvas`) and cut into
+    image_size tiles overlapping by half (`tile_grid`), so small defects keep their pixels.
+    """
 
     color: str = "gray"
     image_size: int = 64
-    resize: str = "stretch"  # stretch | crop (centre) | pad (letterbox)
+    resize: str = "stretch"  # stretch | crop (centre) | pad (letterbox); feed "frame" only
     roi: tuple[int, int, int, int] | None = None  # x, y, width, height in frame pixels
+    feed: str = "frame"  # frame | tiles
+    tile_scale: float = 0.5  # tiles: canvas side = ROI side x tile_scale
 
     def to_dict(self) -> dict:
         return {"color": self.color, "image_size": self.image_size, "resize": self.resize,
-                "roi": list(self.roi) if self.roi else None}
+                "roi": list(self.roi) if self.roi else None, "feed": self.feed, "tile_scale": self.tile_scale}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         roi = d.get("roi")
+        # Bundles written before tiles existed fed whole frames.
         return cls(color=d["color"], image_size=int(d["image_size"]), resize=d.get("resize", "stretch"),
-                   roi=tuple(roi) if roi else None)
+                   roi=tuple(roi) if roi else None, feed=d.get("feed", "frame"),
+                   tile_scale=float(d.get("tile_scale", 0.5)))
+
+    def roi_box(self, frame_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """(x, y, width, height) of the part of the frame `crop_roi` keeps."""
+        fh, fw = frame_shape[:2]
+        x, y, w, h = self.roi if self.roi else (0, 0, fw, fh)
+        x0, y0 = max(x, 0), max(y, 0)
+        return x0, y0, min(x + w, fw) - x0, min(y + h, fh) - y0
 
     def crop_roi(self, img: np.ndarray) -> np.ndarray:
         if self.roi is None:
@@ -141,14 +157,46 @@ class Preprocess:
             out = out[:, :, None]
         return out
 
+    def scaled_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of an ROI crop after the tile_scale resize, before any padding."""
+        return max(1, round(height * self.tile_scale)), max(1, round(width * self.tile_scale))
+
+    def canvas(self, img: np.ndarray) -> np.ndarray:
+        """Tiles feed: ROI crop -> resize by tile_scale -> edge-replicate pad (bottom/right) so both
+        sides are at least image_size. uint8 (H', W', C)."""
+        img = self.crop_roi(img)
+        h, w, c = img.shape
+        sh, sw = self.scaled_shape(h, w)
+        if (sh, sw) != (h, w):
+            # INTER_AREA averages the pixels a shrink merges (no aliasing); enlarging is interpolated.
+            interp = cv2.INTER_AREA if sh * sw < h * w else cv2.INTER_LINEAR
+            img = cv2.resize(img, (sw, sh), interpolation=interp).reshape(sh, sw, c)
+        s = self.image_size
+        if sh < s or sw < s:
+            img = cv2.copyMakeBorder(img, 0, max(s - sh, 0), 0, max(s - sw, 0), cv2.BORDER_REPLICATE)
+            img = img.reshape(max(sh, s), max(sw, s), c)
+        return np.ascontiguousarray(img)
+
+    def tile_grid(self, canvas_shape: tuple[int, ...]) -> list[tuple[int, int]]:
+        """Top-left (y, x) of the image_size tiles covering a canvas: stride image_size // 2, and the last
+        row and column flush with the bottom and right edges so every pixel is covered."""
+        ys, xs = (_positions(n, self.image_size) for n in canvas_shape[:2])
+        return [(y, x) for y in ys for x in xs]
+
+    def tiles(self, canvas: np.ndarray) -> np.ndarray:
+        """The tiles of a canvas, in `tile_grid` order: (T, S, S, C)."""
+        s = self.image_size
+        return np.stack([canvas[y:y + s, x:x + s] for y, x in self.tile_grid(canvas.shape)])
+
     def map_to_frame(self, amap: np.ndarray, frame_shape: tuple[int, ...]) -> np.ndarray:
-        """Place a (size, size) anomaly map back on the frame's pixel grid (inverse of fit)."""
+        """Place an anomaly map back on the frame's pixel grid (inverse of fit, or of canvas for tiles)."""
         fh, fw = frame_shape[:2]
         full = np.full((fh, fw), float(amap.min()), dtype=np.float32)
-        x, y, w, h = self.roi if self.roi else (0, 0, fw, fh)
-        x, y = max(x, 0), max(y, 0)
-        w, h = min(w, fw - x), min(h, fh - y)
-        if self.resize == "stretch":
+        x, y, w, h = self.roi_box(frame_shape)
+        if self.feed == "tiles":
+            sh, sw = self.scaled_shape(h, w)  # the canvas without its padding
+            full[y:y + h, x:x + w] = cv2.resize(amap[:sh, :sw], (w, h), interpolation=cv2.INTER_LINEAR)
+        elif self.resize == "stretch":
             full[y:y + h, x:x + w] = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
         elif self.resize == "crop":
             side = min(h, w)
@@ -160,3 +208,12 @@ class Preprocess:
             big = cv2.resize(amap, (side, side))
             full[y:y + h, x:x + w] = big[y0:y0 + h, x0:x0 + w]
         return full
+
+
+def _positions(length: int, size: int) -> list[int]:
+    if length < size:
+        raise ValueError(f"a canvas side of {length} px cannot hold a {size} px tile")
+    pos = list(range(0, length - size + 1, max(size // 2, 1)))
+    if pos[-1] != length - size:
+        pos.append(length - size)
+    return pos

@@ -30,6 +30,7 @@ from diffinspect.inspect.diffusion import CALIBRATION_FILE, DiffusionDetector, S
 from diffinspect.inspect.threshold import conformal_threshold, describe_bound, min_calibration_size
 
 MAX_REFERENCE = 256
+MAX_REFERENCE_INPUTS = 2048  # model inputs (frames or tiles) for the statistics: bounds raw-term memory
 SELFCHECK_FRAMES = 4
 Progress = Callable[[str, int, int], None]
 
@@ -125,20 +126,28 @@ def calibrate(
     engine = make_engine(bundle, backend, device, sampler)
     size = prep.image_size
     probe = DiffusionDetector(engine, prep, Stats.identity(len(engine.term_names), size), 0.0, None)
-    raw = _batched(probe, fit_frames(ref_frames, prep), "statistics", progress)[2]
+    # Statistics per input pixel: over frames, or in tiles mode over the reference frames' tiles.
+    ref_inputs = fit_frames(ref_frames, prep)
+    if len(ref_inputs) > MAX_REFERENCE_INPUTS:
+        keep = np.random.default_rng(0).choice(len(ref_inputs), MAX_REFERENCE_INPUTS, replace=False)
+        ref_inputs = ref_inputs[np.sort(keep)]
+    raw = _batched(probe, ref_inputs, "statistics", progress)[2]
     stats = Stats.fit(raw)
     detector = DiffusionDetector(engine, prep, stats, 0.0, None)
-    fitted = fit_frames(cal_frames, prep)
-    maps, scores, _ = _batched(detector, fitted, "scoring calibration images", progress)
+    # Conformal scores per frame (tiles stitched), as `score` will compute them on the line.
+    scores, map_max = _score_frames(detector, cal_frames, "scoring calibration images", progress)
     threshold = conformal_threshold(scores, false_reject_rate)
     # Overlays outline pixels above the conformal threshold of per-image map maxima: a good part shows
     # an outlined region with probability at most the same rate.
-    pixel_threshold = conformal_threshold(maps.reshape(len(maps), -1).max(1), false_reject_rate)
+    pixel_threshold = conformal_threshold(map_max, false_reject_rate)
+    # Self-check references are model inputs (whole frames, or the first tiles) with the engine's own
+    # scores for them, so a backend is checked on exactly what it computes.
+    selfcheck = fit_frames(cal_frames[:SELFCHECK_FRAMES], prep)[:SELFCHECK_FRAMES]
+    selfcheck_scores = detector.run_fitted(selfcheck, raw=False)[1]
 
     buf = io.BytesIO()
     np.savez(buf, mean=stats.mean, std=stats.std, terms=np.array(engine.term_names), scores=scores,
-             map_max=maps.reshape(len(maps), -1).max(1), selfcheck_frames=fitted[:SELFCHECK_FRAMES],
-             selfcheck_scores=scores[:SELFCHECK_FRAMES])
+             map_max=map_max, selfcheck_frames=selfcheck, selfcheck_scores=selfcheck_scores)
     copod_fields = None
     with bundle.updating() as up:
         up.write_bytes(CALIBRATION_FILE, buf.getvalue())
@@ -147,7 +156,8 @@ def calibrate(
         up.manifest["calibration"] = {
             "threshold": threshold, "pixel_threshold": pixel_threshold,
             "false_reject_rate": false_reject_rate, "n": len(scores), "n_reference": len(ref_frames),
-            "source": described, "backend": engine.name, "sampler": sampler or bundle.manifest["sampler"]["default"],
+            "source": described, "folder": str(Path(normal_dir).resolve()) if normal_dir else None,
+            "backend": engine.name, "sampler": sampler or bundle.manifest["sampler"]["default"],
             "score_stats": {"mean": float(scores.mean()), "std": float(scores.std()),
                             "max": float(scores.max()), "median": float(np.median(scores))},
             "terms": list(engine.term_names), "rule": "split-conformal",
@@ -166,6 +176,20 @@ def _batched(detector: DiffusionDetector, fitted: np.ndarray, what: str, progres
         if progress:
             progress(what, min(i + step, len(fitted)), len(fitted))
     return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+
+def _score_frames(detector: DiffusionDetector, frames: list[np.ndarray], what: str, progress: Progress | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(image score, map maximum) per frame; only these are kept, as the maps of many large frames
+    would not fit in memory."""
+    scores, peaks, step = [], [], detector.batch_size
+    for i in range(0, len(frames), step):
+        out = detector.score(frames[i:i + step])
+        scores.append(out.scores)
+        peaks += [float(np.max(m)) for m in out.maps]
+        if progress:
+            progress(what, min(i + step, len(frames)), len(frames))
+    return np.concatenate(scores), np.array(peaks)
 
 
 def _fit_fallback(up, ref_frames, cal_frames, prep: Preprocess, rate: float) -> dict:

@@ -12,10 +12,11 @@ from diffinspect.data.image import Preprocess
 
 @dataclass
 class Scored:
-    """Scores of a batch: maps are (N, S, S) float32 in calibrated z-units (None for COPOD)."""
+    """Scores of a batch: maps in calibrated z-units, (N, S, S) float32 for whole frames, a list of one
+    canvas map per frame (shapes vary with the frames) when fed as tiles, None for COPOD."""
 
     scores: np.ndarray
-    maps: np.ndarray | None
+    maps: np.ndarray | list[np.ndarray] | None
 
 
 class Detector(Protocol):

@@ -37,17 +37,52 @@ class Stats:
         return cls(mean.astype(np.float32), std.astype(np.float32))
 
 
-def fit_frames(frames: list[np.ndarray], preprocess: Preprocess) -> np.ndarray:
-    """Decoded frames of any size -> (N, S, S, C) uint8 at model size, with the model's channel count."""
+# Per frame in tiles mode: (canvas shape, top-left of each of its tiles); None in frame mode.
+Layout = list[tuple[tuple[int, int], list[tuple[int, int]]]] | None
+
+
+def _with_channels(frame: np.ndarray, channels: int) -> np.ndarray:
+    if frame.ndim == 2:
+        frame = frame[:, :, None]
+    if frame.shape[2] != channels:
+        frame = (np.repeat(frame[:, :, :1], 3, axis=2) if channels == 3
+                 else frame.mean(2, keepdims=True).astype(np.uint8))
+    return frame
+
+
+def model_inputs(frames: list[np.ndarray], preprocess: Preprocess) -> tuple[np.ndarray, Layout]:
+    """Decoded frames of any size -> (M, S, S, C) uint8 model inputs with the model's channel count, and
+    the layout that stitches them back: one input per frame (layout None), or in tiles mode every
+    tile of every frame, in frame order."""
     channels = 3 if preprocess.color == "rgb" else 1
-    out = []
+    frames = [_with_channels(f, channels) for f in frames]
+    if preprocess.feed != "tiles":
+        return np.stack([preprocess.fit(f) for f in frames]), None
+    tiles, layout = [], []
     for f in frames:
-        if f.ndim == 2:
-            f = f[:, :, None]
-        if f.shape[2] != channels:
-            f = np.repeat(f[:, :, :1], 3, axis=2) if channels == 3 else f.mean(2, keepdims=True).astype(np.uint8)
-        out.append(preprocess.fit(f))
-    return np.stack(out)
+        canvas = preprocess.canvas(f)
+        layout.append((canvas.shape[:2], preprocess.tile_grid(canvas.shape)))
+        tiles.append(preprocess.tiles(canvas))
+    return np.concatenate(tiles), layout
+
+
+def fit_frames(frames: list[np.ndarray], preprocess: Preprocess) -> np.ndarray:
+    """The model inputs of `model_inputs` alone: (N, S, S, C), or every frame's tiles in tiles mode."""
+    return model_inputs(frames, preprocess)[0]
+
+
+def stitch(tile_maps: np.ndarray, layout: Layout) -> list[np.ndarray]:
+    """Tile maps (T, S, S) -> one canvas map per frame, overlapping tiles averaged."""
+    assert layout is not None
+    s, out, i = tile_maps.shape[-1], [], 0
+    for shape, positions in layout:
+        total, count = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        for (y, x), amap in zip(positions, tile_maps[i:i + len(positions)], strict=True):
+            total[y:y + s, x:x + s] += amap
+            count[y:y + s, x:x + s] += 1
+        out.append(total / count)
+        i += len(positions)
+    return out
 
 
 class DiffusionDetector:
@@ -66,12 +101,26 @@ class DiffusionDetector:
         self.false_reject_rate = false_reject_rate
         self.batch_size = batch_size
 
-    def run_fitted(self, fitted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(maps, scores, raw) for frames already at model size, in batches."""
-        outs = [self.engine.run(fitted[i:i + self.batch_size], self.stats.mean, self.stats.std)
+    def run_fitted(self, fitted: np.ndarray, raw: bool = True) -> tuple[np.ndarray, ...]:
+        """(maps, scores, raw) for inputs already at model size, in batches; (maps, scores) without raw,
+        which spares the memory of the raw terms of many tiles."""
+        keep = 3 if raw else 2
+        outs = [self.engine.run(fitted[i:i + self.batch_size], self.stats.mean, self.stats.std)[:keep]
                 for i in range(0, len(fitted), self.batch_size)]
-        return tuple(np.concatenate(parts) for parts in zip(*outs, strict=True))  # type: ignore[return-value]
+        return tuple(np.concatenate(parts) for parts in zip(*outs, strict=True))
+
+    def assemble(self, maps: np.ndarray, scores: np.ndarray, layout: Layout
+                 ) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+        """Per-input engine outputs -> per-frame (maps, scores): as they are in frame mode; in tiles mode
+        canvas maps stitched from the tiles, and the highest score of the frame's tiles (the graph scores
+        each tile's sharp map, so a small defect is not diluted by stitching)."""
+        if layout is None:
+            return maps, scores.astype(np.float64)
+        ends = np.cumsum([len(positions) for _, positions in layout])
+        frame_scores = [scores[end - len(pos):end].max() for end, (_, pos) in zip(ends, layout, strict=True)]
+        return stitch(maps, layout), np.array(frame_scores, np.float64)
 
     def score(self, frames: list[np.ndarray]) -> Scored:
-        maps, scores, _ = self.run_fitted(fit_frames(frames, self.preprocess))
-        return Scored(scores=scores.astype(np.float64), maps=maps)
+        inputs, layout = model_inputs(frames, self.preprocess)
+        maps, scores = self.assemble(*self.run_fitted(inputs, raw=False), layout)
+        return Scored(scores=scores, maps=maps)

@@ -291,6 +291,8 @@ def _identity(frames: list[np.ndarray]) -> list[np.ndarray]:
 def _detector_method(name: str, det: Detector) -> Method:
     def score(frames: object) -> tuple[np.ndarray, np.ndarray | None]:
         out = det.score(frames)  # type: ignore[arg-type]
+        if isinstance(out.maps, list):  # one canvas map per frame, shapes vary (tiles feed)
+            return np.asarray(out.scores, dtype=np.float64).ravel(), out.maps
         maps = None if out.maps is None else np.asarray(out.maps, dtype=np.float32)
         if maps is not None and maps.ndim == 4:
             maps = maps[..., 0] if maps.shape[-1] == 1 else maps[:, 0]
@@ -375,12 +377,16 @@ def mask_on_map(mask: np.ndarray, amap: np.ndarray, pre: Preprocess) -> tuple[np
 
     Returns (map part, mask) of equal shape. ROI crop, centre crop and letterbox are applied to the mask
     as to the frame, then nearest-neighbour resizing; for letterboxed maps the padding (no frame pixels)
-    is cut from the map instead. Pixels outside the ROI or the centre crop are not evaluated.
+    is cut from the map instead, as is the padding of a tiles canvas. Pixels outside the ROI or the centre
+    crop are not evaluated.
     """
     m = pre.crop_roi(mask)
     h, w = m.shape[:2]
     mh, mw = amap.shape
-    if pre.resize == "crop":
+    if pre.feed == "tiles":
+        sh, sw = pre.scaled_shape(h, w)
+        amap = amap[:sh, :sw]  # the canvas padding holds no frame pixels
+    elif pre.resize == "crop":
         side = min(h, w)
         y0, x0 = (h - side) // 2, (w - side) // 2
         m = m[y0:y0 + side, x0:x0 + side]

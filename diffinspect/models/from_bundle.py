@@ -41,4 +41,7 @@ def load_graph(bundle: Bundle, sampler: str | None = None, recipe: Recipe | None
         return ScoringGraph(
             load_denoiser(bundle, student["weights"]), schedule, recipe, steps=student["steps"]
         )
-    return ScoringGraph(load_denoiser(bundle), schedule, recipe)
+    # After distillation "teacher" means the N-step rebuild the student was distilled from, so the
+    # two samplers are compared as trained, whatever step count the recipe names.
+    student = (bundle.manifest.get("sampler") or {}).get("student") or {}
+    return ScoringGraph(load_denoiser(bundle), schedule, recipe, steps=student.get("teacher_steps"))

@@ -26,7 +26,7 @@ def preprocess_for(data: Path, cfg: Config) -> Preprocess:
     d = cfg.data
     color = choose_color(normal_images(data), d.color)
     return Preprocess(color=color, image_size=d.image_size, resize=d.resize,
-                      roi=tuple(d.roi) if d.roi else None)
+                      roi=tuple(d.roi) if d.roi else None, feed=d.feed, tile_scale=d.tile_scale)
 
 
 def train(
@@ -51,7 +51,8 @@ def train(
         more = f" and {len(tset.skipped) - 5} more" if len(tset.skipped) > 5 else ""
         warnings.warn(f"skipped {len(tset.skipped)} undecodable images: {names}{more}", stacklevel=2)
     channels = 3 if prep.color == "rgb" else 1
-    log(f"training on {len(tset.train_files)} images ({prep.color}, {prep.image_size} px), "
+    fed = f", {prep.image_size} px tiles at {prep.tile_scale:g}x scale" if prep.feed == "tiles" else ""
+    log(f"training on {len(tset.train_files)} images ({prep.color}, {prep.image_size} px{fed}), "
         f"{len(tset.holdout_files)} held back for calibration")
     result = fit(tset, cfg, out, resume=resume, progress=progress, on_step=on_step)
     if int(torch.distributed.is_initialized() and torch.distributed.get_rank()) != 0:

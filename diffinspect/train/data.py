@@ -20,7 +20,9 @@ class TrainingSet:
     preprocess: Preprocess
     train_files: list[Path]
     holdout_files: list[Path]
-    images: np.ndarray  # (N, S, S, C) uint8, the training share only
+    # The training share only: (N, S, S, C) uint8 frames, or in tiles mode a list of (H, W, C) uint8
+    # canvases (sizes vary) that training crops its tiles from.
+    images: np.ndarray | list[np.ndarray]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
     def relative(self, paths: list[Path]) -> list[str]:
@@ -51,10 +53,11 @@ def load_training_set(data: str | Path, preprocess: Preprocess, holdout: float, 
     n_hold = int(round(len(files) * holdout))
     holdout_files = sorted(files[i] for i in order[:n_hold])
     train_files = sorted(files[i] for i in order[n_hold:])
+    fit = preprocess.canvas if preprocess.feed == "tiles" else preprocess.fit
     images, kept, skipped = [], [], []
     for f in train_files:
         try:
-            images.append(preprocess.fit(decode_image(f.read_bytes(), preprocess.color)))
+            images.append(fit(decode_image(f.read_bytes(), preprocess.color)))
             kept.append(f)
         except (ImageError, OSError) as exc:
             skipped.append((f, str(exc)))
@@ -62,4 +65,5 @@ def load_training_set(data: str | Path, preprocess: Preprocess, holdout: float, 
         raise DiffinspectError(
             f"only {len(kept)} decodable training images under {root} (of {len(train_files)} after a "
             f"{holdout:.0%} holdout); at least {MIN_IMAGES} are needed")
-    return TrainingSet(root, preprocess, kept, holdout_files, np.stack(images), skipped)
+    stacked = images if preprocess.feed == "tiles" else np.stack(images)
+    return TrainingSet(root, preprocess, kept, holdout_files, stacked, skipped)

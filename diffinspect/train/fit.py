@@ -69,7 +69,8 @@ def fit(
     progress: Callable[[int, int, float, float], None] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train on data.images; checkpoints go to `<out>.checkpoint/`. `progress(step, total, loss, elapsed)`."""
+    """Train on data.images (frames, or random tiles of canvases); checkpoints go to `<out>.checkpoint/`.
+    `progress(step, total, loss, elapsed)`."""
     tc, mc = cfg.train, cfg.model
     size, channels = data.preprocess.image_size, data.preprocess.color == "rgb" and 3 or 1
     check_image_size(mc.kind, mc.size, size)
@@ -103,11 +104,17 @@ def fit(
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # uint8 N,C,H,W on CPU
+    tiles = data.preprocess.feed == "tiles"
+    if tiles:  # canvases of varying size, uint8 C,H,W on CPU; batches are random crops of them
+        canvases = [torch.from_numpy(c).permute(2, 0, 1) for c in data.images]
+        n_images = len(canvases)
+    else:
+        images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # uint8 N,C,H,W on CPU
+        n_images = images.shape[0]
     gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)
     # Replay the generator so a resumed run draws the batches an uninterrupted run would have drawn.
     for _ in range(step):
-        _draw(gen, images.shape[0], tc.batch_size, tc.t_max, channels, size)
+        _draw(gen, n_images, tc.batch_size, tc.t_max, channels, size, tiles)
     use_amp = device.type == "cuda"
     t0 = time.monotonic()
     loss_ema, interrupted = float("nan"), False
@@ -126,8 +133,9 @@ def fit(
             elapsed = elapsed_before + time.monotonic() - t0
             if budget is not None and elapsed >= budget * 60:
                 break
-            idx, t, noise = _draw(gen, images.shape[0], tc.batch_size, tc.t_max, channels, size)
-            x0 = images[idx].float().div_(127.5).sub_(1.0)
+            idx, t, noise, corners = _draw(gen, n_images, tc.batch_size, tc.t_max, channels, size, tiles)
+            batch = _crops(canvases, idx, corners, size) if tiles else images[idx]
+            x0 = batch.float().div_(127.5).sub_(1.0)
             x0 = augment_batch(x0, tc.augment, gen)
             x0, t, noise = x0.to(device), t.to(device), noise.to(device)
             xt = q_sample(x0, noise, ab_all[t].view(-1, 1, 1, 1))
@@ -161,11 +169,26 @@ def fit(
     return TrainResult(ema.cpu().eval(), step, seconds, loss_ema, rate)
 
 
-def _draw(gen: torch.Generator, n: int, batch: int, t_max: int, channels: int, size: int):
+def _draw(gen: torch.Generator, n: int, batch: int, t_max: int, channels: int, size: int, tiles: bool = False):
+    """Image indices, noise levels, noise and (tiles only) crop corners; every random draw of a step
+    except augmentation, so a resume can replay them."""
     idx = torch.randint(0, n, (batch,), generator=gen)
     t = torch.randint(0, t_max, (batch,), generator=gen)
     noise = torch.randn(batch, channels, size, size, generator=gen)
-    return idx, t, noise
+    # Corners as fractions of each canvas's free range: the same draws fit canvases of any size, and
+    # frame mode draws exactly what it always drew.
+    corners = torch.rand(batch, 2, generator=gen) if tiles else None
+    return idx, t, noise, corners
+
+
+def _crops(canvases: list[torch.Tensor], idx: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
+    """A size x size crop of canvas idx[i] at fractional corner corners[i] (y, x): (N, C, size, size)."""
+    out = []
+    for i, (fy, fx) in zip(idx.tolist(), corners.tolist(), strict=True):
+        c = canvases[i]
+        y, x = int(fy * (c.shape[1] - size + 1)), int(fx * (c.shape[2] - size + 1))
+        out.append(c[:, y:y + size, x:x + size])
+    return torch.stack(out)
 
 
 @torch.no_grad()

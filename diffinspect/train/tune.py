@@ -74,8 +74,8 @@ def tune(bundle_path: str | Path, log: Callable[[str], None] = print, seed: int 
             keep = [i for i, v in enumerate(w) if v]
             cand = ScoringGraph(model, schedule, recipe)
             stats = Stats.fit(raw_ref[:, keep].numpy())
-            amap = cand.normalize(raw_val[:, keep], torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
-            auroc = float(roc_auc_score(labels, cand.image_score(amap).numpy()))
+            zmap = cand.combine(raw_val[:, keep], torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
+            auroc = float(roc_auc_score(labels, cand.image_score(zmap).numpy()))
             table.append({"t_star": t_star, "terms": name, "top_k": top_k, "auroc": round(auroc, 4),
                           "recipe": asdict(recipe)})
     best = max(table, key=lambda r: r["auroc"])
