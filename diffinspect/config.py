@@ -72,6 +72,7 @@ class ScoreConfig:
     blur_sigma: float = 2.0  # pixels at model size, for the map users see
     top_k: float = 0.001  # image score = mean of the top share of the sharp (unblurred) map
     frame_weight: float = 0.0  # weight of the whole-frame mean map (defects covering the frame)
+    classical_weight: float = 1.0  # frame-level term: COPOD on classical embeddings (0 = off)
     seed: int = 0
 
 

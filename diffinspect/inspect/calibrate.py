@@ -26,8 +26,16 @@ from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import list_images
 from diffinspect.data.image import ImageError, Preprocess, read_image
 from diffinspect.inspect.backends import make_engine
-from diffinspect.inspect.diffusion import CALIBRATION_FILE, DiffusionDetector, Stats, fit_frames
+from diffinspect.inspect.diffusion import (
+    CALIBRATION_FILE,
+    DiffusionDetector,
+    FrameTerm,
+    Stats,
+    fit_frames,
+    robust_scale,
+)
 from diffinspect.inspect.threshold import conformal_threshold, describe_bound, min_calibration_size
+from diffinspect.models.recipe import Recipe
 
 MAX_REFERENCE = 256
 MAX_REFERENCE_INPUTS = 2048  # model inputs (frames or tiles) for the statistics: bounds raw-term memory
@@ -136,7 +144,6 @@ def calibrate(
     detector = DiffusionDetector(engine, prep, stats, 0.0, None)
     # Conformal scores per frame (tiles stitched), as `score` will compute them on the line.
     scores, map_max = _score_frames(detector, cal_frames, "scoring calibration images", progress)
-    threshold = conformal_threshold(scores, false_reject_rate)
     # Overlays outline pixels above the conformal threshold of per-image map maxima: a good part shows
     # an outlined region with probability at most the same rate.
     pixel_threshold = conformal_threshold(map_max, false_reject_rate)
@@ -144,6 +151,14 @@ def calibrate(
     # scores for them, so a backend is checked on exactly what it computes.
     selfcheck = fit_frames(cal_frames[:SELFCHECK_FRAMES], prep)[:SELFCHECK_FRAMES]
     selfcheck_scores = detector.run_fitted(selfcheck, raw=False)[1]
+    copod = _fit_fallback(ref_frames, cal_frames, prep, false_reject_rate) if fallback else None
+    frame_term = None
+    weight = Recipe.from_dict(bundle.manifest["score"]).classical_weight
+    if copod is not None and weight > 0:
+        ref_scores = _score_frames(detector, ref_frames, "scoring reference images", progress)[0]
+        frame_term = FrameTerm(copod, weight, robust_scale(ref_scores), robust_scale(copod.score(ref_frames).scores))
+        scores = frame_term.combine(scores, cal_frames)
+    threshold = conformal_threshold(scores, false_reject_rate)
 
     buf = io.BytesIO()
     np.savez(buf, mean=stats.mean, std=stats.std, terms=np.array(engine.term_names), scores=scores,
@@ -151,8 +166,8 @@ def calibrate(
     copod_fields = None
     with bundle.updating() as up:
         up.write_bytes(CALIBRATION_FILE, buf.getvalue())
-        if fallback:
-            copod_fields = _fit_fallback(up, ref_frames, cal_frames, prep, false_reject_rate)
+        if copod is not None:
+            copod_fields = _save_fallback(up, copod)
         up.manifest["calibration"] = {
             "threshold": threshold, "pixel_threshold": pixel_threshold,
             "false_reject_rate": false_reject_rate, "n": len(scores), "n_reference": len(ref_frames),
@@ -161,6 +176,7 @@ def calibrate(
             "score_stats": {"mean": float(scores.mean()), "std": float(scores.std()),
                             "max": float(scores.max()), "median": float(np.median(scores))},
             "terms": list(engine.term_names), "rule": "split-conformal",
+            "frame_term": frame_term.to_dict() if frame_term else None,
         }
         if copod_fields is not None:
             up.manifest["fallback"] = copod_fields
@@ -192,7 +208,7 @@ def _score_frames(detector: DiffusionDetector, frames: list[np.ndarray], what: s
     return np.concatenate(scores), np.array(peaks)
 
 
-def _fit_fallback(up, ref_frames, cal_frames, prep: Preprocess, rate: float) -> dict:
+def _fit_fallback(ref_frames, cal_frames, prep: Preprocess, rate: float):
     """COPOD on classical embeddings: fitted on the reference images, thresholded on the calibration
     images (the same split as the diffusion detector, so its bound holds too)."""
     from diffinspect.inspect.fallback import CopodDetector
@@ -201,6 +217,10 @@ def _fit_fallback(up, ref_frames, cal_frames, prep: Preprocess, rate: float) -> 
     ref_emb = embed_frames([prep.crop_roi(f) for f in ref_frames])
     copod = CopodDetector(ref_emb, 0.0, prep, false_reject_rate=rate, n_calibration=len(cal_frames))
     copod.threshold = conformal_threshold(copod.score_embeddings(copod.embed(cal_frames)), rate)
+    return copod
+
+
+def _save_fallback(up, copod) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         fields = copod.save(tmp)
         staged = up.staging_path(fields["embeddings_file"])

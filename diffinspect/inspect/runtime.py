@@ -27,7 +27,7 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     if detector == "copod" or "model" not in b.manifest:
         return load_fallback(b)
     from diffinspect.inspect.backends import make_engine
-    from diffinspect.inspect.diffusion import CALIBRATION_FILE, DiffusionDetector, Stats
+    from diffinspect.inspect.diffusion import CALIBRATION_FILE, DiffusionDetector, FrameTerm, Stats
 
     cal = b.manifest.get("calibration")
     if not cal:
@@ -35,8 +35,11 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     with np.load(b.file(CALIBRATION_FILE)) as z:
         stats = Stats(z["mean"], z["std"])
     engine = make_engine(b, backend, device, sampler or cal.get("sampler"))
+    term = cal.get("frame_term")
+    frame_term = (FrameTerm(load_fallback(b), term["weight"], tuple(term["diffusion"]), tuple(term["copod"]))
+                  if term else None)
     return DiffusionDetector(engine, Preprocess.from_dict(b.manifest["preprocess"]), stats, cal["threshold"],
-                             cal["pixel_threshold"], cal["n"], cal["false_reject_rate"])
+                             cal["pixel_threshold"], cal["n"], cal["false_reject_rate"], frame_term=frame_term)
 
 
 def load_fallback(bundle: str | Path | Bundle) -> Detector:

@@ -1,0 +1,32 @@
+"""The anomaly-map recipe (no torch: the edge runtime reads it too)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TERMS = ("pixel", "ssim", "feature")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The anomaly-map recipe, stored in the manifest under `score`."""
+
+    t_star: int = 100
+    steps: int = 1
+    noise_draws: int = 1
+    pixel_weight: float = 1.0
+    ssim_weight: float = 1.0
+    feature_weight: float = 1.0
+    blur_sigma: float = 2.0
+    top_k: float = 0.001
+    frame_weight: float = 0.0
+    classical_weight: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Recipe:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def weights(self) -> dict[str, float]:
+        w = {"pixel": self.pixel_weight, "ssim": self.ssim_weight, "feature": self.feature_weight}
+        return {k: v for k, v in w.items() if v > 0}
