@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from diffinspect import DiffinspectError
 
@@ -27,7 +28,8 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except DiffinspectError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: messages name extras such as diffinspect[train], which rich would read as markup
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
@@ -63,12 +65,12 @@ def _progress_bar():
 def train(
     data: Path = typer.Argument(..., help="MVTec category (uses train/good) or a folder of good images."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
-    model: str | None = typer.Option(None, "--model", help="unet or dit [default: unet]."),
-    size: str | None = typer.Option(None, "--size", help="tiny, small or base [default: small]."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Model input side in pixels [default: 64]."),
+    model: str | None = typer.Option(None, "--model", help="unet or dit (default: unet)."),
+    size: str | None = typer.Option(None, "--size", help="tiny, small or base (default: small)."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Model input side in pixels (default: 64)."),
     steps: int | None = typer.Option(None, "--steps", help="Training steps."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop cleanly after this many minutes."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step [default: 16]."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default: 16)."),
     holdout: float | None = typer.Option(None, "--holdout", help="Share of good images kept for calibration."),
     config: Path | None = typer.Option(None, "--config", help="TOML config (flags override it)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
@@ -113,7 +115,7 @@ def calibrate(
     out: Path | None = typer.Option(None, "--out", help="With --detector copod: the bundle folder to write."),
     backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or openvino."),
     device: str = typer.Option("auto", "--device", help="Device for the backend."),
-    sampler: str | None = typer.Option(None, "--sampler", help="teacher or student [default: the bundle's]."),
+    sampler: str | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
     tune: bool = typer.Option(False, "--tune", help="Pick t* and the map recipe on synthetic defects first."),
 ) -> None:
     """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
@@ -163,7 +165,7 @@ def score(
     detector: str = typer.Option("diffusion", "--detector", help="diffusion or copod."),
     backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or openvino."),
     device: str = typer.Option("auto", "--device", help="Device for the backend."),
-    sampler: str | None = typer.Option(None, "--sampler", help="teacher or student [default: the bundle's]."),
+    sampler: str | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
 ) -> None:
     """Score images: label, score and optional heatmap overlay per image."""
     import json
@@ -172,6 +174,8 @@ def score(
     from diffinspect.inspect.score import expand_paths, score_paths
 
     det = load_detector(bundle, detector, backend, device, sampler)
+    if backend == "auto" and hasattr(getattr(det, "engine", None), "selection"):
+        console.print(f"backend {det.engine.selection}", highlight=False, soft_wrap=True)  # stderr
     files = expand_paths([_existing(p, "path") for p in paths])
     if not files:
         raise DiffinspectError("no images found in the given paths")
@@ -201,11 +205,11 @@ def _print_records(records) -> None:
 @app.command()
 def watch(
     folders: list[Path] = typer.Argument(..., help="Camera folders to watch (one per camera)."),
-    model: Path | None = typer.Option(None, "--model", "-m", help="Bundle [default: ./inspect.toml, else ./model]."),
-    out: Path | None = typer.Option(None, "--out", help="Results folder [default: ./inspect_results]."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Bundle (default: ./inspect.toml, else ./model)."),
+    out: Path | None = typer.Option(None, "--out", help="Results folder (default: ./inspect_results)."),
     backend: str | None = typer.Option(None, "--backend", help="auto, torch, onnxruntime or openvino."),
     device: str | None = typer.Option(None, "--device", help="Device for the backend."),
-    batch: int | None = typer.Option(None, "--batch", help="Frames scored together (micro-batch) [default: 8]."),
+    batch: int | None = typer.Option(None, "--batch", help="Frames scored together (micro-batch) (default: 8)."),
     overlays: str | None = typer.Option(None, "--overlays", help="Heatmap overlays for: ng, all or none."),
     after: str | None = typer.Option(None, "--after", help="After a frame's row is committed: keep, move or delete."),
     recursive: bool = typer.Option(False, "--recursive", help="Watch sub-folders too."),
@@ -281,7 +285,7 @@ def distill(
     bundle: Path = typer.Argument(..., help="Trained bundle; the student is written into it."),
     steps: int = typer.Option(2, "--steps", help="Student DDIM steps: 1, 2 or 4."),
     teacher_steps: int = typer.Option(10, "--teacher-steps", help="DDIM steps of the teacher it learns from."),
-    iterations: int | None = typer.Option(None, "--iterations", help="Distillation iterations [default: 1500]."),
+    iterations: int | None = typer.Option(None, "--iterations", help="Distillation iterations (default: 1500)."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop cleanly after this many minutes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last distillation checkpoint."),
@@ -334,3 +338,60 @@ def demo(
         f"finished in {r.seconds / 60:.1f} min",
     ])
     Console().print(Panel(body, title="diffinspect demo", expand=False))
+
+
+@app.command()
+def export(
+    bundle: Path = typer.Argument(..., help="Calibrated bundle to export into."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx, openvino or all."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 (OpenVINO), int8, or all."),
+    calibration_dir: Path | None = typer.Option(None, "--calibration-dir",
+                                                help="Good images for INT8 ranges and parity (default: holdout)."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Keep an export that fails parity."),
+    sampler: str | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
+) -> None:
+    """Export the whole scoring step (ONNX / OpenVINO, fp32 / fp16 / INT8), checked against torch."""
+    from importlib.util import find_spec
+
+    if find_spec("torch") is None:
+        raise DiffinspectError("inspect export needs torch: pip install 'diffinspect[train]' on a training "
+                               "machine, then copy the bundle; scoring it needs no torch")
+    from diffinspect.export import export_bundle
+
+    def log(line: str) -> None:  # escaped: "[openvino:CPU, 3.4 s]" is not rich markup
+        console.print(escape(line), highlight=False, soft_wrap=True)
+
+    records = export_bundle(_existing(bundle, "bundle"), fmt, precision, calibration_dir, allow_mismatch,
+                            log=log, sampler=sampler)
+    log(f"exported {', '.join(records)}; score with: inspect score {bundle} IMAGES --backend auto")
+
+
+@app.command()
+def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (optional).")) -> None:
+    """Versions, onnxruntime providers and OpenVINO devices here, and what a bundle holds."""
+    from diffinspect.inspect.info import bundle_summary, environment
+
+    out = Console(soft_wrap=True)
+    env = environment()
+    out.print(f"diffinspect {env['diffinspect']} (python {env['python']})")
+    out.print("  " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
+    out.print(f"  onnxruntime providers: {', '.join(env.get('onnxruntime_providers', [])) or 'none'}")
+    devices = env.get("openvino_devices", {})
+    out.print(f"  OpenVINO devices: {', '.join(f'{d} ({n})' for d, n in devices.items()) or 'none'}")
+    if bundle is None:
+        return
+    s = bundle_summary(_existing(bundle, "bundle"))
+    m, p = s["model"] or {}, s["preprocess"] or {}
+    out.print(f"bundle {s['path']}")
+    out.print(f"  model: {m.get('kind')} {m.get('size')}, {m.get('params', 0) / 1e6:.2f} M params, "
+              f"{m.get('gflops', 0):.3g} GFLOPs/frame, {m.get('image_size')} px, {m.get('channels')} channel(s)")
+    out.print("  preprocessing: " + ", ".join(f"{k}={v}" for k, v in p.items()))
+    out.print("  files: " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in s["files"].items()))
+    cal = s["calibration"]
+    out.print("  calibration: " + (f"threshold {cal['threshold']:.4g}, n={cal['n']}, target false-reject rate "
+                                   f"{cal['false_reject_rate']:g}, on {cal['backend']}" if cal else "none"))
+    for name, e in s["exports"].items():
+        par = e["parity"]
+        figures = (f"rank corr {par['score_rank_correlation']:.4f}, map corr {par['map_correlation']:.4f}, "
+                   f"max |Δmap| {par['max_abs_map_diff']:.3g}" if par else "no parity figures")
+        out.print(f"  export {name}: {e['format']} {e['precision']} ({e['sampler']}): {figures}")

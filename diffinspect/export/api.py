@@ -1,0 +1,189 @@
+"""`export_bundle`: the whole scoring step as ONNX / OpenVINO IR, fp32 / fp16 / INT8, parity-checked.
+
+Everything is built in a hidden work folder inside the bundle and checked against torch first; only
+when every asked-for export passes parity are the files moved in and the manifest updated, once.
+A refused export leaves the bundle exactly as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffinspect import DiffinspectError, __version__
+from diffinspect.bundle import Bundle
+from diffinspect.export import parity
+from diffinspect.inspect.exports import FORMATS, PRECISIONS, export_name, graph_fingerprint
+
+MAX_IMAGES = 48  # calibration frames for INT8 ranges and parity: enough for both, quick at any size
+MAX_INPUTS = 96  # model inputs from them (frames, or tiles in tiles mode, where one frame gives many)
+
+
+def plan(fmt: str, precision: str) -> list[tuple[str, str]]:
+    """(format, precision) pairs to build. fp16 is an OpenVINO export only: onnxruntime's CPU provider
+    has no fp16 speed-up, and there was no GPU here to validate an fp16 ONNX against."""
+    formats = list(FORMATS) if fmt == "all" else [fmt]
+    precisions = list(PRECISIONS) if precision == "all" else [precision]
+    if fmt not in (*FORMATS, "all"):
+        raise DiffinspectError(f"unknown format {fmt!r}: choose onnx, openvino or all")
+    if precision not in (*PRECISIONS, "all"):
+        raise DiffinspectError(f"unknown precision {precision!r}: choose fp32, fp16, int8 or all")
+    if formats == ["onnx"] and precisions == ["fp16"]:
+        raise DiffinspectError("no fp16 ONNX export: use --format openvino --precision fp16, or fp32/int8 "
+                               "for onnxruntime")
+    return [(f, p) for f in formats for p in precisions if not (f == "onnx" and p == "fp16")]
+
+
+def _calibration_frames(bundle: Bundle, calibration_dir: str | Path | None) -> tuple[np.ndarray, str]:
+    from diffinspect.data.image import Preprocess
+    from diffinspect.inspect.calibrate import image_sets, load_frames
+    from diffinspect.inspect.diffusion import fit_frames
+
+    prep = Preprocess.from_dict(bundle.manifest["preprocess"])
+    try:
+        _, calib, described = image_sets(bundle, calibration_dir)
+    except DiffinspectError as exc:
+        raise DiffinspectError(f"{exc}; to export, pass --calibration-dir GOOD_DIR") from None
+    if len(calib) > MAX_IMAGES:
+        idx = np.random.default_rng(0).choice(len(calib), MAX_IMAGES, replace=False)
+        calib = [calib[i] for i in sorted(idx)]
+    frames, _ = load_frames(calib, prep.color, "calibration images")
+    if not frames:
+        raise DiffinspectError(f"no readable calibration images ({described})")
+    inputs = fit_frames(frames, prep)
+    if len(inputs) > MAX_INPUTS:
+        inputs = inputs[np.sort(np.random.default_rng(0).choice(len(inputs), MAX_INPUTS, replace=False))]
+    return inputs, described
+
+
+def _build(fmt: str, precision: str, work: Path, src: Path, nodes: dict[str, list[str]], frames: np.ndarray,
+           mean: np.ndarray, std: np.ndarray, transformer: bool) -> tuple[list[str], dict[str, Any]]:
+    """Write one export under `work`; returns (its files relative to the bundle, extra record fields)."""
+    from diffinspect.export import quantize
+
+    name, fp16_nodes, int8_nodes = export_name(fmt, precision), nodes["denoiser"], nodes["rebuild"]
+    (work / name).parent.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Any] = {}
+    if fmt == "onnx":
+        if precision == "fp32":
+            shutil.copyfile(src, work / name)
+        else:
+            quantize.onnx_int8(src, work / name, int8_nodes, frames, mean, std)
+            extra["quantized_nodes"] = len(int8_nodes)
+        return [name], extra
+    if precision == "int8":
+        extra["fake_quantize_nodes"] = quantize.openvino_int8(src, work / name, int8_nodes, frames, mean, std,
+                                                                transformer)
+    else:
+        quantize.openvino_ir(src, work / name, fp16_nodes if precision == "fp16" else None)
+    return [name, name.removesuffix(".xml") + ".bin"], extra
+
+
+def _engine(fmt: str, path: Path, terms: list[str], precision: str):
+    if fmt == "onnx":
+        from diffinspect.inspect.onnx_backend import OnnxEngine
+
+        return OnnxEngine(path, terms, "cpu", precision)
+    from diffinspect.inspect.openvino_backend import OpenVinoEngine
+
+    return OpenVinoEngine(path, terms, "CPU", precision)
+
+
+def _run(engine_or_graph, frames: np.ndarray, mean: np.ndarray, std: np.ndarray, batch: int = 16):
+    parts = [engine_or_graph(frames[i:i + batch], mean, std) for i in range(0, len(frames), batch)]
+    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+
+def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str = "fp32",
+                  calibration_dir: str | Path | None = None, allow_mismatch: bool = False,
+                  log: Callable[[str], None] = print, sampler: str | None = None) -> dict[str, dict]:
+    """Export, check parity, record. Returns {main file: export record} of what was written."""
+    try:
+        import torch
+    except ImportError:
+        raise DiffinspectError("exporting needs torch: pip install 'diffinspect[train]' "
+                               "(scoring an exported bundle does not)") from None
+    from diffinspect.export.onnx_graph import INPUT_NAMES, OUTPUT_NAMES, denoiser_nodes, export_onnx, rebuild_nodes
+    from diffinspect.export.rewrite import for_export
+    from diffinspect.inspect.diffusion import CALIBRATION_FILE
+    from diffinspect.models.from_bundle import load_graph, resolve_sampler
+
+    bundle = Bundle.load(bundle_path)
+    targets = plan(format, precision)
+    if not bundle.manifest.get("calibration") or not bundle.has(CALIBRATION_FILE):
+        raise DiffinspectError(f"bundle {bundle.path} is not calibrated: run inspect calibrate first "
+                               f"(parity is checked with its statistics)")
+    sampler = resolve_sampler(bundle, sampler)
+    fingerprint = graph_fingerprint(bundle, sampler)
+    with np.load(bundle.file(CALIBRATION_FILE)) as z:
+        mean, std = z["mean"].astype(np.float32), z["std"].astype(np.float32)
+    frames, described = _calibration_frames(bundle, calibration_dir)
+    check = parity.parity_frames(frames)
+    log(f"exporting {', '.join(f'{f} {p}' for f, p in targets)} ({sampler} sampler); "
+        f"calibration and parity on {described}")
+
+    graph = load_graph(bundle, sampler).eval()
+    with torch.no_grad():
+        ref = _run(lambda f, m, s: tuple(o.numpy() for o in graph(torch.from_numpy(f), torch.from_numpy(m),
+                                                                     torch.from_numpy(s))), check, mean, std)
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=bundle.path))
+    try:
+        src = work / "scoring.fp32.onnx"
+        example = (torch.from_numpy(frames[:2]), torch.from_numpy(mean), torch.from_numpy(std))
+        export_onnx(for_export(graph), example, src, log)
+        import onnx
+
+        proto = onnx.load(str(src))
+        nodes = {"rebuild": rebuild_nodes(proto), "denoiser": denoiser_nodes(proto)}
+        records, failed = {}, []
+        is_dit = bundle.manifest["model"]["kind"] == "dit"
+        for fmt, prec in targets:
+            t0 = time.perf_counter()
+            files, extra = _build(fmt, prec, work, src, nodes, frames, mean, std, is_dit)
+            engine = _engine(fmt, work / files[0], graph.term_names, prec)
+            figures = parity.compare(ref, _run(engine.run, check, mean, std), len(frames))
+            ok = parity.passes(figures)
+            log(f"  {files[0]:26s} {'ok ' if ok else 'BAD'} {parity.describe(figures)} [{engine.name}, "
+                f"{time.perf_counter() - t0:.1f} s]")
+            if not ok:
+                failed.append(f"{files[0]} (score rank correlation {figures['score_rank_correlation']:.4f})")
+            records[files[0]] = {
+                "format": fmt, "precision": prec, "sampler": sampler, "files": files, "fingerprint": fingerprint,
+                "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES, "terms": graph.term_names,
+                "parity": {**figures, "engine": engine.name, "passed": ok}, **extra,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "versions": _versions(fmt, torch.__version__),
+            }
+        if failed and not allow_mismatch:
+            raise DiffinspectError(f"export refused, nothing written: parity below {parity.MIN_RANK_CORRELATION} "
+                                   f"for {', '.join(failed)} (--allow-mismatch to keep it anyway)")
+        with bundle.updating() as up:
+            for name, rec in records.items():
+                for f in rec["files"]:
+                    staged = up.staging_path(f)
+                    os.replace(work / f, staged)
+                    up.add_file(f, staged)
+                up.manifest.setdefault("exports", {})[name] = rec
+        log(f"wrote {len(records)} export(s) into {bundle.path}")
+        return records
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _versions(fmt: str, torch_version: str) -> dict[str, str]:
+    import onnxruntime
+
+    out = {"diffinspect": __version__, "torch": torch_version, "onnxruntime": onnxruntime.__version__}
+    if fmt == "openvino":
+        import openvino
+
+        out["openvino"] = openvino.__version__
+    return out

@@ -1,0 +1,137 @@
+"""`--backend auto`: the fastest exported engine that reproduces the calibration's reference scores.
+
+Calibration stores a few frames (`selfcheck_frames`) and the scores the calibrating backend gave them
+(`selfcheck_scores`). At start-up each candidate scores those frames with the bundle's statistics; it
+passes when every score is within SELFCHECK_TOLERANCE x σ, the spread of good parts' graph scores
+(`graph_score_spread`). One σ is above what a sound export deviates and well below what a broken one
+does, so a failure means "do not trust this engine", and auto falls through to the next one. On the
+tiny test model: INT8 deviated 0.2 σ (σ from the calibration scores) or 0.5 σ (σ from the reference
+images' IQR, a tighter spread: the model was fitted on them), fp16 under 0.01 σ; INT8 with the
+feature passes quantized too (a broken recipe) deviated about 5 σ on defective frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffinspect import DiffinspectError
+from diffinspect.bundle import Bundle
+from diffinspect.inspect.diffusion import CALIBRATION_FILE
+from diffinspect.inspect.exports import exported_precisions, resolve_sampler_name
+
+SELFCHECK_TOLERANCE = 1.0
+
+
+@dataclass
+class Reference:
+    frames: np.ndarray
+    scores: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    tolerance: float
+
+
+def load_reference(bundle: Bundle) -> Reference | None:
+    # No calibration in the manifest (never calibrated, or a re-tuned recipe voided it): the file, if
+    # any, holds scores of another recipe.
+    if not bundle.manifest.get("calibration") or not bundle.has(CALIBRATION_FILE):
+        return None
+    with np.load(bundle.file(CALIBRATION_FILE)) as z:
+        if "selfcheck_frames" not in z.files:
+            return None
+        ref_scores = z["selfcheck_scores"].astype(np.float64)
+        spread = graph_score_spread(bundle.manifest["calibration"], z["scores"])
+        # The floor keeps a degenerate calibration (all scores equal) from failing every engine.
+        tol = max(SELFCHECK_TOLERANCE * spread, 1e-4 * (1.0 + float(np.abs(ref_scores).max())))
+        return Reference(z["selfcheck_frames"], ref_scores, z["mean"], z["std"], tol)
+
+
+def graph_score_spread(calibration: dict, scores: np.ndarray) -> float:
+    """Standard deviation of the graph's image scores on good parts. With a frame-level term the stored
+    calibration scores are the combined ones (another scale); the graph scores' spread is then the IQR
+    of the reference images' diffusion scores, divided by 1.349 (the IQR of a unit normal)."""
+    term = calibration.get("frame_term")
+    if term:
+        return float(term["diffusion"][1]) / 1.349
+    return float(np.std(scores)) if len(scores) > 1 else 0.0
+
+
+def selfcheck(engine, ref: Reference) -> tuple[bool, str]:
+    _, scores, _ = engine.run(ref.frames, ref.mean, ref.std)
+    worst = float(np.max(np.abs(scores.astype(np.float64) - ref.scores)))
+    ok = bool(np.isfinite(worst)) and worst <= ref.tolerance
+    return ok, f"max score deviation {worst:.3g} {'<=' if ok else '>'} tolerance {ref.tolerance:.3g}"
+
+
+def candidates(bundle: Bundle, device: str, sampler: str, precision: str | None) -> list[tuple[str, str, str | None]]:
+    """(backend, device, precision), fastest first, among the exports this bundle holds."""
+    from diffinspect.inspect.backends import installed_backends
+
+    have = installed_backends()
+    out: list[tuple[str, str, str | None]] = []
+    key = device.lower()
+
+    def add(backend: str, dev: str, order: tuple[str, ...]) -> None:
+        if backend not in have:
+            return
+        fmt = "onnx" if backend == "onnxruntime" else "openvino"
+        exported = exported_precisions(bundle, fmt, sampler)
+        out.extend((backend, dev, p) for p in order if p in exported and precision in (None, p))
+
+    if key == "auto" and "onnxruntime" in have:
+        from diffinspect.inspect.onnx_backend import GPU_PROVIDERS, available_providers
+
+        if any(p in available_providers() for p in GPU_PROVIDERS):
+            add("onnxruntime", "auto", ("fp32",))
+    if key in ("auto", "gpu") and "openvino" in have:
+        from diffinspect.inspect.openvino_backend import available_devices
+
+        if any(d.startswith("GPU") for d in available_devices()):
+            add("openvino", "GPU", ("fp16", "int8", "fp32"))
+    if key in ("auto", "cpu"):
+        add("openvino", "CPU", ("int8", "fp32", "fp16"))
+        add("onnxruntime", "cpu", ("fp32", "int8"))
+    else:  # a specific device name: every backend that may know it, errors fall through
+        add("onnxruntime", device, ("fp32", "int8"))
+        add("openvino", device, ("fp16", "int8", "fp32"))
+    if "torch" in have and precision in (None, "fp32"):
+        out.append(("torch", device, None))
+    return out
+
+
+def pick_engine(bundle: Bundle, device: str, sampler: str | None, precision: str | None,
+                log: Callable[[str], None] | None = None):
+    from diffinspect.inspect.backends import build_engine
+
+    name = resolve_sampler_name(bundle, sampler)
+    ref = load_reference(bundle)
+    order = candidates(bundle, device, name, precision)
+    if ref is None:  # nothing to check exports against: torch, where present, is the reference itself
+        order.sort(key=lambda c: c[0] != "torch")
+    tried: list[str] = []
+    for backend, dev, prec in order:
+        label = f"{backend}:{dev}:{prec or 'fp32'}"
+        try:
+            engine = build_engine(bundle, backend, dev, name, prec)
+        except DiffinspectError as exc:
+            tried.append(f"{label} unavailable ({exc})")
+            continue
+        if ref is None:
+            why = "no self-check reference (bundle not calibrated yet)"
+        else:
+            ok, why = selfcheck(engine, ref)
+            if not ok:
+                tried.append(f"{label} failed self-check ({why})")
+                continue
+        skipped = f"; skipped: {'; '.join(tried)}" if tried else ""
+        engine.selection = f"{engine.name} ({prec or 'fp32'}): fastest passing candidate, {why}{skipped}"
+        if log:
+            log(f"backend auto -> {engine.selection}")
+        return engine
+    if not tried:  # no export for this sampler, and no torch to run the bundle's weights
+        raise DiffinspectError(f"bundle {bundle.path} has no export for the {name} sampler and torch is not "
+                               f"installed: run `inspect export {bundle.path} --format openvino` where torch is")
+    raise DiffinspectError(f"no backend passed for bundle {bundle.path}: {'; '.join(tried) or 'none available'}")
