@@ -49,6 +49,9 @@ def _raw(graph: ScoringGraph, frames: np.ndarray, batch: int = 32) -> torch.Tens
 def tune(bundle_path: str | Path, log: Callable[[str], None] = print, seed: int = 0, **_: object) -> dict:
     """Pick the best recipe, write it into the manifest's `score`, return {recipe, auroc, table}."""
     bundle = Bundle.load(bundle_path)
+    if (bundle.manifest.get("sampler") or {}).get("student"):
+        raise DiffinspectError("this bundle has a distilled student, trained for its current t*: tune before "
+                               "distilling (or retrain), so the student matches the tuned recipe")
     prep = Preprocess.from_dict(bundle.manifest["preprocess"])
     training = bundle.manifest.get("training") or {}
     files = [Path(training.get("source", "")) / f for f in training.get("train_files", [])]
