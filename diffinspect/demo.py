@@ -38,7 +38,7 @@ class DemoPlan:
     def for_mode(cls, fast: bool) -> DemoPlan:
         if fast:
             return cls(32, "tiny", 0.5, 120, 20, 64, 80, 24, 2, 40.0)
-        return cls(64, "small", 2.0, 3000, 150, 128, 200, 120, 3, 8.0)
+        return cls(64, "small", 1.5, 3000, 60, 128, 200, 120, 3, 8.0)
 
 
 @dataclass
