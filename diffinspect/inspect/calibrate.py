@@ -129,7 +129,7 @@ def calibrate(
             f"need at least {need} (name a folder with more good images, or raise --false-reject-rate)")
     log(f"calibrating on {described}")
     ref_frames, _ = load_frames(reference, prep.color, "reference images", progress)
-    cal_frames, cal_paths = load_frames(calib, prep.color, "calibration images", progress)
+    cal_frames, _ = load_frames(calib, prep.color, "calibration images", progress)
 
     engine = make_engine(bundle, backend, device, sampler)
     size = prep.image_size
