@@ -31,7 +31,7 @@ from diffinspect.inspect.metrics import image_auroc
 from diffinspect.models.from_bundle import load_denoiser, load_graph
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe, ScoringGraph
-from diffinspect.train.distill import distill
+from diffinspect.train.distill import DEFECT_SHARE, distill
 from diffinspect.train.selection import read_frames
 
 MAX_REFERENCE = 64
@@ -52,22 +52,26 @@ def auroc(graph: ScoringGraph, reference: np.ndarray, frames: np.ndarray, labels
 
 
 @torch.inference_mode()
-def ms_per_frame(graph: ScoringGraph, frames: np.ndarray) -> float:
-    """Median wall time of scoring one frame (batch of 1) on the CPU, after a warm-up."""
-    k = len(graph.term_names)
-    mean, std = torch.zeros(k, *frames.shape[1:3]), torch.ones(k, *frames.shape[1:3])
+def ms_per_frame(graphs: list[ScoringGraph], frames: np.ndarray, rounds: int = 5) -> list[float]:
+    """Median CPU wall time of scoring one frame (batch of 1), per graph. The graphs are timed in
+    interleaved rounds (each graph once per round, on the same frames) so load from other jobs on a
+    shared machine hits every row alike."""
     one = [torch.from_numpy(frames[i:i + 1].copy()) for i in range(min(TIMED_FRAMES, len(frames)))]
-    graph(one[0], mean, std)
-    times = []
-    for f in one:
-        t0 = time.perf_counter()
-        graph(f, mean, std)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    times: list[list[float]] = [[] for _ in graphs]
+    for r in range(rounds + 1):
+        for g, out in zip(graphs, times, strict=True):
+            k = len(g.term_names)
+            mean, std = torch.zeros(k, *frames.shape[1:3]), torch.ones(k, *frames.shape[1:3])
+            for f in one:
+                t0 = time.perf_counter()
+                g(f, mean, std)
+                if r:  # round 0 warms up
+                    out.append(time.perf_counter() - t0)
+    return [1000 * statistics.median(t) for t in times]
 
 
-def student_bundle(src: Path, work: Path, steps: int, args: argparse.Namespace) -> Bundle:
-    dst = work / f"student-{steps}"
+def student_bundle(src: Path, work: Path, steps: int, share: float, args: argparse.Namespace) -> Bundle:
+    dst = work / f"student-{steps}-heal{share:g}"
     if args.reuse and (dst / "manifest.json").exists():
         b = Bundle.load(dst)
         if ((b.manifest.get("sampler") or {}).get("student") or {}).get("steps") == steps:
@@ -79,7 +83,8 @@ def student_bundle(src: Path, work: Path, steps: int, args: argparse.Namespace) 
         up.manifest["calibration"] = None  # the bench uses its own statistics: skip re-calibration
     t0 = time.time()
     distill(dst, steps=steps, teacher_steps=args.teacher_steps, iterations=args.iterations,
-            max_minutes=args.max_minutes, device=args.device, log=lambda s: print("  " + s))
+            max_minutes=args.max_minutes, device=args.device, defect_share=share,
+            log=lambda s: print("  " + s))
     print(f"  distilled in {(time.time() - t0) / 60:.1f} min")
     return Bundle.load(dst)
 
@@ -94,6 +99,9 @@ def main() -> None:
     ap.add_argument("--students", default="1,2,4")
     ap.add_argument("--work", type=Path, default=Path("bench_distill"))
     ap.add_argument("--reuse", action="store_true", help="Reuse students already distilled under --work.")
+    ap.add_argument("--defect-shares", default=f"{DEFECT_SHARE:g}",
+                    help="Comma-separated shares of student inputs with a pasted defect to heal; a student "
+                         "per share and step count.")
     ap.add_argument("--device", default="auto", help="Device for distillation (scoring is timed on the CPU).")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -118,10 +126,15 @@ def main() -> None:
     rows += [("undistilled one-step x0" if s == 1 else f"undistilled {s} steps", s,
               ScoringGraph(teacher_net, schedule, recipe, s)) for s in (1, 2, 4)]
     args.work.mkdir(parents=True, exist_ok=True)
-    for s in (int(v) for v in args.students.split(",") if v.strip()):
-        rows.append((f"student {s} steps", s, load_graph(student_bundle(args.bundle, args.work, s, args), "student")))
+    shares = [float(v) for v in args.defect_shares.split(",") if v.strip()]
+    for share in shares:
+        for s in (int(v) for v in args.students.split(",") if v.strip()):
+            name = f"student {s} steps" + ("" if share == DEFECT_SHARE else f", heal {share:g}")
+            rows.append((name, s, load_graph(student_bundle(args.bundle, args.work, s, share, args), "student")))
 
-    results = [(name, n, auroc(g, reference, frames, labels), ms_per_frame(g, frames)) for name, n, g in rows]
+    timings = ms_per_frame([g for _, _, g in rows], frames)
+    results = [(name, n, auroc(g, reference, frames, labels), ms)
+               for (name, n, g), ms in zip(rows, timings, strict=True)]
     base_auc, base_ms = results[0][2], results[0][3]
     print(f"\n{'sampler':26s} {'steps':>5s} {'AUROC':>7s} {'vs T10':>7s} {'ms/frame':>9s} {'speed-up':>8s}")
     for name, n, auc, ms in results:

@@ -28,6 +28,7 @@ class DemoPlan:
     train_minutes: float
     train_steps: int
     distill_iterations: int
+    distill_minutes: float
     frame_size: int
     n_train: int
     stream_frames: int
@@ -37,8 +38,8 @@ class DemoPlan:
     @classmethod
     def for_mode(cls, fast: bool) -> DemoPlan:
         if fast:
-            return cls(32, "tiny", 0.5, 120, 20, 64, 80, 24, 2, 40.0)
-        return cls(64, "small", 1.5, 3000, 60, 128, 200, 120, 3, 8.0)
+            return cls(32, "tiny", 0.5, 120, 20, 0.5, 64, 80, 24, 2, 40.0)
+        return cls(64, "small", 1.5, 3000, 60, 1.0, 128, 200, 120, 3, 8.0)
 
 
 @dataclass
@@ -108,7 +109,8 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
     bundle = workdir / "model"
     train(line, bundle, cfg, overwrite=True, log=log)
     rate = 0.05
-    log(f"3/6 distilling a 2-step student, then calibrating on held-out good parts (false-reject rate {rate})")
+    log(f"3/6 calibrating on held-out good parts (false-reject rate {rate}), then distilling a 2-step student "
+        f"(at most {plan.distill_minutes} min)")
     calibrate(bundle, None, rate, backend="torch", log=log)
     _distill(bundle, plan, log)
     log("4/6 exporting the scoring graph to INT8")
@@ -159,7 +161,7 @@ def _distill(bundle: Path, plan: DemoPlan, log: Callable[[str], None]) -> None:
     except ImportError:
         log("   (distillation not available in this version: scoring with the teacher)")
         return
-    distill(bundle, steps=2, iterations=plan.distill_iterations, log=log)
+    distill(bundle, steps=2, iterations=plan.distill_iterations, max_minutes=plan.distill_minutes, log=log)
 
 
 def _export(bundle: Path, log: Callable[[str], None]) -> str:

@@ -141,3 +141,27 @@ def test_exports_that_distillation_makes_stale():
                                             "openvino/model.xml": ["openvino/model.xml", "openvino/model.bin"]}
     # Same teacher steps as before: only the student's export is stale.
     assert list(_stale_exports(manifest, 1)) == ["openvino/model.xml"]
+
+
+def test_healing_pool_pastes_defects_on_inputs_but_keeps_clean_targets(trained_bundle, line_dir):
+    from diffinspect.data.image import Preprocess
+    from diffinspect.models.from_bundle import load_graph
+    from diffinspect.train.selection import read_frames
+    from diffinspect.train.targets import TargetPool
+
+    bundle = Bundle.load(trained_bundle)
+    prep = Preprocess.from_dict(bundle.manifest["preprocess"])
+    frames = read_frames(sorted((line_dir / "train" / "good").iterdir())[:4], prep)
+    images = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+    teacher = load_graph(bundle, "teacher")
+    pools = {}
+    for share in (0.0, 1.0):
+        pools[share] = TargetPool(images, teacher, 6, torch.Generator().manual_seed(0), defect_share=share)
+        pools[share].refresh(6)
+    clean, healing = pools[0.0], pools[1.0]
+    assert torch.equal(clean.target, healing.target)  # the teacher rebuilt the clean images
+    assert torch.equal(clean.eps, healing.eps)
+    changed = (clean.x - healing.x).abs().flatten(1).amax(1)
+    assert (changed > 0.1).all(), changed  # every input carries a visible pasted defect
+    with pytest.raises(DiffinspectError, match="defect share"):
+        distill(trained_bundle, steps=1, defect_share=1.5, **QUIET)

@@ -72,8 +72,33 @@ def test_every_format_and_precision_exports_and_passes_parity(exported):
         assert par["map_correlation"] > 0.99, (name, par)
         if rec["precision"] == "fp32":
             assert par["max_abs_map_diff"] < 1e-3, (name, par)
+        assert rec.get("int8_scope") in (("denoiser", "rebuild") if rec["precision"] == "int8" else (None,))
     assert any("score rank corr" in line for line in lines)
     assert not list(path.glob(".export-*"))  # the work folder is gone
+
+
+def test_int8_keeps_the_feature_pass_in_float_when_quantizing_it_fails_parity(calibrated_bundle, tmp_path,
+                                                                             monkeypatch):
+    from diffinspect.export import api, export_bundle, parity
+
+    attempts: list[int] = []
+    real_build = api._build
+
+    def build(fmt, precision, work, src, nodes, *args):
+        attempts.append(len(nodes["int8"]))
+        return real_build(fmt, precision, work, src, nodes, *args)
+
+    # Parity fails whenever the int8 node set is the larger (rebuild + feature pass) one.
+    monkeypatch.setattr(api, "_build", build)
+    monkeypatch.setattr(parity, "passes", lambda figures: len(attempts) > 1 and attempts[-1] < attempts[0])
+    path = tmp_path / "b"
+    shutil.copytree(calibrated_bundle, path)
+    lines: list[str] = []
+    records = export_bundle(path, "openvino", "int8", log=lines.append)
+    assert len(attempts) == 2 and attempts[1] < attempts[0], attempts
+    rec = records["openvino/model.int8.xml"]
+    assert rec["int8_scope"] == "rebuild" and rec["parity"]["passed"]
+    assert any("keeping it in float" in line for line in lines), lines
 
 
 def test_exported_backends_label_like_torch(exported, line_dir):

@@ -38,7 +38,7 @@ def test_heat_and_contour_sit_over_the_hot_region() -> None:
     hot = img[72, 200]  # the spot's centre on the 256 px display
     far = img[200, 40]
     assert hot[2] > hot[0] + 40  # red over the spot (BGR)
-    assert far[0] > far[2] + 40  # blue far away
+    assert np.abs(far - 128).max() <= 2  # far away the photo shows untouched
     white = np.all(img >= np.array(CONTOUR_COLOUR) - 20, axis=2)
     ys, xs = np.nonzero(white)
     assert len(ys) > 20
@@ -54,7 +54,7 @@ def test_map_of_any_size_is_stretched_to_the_frame() -> None:
     for out in (coarse, fine):
         img = out[band_height(out, 256):].astype(int)
         assert img[72, 200, 2] > img[72, 200, 0]  # hot near (x=200, y=72) in both
-        assert img[200, 40, 0] > img[200, 40, 2]
+        assert np.abs(img[200, 40] - 128).max() <= 2
 
 
 def test_header_colour_follows_the_label_and_carries_text() -> None:

@@ -17,6 +17,9 @@ from diffinspect import DiffinspectError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 COLOR_MODES = ("gray", "rgb")
+# A corrupt frame is reported once, by us, as a one-line error; OpenCV's own WARN/ERROR log lines about
+# it would only repeat that on stderr (and interleave with `inspect watch`'s output).
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 RESIZE_MODES = ("stretch", "crop", "pad")
 
 
@@ -143,19 +146,22 @@ class Preprocess:
         size = size or self.image_size
         img = self.crop_roi(img)
         h, w = img.shape[:2]
+        side, y0, x0 = self.square(h, w)
         if self.resize == "crop":
-            side = min(h, w)
-            y0, x0 = (h - side) // 2, (w - side) // 2
             img = img[y0:y0 + side, x0:x0 + side]
         elif self.resize == "pad":
-            side = max(h, w)
-            y0, x0 = (side - h) // 2, (side - w) // 2
             img = cv2.copyMakeBorder(img, y0, side - h - y0, x0, side - w - x0, cv2.BORDER_REPLICATE)
         interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
         out = cv2.resize(img, (size, size), interpolation=interp)
         if out.ndim == 2:
             out = out[:, :, None]
         return out
+
+    def square(self, height: int, width: int) -> tuple[int, int, int]:
+        """(side, y0, x0) of the square a `crop` or `pad` resize makes of an ROI crop: for crop, the
+        centred square inside it, at (y0, x0); for pad, the square around it, the crop at (y0, x0)."""
+        side = max(height, width) if self.resize == "pad" else min(height, width)
+        return side, abs(height - side) // 2, abs(width - side) // 2
 
     def scaled_shape(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of an ROI crop after the tile_scale resize, before any padding."""
@@ -199,12 +205,10 @@ class Preprocess:
         elif self.resize == "stretch":
             full[y:y + h, x:x + w] = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
         elif self.resize == "crop":
-            side = min(h, w)
-            y0, x0 = (h - side) // 2, (w - side) // 2
+            side, y0, x0 = self.square(h, w)
             full[y + y0:y + y0 + side, x + x0:x + x0 + side] = cv2.resize(amap, (side, side))
         else:
-            side = max(h, w)
-            y0, x0 = (side - h) // 2, (side - w) // 2
+            side, y0, x0 = self.square(h, w)
             big = cv2.resize(amap, (side, side))
             full[y:y + h, x:x + w] = big[y0:y0 + h, x0:x0 + w]
         return full

@@ -1,6 +1,6 @@
 """INT8 and fp16 variants of the exported scoring graph: onnxruntime QDQ and OpenVINO IR (+ NNCF).
 
-Both INT8 paths quantize the same nodes (`onnx_graph.rebuild_nodes`) on the same calibration frames.
+Both INT8 paths quantize the same nodes (`onnx_graph.int8_nodes`) on the same calibration frames.
 Traps measured on this stack (see DESIGN.md): OpenVINO computes Conv on signed-int8 activations
 wrongly, so activations are unsigned; `quantize_static` fails on shared norm constants unless only
 Conv/MatMul/Gemm are quantizable; `quant_pre_process` is skipped: it needs a workaround to pass shape

@@ -387,12 +387,10 @@ def mask_on_map(mask: np.ndarray, amap: np.ndarray, pre: Preprocess) -> tuple[np
         sh, sw = pre.scaled_shape(h, w)
         amap = amap[:sh, :sw]  # the canvas padding holds no frame pixels
     elif pre.resize == "crop":
-        side = min(h, w)
-        y0, x0 = (h - side) // 2, (w - side) // 2
+        side, y0, x0 = pre.square(h, w)
         m = m[y0:y0 + side, x0:x0 + side]
     elif pre.resize == "pad":
-        side = max(h, w)
-        y0, x0 = (side - h) // 2, (side - w) // 2
+        side, y0, x0 = pre.square(h, w)
         r0, r1 = round(y0 * mh / side), round((y0 + h) * mh / side)
         c0, c1 = round(x0 * mw / side), round((x0 + w) * mw / side)
         amap = amap[r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)]

@@ -6,6 +6,10 @@ reached at 2 x pixel_threshold, so the outlined region (over pixel_threshold) si
 (green/yellow) at its border and turns red only where it is clearly over. Without a pixel threshold
 the top of the scale is the map's own maximum, but never below 3 z, so a good frame's map (which
 rarely passes 3 z) stays cold instead of being stretched into a false alarm.
+
+The heat is blended in proportion to its level, at full strength from the pixel threshold up: where
+the map is at or below 0 the photo shows untouched, so a reviewer can see the part (and a missed
+defect) instead of a blue wash over the whole frame.
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ def _draw_map(image: np.ndarray, amap: np.ndarray, pixel_threshold: float | None
         hot = max(float(amap.max()), HOT_FLOOR_Z)
     level = np.clip(amap / hot, 0.0, 1.0) * 255.0
     heat = cv2.applyColorMap(level.astype(np.uint8), cv2.COLORMAP_JET)
-    out = cv2.addWeighted(image, 1.0 - alpha, heat, alpha, 0.0)
+    weight = (alpha * np.clip(level / 127.5, 0.0, 1.0))[:, :, None]  # full alpha from half-scale up
+    out = np.rint(image * (1.0 - weight) + heat * weight).astype(np.uint8)
     if pixel_threshold is not None:
         mask = (amap > pixel_threshold).astype(np.uint8)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -145,8 +145,12 @@ def summary_markdown(report: dict) -> str:
 # --- figures ---------------------------------------------------------------------------------------
 
 def _figure(width: float, height: float) -> Figure:
-    # matplotlib writes a cache under $HOME unless told otherwise; a temp dir keeps read-only homes working.
-    os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="diffinspect-mpl-"))
+    # matplotlib writes a cache under $HOME unless told otherwise; one per-user temp dir keeps read-only
+    # homes working without leaving a new folder behind at every run.
+    if "MPLCONFIGDIR" not in os.environ:
+        cache = Path(tempfile.gettempdir()) / f"diffinspect-mpl-{getattr(os, 'getuid', lambda: 0)()}"
+        cache.mkdir(mode=0o700, exist_ok=True)
+        os.environ["MPLCONFIGDIR"] = str(cache)
     from matplotlib.figure import Figure  # the OO API renders with Agg, no pyplot state or GUI backend
 
     # No layout engine: constrained layout cost seconds per figure; fixed margins fit these plots.
