@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from diffinspect import DiffinspectError
+from diffinspect.config import DISTILL_DEFECT_SHARE
 
 app = typer.Typer(
     name="inspect",
@@ -289,12 +290,11 @@ def distill(
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop cleanly after this many minutes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last distillation checkpoint."),
-    heal: float | None = typer.Option(
-        None, "--heal", help="Share of the student's inputs that carry a pasted synthetic defect it learns to "
-        "remove (0: match the teacher only) [default: 0.5]."),
+    heal: float = typer.Option(
+        DISTILL_DEFECT_SHARE, "--heal", help="Share of the student's inputs that carry a pasted synthetic defect "
+        "it learns to remove (0: match the teacher only)."),
 ) -> None:
     """Distil the sampler to 1-4 steps; the checkpoint kept is the one that best finds synthetic defects."""
-    from diffinspect.train.distill import DEFECT_SHARE
     from diffinspect.train.distill import distill as run_distill
 
     _existing(bundle, "bundle")
@@ -308,7 +308,7 @@ def distill(
 
         result = run_distill(bundle, steps=steps, teacher_steps=teacher_steps, iterations=iterations,
                              max_minutes=max_minutes, device=device, resume=resume, progress=progress,
-                             defect_share=DEFECT_SHARE if heal is None else heal, log=bar.console.print)
+                             defect_share=heal, log=bar.console.print)
     console.print(f"{result['steps']}-step student is now the default sampler of [bold]{bundle}[/]"
                   + ("" if result["calibration"] else f"; next: inspect calibrate {bundle}"))
 

@@ -13,6 +13,10 @@ import tomllib
 
 from diffinspect import DiffinspectError
 
+# Share of a distilled student's inputs that carry a pasted defect to heal (train/targets.py); here, not
+# in train/, so the CLI can show it without importing torch.
+DISTILL_DEFECT_SHARE = 0.5
+
 
 @dataclass
 class DataConfig:

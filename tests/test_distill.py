@@ -116,12 +116,14 @@ def test_resume_without_checkpoint_and_bad_arguments(trained_bundle, tmp_path):
     assert not Bundle.load(b).manifest["sampler"]["student"]
 
 
-def test_cli_rejects_bad_steps_in_one_line(trained_bundle):
+@pytest.mark.parametrize(("flags", "message"), [(["--steps", "3"], "student steps must be 1, 2 or 4"),
+                                               (["--heal", "1.5"], "defect share must be between 0 and 1")])
+def test_cli_rejects_bad_arguments_in_one_line(trained_bundle, flags, message):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "diffinspect", "distill", str(trained_bundle), "--steps", "3"],
+    out = subprocess.run([sys.executable, "-m", "diffinspect", "distill", str(trained_bundle), *flags],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2
-    assert "student steps must be 1, 2 or 4" in out.stderr and "Traceback" not in out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
 
 
 def test_calibration_folder_is_read_back_from_the_manifest():

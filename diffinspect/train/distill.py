@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
-from diffinspect.config import AugmentConfig
+from diffinspect.config import DISTILL_DEFECT_SHARE, AugmentConfig
 from diffinspect.data.image import Preprocess
 from diffinspect.models.from_bundle import load_denoiser
 from diffinspect.models.schedule import NoiseSchedule
@@ -58,7 +58,7 @@ POOL_BATCHES = 4  # the target pool holds this many batches
 REUSE = 4  # each teacher target feeds about this many student batches
 LR = 2e-4  # fine-tuning from the teacher: a tenth of the training rate keeps its features usable
 MIN_IMAGES = 4
-DEFECT_SHARE = 0.5  # share of student inputs with a pasted defect to heal (targets.py)
+DEFECT_SHARE = DISTILL_DEFECT_SHARE
 
 Progress = Callable[[int, int, float, float], None]
 
