@@ -114,8 +114,9 @@ class ScoringGraph(nn.Module):
     def feature_distance(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         """Cosine distance between the denoiser's encoder features of x and of its rebuild (t = 0).
 
-        Both go through the encoder as one batch: one call of twice the batch runs faster than two
-        calls on every backend, most of all at batch 1 (bench/backends.py)."""
+        Both go through the encoder as one batch. Keep it so: in an INT8 export the two halves then
+        share every quantizer, so equal inputs round alike and the small distance survives INT8
+        (export/onnx_graph.py); one call of twice the batch is also faster than two."""
         n, size = x.shape[0], x.shape[-2:]
         both = self.denoiser.features(torch.cat([x, rec]), torch.zeros(2 * n, device=x.device))
         dist = 0
