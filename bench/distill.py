@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from diffinspect.bundle import Bundle
+from diffinspect.config import DISTILL_DEFECT_SHARE
 from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import Preprocess
 from diffinspect.inspect.diffusion import Stats
@@ -31,7 +32,7 @@ from diffinspect.inspect.metrics import image_auroc
 from diffinspect.models.from_bundle import load_denoiser, load_graph
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe, ScoringGraph
-from diffinspect.train.distill import DEFECT_SHARE, distill
+from diffinspect.train.distill import distill
 from diffinspect.train.selection import read_frames
 
 MAX_REFERENCE = 64
@@ -99,7 +100,7 @@ def main() -> None:
     ap.add_argument("--students", default="1,2,4")
     ap.add_argument("--work", type=Path, default=Path("bench_distill"))
     ap.add_argument("--reuse", action="store_true", help="Reuse students already distilled under --work.")
-    ap.add_argument("--defect-shares", default=f"{DEFECT_SHARE:g}",
+    ap.add_argument("--defect-shares", default=f"{DISTILL_DEFECT_SHARE:g}",
                     help="Comma-separated shares of student inputs with a pasted defect to heal; a student "
                          "per share and step count.")
     ap.add_argument("--device", default="auto", help="Device for distillation (scoring is timed on the CPU).")
@@ -129,7 +130,7 @@ def main() -> None:
     shares = [float(v) for v in args.defect_shares.split(",") if v.strip()]
     for share in shares:
         for s in (int(v) for v in args.students.split(",") if v.strip()):
-            name = f"student {s} steps" + ("" if share == DEFECT_SHARE else f", heal {share:g}")
+            name = f"student {s} steps" + ("" if share == DISTILL_DEFECT_SHARE else f", heal {share:g}")
             rows.append((name, s, load_graph(student_bundle(args.bundle, args.work, s, share, args), "student")))
 
     timings = ms_per_frame([g for _, _, g in rows], frames)

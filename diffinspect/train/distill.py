@@ -58,7 +58,6 @@ POOL_BATCHES = 4  # the target pool holds this many batches
 REUSE = 4  # each teacher target feeds about this many student batches
 LR = 2e-4  # fine-tuning from the teacher: a tenth of the training rate keeps its features usable
 MIN_IMAGES = 4
-DEFECT_SHARE = DISTILL_DEFECT_SHARE
 
 Progress = Callable[[int, int, float, float], None]
 
@@ -69,7 +68,7 @@ def checkpoint_dir(bundle_path: str | Path) -> Path:
 
 
 def _check_args(steps: int, teacher_steps: int, iterations: int | None, max_minutes: float | None,
-                batch_size: int) -> None:
+                batch_size: int, defect_share: float) -> None:
     if steps not in STEP_CHOICES:
         raise DiffinspectError(f"student steps must be 1, 2 or 4, got {steps}")
     if teacher_steps <= steps:
@@ -80,6 +79,8 @@ def _check_args(steps: int, teacher_steps: int, iterations: int | None, max_minu
         raise DiffinspectError(f"max minutes must be positive, got {max_minutes}")
     if batch_size < 1:
         raise DiffinspectError(f"batch size must be at least 1, got {batch_size}")
+    if not 0.0 <= defect_share <= 1.0:
+        raise DiffinspectError(f"defect share must be between 0 and 1, got {defect_share}")
 
 
 def _image_paths(manifest: dict) -> list[Path]:
@@ -157,7 +158,7 @@ def distill(
     log: Callable[[str], None] = print,
     lr: float = LR,
     seed: int = 0,
-    defect_share: float = DEFECT_SHARE,
+    defect_share: float = DISTILL_DEFECT_SHARE,
 ) -> dict:
     """Distil the bundle's teacher into an S-step student and write student.pt into the bundle.
 
@@ -165,9 +166,7 @@ def distill(
     `<bundle>.distill-checkpoint/`. Returns a summary: the evaluations, the kept iteration and, when
     the bundle was calibrated, the new calibration.
     """
-    _check_args(steps, teacher_steps, iterations, max_minutes, batch_size)
-    if not 0.0 <= defect_share <= 1.0:
-        raise DiffinspectError(f"defect share must be between 0 and 1, got {defect_share}")
+    _check_args(steps, teacher_steps, iterations, max_minutes, batch_size, defect_share)
     bundle = Bundle.load(bundle_path)
     m = bundle.manifest
     if "model" not in m:
