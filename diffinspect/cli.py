@@ -355,12 +355,7 @@ def export(
     sampler: str | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
 ) -> None:
     """Export the whole scoring step (ONNX / OpenVINO, fp32 / fp16 / INT8), checked against torch."""
-    from importlib.util import find_spec
-
-    if find_spec("torch") is None:
-        raise DiffinspectError("inspect export needs torch: pip install 'diffinspect[train]' on a training "
-                               "machine, then copy the bundle; scoring it needs no torch")
-    from diffinspect.export import export_bundle
+    from diffinspect.export import export_bundle  # refuses in one line where torch is missing
 
     def log(line: str) -> None:  # escaped: "[openvino:CPU, 3.4 s]" is not rich markup
         console.print(escape(line), highlight=False, soft_wrap=True)

@@ -109,8 +109,8 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
     try:
         import torch
     except ImportError:
-        raise DiffinspectError("exporting needs torch: pip install 'diffinspect[train]' "
-                               "(scoring an exported bundle does not)") from None
+        raise DiffinspectError("exporting needs torch: pip install 'diffinspect[train]' on a training machine, "
+                               "then copy the bundle; scoring it needs no torch") from None
     from diffinspect.export.onnx_graph import (
         INPUT_NAMES,
         OUTPUT_NAMES,
