@@ -24,10 +24,10 @@ from sklearn.metrics import roc_auc_score
 from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import Preprocess, read_image
-from diffinspect.inspect.diffusion import Stats, fit_frames
 from diffinspect.models.from_bundle import load_denoiser
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe, ScoringGraph, gaussian_kernel, separable_blur
+from diffinspect.scoring.diffusion import Stats, fit_frames
 
 
 def load(paths, prep):

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from diffinspect.inspect.evaluate import evaluate
+from diffinspect.evaluation.evaluate import evaluate
 
 COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "false_reject_rate", "miss_rate")
 

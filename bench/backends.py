@@ -36,7 +36,7 @@ def build_bundle(root: Path, size: int, steps: int, log) -> Path:
     from diffinspect.config import load_config
     from diffinspect.data.synthetic import make_line
     from diffinspect.export import export_bundle
-    from diffinspect.inspect.calibrate import calibrate
+    from diffinspect.scoring.calibrate import calibrate
     from diffinspect.train import train
 
     line = make_line(root / f"line{size}", "metal", n_train=24, n_test_good=20, n_test_defect=0, size=size)
@@ -52,7 +52,7 @@ def build_bundle(root: Path, size: int, steps: int, log) -> Path:
 
 
 def engines(bundle, device: str) -> dict[str, object]:
-    from diffinspect.inspect.backends import make_engine
+    from diffinspect.engines.backends import make_engine
 
     out = {}
     for backend, precision in ENGINES:
@@ -88,7 +88,7 @@ def auroc(engs: dict, bundle, category: Path) -> dict[str, float]:
 
     from diffinspect.data.datasets import labelled_set
     from diffinspect.data.image import Preprocess, read_image
-    from diffinspect.inspect.diffusion import DiffusionDetector
+    from diffinspect.scoring.diffusion import DiffusionDetector
 
     prep = Preprocess.from_dict(bundle.manifest["preprocess"])
     test = labelled_set(category)
@@ -104,7 +104,7 @@ def auroc(engs: dict, bundle, category: Path) -> dict[str, float]:
 
 
 def load_stats(bundle):
-    from diffinspect.inspect.diffusion import CALIBRATION_FILE, Stats
+    from diffinspect.scoring.diffusion import CALIBRATION_FILE, Stats
 
     with np.load(bundle.file(CALIBRATION_FILE)) as z:
         return Stats(z["mean"], z["std"])
@@ -151,7 +151,7 @@ def main() -> None:
     if args.category and not args.bundle:
         ap.error("--category needs --bundle (AUROC of a throwaway model means nothing)")
     if args.threads:
-        # Every runtime reads its thread count from these before it starts (see inspect/exports.py).
+        # Every runtime reads its thread count from these before it starts (see engines/exports.py).
         os.environ["OMP_NUM_THREADS"] = os.environ["DIFFINSPECT_THREADS"] = str(args.threads)
         import torch
 

@@ -27,11 +27,11 @@ from diffinspect.bundle import Bundle
 from diffinspect.config import DISTILL_DEFECT_SHARE
 from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import Preprocess
-from diffinspect.inspect.diffusion import Stats
-from diffinspect.inspect.metrics import image_auroc
+from diffinspect.evaluation.metrics import image_auroc
 from diffinspect.models.from_bundle import load_denoiser, load_graph
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe, ScoringGraph
+from diffinspect.scoring.diffusion import Stats
 from diffinspect.train.distill import distill
 from diffinspect.train.selection import read_frames
 

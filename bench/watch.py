@@ -25,9 +25,9 @@ import cv2
 import numpy as np
 
 from diffinspect.data.image import Preprocess, decode_image
-from diffinspect.inspect.detector import Scored
-from diffinspect.inspect.results import load_rows
-from diffinspect.inspect.watch import WatchOptions, run_watch
+from diffinspect.line.results import load_rows
+from diffinspect.line.watch import WatchOptions, run_watch
+from diffinspect.scoring.detector import Scored
 
 
 class FakeDetector:
@@ -147,7 +147,7 @@ def main() -> int:
     a = p.parse_args()
 
     if a.bundle:
-        from diffinspect.inspect.runtime import load_detector, load_fallback
+        from diffinspect.scoring.loader import load_detector, load_fallback
 
         det = load_detector(a.bundle, backend=a.backend, device=a.device)
         fallback = load_fallback(a.bundle)

@@ -120,10 +120,10 @@ def calibrate(
     tune: bool = typer.Option(False, "--tune", help="Pick t* and the map recipe on synthetic defects first."),
 ) -> None:
     """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
-    from diffinspect.inspect.threshold import describe_bound
+    from diffinspect.scoring.threshold import describe_bound
 
     if detector == "copod":
-        from diffinspect.inspect.cold_start import calibrate_copod_only
+        from diffinspect.scoring.cold_start import calibrate_copod_only
 
         folder = normal_dir or bundle
         if folder is None or out is None:
@@ -134,7 +134,7 @@ def calibrate(
         return
     if bundle is None:
         raise DiffinspectError("name the bundle to calibrate: inspect calibrate BUNDLE [GOOD_DIR]")
-    from diffinspect.inspect.calibrate import calibrate as run_calibrate
+    from diffinspect.scoring.calibrate import calibrate as run_calibrate
 
     if tune:
         from diffinspect.train.tune import tune as run_tune
@@ -171,8 +171,8 @@ def score(
     """Score images: label, score and optional heatmap overlay per image."""
     import json
 
-    from diffinspect.inspect.runtime import load_detector
-    from diffinspect.inspect.score import expand_paths, score_paths
+    from diffinspect.scoring.loader import load_detector
+    from diffinspect.scoring.score import expand_paths, score_paths
 
     det = load_detector(bundle, detector, backend, device, sampler)
     if backend == "auto" and hasattr(getattr(det, "engine", None), "selection"):
@@ -223,8 +223,8 @@ def watch(
 ) -> None:
     """Watch camera folders and score every frame exactly once; the line never stops."""
     from diffinspect.config import STATION_FILE, load_station
-    from diffinspect.inspect.runtime import load_detector, load_fallback
-    from diffinspect.inspect.watch import WatchOptions, run_watch
+    from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.scoring.loader import load_detector, load_fallback
 
     station = load_station()
     bundle = model or (Path(station["model"]) if "model" in station else Path("model"))
@@ -263,7 +263,7 @@ def evaluate(
     robustness: bool = typer.Option(False, "--robustness", help="Also score under noise, blur, light, JPEG, shifts."),
 ) -> None:
     """Offline evaluation report: AUROC, AUPRO, rates at the threshold, baselines side by side."""
-    from diffinspect.inspect.evaluate import evaluate as run_evaluate
+    from diffinspect.evaluation.evaluate import evaluate as run_evaluate
 
     models = [p for p in bundles if (p / "manifest.json").exists()]
     data = [p for p in bundles if p not in models]
@@ -368,7 +368,7 @@ def export(
 @app.command()
 def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (optional).")) -> None:
     """Versions, onnxruntime providers and OpenVINO devices here, and what a bundle holds."""
-    from diffinspect.inspect.info import bundle_summary, environment
+    from diffinspect.info import bundle_summary, environment
 
     out = Console(soft_wrap=True)
     env = environment()

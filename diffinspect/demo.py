@@ -89,10 +89,10 @@ def _rows(db: Path) -> int:
 
 def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = print) -> DemoResult:
     from diffinspect.config import load_config
-    from diffinspect.inspect.calibrate import calibrate
-    from diffinspect.inspect.evaluate import evaluate
-    from diffinspect.inspect.runtime import load_detector, load_fallback
-    from diffinspect.inspect.watch import WatchOptions, run_watch
+    from diffinspect.evaluation.evaluate import evaluate
+    from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.scoring.calibrate import calibrate
+    from diffinspect.scoring.loader import load_detector, load_fallback
     from diffinspect.train import train
 
     t0 = time.monotonic()

@@ -41,7 +41,7 @@ def calibrated_bundle(trained_bundle, line_dir, tmp_path_factory) -> Path:
     """A copy of the tiny bundle, calibrated on the synthetic line's good test images."""
     import shutil
 
-    from diffinspect.inspect.calibrate import calibrate
+    from diffinspect.scoring.calibrate import calibrate
 
     out = tmp_path_factory.mktemp("calibrated") / "tiny"
     shutil.copytree(trained_bundle, out)

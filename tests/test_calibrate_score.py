@@ -12,10 +12,10 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import read_image
-from diffinspect.inspect.calibrate import calibrate
-from diffinspect.inspect.runtime import load_detector
-from diffinspect.inspect.score import score_paths
-from diffinspect.inspect.threshold import conformal_threshold, min_calibration_size
+from diffinspect.scoring.calibrate import calibrate
+from diffinspect.scoring.loader import load_detector
+from diffinspect.scoring.score import score_paths
+from diffinspect.scoring.threshold import conformal_threshold, min_calibration_size
 
 
 def cli(*args, cwd=None):

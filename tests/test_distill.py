@@ -15,8 +15,8 @@ import torch
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.image import read_image
-from diffinspect.inspect.calibrate import calibrate
-from diffinspect.inspect.runtime import load_detector
+from diffinspect.scoring.calibrate import calibrate
+from diffinspect.scoring.loader import load_detector
 from diffinspect.train.distill import calibration_folder, checkpoint_dir, distill
 
 QUIET = {"log": lambda *_: None, "device": "cpu", "batch_size": 8}

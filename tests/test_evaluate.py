@@ -13,11 +13,11 @@ import pytest
 
 from diffinspect import DiffinspectError
 from diffinspect.data.image import Preprocess
-from diffinspect.inspect import evaluate as ev
-from diffinspect.inspect.baselines import EmbeddingBaseline, PixelBaseline
-from diffinspect.inspect.corruptions import CORRUPTIONS, corrupt
-from diffinspect.inspect.detector import Scored
-from diffinspect.inspect.threshold import conformal_threshold
+from diffinspect.evaluation import evaluate as ev
+from diffinspect.evaluation.baselines import EmbeddingBaseline, PixelBaseline
+from diffinspect.evaluation.corruptions import CORRUPTIONS, corrupt
+from diffinspect.scoring.detector import Scored
+from diffinspect.scoring.threshold import conformal_threshold
 
 SIZE = 64
 
@@ -166,7 +166,7 @@ def test_robustness_and_baselines_only_run(tmp_path: Path) -> None:
 def test_one_class_on_digits(tmp_path: Path) -> None:
     from sklearn.datasets import load_digits
 
-    from diffinspect.inspect.features import embed_frames
+    from diffinspect.scoring.features import embed_frames
 
     digits = load_digits()
     root = tmp_path / "digits"
@@ -190,7 +190,7 @@ def test_one_class_on_digits(tmp_path: Path) -> None:
 
 
 def test_uncalibrated_bundle_error_is_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from diffinspect.inspect import runtime
+    from diffinspect.scoring import loader as runtime
 
     def refuse(bundle, detector="diffusion", backend="auto", device="auto"):
         raise DiffinspectError(f"bundle {bundle} was never calibrated: run `inspect calibrate {bundle}`")

@@ -15,10 +15,10 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import Preprocess, read_image
-from diffinspect.inspect import autoselect
-from diffinspect.inspect.backends import make_engine
-from diffinspect.inspect.diffusion import CALIBRATION_FILE, DiffusionDetector, Stats
-from diffinspect.inspect.exports import CACHE_ENV
+from diffinspect.engines import autoselect
+from diffinspect.engines.backends import make_engine
+from diffinspect.engines.exports import CACHE_ENV
+from diffinspect.scoring.diffusion import CALIBRATION_FILE, DiffusionDetector, Stats
 
 EXPECTED = {"model.onnx", "model.int8.onnx", "openvino/model.xml", "openvino/model.fp16.xml",
             "openvino/model.int8.xml"}

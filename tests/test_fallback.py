@@ -11,8 +11,8 @@ from sklearn.metrics import roc_auc_score
 
 from diffinspect import DiffinspectError
 from diffinspect.data.image import Preprocess
-from diffinspect.inspect.fallback import CopodDetector, _EcdfCopod, fit_copod
-from diffinspect.inspect.features import classical_embedding, embed_frames, embedding_dim
+from diffinspect.scoring.copod import CopodDetector, _EcdfCopod, fit_copod
+from diffinspect.scoring.features import classical_embedding, embed_frames, embedding_dim
 
 ALPHA = 0.1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffinspect.inspect import metrics
+from diffinspect.evaluation import metrics
 
 
 def test_image_auroc_and_ap_by_hand() -> None:

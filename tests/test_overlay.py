@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffinspect import DiffinspectError
-from diffinspect.inspect.overlay import CONTOUR_COLOUR, LABEL_COLOURS, MIN_SIDE, render_overlay, write_overlay
+from diffinspect.scoring.overlay import CONTOUR_COLOUR, LABEL_COLOURS, MIN_SIDE, render_overlay, write_overlay
 
 
 def hot_spot_map(size: int = 16, peak: float = 6.0) -> np.ndarray:

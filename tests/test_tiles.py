@@ -15,7 +15,7 @@ from diffinspect.bundle import Bundle
 from diffinspect.config import load_config
 from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import Preprocess, read_image
-from diffinspect.inspect.diffusion import CALIBRATION_FILE
+from diffinspect.scoring.diffusion import CALIBRATION_FILE
 
 QUIET = {"log": lambda *_: None}
 TILES = Preprocess(image_size=32, feed="tiles", tile_scale=0.5)
@@ -49,7 +49,7 @@ def tiles_line(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiles_bundle(tiles_line, tmp_path_factory) -> Path:
     """A tiny U-Net trained on tiles, calibrated on the line's good test frames."""
-    from diffinspect.inspect.calibrate import calibrate
+    from diffinspect.scoring.calibrate import calibrate
     from diffinspect.train import train
 
     out = tmp_path_factory.mktemp("tiles_bundle") / "tiny"
@@ -103,7 +103,7 @@ def test_map_to_frame_puts_a_hot_spot_back_where_it_was():
 
 
 def test_a_frame_scores_as_its_worst_tile():
-    from diffinspect.inspect.diffusion import DiffusionDetector
+    from diffinspect.scoring.diffusion import DiffusionDetector
 
     layout = [((32, 96), [(0, 0), (0, 32), (0, 64)]), ((32, 32), [(0, 0)])]
     maps = np.zeros((4, 32, 32), np.float32)
@@ -121,8 +121,8 @@ def test_old_manifests_feed_whole_frames():
 
 
 def test_tiles_train_calibrate_and_score(tiles_bundle, tiles_line, tmp_path):
-    from diffinspect.inspect.runtime import load_detector
-    from diffinspect.inspect.score import score_paths
+    from diffinspect.scoring.loader import load_detector
+    from diffinspect.scoring.score import score_paths
 
     b = Bundle.load(tiles_bundle)
     assert b.manifest["preprocess"]["feed"] == "tiles" and b.manifest["preprocess"]["tile_scale"] == 0.5
@@ -155,8 +155,8 @@ def test_tiles_train_calibrate_and_score(tiles_bundle, tiles_line, tmp_path):
 
 
 def test_tiles_evaluate_pixel_pairs(tiles_bundle, tiles_line):
-    from diffinspect.inspect.evaluate import _detector_method, mask_on_map
-    from diffinspect.inspect.runtime import load_detector
+    from diffinspect.evaluation.evaluate import _detector_method, mask_on_map
+    from diffinspect.scoring.loader import load_detector
 
     det = load_detector(tiles_bundle, backend="torch")
     sample = next(s for s in labelled_set(tiles_line).samples if s.mask is not None and s.path.name.startswith("w"))

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from diffinspect.data.image import Preprocess
-from diffinspect.inspect.detector import Scored
+from diffinspect.scoring.detector import Scored
 
 MARKER = 250  # the last MARKER_ROWS rows of every test frame: a half-written frame lacks them
 MARKER_ROWS = 2
@@ -48,7 +48,7 @@ def wait_for(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
 
 def n_rows(out: Path) -> int:
     """Rows so far, read while the watcher writes (0 before its database exists)."""
-    from diffinspect.inspect.results import load_rows
+    from diffinspect.line.results import load_rows
 
     try:
         return len(load_rows(out))
@@ -122,7 +122,7 @@ class Factory:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffinspect.inspect.watch import WatchOptions, run_watch
+    from diffinspect.line.watch import WatchOptions, run_watch
 
     p = argparse.ArgumentParser()
     p.add_argument("out")

@@ -20,8 +20,8 @@ import numpy as np
 
 from diffinspect import DiffinspectError, __version__
 from diffinspect.bundle import Bundle
+from diffinspect.engines.exports import FORMATS, PRECISIONS, export_name, graph_fingerprint
 from diffinspect.export import parity
-from diffinspect.inspect.exports import FORMATS, PRECISIONS, export_name, graph_fingerprint
 
 MAX_IMAGES = 48  # calibration frames for INT8 ranges and parity: enough for both, quick at any size
 MAX_INPUTS = 96  # model inputs from them (frames, or tiles in tiles mode, where one frame gives many)
@@ -44,8 +44,8 @@ def plan(fmt: str, precision: str) -> list[tuple[str, str]]:
 
 def _calibration_frames(bundle: Bundle, calibration_dir: str | Path | None) -> tuple[np.ndarray, str]:
     from diffinspect.data.image import Preprocess
-    from diffinspect.inspect.calibrate import image_sets, load_frames
-    from diffinspect.inspect.diffusion import fit_frames
+    from diffinspect.scoring.calibrate import image_sets, load_frames
+    from diffinspect.scoring.diffusion import fit_frames
 
     prep = Preprocess.from_dict(bundle.manifest["preprocess"])
     try:
@@ -89,10 +89,10 @@ def _build(fmt: str, precision: str, work: Path, src: Path, nodes: dict[str, lis
 
 def _engine(fmt: str, path: Path, terms: list[str], precision: str):
     if fmt == "onnx":
-        from diffinspect.inspect.onnx_backend import OnnxEngine
+        from diffinspect.engines.onnx_engine import OnnxEngine
 
         return OnnxEngine(path, terms, "cpu", precision)
-    from diffinspect.inspect.openvino_backend import OpenVinoEngine
+    from diffinspect.engines.openvino_engine import OpenVinoEngine
 
     return OpenVinoEngine(path, terms, "CPU", precision)
 
@@ -120,8 +120,8 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
         rebuild_nodes,
     )
     from diffinspect.export.rewrite import for_export
-    from diffinspect.inspect.diffusion import CALIBRATION_FILE
     from diffinspect.models.from_bundle import load_graph, resolve_sampler
+    from diffinspect.scoring.diffusion import CALIBRATION_FILE
 
     bundle = Bundle.load(bundle_path)
     targets = plan(format, precision)

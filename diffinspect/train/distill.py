@@ -318,7 +318,7 @@ def _recalibrate(bundle: Bundle, device: str, log: Callable[[str], None]) -> dic
     if not cal:
         log(f"not calibrated yet: next, inspect calibrate {bundle.path}")
         return None
-    from diffinspect.inspect.calibrate import calibrate
+    from diffinspect.scoring.calibrate import calibrate
 
     folder = calibration_folder(cal)
     if folder is not None and not folder.is_dir():

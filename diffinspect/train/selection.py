@@ -17,9 +17,9 @@ import torch
 
 from diffinspect.data.anomalies import MIN_SIDE, anomaly_set
 from diffinspect.data.image import ImageError, Preprocess, read_image
-from diffinspect.inspect.diffusion import Stats
-from diffinspect.inspect.metrics import image_auroc
+from diffinspect.evaluation.metrics import image_auroc
 from diffinspect.models.scoring import ScoringGraph
+from diffinspect.scoring.diffusion import Stats
 
 STATS_IMAGES = 16  # training images behind the per-pixel statistics
 MAX_GOOD = 48  # held-out good images; each also gets SYNTHETIC_PER_IMAGE defective copies

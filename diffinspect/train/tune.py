@@ -21,11 +21,11 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.anomalies import paste_anomaly
 from diffinspect.data.image import Preprocess, read_image
-from diffinspect.inspect.diffusion import Stats, fit_frames
 from diffinspect.models.from_bundle import load_denoiser
 from diffinspect.models.recipe import TERMS, Recipe
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import ScoringGraph
+from diffinspect.scoring.diffusion import Stats, fit_frames
 
 T_STARS = (50, 100, 200)
 WEIGHTS = {"pixel": (1, 0, 0), "ssim": (0, 1, 0), "feature": (0, 0, 1), "pixel+ssim": (1, 1, 0),

@@ -29,9 +29,9 @@ import numpy as np
 
 from diffinspect import DiffinspectError
 from diffinspect.data.image import Preprocess
-from diffinspect.inspect.detector import Scored
-from diffinspect.inspect.features import FEATURE_VERSION, embed_frames, embedding_dim
-from diffinspect.inspect.threshold import conformal_threshold, min_calibration_size
+from diffinspect.scoring.detector import Scored
+from diffinspect.scoring.features import FEATURE_VERSION, embed_frames, embedding_dim
+from diffinspect.scoring.threshold import conformal_threshold, min_calibration_size
 
 EMBEDDINGS_FILE = "embeddings.npy"
 MIN_FIT = 20  # below this the ECDF tails are too coarse (resolution 1/(n+1)) to separate anything

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
-from diffinspect.inspect.exports import PRECISIONS, find_export, resolve_sampler_name
+from diffinspect.engines.exports import PRECISIONS, find_export, resolve_sampler_name
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 _MODULES = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
@@ -36,7 +36,7 @@ def precision_order(backend: str, device: str) -> tuple[str, ...]:
         # fuse it into integer convs and runs dequantize + float conv: 0.8x fp32 at 128 px here. It is
         # for TensorRT, which builds INT8 kernels from QDQ models (untested: no GPU here); ask for it.
         return ("fp32", "int8")
-    from diffinspect.inspect.openvino_backend import available_devices, choose_device
+    from diffinspect.engines.openvino_engine import available_devices, choose_device
 
     gpu = choose_device(device, available_devices()).startswith("GPU")
     return ("fp16", "int8", "fp32") if gpu else ("int8", "fp32", "fp16")
@@ -51,18 +51,18 @@ def build_engine(bundle: Bundle, backend: str, device: str = "auto", sampler: st
     if backend == "torch":
         if precision not in (None, "fp32"):
             raise DiffinspectError(f"the torch backend runs fp32 only; {precision} needs an exported bundle")
-        from diffinspect.inspect.torch_backend import TorchBackend
+        from diffinspect.engines.torch_engine import TorchBackend
 
         return TorchBackend(bundle, device=device, sampler=sampler)
     fmt = "onnx" if backend == "onnxruntime" else "openvino"
     if fmt == "onnx":
-        from diffinspect.inspect.onnx_backend import OnnxEngine as Engine
-        from diffinspect.inspect.onnx_backend import available_providers, choose_providers
+        from diffinspect.engines.onnx_engine import OnnxEngine as Engine
+        from diffinspect.engines.onnx_engine import available_providers, choose_providers
 
         choose_providers(device, available_providers())  # an unknown device fails before the file lookup
     else:
-        from diffinspect.inspect.openvino_backend import OpenVinoEngine as Engine
-        from diffinspect.inspect.openvino_backend import available_devices, choose_device
+        from diffinspect.engines.openvino_engine import OpenVinoEngine as Engine
+        from diffinspect.engines.openvino_engine import available_devices, choose_device
 
         choose_device(device, available_devices())
     name = resolve_sampler_name(bundle, sampler)
@@ -82,7 +82,7 @@ def make_engine(bundle: Bundle, backend: str = "auto", device: str = "auto", sam
     if precision is not None and precision not in PRECISIONS:
         raise DiffinspectError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if backend == "auto":
-        from diffinspect.inspect.autoselect import pick_engine
+        from diffinspect.engines.autoselect import pick_engine
 
         return pick_engine(bundle, device, sampler, precision, log)
     engine = build_engine(bundle, backend, device, sampler, precision)

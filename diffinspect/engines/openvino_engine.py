@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from diffinspect import DiffinspectError
-from diffinspect.inspect.exports import cache_dir, runtime_threads
+from diffinspect.engines.exports import cache_dir, runtime_threads
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 

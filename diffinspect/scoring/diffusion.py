@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffinspect.data.image import Preprocess
-from diffinspect.inspect.detector import Scored
+from diffinspect.scoring.detector import Scored
 
 CALIBRATION_FILE = "calibration.npz"
 

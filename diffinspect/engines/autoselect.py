@@ -20,8 +20,8 @@ import numpy as np
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
-from diffinspect.inspect.diffusion import CALIBRATION_FILE
-from diffinspect.inspect.exports import exported_precisions, resolve_sampler_name
+from diffinspect.engines.exports import exported_precisions, resolve_sampler_name
+from diffinspect.scoring.diffusion import CALIBRATION_FILE
 
 SELFCHECK_TOLERANCE = 1.0
 
@@ -69,7 +69,7 @@ def selfcheck(engine, ref: Reference) -> tuple[bool, str]:
 
 def candidates(bundle: Bundle, device: str, sampler: str, precision: str | None) -> list[tuple[str, str, str | None]]:
     """(backend, device, precision), fastest first, among the exports this bundle holds."""
-    from diffinspect.inspect.backends import installed_backends
+    from diffinspect.engines.backends import installed_backends
 
     have = installed_backends()
     out: list[tuple[str, str, str | None]] = []
@@ -83,12 +83,12 @@ def candidates(bundle: Bundle, device: str, sampler: str, precision: str | None)
         out.extend((backend, dev, p) for p in order if p in exported and precision in (None, p))
 
     if key == "auto" and "onnxruntime" in have:
-        from diffinspect.inspect.onnx_backend import GPU_PROVIDERS, available_providers
+        from diffinspect.engines.onnx_engine import GPU_PROVIDERS, available_providers
 
         if any(p in available_providers() for p in GPU_PROVIDERS):
             add("onnxruntime", "auto", ("fp32",))
     if key in ("auto", "gpu") and "openvino" in have:
-        from diffinspect.inspect.openvino_backend import available_devices
+        from diffinspect.engines.openvino_engine import available_devices
 
         if any(d.startswith("GPU") for d in available_devices()):
             add("openvino", "GPU", ("fp16", "int8", "fp32"))
@@ -105,7 +105,7 @@ def candidates(bundle: Bundle, device: str, sampler: str, precision: str | None)
 
 def pick_engine(bundle: Bundle, device: str, sampler: str | None, precision: str | None,
                 log: Callable[[str], None] | None = None):
-    from diffinspect.inspect.backends import build_engine
+    from diffinspect.engines.backends import build_engine
 
     name = resolve_sampler_name(bundle, sampler)
     ref = load_reference(bundle)

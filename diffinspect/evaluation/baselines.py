@@ -18,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
 from diffinspect import DiffinspectError
-from diffinspect.inspect.threshold import conformal_threshold, min_calibration_size
+from diffinspect.scoring.threshold import conformal_threshold, min_calibration_size
 
 KINDS = ("iforest", "ocsvm", "copod")
 MIN_TRAIN = 4  # below this there is nothing to fit and nothing to calibrate on

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from diffinspect import DiffinspectError
-from diffinspect.inspect.exports import cache_dir, runtime_threads
+from diffinspect.engines.exports import cache_dir, runtime_threads
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 ALIASES = {

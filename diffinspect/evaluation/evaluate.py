@@ -31,12 +31,12 @@ from diffinspect.data.datasets import (
     normal_images,
 )
 from diffinspect.data.image import ImageError, Preprocess, read_image
-from diffinspect.inspect import metrics
-from diffinspect.inspect.baselines import KINDS, EmbeddingBaseline, PixelBaseline
-from diffinspect.inspect.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from diffinspect.inspect.detector import Detector
-from diffinspect.inspect.report import GalleryItem, MethodView, summarize, write_report
-from diffinspect.inspect.threshold import describe_bound
+from diffinspect.evaluation import metrics
+from diffinspect.evaluation.baselines import KINDS, EmbeddingBaseline, PixelBaseline
+from diffinspect.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from diffinspect.evaluation.report import GalleryItem, MethodView, summarize, write_report
+from diffinspect.scoring.detector import Detector
+from diffinspect.scoring.threshold import describe_bound
 
 Embedder = Callable[[list[np.ndarray]], np.ndarray]
 DEFAULT_ALPHA = 0.05  # baselines' target false-reject rate when no detector says what the line uses
@@ -186,7 +186,7 @@ def _load_detectors(bundles: Sequence[str | Path], backend: str, device: str,
                     notes: list[str]) -> dict[str, Detector]:
     if not bundles:
         return {}
-    from diffinspect.inspect.runtime import load_detector  # lazy: pulls in the backends
+    from diffinspect.scoring.loader import load_detector  # lazy: pulls in the backends
 
     out: dict[str, Detector] = {}
     for bundle in bundles:
@@ -223,7 +223,7 @@ def _embedder(embedder: Embedder | None, dets: Mapping[str, Detector],
             if callable(getattr(det, "embed", None)):
                 return det.embed, det.preprocess.color
         try:
-            from diffinspect.inspect.features import embed_frames as embedder
+            from diffinspect.scoring.features import embed_frames as embedder
         except ImportError:
             notes.append("no classical embedding available: *_embed baselines skipped")
             return None, color
@@ -555,7 +555,7 @@ def _gallery_item(m: Method, sample: TestSample, score: float, label: str, notes
     amap = m.score([frame])[1] if m.kind == "detector" and m.preprocess is not None else None
     if amap is not None:
         try:
-            from diffinspect.inspect.overlay import render_overlay
+            from diffinspect.scoring.overlay import render_overlay
         except ImportError:
             render_overlay = None
             notes.append("overlay module not available: galleries show plain frames")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from diffinspect.data.datasets import list_images
 from diffinspect.data.image import ImageError, read_image
-from diffinspect.inspect.detector import Detector, label_for
+from diffinspect.scoring.detector import Detector, label_for
 
 
 @dataclass
@@ -66,7 +66,7 @@ def score_paths(detector: Detector, paths: list[Path], overlay_dir: Path | None 
 
 
 def _write_overlay(folder: Path, path: Path, frame, amap, score: float, detector: Detector, label: str) -> Path:
-    from diffinspect.inspect.overlay import render_overlay, write_overlay
+    from diffinspect.scoring.overlay import render_overlay, write_overlay
 
     if amap is not None:
         amap = detector.preprocess.map_to_frame(amap, frame.shape)

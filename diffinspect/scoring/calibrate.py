@@ -25,8 +25,9 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import list_images
 from diffinspect.data.image import ImageError, Preprocess, read_image
-from diffinspect.inspect.backends import make_engine
-from diffinspect.inspect.diffusion import (
+from diffinspect.engines.backends import make_engine
+from diffinspect.models.recipe import Recipe
+from diffinspect.scoring.diffusion import (
     CALIBRATION_FILE,
     DiffusionDetector,
     FrameTerm,
@@ -34,8 +35,7 @@ from diffinspect.inspect.diffusion import (
     fit_frames,
     robust_scale,
 )
-from diffinspect.inspect.threshold import conformal_threshold, describe_bound, min_calibration_size
-from diffinspect.models.recipe import Recipe
+from diffinspect.scoring.threshold import conformal_threshold, describe_bound, min_calibration_size
 
 MAX_REFERENCE = 256
 MAX_REFERENCE_INPUTS = 2048  # model inputs (frames or tiles) for the statistics: bounds raw-term memory
@@ -211,8 +211,8 @@ def _score_frames(detector: DiffusionDetector, frames: list[np.ndarray], what: s
 def _fit_fallback(ref_frames, cal_frames, prep: Preprocess, rate: float):
     """COPOD on classical embeddings: fitted on the reference images, thresholded on the calibration
     images (the same split as the diffusion detector, so its bound holds too)."""
-    from diffinspect.inspect.fallback import CopodDetector
-    from diffinspect.inspect.features import embed_frames
+    from diffinspect.scoring.copod import CopodDetector
+    from diffinspect.scoring.features import embed_frames
 
     ref_emb = embed_frames([prep.crop_roi(f) for f in ref_frames])
     copod = CopodDetector(ref_emb, 0.0, prep, false_reject_rate=rate, n_calibration=len(cal_frames))

@@ -9,13 +9,13 @@ from pathlib import Path
 from diffinspect import bundle as bundle_io
 from diffinspect.data.datasets import normal_images
 from diffinspect.data.image import Preprocess
-from diffinspect.inspect.calibrate import load_frames
+from diffinspect.scoring.calibrate import load_frames
 from diffinspect.train.data import choose_color
 
 
 def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.01) -> tuple[int, float]:
     """Fit COPOD on classical embeddings of the good images; returns (calibration n, threshold)."""
-    from diffinspect.inspect.fallback import fit_copod
+    from diffinspect.scoring.copod import fit_copod
 
     files = normal_images(folder)
     prep = Preprocess(color=choose_color(files, "auto"))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffinspect.data.image import ImageError, is_image_path
-from diffinspect.inspect.results import ResultStore
+from diffinspect.line.results import ResultStore
 
 OUTPUT_SUBDIRS = ("overlays", "ok", "ng", "error")
 

@@ -32,8 +32,7 @@ import numpy as np
 
 from diffinspect import DiffinspectError
 from diffinspect.data.image import ImageError, decode_image
-from diffinspect.inspect.detector import Detector, label_for
-from diffinspect.inspect.intake import (
+from diffinspect.line.intake import (
     Candidate,
     FrameChanged,
     FrameQueue,
@@ -45,7 +44,8 @@ from diffinspect.inspect.intake import (
     overlay_name,
     read_frame,
 )
-from diffinspect.inspect.results import FrameRow, ResultStore
+from diffinspect.line.results import FrameRow, ResultStore
+from diffinspect.scoring.detector import Detector, label_for
 
 DetectorFactory = Callable[[], Detector]
 # (path, frame uint8 (H, W, C), map on the frame's pixel grid or None, score, threshold, label,
@@ -121,7 +121,7 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
     """Watch folders (one per camera) and commit one row per frame to OUT/results.db (+ .jsonl).
 
     per_folder gives a folder its own (make_detector, make_fallback), e.g. from a TOML config.
-    overlay_writer defaults to diffinspect.inspect.overlay (render_overlay + write_overlay).
+    overlay_writer defaults to diffinspect.scoring.overlay (render_overlay + write_overlay).
     Returns after SIGINT/SIGTERM (the batch in flight is committed), options.stop, or with
     options.once when the backlog is done. Raises DiffinspectError for unusable arguments only."""
     opts = options or WatchOptions()
@@ -771,7 +771,7 @@ def _check_folders(folders: Sequence[Path]) -> list[Path]:
 
 def _default_overlay_writer(say: _Say) -> OverlayWriter | None:
     try:
-        from diffinspect.inspect.overlay import render_overlay, write_overlay
+        from diffinspect.scoring.overlay import render_overlay, write_overlay
     except ImportError as exc:
         say.warn(f"overlays disabled: {exc}")
         return None

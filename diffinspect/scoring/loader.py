@@ -9,7 +9,7 @@ import numpy as np
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.image import Preprocess
-from diffinspect.inspect.detector import Detector
+from diffinspect.scoring.detector import Detector
 
 DETECTORS = ("diffusion", "copod")
 
@@ -26,8 +26,8 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     b = _bundle(bundle)
     if detector == "copod" or "model" not in b.manifest:
         return load_fallback(b)
-    from diffinspect.inspect.backends import make_engine
-    from diffinspect.inspect.diffusion import CALIBRATION_FILE, DiffusionDetector, FrameTerm, Stats
+    from diffinspect.engines.backends import make_engine
+    from diffinspect.scoring.diffusion import CALIBRATION_FILE, DiffusionDetector, FrameTerm, Stats
 
     cal = b.manifest.get("calibration")
     if not cal:
@@ -44,7 +44,7 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
 
 def load_fallback(bundle: str | Path | Bundle) -> Detector:
     """The COPOD fallback stored in a bundle (classical features; never needs torch or an accelerator)."""
-    from diffinspect.inspect.fallback import CopodDetector
+    from diffinspect.scoring.copod import CopodDetector
 
     b = _bundle(bundle)
     fields = b.manifest.get("fallback")
