@@ -8,9 +8,8 @@ from pathlib import Path
 
 from diffinspect import bundle as bundle_io
 from diffinspect.data.datasets import normal_images
-from diffinspect.data.image import Preprocess
+from diffinspect.data.image import Preprocess, choose_color
 from diffinspect.scoring.calibrate import load_frames
-from diffinspect.train.data import choose_color
 
 
 def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.01) -> tuple[int, float]:

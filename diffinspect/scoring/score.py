@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from diffinspect.data.datasets import list_images
 from diffinspect.data.image import ImageError, read_image
-from diffinspect.scoring.detector import Detector, label_for
+from diffinspect.scoring.detector import Detector, label_for, unscorable
 
 
 @dataclass
@@ -25,7 +26,8 @@ class Record:
     error: str | None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON values: a number that is not finite becomes null (NaN is not JSON)."""
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:
@@ -56,6 +58,11 @@ def score_paths(detector: Detector, paths: list[Path], overlay_dir: Path | None 
         latency = (time.perf_counter() - t0) * 1000 / len(frames)
         for j, (p, frame) in enumerate(zip(good, frames, strict=True)):
             score = float(result.scores[j])
+            why = unscorable(score, detector.threshold)
+            if why is not None:
+                yield Record(str(p), None, detector.threshold, "error", detector.name, detector.backend,
+                             round(latency, 2), None, why)
+                continue
             label = label_for(score, detector.threshold)
             overlay = None
             if overlay_dir is not None and (overlays == "all" or (overlays == "ng" and label == "ng")):

@@ -9,7 +9,7 @@ import numpy as np
 
 from diffinspect import DiffinspectError
 from diffinspect.data.datasets import is_mvtec_category, normal_images
-from diffinspect.data.image import ImageError, Preprocess, decode_image, looks_gray
+from diffinspect.data.image import ImageError, Preprocess, read_image
 
 MIN_IMAGES = 10
 
@@ -33,19 +33,6 @@ class TrainingSet:
         return self.root / "train" / "good" if is_mvtec_category(self.root) else self.root
 
 
-def choose_color(files: list[Path], requested: str) -> str:
-    """`auto` is gray when the first images carry no colour, else RGB."""
-    if requested != "auto":
-        return requested
-    import cv2
-
-    for f in files[:16]:
-        img = cv2.imdecode(np.fromfile(f, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is not None and not looks_gray(img):
-            return "rgb"
-    return "gray"
-
-
 def load_training_set(data: str | Path, preprocess: Preprocess, holdout: float, seed: int) -> TrainingSet:
     root = Path(data)
     files = normal_images(root)
@@ -57,9 +44,9 @@ def load_training_set(data: str | Path, preprocess: Preprocess, holdout: float, 
     images, kept, skipped = [], [], []
     for f in train_files:
         try:
-            images.append(fit(decode_image(f.read_bytes(), preprocess.color)))
+            images.append(fit(read_image(f, preprocess.color)))
             kept.append(f)
-        except (ImageError, OSError) as exc:
+        except ImageError as exc:
             skipped.append((f, str(exc)))
     if len(kept) < MIN_IMAGES:
         raise DiffinspectError(
