@@ -292,6 +292,8 @@ def evaluate(
     for d in data:
         _existing(d, "dataset")
     kinds = [] if baselines.strip().lower() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
+    console.print(f"evaluating {len(models)} bundle(s) and {len(kinds)} baseline(s) on {len(data)} dataset(s): "
+                  "loading, fitting the baselines, then scoring with a progress bar", highlight=False)
     result = run_evaluate(models, data, report, kinds, backend, device, one_class, robustness)
     console.print(f"report written to {report / 'report.html'}")
     for name, methods in result["datasets"].items():
@@ -341,10 +343,15 @@ def demo(
     """Run a whole synthetic production line: train, distil, calibrate, export, watch, evaluate."""
     from rich.panel import Panel
 
+    from diffinspect.bundle import Bundle
     from diffinspect.demo import run_demo
+    from diffinspect.info import training_warning
 
     r = run_demo(workdir, fast=fast, log=console.print)
     h = r.headline
+    manifest = Bundle.load(r.bundle, verify=False).manifest
+    steps = (manifest.get("training") or {}).get("steps")
+    warning = training_warning(manifest)
 
     def fmt(v, spec=".3f"):
         return "n/a" if v is None else format(v, spec)
@@ -354,7 +361,8 @@ def demo(
         f"results database  {r.results_db}  ({h['frames_scored']} rows for {r.frames_dropped} frames dropped, "
         f"{h['errors']} errors of {r.corrupt_dropped} corrupt)",
         f"NG overlays       {r.overlays}",
-        f"model bundle      {r.bundle}  (runtime: {r.export})",
+        f"model bundle      {r.bundle}  (runtime: {r.export}; trained {steps} steps)",
+        *([f"[yellow]warning:[/] {escape(warning)}"] if warning else []),
         "",
         f"image AUROC {fmt(h['image_auroc'])}   pixel AUROC {fmt(h['pixel_auroc'])}   "
         f"false rejects {fmt(h['false_reject_rate'], '.1%')}   misses {fmt(h['miss_rate'], '.1%')}   "
@@ -397,6 +405,8 @@ def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (o
     out.print(f"  onnxruntime providers: {', '.join(env.get('onnxruntime_providers', [])) or 'none'}")
     devices = env.get("openvino_devices", {})
     out.print(f"  OpenVINO devices: {', '.join(f'{d} ({n})' for d, n in devices.items()) or 'none'}")
+    if isa := env.get("openvino_cpu_isa"):
+        out.print(f"  OpenVINO CPU: {isa}", highlight=False)
     if bundle is None:
         return
     s = bundle_summary(_existing(bundle, "bundle"))
@@ -405,6 +415,11 @@ def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (o
     out.print(f"  model: {m.get('kind')} {m.get('size')}, {m.get('params', 0) / 1e6:.2f} M params, "
               f"{m.get('gflops', 0):.3g} GFLOPs/frame, {m.get('image_size')} px, {m.get('channels')} channel(s)")
     out.print("  preprocessing: " + ", ".join(f"{k}={v}" for k, v in p.items()))
+    if t := s["training"]:
+        out.print(f"  training: {t['steps']} steps in {(t['seconds'] or 0) / 60:.1f} min "
+                  f"({t['steps_per_second'] or 0:.2f} steps/s)")
+    if s["training_warning"]:
+        out.print(f"  [yellow]warning:[/] {escape(s['training_warning'])}")
     out.print("  files: " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in s["files"].items()))
     cal = s["calibration"]
     out.print("  calibration: " + (f"threshold {cal['threshold']:.4g}, n={cal['n']}, target false-reject rate "

@@ -14,6 +14,7 @@ from diffinspect.bundle import Bundle
 from diffinspect.config import Config
 from diffinspect.data.datasets import normal_images
 from diffinspect.data.image import Preprocess, choose_color
+from diffinspect.info import training_warning
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe
 from diffinspect.train.data import load_training_set
@@ -81,4 +82,6 @@ def train(
     clear_checkpoints(out)
     log(f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
         f"({result.steps_per_second:.2f} steps/s), loss {result.final_loss:.4f}")
+    if warning := training_warning(manifest):
+        log(f"warning: {warning}")
     return Bundle.load(out)
