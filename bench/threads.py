@@ -13,6 +13,11 @@ It prints each worker's steps/s and the ratio of the two-process total to the si
 (4 x --seconds + start-up) of wall time: 80 s at the default.
 
     python bench/threads.py [--seconds 15]
+
+Measured on 2 cores shared with other jobs (load average about 9), --seconds 10: alone 0.08 steps/s with
+2 threads; two default 0.05 + 0.05 (total / alone 1.29); two shared, 1 thread each, 0.55 + 0.49 (13.4);
+two passive 0.32 + 0.36 (8.7). Spinning OpenMP threads on contended cores cost 5-10x; on a quiet machine
+a single process trains the U-Net small at about 2.7 steps/s (README).
 """
 
 from __future__ import annotations

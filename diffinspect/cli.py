@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import typer
-from rich.console import Console
-from rich.markup import escape
+# Before anything imports torch (OpenMP reads it once): idle OpenMP threads sleep instead of spinning.
+# On cores shared with another process (a watcher, a second training rank, the capture software) a
+# spinning thread holds a core the thread it waits for needs: bench/threads.py measured two training
+# processes on 2 loaded cores at 0.05 steps/s each spinning, 0.32-0.36 passive, 0.49-0.55 with one
+# thread each (what train_threads picks under torchrun).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from diffinspect import DiffinspectError
-from diffinspect.config import DISTILL_DEFECT_SHARE
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from diffinspect import DiffinspectError  # noqa: E402
+from diffinspect.config import DISTILL_DEFECT_SHARE  # noqa: E402
 
 app = typer.Typer(
     name="inspect",

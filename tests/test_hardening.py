@@ -311,3 +311,25 @@ def test_cli_train_refuses_a_user_folder_before_training(capsys, line_dir, tmp_p
     code, _, err = run_cli(capsys, "train", line_dir, "--out", out, "--steps", "1")
     assert code == 2 and "--overwrite only replaces a bundle" in err
     assert os.listdir(out) == ["mine.txt"]
+
+
+# --- 3. torchrun: every rank exits 0, rank 0 writes the one bundle --------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_one_bundle(line_dir, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    out = tmp_path / "ddp"
+    code = "import sys; from diffinspect.cli import main; sys.argv[0] = 'inspect'; main()"
+    script = tmp_path / "inspect_cli.py"
+    script.write_text(code)
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), "train", str(line_dir),
+                        "--out", str(out / "bundle"), "--size", "tiny", "--image-size", "32", "--steps", "4",
+                        "--batch-size", "4", "--holdout", "0.3"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert os.listdir(out) == ["bundle"]
+    assert Bundle.load(out / "bundle").manifest["training"]["steps"] == 4
