@@ -14,9 +14,11 @@ from watch_fakes import Factory, FakeDetector, frame_bytes, n_rows, wait_for, wr
 
 from diffinspect import DiffinspectError
 from diffinspect.data.image import ImageError
-from diffinspect.line.intake import Candidate, FrameChanged, dispose, looks_complete, read_frame
-from diffinspect.line.results import FrameRow, ResultStore, load_jsonl, load_rows
+from diffinspect.line.disposal import dispose
+from diffinspect.line.frame import Candidate, FrameChanged, looks_complete, read_frame
+from diffinspect.line.results import ResultStore, load_jsonl, load_rows
 from diffinspect.line.watch import WatchOptions, run_watch
+from diffinspect.scoring.record import Record as FrameRow
 
 FAST = {"quiet": True, "stable_ms": 30, "empty_ms": 150, "settle_ms": 150, "rescan_seconds": 0.3}
 
