@@ -48,24 +48,7 @@ def read_frame(cand: Candidate, max_bytes: int | None) -> bytes:
 
     Raises ImageError (the frame gets an error row) or FrameChanged (check completeness again)."""
     path = str(cand.path)
-    # Only the file itself can be a link: neither os.walk nor inotify follow linked folders.
-    if os.path.islink(path):
-        real = os.path.realpath(path)
-        if not _inside(real, str(cand.folder)):
-            raise ImageError(f"symlink pointing outside the watched folder (to {real})")
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise ImageError(f"broken symlink (to {os.readlink(path)})") from None
-        raise FrameChanged from None
-    except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError("not a regular file")  # a FIFO would block the reader forever
-    if max_bytes is not None and st.st_size > max_bytes:
-        raise ImageError(f"file of {st.st_size / 1e6:.0f} MB is larger than any frame within the "
-                         f"megapixel limit")
+    _check_file(cand, path, max_bytes)
     try:
         # O_NONBLOCK: a file swapped for a FIFO after the check must not hang the line.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -87,6 +70,28 @@ def read_frame(cand: Candidate, max_bytes: int | None) -> bytes:
     if seen != {(cand.size, cand.mtime_ns)} or len(data) != cand.size:
         raise FrameChanged
     return data
+
+
+def _check_file(cand: Candidate, path: str, max_bytes: int | None) -> None:
+    """Refuse what is not a plain frame file of the watched folder before opening it."""
+    # Only the file itself can be a link: neither os.walk nor inotify follow linked folders.
+    if os.path.islink(path):
+        real = os.path.realpath(path)
+        if not _inside(real, str(cand.folder)):
+            raise ImageError(f"symlink pointing outside the watched folder (to {real})")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageError(f"broken symlink (to {os.readlink(path)})") from None
+        raise FrameChanged from None
+    except OSError as exc:
+        raise ImageError(f"cannot read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file")  # a FIFO would block the reader forever
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise ImageError(f"file of {st.st_size / 1e6:.0f} MB is larger than any frame within the "
+                         f"megapixel limit")
 
 
 @functools.lru_cache(maxsize=64)

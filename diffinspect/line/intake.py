@@ -13,9 +13,7 @@ A file is only handed on once it is complete:
 
 from __future__ import annotations
 
-import fnmatch
 import heapq
-import os
 import queue
 import threading
 import time
@@ -23,9 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffinspect.data.image import is_image_path
-from diffinspect.line.disposal import OUTPUT_SUBDIRS
 from diffinspect.line.frame import Candidate
+from diffinspect.line.listing import Folders
 from diffinspect.line.results import ResultStore
 
 # (path, size, mtime_ns, status) of a frame committed by an earlier run -> True if the file remains
@@ -88,8 +85,7 @@ class Intake:
         self._seq = 0
         self._outstanding = 0  # entries not yet done (once-mode exit condition)
         self._rescan_at = 0.0
-        self._scan_warned: set[str] = set()
-        self._excluded = [os.path.join(str(out), d) for d in OUTPUT_SUBDIRS]
+        self.files = Folders(folders, out, config.pattern, config.recursive, warn)
 
     # -- called from other threads ------------------------------------------------------------
 
@@ -123,7 +119,7 @@ class Intake:
         now, wall = time.monotonic(), time.time()
         present: set[str] = set()
         for root in self.folders:
-            for path in self._list(root):
+            for path in self.files.files_in(root):
                 present.add(path)
                 entry = self._entries.get(path)
                 if entry is None or entry.state == "done":
@@ -177,7 +173,7 @@ class Intake:
             self._rescan_at = min(self._rescan_at, time.monotonic() + 0.2)
 
     def _on_event(self, path: str, vouched: bool) -> None:
-        root = self._root_of(path)
+        root = self.files.root_of(path)
         if root is None:
             return
         now = time.monotonic()
@@ -220,7 +216,7 @@ class Intake:
 
     def _discover(self, path: str, root: Path, now: float, wall: float, vouched: bool) -> None:
         """A path not (or no longer) known as a pending frame."""
-        st = self._stat(path)
+        st = self.files.stat(path)
         old = self._entries.get(path)
         if st is None:
             if old is not None:
@@ -254,7 +250,7 @@ class Intake:
             self._stat_and_advance(item.path, entry, now, vouched=False)
 
     def _stat_and_advance(self, path: str, entry: _Entry, now: float, vouched: bool) -> None:
-        st = self._stat(path)
+        st = self.files.stat(path)
         if st is None:
             self._forget(path)
             return
@@ -324,59 +320,3 @@ class Intake:
 
     def _outstanding_change(self, delta: int) -> None:
         self._outstanding += delta
-
-    # -- files ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _stat(path: str) -> tuple[int, int] | None:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            try:  # a broken symlink is still a frame: it gets an error row
-                st = os.lstat(path)
-            except OSError:
-                return None
-        except OSError:
-            return None  # unreadable directory entry: the next rescan tries again
-        return st.st_size, st.st_mtime_ns
-
-    def wanted(self, path: str, root: Path) -> bool:
-        rel = os.path.relpath(path, root)
-        parts = rel.split(os.sep)
-        if parts[0] == ".." or (len(parts) > 1 and not self.cfg.recursive):
-            return False
-        if any(p.startswith(".") for p in parts):
-            return False  # hidden files: the usual temporary name of a frame being written
-        if any(path.startswith(ex + os.sep) for ex in self._excluded):
-            return False  # our own overlays and moved frames when OUT lies inside a folder
-        name = parts[-1]
-        if self.cfg.pattern:
-            return fnmatch.fnmatchcase(name.lower(), self.cfg.pattern.lower())
-        return is_image_path(Path(name))
-
-    def _root_of(self, path: str) -> Path | None:
-        for root in sorted(self.folders, key=lambda p: -len(str(p))):
-            if path.startswith(str(root) + os.sep) and self.wanted(path, root):
-                return root
-        return None
-
-    def _list(self, root: Path) -> list[str]:
-        found: list[str] = []
-        try:
-            if self.cfg.recursive:
-                for dirpath, dirnames, filenames in os.walk(root, onerror=self._scan_error):
-                    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                    found.extend(os.path.join(dirpath, n) for n in filenames)
-            else:
-                with os.scandir(root) as it:
-                    found.extend(e.path for e in it if not e.is_dir(follow_symlinks=False))
-            self._scan_warned.discard(str(root))
-        except OSError as exc:
-            self._scan_error(exc)
-        return [p for p in found if self.wanted(p, root)]
-
-    def _scan_error(self, exc: OSError) -> None:
-        where = str(exc.filename)
-        if where not in self._scan_warned:  # a dropped network share: say it once, keep trying
-            self._scan_warned.add(where)
-            self.warn(f"cannot list {where}: {exc.strerror or exc}; retrying")
