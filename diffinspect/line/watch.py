@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from diffinspect import DiffinspectError
-from diffinspect.line.commit import Committer, OverlayWriter
+from diffinspect.line.commit import CommitHook, Committer, OverlayWriter
 from diffinspect.line.console import Say, View
 from diffinspect.line.counters import Stats, WatchSummary
 from diffinspect.line.disposal import Disposal
@@ -33,19 +33,20 @@ from diffinspect.line.results import ResultStore
 from diffinspect.line.supervisor import DetectorFactory, Supervisor
 from diffinspect.scoring.overlay import save_overlay
 
-__all__ = ["DetectorFactory", "OverlayWriter", "WatchOptions", "WatchSummary", "run_watch"]
+__all__ = ["CommitHook", "DetectorFactory", "OverlayWriter", "WatchOptions", "WatchSummary", "run_watch"]
 
 DetectorPairs = Mapping[Path, tuple[DetectorFactory, DetectorFactory]]
 
 
 def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory,
               make_fallback: DetectorFactory, options: WatchOptions | None = None, *,
-              per_folder: DetectorPairs | None = None,
-              overlay_writer: OverlayWriter | None = None) -> WatchSummary:
+              per_folder: DetectorPairs | None = None, overlay_writer: OverlayWriter | None = None,
+              on_commit: Sequence[CommitHook] = ()) -> WatchSummary:
     """Watch folders (one per camera) and commit one row per frame to OUT/results.db (+ .jsonl).
 
     per_folder gives a folder its own (make_detector, make_fallback), e.g. from a TOML config.
-    overlay_writer defaults to diffinspect.scoring.overlay.save_overlay.
+    overlay_writer defaults to diffinspect.scoring.overlay.save_overlay. on_commit: called from the lanes'
+    threads with each batch of newly committed rows (Records with ids), before their files are moved.
     Returns after SIGINT/SIGTERM (the batch in flight is committed), options.stop, or with
     options.once when the backlog is done. Raises DiffinspectError for unusable arguments only."""
     opts = options or WatchOptions()
@@ -61,14 +62,15 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
     store = ResultStore(out)
     try:
         groups = _group_folders(roots, (make_detector, make_fallback), per_folder)
-        return _run(roots, out, store, say, groups, overlay_writer, opts, started)
+        return _run(roots, out, store, say, groups, overlay_writer, list(on_commit), opts, started)
     finally:
         store.close()
 
 
 def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
          groups: list[tuple[list[Path], tuple[DetectorFactory, DetectorFactory]]],
-         overlay_writer: OverlayWriter | None, opts: WatchOptions, started: float) -> WatchSummary:
+         overlay_writer: OverlayWriter | None, hooks: list[CommitHook], opts: WatchOptions,
+         started: float) -> WatchSummary:
     if store.reconciled:
         say.info(f"results.jsonl: {store.reconciled} row(s) restored from results.db")
     if opts.overlays != "none" and overlay_writer is None:
@@ -82,7 +84,7 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
                     say.warn, functools.partial(disposal, what="committed frame "))
     stats, stop_taking = Stats(), threading.Event()
     committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, say, stop_taking)
-    committer.on_commit += [stats.record, say.rows]  # outputs (MQTT, OPC UA) hook in here too
+    committer.on_commit += [stats.record, say.rows, *hooks]
     shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking)
     lanes = [Lane(folders, q, Supervisor(*pair, opts, say), shared)
              for (folders, pair), q in zip(groups, queues, strict=True)]
