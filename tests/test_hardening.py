@@ -333,3 +333,25 @@ def test_torchrun_two_processes_write_one_bundle(line_dir, tmp_path):
     assert "Traceback" not in r.stderr
     assert os.listdir(out) == ["bundle"]
     assert Bundle.load(out / "bundle").manifest["training"]["steps"] == 4
+
+
+# --- 10, 11. info names OpenVINO's INT8 kernel, the training steps and an undertrained model ----------
+
+
+def test_info_shows_the_int8_kernel_the_steps_and_an_undertrained_warning(capsys, calibrated_bundle):
+    code, out, _ = run_cli(capsys, "info", calibrated_bundle)
+    assert code == 0
+    assert "OpenVINO CPU: INT8 convolution kernel" in out and "_I8" in out
+    steps = Bundle.load(calibrated_bundle).manifest["training"]["steps"]
+    assert f"training: {steps} steps" in out
+    assert "warning: the model trained only" in " ".join(out.split())
+
+
+def test_train_threads_split_the_available_cores(monkeypatch):
+    from diffinspect.train.fit import train_threads
+
+    monkeypatch.delenv("DIFFINSPECT_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert train_threads(1) == 4 and train_threads(2) == 2 and train_threads(8) == 1
+    monkeypatch.setenv("DIFFINSPECT_THREADS", "3")
+    assert train_threads(2) == 3
