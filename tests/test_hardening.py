@@ -355,3 +355,14 @@ def test_train_threads_split_the_available_cores(monkeypatch):
     assert train_threads(1) == 4 and train_threads(2) == 2 and train_threads(8) == 1
     monkeypatch.setenv("DIFFINSPECT_THREADS", "3")
     assert train_threads(2) == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_devices_and_fifos_are_refused_unread(tmp_path):
+    fifo = tmp_path / "cam.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_image(fifo, "gray")  # would block forever waiting for a writer
+    if Path("/dev/zero").exists():
+        with pytest.raises(ImageError, match="not a regular file"):
+            read_image("/dev/zero", "gray")  # would be read forever

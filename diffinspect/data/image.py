@@ -8,6 +8,7 @@ and fits the frame to the model's square input.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,17 @@ def read_image(path: str | Path, color: str, max_megapixels: float | None = DEFA
     """Read an image file to uint8 (H, W, C); raise ImageError naming the problem."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer (no effect on regular files).
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            st = os.fstat(f.fileno())
+            # A device (/dev/zero) or a FIFO would be read forever; a file far larger than any frame
+            # within the limit (16-bit RGBA, uncompressed, plus headers) is refused unread.
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"{path} is not a regular file")
+            if max_megapixels is not None and st.st_size > max_megapixels * 1e6 * 8 + (16 << 20):
+                raise ImageError(f"file of {st.st_size / 1e6:.0f} MB is larger than any frame within "
+                                 f"{max_megapixels:g} MP")
+            data = f.read()
     except OSError as exc:
         raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
     return decode_image(data, color, max_megapixels)
