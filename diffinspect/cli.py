@@ -78,9 +78,19 @@ def _existing(path: Path, what: str) -> Path:
 def _progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    # transient: an error ends a command as one line, not a half-drawn bar and the line; the command's
+    # last line says what was done.
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
-                    transient=False)
+                    transient=True)
+
+
+def _backend(name: str | None) -> None:
+    """Refuse an unknown --backend even where the bundle would not use one (a COPOD-only bundle)."""
+    from diffinspect.engines.backends import BACKENDS
+
+    if name is not None and name not in BACKENDS:
+        raise DiffinspectError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
 
 @app.command()
@@ -147,6 +157,7 @@ def calibrate(
     """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
     from diffinspect.scoring.threshold import describe_bound
 
+    _backend(backend)
     if detector == "copod":
         from diffinspect.scoring.cold_start import calibrate_copod_only
 
@@ -199,6 +210,7 @@ def score(
     from diffinspect.scoring.loader import load_detector
     from diffinspect.scoring.score import expand_paths, score_paths
 
+    _backend(backend)
     det = load_detector(bundle, detector, backend, device, sampler)
     if backend == "auto" and hasattr(getattr(det, "engine", None), "selection"):
         console.print(f"backend {det.engine.selection}", highlight=False, soft_wrap=True)  # stderr
@@ -262,6 +274,7 @@ def watch(
         if not f.is_dir():
             raise DiffinspectError(f"camera folder not found: {f}")
     backend = backend or station.get("backend", "auto")
+    _backend(backend)
     device = device or station.get("device", "auto")
 
     def factories(b: Path):
@@ -269,7 +282,8 @@ def watch(
 
     per_folder = {Path(folder).resolve(): factories(Path(b)) for folder, b in station.get("cameras", {}).items()}
     options = WatchOptions(
-        batch=batch or station.get("batch", 8), overlays=overlays or station.get("overlays", "ng"),
+        batch=batch if batch is not None else station.get("batch", 8),  # --batch 0 is refused, not the default
+        overlays=overlays or station.get("overlays", "ng"),
         after=after or station.get("after", "keep"), recursive=recursive, pattern=pattern, once=once,
         quiet=quiet, max_latency_ms=max_latency_ms or station.get("max_latency_ms"), max_megapixels=max_megapixels)
     make_detector, make_fallback = factories(bundle)
@@ -300,9 +314,8 @@ def evaluate(
         raise DiffinspectError("name at least one labelled dataset after the bundle(s)")
     for d in data:
         _existing(d, "dataset")
+    _backend(backend)
     kinds = [] if baselines.strip().lower() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
-    console.print(f"evaluating {len(models)} bundle(s) and {len(kinds)} baseline(s) on {len(data)} dataset(s): "
-                  "loading, fitting the baselines, then scoring with a progress bar", highlight=False)
     result = run_evaluate(models, data, report, kinds, backend, device, one_class, robustness)
     console.print(f"report written to {report / 'report.html'}")
     for name, methods in result["datasets"].items():

@@ -110,45 +110,49 @@ def evaluate(
     """
     if not datasets:
         raise DiffinspectError("no dataset to evaluate")
-    notes: list[str] = []
-    models: dict[str, dict] = {}
-    dets = _load_detectors(bundles, backend, device, notes, models)
-    for name, det in (detectors or {}).items():
-        dets[_unique(name, dets)] = det
-    kinds = _baseline_names(baselines)
-    if alpha is None:
-        # Named by where it came from, not by its value: a line calibrated at 5 % is not "the default".
-        detector_alpha = _detector_alpha(dets)
-        alpha = DEFAULT_ALPHA if detector_alpha is None else detector_alpha
-        source = "the default" if detector_alpha is None else "the detector's target"
-    else:
-        source = "as asked"
-    if kinds:
-        notes.append(f"baseline thresholds target a false-reject rate of {alpha:g} ({source})")
-    embed_fn, embed_color = _embedder(embedder, dets, notes)
-    train_list = _train_dirs(train_dirs, len(datasets))
-    report: dict = {"models": models, "datasets": {}, "summary": {}, "notes": notes}
-    views: dict[str, list[MethodView]] = {}
-    with _progress(progress) as bar:
+    with _progress(progress) as bar:  # from the start: loading and fitting take minutes too
+        notes: list[str] = []
+        models: dict[str, dict] = {}
+        task = bar.add("loading the model(s) and checking their backends", None) if bundles else None
+        dets = _load_detectors(bundles, backend, device, notes, models)
+        bar.finish(task)
+        for name, det in (detectors or {}).items():
+            dets[_unique(name, dets)] = det
+        kinds = _baseline_names(baselines)
+        if alpha is None:
+            # Named by where it came from, not by its value: a line calibrated at 5 % is not "the default".
+            detector_alpha = _detector_alpha(dets)
+            alpha = DEFAULT_ALPHA if detector_alpha is None else detector_alpha
+            source = "the default" if detector_alpha is None else "the detector's target"
+        else:
+            source = "as asked"
+        if kinds:
+            notes.append(f"baseline thresholds target a false-reject rate of {alpha:g} ({source})")
+        embed_fn, embed_color = _embedder(embedder, dets, notes)
+        train_list = _train_dirs(train_dirs, len(datasets))
+        report: dict = {"models": models, "datasets": {}, "summary": {}, "notes": notes}
+        views: dict[str, list[MethodView]] = {}
         for root, train_dir in zip(datasets, train_list, strict=True):
             spec = _dataset_spec(Path(root), one_class, train_dir, train_share, seed)
             name = _unique(spec.name, report["datasets"])
             methods = [_detector_method(n, d) for n, d in dets.items()]
             # Detectors take frames as read in their colour mode: the identity feature step.
             feats = {m.features: Featurizer(_color(m), _identity) for m in methods}
+            task = bar.add(f"{name}: fitting {len(kinds)} baseline(s)", None) if kinds else None
             methods += _fit_baselines(spec, kinds, alpha, calib_share, seed, embed_fn, embed_color,
                                       _roi_crop(dets), feats, batch_size)
+            bar.finish(task)
             if not methods:
                 raise DiffinspectError("nothing to evaluate: give a bundle or keep at least one baseline")
             results, views[name] = _evaluate_dataset(spec, methods, feats, robustness, batch_size, seed,
                                                      gallery_size, bar)
             report["datasets"][name] = results
             notes.extend(f"{name}: {n}" for n in spec.notes)
-    notes.extend(_general_notes(robustness))
-    report["summary"] = summarize(report["datasets"])
-    notes[:0] = _beaten(report["datasets"])
-    report["notes"] = list(dict.fromkeys(notes))  # keep order, drop repeats
-    write_report(report, views, Path(report_dir))
+        notes.extend(_general_notes(robustness))
+        report["summary"] = summarize(report["datasets"])
+        notes[:0] = _beaten(report["datasets"])
+        report["notes"] = list(dict.fromkeys(notes))  # keep order, drop repeats
+        write_report(report, views, Path(report_dir))
     return report
 
 
@@ -654,8 +658,13 @@ class _Bar:
         if self.progress is not None:
             self.progress.stop()
 
-    def add(self, label: str, total: int) -> int | None:
+    def add(self, label: str, total: int | None) -> int | None:
+        """A task; total None shows a pulsing bar for work of unknown length."""
         return None if self.progress is None else self.progress.add_task(label, total=total)
+
+    def finish(self, task: int | None) -> None:
+        if self.progress is not None and task is not None:
+            self.progress.update(task, total=1, completed=1)
 
     def advance(self, task: int | None, n: int) -> None:
         if self.progress is not None and task is not None:
