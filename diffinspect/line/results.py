@@ -45,7 +45,17 @@ CREATE TABLE IF NOT EXISTS frames (
     fallback_reason TEXT,         -- why the fallback scored it (NULL when diffusion did)
     received_at REAL NOT NULL,    -- unix seconds, when the watcher first saw the file
     scored_at REAL NOT NULL,      -- unix seconds, when the row was written
+    health TEXT,                  -- JSON: brightness, contrast, sharpness, shift (scoring/health.py)
     UNIQUE (path, size, mtime_ns)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,             -- unix seconds
+    kind TEXT NOT NULL,           -- lighting | focus | camera | score (line/drift.py)
+    name TEXT NOT NULL,           -- what the engineer reads: "lighting changed", ...
+    state TEXT NOT NULL CHECK (state IN ('raised', 'cleared')),
+    detail TEXT,
+    folder TEXT                   -- the camera folder(s) of the lane
 );
 """
 
@@ -68,6 +78,7 @@ class FrameRow:
     fallback_reason: str | None
     received_at: float
     scored_at: float
+    health: str | None = None
     id: int | None = None
 
 
@@ -96,6 +107,7 @@ class ResultStore:
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            _migrate(self._db)
             self._db.executescript(_SCHEMA)
             self.reconciled = self._reconcile_jsonl()
         except (sqlite3.Error, OSError) as exc:
@@ -136,6 +148,21 @@ class ResultStore:
             except Exception:  # the rows are committed whatever happens to their mirror lines
                 self._jsonl_behind = True
         return inserted
+
+    def add_events(self, events: list[tuple[float, str, str, str, str, str | None]]) -> None:
+        """(at, kind, name, state, detail, folder) rows into the events table, one transaction."""
+        if not events:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO events (at, kind, name, state, detail, folder) "
+                                     "VALUES (?, ?, ?, ?, ?, ?)", events)
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
 
     def count(self) -> int:
         with self._lock:
@@ -215,6 +242,13 @@ class ResultStore:
 
     def _max_id(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Columns added since the first schema, for results.db files written by older versions."""
+    cols = {r[1] for r in db.execute("PRAGMA table_info(frames)")}
+    if cols and "health" not in cols:
+        db.execute("ALTER TABLE frames ADD COLUMN health TEXT")
 
 
 def _last_jsonl_id(path: Path) -> int | None:
