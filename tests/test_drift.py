@@ -168,3 +168,47 @@ def test_results_db_migrates_and_stores_events(tmp_path: Path):
     assert db.execute("SELECT kind, name, state, folder FROM events").fetchall() == [
         ("lighting", "lighting changed", "raised", "/cam")]
     db.close()
+
+
+class _Steady:
+    """A detector that passes every part, carrying a health profile as loaded detectors do."""
+
+    name, backend, threshold, pixel_threshold = "copod", "fake", 1.0, None
+
+    def __init__(self, profile) -> None:  # noqa: ANN001
+        from diffinspect.data.image import Preprocess
+
+        self.preprocess = Preprocess(color="gray")
+        self.health = profile
+
+    def score(self, frames):  # noqa: ANN001, ANN201
+        from diffinspect.scoring.detector import Scored
+
+        return Scored(scores=np.zeros(len(frames)), maps=None)
+
+
+def test_watch_stores_health_and_alarms(tmp_path: Path, profile, capsys: pytest.CaptureFixture):
+    import os
+
+    from diffinspect.line.results import load_rows
+    from diffinspect.line.watch import WatchOptions, run_watch
+
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    cam.mkdir()
+    rng = np.random.default_rng(6)
+    t0 = 1_700_000_000
+    for i in range(100):  # oldest first: 40 as calibrated, then the light dims
+        f = scene(rng) if i < 40 else darker(scene(rng))
+        p = cam / f"f{i:03d}.png"
+        cv2.imwrite(str(p), f)
+        os.utime(p, (t0 + i, t0 + i))
+    det = _Steady(profile)
+    run_watch([cam], out, lambda: det, lambda: det, WatchOptions(once=True, quiet=True, overlays="none"))
+    rows = load_rows(out)
+    assert len(rows) == 100 and all(json.loads(r["health"])["brightness"] > 0 for r in rows)
+    db = sqlite3.connect(out / "results.db")
+    events = db.execute("SELECT name, state, folder FROM events").fetchall()
+    db.close()
+    assert ("lighting changed", "raised", str(cam)) in events
+    assert "ALARM lighting changed: raised" in capsys.readouterr().err
+    assert "brightness" in json.loads((out / "station.json").read_text())["bands"]

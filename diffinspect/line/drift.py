@@ -28,19 +28,25 @@ at most about one per test; bench/drift.py measures the real rate, far lower.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from diffinspect.scoring.health import SCORE_LEVEL, HealthProfile, align
+from diffinspect.line.results import FrameRow, ResultStore
+from diffinspect.scoring.health import SCORE_LEVEL, HealthProfile, align, measure
 
 RAISE_P = 1e-4
 CLEAR_P = 1e-2
 CALIBRATION_DELTA = 1e-3
-MIN_MOVE = 0.04  # of the frame side
+MIN_MOVE = 0.05  # of the frame side
 MIN_TEST = 20  # frames in a window before the rank and binomial tests speak
 ALARMS = {"lighting": "lighting changed", "focus": "out of focus", "camera": "camera moved",
           "score": "score drift: re-calibrate"}
@@ -196,3 +202,85 @@ class DriftMonitor:
             del self.open[kind]
             return [AlarmEvent(kind, ALARMS[kind], "cleared", f"{detail}; p = {p:.2g}", at)]
         return []
+
+
+# ---------------------------------------------------------------------------------------------
+# In `inspect watch`: one LaneDrift per lane
+
+
+@dataclass
+class Health:
+    """A frame's signals, measured when it is decoded, against the profile of the detector's bundle."""
+
+    signals: dict[str, float]
+    small: np.ndarray
+    profile: HealthProfile
+
+    def json(self) -> str:
+        return json.dumps({k: round(v, 6) if math.isfinite(v) else None for k, v in self.signals.items()})
+
+
+class LaneDrift:
+    """Health per frame (prep threads) and the drift monitor over committed rows (commit thread).
+    Alarms go to the events table of results.db and to the console; a failure here costs a warning,
+    never a frame or its row."""
+
+    _station_lock = threading.Lock()
+
+    def __init__(self, folders: list[Path], out: Path, store: ResultStore, warn: Callable[[str], None],
+                 info: Callable[[str], None]) -> None:
+        self.folder = ", ".join(str(f) for f in folders)
+        self.out, self.store, self.warn, self.info = out, store, warn, info
+        self.monitor: DriftMonitor | None = None
+        self._failed = False
+
+    def measure(self, frame: np.ndarray, profile: HealthProfile | None) -> Health | None:
+        if profile is None:
+            return None
+        try:
+            signals, small = measure(frame, profile.reference)
+        except Exception as exc:  # an odd frame must not cost its row
+            self._fail(exc)
+            return None
+        return Health(signals, small, profile)
+
+    def observe(self, pairs: list[tuple[Health | None, FrameRow]]) -> None:
+        try:
+            events: list[AlarmEvent] = []
+            for health, row in pairs:
+                if health is None:
+                    continue
+                if self.monitor is None or self.monitor.profile is not health.profile:
+                    self.monitor = DriftMonitor(health.profile)
+                    self._publish_bands(health.profile)
+                events += self.monitor.update(health.signals, health.small, row.detector, row.status, row.score,
+                                              row.scored_at)
+            if events:
+                self.store.add_events([(e.at, e.kind, e.name, e.state, e.detail, self.folder) for e in events])
+                for e in events:
+                    say = self.warn if e.state == "raised" else self.info
+                    say(f"ALARM {e.name}: {e.state} on {self.folder} ({e.detail})")
+        except Exception as exc:
+            self._fail(exc)
+
+    def _publish_bands(self, profile: HealthProfile) -> None:
+        """OUT/station.json: the calibrated bands the station page draws behind the health signals."""
+        path = self.out / "station.json"
+        with self._station_lock:
+            try:
+                data = json.loads(path.read_text()) if path.is_file() else {}
+            except (OSError, ValueError):
+                data = {}
+            if not isinstance(data, dict) or not isinstance(data.get("lanes"), dict):
+                data = {"lanes": {}}
+            bands = {k: list(v) for k, v in profile.bands().items()}
+            data["lanes"][self.folder] = bands
+            data["bands"] = bands
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, path)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._failed:
+            self._failed = True
+            self.warn(f"frame health and drift alarms unavailable on {self.folder}: {type(exc).__name__}: {exc}")

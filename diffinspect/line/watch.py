@@ -32,6 +32,7 @@ import numpy as np
 
 from diffinspect import DiffinspectError
 from diffinspect.data.image import ImageError, decode_image
+from diffinspect.line.drift import Health, LaneDrift
 from diffinspect.line.intake import (
     Candidate,
     FrameChanged,
@@ -362,6 +363,7 @@ class _Item:
     status: str = "error"
     amap: np.ndarray | None = None
     fallback_reason: str | None = None
+    health: Health | None = None
 
 
 class _Supervisor:
@@ -393,6 +395,10 @@ class _Supervisor:
         if loader.is_alive():
             self._say.warn(f"diffusion detector not loaded after {self._opts.score_timeout_s:g} s; "
                            f"the fallback scores frames until it is")
+
+    @property
+    def health(self):  # noqa: ANN201 (HealthProfile | None: what drift alarms compare frames to)
+        return getattr(self.primary or self.fallback, "health", None)
 
     @property
     def color(self) -> str:
@@ -569,6 +575,7 @@ class _Lane:
         self.queue = FrameQueue(ctx.opts.queue_size)
         self._scoring: queue.Queue = queue.Queue(maxsize=1)
         self._committing: queue.Queue = queue.Queue(maxsize=1)
+        self.drift = LaneDrift(folders, ctx.out, ctx.store, ctx.say.warn, ctx.say.info)
         self._threads = [threading.Thread(target=t, name=f"watch-{t.__name__[1:]}", daemon=True)
                          for t in (self._prep, self._score, self._commit)]
 
@@ -631,7 +638,7 @@ class _Lane:
             intake.recheck(cand, settle=True)  # half-written: never decoded
             return None
         try:
-            return _Item(cand, frame=decode_image(data, self.supervisor.color, self.ctx.opts.max_megapixels))
+            frame = decode_image(data, self.supervisor.color, self.ctx.opts.max_megapixels)
         except Exception as exc:  # ImageError, or OpenCV raising on an exotic file
             if data and not cand.settled:
                 # Maybe a writer that closes after every chunk (TIFF has no end marker to check):
@@ -640,6 +647,7 @@ class _Lane:
                 return None
             reason = str(exc) if isinstance(exc, ImageError) else f"cannot decode: {_describe(exc)}"
             return _Item(cand, error=reason)
+        return _Item(cand, frame=frame, health=self.drift.measure(frame, self.supervisor.health))
 
     # -- score ---------------------------------------------------------------------------------
 
@@ -673,6 +681,7 @@ class _Lane:
             self.ctx.stats.record(inserted)
             self.ctx.say.rows(inserted)
             fresh = {id(r) for r in inserted}
+            self.drift.observe([(it.health, row) for it, row in zip(items, rows, strict=True) if id(row) in fresh])
             for it, row in zip(items, rows, strict=True):
                 self._after(it.cand, row, id(row) in fresh)
 
@@ -692,7 +701,7 @@ class _Lane:
             score=None if it.error else it.score, threshold=None if it.error else float(det.threshold),
             detector=None if it.error else det.name, backend=None if it.error else det.backend,
             latency_ms=None, overlay=overlay, error=it.error, fallback_reason=it.fallback_reason,
-            received_at=c.received_at, scored_at=0.0)
+            received_at=c.received_at, scored_at=0.0, health=it.health.json() if it.health and not it.error else None)
 
     def _commit_rows(self, rows: list[FrameRow]) -> list[FrameRow] | None:
         attempt = 0
