@@ -360,6 +360,7 @@ def demo(
         f"false rejects {fmt(h['false_reject_rate'], '.1%')}   misses {fmt(h['miss_rate'], '.1%')}   "
         f"watch {fmt(h['frames_per_second'], '.1f')} frames/s",
         f"finished in {r.seconds / 60:.1f} min",
+        f"station view      {r.station}",
     ])
     Console().print(Panel(body, title="diffinspect demo", expand=False))
 

@@ -212,3 +212,13 @@ def test_watch_stores_health_and_alarms(tmp_path: Path, profile, capsys: pytest.
     assert ("lighting changed", "raised", str(cam)) in events
     assert "ALARM lighting changed: raised" in capsys.readouterr().err
     assert "brightness" in json.loads((out / "station.json").read_text())["bands"]
+
+
+@pytest.mark.slow
+def test_diffusion_calibration_records_health_for_both_detectors(calibrated_bundle):
+    from diffinspect.bundle import Bundle
+    from diffinspect.scoring.loader import load_detector
+
+    b = Bundle.load(calibrated_bundle)
+    assert set(b.manifest["health"]["score_quantile"]) == {"diffusion", "copod"}
+    assert load_detector(b, backend="torch").health is not None

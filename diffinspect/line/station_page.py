@@ -111,7 +111,7 @@ function hist(s) {
   const h = s.histogram;
   if (!h.counts.length) { $("histnote").textContent = "no scores yet"; return; }
   $("histnote").textContent = `${h.n} latest scores of ${h.detector}`;
-  const lo = h.edges[0], hi = h.edges[h.edges.length - 1], W = 400, H = 130, max = Math.max(...h.counts);
+  const lo = h.edges[0], hi = h.edges[h.edges.length - 1], W = 400, H = 130, max = Math.max(...h.counts) * 1.12;
   const x = v => 5 + (W - 10) * (v - lo) / (hi - lo);
   h.counts.forEach((c, i) => {
     const bh = H * c / max, over = h.threshold !== null && h.edges[i] >= h.threshold;
@@ -136,7 +136,7 @@ function health(s) {
     if (band) { lo = Math.min(lo, band[0]); hi = Math.max(hi, band[1]); }
     if (hi <= lo) { hi = lo + 1; }
     const pad = 0.08 * (hi - lo); lo -= pad; hi += pad;
-    const W = 900, H = 70, y = v => H - H * (v - lo) / (hi - lo), n = s.health.length;
+    const W = 900, H = 70, top = 15, y = v => H - (H - top) * (v - lo) / (hi - lo), n = s.health.length;
     const svg = el("svg", {viewBox: `0 0 ${W} ${H + 4}`, preserveAspectRatio: "none", height: 74, "data-signal": name});
     if (band) svg.append(el("rect", {x: 0, y: y(band[1]), width: W, height: Math.max(1, y(band[0]) - y(band[1])), fill: "#d9efdc"}));
     let d = "";
