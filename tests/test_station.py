@@ -79,26 +79,38 @@ def test_station_never_creates_or_writes_the_database(tmp_path: Path):
     assert not (tmp_path / "results.db").exists()
 
 
-def test_token_and_paths_outside_out_are_refused(out, tmp_path: Path):
-    from starlette.testclient import TestClient
+def get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
 
-    o, _ = out
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_token_and_paths_outside_out_are_refused(server, tmp_path: Path):
+    url, o, _ = server
     secret = tmp_path / "secret.txt"
     secret.write_text("not for the page")
     (o / "overlays" / "link.png").symlink_to(secret)
-    client = TestClient(create_app(o, TOKEN))
-    assert client.get("/").status_code == 401
-    assert client.get("/api/state").status_code == 401
-    assert client.get("/api/state?token=wrong-token-x").status_code == 401
-    assert client.get("/api/state", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
-    ok = client.get(f"/files/overlays/frame_0003.png?token={TOKEN}")
-    assert ok.status_code == 200 and ok.content[:4] == b"\x89PNG"
-    for bad in ("../secret.txt", "overlays/../../secret.txt", "%2e%2e/secret.txt", str(secret).lstrip("/"),
-                "overlays/link.png", "results.db", "/" + str(secret)):
-        r = client.get(f"/files/{bad}?token={TOKEN}")
-        assert r.status_code == 404 and b"not for the page" not in r.content, bad
+    assert get(f"{url}/")[0] == 401
+    assert get(f"{url}/api/state")[0] == 401
+    assert get(f"{url}/api/state?token=wrong-token-x")[0] == 401
+    assert get(f"{url}/files/overlays/frame_0003.png")[0] == 401
+    assert get(f"{url}/api/state", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    status, body = get(f"{url}/files/overlays/frame_0003.png?token={TOKEN}")
+    assert status == 200 and body[:4] == b"\x89PNG"
+    # The raw request paths below reach the server as written (no client-side normalization).
+    for bad in ("../secret.txt", "overlays/../../secret.txt", "%2e%2e/secret.txt", "..%2fsecret.txt",
+                str(secret).lstrip("/"), "/" + str(secret), "overlays/link.png", "results.db", ".watch.lock"):
+        status, body = get(f"{url}/files/{bad}?token={TOKEN}")
+        assert status == 404 and b"not for the page" not in body, bad
     assert Station(o).resolve_file(str(secret)) is None
     assert Station(o).resolve_file("../secret.txt") is None
+    assert Station(o).resolve_file("overlays/link.png") is None
+    assert Station(o).resolve_file("overlays/frame_0003.png") == (o / "overlays" / "frame_0003.png").resolve()
 
 
 def test_binding_off_loopback_needs_a_token():
