@@ -141,7 +141,8 @@ def test_cold_start_bundle_records_health(tmp_path: Path):
 
 
 def test_results_db_migrates_and_stores_events(tmp_path: Path):
-    from diffinspect.line.results import FrameRow, ResultStore, load_rows
+    from diffinspect.line.results import ResultStore, load_rows
+    from diffinspect.scoring.record import Record
 
     out = tmp_path / "out"
     out.mkdir()
@@ -157,8 +158,9 @@ def test_results_db_migrates_and_stores_events(tmp_path: Path):
     old.close()
     store = ResultStore(out)
     try:
-        store.commit([FrameRow("/b.png", "/", 2, 2.0, 2, "ok", 0.1, 0.5, "copod", "copod", 3.0, None, None, None,
-                               2.0, 2.0, health=json.dumps({"brightness": 100.0}))])
+        store.commit([Record("/b.png", "ok", 0.1, 0.5, "copod", "copod", 3.0, None, None, folder="/", size=2,
+                             mtime=2.0, mtime_ns=2, received_at=2.0, scored_at=2.0,
+                             health=json.dumps({"brightness": 100.0}))])
         store.add_events([(3.0, "lighting", "lighting changed", "raised", "brightness 70", "/cam")])
     finally:
         store.close()

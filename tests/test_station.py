@@ -16,15 +16,16 @@ import numpy as np
 import pytest
 
 from diffinspect import DiffinspectError
-from diffinspect.line.results import FrameRow, ResultStore
+from diffinspect.line.results import ResultStore
 from diffinspect.line.station import Station, check_bind, create_app
+from diffinspect.scoring.record import Record
 
 TOKEN = "s3cret-token-for-tests"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
-def rows(n: int, start: int, now: float, out: Path) -> list[FrameRow]:
+def rows(n: int, start: int, now: float, out: Path) -> list[Record]:
     """n rows: every 10th an error, of the others every 4th NG (with an overlay PNG in OUT/overlays)."""
     made = []
     for i in range(start, start + n):
@@ -38,7 +39,7 @@ def rows(n: int, start: int, now: float, out: Path) -> list[FrameRow]:
             cv2.imwrite(overlay, img)
         score = None if status == "error" else (0.9 + 0.01 * (i % 7) if status == "ng" else 0.2 + 0.05 * (i % 9))
         health = json.dumps({"brightness": 120.0 + i % 5, "contrast": 30.0, "sharpness": -0.5, "shift": 0.01})
-        made.append(FrameRow(
+        made.append(Record(
             path=f"/cam/frame_{i:04d}.png", folder="/cam", size=100 + i, mtime=now, mtime_ns=i, status=status,
             score=score, threshold=None if status == "error" else 0.8, detector=None if status == "error" else "copod",
             backend=None if status == "error" else "copod", latency_ms=10.0 + i % 20, overlay=overlay,

@@ -40,8 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffinspect.line.results import FrameRow, ResultStore
+from diffinspect.line.results import ResultStore
 from diffinspect.scoring.health import SCORE_LEVEL, HealthProfile, align, measure
+from diffinspect.scoring.record import Record
 
 RAISE_P = 1e-4
 CLEAR_P = 1e-2
@@ -205,7 +206,7 @@ class DriftMonitor:
 
 
 # ---------------------------------------------------------------------------------------------
-# In `inspect watch`: one LaneDrift per lane
+# In `inspect watch`: one DriftHub per run, one LaneDrift per lane
 
 
 @dataclass
@@ -220,53 +221,51 @@ class Health:
         return json.dumps({k: round(v, 6) if math.isfinite(v) else None for k, v in self.signals.items()})
 
 
-class LaneDrift:
-    """Health per frame (prep threads) and the drift monitor over committed rows (commit thread).
-    Alarms go to the events table of results.db and to the console; a failure here costs a warning,
-    never a frame or its row."""
+class DriftHub:
+    """Frame health and drift alarms for one `inspect watch` run: a LaneDrift per lane measures each
+    frame when it is decoded; `on_commit` (a commit hook) feeds the committed rows, in commit order,
+    to their lane's monitor. Alarms go to the events table of results.db and to the console. A failure
+    here costs a warning, never a frame or its row."""
 
-    _station_lock = threading.Lock()
+    MAX_PENDING = 100_000  # measured frames whose row has not come yet (never committed: bounded)
 
-    def __init__(self, folders: list[Path], out: Path, store: ResultStore, warn: Callable[[str], None],
-                 info: Callable[[str], None]) -> None:
-        self.folder = ", ".join(str(f) for f in folders)
+    def __init__(self, out: Path, store: ResultStore, warn: Callable[[str], None], info: Callable[[str], None]
+                 ) -> None:
         self.out, self.store, self.warn, self.info = out, store, warn, info
-        self.monitor: DriftMonitor | None = None
+        self._pending: dict[tuple[str, int, int], tuple[LaneDrift, Health]] = {}
+        self._lock = threading.Lock()
         self._failed = False
 
-    def measure(self, frame: np.ndarray, profile: HealthProfile | None) -> Health | None:
-        if profile is None:
-            return None
-        try:
-            signals, small = measure(frame, profile.reference)
-        except Exception as exc:  # an odd frame must not cost its row
-            self._fail(exc)
-            return None
-        return Health(signals, small, profile)
+    def lane(self, folders: list[Path]) -> LaneDrift:
+        return LaneDrift(self, ", ".join(str(f) for f in folders))
 
-    def observe(self, pairs: list[tuple[Health | None, FrameRow]]) -> None:
+    def on_commit(self, rows: list[Record]) -> None:
         try:
-            events: list[AlarmEvent] = []
-            for health, row in pairs:
-                if health is None:
-                    continue
-                if self.monitor is None or self.monitor.profile is not health.profile:
-                    self.monitor = DriftMonitor(health.profile)
-                    self._publish_bands(health.profile)
-                events += self.monitor.update(health.signals, health.small, row.detector, row.status, row.score,
-                                              row.scored_at)
+            with self._lock:
+                found = [(self._pending.pop((r.path, r.size, r.mtime_ns), None), r) for r in rows]
+            events: list[tuple[LaneDrift, AlarmEvent]] = []
+            for entry, row in found:
+                if entry is not None and row.status != "error":
+                    lane, health = entry
+                    events += [(lane, e) for e in lane.observe(health, row)]
             if events:
-                self.store.add_events([(e.at, e.kind, e.name, e.state, e.detail, self.folder) for e in events])
-                for e in events:
+                self.store.add_events([(e.at, e.kind, e.name, e.state, e.detail, lane.folder) for lane, e in events])
+                for lane, e in events:
                     say = self.warn if e.state == "raised" else self.info
-                    say(f"ALARM {e.name}: {e.state} on {self.folder} ({e.detail})")
+                    say(f"ALARM {e.name}: {e.state} on {lane.folder} ({e.detail})")
         except Exception as exc:
-            self._fail(exc)
+            self.fail(exc)
 
-    def _publish_bands(self, profile: HealthProfile) -> None:
+    def remember(self, key: tuple[str, int, int], lane: LaneDrift, health: Health) -> None:
+        with self._lock:
+            if len(self._pending) >= self.MAX_PENDING:
+                self._pending.pop(next(iter(self._pending)))
+            self._pending[key] = (lane, health)
+
+    def publish_bands(self, folder: str, profile: HealthProfile) -> None:
         """OUT/station.json: the calibrated bands the station page draws behind the health signals."""
         path = self.out / "station.json"
-        with self._station_lock:
+        with self._lock:
             try:
                 data = json.loads(path.read_text()) if path.is_file() else {}
             except (OSError, ValueError):
@@ -274,13 +273,41 @@ class LaneDrift:
             if not isinstance(data, dict) or not isinstance(data.get("lanes"), dict):
                 data = {"lanes": {}}
             bands = {k: list(v) for k, v in profile.bands().items()}
-            data["lanes"][self.folder] = bands
+            data["lanes"][folder] = bands
             data["bands"] = bands
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(data, indent=1))
             os.replace(tmp, path)
 
-    def _fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:
         if not self._failed:
             self._failed = True
-            self.warn(f"frame health and drift alarms unavailable on {self.folder}: {type(exc).__name__}: {exc}")
+            self.warn(f"frame health and drift alarms failed: {type(exc).__name__}: {exc}")
+
+
+class LaneDrift:
+    """One lane's rolling windows (its folders share a bundle, so one calibration to compare to)."""
+
+    def __init__(self, hub: DriftHub, folder: str) -> None:
+        self.hub, self.folder = hub, folder
+        self.monitor: DriftMonitor | None = None
+
+    def measure(self, key: tuple[str, int, int], frame: np.ndarray, profile: HealthProfile | None
+                ) -> Health | None:
+        """Called from the decode threads with the profile of the lane's detectors (None: no health)."""
+        if profile is None:
+            return None
+        try:
+            signals, small = measure(frame, profile.reference)
+        except Exception as exc:  # an odd frame must not cost its row
+            self.hub.fail(exc)
+            return None
+        health = Health(signals, small, profile)
+        self.hub.remember(key, self, health)
+        return health
+
+    def observe(self, health: Health, row: Record) -> list[AlarmEvent]:
+        if self.monitor is None or self.monitor.profile is not health.profile:
+            self.monitor = DriftMonitor(health.profile)
+            self.hub.publish_bands(self.folder, health.profile)
+        return self.monitor.update(health.signals, health.small, row.detector, row.status, row.score, row.scored_at)

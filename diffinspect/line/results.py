@@ -1,8 +1,9 @@
 """The results store of `inspect watch`: SQLite is the truth, `results.jsonl` is its mirror.
 
-One row per frame, a frame being (absolute path, size, mtime_ns) — see intake.py for why not the path
-alone. `INSERT OR IGNORE` on that UNIQUE key, one transaction per batch, makes a frame's row commit
-exactly once however often the frame is scored (crash + restart, a rescan racing an event).
+One row per frame (a `scoring.record.Record`, the record `inspect score` prints too), a frame being
+(absolute path, size, mtime_ns): see line/frame.py for why not the path alone. `INSERT OR IGNORE` on
+that UNIQUE key, one transaction per batch, makes a frame's row commit exactly once however often the
+frame is scored (crash + restart, a rescan racing an event).
 
 Durability: WAL with synchronous=FULL. With NORMAL, a power cut can roll back the last committed
 transactions; the watcher moves or deletes a frame right after its commit, so a rolled-back row would
@@ -20,11 +21,11 @@ import json
 import os
 import sqlite3
 import threading
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TextIO
 
 from diffinspect import DiffinspectError
+from diffinspect.scoring.record import Record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -60,35 +61,15 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
-@dataclass
-class FrameRow:
-    path: str
-    folder: str
-    size: int
-    mtime: float
-    mtime_ns: int
-    status: str
-    score: float | None
-    threshold: float | None
-    detector: str | None
-    backend: str | None
-    latency_ms: float | None
-    overlay: str | None
-    error: str | None
-    fallback_reason: str | None
-    received_at: float
-    scored_at: float
-    health: str | None = None
-    id: int | None = None
-
-
-_COLUMNS = [f.name for f in fields(FrameRow) if f.name != "id"]
+# The table's columns in schema order (also the order of the JSON lines' keys).
+_COLUMNS = ["path", "folder", "size", "mtime", "mtime_ns", "status", "score", "threshold", "detector", "backend",
+            "latency_ms", "overlay", "error", "fallback_reason", "received_at", "scored_at", "health"]
 _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 _SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM frames"
 
 
-def row_json(row: FrameRow | dict) -> str:
+def row_json(row: Record | dict) -> str:
     get = row.get if isinstance(row, dict) else functools.partial(getattr, row)
     return json.dumps({"id": get("id"), **{c: get(c) for c in _COLUMNS}})
 
@@ -124,7 +105,7 @@ class ResultStore:
                                    (path, size, mtime_ns)).fetchone()
         return hit[0] if hit else None
 
-    def commit(self, rows: list[FrameRow]) -> list[FrameRow]:
+    def commit(self, rows: list[Record]) -> list[Record]:
         """Commit a batch in one transaction; returns the rows that were new (ids set)."""
         with self._lock:
             cur = self._db.cursor()
@@ -178,7 +159,7 @@ class ResultStore:
 
     # -- the JSONL mirror ----------------------------------------------------------------------
 
-    def _mirror(self, inserted: list[FrameRow]) -> None:
+    def _mirror(self, inserted: list[Record]) -> None:
         """Append after the commit. A failed write (disk full) is caught up from the table later,
         so the file stays an in-order prefix of the table."""
         if self._jsonl_behind:

@@ -1,0 +1,40 @@
+"""The result of scoring one frame, errors included: what `inspect score` prints and what `inspect watch`
+commits as a row of results.db / results.jsonl."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# `inspect score --json` keys, in order ("label" is the status under its user-facing name).
+SCORE_KEYS = ("path", "score", "threshold", "label", "detector", "backend", "latency_ms", "overlay", "error")
+
+
+@dataclass
+class Record:
+    path: str
+    status: str  # ok | ng | error
+    score: float | None
+    threshold: float | None
+    detector: str | None  # diffusion | copod
+    backend: str | None
+    latency_ms: float | None  # score: detector time per frame; watch: first seen -> row written
+    overlay: str | None
+    error: str | None
+    # Where a watched frame came from and when; `inspect score` leaves them unset.
+    folder: str | None = None  # the watched folder (camera)
+    size: int | None = None
+    mtime: float | None = None  # unix seconds
+    mtime_ns: int | None = None  # exact, part of the frame's identity
+    fallback_reason: str | None = None  # why the fallback scored it (None when diffusion did)
+    received_at: float | None = None  # unix seconds, when the watcher first saw the file
+    scored_at: float | None = None  # unix seconds, when the row was written
+    health: str | None = None  # JSON of the frame's health signals (scoring/health.py), watch only
+    id: int | None = None  # row id once committed
+
+    @property
+    def label(self) -> str:
+        return self.status
+
+    def to_dict(self) -> dict:
+        """The `inspect score --json` line."""
+        return {k: getattr(self, "status" if k == "label" else k) for k in SCORE_KEYS}
