@@ -43,23 +43,35 @@ MIN_FRAMES = 20
 
 def small_gray(frame: np.ndarray) -> np.ndarray:
     """float32 (SMALL, SMALL) gray copy in 0-255 of a uint8 (H, W), (H, W, 1) or (H, W, 3) RGB frame."""
-    gray = _gray(frame)
+    return _small(_work_gray(frame))
+
+
+def _small(gray: np.ndarray) -> np.ndarray:
     return cv2.resize(gray, (SMALL, SMALL), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
-def _gray(frame: np.ndarray) -> np.ndarray:
-    if frame.ndim == 3 and frame.shape[2] == 3:
-        return cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+def _work_gray(frame: np.ndarray) -> np.ndarray:
+    """Gray copy with the longer side at most SHARP_SIDE: shrunk first, so a 5 MP colour frame costs
+    one resize, not a full-size colour conversion."""
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    step = max(frame.shape[:2]) // SHARP_SIDE
+    if step > 1:  # decimation first (reads 1 pixel in step^2); area resampling of a 5 MP frame costs tens of ms
+        h, w = frame.shape[:2]
+        frame = cv2.resize(frame, (w // step, h // step), interpolation=cv2.INTER_NEAREST)
+    scale = SHARP_SIDE / max(frame.shape[:2])
+    if scale < 1:
+        frame = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     if frame.ndim == 3:
-        return frame[:, :, 0]
+        frame = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
     return frame
 
 
 def sharpness(frame: np.ndarray) -> float:
-    gray = _gray(frame)
-    scale = SHARP_SIDE / max(gray.shape[:2])
-    if scale < 1:
-        gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return _sharpness(_work_gray(frame))
+
+
+def _sharpness(gray: np.ndarray) -> float:
     g = gray.astype(np.float32)
     var = float(g.var())
     lap = float(cv2.Laplacian(g, cv2.CV_32F).var())
@@ -76,12 +88,13 @@ def align(reference: np.ndarray, small: np.ndarray) -> tuple[float, float, float
 
 def measure(frame: np.ndarray, reference: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray]:
     """(signals, small gray copy) of one frame; shift is NaN without a reference."""
-    small = small_gray(frame)
+    gray = _work_gray(frame)
+    small = _small(gray)
     shift = math.nan
     if reference is not None:
         dx, dy, _ = align(reference, small)
         shift = math.hypot(dx, dy) / SMALL
-    return ({"brightness": float(small.mean()), "contrast": float(small.std()), "sharpness": sharpness(frame),
+    return ({"brightness": float(small.mean()), "contrast": float(small.std()), "sharpness": _sharpness(gray),
              "shift": shift}, small)
 
 
