@@ -91,6 +91,22 @@ def get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def test_station_reads_a_database_from_before_health_and_events(tmp_path: Path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "results.db")
+    db.execute("CREATE TABLE frames (id INTEGER PRIMARY KEY, path TEXT, folder TEXT, size INTEGER, mtime REAL, "
+               "mtime_ns INTEGER, status TEXT, score REAL, threshold REAL, detector TEXT, backend TEXT, "
+               "latency_ms REAL, overlay TEXT, error TEXT, fallback_reason TEXT, received_at REAL, scored_at REAL)")
+    db.execute("INSERT INTO frames VALUES (1, '/c/a.png', '/c', 1, 0, 0, 'ng', 2.0, 1.0, 'diffusion', 'torch:cpu', "
+               "5.0, '/elsewhere/a.png', NULL, NULL, ?, ?)", (time.time(), time.time()))
+    db.commit()
+    db.close()
+    s = Station(tmp_path).state()
+    assert s["counts"]["hour"]["ng"] == 1 and s["alarms"] == [] and s["health"] == []
+    assert s["rejects"][0]["overlay_url"] is None  # an overlay outside OUT is never linked
+
+
 def test_token_and_paths_outside_out_are_refused(server, tmp_path: Path):
     url, o, _ = server
     secret = tmp_path / "secret.txt"
