@@ -74,6 +74,25 @@ def test_counts_and_state(out):
     assert len(s["health"]) == 36
 
 
+def test_counts_by_time_window(tmp_path: Path):
+    from diffinspect.line.station import shift_start
+
+    now = time.time()
+    store = ResultStore(tmp_path)
+    try:
+        for i, age in enumerate([7200] * 5 + [1800] * 3 + [0] * 4):
+            store.commit(rows(1, i, now - age, tmp_path))
+    finally:
+        store.close()
+    s = Station(tmp_path, "00:00,12:00").state(now)
+    assert s["counts"]["hour"]["total"] == 7
+    start = shift_start(now, [(0, 0), (12, 0)])
+    assert now - 12 * 3600 < start <= now
+    expected = sum(1 for age in [7200] * 5 + [1800] * 3 + [0] * 4 if now - age >= start)
+    assert s["counts"]["shift"]["total"] == expected
+    assert sum(b["ok"] + b["ng"] + b["error"] for b in s["trend"]) == 7
+
+
 def test_station_never_creates_or_writes_the_database(tmp_path: Path):
     s = Station(tmp_path).state()
     assert s["ready"] is False

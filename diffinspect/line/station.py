@@ -27,6 +27,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SIGNAL_NAMES = ("brightness", "contrast", "sharpness", "shift")
 STATION_FILE = "station.json"  # written by `inspect watch`: calibrated bands per camera folder
 DEFAULT_SHIFTS = "06:00,14:00,22:00"
+RECENT_ROWS = 100_000  # rejects are looked for among this many latest rows
 
 
 def station_url(host: str = "127.0.0.1", port: int = 8765) -> str:
@@ -89,12 +90,17 @@ class Station:
             db.close()
 
     def _state(self, db: sqlite3.Connection, now: float) -> dict[str, Any]:
+        # results.db has no index on time and the station may not add one (read-only): every query is
+        # a range of row ids (the primary key), found by time with a binary search, so a poll costs the
+        # same after a month of frames as after an hour.
         cols = {r[1] for r in db.execute("PRAGMA table_info(frames)")}
         hour, shift = now - 3600, shift_start(now, self.shifts)
+        max_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
+        recent_id = max(0, max_id - RECENT_ROWS)
         counts = {}
         for key, since in (("hour", hour), ("shift", shift)):
             row = db.execute("SELECT COUNT(*) n, SUM(status='ok') ok, SUM(status='ng') ng, SUM(status='error') err "
-                             "FROM frames WHERE scored_at >= ?", (since,)).fetchone()
+                             "FROM frames WHERE id >= ? AND scored_at >= ?", (_first_id(db, since), since)).fetchone()
             n = row["n"] or 0
             span_min = max((now - since) / 60.0, 1e-9)
             counts[key] = {"total": n, "ok": row["ok"] or 0, "ng": row["ng"] or 0, "error": row["err"] or 0,
@@ -102,29 +108,29 @@ class Station:
         # OK/NG/error per minute over the last hour.
         trend = [{"t": hour + 60 * i, "ok": 0, "ng": 0, "error": 0} for i in range(60)]
         for r in db.execute("SELECT CAST((scored_at - ?) / 60 AS INTEGER) b, status, COUNT(*) n FROM frames "
-                            "WHERE scored_at >= ? GROUP BY b, status", (hour, hour)):
-            if 0 <= r["b"] < 60:
-                trend[r["b"]][r["status"]] = r["n"]
+                            "WHERE id >= ? AND scored_at >= ? GROUP BY b, status", (hour, _first_id(db, hour), hour)):
+            if 0 <= r["b"] <= 60:  # 60: scored this very second
+                trend[min(r["b"], 59)][r["status"]] += r["n"]
         recent = db.execute("SELECT latency_ms FROM frames ORDER BY id DESC LIMIT 2000").fetchall()
         lat = sorted(r[0] for r in recent if r[0] is not None)
         last = db.execute("SELECT id, detector, backend, fallback_reason, threshold, scored_at FROM frames "
-                          "WHERE status != 'error' ORDER BY id DESC LIMIT 1").fetchone()
+                          "WHERE id > ? AND status != 'error' ORDER BY id DESC LIMIT 1", (recent_id,)).fetchone()
         fallback = db.execute("SELECT COUNT(*), SUM(fallback_reason IS NOT NULL) FROM (SELECT fallback_reason "
-                              "FROM frames WHERE status != 'error' ORDER BY id DESC LIMIT 200)").fetchone()
-        scored = db.execute("SELECT score, threshold, detector FROM frames WHERE status != 'error' AND score "
-                            "IS NOT NULL ORDER BY id DESC LIMIT 2000").fetchall()
+                              "FROM frames WHERE id > ? AND status != 'error' ORDER BY id DESC LIMIT 200)",
+                              (recent_id,)).fetchone()
+        scored = db.execute("SELECT score, threshold, detector FROM frames WHERE id > ? AND status != 'error' AND "
+                            "score IS NOT NULL ORDER BY id DESC LIMIT 2000", (recent_id,)).fetchall()
         rejects = [self._frame(r) for r in db.execute(
-            "SELECT * FROM frames WHERE status = 'ng' ORDER BY id DESC LIMIT 12")]
+            "SELECT * FROM frames WHERE id > ? AND status = 'ng' ORDER BY id DESC LIMIT 12", (recent_id,))]
         health = []
         if "health" in cols:
-            for r in db.execute("SELECT id, scored_at, folder, health FROM frames WHERE health IS NOT NULL "
-                                "ORDER BY id DESC LIMIT 300"):
+            for r in db.execute("SELECT id, scored_at, folder, health FROM frames WHERE id > ? AND health IS NOT "
+                                "NULL ORDER BY id DESC LIMIT 300", (recent_id,)):
                 values = _json(r["health"])
                 if isinstance(values, dict):
                     health.append({"id": r["id"], "t": r["scored_at"], "folder": r["folder"],
                                    **{k: _num(values.get(k)) for k in SIGNAL_NAMES}})
             health.reverse()
-        max_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
         return {
             "counts": counts, "trend": trend, "max_id": max_id,
             "latency": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "n": len(lat)},
@@ -195,6 +201,21 @@ class Station:
         if not path.is_file() or path.name in ("results.db", "results.db-wal", "results.db-shm", ".watch.lock"):
             return None
         return path
+
+
+def _first_id(db: sqlite3.Connection, since: float) -> int:
+    """The smallest row id scored at or after `since` (rows are committed in time order, within the
+    few milliseconds lanes may interleave), by binary search over the primary key."""
+    lo, hi = db.execute("SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM frames").fetchone()
+    hi += 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        row = db.execute("SELECT id, scored_at FROM frames WHERE id >= ? ORDER BY id LIMIT 1", (mid,)).fetchone()
+        if row is None or row[1] >= since:
+            hi = mid
+        else:
+            lo = row[0] + 1
+    return lo
 
 
 def _json(text: str | None) -> Any:
