@@ -47,8 +47,8 @@ svg text { font-size:10px; fill:var(--mute); }
 <section><h2>This shift</h2><div class="counts" id="shift"></div></section>
 <section><h2>Scoring</h2><div class="kv" id="scoring"></div></section>
 <section><h2>Alarms</h2><div id="alarms"></div><div id="events"></div></section>
-<section class="wide"><h2>OK / NG / error per minute, last hour</h2><svg id="trend" viewBox="0 0 900 120" preserveAspectRatio="none" height="120"></svg></section>
 <section><h2>Score histogram and threshold</h2><svg id="hist" viewBox="0 0 400 150" height="150"></svg><div id="histnote" class="empty"></div></section>
+<section class="wide"><h2>OK / NG / error per minute, last hour</h2><svg id="trend" viewBox="0 0 900 120" preserveAspectRatio="none" height="120"></svg></section>
 <section class="wide"><h2>Frame health against calibrated bands</h2><div id="health"></div></section>
 <section class="wide"><h2>Last rejects</h2><div id="rejects"></div></section>
 </main>
