@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from diffinspect.scoring.record import Record
+from diffinspect.scoring.record import Record, storable
 
 if TYPE_CHECKING:  # the view reads lanes and counters; neither needs the console at import time
     from diffinspect.line.counters import Stats
@@ -29,6 +29,7 @@ class Say:
         self._once: set[str] = set()
 
     def warn(self, msg: str) -> None:
+        msg = storable(msg)  # a file name that is not UTF-8 must not break the console
         if self.quiet:
             self._line(sys.stderr, f"{_now()} WARNING {msg}")
         else:
@@ -40,6 +41,7 @@ class Say:
             self.warn(msg)
 
     def info(self, msg: str) -> None:
+        msg = storable(msg)
         if self.quiet:
             self._line(sys.stderr, f"{_now()} INFO {msg}")
         else:
@@ -89,7 +91,7 @@ class View:
         t.add_column()
         t.add_row("frames", f"{sum(c.values())}")
         t.add_row("OK / NG / error", f"[green]{c['ok']}[/] / [red]{c['ng']}[/] / [yellow]{c['error']}[/]")
-        t.add_row("frames/s", f"{s.rate():.1f}")
+        t.add_row("frames/s, last 10 s / while scoring", f"{s.rate():.1f} / {s.busy_rate():.1f}")
         t.add_row("latency p50 / p99", "-" if p50 is None else f"{p50:.0f} / {p99:.0f} ms")
         t.add_row("scored by fallback", f"{s.fallback}")
         depth = sum(lane.queue.qsize() for lane in self.lanes)

@@ -19,7 +19,7 @@ class WatchSummary:
     ng: int
     error: int
     fallback: int  # of the scored frames, those scored by the fallback
-    fps: float  # rows per second, first frame taken to last row committed
+    fps: float  # rows per second while scoring: first frame taken to last row committed
     latency_p50_ms: float | None  # first seen -> row written, over the last 100,000 frames
     latency_p99_ms: float | None
     max_queue_depth: int  # high-water mark of the bounded scoring queues
@@ -62,12 +62,22 @@ class Stats:
             while self.recent and self.recent[0][0] < now - 10:
                 self.recent.popleft()
 
-    def rate(self) -> float:
+    def rate(self, window: float = 10.0) -> float:
+        """Rows per second over the last `window` seconds (or since the first frame, if sooner)."""
+        now = time.monotonic()
         with self._lock:
-            if not self.recent:
+            if self.first is None:
                 return 0.0
-            span = max(time.monotonic() - self.recent[0][0], 1.0)
-            return sum(n for _, n in self.recent) / span
+            span = min(window, now - self.first)
+            rows = sum(n for t, n in self.recent if t >= now - window)
+        return rows / span if span > 0 else 0.0
+
+    def busy_rate(self) -> float:
+        """Rows per second from the first frame taken to the last row committed: what the exit line
+        and the live view both call "while scoring"."""
+        with self._lock:
+            span = (self.last - self.first) if self.first is not None and self.last is not None else 0.0
+            return sum(self.counts.values()) / span if span > 0 else 0.0
 
     def percentiles(self, last: int | None = None) -> tuple[float | None, float | None]:
         with self._lock:
@@ -80,9 +90,7 @@ class Stats:
     def summary(self, max_queue: int, elapsed: float) -> WatchSummary:
         p50, p99 = self.percentiles()
         c = self.counts
-        rows = sum(c.values())
-        span = (self.last - self.first) if self.first is not None and self.last is not None else 0.0
         return WatchSummary(scored=c["ok"] + c["ng"], ok=c["ok"], ng=c["ng"], error=c["error"],
-                            fallback=self.fallback, fps=rows / span if span > 0 else 0.0,
+                            fallback=self.fallback, fps=self.busy_rate(),
                             latency_p50_ms=p50, latency_p99_ms=p99, max_queue_depth=max_queue,
                             elapsed_s=elapsed)

@@ -42,7 +42,7 @@ import numpy as np
 
 from diffinspect.line.results import ResultStore
 from diffinspect.scoring.health import SCORE_LEVEL, HealthProfile, align, measure
-from diffinspect.scoring.record import Record
+from diffinspect.scoring.record import Record, storable
 
 RAISE_P = 1e-4
 CLEAR_P = 1e-2
@@ -303,7 +303,7 @@ class LaneDrift:
             self.hub.fail(exc)
             return None
         health = Health(signals, small, profile)
-        self.hub.remember(key, self, health)
+        self.hub.remember((storable(key[0]), key[1], key[2]), self, health)  # the path as its row will hold it
         return health
 
     def observe(self, health: Health, row: Record) -> list[AlarmEvent]:

@@ -11,6 +11,9 @@ be a frame lost with no result. FULL costs one fsync per batch (a few ms here, o
 
 The JSON lines are appended only after the commit, in row-id order, so the file is always a prefix of
 the table; on start-up a torn last line is cut off and the rows the crash kept from it are appended.
+
+Both files are checked before each batch: one deleted or replaced under a running watcher is written
+again from the open database (which still holds every row), so a restart never scores the line again.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import json
 import os
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 from diffinspect import DiffinspectError
-from diffinspect.scoring.record import Record
+from diffinspect.scoring.record import Record, storable
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -66,6 +71,7 @@ _COLUMNS = ["path", "folder", "size", "mtime", "mtime_ns", "status", "score", "t
             "latency_ms", "overlay", "error", "fallback_reason", "received_at", "scored_at", "health"]
 _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+_TEXT_COLUMNS = ("path", "folder", "overlay", "error", "fallback_reason", "backend", "detector")
 _SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM frames"
 
 
@@ -77,19 +83,15 @@ def row_json(row: Record | dict) -> str:
 class ResultStore:
     """Thread-safe: lanes commit concurrently, the intake thread looks frames up."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, warn: Callable[[str], None] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
+        self._warn = warn or (lambda msg: None)
         self._lockfile = _exclusive_lock(out / ".watch.lock")
         self.db_path = out / "results.db"
         self.jsonl_path = out / "results.jsonl"
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            _migrate(self._db)
-            self._db.executescript(_SCHEMA)
+            self._db = self._connect()
             self.reconciled = self._reconcile_jsonl()
         except (sqlite3.Error, OSError) as exc:
             self._lockfile.close()
@@ -98,16 +100,29 @@ class ResultStore:
         self._jsonl: TextIO | None = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
         self._jsonl_last = self._max_id()
         self._jsonl_behind = False
+        self._idents = (_ident(self.db_path), _ident(self.jsonl_path))
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        _migrate(db)
+        db.executescript(_SCHEMA)
+        return db
 
     def status_of(self, path: str, size: int, mtime_ns: int) -> str | None:
         with self._lock:
             hit = self._db.execute("SELECT status FROM frames WHERE path=? AND size=? AND mtime_ns=?",
-                                   (path, size, mtime_ns)).fetchone()
+                                   (storable(path), size, mtime_ns)).fetchone()
         return hit[0] if hit else None
 
     def commit(self, rows: list[Record]) -> list[Record]:
         """Commit a batch in one transaction; returns the rows that were new (ids set)."""
+        for row in rows:  # the row as recorded is what the hooks, the mirror and the console see
+            for c in _TEXT_COLUMNS:
+                setattr(row, c, storable(getattr(row, c)))
         with self._lock:
+            self._keep_files()
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -135,6 +150,7 @@ class ResultStore:
         if not events:
             return
         with self._lock:
+            self._keep_files()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany("INSERT INTO events (at, kind, name, state, detail, folder) "
@@ -151,11 +167,53 @@ class ResultStore:
 
     def close(self) -> None:
         with self._lock:
+            with contextlib.suppress(Exception):  # rows are worth a last check; closing must not fail
+                self._keep_files()
             if self._jsonl is not None:
                 with contextlib.suppress(OSError):
                     self._jsonl.close()
             self._db.close()
             self._lockfile.close()
+
+    def _keep_files(self) -> None:
+        """results.db or results.jsonl deleted or replaced while watching: write it again (under the lock)."""
+        db_ident, jsonl_ident = _ident(self.db_path), _ident(self.jsonl_path)
+        if db_ident != self._idents[0]:
+            self._restore_db()
+        if jsonl_ident != self._idents[1]:
+            if self._jsonl is not None:
+                with contextlib.suppress(OSError):
+                    self._jsonl.close()
+                self._jsonl = None
+            self._warn(f"{self.jsonl_path} was deleted or replaced while watching: written again from results.db")
+            self._set_aside(self.jsonl_path)
+            self.reconciled += self._reconcile_jsonl()
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+            self._jsonl_last, self._jsonl_behind = self._max_id(), False
+        self._idents = (_ident(self.db_path), _ident(self.jsonl_path))
+
+    def _restore_db(self) -> None:
+        """Copy the open (unlinked) database to its path again; what replaced it is kept aside."""
+        tmp = self.db_path.with_name(".results.db.restoring")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        copy = sqlite3.connect(tmp)
+        try:
+            self._db.backup(copy)
+        finally:
+            copy.close()
+        self._db.close()  # checkpoints into the old file and removes its -wal/-shm by name
+        self._set_aside(self.db_path)
+        os.replace(tmp, self.db_path)
+        self._db = self._connect()
+        self._warn(f"{self.db_path} was deleted or replaced while watching: written again from the open "
+                   f"database ({self._max_id()} rows kept)")
+
+    @staticmethod
+    def _set_aside(path: Path) -> None:
+        """A file someone put in our place is renamed, never deleted."""
+        if path.exists():
+            os.replace(path, path.with_name(f"{path.name}.replaced-{int(time.time())}"))
 
     # -- the JSONL mirror ----------------------------------------------------------------------
 
@@ -223,6 +281,14 @@ class ResultStore:
 
     def _max_id(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
+
+
+def _ident(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -60,7 +60,7 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
     out = Path(os.path.abspath(out))
     started = time.monotonic()
     say = Say(opts.quiet)
-    store = ResultStore(out)
+    store = ResultStore(out, say.warn)
     try:
         groups = _group_folders(roots, (make_detector, make_fallback), per_folder)
         return _run(roots, out, store, say, groups, overlay_writer, list(on_commit), opts, started)
