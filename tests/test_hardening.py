@@ -370,3 +370,15 @@ def test_devices_and_fifos_are_refused_unread(tmp_path):
     if Path("/dev/zero").exists():
         with pytest.raises(ImageError, match="not a regular file"):
             read_image("/dev/zero", "gray")  # would be read forever
+
+
+def test_runtime_threads_follow_a_restricted_cpu_set(monkeypatch):
+    from diffinspect.engines.exports import runtime_threads
+
+    for var in ("DIFFINSPECT_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert runtime_threads() == 2  # a 2-core container on a 64-core host
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert runtime_threads() == 0  # the whole machine: the runtime's own default
