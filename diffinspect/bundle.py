@@ -78,6 +78,29 @@ class Bundle:
         """Path of a listed file, verified again (it may have changed since loading)."""
         return self.verify_file(name)
 
+    def arrays(self, name: str, shapes: dict[str, tuple[int, ...] | None]) -> dict[str, Any]:
+        """The arrays of a listed .npz, each key of `shapes` present with that shape (None: any shape).
+
+        Never unpickles; a file that is not an .npz, or holds other arrays, is one error naming it (a
+        matching sha256 only proves the file is the one the manifest names, not that it is sound)."""
+        import zipfile
+
+        import numpy as np
+
+        path = self.file(name)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                out = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise DiffinspectError(f"bundle file {name} in {self.path} is unreadable: {exc}") from None
+        for key, shape in shapes.items():
+            if key not in out:
+                raise DiffinspectError(f"bundle file {name} in {self.path} has no array {key!r}")
+            if shape is not None and out[key].shape != shape:
+                raise DiffinspectError(f"bundle file {name} in {self.path}: {key} has shape {out[key].shape}, "
+                                       f"the model needs {shape}")
+        return out
+
     @contextmanager
     def updating(self) -> Iterator[BundleUpdate]:
         """Add or replace files and manifest fields; the manifest is rewritten once, at the end."""

@@ -382,3 +382,21 @@ def test_runtime_threads_follow_a_restricted_cpu_set(monkeypatch):
     assert runtime_threads() == 2  # a 2-core container on a 64-core host
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert runtime_threads() == 0  # the whole machine: the runtime's own default
+
+
+@pytest.mark.parametrize("content", ["garbage", "wrong shape"])
+def test_a_bad_calibration_file_with_a_matching_sha256_is_one_error(calibrated_bundle, tmp_path, content):
+    from diffinspect.scoring.loader import load_detector
+
+    b = tmp_path / "b"
+    shutil.copytree(calibrated_bundle, b)
+    target = b / "calibration.npz"
+    if content == "garbage":
+        target.write_bytes(b"not an npz")
+    else:
+        np.savez(target, mean=np.zeros(3, np.float32), std=np.ones(3, np.float32))
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["calibration.npz"] = sha256_file(target)
+    write_manifest(b, m)
+    with pytest.raises(DiffinspectError, match="calibration.npz"):
+        load_detector(b, backend="torch")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.image import Preprocess
@@ -32,8 +30,10 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     cal = b.manifest.get("calibration")
     if not cal:
         raise DiffinspectError(f"bundle {b.path} was never calibrated: run `inspect calibrate {b.path}`")
-    with np.load(b.file(CALIBRATION_FILE)) as z:
-        stats = Stats(z["mean"], z["std"])
+    model = b.manifest.get("model") or {}
+    side = (model.get("channels"), model.get("image_size"), model.get("image_size"))
+    z = b.arrays(CALIBRATION_FILE, {"mean": side, "std": side})
+    stats = Stats(z["mean"], z["std"])
     engine = make_engine(b, backend, device, sampler or cal.get("sampler"))
     term = cal.get("frame_term")
     frame_term = (FrameTerm(load_fallback(b), term["weight"], tuple(term["diffusion"]), tuple(term["copod"]))
