@@ -394,7 +394,7 @@ def test_a_bad_calibration_file_with_a_matching_sha256_is_one_error(calibrated_b
     if content == "garbage":
         target.write_bytes(b"not an npz")
     else:
-        np.savez(target, mean=np.zeros(3, np.float32), std=np.ones(3, np.float32))
+        np.savez(target, mean=np.zeros(3, np.float32), std=np.ones(3, np.float32))  # not (terms, S, S)
     m = json.loads((b / "manifest.json").read_text())
     m["files"]["calibration.npz"] = sha256_file(target)
     write_manifest(b, m)

@@ -30,9 +30,10 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     cal = b.manifest.get("calibration")
     if not cal:
         raise DiffinspectError(f"bundle {b.path} was never calibrated: run `inspect calibrate {b.path}`")
-    model = b.manifest.get("model") or {}
-    side = (model.get("channels"), model.get("image_size"), model.get("image_size"))
-    z = b.arrays(CALIBRATION_FILE, {"mean": side, "std": side})
+    z = b.arrays(CALIBRATION_FILE, {"mean": None, "std": None})
+    if z["mean"].ndim != 3 or z["mean"].shape != z["std"].shape:  # (terms, S, S) per-pixel statistics
+        raise DiffinspectError(f"bundle file {CALIBRATION_FILE} in {b.path} holds statistics of shapes "
+                               f"{z['mean'].shape} and {z['std'].shape}: recalibrate the bundle")
     stats = Stats(z["mean"], z["std"])
     engine = make_engine(b, backend, device, sampler or cal.get("sampler"))
     term = cal.get("frame_term")
