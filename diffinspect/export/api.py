@@ -120,7 +120,8 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
         rebuild_nodes,
     )
     from diffinspect.export.rewrite import for_export
-    from diffinspect.models.from_bundle import load_graph, resolve_sampler
+    from diffinspect.models.from_bundle import load_graph
+    from diffinspect.models.sampler import resolve_sampler
     from diffinspect.scoring.diffusion import CALIBRATION_FILE
 
     bundle = Bundle.load(bundle_path)

@@ -25,7 +25,7 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import list_images
 from diffinspect.data.image import ImageError, Preprocess, read_image
-from diffinspect.engines.backends import make_engine
+from diffinspect.engines.select import make_engine
 from diffinspect.models.recipe import Recipe
 from diffinspect.scoring.diffusion import (
     CALIBRATION_FILE,

@@ -40,11 +40,11 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.config import DISTILL_DEFECT_SHARE, AugmentConfig
 from diffinspect.data.image import Preprocess
+from diffinspect.models.device import resolve_device
 from diffinspect.models.from_bundle import load_denoiser
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe, ScoringGraph
 from diffinspect.train.augment import augment_batch
-from diffinspect.train.fit import resolve_device
 from diffinspect.train.selection import SelectionSet, measure, read_frames, reconstructions, selection_set
 from diffinspect.train.targets import TargetPool
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffinspect import DiffinspectError
 from diffinspect.config import Config
 from diffinspect.models import build_model, check_image_size, describe
+from diffinspect.models.device import resolve_device
 from diffinspect.models.schedule import NoiseSchedule, q_sample
 from diffinspect.train.augment import augment_batch
 from diffinspect.train.data import TrainingSet
@@ -34,18 +35,6 @@ class TrainResult:
     final_loss: float
     steps_per_second: float
     interrupted: bool = False
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested.startswith("cuda:")):
-        if not torch.cuda.is_available():
-            raise DiffinspectError("CUDA was asked for (--device cuda) but no CUDA device is available")
-        return torch.device(requested)
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cpu":
-        return torch.device("cpu")
-    raise DiffinspectError(f"unknown device {requested!r}: use auto, cpu or cuda")
 
 
 def checkpoint_dir(out: Path) -> Path:

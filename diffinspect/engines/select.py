@@ -1,6 +1,10 @@
-"""`--backend auto`: the fastest exported engine that reproduces the calibration's reference scores.
+"""Choosing the engine that runs the scoring graph: torch, onnxruntime or OpenVINO.
 
-Calibration stores a few frames (`selfcheck_frames`) and the scores the calibrating backend gave them
+`make_engine` builds the backend named, or with `--backend auto` the fastest exported engine that
+reproduces the calibration's reference scores. Only the torch engine imports torch, and only when it
+is chosen.
+
+Self-check (auto). Calibration stores a few frames (`selfcheck_frames`) and the scores the calibrating backend gave them
 (`selfcheck_scores`). At start-up each candidate scores those frames with the bundle's statistics; it
 passes when every score is within SELFCHECK_TOLERANCE x σ, the spread of good parts' graph scores
 (`graph_score_spread`). One σ is above what a sound export deviates and well below what a broken one
@@ -13,15 +17,104 @@ about 5 σ on defective frames.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
-from diffinspect.engines.exports import exported_precisions, resolve_sampler_name
-from diffinspect.scoring.diffusion import CALIBRATION_FILE
+from diffinspect.engines import Engine
+from diffinspect.engines.exports import CALIBRATION_FILE, PRECISIONS, exported_precisions, find_export
+from diffinspect.models.sampler import resolve_sampler
+
+if TYPE_CHECKING:
+    from diffinspect.engines.onnx_engine import OnnxEngine
+    from diffinspect.engines.openvino_engine import OpenVinoEngine
+
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+# Exports to use when no precision is named, fastest first (measured by bench/backends.py).
+# The INT8 QDQ model keeps conv outputs float (accuracy), so onnxruntime's CPU provider cannot fuse it
+# into integer convs and runs dequantize + float conv: 0.8x fp32 at 128 px here. It is for TensorRT,
+# which builds INT8 kernels from QDQ models (untested: no GPU here); ask for it.
+ONNXRUNTIME_ORDER = ("fp32", "int8")
+OPENVINO_CPU_ORDER = ("int8", "fp32", "fp16")
+OPENVINO_GPU_ORDER = ("fp16", "int8", "fp32")
+_MODULES = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install, or an import hook that blocks it
+        return False
+
+
+def installed_backends() -> list[str]:
+    return [b for b, mod in _MODULES.items() if _importable(mod)]
+
+
+def precision_order(backend: str, device: str) -> tuple[str, ...]:
+    """The export order of one named backend on a device."""
+    if backend == "onnxruntime":
+        return ONNXRUNTIME_ORDER
+    from diffinspect.engines.openvino_engine import available_devices, choose_device
+
+    gpu = choose_device(device, available_devices()).startswith("GPU")
+    return OPENVINO_GPU_ORDER if gpu else OPENVINO_CPU_ORDER
+
+
+def build_engine(bundle: Bundle, backend: str, device: str = "auto", sampler: str | None = None,
+                 precision: str | None = None) -> Engine:
+    """The engine of one named backend (not auto); errors name what is present instead."""
+    if backend not in installed_backends():
+        raise DiffinspectError(f"backend {backend} is not installed here; present: {', '.join(installed_backends())}"
+                               + (" (pip install 'diffinspect[train]' brings torch)" if backend == "torch" else ""))
+    if backend == "torch":
+        if precision not in (None, "fp32"):
+            raise DiffinspectError(f"the torch backend runs fp32 only; {precision} needs an exported bundle")
+        from diffinspect.engines.torch_engine import TorchEngine
+
+        return TorchEngine(bundle, device=device, sampler=sampler)
+    fmt = "onnx" if backend == "onnxruntime" else "openvino"
+    if fmt == "onnx":
+        from diffinspect.engines.onnx_engine import OnnxEngine, available_providers, choose_providers
+
+        choose_providers(device, available_providers())  # an unknown device fails before the file lookup
+        runner: type[OnnxEngine] | type[OpenVinoEngine] = OnnxEngine
+    else:
+        from diffinspect.engines.openvino_engine import OpenVinoEngine, available_devices, choose_device
+
+        choose_device(device, available_devices())
+        runner = OpenVinoEngine
+    name = resolve_sampler(bundle, sampler)
+    name_file, rec = find_export(bundle, fmt, name, (precision,) if precision else precision_order(backend, device))
+    for f in rec.get("files", [name_file]):
+        bundle.file(f)  # sha256 again: a file swapped since loading is refused here
+    return runner(bundle.file(name_file), rec["terms"], device, rec["precision"])
+
+
+def make_engine(bundle: Bundle, backend: str = "auto", device: str = "auto", sampler: str | None = None,
+                precision: str | None = None, log: Callable[[str], None] | None = None) -> Engine:
+    """backend: auto | torch | onnxruntime | openvino; precision: fp32 | fp16 | int8 | None (the
+    fastest exported). auto tries the exported engines fastest first and keeps the first whose
+    start-up self-check passes (`pick_engine`)."""
+    if backend not in BACKENDS:
+        raise DiffinspectError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise DiffinspectError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if backend == "auto":
+        return pick_engine(bundle, device, sampler, precision, log)
+    engine = build_engine(bundle, backend, device, sampler, precision)
+    engine.selection = f"{engine.name} ({engine.precision}): --backend {backend}"
+    if log:
+        log(f"backend {engine.selection}")
+    return engine
+
+
+# --- auto: the fastest engine that passes its self-check ----------------------------------------
 
 SELFCHECK_TOLERANCE = 1.0
 
@@ -60,7 +153,7 @@ def graph_score_spread(calibration: dict, scores: np.ndarray) -> float:
     return float(np.std(scores)) if len(scores) > 1 else 0.0
 
 
-def selfcheck(engine, ref: Reference) -> tuple[bool, str]:
+def selfcheck(engine: Engine, ref: Reference) -> tuple[bool, str]:
     _, scores, _ = engine.run(ref.frames, ref.mean, ref.std)
     worst = float(np.max(np.abs(scores.astype(np.float64) - ref.scores)))
     ok = bool(np.isfinite(worst)) and worst <= ref.tolerance
@@ -69,8 +162,6 @@ def selfcheck(engine, ref: Reference) -> tuple[bool, str]:
 
 def candidates(bundle: Bundle, device: str, sampler: str, precision: str | None) -> list[tuple[str, str, str | None]]:
     """(backend, device, precision), fastest first, among the exports this bundle holds."""
-    from diffinspect.engines.backends import installed_backends
-
     have = installed_backends()
     out: list[tuple[str, str, str | None]] = []
     key = device.lower()
@@ -86,28 +177,26 @@ def candidates(bundle: Bundle, device: str, sampler: str, precision: str | None)
         from diffinspect.engines.onnx_engine import GPU_PROVIDERS, available_providers
 
         if any(p in available_providers() for p in GPU_PROVIDERS):
-            add("onnxruntime", "auto", ("fp32",))
+            add("onnxruntime", "auto", ONNXRUNTIME_ORDER[:1])  # its int8 is tried on the CPU below
     if key in ("auto", "gpu") and "openvino" in have:
         from diffinspect.engines.openvino_engine import available_devices
 
         if any(d.startswith("GPU") for d in available_devices()):
-            add("openvino", "GPU", ("fp16", "int8", "fp32"))
+            add("openvino", "GPU", OPENVINO_GPU_ORDER)
     if key in ("auto", "cpu"):
-        add("openvino", "CPU", ("int8", "fp32", "fp16"))
-        add("onnxruntime", "cpu", ("fp32", "int8"))
+        add("openvino", "CPU", OPENVINO_CPU_ORDER)
+        add("onnxruntime", "cpu", ONNXRUNTIME_ORDER)
     else:  # a specific device name: every backend that may know it, errors fall through
-        add("onnxruntime", device, ("fp32", "int8"))
-        add("openvino", device, ("fp16", "int8", "fp32"))
+        add("onnxruntime", device, ONNXRUNTIME_ORDER)
+        add("openvino", device, OPENVINO_GPU_ORDER)
     if "torch" in have and precision in (None, "fp32"):
         out.append(("torch", device, None))
     return out
 
 
 def pick_engine(bundle: Bundle, device: str, sampler: str | None, precision: str | None,
-                log: Callable[[str], None] | None = None):
-    from diffinspect.engines.backends import build_engine
-
-    name = resolve_sampler_name(bundle, sampler)
+                log: Callable[[str], None] | None = None) -> Engine:
+    name = resolve_sampler(bundle, sampler)
     ref = load_reference(bundle)
     order = candidates(bundle, device, name, precision)
     if ref is None:  # nothing to check exports against: torch, where present, is the reference itself
