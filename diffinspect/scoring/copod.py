@@ -38,8 +38,11 @@ MIN_FIT = 20  # below this the ECDF tails are too coarse (resolution 1/(n+1)) to
 _CHUNK_ELEMENTS = 4_000_000  # bound the (batch, n_fit, dims) comparison to a few MB at a time
 
 
-class _EcdfCopod:
-    """COPOD with the fit set fixed: new points never change the ECDFs they are scored against."""
+class EcdfCopod:
+    """COPOD with the fit set fixed: new points never change the ECDFs they are scored against.
+
+    On any feature matrix (the fallback's embeddings, the evaluation baselines' features);
+    `score` is higher for more anomalous rows."""
 
     def __init__(self, embeddings: np.ndarray) -> None:
         x = np.asarray(embeddings, dtype=np.float64)
@@ -104,7 +107,7 @@ class CopodDetector:
         self.false_reject_rate = false_reject_rate
         self.n_calibration = int(n_calibration)
         self.calibration_scores: np.ndarray | None = None  # set by fit_copod, not persisted
-        self._model = _EcdfCopod(emb)
+        self._model = EcdfCopod(emb)
 
     def embed(self, frames: list[np.ndarray]) -> np.ndarray:
         """Raw classical embeddings (N, D) float32 of the frames' ROI crops (what the fit set holds)."""
