@@ -31,6 +31,7 @@ from diffinspect.data.datasets import (
     normal_images,
 )
 from diffinspect.data.image import ImageError, Preprocess, read_image
+from diffinspect.data.reading import read_images
 from diffinspect.evaluation import metrics
 from diffinspect.evaluation.baselines import KINDS, EmbeddingBaseline, PixelBaseline
 from diffinspect.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corrupt
@@ -338,7 +339,7 @@ def _fit_baselines(spec: DatasetSpec, names: list[str], alpha: float, calib_shar
 
 def _features_of(paths: list[Path], feat: Featurizer, batch_size: int) -> np.ndarray:
     # In batches, so a large training set never sits in memory as full-size frames.
-    parts = [np.asarray(feat.fn([_read(p, feat.color) for p in paths[i:i + batch_size]]))
+    parts = [np.asarray(feat.fn(read_images(paths[i:i + batch_size], feat.color, "baseline training images").frames))
              for i in range(0, len(paths), batch_size)]
     return np.concatenate(parts)
 
