@@ -1,4 +1,4 @@
-"""The torch backend: the scoring graph run eagerly on CPU or CUDA (needs the [train] extra)."""
+"""The torch engine: the scoring graph run eagerly on CPU or CUDA (needs the [train] extra)."""
 
 from __future__ import annotations
 
