@@ -3,7 +3,10 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_fast_end_to_end(tmp_path):
     work = tmp_path / "demo"
     res = subprocess.run([sys.executable, "-m", "diffinspect", "demo", "--fast", "--workdir", str(work)],
