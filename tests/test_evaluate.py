@@ -101,6 +101,7 @@ def _good_frames(cat: Path) -> list[np.ndarray]:
     return [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)[..., None] for p in paths]
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_with_fake_detectors(tmp_path: Path) -> None:
     cat = make_mvtec(tmp_path / "data")
     good = _good_frames(cat)
@@ -165,6 +166,7 @@ def test_robustness_and_baselines_only_run(tmp_path: Path) -> None:
     assert "Robustness" in html
 
 
+@pytest.mark.slow
 def test_one_class_on_digits(tmp_path: Path) -> None:
     from sklearn.datasets import load_digits
 

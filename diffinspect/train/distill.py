@@ -88,6 +88,17 @@ def _image_paths(manifest: dict) -> list[Path]:
     return [p for p in (source / f for f in training.get("train_files", [])) if p.exists()]
 
 
+def _training_images(manifest: dict, paths: list[Path], prep: Preprocess) -> torch.Tensor:
+    """The training images at model size, uint8 (N, C, S, S); refused when too few are left on disk."""
+    frames = read_frames(paths, prep)
+    if len(frames) < MIN_IMAGES:
+        training = manifest.get("training") or {}
+        raise DiffinspectError(
+            f"distillation needs the training images, but only {len(frames)} of "
+            f"{len(training.get('train_files', []))} are on disk under {training.get('source')}")
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+
+
 def _augmenter(manifest: dict, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The augmentations the teacher was trained with, so the student sees the same image family."""
     raw = (((manifest.get("training") or {}).get("config") or {}).get("train") or {}).get("augment")
@@ -128,6 +139,18 @@ class _Run:
         self.gen.set_state(state["gen"])
         self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
         self.history, self.best, self.best_state = state["history"], state["best"], state["best_state"]
+
+    def train_step(self, batch_size: int, refresh: int) -> float:
+        """One optimizer step on a batch from the pool (a few targets refreshed first); the loss."""
+        self.pool.refresh(refresh)
+        x, eps, target = self.pool.sample(batch_size)
+        loss = F.mse_loss(self.student.reconstruct(x, eps), target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.denoiser.parameters(), 1.0)
+        self.opt.step()
+        self.iteration += 1
+        return float(loss.detach())
 
     def evaluate(self, sel: SelectionSet, teacher_rec: torch.Tensor, loss: float) -> dict:
         net = self.student.denoiser.eval()
@@ -178,13 +201,7 @@ def distill(
 
     prep = Preprocess.from_dict(m["preprocess"])
     train_paths = _image_paths(m)
-    frames = read_frames(train_paths, prep)
-    if len(frames) < MIN_IMAGES:
-        raise DiffinspectError(
-            f"distillation needs the training images, but only {len(frames)} of "
-            f"{len((m.get('training') or {}).get('train_files', []))} are on disk under "
-            f"{(m.get('training') or {}).get('source')}")
-    images = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+    images = _training_images(m, train_paths, prep)
     gen = torch.Generator().manual_seed(seed)
     pool = TargetPool(images, teacher, POOL_BATCHES * batch_size, gen, _augmenter(m, gen), defect_share=defect_share)
     run = _Run(student, pool, gen, lr)
@@ -204,7 +221,7 @@ def distill(
         log(f"resuming distillation at iteration {run.iteration}")
     else:
         log(f"distilling the {teacher_steps}-step teacher into a {steps}-step student "
-            f"(t* = {recipe.t_star}) on {len(frames)} images; selection on {sel.source} "
+            f"(t* = {recipe.t_star}) on {len(images)} images; selection on {sel.source} "
             f"+ {int(sel.labels.sum())} synthetic defects")
         teacher_auroc, teacher_rec = measure(teacher, sel), reconstructions(teacher, sel.good)
         pool.refresh(len(pool))
@@ -227,15 +244,7 @@ def distill(
             run.elapsed = clock.elapsed()
             if clock.over():
                 break
-            pool.refresh(refresh)
-            x, eps, target = pool.sample(batch_size)
-            loss = F.mse_loss(student.reconstruct(x, eps), target)
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.denoiser.parameters(), 1.0)
-            run.opt.step()
-            run.iteration += 1
-            value = float(loss.detach())
+            value = run.train_step(batch_size, refresh)
             loss_ema = value if np.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * value
             run.elapsed = clock.elapsed()
             done = max(run.iteration / total, clock.share())
