@@ -188,7 +188,7 @@ def candidates(bundle: Bundle, device: str, sampler: str, precision: str | None)
         add("onnxruntime", "cpu", ONNXRUNTIME_ORDER)
     else:  # a specific device name: every backend that may know it, errors fall through
         add("onnxruntime", device, ONNXRUNTIME_ORDER)
-        add("openvino", device, OPENVINO_GPU_ORDER)
+        add("openvino", device, OPENVINO_GPU_ORDER)  # a named device other than the CPU: an accelerator
     if "torch" in have and precision in (None, "fp32"):
         out.append(("torch", device, None))
     return out
