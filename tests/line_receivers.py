@@ -41,6 +41,8 @@ class Broker:
         self.url = f"mqtt://127.0.0.1:{self.port}"
         lines = [f"listener {self.port} 127.0.0.1", "persistence true", f"persistence_location {root}/",
                  "max_queued_messages 100000", "log_dest none"]
+        if os.geteuid() == 0:  # as root mosquitto drops to its own user, which cannot read the test's folders
+            lines.append("user root")
         if users:
             pw = root / "passwd"
             pw.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
@@ -171,3 +173,36 @@ class PlcServer:
         if self._tloop is not None:
             self._tloop.stop()
             self._tloop = None
+
+
+def frame_row(i: int, folder: str = "/line/cam1", status: str | None = None, fallback: bool = False):  # noqa: ANN201
+    """A FrameRow as the watcher writes it (frame i of a camera)."""
+    from diffinspect.line.results import FrameRow
+
+    now = time.time()
+    status = status or ("ng" if i % 7 == 0 else "ok")
+    return FrameRow(path=f"{folder}/f{i:05d}.png", folder=folder, size=100 + i, mtime=now, mtime_ns=i,
+                    status=status, score=None if status == "error" else i / 10,
+                    threshold=None if status == "error" else 0.5, detector="copod" if fallback else "diffusion",
+                    backend="fake", latency_ms=1.0, overlay=None, error="cannot decode" if status == "error" else None,
+                    fallback_reason="backend failed (fake)" if fallback else None, received_at=now, scored_at=now)
+
+
+def main(argv: list[str]) -> None:
+    """`python tests/line_receivers.py DB URL`: an outbox delivering DB's rows to the broker at URL until
+    killed (the kill -9 test)."""
+    from diffinspect.config import MqttConfig
+    from diffinspect.line.mqtt_output import MqttOutput
+    from diffinspect.line.outbox import Outbox
+
+    db, url = argv
+    box = Outbox(Path(db), [MqttOutput(MqttConfig(url=url, station="st1"))], warn=print, replay=True).start()
+    while True:
+        time.sleep(1)
+        box.wake()
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

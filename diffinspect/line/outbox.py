@@ -86,6 +86,20 @@ class Outbox:
         self._workers = [_Worker(self, out) for out in self.outputs]
 
     def start(self) -> Outbox:
+        """Set the marks of new outputs here, in the caller's thread: "from now on" means the rows
+        committed after start() returns, whenever the threads get going."""
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS deliveries (output TEXT PRIMARY KEY, last_id INTEGER NOT NULL)")
+            tables = _tables(db)
+            for out in self.outputs:
+                for stream in out.streams:
+                    table = STREAMS[stream]
+                    start = 0 if self.replay or table not in tables else int(
+                        db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0])  # noqa: S608
+                    db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)", (mark_key(out.name, stream), start))
+        finally:
+            db.close()
         for w in self._workers:
             w.thread.start()
         return self
@@ -139,11 +153,7 @@ class _Worker:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.box.db_path, timeout=30, isolation_level=None)
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS deliveries (output TEXT PRIMARY KEY, last_id INTEGER NOT NULL)")
         self._refresh_tables(db)
-        for stream in self.output.streams:
-            start = 0 if self.box.replay else self._max_id(db, stream)
-            db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)", (mark_key(self.output.name, stream), start))
         self.state.last_id = self._mark(db, "frames")
         return db
 
@@ -166,13 +176,11 @@ class _Worker:
                     backoff = min(backoff * 2, box.backoff_s[1])
                     continue
                 self.state.connected = True
-                if self.state.error is not None:
-                    self.box.info(f"{self.output.name}: connected again; {self._backlog(db)} row(s) to deliver")
-                self.state.error, self._said = None, None
             self.wake.clear()  # before reading: a commit after this point wakes the next round
             if time.monotonic() >= next_tables:
                 self._refresh_tables(db)
                 next_tables = time.monotonic() + box.poll_s
+            waiting = self._backlog(db) if self.state.error is not None else 0
             try:
                 sent = sum(self._deliver(db, s) for s in self.output.streams)
             except Exception as exc:
@@ -186,6 +194,9 @@ class _Worker:
                 backoff = min(backoff * 2, box.backoff_s[1])
                 continue
             backoff = box.backoff_s[0]
+            if self.state.error is not None:  # said only once rows flow again, not on every reconnect
+                self.box.info(f"{self.output.name}: delivering again ({waiting} row(s) were waiting)")
+                self.state.error, self._said = None, None
             if sent == 0:
                 if stopping:
                     return  # drained
@@ -218,20 +229,19 @@ class _Worker:
             self.box.warn(f"{self.output.name}: {msg}; scoring goes on, results wait in results.db")
 
     def _refresh_tables(self, db: sqlite3.Connection) -> None:
-        self._tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self._tables = _tables(db)
 
     def _mark(self, db: sqlite3.Connection, stream: str) -> int:
         hit = db.execute("SELECT last_id FROM deliveries WHERE output = ?",
                          (mark_key(self.output.name, stream),)).fetchone()
         return int(hit[0]) if hit else 0
 
-    def _max_id(self, db: sqlite3.Connection, stream: str) -> int:
-        if STREAMS[stream] not in self._tables:
-            return 0
-        return int(db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {STREAMS[stream]}").fetchone()[0])  # noqa: S608
-
     def _backlog(self, db: sqlite3.Connection) -> int:
         return int(db.execute("SELECT COUNT(*) FROM frames WHERE id > ?", (self._mark(db, "frames"),)).fetchone()[0])
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
 def pending(db_path: Path, output: str, stream: str = "frames") -> int:
