@@ -220,6 +220,10 @@ def watch(
     max_latency_ms: float | None = typer.Option(None, "--max-latency-ms",
                                                 help="Frames that would miss this deadline go to the fallback."),
     max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Larger frames get an error row."),
+    mqtt: str | None = typer.Option(None, "--mqtt", help="Publish every verdict to this MQTT broker, "
+                                    "e.g. mqtt://broker:1883 (more under [watch.mqtt] in ./inspect.toml)."),
+    opcua: str | None = typer.Option(None, "--opcua", help="Write every verdict to this PLC's OPC UA server, "
+                                     "e.g. opc.tcp://plc:4840 (nodes under [watch.opcua.nodes] in ./inspect.toml)."),
 ) -> None:
     """Watch camera folders and score every frame exactly once; the line never stops."""
     from diffinspect.config import STATION_FILE, load_station
@@ -247,9 +251,29 @@ def watch(
         quiet=quiet, max_latency_ms=max_latency_ms or station.get("max_latency_ms"), max_megapixels=max_megapixels)
     make_detector, make_fallback = factories(bundle)
     summary = run_watch(folders, out or Path(station.get("out", "inspect_results")), make_detector, make_fallback,
-                        options, per_folder=per_folder or None)
+                        options, per_folder=per_folder or None, outputs=_outputs(station, mqtt, opcua))
     console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, error {summary.error}, "
                   f"fallback {summary.fallback}); {summary.fps:.1f} frames/s")
+
+
+def _outputs(station: dict, mqtt_url: str | None, opcua_url: str | None) -> list:
+    from diffinspect.config import load_outputs
+    from diffinspect.line.outbox import OutputError
+
+    mqtt_cfg, opcua_cfg = load_outputs(station, mqtt_url, opcua_url)
+    outputs: list = []
+    try:
+        if mqtt_cfg is not None:
+            from diffinspect.line.mqtt_output import MqttOutput
+
+            outputs.append(MqttOutput(mqtt_cfg))
+        if opcua_cfg is not None:
+            from diffinspect.line.opcua_output import OpcuaOutput
+
+            outputs.append(OpcuaOutput(opcua_cfg))
+    except OutputError as exc:
+        raise DiffinspectError(str(exc)) from None
+    return outputs
 
 
 @app.command()

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -189,20 +190,21 @@ def frame_row(i: int, folder: str = "/line/cam1", status: str | None = None, fal
 
 
 def main(argv: list[str]) -> None:
-    """`python tests/line_receivers.py DB URL`: an outbox delivering DB's rows to the broker at URL until
-    killed (the kill -9 test)."""
+    """`python tests/line_receivers.py OUT CAMERA_FOLDER BROKER_URL`: `inspect watch` with fake detectors
+    and an MQTT output, until killed (the kill -9 test)."""
+    from watch_fakes import Factory
+
     from diffinspect.config import MqttConfig
     from diffinspect.line.mqtt_output import MqttOutput
-    from diffinspect.line.outbox import Outbox
+    from diffinspect.line.watch import WatchOptions, run_watch
 
-    db, url = argv
-    box = Outbox(Path(db), [MqttOutput(MqttConfig(url=url, station="st1"))], warn=print, replay=True).start()
-    while True:
-        time.sleep(1)
-        box.wake()
+    out, cam, url = argv
+    opts = WatchOptions(batch=8, quiet=True, stable_ms=50, overlays="none", rescan_seconds=0.5)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the per-frame lines)
+    run_watch([Path(cam)], Path(out), Factory(cost_s=0.001), Factory(name="copod"), opts,
+              outputs=[MqttOutput(MqttConfig(url=url, station="st1"))])
 
 
 if __name__ == "__main__":
-    import sys
-
+    sys.path.insert(0, str(Path(__file__).parent))
     main(sys.argv[1:])

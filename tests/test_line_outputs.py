@@ -3,6 +3,7 @@ order, none lost, through outages, restarts, kill -9 and refused credentials."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from line_receivers import MOSQUITTO, Broker, PlcServer, Subscriber, check_delivery, frame_row, wait_for
+from watch_fakes import n_rows, write_frame
 
 from diffinspect import DiffinspectError
 from diffinspect.config import MqttConfig, OpcuaConfig, OpcuaNodes, load_outputs
@@ -196,6 +198,7 @@ def test_broker_down_for_10_s_while_200_frames_arrive(tmp_path: Path, broker: Br
     wait_for(lambda: len(sub.verdicts()) >= 220, timeout=30, what="the backlog")
     box.stop()
     counts = check_delivery([m["id"] for m in sub.verdicts()], ids, max_duplicates=1)
+    print(f"broker down 10 s: {counts}")
     assert counts["lost"] == 0 and counts["rows"] == 220
     assert sum("cannot reach the MQTT broker" in w for w in warn) == 1
     sub.close()
@@ -204,31 +207,42 @@ def test_broker_down_for_10_s_while_200_frames_arrive(tmp_path: Path, broker: Br
 
 @needs_mosquitto
 @pytest.mark.slow
-def test_kill_9_mid_backlog_resends_at_most_the_message_in_flight(tmp_path: Path, broker: Broker) -> None:
+def test_watcher_killed_9_mid_backlog_resends_at_most_the_message_in_flight(tmp_path: Path, broker: Broker) -> None:
+    """300 frames waiting; the watcher (scoring and publishing) killed with -9 three times on the way."""
     sub = Subscriber(broker)
-    store = ResultStore(tmp_path / "out")
-    ids = commit(store, None, [frame_row(i) for i in range(400)])  # the backlog
-    store.close()
+    cam, out = tmp_path / "cam1", tmp_path / "out"
+    cam.mkdir()
+    for i in range(300):
+        write_frame(cam / f"f{i:04d}.png", 40 + i % 120)
+    old = time.time() - 60
+    for f in cam.iterdir():
+        os.utime(f, (old, old))  # complete frames, the backlog of a station that was off
+
+    def watcher() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(RECEIVERS), str(out), str(cam), broker.url],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
     kills = 0
     for _ in range(3):
         n = len(sub.verdicts())
-        proc = subprocess.Popen([sys.executable, str(RECEIVERS), str(tmp_path / "out" / "results.db"), broker.url],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda n=n: len(sub.verdicts()) >= n + 60, timeout=20, what="some deliveries")
+        proc = watcher()
+        wait_for(lambda n=n: len(sub.verdicts()) >= n + 40, timeout=30, what="some deliveries")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
         wait_for(lambda: sub.on("/status")[-1:] == ["offline"], what="the last will")
-    proc = subprocess.Popen([sys.executable, str(RECEIVERS), str(tmp_path / "out" / "results.db"), broker.url],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = watcher()
     try:
-        wait_for(lambda: pending(tmp_path / "out" / "results.db", "mqtt") == 0, timeout=30, what="the rest")
-        wait_for(lambda: len({m["id"] for m in sub.verdicts()}) == len(ids))
+        wait_for(lambda: n_rows(out) == 300 and pending(out / "results.db", "mqtt") == 0, timeout=30,
+                 what="every frame scored and delivered")
+        wait_for(lambda: len({m["id"] for m in sub.verdicts()}) == 300)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    ids = [r["id"] for r in load_rows(out)]
     counts = check_delivery([m["id"] for m in sub.verdicts()], ids, max_duplicates=kills)
-    assert counts["lost"] == 0
+    print(f"kill -9 x{kills}: {counts}")
+    assert counts["lost"] == 0 and len(ids) == 300
     sub.close()
 
 
@@ -300,6 +314,7 @@ def test_plc_gets_every_verdict_through_a_server_restart(tmp_path: Path) -> None
         plc2.stop()
         store.close()
     counts = check_delivery([c for _, _, c in seen], ids, max_duplicates=1)
+    print(f"PLC restart: {counts}")
     assert counts["lost"] == 0 and counter == ids[-1]
     by_id = {c: (r, s) for r, s, c in seen}
     for row in rows + rows2:
@@ -325,3 +340,46 @@ def test_plc_node_of_the_wrong_type_is_one_clear_error(tmp_path: Path) -> None:
     finally:
         plc.stop()
 
+
+
+# -- inside `inspect watch` ------------------------------------------------------------------------
+
+
+@needs_mosquitto
+def test_watch_publishes_every_row_and_delivers_the_last_before_returning(tmp_path: Path, broker: Broker) -> None:
+    from watch_fakes import Factory
+
+    from diffinspect.line.mqtt_output import MqttOutput
+    from diffinspect.line.watch import WatchOptions, run_watch
+
+    sub = Subscriber(broker)
+    cam = tmp_path / "cam1"
+    cam.mkdir()
+    for i in range(40):
+        write_frame(cam / f"f{i:03d}.png", 30 + 3 * i)
+    (cam / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a frame")
+    out = MqttOutput(MqttConfig(url=broker.url, station="st1"))
+    summary = run_watch([cam], tmp_path / "out", Factory(), Factory(name="copod"),
+                        WatchOptions(once=True, quiet=True, stable_ms=20, settle_ms=50, overlays="none"),
+                        outputs=[out])
+    rows = load_rows(tmp_path / "out")
+    assert summary.frames == 41 and pending(tmp_path / "out" / "results.db", "mqtt") == 0
+    wait_for(lambda: len(sub.verdicts()) == 41)
+    assert [(m["id"], m["status"], m["score"]) for m in sub.verdicts()] == [
+        (r["id"], r["status"], r["score"]) for r in rows]
+    assert sum(m["status"] == "error" for m in sub.verdicts()) == 1
+    sub.close()
+
+
+def test_cli_refuses_a_bad_output_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "manifest.json").write_text("{}")
+    (tmp_path / "cam").mkdir()
+    (tmp_path / "inspect.toml").write_text('[watch.mqtt]\nurl = "mqtt://broker"\nqos = 0\n')
+    res = subprocess.run([sys.executable, "-m", "diffinspect", "watch", "cam", "--model", "model", "--once"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "qos must be 1 or 2" in res.stderr + res.stdout
+    assert "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "diffinspect", "watch", "cam", "--model", "model", "--once",
+                          "--mqtt", "http://broker"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "mqtt://host:1883" in res.stderr + res.stdout

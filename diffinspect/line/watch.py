@@ -44,6 +44,7 @@ from diffinspect.line.intake import (
     overlay_name,
     read_frame,
 )
+from diffinspect.line.outbox import Outbox, Output
 from diffinspect.line.results import FrameRow, ResultStore
 from diffinspect.scoring.detector import Detector, label_for
 
@@ -117,11 +118,13 @@ class WatchSummary:
 def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory,
               make_fallback: DetectorFactory, options: WatchOptions | None = None, *,
               per_folder: Mapping[Path, tuple[DetectorFactory, DetectorFactory]] | None = None,
-              overlay_writer: OverlayWriter | None = None) -> WatchSummary:
+              overlay_writer: OverlayWriter | None = None, outputs: Sequence[Output] = ()) -> WatchSummary:
     """Watch folders (one per camera) and commit one row per frame to OUT/results.db (+ .jsonl).
 
     per_folder gives a folder its own (make_detector, make_fallback), e.g. from a TOML config.
     overlay_writer defaults to diffinspect.scoring.overlay (render_overlay + write_overlay).
+    outputs (MQTT, OPC UA) get every committed row through the outbox (line/outbox.py); scoring never
+    waits for them.
     Returns after SIGINT/SIGTERM (the batch in flight is committed), options.stop, or with
     options.once when the backlog is done. Raises DiffinspectError for unusable arguments only."""
     opts = options or WatchOptions()
@@ -135,22 +138,26 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
     started = time.monotonic()
     say = _Say(opts.quiet)
     store = ResultStore(out)
+    outbox = Outbox(store.db_path, outputs, say.warn, say.info).start() if outputs else None
     try:
         return _run(roots, out, store, say, make_detector, make_fallback, per_folder, overlay_writer, opts,
-                    started)
+                    started, outbox)
     finally:
+        if outbox is not None:
+            outbox.stop()  # after the last commit: a few seconds to deliver it while the receiver is up
         store.close()
 
 
 def _run(roots: list[Path], out: Path, store: ResultStore, say: _Say, make_detector: DetectorFactory,
          make_fallback: DetectorFactory, per_folder: Mapping[Path, tuple[DetectorFactory, DetectorFactory]],
-         overlay_writer: OverlayWriter | None, opts: WatchOptions, started: float) -> WatchSummary:
+         overlay_writer: OverlayWriter | None, opts: WatchOptions, started: float,
+         outbox: Outbox | None = None) -> WatchSummary:
     if store.reconciled:
         say.info(f"results.jsonl: {store.reconciled} row(s) restored from results.db")
     if opts.overlays != "none" and overlay_writer is None:
         overlay_writer = _default_overlay_writer(say)
     (out / "overlays").mkdir(exist_ok=True)
-    ctx = _Context(opts, out, store, _Stats(), say, overlay_writer)
+    ctx = _Context(opts, out, store, _Stats(), say, overlay_writer, outbox=outbox)
     lanes = _make_lanes(roots, make_detector, make_fallback, per_folder, ctx)
     intake = Intake(roots, out, IntakeConfig(opts.pattern, opts.recursive, opts.stable_ms, opts.empty_ms,
                                              opts.settle_ms, opts.rescan_seconds, opts.once, opts.after),
@@ -306,6 +313,7 @@ class _Context:
     say: _Say
     overlay_writer: OverlayWriter | None
     intake: Intake | None = None
+    outbox: Outbox | None = None
     stop_taking: threading.Event = field(default_factory=threading.Event)
     pool: ThreadPoolExecutor | None = None
 
@@ -670,6 +678,8 @@ class _Lane:
             inserted = self._commit_rows(rows)
             if inserted is None:
                 continue  # given up while stopping: no rows, the files stay for the next start
+            if self.ctx.outbox is not None:
+                self.ctx.outbox.wake()
             self.ctx.stats.record(inserted)
             self.ctx.say.rows(inserted)
             fresh = {id(r) for r in inserted}
@@ -919,5 +929,8 @@ class _View:
                            f" (+{self.ctx.intake.waiting()} waiting)")
         for lane in self.lanes:
             t.add_row(f"detector {', '.join(f.name for f in lane.folders)}", lane.supervisor.state())
+        for o in self.ctx.outbox.states() if self.ctx.outbox is not None else []:
+            t.add_row(o.name, f"[yellow]{o.error}[/]" if o.error else
+                      f"{o.delivered} delivered" + ("" if o.connected else " (connecting)"))
         t.add_row("last NG", s.last_ng or "-")
         return t
