@@ -358,6 +358,8 @@ def demo(
         f"results database  {r.results_db}  ({h['frames_scored']} rows for {r.frames_dropped} frames dropped, "
         f"{h['errors']} errors of {r.corrupt_dropped} corrupt)",
         f"NG overlays       {r.overlays}",
+        *([f"MQTT              {h['mqtt_acknowledged']} verdicts acknowledged by the broker at {h['mqtt_url']}"]
+          if h.get("mqtt_url") else []),
         f"model bundle      {r.bundle}  (runtime: {r.export})",
         "",
         f"image AUROC {fmt(h['image_auroc'])}   pixel AUROC {fmt(h['pixel_auroc'])}   "
