@@ -253,7 +253,8 @@ def watch(
     summary = run_watch(folders, out or Path(station.get("out", "inspect_results")), make_detector, make_fallback,
                         options, per_folder=per_folder or None, outputs=_outputs(station, mqtt, opcua))
     console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, error {summary.error}, "
-                  f"fallback {summary.fallback}); {summary.fps:.1f} frames/s")
+                  f"fallback {summary.fallback}); {summary.fps:.1f} frames/s while scoring, "
+                  f"{summary.elapsed_s:.1f} s in all")
 
 
 def _outputs(station: dict, mqtt_url: str | None, opcua_url: str | None) -> list:

@@ -177,12 +177,12 @@ class PlcServer:
 
 
 def frame_row(i: int, folder: str = "/line/cam1", status: str | None = None, fallback: bool = False):  # noqa: ANN201
-    """A FrameRow as the watcher writes it (frame i of a camera)."""
-    from diffinspect.line.results import FrameRow
+    """A row as the watcher writes it (frame i of a camera)."""
+    from diffinspect.scoring.record import Record
 
     now = time.time()
     status = status or ("ng" if i % 7 == 0 else "ok")
-    return FrameRow(path=f"{folder}/f{i:05d}.png", folder=folder, size=100 + i, mtime=now, mtime_ns=i,
+    return Record(path=f"{folder}/f{i:05d}.png", folder=folder, size=100 + i, mtime=now, mtime_ns=i,
                     status=status, score=None if status == "error" else i / 10,
                     threshold=None if status == "error" else 0.5, detector="copod" if fallback else "diffusion",
                     backend="fake", latency_ms=1.0, overlay=None, error="cannot decode" if status == "error" else None,

@@ -8,15 +8,18 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from watch_fakes import Factory, FakeDetector, frame_bytes, n_rows, wait_for, write_frame
 
 from diffinspect import DiffinspectError
-from diffinspect.data.image import ImageError
-from diffinspect.line.intake import Candidate, FrameChanged, dispose, looks_complete, read_frame
-from diffinspect.line.results import FrameRow, ResultStore, load_jsonl, load_rows
+from diffinspect.data.image import ImageError, convert_color, decode_image
+from diffinspect.line.disposal import dispose
+from diffinspect.line.frame import Candidate, FrameChanged, looks_complete, read_frame
+from diffinspect.line.results import ResultStore, load_jsonl, load_rows
 from diffinspect.line.watch import WatchOptions, run_watch
+from diffinspect.scoring.record import Record as FrameRow
 
 FAST = {"quiet": True, "stable_ms": 30, "empty_ms": 150, "settle_ms": 150, "rescan_seconds": 0.3}
 
@@ -405,3 +408,35 @@ def test_options_are_checked(tmp_path: Path) -> None:
             run_watch([tmp_path], tmp_path / "out", Factory(), Factory(), options(**bad))
     with pytest.raises(DiffinspectError, match="not found"):
         run_watch([tmp_path / "nope"], tmp_path / "out", Factory(), Factory(), options())
+
+
+def test_on_commit_hooks_get_each_new_row_once_before_its_file_moves(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 6, ng_every=2)
+    seen: list[tuple[str, int | None, bool]] = []
+
+    def outbox_down(rows: list) -> None:
+        raise RuntimeError("outbox unreachable")
+
+    def hook(rows: list) -> None:
+        seen.extend((r.path, r.id, Path(r.path).exists()) for r in rows)
+
+    run_watch([cam], out, Factory(), Factory(name="copod"), options(once=True, after="move"),
+              on_commit=[outbox_down, hook])
+    rows = load_rows(out)
+    assert len(rows) == 6 and sorted(seen) == sorted((r["path"], r["id"], True) for r in rows)
+    assert not list(cam.iterdir())  # a failing hook cost neither rows nor the moves
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_one_luma_frames_converted_equal_frames_decoded_in_the_other_mode(tmp_path: Path, ext: str) -> None:
+    rng = np.random.default_rng(3)
+    for img in (rng.integers(0, 256, (21, 34, 3), dtype=np.uint8),
+                rng.integers(0, 65536, (21, 34, 4), dtype=np.uint16)):
+        ok, buf = cv2.imencode(ext, img)
+        assert ok
+        data = buf.tobytes()
+        rgb, gray = decode_image(data, "rgb"), decode_image(data, "gray")
+        assert np.array_equal(convert_color(rgb, "gray"), gray)
+        assert np.array_equal(convert_color(gray, "rgb"), decode_image(cv2.imencode(".png", gray)[1].tobytes(),
+                                                                     "rgb"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from watch_fakes import Factory, FakeDetector, frame_bytes, n_rows, wait_for
 
-from diffinspect.line import watch as watch_module
+from diffinspect.line import disposal as disposal_module
 from diffinspect.line.results import load_jsonl, load_rows
 from diffinspect.line.watch import WatchOptions, WatchSummary, run_watch
 
@@ -266,7 +266,7 @@ def test_frames_leave_the_folder_only_after_their_row_is_committed(tmp_path: Pat
     for i in range(12):
         (cam / f"m{i:02d}.png").write_bytes(frame_bytes(200 if i % 3 == 0 else 50))
     (cam / "bad.png").write_bytes(b"junk")
-    real, checked = watch_module.dispose, []
+    real, checked = disposal_module.dispose, []
 
     def checking_dispose(path: Path, size: int, mtime_ns: int, *args: object) -> str | None:
         committed = {(r["path"], r["size"], r["mtime_ns"]) for r in load_rows(out)}
@@ -274,7 +274,7 @@ def test_frames_leave_the_folder_only_after_their_row_is_committed(tmp_path: Pat
         checked.append(path)
         return real(path, size, mtime_ns, *args)
 
-    monkeypatch.setattr(watch_module, "dispose", checking_dispose)
+    monkeypatch.setattr(disposal_module, "dispose", checking_dispose)
     run_watch([cam], out, Factory(), Factory(name="copod"), WatchOptions(**FAST, once=True, after=after))
     assert len(checked) == 13 and not list(cam.iterdir())
     assert len(assert_mirror(out)) == 13

@@ -74,19 +74,24 @@ def to_uint8(img: np.ndarray, color: str) -> np.ndarray:
         img = np.clip(np.nan_to_num(img) * scale, 0, 255).astype(np.uint8)
     elif img.dtype != np.uint8:
         img = np.clip(img, 0, 255).astype(np.uint8)
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
     if img.ndim == 2:
-        out = img if color == "gray" else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+        img = img[:, :, None]
     elif img.shape[2] == 4:
-        code = cv2.COLOR_BGRA2GRAY if color == "gray" else cv2.COLOR_BGRA2RGB
-        out = cv2.cvtColor(img, code)
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)  # alpha dropped
     else:
-        code = cv2.COLOR_BGR2GRAY if color == "gray" else cv2.COLOR_BGR2RGB
-        out = cv2.cvtColor(img[:, :, :3], code)
-    if out.ndim == 2:
-        out = out[:, :, None]
-    return np.ascontiguousarray(out)
+        img = cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(convert_color(img, color))
+
+
+def convert_color(frame: np.ndarray, color: str) -> np.ndarray:
+    """A uint8 (H, W, C) gray (C = 1) or RGB (C = 3) frame in colour mode `color`. The one luma
+    (OpenCV's 8-bit BT.601 weights) of decoding, scoring and `inspect watch`: a frame decoded once in
+    one mode and converted here equals the frame decoded in the other mode, bit for bit."""
+    if color == "rgb" and frame.shape[2] == 1:
+        return np.repeat(frame, 3, axis=2)
+    if color == "gray" and frame.shape[2] == 3:
+        return cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)[:, :, None]
+    return frame
 
 
 def looks_gray(img_bgr_or_rgb: np.ndarray, tol: int = 3) -> bool:

@@ -1,196 +1,32 @@
-"""Frame intake for `inspect watch`: which files are frames, when a file is complete, and what
-happens to it after its row is committed.
+"""Frame intake for `inspect watch`: which files are frames and when a file is complete; complete
+frames are queued, oldest first, to the lanes that read, score and commit them.
 
-A frame is identified by (absolute path, size, mtime_ns), not by the path alone: a camera that reuses
-a file name after the old frame was moved away (or overwrites it in place) produces a new frame that
-must get its own row, while an unchanged file seen again after a restart is the same frame.
-
-A file is only read once it is complete:
+A file is only handed on once it is complete:
 - a close-after-write (inotify IN_CLOSE_WRITE) or a rename into the folder vouches for it at once;
 - otherwise its size and mtime must stay unchanged for `stable_ms` (by our own clock: the mtime of
   a network share follows the server's clock, so "mtime older than X" proves nothing);
 - a zero-byte file must stay empty for `empty_ms` before it gets an error row;
-- PNG/JPEG/BMP bytes that end before the format's end marker are handed back and re-read once the
-  file has been unchanged for `settle_ms` (a writer that reopens per chunk, or stalls, fools the
-  two checks above).
+- PNG/JPEG/BMP bytes that end before the format's end marker are handed back by the lane and re-read
+  once the file has been unchanged for `settle_ms` (a writer that reopens per chunk, or stalls, fools
+  the two checks above).
 """
 
 from __future__ import annotations
 
-import errno
-import fnmatch
-import functools
-import hashlib
 import heapq
-import os
 import queue
-import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffinspect.data.image import ImageError, is_image_path
+from diffinspect.line.frame import Candidate
+from diffinspect.line.listing import Folders
 from diffinspect.line.results import ResultStore
 
-OUTPUT_SUBDIRS = ("overlays", "ok", "ng", "error")
-
-
-@dataclass
-class Candidate:
-    """A complete file, ready to be read and scored."""
-
-    path: Path
-    folder: Path
-    size: int
-    mtime_ns: int
-    received_at: float  # wall clock when the watcher first saw the file
-    settled: bool = False  # unchanged for settle_ms: decode even if the tail looks incomplete
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        return (str(self.path), self.size, self.mtime_ns)
-
-
-class FrameChanged(Exception):
-    """The file changed between the completeness check and the read: check it again."""
-
-
-class FrameQueue(queue.Queue):
-    """The bounded scoring queue of one lane, with its high-water mark (checked by the tests)."""
-
-    def __init__(self, maxsize: int) -> None:
-        super().__init__(maxsize)
-        self.high_water = 0
-
-    def _put(self, item: Candidate) -> None:  # called under the queue's mutex
-        super()._put(item)
-        self.high_water = max(self.high_water, len(self.queue))
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading one frame
-
-
-def read_frame(cand: Candidate, max_bytes: int | None) -> bytes:
-    """The file's bytes, exactly as they were when it was found complete.
-
-    Raises ImageError (the frame gets an error row) or FrameChanged (check completeness again)."""
-    path = str(cand.path)
-    # Only the file itself can be a link: neither os.walk nor inotify follow linked folders.
-    if os.path.islink(path):
-        real = os.path.realpath(path)
-        if not _inside(real, str(cand.folder)):
-            raise ImageError(f"symlink pointing outside the watched folder (to {real})")
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise ImageError(f"broken symlink (to {os.readlink(path)})") from None
-        raise FrameChanged from None
-    except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError("not a regular file")  # a FIFO would block the reader forever
-    if max_bytes is not None and st.st_size > max_bytes:
-        raise ImageError(f"file of {st.st_size / 1e6:.0f} MB is larger than any frame within the "
-                         f"megapixel limit")
-    try:
-        # O_NONBLOCK: a file swapped for a FIFO after the check must not hang the line.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise FrameChanged from None
-    except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror or exc}") from None
-    try:
-        before = os.fstat(fd)
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read()
-        after = os.fstat(fd)
-    except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    # Same size and mtime before, during and after the read: a consistent snapshot of that frame.
-    seen = {(before.st_size, before.st_mtime_ns), (after.st_size, after.st_mtime_ns)}
-    if seen != {(cand.size, cand.mtime_ns)} or len(data) != cand.size:
-        raise FrameChanged
-    return data
-
-
-@functools.lru_cache(maxsize=64)
-def _real_root(folder: str) -> str:
-    return os.path.realpath(folder)
-
-
-def _inside(real: str, folder: str) -> bool:
-    if os.path.commonpath([real, _real_root(folder)]) == _real_root(folder):
-        return True
-    _real_root.cache_clear()  # the folder itself may be a link that was re-pointed (a re-mount)
-    return os.path.commonpath([real, _real_root(folder)]) == _real_root(folder)
-
-
-def looks_complete(data: bytes) -> bool:
-    """False when the bytes look like the first part of a PNG, JPEG or BMP still being written."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        end = data.rfind(b"IEND", max(0, len(data) - 64))
-        return end >= 0 and len(data) >= end + 8  # the chunk type, then its 4-byte CRC
-    if data.startswith(b"\xff\xd8"):
-        # 0xFFD9 only occurs as the end-of-image marker (entropy data stuffs 0xFF with 0x00).
-        return b"\xff\xd9" in data[-256:]
-    if data.startswith(b"BM") and len(data) >= 6:
-        return len(data) >= int.from_bytes(data[2:6], "little")
-    return True  # TIFF and others: the stability checks have to do
-
-
-def overlay_name(cand: Candidate) -> str:
-    """Deterministic per frame, so a frame re-scored after a crash overwrites its own overlay."""
-    digest = hashlib.sha1("|".join(map(str, cand.key)).encode()).hexdigest()[:10]
-    return f"{cand.path.stem}-{digest}.png"  # write_overlay writes PNG
-
-
-# ---------------------------------------------------------------------------------------------
-# After the row is committed: keep, move or delete
-
-_move_lock = threading.Lock()  # lanes move concurrently; free-name search + rename must be atomic
-
-
-def dispose(path: Path, size: int, mtime_ns: int, status: str, after: str, out: Path) -> str | None:
-    """Move or delete a frame whose row is committed; returns the new path (move) or None.
-
-    Leaves the file alone when it is no longer the frame of that row (same name, new content)."""
-    if after == "keep":
-        return str(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-        raise OSError(f"{path} changed after scoring; left in place as a new frame")
-    if after == "delete":
-        os.unlink(path)
-        return None
-    dest_dir = out / status
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    with _move_lock:
-        dest = dest_dir / path.name
-        n = 1
-        while os.path.lexists(dest):  # never overwrite an earlier frame of the same name
-            dest = dest_dir / f"{path.stem}-{n}{path.suffix}"
-            n += 1
-        try:
-            os.rename(path, dest)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:  # OUT on another filesystem: copy, then delete
-                raise
-            shutil.move(str(path), str(dest))
-    return str(dest)
-
-
-# ---------------------------------------------------------------------------------------------
-# Discovery
+# (path, size, mtime_ns, status) of a frame committed by an earlier run -> True if the file remains
+DisposeCommitted = Callable[[Path, int, int, str], bool]
 
 
 @dataclass
@@ -202,7 +38,6 @@ class IntakeConfig:
     settle_ms: float
     rescan_seconds: float
     once: bool
-    after: str
 
 
 @dataclass
@@ -233,13 +68,14 @@ class Intake:
     to it through `inbox`, so no locks are needed and no event is lost."""
 
     def __init__(self, folders: list[Path], out: Path, config: IntakeConfig, store: ResultStore,
-                 queues: dict[Path, FrameQueue], warn: Callable[[str], None]) -> None:
+                 queues: dict[Path, queue.Queue], warn: Callable[[str], None],
+                 dispose_committed: DisposeCommitted) -> None:
         self.folders = folders
-        self.out = out
         self.cfg = config
         self.store = store
         self.queues = queues
         self.warn = warn
+        self._dispose_committed = dispose_committed
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.finished = threading.Event()  # once-mode: every backlog frame has its row
         self._halt = threading.Event()
@@ -249,8 +85,7 @@ class Intake:
         self._seq = 0
         self._outstanding = 0  # entries not yet done (once-mode exit condition)
         self._rescan_at = 0.0
-        self._scan_warned: set[str] = set()
-        self._excluded = [os.path.join(str(out), d) for d in OUTPUT_SUBDIRS]
+        self.files = Folders(folders, out, config.pattern, config.recursive, warn)
 
     # -- called from other threads ------------------------------------------------------------
 
@@ -284,7 +119,7 @@ class Intake:
         now, wall = time.monotonic(), time.time()
         present: set[str] = set()
         for root in self.folders:
-            for path in self._list(root):
+            for path in self.files.files_in(root):
                 present.add(path)
                 entry = self._entries.get(path)
                 if entry is None or entry.state == "done":
@@ -338,7 +173,7 @@ class Intake:
             self._rescan_at = min(self._rescan_at, time.monotonic() + 0.2)
 
     def _on_event(self, path: str, vouched: bool) -> None:
-        root = self._root_of(path)
+        root = self.files.root_of(path)
         if root is None:
             return
         now = time.monotonic()
@@ -381,7 +216,7 @@ class Intake:
 
     def _discover(self, path: str, root: Path, now: float, wall: float, vouched: bool) -> None:
         """A path not (or no longer) known as a pending frame."""
-        st = self._stat(path)
+        st = self.files.stat(path)
         old = self._entries.get(path)
         if st is None:
             if old is not None:
@@ -395,7 +230,8 @@ class Intake:
         status = self.store.status_of(path, size, mtime_ns)
         if status is not None:  # committed before (earlier run): finish what the crash interrupted
             self._entries[path] = _Entry(root, size, mtime_ns, now, wall, state="done")
-            self._dispose_committed(path, size, mtime_ns, status)
+            if not self._dispose_committed(Path(path), size, mtime_ns, status):
+                self._entries.pop(path, None)
             return
         entry = _Entry(root, size, mtime_ns, now, wall)
         self._entries[path] = entry
@@ -404,15 +240,6 @@ class Intake:
             self._make_ready(path, entry)
         else:
             self._schedule(path, entry, now + self.cfg.stable_ms / 1000)
-
-    def _dispose_committed(self, path: str, size: int, mtime_ns: int, status: str) -> None:
-        if self.cfg.after == "keep":
-            return
-        try:
-            dispose(Path(path), size, mtime_ns, status, self.cfg.after, self.out)
-            self._entries.pop(path, None)
-        except OSError as exc:
-            self.warn(f"could not {self.cfg.after} committed frame {path}: {exc}")
 
     def _check_due(self, now: float) -> None:
         while self._due and self._due[0].when <= now:
@@ -423,7 +250,7 @@ class Intake:
             self._stat_and_advance(item.path, entry, now, vouched=False)
 
     def _stat_and_advance(self, path: str, entry: _Entry, now: float, vouched: bool) -> None:
-        st = self._stat(path)
+        st = self.files.stat(path)
         if st is None:
             self._forget(path)
             return
@@ -493,90 +320,3 @@ class Intake:
 
     def _outstanding_change(self, delta: int) -> None:
         self._outstanding += delta
-
-    # -- files ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _stat(path: str) -> tuple[int, int] | None:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            try:  # a broken symlink is still a frame: it gets an error row
-                st = os.lstat(path)
-            except OSError:
-                return None
-        except OSError:
-            return None  # unreadable directory entry: the next rescan tries again
-        return st.st_size, st.st_mtime_ns
-
-    def wanted(self, path: str, root: Path) -> bool:
-        rel = os.path.relpath(path, root)
-        parts = rel.split(os.sep)
-        if parts[0] == ".." or (len(parts) > 1 and not self.cfg.recursive):
-            return False
-        if any(p.startswith(".") for p in parts):
-            return False  # hidden files: the usual temporary name of a frame being written
-        if any(path.startswith(ex + os.sep) for ex in self._excluded):
-            return False  # our own overlays and moved frames when OUT lies inside a folder
-        name = parts[-1]
-        if self.cfg.pattern:
-            return fnmatch.fnmatchcase(name.lower(), self.cfg.pattern.lower())
-        return is_image_path(Path(name))
-
-    def _root_of(self, path: str) -> Path | None:
-        for root in sorted(self.folders, key=lambda p: -len(str(p))):
-            if path.startswith(str(root) + os.sep) and self.wanted(path, root):
-                return root
-        return None
-
-    def _list(self, root: Path) -> list[str]:
-        found: list[str] = []
-        try:
-            if self.cfg.recursive:
-                for dirpath, dirnames, filenames in os.walk(root, onerror=self._scan_error):
-                    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                    found.extend(os.path.join(dirpath, n) for n in filenames)
-            else:
-                with os.scandir(root) as it:
-                    found.extend(e.path for e in it if not e.is_dir(follow_symlinks=False))
-            self._scan_warned.discard(str(root))
-        except OSError as exc:
-            self._scan_error(exc)
-        return [p for p in found if self.wanted(p, root)]
-
-    def _scan_error(self, exc: OSError) -> None:
-        where = str(exc.filename)
-        if where not in self._scan_warned:  # a dropped network share: say it once, keep trying
-            self._scan_warned.add(where)
-            self.warn(f"cannot list {where}: {exc.strerror or exc}; retrying")
-
-
-def make_handler(intake: Intake):  # noqa: ANN201 (watchdog is imported lazily)
-    """A watchdog handler that only forwards paths; all decisions happen on the intake thread."""
-    from watchdog.events import FileSystemEventHandler
-
-    class Handler(FileSystemEventHandler):
-        def on_created(self, event) -> None:  # noqa: ANN001
-            if event.is_directory:
-                intake.rescan_soon()  # files may land in it before its watch is set up
-            else:
-                intake.notify(_text(event.src_path), vouched=False)
-
-        def on_modified(self, event) -> None:  # noqa: ANN001
-            if not event.is_directory:
-                intake.notify(_text(event.src_path), vouched=False)
-
-        def on_closed(self, event) -> None:  # noqa: ANN001  (IN_CLOSE_WRITE: the writer is done)
-            intake.notify(_text(event.src_path), vouched=True)
-
-        def on_moved(self, event) -> None:  # noqa: ANN001  (rename into the folder: atomic publish)
-            if event.is_directory:
-                intake.rescan_soon()
-            else:
-                intake.notify(_text(event.dest_path), vouched=True)
-
-    return Handler()
-
-
-def _text(p: str | bytes) -> str:
-    return os.fsdecode(p)

@@ -1,8 +1,9 @@
 """The results store of `inspect watch`: SQLite is the truth, `results.jsonl` is its mirror.
 
-One row per frame, a frame being (absolute path, size, mtime_ns) — see intake.py for why not the path
-alone. `INSERT OR IGNORE` on that UNIQUE key, one transaction per batch, makes a frame's row commit
-exactly once however often the frame is scored (crash + restart, a rescan racing an event).
+One row per frame (a `scoring.record.Record`, the record `inspect score` prints too), a frame being
+(absolute path, size, mtime_ns): see line/frame.py for why not the path alone. `INSERT OR IGNORE` on
+that UNIQUE key, one transaction per batch, makes a frame's row commit exactly once however often the
+frame is scored (crash + restart, a rescan racing an event).
 
 Durability: WAL with synchronous=FULL. With NORMAL, a power cut can roll back the last committed
 transactions; the watcher moves or deletes a frame right after its commit, so a rolled-back row would
@@ -10,6 +11,9 @@ be a frame lost with no result. FULL costs one fsync per batch (a few ms here, o
 
 The JSON lines are appended only after the commit, in row-id order, so the file is always a prefix of
 the table; on start-up a torn last line is cut off and the rows the crash kept from it are appended.
+
+Both files are checked before each batch: one deleted or replaced under a running watcher is written
+again from the open database (which still holds every row), so a restart never scores the line again.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import json
 import os
 import sqlite3
 import threading
-from dataclasses import dataclass, fields
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 from diffinspect import DiffinspectError
+from diffinspect.scoring.record import Record, storable
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -50,34 +56,16 @@ CREATE TABLE IF NOT EXISTS frames (
 """
 
 
-@dataclass
-class FrameRow:
-    path: str
-    folder: str
-    size: int
-    mtime: float
-    mtime_ns: int
-    status: str
-    score: float | None
-    threshold: float | None
-    detector: str | None
-    backend: str | None
-    latency_ms: float | None
-    overlay: str | None
-    error: str | None
-    fallback_reason: str | None
-    received_at: float
-    scored_at: float
-    id: int | None = None
-
-
-_COLUMNS = [f.name for f in fields(FrameRow) if f.name != "id"]
+# The table's columns in schema order (also the order of the JSON lines' keys).
+_COLUMNS = ["path", "folder", "size", "mtime", "mtime_ns", "status", "score", "threshold", "detector", "backend",
+            "latency_ms", "overlay", "error", "fallback_reason", "received_at", "scored_at"]
 _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+_TEXT_COLUMNS = ("path", "folder", "overlay", "error", "fallback_reason", "backend", "detector")
 _SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM frames"
 
 
-def row_json(row: FrameRow | dict) -> str:
+def row_json(row: Record | dict) -> str:
     get = row.get if isinstance(row, dict) else functools.partial(getattr, row)
     return json.dumps({"id": get("id"), **{c: get(c) for c in _COLUMNS}})
 
@@ -85,18 +73,15 @@ def row_json(row: FrameRow | dict) -> str:
 class ResultStore:
     """Thread-safe: lanes commit concurrently, the intake thread looks frames up."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, warn: Callable[[str], None] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
+        self._warn = warn or (lambda msg: None)
         self._lockfile = _exclusive_lock(out / ".watch.lock")
         self.db_path = out / "results.db"
         self.jsonl_path = out / "results.jsonl"
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            self._db = self._connect()
             self.reconciled = self._reconcile_jsonl()
         except (sqlite3.Error, OSError) as exc:
             self._lockfile.close()
@@ -105,16 +90,28 @@ class ResultStore:
         self._jsonl: TextIO | None = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
         self._jsonl_last = self._max_id()
         self._jsonl_behind = False
+        self._idents = (_ident(self.db_path), _ident(self.jsonl_path))
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        return db
 
     def status_of(self, path: str, size: int, mtime_ns: int) -> str | None:
         with self._lock:
             hit = self._db.execute("SELECT status FROM frames WHERE path=? AND size=? AND mtime_ns=?",
-                                   (path, size, mtime_ns)).fetchone()
+                                   (storable(path), size, mtime_ns)).fetchone()
         return hit[0] if hit else None
 
-    def commit(self, rows: list[FrameRow]) -> list[FrameRow]:
+    def commit(self, rows: list[Record]) -> list[Record]:
         """Commit a batch in one transaction; returns the rows that were new (ids set)."""
+        for row in rows:  # the row as recorded is what the hooks, the mirror and the console see
+            for c in _TEXT_COLUMNS:
+                setattr(row, c, storable(getattr(row, c)))
         with self._lock:
+            self._keep_files()
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -143,15 +140,57 @@ class ResultStore:
 
     def close(self) -> None:
         with self._lock:
+            with contextlib.suppress(Exception):  # rows are worth a last check; closing must not fail
+                self._keep_files()
             if self._jsonl is not None:
                 with contextlib.suppress(OSError):
                     self._jsonl.close()
             self._db.close()
             self._lockfile.close()
 
+    def _keep_files(self) -> None:
+        """results.db or results.jsonl deleted or replaced while watching: write it again (under the lock)."""
+        db_ident, jsonl_ident = _ident(self.db_path), _ident(self.jsonl_path)
+        if db_ident != self._idents[0]:
+            self._restore_db()
+        if jsonl_ident != self._idents[1]:
+            if self._jsonl is not None:
+                with contextlib.suppress(OSError):
+                    self._jsonl.close()
+                self._jsonl = None
+            self._warn(f"{self.jsonl_path} was deleted or replaced while watching: written again from results.db")
+            self._set_aside(self.jsonl_path)
+            self.reconciled += self._reconcile_jsonl()
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+            self._jsonl_last, self._jsonl_behind = self._max_id(), False
+        self._idents = (_ident(self.db_path), _ident(self.jsonl_path))
+
+    def _restore_db(self) -> None:
+        """Copy the open (unlinked) database to its path again; what replaced it is kept aside."""
+        tmp = self.db_path.with_name(".results.db.restoring")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        copy = sqlite3.connect(tmp)
+        try:
+            self._db.backup(copy)
+        finally:
+            copy.close()
+        self._db.close()  # checkpoints into the old file and removes its -wal/-shm by name
+        self._set_aside(self.db_path)
+        os.replace(tmp, self.db_path)
+        self._db = self._connect()
+        self._warn(f"{self.db_path} was deleted or replaced while watching: written again from the open "
+                   f"database ({self._max_id()} rows kept)")
+
+    @staticmethod
+    def _set_aside(path: Path) -> None:
+        """A file someone put in our place is renamed, never deleted."""
+        if path.exists():
+            os.replace(path, path.with_name(f"{path.name}.replaced-{int(time.time())}"))
+
     # -- the JSONL mirror ----------------------------------------------------------------------
 
-    def _mirror(self, inserted: list[FrameRow]) -> None:
+    def _mirror(self, inserted: list[Record]) -> None:
         """Append after the commit. A failed write (disk full) is caught up from the table later,
         so the file stays an in-order prefix of the table."""
         if self._jsonl_behind:
@@ -215,6 +254,14 @@ class ResultStore:
 
     def _max_id(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
+
+
+def _ident(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _last_jsonl_id(path: Path) -> int | None:

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from diffinspect import DiffinspectError
+from diffinspect.data.image import convert_color
 
 FEATURE_VERSION = 1
 GRID = 4  # cells per side for local statistics: a 4x4 grid localizes changes to 1/16 of the frame
@@ -91,9 +92,9 @@ def _channels(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if img.shape[2] == 1:
         luma = img[:, :, 0].astype(np.float32) * np.float32(1.0 / 255.0)
         return luma, np.zeros((2, *luma.shape), dtype=np.float32)
-    # Luma via OpenCV's 8-bit conversion: a gray picture stored as three equal channels gives exactly
-    # its gray values, so it embeds exactly like the same picture stored as one channel.
-    luma = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32) * np.float32(1.0 / 255.0)
+    # The 8-bit luma of decoding: a gray picture stored as three equal channels gives exactly its gray
+    # values, so it embeds exactly like the same picture stored as one channel.
+    luma = convert_color(img, "gray")[:, :, 0].astype(np.float32) * np.float32(1.0 / 255.0)
     x = img.astype(np.float32) * np.float32(1.0 / 255.0)
     r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
     # Opponent channels decorrelate colour from brightness, so a lighting change moves luma only.

@@ -63,6 +63,13 @@ def write_overlay(path: str | Path, image: np.ndarray) -> Path:
     return path
 
 
+def save_overlay(path: str | Path, frame: np.ndarray, amap: np.ndarray | None, score: float, threshold: float,
+                 label: str, pixel_threshold: float | None = None) -> Path:
+    """Render and write one overlay (PNG); amap already on the frame's pixel grid. The one overlay writer
+    of `inspect score` and `inspect watch`."""
+    return write_overlay(path, render_overlay(frame, amap, score, threshold, label, pixel_threshold))
+
+
 def _to_bgr(frame: np.ndarray) -> np.ndarray:
     if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
         raise DiffinspectError(f"overlay frame must be uint8, got {getattr(frame, 'dtype', type(frame))}")

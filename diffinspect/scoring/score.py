@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from diffinspect.data.datasets import list_images
 from diffinspect.data.image import ImageError, read_image
 from diffinspect.scoring.detector import Detector, label_for
-
-
-@dataclass
-class Record:
-    path: str
-    score: float | None
-    threshold: float
-    label: str  # ok | ng | error
-    detector: str
-    backend: str
-    latency_ms: float | None
-    overlay: str | None
-    error: str | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from diffinspect.scoring.overlay import save_overlay
+from diffinspect.scoring.record import Record
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:
@@ -47,30 +34,31 @@ def score_paths(detector: Detector, paths: list[Path], overlay_dir: Path | None 
                 frames.append(read_image(p, detector.preprocess.color))
                 good.append(p)
             except ImageError as exc:
-                yield Record(str(p), None, detector.threshold, "error", detector.name, detector.backend,
-                             None, None, str(exc))
+                yield _record(detector, p, "error", error=str(exc))
         if not frames:
             continue
         t0 = time.perf_counter()
         result = detector.score(frames)
-        latency = (time.perf_counter() - t0) * 1000 / len(frames)
+        latency = round((time.perf_counter() - t0) * 1000 / len(frames), 2)
         for j, (p, frame) in enumerate(zip(good, frames, strict=True)):
             score = float(result.scores[j])
             label = label_for(score, detector.threshold)
             overlay = None
             if overlay_dir is not None and (overlays == "all" or (overlays == "ng" and label == "ng")):
-                overlay = str(_write_overlay(overlay_dir, p, frame, result.maps[j] if result.maps is not None
-                                             else None, score, detector, label))
-            yield Record(str(p), score, detector.threshold, label, detector.name, detector.backend,
-                         round(latency, 2), overlay, None)
+                amap = result.maps[j] if result.maps is not None else None
+                overlay = str(_write_overlay(overlay_dir / f"{p.stem}_{label}.png", frame, amap, score, detector,
+                                             label))
+            yield _record(detector, p, label, score=score, latency_ms=latency, overlay=overlay)
 
 
-def _write_overlay(folder: Path, path: Path, frame, amap, score: float, detector: Detector, label: str) -> Path:
-    from diffinspect.scoring.overlay import render_overlay, write_overlay
+def _record(detector: Detector, path: Path, label: str, **kw: object) -> Record:
+    base = dict(score=None, latency_ms=None, overlay=None, error=None)
+    return Record(path=str(path), status=label, threshold=detector.threshold, detector=detector.name,
+                  backend=detector.backend, **{**base, **kw})
 
-    if amap is not None:
+
+def _write_overlay(target: Path, frame: np.ndarray, amap: np.ndarray | None, score: float, detector: Detector,
+                   label: str) -> Path:
+    if amap is not None:  # back onto the frame's pixel grid (ROI, crop, pad undone)
         amap = detector.preprocess.map_to_frame(amap, frame.shape)
-    image = render_overlay(frame, amap, score, detector.threshold, label, detector.pixel_threshold)
-    target = folder / f"{path.stem}_{label}.png"
-    write_overlay(target, image)
-    return target
+    return save_overlay(target, frame, amap, score, detector.threshold, label, detector.pixel_threshold)

@@ -1,0 +1,122 @@
+"""The commit stage of `inspect watch`, the one place a frame's row is committed: overlay first, then
+the row (one transaction per batch), then the `on_commit` hooks, then the file is kept, moved or
+deleted, and the intake hears that the frame is done."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from diffinspect.line.console import Say, describe
+from diffinspect.line.disposal import Disposal
+from diffinspect.line.frame import Candidate, Item
+from diffinspect.line.results import ResultStore
+from diffinspect.scoring.record import Record
+
+# (path, frame uint8 (H, W, C), map on the frame's pixel grid or None, score, threshold, label,
+#  pixel_threshold) -> None
+OverlayWriter = Callable[[Path, np.ndarray, "np.ndarray | None", float, float, str, "float | None"], None]
+CommitHook = Callable[[list[Record]], None]
+
+
+def overlay_name(cand: Candidate) -> str:
+    """Deterministic per frame, so a frame re-scored after a crash overwrites its own overlay."""
+    digest = hashlib.sha1("|".join(map(str, cand.key)).encode()).hexdigest()[:10]
+    return f"{cand.path.stem}-{digest}.png"  # save_overlay writes PNG
+
+
+class Committer:
+    """Shared by the lanes (each commits from its own thread). on_commit hooks get the rows that were
+    new, after their transaction and before their files are moved; a failing hook costs a warning."""
+
+    def __init__(self, store: ResultStore, out: Path, overlays: str, overlay_writer: OverlayWriter | None,
+                 disposal: Disposal, done: Callable[[Candidate, bool], None], say: Say,
+                 stopping: threading.Event) -> None:
+        self.store, self.overlay_dir, self.overlays = store, out / "overlays", overlays
+        self.overlay_writer, self.disposal, self.done = overlay_writer, disposal, done
+        self.say, self.stopping = say, stopping
+        self.on_commit: list[CommitHook] = []
+
+    def commit(self, items: list[Item]) -> None:
+        rows = [self._safe_row(it) for it in items]
+        inserted = self._commit_rows(rows)
+        if inserted is None:
+            return  # given up while stopping: no rows, the files stay for the next start
+        for hook in self.on_commit:
+            try:
+                hook(inserted)
+            except Exception as exc:  # the rows are committed; a hook must not hold up the line
+                self.say.warn_once(f"on_commit:{type(exc).__name__}", f"after commit: {describe(exc)}")
+        fresh = {id(r) for r in inserted}
+        for it, row in zip(items, rows, strict=True):
+            self._after(it.cand, row, id(row) in fresh)
+
+    def wants_overlay(self, it: Item) -> bool:
+        return (it.error is None and self.overlay_writer is not None
+                and (self.overlays == "all" or (self.overlays == "ng" and it.status == "ng")))
+
+    def _safe_row(self, it: Item) -> Record:
+        try:
+            return self._row(it)
+        except Exception as exc:  # a bug must cost this frame a proper result, never its row
+            it.error, it.det, it.frame = f"internal error: {describe(exc)}", None, None
+            return self._row(it)
+
+    def _row(self, it: Item) -> Record:
+        c, det, bad = it.cand, it.det, it.error is not None
+        return Record(
+            path=str(c.path), folder=str(c.folder), size=c.size, mtime=c.mtime_ns / 1e9,
+            mtime_ns=c.mtime_ns, status="error" if bad else it.status,
+            score=None if bad else it.score, threshold=None if bad else float(det.threshold),
+            detector=None if bad else det.name, backend=None if bad else det.backend,
+            latency_ms=None, overlay=None if bad else self._overlay(it), error=it.error,
+            fallback_reason=it.fallback_reason, received_at=c.received_at, scored_at=0.0)
+
+    def _overlay(self, it: Item) -> str | None:
+        """Written before the row is committed, so a row's overlay path always exists."""
+        if not self.wants_overlay(it) or it.frame is None:
+            return None
+        path = self.overlay_dir / overlay_name(it.cand)
+        try:
+            amap = None
+            if it.amap is not None:  # back onto the frame's pixel grid (ROI, crop, pad undone)
+                amap = it.det.preprocess.map_to_frame(np.asarray(it.amap, np.float32), it.frame.shape)
+            self.overlay_writer(path, it.frame, amap, it.score, float(it.det.threshold), it.status,
+                                it.det.pixel_threshold)
+        except Exception as exc:
+            self.say.warn_once(f"overlay:{type(exc).__name__}", f"overlay not written ({describe(exc)})")
+            return None
+        return str(path)
+
+    def _commit_rows(self, rows: list[Record]) -> list[Record] | None:
+        attempt = 0
+        while True:
+            now = time.time()
+            for r in rows:
+                r.scored_at, r.latency_ms = now, round((now - r.received_at) * 1000, 3)
+            try:
+                return self.store.commit(rows)
+            except Exception as exc:  # disk full, locked, I/O error: hold the line's results, retry
+                attempt += 1
+                self.say.warn_once(f"db:{type(exc).__name__}", f"cannot commit results "
+                                   f"({describe(exc)}); retrying every second")
+                if self.stopping.is_set() and attempt >= 3:
+                    return None
+                time.sleep(1.0)
+
+    def _after(self, cand: Candidate, row: Record, fresh: bool) -> None:
+        """Keep, move or delete a committed frame; the intake hears about it whatever happens."""
+        remains = True
+        try:
+            if self.disposal.after != "keep":
+                status = row.status if fresh else self.store.status_of(*cand.key) or row.status
+                remains = self.disposal(cand.path, cand.size, cand.mtime_ns, status)
+        except Exception as exc:  # left in place; its row is committed, so it is never re-scored
+            self.say.warn(f"could not {self.disposal.after} {cand.path}: {exc}")
+        finally:
+            self.done(cand, remains)

@@ -1,0 +1,246 @@
+"""Detector supervision of `inspect watch`: a lane keeps its diffusion detector when it can and its
+fallback always; a failing or hung backend costs a warning and a re-creation attempt, never a frame.
+
+Hang isolation: Python cannot kill a thread, so a backend's calls run on a thread of their own
+(`Caller`) and the lane stops waiting for a call that hangs past score_timeout_s.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from diffinspect.data.image import convert_color
+from diffinspect.line.console import Say, describe
+from diffinspect.line.frame import Item
+from diffinspect.line.options import WatchOptions
+from diffinspect.scoring.detector import Detector, label_for
+
+DetectorFactory = Callable[[], Detector]
+
+
+class Caller:
+    """Runs a backend's calls on its own daemon thread so a hung call can be abandoned: Python cannot
+    kill a thread, but the line can stop waiting for it."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="watch-diffusion", daemon=True).start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, box, done = job
+            try:
+                box["value"] = fn(*args)
+            except BaseException as exc:  # handed to the caller, like a future
+                box["error"] = exc
+            done.set()
+
+    def call(self, fn: Callable, args: tuple, timeout: float | None):  # noqa: ANN201
+        box: dict = {}
+        done = threading.Event()
+        self._jobs.put((fn, args, box, done))
+        if not done.wait(timeout):
+            raise TimeoutError(f"no answer within {timeout:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+class Supervisor:
+    """Keeps a diffusion detector when it can and the fallback always: a failing or hung backend
+    costs a warning and a re-creation attempt after retry_seconds, never a frame."""
+
+    def __init__(self, make_primary: DetectorFactory, make_fallback: DetectorFactory, opts: WatchOptions,
+                 say: Say) -> None:
+        self._make_primary, self._make_fallback = make_primary, make_fallback
+        self._opts, self._say = opts, say
+        self._lock = threading.Lock()
+        self.primary: Detector | None = None
+        self._caller: Caller | None = None
+        self.down = "not loaded yet"
+        self._retry_at = 0.0
+        self._loading = False
+        self.fallback: Detector | None = None
+        self._fb_down = "not loaded yet"
+        self._fb_retry_at = 0.0
+        self._est_s = 0.0  # recent diffusion time per batch, for max-latency routing
+
+    def start(self) -> None:
+        """Load both detectors. A diffusion load that hangs (a wedged accelerator) is left to finish
+        in the background after score_timeout_s while the fallback scores frames."""
+        self._fallback_now()
+        self._loading, self.down = True, "diffusion detector still loading"
+        loader = threading.Thread(target=self._load_primary, name="watch-load", daemon=True)
+        loader.start()
+        loader.join(self._opts.score_timeout_s)
+        if loader.is_alive():
+            self._say.warn(f"diffusion detector not loaded after {self._opts.score_timeout_s:g} s; "
+                           f"the fallback scores frames until it is")
+
+    @property
+    def color(self) -> str:
+        det = self.primary or self.fallback
+        return det.preprocess.color if det is not None else "rgb"
+
+    def state(self) -> str:
+        if self.primary is not None:
+            return f"{self.primary.name} ({self.primary.backend})"
+        wait = max(0.0, self._retry_at - time.monotonic())
+        retry = "loading" if self._loading else f"retry in {wait:.0f} s"
+        return f"FALLBACK ({self.down}; {retry})"
+
+    def _load_primary(self) -> None:
+        try:
+            det = self._make_primary()
+        except Exception as exc:
+            with self._lock:
+                self.down = f"diffusion detector unavailable: {describe(exc)}"
+                self._retry_at = time.monotonic() + self._opts.retry_seconds
+                self._loading = False
+            self._say.warn(f"{self.down}; the fallback scores frames, "
+                           f"retry in {self._opts.retry_seconds:g} s")
+            return
+        with self._lock:
+            self.primary, self._loading = det, False
+            self._caller = Caller() if self._opts.score_timeout_s else None
+        self._say.info(f"{det.name} detector ready ({det.backend})")
+
+    def _primary_now(self) -> tuple[Detector | None, Caller | None]:
+        with self._lock:
+            if self.primary is None and not self._loading and time.monotonic() >= self._retry_at:
+                self._loading = True  # load in the background: the fallback keeps the line going
+                threading.Thread(target=self._load_primary, name="watch-reload", daemon=True).start()
+            return self.primary, self._caller
+
+    def _fail_primary(self, det: Detector, reason: str) -> None:
+        with self._lock:
+            if self.primary is not det:
+                return
+            if self._caller is not None:
+                self._caller.close()
+            self.primary, self._caller, self.down = None, None, reason
+            self._retry_at = time.monotonic() + self._opts.retry_seconds
+        self._say.warn(f"{reason}; the fallback scores frames, re-creating the detector in "
+                       f"{self._opts.retry_seconds:g} s")
+
+    def _fallback_now(self) -> Detector | None:
+        if self.fallback is None and time.monotonic() >= self._fb_retry_at:
+            try:
+                self.fallback = self._make_fallback()
+            except Exception as exc:
+                self._fb_down = describe(exc)
+                self._fb_retry_at = time.monotonic() + self._opts.retry_seconds
+                self._say.warn(f"fallback detector unavailable: {self._fb_down}")
+        return self.fallback
+
+    def score(self, items: list[Item]) -> None:
+        """Fill in score/status/det (or error) of decoded items."""
+        primary, caller = self._primary_now()
+        to_primary, to_fallback = self._route(items, primary)
+        if primary is not None and to_primary:
+            to_fallback += self._score_primary(primary, caller, to_primary)
+        if to_fallback:
+            self._score_fallback(to_fallback)
+
+    def _route(self, items: list[Item], primary: Detector | None) -> tuple[list[Item], list[Item]]:
+        """(for diffusion, for the fallback): all to the fallback while diffusion is down, and the frames
+        diffusion would finish past max_latency_ms."""
+        fallback = self._fallback_now()
+        now = time.time()
+        limit = self._opts.max_latency_ms
+        to_primary: list[Item] = []
+        to_fallback: list[Item] = []
+        for it in items:
+            if primary is None:
+                it.fallback_reason = self.down
+                to_fallback.append(it)
+            elif (limit is not None and fallback is not None
+                  and now + self._est_s > it.cand.received_at + limit / 1000):
+                it.fallback_reason = f"latency: diffusion would miss the {limit:g} ms deadline"
+                to_fallback.append(it)
+            else:
+                to_primary.append(it)
+        return to_primary, to_fallback
+
+    def _score_primary(self, primary: Detector, caller: Caller | None, items: list[Item]) -> list[Item]:
+        """Score with diffusion; returns the items the fallback has to score instead."""
+        t0 = time.monotonic()
+        try:
+            frames = [convert_color(it.frame, primary.preprocess.color) for it in items]
+            if caller is not None:
+                scored = caller.call(primary.score, (frames,), self._opts.score_timeout_s)
+            else:
+                scored = primary.score(frames)
+            scores, maps = _check_scored(scored, len(frames))
+        except Exception as exc:
+            reason = f"diffusion detector failed: {describe(exc)}"
+            self._fail_primary(primary, reason)
+            for it in items:
+                it.fallback_reason = reason
+            return items
+        self._est_s = 0.8 * self._est_s + 0.2 * (time.monotonic() - t0)
+        left: list[Item] = []
+        for i, it in enumerate(items):
+            if math.isfinite(scores[i]):
+                _assign(it, primary, scores[i], None if maps is None else maps[i])
+            else:
+                it.fallback_reason = "diffusion score not finite"
+                left.append(it)
+        return left
+
+    def _score_fallback(self, items: list[Item]) -> None:
+        det = self._fallback_now()
+        if det is None:
+            for it in items:
+                it.error = f"no detector could score it ({it.fallback_reason}; fallback: {self._fb_down})"
+            return
+        frames = [convert_color(it.frame, det.preprocess.color) for it in items]
+        try:
+            scores, maps = _check_scored(det.score(frames), len(frames))
+            results = [(s, None if maps is None else maps[i], None) for i, s in enumerate(scores)]
+        except Exception as exc:
+            self._say.warn_once(f"fallback:{type(exc).__name__}", f"fallback failed on a batch "
+                                f"({describe(exc)}); scoring its frames one by one")
+            results = [self._one(det, f) for f in frames]
+            if all(err is not None for _, _, err in results):  # the instance is broken: replace it
+                self.fallback, self._fb_down = None, results[0][2]
+                self._fb_retry_at = time.monotonic() + self._opts.retry_seconds
+        for it, (s, amap, err) in zip(items, results, strict=True):
+            if err is not None:
+                it.error = f"scoring failed ({it.fallback_reason}; fallback: {err})"
+            elif not math.isfinite(s):
+                it.error = f"scoring failed ({it.fallback_reason}; fallback: score not finite)"
+            else:
+                _assign(it, det, s, amap)
+
+    @staticmethod
+    def _one(det: Detector, frame: np.ndarray) -> tuple[float, np.ndarray | None, str | None]:
+        try:
+            scores, maps = _check_scored(det.score([frame]), 1)
+            return scores[0], None if maps is None else maps[0], None
+        except Exception as exc:
+            return math.nan, None, describe(exc)
+
+
+def _check_scored(scored: object, n: int) -> tuple[list[float], np.ndarray | None]:
+    scores = np.asarray(scored.scores, dtype=np.float64).reshape(-1)
+    if scores.shape[0] != n:
+        raise ValueError(f"returned {scores.shape[0]} scores for {n} frames")
+    maps = scored.maps
+    if maps is not None and len(maps) != n:
+        maps = None  # a map we cannot attribute is only an overlay lost; the scores still count
+    return [float(s) for s in scores], maps
+
+
+def _assign(it: Item, det: Detector, score: float, amap: np.ndarray | None) -> None:
+    it.det, it.score, it.amap = det, score, amap
+    it.status = label_for(score, det.threshold)

@@ -1,0 +1,61 @@
+"""The result of scoring one frame, errors included: what `inspect score` prints and what `inspect watch`
+commits as a row of results.db / results.jsonl."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# `inspect score --json` keys, in order ("label" is the status under its user-facing name).
+SCORE_KEYS = ("path", "score", "threshold", "label", "detector", "backend", "latency_ms", "overlay", "error")
+
+
+def storable(text: str | None) -> str | None:
+    """Text SQLite and JSON can hold. A file name that is not valid UTF-8 reaches Python with its bad
+    bytes as lone surrogates, which sqlite3 refuses; those bytes are written as \\xNN instead, so the
+    name stays readable and distinct (the frame's identity also holds its size and mtime_ns)."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeError:  # a lone surrogate that no file name produced
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@dataclass
+class Record:
+    path: str
+    status: str  # ok | ng | error
+    score: float | None
+    threshold: float | None
+    detector: str | None  # diffusion | copod
+    backend: str | None
+    latency_ms: float | None  # score: detector time per frame; watch: first seen -> row written
+    overlay: str | None
+    error: str | None
+    # Where a watched frame came from and when; `inspect score` leaves them unset.
+    folder: str | None = None  # the watched folder (camera)
+    size: int | None = None
+    mtime: float | None = None  # unix seconds
+    mtime_ns: int | None = None  # exact, part of the frame's identity
+    fallback_reason: str | None = None  # why the fallback scored it (None when diffusion did)
+    received_at: float | None = None  # unix seconds, when the watcher first saw the file
+    scored_at: float | None = None  # unix seconds, when the row was written
+    id: int | None = None  # row id once committed
+
+    @property
+    def label(self) -> str:
+        return self.status
+
+    def to_dict(self) -> dict:
+        """The `inspect score --json` line."""
+        return {k: _text(getattr(self, "status" if k == "label" else k)) for k in SCORE_KEYS}
+
+
+def _text(value: object) -> object:
+    return storable(value) if isinstance(value, str) else value
