@@ -3,6 +3,7 @@ order, none lost, through outages, restarts, kill -9 and refused credentials."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -121,6 +122,20 @@ def test_events_are_delivered_once_the_station_has_an_events_table(tmp_path: Pat
     wait_for(lambda: ("events", 1) in out.got, what="the event")
     box.stop()
     store.close()
+
+
+def test_outbox_follows_results_db_written_again_after_it_was_deleted(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "out", warn=lambda _: None)
+    out = FlakyOutput(0)
+    box = Outbox(store.db_path, [out], Warnings()).start()
+    first = commit(store, box, [frame_row(i) for i in range(5)])
+    wait_for(lambda: len(out.got) == 5)
+    store.db_path.unlink()  # an operator cleaning up under a running watcher
+    later = commit(store, box, [frame_row(i) for i in range(5, 10)])  # the store writes the file again
+    wait_for(lambda: len(out.got) >= 10, what="the rows committed after the database came back")
+    box.stop()
+    store.close()
+    assert [i for _, i in out.got] == first + later
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -383,3 +398,46 @@ def test_cli_refuses_a_bad_output_in_one_line(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "diffinspect", "watch", "cam", "--model", "model", "--once",
                           "--mqtt", "http://broker"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "mqtt://host:1883" in res.stderr + res.stdout
+
+
+@needs_mosquitto
+def test_watch_with_refused_credentials_scores_everything_and_says_so_once(tmp_path: Path, capsys) -> None:
+    from watch_fakes import Factory
+
+    from diffinspect.line.mqtt_output import MqttOutput
+    from diffinspect.line.watch import WatchOptions, run_watch
+
+    broker = Broker(tmp_path / "broker", users={"station": "right"}).start()
+    try:
+        cam = tmp_path / "cam1"
+        cam.mkdir()
+        for i in range(20):
+            write_frame(cam / f"f{i:03d}.png", 30 + 5 * i)
+        out = MqttOutput(MqttConfig(url=broker.url, station="st1", username="station", password="wrong"))
+        summary = run_watch([cam], tmp_path / "out", Factory(), Factory(name="copod"),
+                            WatchOptions(once=True, quiet=True, stable_ms=20, overlays="none"), outputs=[out])
+    finally:
+        broker.stop()
+    assert summary.frames == 20 and pending(tmp_path / "out" / "results.db", "mqtt") == 20
+    said = [line for line in capsys.readouterr().err.splitlines() if "mqtt:" in line]
+    assert len(said) == 1 and "refused the connection" in said[0] and "results wait in results.db" in said[0]
+
+
+@needs_mosquitto
+def test_mqtt_events_go_to_the_event_topic(tmp_path: Path, broker: Broker) -> None:
+    sub = Subscriber(broker)
+    store = ResultStore(tmp_path / "out")
+    with Outbox(store.db_path, [mqtt(broker)], Warnings(), poll_s=0.05):
+        db = sqlite3.connect(store.db_path, isolation_level=None)
+        db.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, at REAL, kind TEXT, name TEXT, state TEXT, "
+                   "detail TEXT)")
+        db.execute("INSERT INTO events (at, kind, name, state, detail) VALUES (1.5, 'alarm', 'drift', 'raised', "
+                   "'scores drifting up')")
+        db.close()
+        wait_for(lambda: len(sub.on("/event")) == 1, what="the event")
+    store.close()
+    topic = [t for t, _, _ in sub.messages if t.endswith("/event")][0]
+    assert topic == "diffinspect/st1/event"
+    assert json.loads(sub.on("/event")[0]) == {"id": 1, "at": 1.5, "kind": "alarm", "name": "drift",
+                                               "state": "raised", "detail": "scores drifting up"}
+    sub.close()

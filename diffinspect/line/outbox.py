@@ -25,6 +25,7 @@ does not replay the year); streams whose table does not exist yet start at their
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -134,24 +135,24 @@ class _Worker:
         self.state = OutputState(output.name)
         self.thread = threading.Thread(target=self._run, name=f"outbox-{output.name}", daemon=True)
         self._said: str | None = None
+        self._db: sqlite3.Connection | None = None
         self._tables: set[str] = set()
 
     def _run(self) -> None:
-        db = None
         try:
-            db = self._connect()
-            self._loop(db)
+            self._loop(self._connect())
         except Exception as exc:  # a bug or an unusable database: the line goes on without this output
             self.box.warn(f"{self.output.name}: output stopped ({type(exc).__name__}: {exc})")
         finally:
             with contextlib.suppress(Exception):
                 self.output.close()
             self.state.connected = False
-            if db is not None:
-                db.close()
+            if self._db is not None:
+                self._db.close()
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.box.db_path, timeout=30, isolation_level=None)
+        self._ident = _ident(self.box.db_path)
+        db = self._db = sqlite3.connect(self.box.db_path, timeout=30, isolation_level=None)
         db.execute("PRAGMA synchronous=NORMAL")
         self._refresh_tables(db)
         self.state.last_id = self._mark(db, "frames")
@@ -177,6 +178,11 @@ class _Worker:
                     continue
                 self.state.connected = True
             self.wake.clear()  # before reading: a commit after this point wakes the next round
+            if _ident(box.db_path) != self._ident:
+                # results.db deleted or replaced, and written again by the store: follow it (the marks
+                # came along in the copy) instead of reading a file that no longer gets rows.
+                db.close()
+                db = self._connect()
             if time.monotonic() >= next_tables:
                 self._refresh_tables(db)
                 next_tables = time.monotonic() + box.poll_s
@@ -238,6 +244,14 @@ class _Worker:
 
     def _backlog(self, db: sqlite3.Connection) -> int:
         return int(db.execute("SELECT COUNT(*) FROM frames WHERE id > ?", (self._mark(db, "frames"),)).fetchone()[0])
+
+
+def _ident(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _tables(db: sqlite3.Connection) -> set[str]:
