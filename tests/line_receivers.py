@@ -34,7 +34,7 @@ def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:  # n
 class Broker:
     """Mosquitto with persistence, so a subscriber's queued messages survive the broker's restart."""
 
-    def __init__(self, root: Path, users: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, users: dict[str, str] | None = None, tls: bool = False) -> None:
         assert MOSQUITTO is not None
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -52,6 +52,11 @@ class Broker:
             lines += ["allow_anonymous false", f"password_file {pw}"]
         else:
             lines += ["allow_anonymous true"]
+        if tls:  # a second listener with TLS (the subscriber stays on the plain one)
+            self.ca_file = make_certificates(root)
+            self.tls_port = free_port()
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {self.ca_file}",
+                      f"certfile {root / 'server.pem'}", f"keyfile {root / 'server.key'}"]
         self.conf = root / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
@@ -76,6 +81,20 @@ class Broker:
             return True
         except OSError:
             return False
+
+
+def make_certificates(root: Path) -> Path:
+    """A throw-away CA and a server certificate for 127.0.0.1 (openssl); returns the CA file."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (root / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    return root / "ca.pem"
 
 
 class Subscriber:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -34,7 +35,7 @@ class Warnings(list):
 def mqtt(broker: Broker, **kw: object):  # noqa: ANN201
     from diffinspect.line.mqtt_output import MqttOutput
 
-    return MqttOutput(MqttConfig(url=broker.url, station="st1", **kw))
+    return MqttOutput(MqttConfig(**{"url": broker.url, "station": "st1", **kw}))
 
 
 def commit(store: ResultStore, box: Outbox | None, rows: list) -> list[int]:
@@ -196,6 +197,28 @@ def test_mqtt_one_message_per_row_with_station_status(tmp_path: Path, broker: Br
     wait_for(lambda: late.on("/status") == ["offline"], what="the retained status")
     late.close()
     store.close()
+
+
+@needs_mosquitto
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")
+def test_mqtt_over_tls_checks_the_broker_certificate(tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker", tls=True).start()
+    try:
+        sub = Subscriber(broker)
+        store = ResultStore(tmp_path / "out")
+        url = f"mqtts://127.0.0.1:{broker.tls_port}"
+        warn = Warnings()
+        untrusted = mqtt(broker, url=url, ca_file=None)  # the system's CAs do not know the test CA
+        with pytest.raises(OutputError, match="TLS handshake with the MQTT broker 127.0.0.1.* failed"):
+            untrusted.open()
+        with Outbox(store.db_path, [mqtt(broker, url=url, ca_file=str(broker.ca_file))], warn) as box:
+            ids = commit(store, box, [frame_row(i) for i in range(5)])
+            wait_for(lambda: len(sub.verdicts()) == 5, what="verdicts over TLS")
+        assert [m["id"] for m in sub.verdicts()] == ids and warn == []
+        sub.close()
+        store.close()
+    finally:
+        broker.stop()
 
 
 @needs_mosquitto
