@@ -118,7 +118,9 @@ class MqttOutput:
                 raise OutputError(f"no answer from the {self.where} within {self.cfg.ack_timeout_s:g} s")
             raise OutputError(f"the {self.where} refused the connection: {connack}"
                               + (" (check username and password)" if _is_auth(connack) else ""))
-        self._status = None
+        # Up again: replace the last will's "offline" at once, not at the next frame.
+        self._publish(self.status_topic, b"online", retain=True)
+        self._status = "online"
 
     def close(self, say_offline: bool = True) -> None:
         client, self._client = self._client, None

@@ -117,9 +117,10 @@ class Outbox:
         self._drain_until = time.monotonic() + drain_s
         self._stop.set()
         self.wake()
+        deadline = time.monotonic() + drain_s + 15.0  # a send in flight may take its own timeout
         for w in self._workers:
             if w.thread.ident is not None:
-                w.thread.join(drain_s + 15.0)
+                w.thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> Outbox:
         return self.start()
@@ -178,21 +179,28 @@ class _Worker:
                     continue
                 self.state.connected = True
             self.wake.clear()  # before reading: a commit after this point wakes the next round
-            if _ident(box.db_path) != self._ident:
-                # results.db deleted or replaced, and written again by the store: follow it (the marks
-                # came along in the copy) instead of reading a file that no longer gets rows.
-                db.close()
-                db = self._connect()
-            if time.monotonic() >= next_tables:
-                self._refresh_tables(db)
-                next_tables = time.monotonic() + box.poll_s
-            waiting = self._backlog(db) if self.state.error is not None else 0
+            try:
+                if _ident(box.db_path) != self._ident:
+                    # results.db deleted or replaced, and written again by the store: follow it (the
+                    # marks came along in the copy) instead of reading a file that no longer gets rows.
+                    db.close()
+                    db = self._connect()
+                if time.monotonic() >= next_tables:
+                    self._refresh_tables(db)
+                    next_tables = time.monotonic() + box.poll_s
+                waiting = self._backlog(db) if self.state.error is not None else 0
+            except sqlite3.Error as exc:  # locked for long, or an I/O error: try again later
+                self._failed(exc)
+                box._stop.wait(backoff)
+                backoff = min(backoff * 2, box.backoff_s[1])
+                continue
             try:
                 sent = sum(self._deliver(db, s) for s in self.output.streams)
             except Exception as exc:
-                with contextlib.suppress(Exception):
-                    self.output.close()
-                self.state.connected = False
+                if not isinstance(exc, sqlite3.Error):
+                    with contextlib.suppress(Exception):
+                        self.output.close()
+                    self.state.connected = False
                 self._failed(exc)
                 if stopping:
                     return
