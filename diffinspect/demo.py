@@ -153,7 +153,7 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
         "frames_per_second": summary.fps if summary else None,
         "frames_scored": summary.frames if summary else _rows(results / "results.db"),
         "ng": summary.ng if summary else None, "errors": summary.error if summary else None,
-        "mqtt_acknowledged": mqtt.verdicts_acknowledged if mqtt else None, "mqtt_url": mqtt.cfg.url if mqtt else None,
+        "mqtt_acknowledged": mqtt.acknowledged_rows if mqtt else None, "mqtt_url": mqtt.cfg.url if mqtt else None,
     }
     return DemoResult(workdir, bundle, report_dir / "report.html", results / "results.db", results / "overlays",
                       dropped[0][0] if dropped else 0, dropped[0][1] if dropped else 0, export, headline,

@@ -60,7 +60,7 @@ def broker(tmp_path: Path):
 class FlakyOutput:
     """Refuses its first sends, then acknowledges; records what it acknowledged."""
 
-    name, streams = "flaky", ("frames", "events")
+    name, streams, acknowledged_rows = "flaky", ("frames", "events"), 0
 
     def __init__(self, fail_sends: int) -> None:
         self.fail_sends = fail_sends
@@ -191,7 +191,7 @@ def test_mqtt_one_message_per_row_with_station_status(tmp_path: Path, broker: Br
     topics = [t for t, _, _ in sub.messages if t.endswith("/verdict")]
     assert topics[0] == "diffinspect/st1/cam1/verdict" and topics[-1] == "diffinspect/st1/cam2/verdict"
     assert sub.on("/status") == ["online", "fallback", "online", "offline"]
-    assert out.acknowledged == 12 + 4
+    assert out.acknowledged_rows == 12 and out.acknowledged == 12 + 4  # and 4 status messages
     sub.close()
     late = Subscriber(broker)  # the status is retained: a dashboard starting later sees it
     wait_for(lambda: late.on("/status") == ["offline"], what="the retained status")
@@ -468,4 +468,31 @@ def test_mqtt_events_go_to_the_event_topic(tmp_path: Path, broker: Broker) -> No
     assert topic == "diffinspect/st1/event"
     assert json.loads(sub.on("/event")[0]) == {"id": 1, "at": 1.5, "kind": "alarm", "name": "drift",
                                                "state": "raised", "detail": "scores drifting up"}
+    sub.close()
+
+
+@needs_mosquitto
+def test_cli_watch_mqtt_flag_publishes_and_reports(tmp_path: Path, broker: Broker, monkeypatch) -> None:
+    from typer.testing import CliRunner
+    from watch_fakes import FakeDetector
+
+    import diffinspect.scoring.loader as loader
+    from diffinspect.cli import app
+
+    monkeypatch.setattr(loader, "load_detector", lambda *a, **k: FakeDetector())
+    monkeypatch.setattr(loader, "load_fallback", lambda *a, **k: FakeDetector(name="copod"))
+    monkeypatch.chdir(tmp_path)
+    Path("model").mkdir()
+    Path("model/manifest.json").write_text("{}")
+    Path("inspect.toml").write_text('[watch.mqtt]\nstation = "press-4"\ntopic = "plant/{station}/{camera}/verdict"\n')
+    Path("cam7").mkdir()
+    for i in range(6):
+        write_frame(Path("cam7") / f"f{i}.png", 20 * i + 10)
+    sub = Subscriber(broker, topic="plant/#")
+    res = CliRunner().invoke(app, ["watch", "cam7", "--model", "model", "--once", "--quiet", "--out", "res",
+                                   "--mqtt", broker.url])
+    assert res.exit_code == 0, res.output
+    assert "mqtt: 6 verdict(s) acknowledged in this run; 0 waiting" in " ".join(res.output.split())
+    wait_for(lambda: len(sub.verdicts()) == 6)
+    assert {t for t, _, _ in sub.messages if t.endswith("/verdict")} == {"plant/press-4/cam7/verdict"}
     sub.close()

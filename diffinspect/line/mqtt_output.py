@@ -73,7 +73,7 @@ class MqttOutput:
         self._connack: object | None = None
         self._status: str | None = None
         self.acknowledged = 0  # messages acknowledged by the broker (frames, events and status)
-        self.verdicts_acknowledged = 0
+        self.acknowledged_rows = 0
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -150,7 +150,7 @@ class MqttOutput:
             self._status = status
         camera = topic_part(Path(row.get("folder") or "").name)
         self._publish(self.cfg.topic.format(station=self.station, camera=camera), frame_message(row, self.station))
-        self.verdicts_acknowledged += 1
+        self.acknowledged_rows += 1
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         client = self._client

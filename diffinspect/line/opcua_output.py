@@ -53,7 +53,7 @@ class OpcuaOutput:
         self.where = f"OPC UA server {cfg.url}"
         self._client = None
         self._nodes: list[tuple[str, object, str]] = []  # (role, node, variant type name)
-        self.acknowledged = 0
+        self.acknowledged_rows = 0
 
     def open(self) -> None:
         from asyncua import ua
@@ -124,7 +124,7 @@ class OpcuaOutput:
         for (role, _node, _), status in zip(self._nodes, results, strict=True):
             if not status.is_good():
                 raise OutputError(f"the {self.where} refused the write of {role}: {status.name}")
-        self.acknowledged += 1
+        self.acknowledged_rows += 1
 
     def close(self) -> None:
         client, self._client = self._client, None

@@ -46,6 +46,7 @@ class OutputError(Exception):
 class Output(Protocol):
     name: str  # the mark's key in `deliveries`
     streams: tuple[str, ...]  # which of STREAMS it delivers
+    acknowledged_rows: int  # frames acknowledged by the receiver since it was made
 
     def open(self) -> None:
         """Connect; raise (OutputError for the actionable kinds) when the receiver cannot be reached."""
