@@ -210,7 +210,7 @@ def frame_row(i: int, folder: str = "/line/cam1", status: str | None = None, fal
 
 def main(argv: list[str]) -> None:
     """`python tests/line_receivers.py OUT CAMERA_FOLDER BROKER_URL`: `inspect watch` with fake detectors
-    and an MQTT output, until killed (the kill -9 test)."""
+    (20 ms per batch of 8, so a backlog takes a while) and an MQTT output, until killed (the kill -9 test)."""
     from watch_fakes import Factory
 
     from diffinspect.config import MqttConfig
@@ -220,7 +220,7 @@ def main(argv: list[str]) -> None:
     out, cam, url = argv
     opts = WatchOptions(batch=8, quiet=True, stable_ms=50, overlays="none", rescan_seconds=0.5)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the per-frame lines)
-    run_watch([Path(cam)], Path(out), Factory(cost_s=0.001), Factory(name="copod"), opts,
+    run_watch([Path(cam)], Path(out), Factory(cost_s=0.02), Factory(name="copod"), opts,
               outputs=[MqttOutput(MqttConfig(url=url, station="st1"))])
 
 

@@ -275,6 +275,7 @@ def test_watcher_killed_9_mid_backlog_resends_at_most_the_message_in_flight(tmp_
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
+        assert n_rows(out) < 300 or pending(out / "results.db", "mqtt") > 0  # killed mid-backlog
         wait_for(lambda: sub.on("/status")[-1:] == ["offline"], what="the last will")
     proc = watcher()
     try:
