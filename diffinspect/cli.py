@@ -315,6 +315,26 @@ def evaluate(
 
 
 @app.command()
+def station(
+    out: Path = typer.Argument(..., help="Results folder of `inspect watch` (holds results.db)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; any other than 127.0.0.1 needs a token."),
+    port: int = typer.Option(8765, "--port", help="TCP port."),
+    token: str | None = typer.Option(None, "--token", envvar="DIFFINSPECT_STATION_TOKEN",
+                                     help="Required on every request (?token=...); required off 127.0.0.1."),
+    shifts: str = typer.Option("06:00,14:00,22:00", "--shifts", help="Shift start times (local), HH:MM,..."),
+) -> None:
+    """A live web page over OUT/results.db: counts, trend, latency, rejects, health and drift alarms."""
+    from diffinspect.line.station import check_bind, parse_shifts, serve
+
+    _existing(out, "results folder")
+    check_bind(host, token)
+    parse_shifts(shifts)
+    url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+    console.print(f"station for {out} at {url} (read-only; Ctrl-C stops it)", highlight=False, soft_wrap=True)
+    serve(out, host, port, token, shifts)
+
+
+@app.command()
 def distill(
     bundle: Path = typer.Argument(..., help="Trained bundle; the student is written into it."),
     steps: int = typer.Option(2, "--steps", help="Student DDIM steps: 1, 2 or 4."),
@@ -375,6 +395,7 @@ def demo(
         f"false rejects {fmt(h['false_reject_rate'], '.1%')}   misses {fmt(h['miss_rate'], '.1%')}   "
         f"watch {fmt(h['frames_per_second'], '.1f')} frames/s",
         f"finished in {r.seconds / 60:.1f} min",
+        f"station view      {r.station}",
     ])
     Console().print(Panel(body, title="diffinspect demo", expand=False))
 

@@ -54,6 +54,7 @@ class DemoResult:
     export: str
     headline: dict
     seconds: float
+    station: str = ""  # the command that shows this run's results live in a browser
 
 
 def simulate_camera(feed: Path, plan: DemoPlan, seed: int = 1) -> tuple[int, int]:
@@ -155,9 +156,11 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
         "ng": summary.ng if summary else None, "errors": summary.error if summary else None,
         "mqtt_acknowledged": mqtt.acknowledged_rows if mqtt else None, "mqtt_url": mqtt.cfg.url if mqtt else None,
     }
+    station = f"inspect station {results}   (then open http://127.0.0.1:8765/)"
+    log(f"see this run in the station view: {station}")
     return DemoResult(workdir, bundle, report_dir / "report.html", results / "results.db", results / "overlays",
                       dropped[0][0] if dropped else 0, dropped[0][1] if dropped else 0, export, headline,
-                      time.monotonic() - t0)
+                      time.monotonic() - t0, station)
 
 
 def _local_broker(folder: Path, log: Callable[[str], None]):  # noqa: ANN202

@@ -11,6 +11,7 @@ def test_demo_fast_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "diffinspect demo" in res.stdout
+    assert "inspect station" in res.stdout  # the station view of this run
     with sqlite3.connect(work / "results" / "results.db") as con:
         rows = con.execute("SELECT path, status, overlay, error FROM frames").fetchall()
     frames = sorted((work / "camera_feed").glob("frame_*.png"))

@@ -25,6 +25,7 @@ from diffinspect.line.commit import CommitHook, Committer, OverlayWriter
 from diffinspect.line.console import Say, View
 from diffinspect.line.counters import Stats, WatchSummary
 from diffinspect.line.disposal import Disposal
+from diffinspect.line.drift import DriftHub
 from diffinspect.line.events import Events, install_signal_handlers
 from diffinspect.line.intake import Intake, IntakeConfig
 from diffinspect.line.lane import FrameQueue, Lane, LaneShared
@@ -90,8 +91,9 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
                     say.warn, functools.partial(disposal, what="committed frame "))
     stats, stop_taking = Stats(), threading.Event()
     committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, say, stop_taking)
-    committer.on_commit += [stats.record, say.rows, *hooks]
-    shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking)
+    drift = DriftHub(out, store, say.warn, say.info)
+    committer.on_commit += [stats.record, say.rows, drift.on_commit, *hooks]
+    shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking, drift=drift)
     lanes = [Lane(folders, q, Supervisor(*pair, opts, say), shared)
              for (folders, pair), q in zip(groups, queues, strict=True)]
     view = None if opts.quiet else View(stats, lanes, roots, opts.queue_size, intake.waiting)

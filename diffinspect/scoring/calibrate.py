@@ -35,6 +35,7 @@ from diffinspect.scoring.diffusion import (
     fit_frames,
     robust_scale,
 )
+from diffinspect.scoring.health import fit_health, save_health
 from diffinspect.scoring.threshold import conformal_threshold, describe_bound, min_calibration_size
 
 MAX_REFERENCE = 256
@@ -159,6 +160,11 @@ def calibrate(
         frame_term = FrameTerm(copod, weight, robust_scale(ref_scores), robust_scale(copod.score(ref_frames).scores))
         scores = frame_term.combine(scores, cal_frames)
     threshold = conformal_threshold(scores, false_reject_rate)
+    # Health ranges and score quantiles on the calibration frames: what drift alarms compare the line to.
+    cal_scores = {detector.name: scores}
+    if copod is not None and copod.calibration_scores is not None:
+        cal_scores[copod.name] = copod.calibration_scores
+    health = fit_health(cal_frames, cal_scores)
 
     buf = io.BytesIO()
     np.savez(buf, mean=stats.mean, std=stats.std, terms=np.array(engine.term_names), scores=scores,
@@ -180,6 +186,7 @@ def calibrate(
         }
         if copod_fields is not None:
             up.manifest["fallback"] = copod_fields
+        save_health(up, health)
     return CalibrationResult(len(scores), len(ref_frames), described, threshold, pixel_threshold,
                              false_reject_rate, engine.name,
                              float(copod_fields["threshold"]) if copod_fields else None)
@@ -216,7 +223,8 @@ def _fit_fallback(ref_frames, cal_frames, prep: Preprocess, rate: float):
 
     ref_emb = embed_frames([prep.crop_roi(f) for f in ref_frames])
     copod = CopodDetector(ref_emb, 0.0, prep, false_reject_rate=rate, n_calibration=len(cal_frames))
-    copod.threshold = conformal_threshold(copod.score_embeddings(copod.embed(cal_frames)), rate)
+    copod.calibration_scores = copod.score_embeddings(copod.embed(cal_frames))
+    copod.threshold = conformal_threshold(copod.calibration_scores, rate)
     return copod
 
 
