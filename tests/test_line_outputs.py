@@ -112,16 +112,21 @@ def test_outbox_starts_a_new_output_at_the_rows_from_now_on_and_keeps_its_mark(t
 
 
 def test_events_are_delivered_once_the_station_has_an_events_table(tmp_path: Path) -> None:
+    """A results.db from before the events table: frames go out, and events too once the table appears."""
     store = ResultStore(tmp_path / "out")
+    old = sqlite3.connect(store.db_path, isolation_level=None)
+    old.execute("DROP TABLE events")
+    old.close()
     out = FlakyOutput(0)
     box = Outbox(store.db_path, [out], Warnings(), poll_s=0.05).start()
     commit(store, box, [frame_row(0)])
     wait_for(lambda: len(out.got) == 1)
     db = sqlite3.connect(store.db_path, isolation_level=None)
     db.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, at REAL, kind TEXT, name TEXT, state TEXT, detail TEXT)")
-    db.execute("INSERT INTO events (at, kind, name, state, detail) VALUES (1.0, 'alarm', 'drift', 'raised', 'x')")
+    db.execute("INSERT INTO events (at, kind, name, state, detail) VALUES (1.0, 'score', 'drift', 'raised', 'x')")
     db.close()
     wait_for(lambda: ("events", 1) in out.got, what="the event")
+    assert out.got == [("frames", 1), ("events", 1)]
     box.stop()
     store.close()
 
@@ -459,18 +464,14 @@ def test_mqtt_events_go_to_the_event_topic(tmp_path: Path, broker: Broker) -> No
     sub = Subscriber(broker)
     store = ResultStore(tmp_path / "out")
     with Outbox(store.db_path, [mqtt(broker)], Warnings(), poll_s=0.05):
-        db = sqlite3.connect(store.db_path, isolation_level=None)
-        db.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, at REAL, kind TEXT, name TEXT, state TEXT, "
-                   "detail TEXT)")
-        db.execute("INSERT INTO events (at, kind, name, state, detail) VALUES (1.5, 'alarm', 'drift', 'raised', "
-                   "'scores drifting up')")
-        db.close()
+        store.add_events([(1.5, "lighting", "lighting changed", "raised", "brightness -30%", "/line/cam1")])
         wait_for(lambda: len(sub.on("/event")) == 1, what="the event")
     store.close()
     topic = [t for t, _, _ in sub.messages if t.endswith("/event")][0]
     assert topic == "diffinspect/st1/event"
-    assert json.loads(sub.on("/event")[0]) == {"id": 1, "at": 1.5, "kind": "alarm", "name": "drift",
-                                               "state": "raised", "detail": "scores drifting up"}
+    assert json.loads(sub.on("/event")[0]) == {"id": 1, "at": 1.5, "kind": "lighting", "name": "lighting changed",
+                                               "state": "raised", "detail": "brightness -30%",
+                                               "folder": "/line/cam1"}
     sub.close()
 
 
