@@ -221,9 +221,9 @@ def watch(
                                                 help="Frames that would miss this deadline go to the fallback."),
     max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Larger frames get an error row."),
     mqtt: str | None = typer.Option(None, "--mqtt", help="Publish every verdict to this MQTT broker, "
-                                    "e.g. mqtt://broker:1883 (more under [watch.mqtt] in ./inspect.toml)."),
+                                    "e.g. mqtt://broker:1883 (more under \\[watch.mqtt] in ./inspect.toml)."),
     opcua: str | None = typer.Option(None, "--opcua", help="Write every verdict to this PLC's OPC UA server, "
-                                     "e.g. opc.tcp://plc:4840 (nodes under [watch.opcua.nodes] in ./inspect.toml)."),
+                                     "e.g. opc.tcp://plc:4840 (nodes under \\[watch.opcua.nodes] in ./inspect.toml)."),
 ) -> None:
     """Watch camera folders and score every frame exactly once; the line never stops."""
     from diffinspect.config import STATION_FILE, load_station

@@ -500,3 +500,14 @@ def test_cli_watch_mqtt_flag_publishes_and_reports(tmp_path: Path, broker: Broke
     wait_for(lambda: len(sub.verdicts()) == 6)
     assert {t for t, _, _ in sub.messages if t.endswith("/verdict")} == {"plant/press-4/cam7/verdict"}
     sub.close()
+
+
+def test_console_prints_bracketed_text_as_it_is(capsys) -> None:
+    """A receiver's error (or a file name) with brackets is printed, not read as rich markup."""
+    from diffinspect.line.console import Say
+
+    say = Say(quiet=False)
+    say.warn("opcua: refused [/x] by [bold]PLC[/bold]")
+    say.info("mqtt: delivering again [diffinspect[opcua]]")
+    err = capsys.readouterr().err
+    assert "refused [/x] by [bold]PLC[/bold]" in err and "[diffinspect[opcua]]" in err
