@@ -1,9 +1,13 @@
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_fast_end_to_end(tmp_path):
     work = tmp_path / "demo"
     res = subprocess.run([sys.executable, "-m", "diffinspect", "demo", "--fast", "--workdir", str(work)],
@@ -24,3 +28,5 @@ def test_demo_fast_end_to_end(tmp_path):
     figures = report["datasets"]["line"]["diffinspect"]
     assert figures["image_auroc"] > 0.6
     assert (work / "report" / "report.html").stat().st_size > 10_000
+    if shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin"):  # every row went out over MQTT
+        assert f"{len(rows)} verdicts acknowledged by the broker" in " ".join(res.stdout.split())

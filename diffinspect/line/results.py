@@ -202,7 +202,12 @@ class ResultStore:
             self._db.backup(copy)
         finally:
             copy.close()
-        self._db.close()  # checkpoints into the old file and removes its -wal/-shm by name
+        self._db.close()
+        # The old database's log and index stay behind while another connection (the station view, an
+        # output) holds them; the restored file must not start from them.
+        for log in (self.db_path.with_name(self.db_path.name + "-wal"),
+                    self.db_path.with_name(self.db_path.name + "-shm")):
+            log.unlink(missing_ok=True)
         self._set_aside(self.db_path)
         os.replace(tmp, self.db_path)
         self._db = self._connect()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ import numpy as np
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import list_images
-from diffinspect.data.image import ImageError, Preprocess, read_image
-from diffinspect.engines.backends import make_engine
+from diffinspect.data.image import Preprocess
+from diffinspect.data.reading import read_images
+from diffinspect.engines.select import make_engine
 from diffinspect.models.recipe import Recipe
 from diffinspect.scoring.diffusion import (
     CALIBRATION_FILE,
@@ -36,7 +36,7 @@ from diffinspect.scoring.diffusion import (
     robust_scale,
 )
 from diffinspect.scoring.health import fit_health, save_health
-from diffinspect.scoring.threshold import conformal_threshold, describe_bound, min_calibration_size
+from diffinspect.scoring.threshold import check_calibration_size, conformal_threshold, describe_bound
 
 MAX_REFERENCE = 256
 MAX_REFERENCE_INPUTS = 2048  # model inputs (frames or tiles) for the statistics: bounds raw-term memory
@@ -58,22 +58,6 @@ class CalibrationResult:
     @property
     def bound(self) -> str:
         return describe_bound(self.n, self.false_reject_rate)
-
-
-def load_frames(paths: list[Path], color: str, what: str, progress: Progress | None = None
-                ) -> tuple[list[np.ndarray], list[Path]]:
-    frames, kept, bad = [], [], []
-    for i, p in enumerate(paths):
-        try:
-            frames.append(read_image(p, color))
-            kept.append(p)
-        except ImageError as exc:
-            bad.append(f"{p.name} ({exc})")
-        if progress:
-            progress(f"reading {what}", i + 1, len(paths))
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable {what}: {', '.join(bad[:3])}", stacklevel=2)
-    return frames, kept
 
 
 def image_sets(bundle: Bundle, normal_dir: str | Path | None, seed: int = 0
@@ -123,14 +107,11 @@ def calibrate(
     bundle = Bundle.load(bundle_path)
     prep = Preprocess.from_dict(bundle.manifest["preprocess"])
     reference, calib, described = image_sets(bundle, normal_dir)
-    need = min_calibration_size(false_reject_rate)
-    if len(calib) < need:
-        raise DiffinspectError(
-            f"{len(calib)} calibration images cannot bound the false-reject rate at {false_reject_rate:g}: "
-            f"need at least {need} (name a folder with more good images, or raise --false-reject-rate)")
+    check_calibration_size(len(calib), false_reject_rate,
+                           hint="name a folder with more good images, or raise --false-reject-rate")
     log(f"calibrating on {described}")
-    ref_frames, _ = load_frames(reference, prep.color, "reference images", progress)
-    cal_frames, _ = load_frames(calib, prep.color, "calibration images", progress)
+    ref_frames = read_images(reference, prep.color, "reference images", progress=progress).frames
+    cal_frames = read_images(calib, prep.color, "calibration images", progress=progress).frames
 
     engine = make_engine(bundle, backend, device, sampler)
     size = prep.image_size

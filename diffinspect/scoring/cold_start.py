@@ -9,7 +9,7 @@ from pathlib import Path
 from diffinspect import bundle as bundle_io
 from diffinspect.data.datasets import normal_images
 from diffinspect.data.image import Preprocess, choose_color
-from diffinspect.scoring.calibrate import load_frames
+from diffinspect.data.reading import read_images
 from diffinspect.scoring.health import HEALTH_FILE, fit_health
 
 
@@ -19,7 +19,7 @@ def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.0
 
     files = normal_images(folder)
     prep = Preprocess(color=choose_color(files, "auto"))
-    frames, _ = load_frames(files, prep.color, "good images")
+    frames = read_images(files, prep.color, "good images").frames
     copod = fit_copod(frames, prep, false_reject_rate)
     health = fit_health(frames, {copod.name: copod.calibration_scores})
     manifest = bundle_io.new_manifest(

@@ -24,7 +24,7 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     b = _bundle(bundle)
     if detector == "copod" or "model" not in b.manifest:
         return load_fallback(b)
-    from diffinspect.engines.backends import make_engine
+    from diffinspect.engines.select import make_engine
     from diffinspect.scoring.diffusion import CALIBRATION_FILE, DiffusionDetector, FrameTerm, Stats
 
     cal = b.manifest.get("calibration")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,10 +44,6 @@ def train(
     bundle_io.check_output(out, overwrite, resume, bundle_io.TRAIN_HINT)  # before minutes of training
     prep = preprocess_for(data, cfg)
     tset = load_training_set(data, prep, cfg.data.holdout, cfg.train.seed)
-    if tset.skipped:
-        names = ", ".join(p.name for p, _ in tset.skipped[:5])
-        more = f" and {len(tset.skipped) - 5} more" if len(tset.skipped) > 5 else ""
-        warnings.warn(f"skipped {len(tset.skipped)} undecodable images: {names}{more}", stacklevel=2)
     channels = 3 if prep.color == "rgb" else 1
     fed = f", {prep.image_size} px tiles at {prep.tile_scale:g}x scale" if prep.feed == "tiles" else ""
     log(f"training on {len(tset.train_files)} images ({prep.color}, {prep.image_size} px{fed}), "
