@@ -17,8 +17,8 @@ from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import Preprocess, read_image
 from diffinspect.engines import select as autoselect
 from diffinspect.engines.exports import CACHE_ENV
-from diffinspect.export import parity
 from diffinspect.engines.select import make_engine
+from diffinspect.export import parity
 from diffinspect.scoring.diffusion import CALIBRATION_FILE, DiffusionDetector, Stats
 
 EXPECTED = {"model.onnx", "model.int8.onnx", "openvino/model.xml", "openvino/model.fp16.xml",
