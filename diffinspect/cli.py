@@ -87,7 +87,7 @@ def _progress_bar():
 
 def _backend(name: str | None) -> None:
     """Refuse an unknown --backend even where the bundle would not use one (a COPOD-only bundle)."""
-    from diffinspect.engines.backends import BACKENDS
+    from diffinspect.engines.select import BACKENDS
 
     if name is not None and name not in BACKENDS:
         raise DiffinspectError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
