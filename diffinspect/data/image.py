@@ -54,7 +54,7 @@ def decode_image(data: bytes, color: str, max_megapixels: float | None = DEFAULT
         raise ImageError("empty file (0 bytes)")
     size = header_size(data)
     if size is None:
-        raise ImageError("not a PNG, JPEG, BMP or TIFF image (or its header is corrupt)")
+        raise ImageError("not a decodable image (not PNG, JPEG, BMP or TIFF, or its header is corrupt)")
     width, height = size
     if max_megapixels is not None and width * height > max_megapixels * 1e6:
         raise ImageError(f"frame of {width}x{height} px ({width * height / 1e6:.1f} MP) exceeds the limit of "
