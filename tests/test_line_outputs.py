@@ -27,6 +27,9 @@ needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="Debian's mosquit
 RECEIVERS = Path(__file__).with_name("line_receivers.py")
 OUTAGE_S = float(os.environ.get("DIFFINSPECT_TEST_OUTAGE_S", "10"))
 
+# What `inspect watch` takes for a bundle (the detectors themselves are faked in these tests).
+FAKE_MANIFEST = '{"schema_version": 1, "diffinspect_version": "0", "files": {}}'
+
 
 class Warnings(list):
     def __call__(self, msg: str) -> None:
@@ -424,7 +427,7 @@ def test_watch_publishes_every_row_and_delivers_the_last_before_returning(tmp_pa
 
 def test_cli_refuses_a_bad_output_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "manifest.json").write_text("{}")
+    (tmp_path / "model" / "manifest.json").write_text(FAKE_MANIFEST)
     (tmp_path / "cam").mkdir()
     (tmp_path / "inspect.toml").write_text('[watch.mqtt]\nurl = "mqtt://broker"\nqos = 0\n')
     res = subprocess.run([sys.executable, "-m", "diffinspect", "watch", "cam", "--model", "model", "--once"],
@@ -487,7 +490,7 @@ def test_cli_watch_mqtt_flag_publishes_and_reports(tmp_path: Path, broker: Broke
     monkeypatch.setattr(loader, "load_fallback", lambda *a, **k: FakeDetector(name="copod"))
     monkeypatch.chdir(tmp_path)
     Path("model").mkdir()
-    Path("model/manifest.json").write_text("{}")
+    Path("model/manifest.json").write_text(FAKE_MANIFEST)
     Path("inspect.toml").write_text('[watch.mqtt]\nstation = "press-4"\ntopic = "plant/{station}/{camera}/verdict"\n')
     Path("cam7").mkdir()
     for i in range(6):
