@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffinspect.data.image import Preprocess
+from diffinspect.data.image import ImageSize, Preprocess, input_hw
 from diffinspect.scoring.detector import Scored
 
 CALIBRATION_FILE = "calibration.npz"
@@ -14,18 +14,19 @@ CALIBRATION_FILE = "calibration.npz"
 
 @dataclass
 class Stats:
-    """Per-pixel normalization of each map term, measured on good images: (K, S, S) float32."""
+    """Per-pixel normalization of each map term, measured on good images: (K, H, W) float32."""
 
     mean: np.ndarray
     std: np.ndarray
 
     @classmethod
-    def identity(cls, terms: int, size: int) -> Stats:
-        return cls(np.zeros((terms, size, size), np.float32), np.ones((terms, size, size), np.float32))
+    def identity(cls, terms: int, size: ImageSize) -> Stats:
+        shape = (terms, *input_hw(size))
+        return cls(np.zeros(shape, np.float32), np.ones(shape, np.float32))
 
     @classmethod
     def fit(cls, raw: np.ndarray, prior: float = 8.0) -> Stats:
-        """Mean and std per pixel over raw (N, K, S, S); the variance is shrunk toward each term's
+        """Mean and std per pixel over raw (N, K, H, W); the variance is shrunk toward each term's
         frame-wide variance (weight `prior` images) so a few calibration images give stable maps."""
         raw = raw.astype(np.float64)
         n = raw.shape[0]
@@ -51,7 +52,7 @@ def _with_channels(frame: np.ndarray, channels: int) -> np.ndarray:
 
 
 def model_inputs(frames: list[np.ndarray], preprocess: Preprocess) -> tuple[np.ndarray, Layout]:
-    """Decoded frames of any size -> (M, S, S, C) uint8 model inputs with the model's channel count, and
+    """Decoded frames of any size -> (M, H, W, C) uint8 model inputs with the model's channel count, and
     the layout that stitches them back: one input per frame (layout None), or in tiles mode every
     tile of every frame, in frame order."""
     channels = 3 if preprocess.color == "rgb" else 1
@@ -67,19 +68,19 @@ def model_inputs(frames: list[np.ndarray], preprocess: Preprocess) -> tuple[np.n
 
 
 def fit_frames(frames: list[np.ndarray], preprocess: Preprocess) -> np.ndarray:
-    """The model inputs of `model_inputs` alone: (N, S, S, C), or every frame's tiles in tiles mode."""
+    """The model inputs of `model_inputs` alone: (N, H, W, C), or every frame's tiles in tiles mode."""
     return model_inputs(frames, preprocess)[0]
 
 
 def stitch(tile_maps: np.ndarray, layout: Layout) -> list[np.ndarray]:
-    """Tile maps (T, S, S) -> one canvas map per frame, overlapping tiles averaged."""
+    """Tile maps (T, H, W) -> one canvas map per frame, overlapping tiles averaged."""
     assert layout is not None
-    s, out, i = tile_maps.shape[-1], [], 0
+    (th, tw), out, i = tile_maps.shape[-2:], [], 0
     for shape, positions in layout:
         total, count = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         for (y, x), amap in zip(positions, tile_maps[i:i + len(positions)], strict=True):
-            total[y:y + s, x:x + s] += amap
-            count[y:y + s, x:x + s] += 1
+            total[y:y + th, x:x + tw] += amap
+            count[y:y + th, x:x + tw] += 1
         out.append(total / count)
         i += len(positions)
     return out
