@@ -184,3 +184,16 @@ def test_rectangular_tiles_feed_trains_and_scores(wide_set, tmp_path):
                                  "data.feed": "tiles", "data.image_size": [16, 32], "data.tile_scale": 1.0})
     train(wide_set, tmp_path / "b", cfg, log=lambda *_: None)
     assert Bundle.load(tmp_path / "b").manifest["preprocess"]["image_size"] == [16, 32]
+
+
+def test_cli_image_size_takes_height_x_width_and_refuses_the_rest(wide_set, tmp_path):
+    import subprocess
+    import sys
+
+    from diffinspect.cli import _image_size
+
+    assert _image_size("64") == 64 and _image_size("64x160") == [64, 160] and _image_size(None) is None
+    r = subprocess.run([sys.executable, "-m", "diffinspect", "train", str(wide_set), "--out", str(tmp_path / "b"),
+                        "--image-size", "64x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--image-size" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -153,10 +153,12 @@ def calibrate(
     selfcheck_scores = detector.run_fitted(selfcheck, raw=False)[1]
     copod = _fit_fallback(ref_frames, cal_frames, prep, false_reject_rate) if fallback else None
     frame_term = None
-    weight = Recipe.from_dict(bundle.manifest["score"]).classical_weight
+    recipe = Recipe.from_dict(bundle.manifest["score"])
+    weight = recipe.classical_weight
     if copod is not None and weight > 0:
         ref_scores = _score_frames(detector, ref_frames, "scoring reference images", progress)[0]
-        frame_term = FrameTerm(copod, weight, robust_scale(ref_scores), robust_scale(copod.score(ref_frames).scores))
+        frame_term = FrameTerm(copod, weight, robust_scale(ref_scores), robust_scale(copod.score(ref_frames).scores),
+                               recipe.fusion)
         scores = frame_term.combine(scores, cal_frames)
     threshold = conformal_threshold(scores, false_reject_rate)
 

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diffinspect import DiffinspectError
 from diffinspect.data.image import ImageSize, Preprocess, input_hw
+from diffinspect.models.recipe import FUSION_RULES
 from diffinspect.scoring.detector import Scored
 
 CALIBRATION_FILE = "calibration.npz"
@@ -98,14 +100,24 @@ class FrameTerm:
     weight: float
     diffusion_scale: tuple[float, float]  # (median, IQR) of reference diffusion scores
     copod_scale: tuple[float, float]
+    # sum: z_diffusion + weight * z_copod. max: the larger of z_diffusion and weight * z_copod, so a part
+    # either detector finds stands out (bench/fusion.py). Either way one fixed function of the frame,
+    # thresholded split-conformally on the calibration images: FRR <= the asked rate.
+    rule: str = "sum"
+
+    def __post_init__(self) -> None:
+        if self.rule not in FUSION_RULES:
+            raise DiffinspectError(f"unknown frame-term rule {self.rule!r}: expected one of {', '.join(FUSION_RULES)}")
 
     def combine(self, diffusion_scores: np.ndarray, frames: list[np.ndarray]) -> np.ndarray:
         copod_scores = self.copod.score(frames).scores  # type: ignore[attr-defined]
-        return (robust_z(diffusion_scores, self.diffusion_scale)
-                + self.weight * robust_z(copod_scores, self.copod_scale))
+        zd = robust_z(diffusion_scores, self.diffusion_scale)
+        zc = self.weight * robust_z(copod_scores, self.copod_scale)
+        return np.maximum(zd, zc) if self.rule == "max" else zd + zc
 
     def to_dict(self) -> dict:
-        return {"weight": self.weight, "diffusion": list(self.diffusion_scale), "copod": list(self.copod_scale)}
+        return {"weight": self.weight, "diffusion": list(self.diffusion_scale), "copod": list(self.copod_scale),
+                "rule": self.rule}
 
 
 def robust_scale(values: np.ndarray) -> tuple[float, float]:
