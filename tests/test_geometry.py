@@ -81,10 +81,12 @@ def test_a_smaller_defect_size_asks_for_more_pixels_within_the_budget():
 def test_every_side_is_a_multiple_the_model_takes():
     from diffinspect.models import check_image_size
 
-    for frames in ([(333, 1277)], [(97, 512)], [(2000, 90)], [(640, 480)]):
+    for frames in ([(333, 1277)], [(97, 512)], [(2000, 90)], [(640, 480)], [(460, 1130)]):
         for kind in ("unet", "dit"):
-            g = choose_geometry(frames, 8, kind, "small")
-            check_image_size(kind, "small", g.image_size)  # raises if a side does not fit
+            for defect in (4, 8, 16):
+                g = choose_geometry(frames, defect, kind, "small")
+                check_image_size(kind, "small", g.image_size)  # raises if a side does not fit
+                assert np.prod(input_hw(g.image_size)) <= MAX_PIXELS
 
 
 def test_preprocess_round_trips_rectangles_and_reads_old_int_sizes():

@@ -59,8 +59,8 @@ def frame_sizes(paths: Sequence[Path], roi: Sequence[int] | None = None,
     return out
 
 
-def _round_to(value: float, m: int, lo: int) -> int:
-    return max(lo, m * round(value / m), m * math.ceil(lo / m))
+def _round_to(value: float, m: int, lo: int, down: bool = False) -> int:
+    return max(m * (math.floor(value / m) if down else round(value / m)), m * math.ceil(lo / m))
 
 
 def choose_geometry(sizes: Sequence[tuple[int, int]], defect_size: int, kind: str, model_size: str,
@@ -89,6 +89,8 @@ def choose_geometry(sizes: Sequence[tuple[int, int]], defect_size: int, kind: st
     m = image_multiple(kind, model_size, (round(short), round(long)))
     while True:
         s, lg = _round_to(short, m, MIN_IMAGE_SIZE), _round_to(long, m, MIN_IMAGE_SIZE)
+        if s * lg > max_pixels:  # rounding up must not leave the budget
+            s, lg = _round_to(short, m, MIN_IMAGE_SIZE, True), _round_to(long, m, MIN_IMAGE_SIZE, True)
         need = image_multiple(kind, model_size, (s, lg))
         if s % need == 0 and lg % need == 0:
             break
