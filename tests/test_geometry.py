@@ -128,7 +128,7 @@ def test_train_chooses_the_shape_from_the_frames_and_records_it(wide_bundle):
     assert any(line.startswith("model input: 40x96") for line in lines), lines
 
 
-def test_rectangular_bundle_scores_and_finds_scratches(wide_bundle, wide_set):
+def test_rectangular_bundle_scores_frames_and_maps_back(wide_bundle, wide_set):
     from diffinspect.scoring.loader import load_detector
 
     path, _ = wide_bundle
@@ -156,6 +156,7 @@ def wide_exported(wide_bundle, tmp_path_factory):
         os.environ[CACHE_ENV] = old
 
 
+@pytest.mark.slow
 def test_rectangular_exports_pass_parity_on_every_backend(wide_exported, wide_set):
     from diffinspect.scoring.loader import load_detector
 
@@ -172,6 +173,7 @@ def test_rectangular_exports_pass_parity_on_every_backend(wide_exported, wide_se
         assert np.corrcoef(got.scores, ref)[0, 1] > 0.99, backend
 
 
+@pytest.mark.slow
 def test_rectangular_tiles_feed_trains_and_scores(wide_set, tmp_path):
     from diffinspect.config import load_config
     from diffinspect.scoring.diffusion import model_inputs, stitch
