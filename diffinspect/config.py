@@ -80,7 +80,7 @@ class ScoreConfig:
     top_k: float = 0.001  # image score = mean of the top share of the sharp (unblurred) map
     frame_weight: float = 0.0  # weight of the whole-frame mean map (defects covering the frame)
     classical_weight: float = 1.0  # frame-level term: COPOD on classical embeddings (0 = off)
-    fusion: str = "sum"  # sum | max: how the frame-level term joins the diffusion score
+    fusion: str = "sum"  # sum | max | minp: how the frame-level term joins the diffusion score
     seed: int = 0
 
 
@@ -108,7 +108,7 @@ CHOICES = {
     "model.kind": ("unet", "dit"),
     "model.size": ("tiny", "small", "base"),
     "model.schedule": ("linear", "cosine"),
-    "score.fusion": ("sum", "max"),
+    "score.fusion": ("sum", "max", "minp"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 POSITIVE = {"data.defect_size", "train.steps", "train.max_minutes", "train.batch_size", "train.lr",

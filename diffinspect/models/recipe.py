@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TERMS = ("pixel", "ssim", "feature")
-FUSION_RULES = ("sum", "max")  # how the frame-level COPOD term joins the diffusion score
+FUSION_RULES = ("sum", "max", "minp")  # how the frame-level COPOD term joins the diffusion score
 
 
 @dataclass(frozen=True)

@@ -100,17 +100,29 @@ class FrameTerm:
     weight: float
     diffusion_scale: tuple[float, float]  # (median, IQR) of reference diffusion scores
     copod_scale: tuple[float, float]
-    # sum: z_diffusion + weight * z_copod. max: the larger of z_diffusion and weight * z_copod, so a part
-    # either detector finds stands out (bench/fusion.py). Either way one fixed function of the frame,
-    # thresholded split-conformally on the calibration images: FRR <= the asked rate.
+    # sum: z_diffusion + weight * z_copod. max: the larger of z_diffusion and weight * z_copod. Either is
+    # one fixed function of the frame, thresholded split-conformally on the calibration images: FRR <= a.
+    # minp: each score's split-conformal p-value on the calibration images; the score is -log of the
+    # smaller, and the threshold -log(a / 2) rejects exactly when either p-value is <= a / 2 (Bonferroni:
+    # FRR <= a). Needs n >= 2 / a - 1 calibration images (bench/fusion.py measures the rules).
     rule: str = "sum"
+    calibration: tuple[np.ndarray, np.ndarray] | None = None  # minp: calibration (diffusion, COPOD) scores
 
     def __post_init__(self) -> None:
         if self.rule not in FUSION_RULES:
             raise DiffinspectError(f"unknown frame-term rule {self.rule!r}: expected one of {', '.join(FUSION_RULES)}")
+        if self.rule == "minp":
+            if self.calibration is None or min(len(c) for c in self.calibration) < 1:
+                raise DiffinspectError("the minp frame term needs the calibration scores (run inspect calibrate)")
+            self.calibration = tuple(np.sort(np.asarray(c, np.float64).ravel()) for c in self.calibration)
 
     def combine(self, diffusion_scores: np.ndarray, frames: list[np.ndarray]) -> np.ndarray:
         copod_scores = self.copod.score(frames).scores  # type: ignore[attr-defined]
+        if self.rule == "minp":
+            assert self.calibration is not None
+            p = np.minimum(conformal_p(self.calibration[0], diffusion_scores),
+                           conformal_p(self.calibration[1], copod_scores))
+            return -np.log(p)
         zd = robust_z(diffusion_scores, self.diffusion_scale)
         zc = self.weight * robust_z(copod_scores, self.copod_scale)
         return np.maximum(zd, zc) if self.rule == "max" else zd + zc
@@ -118,6 +130,19 @@ class FrameTerm:
     def to_dict(self) -> dict:
         return {"weight": self.weight, "diffusion": list(self.diffusion_scale), "copod": list(self.copod_scale),
                 "rule": self.rule}
+
+
+def conformal_p(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Split-conformal p-values (1 + #{calibration >= s}) / (n + 1) of scores against sorted calibration
+    scores. Past the largest calibration score the p-value keeps falling, by exp(-excess / IQR), so parts
+    beyond every good part are still ranked; that changes no decision at thresholds >= 1 / (n + 1)."""
+    cal = np.asarray(calibration, np.float64)
+    s = np.nan_to_num(np.asarray(scores, np.float64), nan=np.inf)
+    n = cal.size
+    p = (1 + n - np.searchsorted(cal, s, side="left")) / (n + 1)
+    iqr = max(float(np.subtract(*np.percentile(cal, [75, 25]))), 1e-9)
+    tail = np.exp(-np.minimum(np.maximum(s - cal[-1], 0) / iqr, 700))
+    return np.where(s > cal[-1], p * tail, p)
 
 
 def robust_scale(values: np.ndarray) -> tuple[float, float]:
