@@ -52,7 +52,7 @@ def build_bundle(root: Path, size: int, steps: int, log) -> Path:
 
 
 def engines(bundle, device: str) -> dict[str, object]:
-    from diffinspect.engines.backends import make_engine
+    from diffinspect.engines.select import make_engine
 
     out = {}
     for backend, precision in ENGINES:

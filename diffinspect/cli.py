@@ -234,6 +234,10 @@ def watch(
     max_latency_ms: float | None = typer.Option(None, "--max-latency-ms",
                                                 help="Frames that would miss this deadline go to the fallback."),
     max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Larger frames get an error row."),
+    mqtt: str | None = typer.Option(None, "--mqtt", help="Publish every verdict to this MQTT broker, "
+                                    "e.g. mqtt://broker:1883 (more under \\[watch.mqtt] in ./inspect.toml)."),
+    opcua: str | None = typer.Option(None, "--opcua", help="Write every verdict to this PLC's OPC UA server, "
+                                     "e.g. opc.tcp://plc:4840 (nodes under \\[watch.opcua.nodes] in ./inspect.toml)."),
 ) -> None:
     """Watch camera folders and score every frame exactly once; the line never stops."""
     from diffinspect.config import STATION_FILE, load_station
@@ -260,11 +264,39 @@ def watch(
         after=after or station.get("after", "keep"), recursive=recursive, pattern=pattern, once=once,
         quiet=quiet, max_latency_ms=max_latency_ms or station.get("max_latency_ms"), max_megapixels=max_megapixels)
     make_detector, make_fallback = factories(bundle)
+    outputs = _outputs(station, mqtt, opcua)
     summary = run_watch(folders, out or Path(station.get("out", "inspect_results")), make_detector, make_fallback,
-                        options, per_folder=per_folder or None)
+                        options, per_folder=per_folder or None, outputs=outputs)
     console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, error {summary.error}, "
                   f"fallback {summary.fallback}); {summary.fps:.1f} frames/s while scoring, "
                   f"{summary.elapsed_s:.1f} s in all")
+    if outputs:
+        from diffinspect.line.outbox import pending
+
+        results_db = Path(out or station.get("out", "inspect_results")) / "results.db"
+        for o in outputs:
+            console.print(f"{o.name}: {o.acknowledged_rows} verdict(s) acknowledged in this run; "
+                          f"{pending(results_db, o.name)} waiting in {results_db}")
+
+
+def _outputs(station: dict, mqtt_url: str | None, opcua_url: str | None) -> list:
+    from diffinspect.config import load_outputs
+    from diffinspect.line.outbox import OutputError
+
+    mqtt_cfg, opcua_cfg = load_outputs(station, mqtt_url, opcua_url)
+    outputs: list = []
+    try:
+        if mqtt_cfg is not None:
+            from diffinspect.line.mqtt_output import MqttOutput
+
+            outputs.append(MqttOutput(mqtt_cfg))
+        if opcua_cfg is not None:
+            from diffinspect.line.opcua_output import OpcuaOutput
+
+            outputs.append(OpcuaOutput(opcua_cfg))
+    except OutputError as exc:
+        raise DiffinspectError(str(exc)) from None
+    return outputs
 
 
 @app.command()
@@ -294,6 +326,26 @@ def evaluate(
             auroc = figs.get("image_auroc")
             console.print(f"  {name:20s} {method:22s} image AUROC "
                           + ("n/a" if auroc is None else f"{auroc:.3f}"))
+
+
+@app.command()
+def station(
+    out: Path = typer.Argument(..., help="Results folder of `inspect watch` (holds results.db)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; any other than 127.0.0.1 needs a token."),
+    port: int = typer.Option(8765, "--port", help="TCP port."),
+    token: str | None = typer.Option(None, "--token", envvar="DIFFINSPECT_STATION_TOKEN",
+                                     help="Required on every request (?token=...); required off 127.0.0.1."),
+    shifts: str = typer.Option("06:00,14:00,22:00", "--shifts", help="Shift start times (local), HH:MM,..."),
+) -> None:
+    """A live web page over OUT/results.db: counts, trend, latency, rejects, health and drift alarms."""
+    from diffinspect.line.station import check_bind, parse_shifts, serve
+
+    _existing(out, "results folder")
+    check_bind(host, token)
+    parse_shifts(shifts)
+    url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+    console.print(f"station for {out} at {url} (read-only; Ctrl-C stops it)", highlight=False, soft_wrap=True)
+    serve(out, host, port, token, shifts)
 
 
 @app.command()
@@ -349,12 +401,15 @@ def demo(
         f"results database  {r.results_db}  ({h['frames_scored']} rows for {r.frames_dropped} frames dropped, "
         f"{h['errors']} errors of {r.corrupt_dropped} corrupt)",
         f"NG overlays       {r.overlays}",
+        *([f"MQTT              {h['mqtt_acknowledged']} verdicts acknowledged by the broker at {h['mqtt_url']}"]
+          if h.get("mqtt_url") else []),
         f"model bundle      {r.bundle}  (runtime: {r.export})",
         "",
         f"image AUROC {fmt(h['image_auroc'])}   pixel AUROC {fmt(h['pixel_auroc'])}   "
         f"false rejects {fmt(h['false_reject_rate'], '.1%')}   misses {fmt(h['miss_rate'], '.1%')}   "
         f"watch {fmt(h['frames_per_second'], '.1f')} frames/s",
         f"finished in {r.seconds / 60:.1f} min",
+        f"station view      {r.station}",
     ])
     Console().print(Panel(body, title="diffinspect demo", expand=False))
 

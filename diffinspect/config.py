@@ -22,7 +22,7 @@ DISTILL_DEFECT_SHARE = 0.5
 class DataConfig:
     color: str = "auto"  # auto | gray | rgb; auto looks at the training images
     # Model input: one side (square) or [height, width]; unset, `inspect train` chooses it from the
-    # training frames' size and aspect ratio and defect_size (train/geometry.py).
+    # training frames' size and aspect ratio and defect_size (data/geometry.py).
     image_size: int | list[int] | None = None
     defect_size: int = 16  # smallest defect to keep visible, in native frame pixels
     resize: str = "stretch"  # stretch | crop | pad, for frames whose aspect ratio differs
@@ -227,6 +227,7 @@ def _get(cfg: Config, key: str) -> Any:
 
 STATION_FILE = "inspect.toml"
 STATION_KEYS = {"model", "out", "backend", "device", "batch", "overlays", "after", "max_latency_ms", "cameras"}
+STATION_KEYS |= {"mqtt", "opcua"}  # the outputs (load_outputs)
 
 
 def load_station(path: str | Path = STATION_FILE) -> dict[str, Any]:
@@ -250,3 +251,112 @@ def load_station(path: str | Path = STATION_FILE) -> dict[str, Any]:
     if unknown:
         raise DiffinspectError(f"unknown key in {path} [watch]: {sorted(unknown)[0]}")
     return watch
+
+
+# -- outputs of `inspect watch`: [watch.mqtt] and [watch.opcua] in inspect.toml -----------------------
+
+@dataclass
+class MqttConfig:
+    url: str = ""  # mqtt://host:1883 or mqtts://host:8883
+    station: str = ""  # {station} in topics; default: the host name
+    topic: str = "diffinspect/{station}/{camera}/verdict"  # one message per frame
+    event_topic: str = "diffinspect/{station}/event"  # alarms, when the station has them
+    status_topic: str = "diffinspect/{station}/status"  # retained: online | fallback | offline (last will)
+    qos: int = 1  # 1 or 2: a message counts as delivered only once the broker acknowledged it
+    client_id: str = ""  # default: diffinspect-{station}
+    username: str | None = None
+    password: str | None = None  # better: the DIFFINSPECT_MQTT_PASSWORD environment variable
+    tls: bool = False  # implied by mqtts://
+    ca_file: str | None = None
+    cert_file: str | None = None  # client certificate (mutual TLS)
+    key_file: str | None = None
+    keepalive_s: int = 30
+    ack_timeout_s: float = 10.0  # no acknowledgement within this: reconnect and send again
+
+
+@dataclass
+class OpcuaNodes:
+    # NodeIds on the PLC's server, e.g. 'ns=3;s="Vision"."Reject"'. Written in this order in one request;
+    # the counter last, so the PLC sees it advance once the values it goes with are in place.
+    reject: str | None = None  # Boolean: true for ng and for frames that could not be scored
+    score: str | None = None  # Float or Double (NaN when the frame could not be scored)
+    counter: str = ""  # integer node: the frame's id in results.db, advancing by frame
+
+
+@dataclass
+class OpcuaConfig:
+    url: str = ""  # opc.tcp://plc:4840
+    nodes: OpcuaNodes = field(default_factory=OpcuaNodes)
+    username: str | None = None
+    password: str | None = None  # better: the DIFFINSPECT_OPCUA_PASSWORD environment variable
+    security: str | None = None  # asyncua security string, e.g. "Basic256Sha256,SignAndEncrypt,cert.der,key.pem"
+    timeout_s: float = 4.0
+
+
+def load_outputs(station: dict[str, Any], mqtt_url: str | None = None, opcua_url: str | None = None,
+                 source: str = STATION_FILE) -> tuple[MqttConfig | None, OpcuaConfig | None]:
+    """The outputs of a station: [watch.mqtt] / [watch.opcua] of inspect.toml, a URL flag overriding the
+    table's url. An output without a URL is off."""
+    mqtt = _output_section(MqttConfig(), station.get("mqtt"), "watch.mqtt.", source)
+    opcua = _output_section(OpcuaConfig(), station.get("opcua"), "watch.opcua.", source)
+    if mqtt_url:
+        mqtt.url = mqtt_url
+    if opcua_url:
+        opcua.url = opcua_url
+    return (validate_mqtt(mqtt) if mqtt.url else None), (validate_opcua(opcua) if opcua.url else None)
+
+
+def _output_section(cfg: Any, raw: Any, prefix: str, source: str) -> Any:
+    if raw is None:
+        return cfg
+    if not isinstance(raw, dict):
+        raise DiffinspectError(f"{source}: [{prefix.rstrip('.')}] must be a table")
+    try:
+        _apply(cfg, raw, prefix)
+    except DiffinspectError as exc:
+        raise DiffinspectError(f"{source}: {exc}") from None
+    return cfg
+
+
+def validate_mqtt(cfg: MqttConfig) -> MqttConfig:
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(cfg.url)
+        url.port  # noqa: B018 (raises on a bad port)
+    except ValueError as exc:
+        raise DiffinspectError(f"MQTT broker URL {cfg.url!r} is not valid: {exc}") from None
+    if url.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not url.hostname:
+        raise DiffinspectError(f"MQTT broker URL must look like mqtt://host:1883 or mqtts://host:8883, got {cfg.url!r}")
+    if cfg.qos not in (1, 2):
+        raise DiffinspectError(f"watch.mqtt.qos must be 1 or 2 (0 has no acknowledgement), got {cfg.qos}")
+    for key in ("topic", "event_topic", "status_topic"):
+        template = getattr(cfg, key)
+        try:
+            topic = template.format(station="s", camera="c")
+        except (KeyError, IndexError, ValueError):
+            raise DiffinspectError(f"watch.mqtt.{key} {template!r} may only use {{station}} and {{camera}}") from None
+        if not topic or "+" in topic or "#" in topic or "\0" in topic:
+            raise DiffinspectError(f"watch.mqtt.{key} {template!r} is not a topic one can publish to")
+    if "{camera}" in cfg.event_topic or "{camera}" in cfg.status_topic:
+        raise DiffinspectError("watch.mqtt.event_topic and status_topic are per station: no {camera}")
+    if cfg.keepalive_s < 5 or cfg.ack_timeout_s <= 0:
+        raise DiffinspectError("watch.mqtt.keepalive_s must be at least 5 and ack_timeout_s positive")
+    if (cfg.cert_file is None) != (cfg.key_file is None):
+        raise DiffinspectError("watch.mqtt.cert_file and key_file go together")
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(cfg, key)
+        if path is not None and not Path(path).is_file():
+            raise DiffinspectError(f"watch.mqtt.{key}: file not found: {path}")
+    return cfg
+
+
+def validate_opcua(cfg: OpcuaConfig) -> OpcuaConfig:
+    if not cfg.url.startswith("opc.tcp://") or len(cfg.url) <= len("opc.tcp://"):
+        raise DiffinspectError(f"OPC UA server URL must look like opc.tcp://plc:4840, got {cfg.url!r}")
+    if not cfg.nodes.counter:
+        raise DiffinspectError("OPC UA output needs watch.opcua.nodes.counter (the node the PLC sees advance), "
+                               "and usually nodes.reject and nodes.score")
+    if cfg.timeout_s <= 0:
+        raise DiffinspectError("watch.opcua.timeout_s must be positive")
+    return cfg

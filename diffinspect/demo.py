@@ -54,6 +54,7 @@ class DemoResult:
     export: str
     headline: dict
     seconds: float
+    station: str = ""  # the command that shows this run's results live in a browser
 
 
 def simulate_camera(feed: Path, plan: DemoPlan, seed: int = 1) -> tuple[int, int]:
@@ -126,9 +127,10 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
     options = WatchOptions(batch=8, overlays="ng", quiet=True, stop=stop, stable_ms=100, settle_ms=500,
                            rescan_seconds=1)
     watcher_out: list = []
+    broker, mqtt = _local_broker(workdir / "broker", log)
     watcher = threading.Thread(target=lambda: watcher_out.append(run_watch(
         [feed], results, lambda: load_detector(bundle, "diffusion", backend), lambda: load_fallback(bundle),
-        options)), daemon=True)
+        options, outputs=[mqtt] if mqtt else [])), daemon=True)
     feed.mkdir(parents=True, exist_ok=True)
     watcher.start()
     camera.start()
@@ -138,6 +140,9 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
         time.sleep(0.2)
     stop.set()
     watcher.join(timeout=60)
+    if broker is not None:
+        broker.terminate()
+        broker.wait(10)
     summary = watcher_out[0] if watcher_out else None
     log("6/6 writing the evaluation report")
     report_dir = workdir / "report"
@@ -149,10 +154,45 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
         "frames_per_second": summary.fps if summary else None,
         "frames_scored": summary.frames if summary else _rows(results / "results.db"),
         "ng": summary.ng if summary else None, "errors": summary.error if summary else None,
+        "mqtt_acknowledged": mqtt.acknowledged_rows if mqtt else None, "mqtt_url": mqtt.cfg.url if mqtt else None,
     }
+    station = f"inspect station {results}   (then open http://127.0.0.1:8765/)"
+    log(f"see this run in the station view: {station}")
     return DemoResult(workdir, bundle, report_dir / "report.html", results / "results.db", results / "overlays",
                       dropped[0][0] if dropped else 0, dropped[0][1] if dropped else 0, export, headline,
-                      time.monotonic() - t0)
+                      time.monotonic() - t0, station)
+
+
+def _local_broker(folder: Path, log: Callable[[str], None]):  # noqa: ANN202
+    """Mosquitto on a free loopback port, when installed, so the demo shows verdicts leaving over MQTT."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    exe = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if exe is None:
+        return None, None
+    from diffinspect.config import MqttConfig
+    from diffinspect.line.mqtt_output import MqttOutput
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    user = ["user root"] if os.geteuid() == 0 else []  # as root it would drop to a user without our folder
+    (folder / "mosquitto.conf").write_text("\n".join([f"listener {port} 127.0.0.1", "allow_anonymous true",
+                                                      "log_dest none", *user]) + "\n")
+    proc = subprocess.Popen([exe, "-c", str(folder / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                log(f"   publishing verdicts to a local MQTT broker, mqtt://127.0.0.1:{port}")
+                return proc, MqttOutput(MqttConfig(url=f"mqtt://127.0.0.1:{port}", station="demo"))
+        time.sleep(0.05)
+    proc.terminate()
+    return None, None
 
 
 def _distill(bundle: Path, plan: DemoPlan, log: Callable[[str], None]) -> None:

@@ -47,3 +47,14 @@ def calibrated_bundle(trained_bundle, line_dir, tmp_path_factory) -> Path:
     shutil.copytree(trained_bundle, out)
     calibrate(out, line_dir / "test" / "good", false_reject_rate=0.1, log=lambda *_: None)
     return out
+
+
+# A test that needs a trained model pays for training (and often export) before it runs: slow by rule,
+# so `pytest -m "not slow"` never builds these fixtures. Other slow tests carry @pytest.mark.slow.
+TRAINED_FIXTURES = {"trained_bundle", "calibrated_bundle", "exported", "tiles_bundle"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

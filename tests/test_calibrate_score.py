@@ -116,6 +116,7 @@ def test_overlays_mark_the_defect(calibrated_bundle, line_dir, tmp_path):
     assert img is not None and img.shape[0] >= 256
 
 
+@pytest.mark.slow
 def test_copod_only_bundle_from_good_images(line_dir, tmp_path):
     good = tmp_path / "good"
     good.mkdir()

@@ -1,15 +1,20 @@
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_fast_end_to_end(tmp_path):
     work = tmp_path / "demo"
     res = subprocess.run([sys.executable, "-m", "diffinspect", "demo", "--fast", "--workdir", str(work)],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "diffinspect demo" in res.stdout
+    assert "inspect station" in res.stdout  # the station view of this run
     with sqlite3.connect(work / "results" / "results.db") as con:
         rows = con.execute("SELECT path, status, overlay, error FROM frames").fetchall()
     frames = sorted((work / "camera_feed").glob("frame_*.png"))
@@ -23,3 +28,5 @@ def test_demo_fast_end_to_end(tmp_path):
     figures = report["datasets"]["line"]["diffinspect"]
     assert figures["image_auroc"] > 0.6
     assert (work / "report" / "report.html").stat().st_size > 10_000
+    if shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin"):  # every row went out over MQTT
+        assert f"{len(rows)} verdicts acknowledged by the broker" in " ".join(res.stdout.split())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -99,6 +101,7 @@ def _good_frames(cat: Path) -> list[np.ndarray]:
     return [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)[..., None] for p in paths]
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_with_fake_detectors(tmp_path: Path) -> None:
     cat = make_mvtec(tmp_path / "data")
     good = _good_frames(cat)
@@ -163,6 +166,18 @@ def test_robustness_and_baselines_only_run(tmp_path: Path) -> None:
     assert "Robustness" in html
 
 
+def test_undecodable_test_images_are_skipped_and_named(tmp_path: Path) -> None:
+    cat = make_mvtec(tmp_path / "data", n_train=24, n_good=4, n_bad=3)
+    (cat / "test" / "good" / "000.png").write_bytes(b"not a png")
+    (cat / "test" / "dark" / "001.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match="undecodable test images"):
+        report = ev.evaluate([], [cat], tmp_path / "r", baselines=("iforest_pixels",), progress=False)
+    row = report["datasets"]["tiles"]["iforest_pixels"]
+    assert (row["n_images"], row["n_good"], row["n_defective"]) == (8, 3, 5)
+    assert any("skipped 2 undecodable test images" in n and "000.png" in n for n in report["notes"])
+
+
+@pytest.mark.slow
 def test_one_class_on_digits(tmp_path: Path) -> None:
     from sklearn.datasets import load_digits
 
@@ -245,6 +260,34 @@ def test_baselines_contract() -> None:
     assert px.pca_.n_components_ <= 12 and px.decision_function(frames[:3]).shape == (3,)
     with pytest.raises(DiffinspectError, match="unknown baseline"):
         ev.evaluate([], [Path("nowhere")], Path("r"), baselines=("lof",))
+
+
+def test_copod_baseline_agrees_with_pyod(monkeypatch, tmp_path) -> None:
+    # The baseline runs the runtime's COPOD; its scores are PyOD's COPOD fitted on the same rows and
+    # asked one row at a time (skewed features keep PyOD's skewness sign, which includes the new row).
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path))  # pyod imports matplotlib, which caches under $HOME
+    copod = pytest.importorskip("pyod.models.copod")
+    rng = np.random.default_rng(3)
+    train = rng.lognormal(0.0, 1.0, (80, 10))
+    test = rng.lognormal(0.0, 1.3, (8, 10))
+    bl = EmbeddingBaseline("copod", alpha=0.1, seed=5).fit(train)
+    fit_idx, _ = EmbeddingBaseline("copod", alpha=0.1, seed=5)._split(len(train))
+    ref = copod.COPOD().fit(train[fit_idx])
+    expected = [ref.decision_function(row[None])[0] for row in test]
+    np.testing.assert_allclose(bl.decision_function(test), expected, rtol=1e-9)
+
+
+def test_copod_baseline_needs_no_pyod(tmp_path) -> None:
+    # The edge install has no PyOD (it pulls numba and llvmlite); the COPOD baseline must not need it.
+    code = ("import sys; sys.modules['pyod'] = None\n"
+            "import numpy as np\n"
+            "from diffinspect.evaluation.baselines import EmbeddingBaseline\n"
+            "x = np.random.default_rng(0).normal(size=(40, 4))\n"
+            "print(EmbeddingBaseline('copod').fit(x).decision_function(x[:2]).shape)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MPLCONFIGDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(2,)"
 
 
 def test_corruptions_keep_shape_and_dtype() -> None:

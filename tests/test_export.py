@@ -15,9 +15,9 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import Preprocess, read_image
-from diffinspect.engines import autoselect
-from diffinspect.engines.backends import make_engine
+from diffinspect.engines import select as autoselect
 from diffinspect.engines.exports import CACHE_ENV
+from diffinspect.engines.select import make_engine
 from diffinspect.scoring.diffusion import CALIBRATION_FILE, DiffusionDetector, Stats
 
 EXPECTED = {"model.onnx", "model.int8.onnx", "openvino/model.xml", "openvino/model.fp16.xml",

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from diffinspect import DiffinspectError
 from diffinspect.data.image import Preprocess
-from diffinspect.scoring.copod import CopodDetector, _EcdfCopod, fit_copod
+from diffinspect.scoring.copod import CopodDetector, EcdfCopod, fit_copod
 from diffinspect.scoring.features import classical_embedding, embed_frames, embedding_dim
 
 ALPHA = 0.1
@@ -138,7 +138,7 @@ def test_scores_match_pyod_copod_for_a_batch_of_one(monkeypatch, tmp_path) -> No
     rng = np.random.default_rng(7)
     fit = rng.lognormal(0.0, 1.0, (80, 12)).astype(np.float32)
     new = rng.lognormal(0.0, 1.2, (6, 12)).astype(np.float32)
-    ours = _EcdfCopod(fit)
+    ours = EcdfCopod(fit)
     ref = copod.COPOD().fit(ours._standardize(fit))
     expected = [ref.decision_function(ours._standardize(new[i:i + 1]))[0] for i in range(len(new))]
     np.testing.assert_allclose(ours.score(new), expected, rtol=1e-10)

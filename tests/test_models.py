@@ -93,6 +93,7 @@ def test_unknown_kind_or_size() -> None:
         build_model("dit", "tiny", 32, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_few_steps_lower_the_denoising_loss(kind: str) -> None:
     torch.manual_seed(0)
@@ -114,6 +115,7 @@ def test_a_few_steps_lower_the_denoising_loss(kind: str) -> None:
     assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")  # torch exporter chatter
 @pytest.mark.parametrize("kind", KINDS)
 def test_onnx_export_matches_torch(kind: str, tmp_path) -> None:

@@ -167,6 +167,7 @@ def test_tiles_evaluate_pixel_pairs(tiles_bundle, tiles_line):
     assert part.shape == m.shape == (48, 70) and m.any()
 
 
+@pytest.mark.slow
 def test_tile_training_is_deterministic_and_resumes(tiles_line, tmp_path):
     from diffinspect import DiffinspectError
     from diffinspect.train import train

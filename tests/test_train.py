@@ -28,6 +28,7 @@ def losses_of(line_dir, tmp_path, kind):
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unet", "dit"])
 def test_loss_falls_and_bundle_loads(line_dir, tmp_path, kind):
     seen = losses_of(line_dir, tmp_path, kind)
@@ -40,6 +41,7 @@ def test_loss_falls_and_bundle_loads(line_dir, tmp_path, kind):
     assert model(x, torch.zeros(1)).shape == x.shape
 
 
+@pytest.mark.slow
 def test_deterministic_on_cpu(line_dir, tmp_path):
     a = train(line_dir, tmp_path / "a", tiny(), **QUIET)
     b = train(line_dir, tmp_path / "b", tiny(), **QUIET)
@@ -48,6 +50,7 @@ def test_deterministic_on_cpu(line_dir, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_interrupt_saves_checkpoint_and_resume_continues(line_dir, tmp_path):
     out = tmp_path / "b"
 
@@ -105,6 +108,7 @@ def test_bad_inputs(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_undecodable_files_are_skipped_and_counted(tmp_path):
     data = write_images(tmp_path / "d", 16, bad=2)
     with pytest.warns(UserWarning, match="skipped 2 undecodable"):

@@ -102,3 +102,32 @@ def test_live_view_and_exit_line_give_the_same_rate(monkeypatch) -> None:  # noq
     view = View(stats, [], [Path("cam")], 8, lambda: 0).table()
     cells = dict(zip(view.columns[0]._cells, view.columns[1]._cells, strict=True))
     assert cells["frames/s, last 10 s / while scoring"] == "0.0 / 36.0"
+
+
+def test_results_db_deleted_while_readers_hold_it_is_restored_whole(tmp_path: Path) -> None:
+    """`rm results.db` (its -wal and -shm stay) while the station view or an output has it open: the
+    restored database must not pick up the old database's write-ahead log."""
+    import sqlite3
+
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    cam.mkdir()
+    for i in range(3):
+        write_frame(cam / f"a{i}.png", 50)
+    with watching([cam], out, Factory()):
+        wait_for(lambda: n_rows(out) == 3)
+        reader = sqlite3.connect(out / "results.db")
+        try:
+            assert reader.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 3
+            (out / "results.db").unlink()
+            for i in range(4):
+                write_frame(cam / f"b{i}.png", 50)
+            wait_for(lambda: (out / "results.db").exists() and n_rows(out) == 7)
+        finally:
+            reader.close()
+    db = sqlite3.connect(out / "results.db")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        db.close()
+    rows = assert_mirror(out)
+    assert len(rows) == 7 and [r["id"] for r in rows] == sorted(r["id"] for r in rows)

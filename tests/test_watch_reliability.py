@@ -66,6 +66,7 @@ def watcher_process(out: Path, cam: Path, *args: str) -> subprocess.Popen:
 # -- bursts and slow writers -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_burst_of_2000_frames_is_scored_exactly_once(tmp_path: Path) -> None:
     cam, out = tmp_path / "cam", tmp_path / "out"
     cam.mkdir()
@@ -126,6 +127,7 @@ def test_frames_written_slowly_are_never_scored_half_written(tmp_path: Path) -> 
 # -- crashes and signals ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_restart(tmp_path: Path) -> None:
     cam, out = tmp_path / "cam", tmp_path / "out"
     cam.mkdir()

@@ -21,24 +21,13 @@ FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
 THREADS_ENV = "DIFFINSPECT_THREADS"
 CACHE_ENV = "DIFFINSPECT_CACHE_DIR"
+CALIBRATION_FILE = "calibration.npz"  # statistics, calibration scores and self-check references
 
 
 def export_name(fmt: str, precision: str) -> str:
     """The main file of an export: model.onnx, model.int8.onnx, openvino/model.fp16.xml, ..."""
     suffix = "" if precision == "fp32" else f".{precision}"
     return f"model{suffix}.onnx" if fmt == "onnx" else f"openvino/model{suffix}.xml"
-
-
-def resolve_sampler_name(bundle: Bundle, sampler: str | None) -> str:
-    """The sampler to run: the one asked for, else the bundle's default (torch-free twin of
-    `models.from_bundle.resolve_sampler`, which the edge runtime cannot import)."""
-    info = bundle.manifest.get("sampler") or {}
-    name = sampler or info.get("default", "teacher")
-    if name not in ("teacher", "student"):
-        raise DiffinspectError(f"unknown sampler {name!r}: use teacher or student")
-    if name == "student" and not info.get("student"):
-        raise DiffinspectError(f"bundle {bundle.path} has no distilled student (run `inspect distill`)")
-    return name
 
 
 def graph_fingerprint(bundle: Bundle, sampler: str) -> str:

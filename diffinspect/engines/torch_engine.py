@@ -1,4 +1,4 @@
-"""The torch backend: the scoring graph run eagerly on CPU or CUDA (needs the [train] extra)."""
+"""The torch engine: the scoring graph run eagerly on CPU or CUDA (needs the [train] extra)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 
 
-class TorchBackend:
+class TorchEngine:
+    precision = "fp32"
+    selection = ""
+
     def __init__(self, bundle: Bundle, device: str = "auto", sampler: str | None = None, recipe=None):
         try:
             import torch
         except ImportError:
             raise DiffinspectError("the torch backend needs torch: pip install 'diffinspect[train]', "
                                    "or export the bundle and use --backend openvino/onnxruntime") from None
+        from diffinspect.models.device import resolve_device
         from diffinspect.models.from_bundle import load_graph
-        from diffinspect.train.fit import resolve_device
 
         self.torch = torch
         self.device = resolve_device(device)

@@ -18,6 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
 from diffinspect import DiffinspectError
+from diffinspect.scoring.copod import EcdfCopod
 from diffinspect.scoring.threshold import conformal_threshold, min_calibration_size
 
 KINDS = ("iforest", "ocsvm", "copod")
@@ -40,17 +41,14 @@ class _OneClass:
             # The RBF kernel with gamma="scale" assumes comparable feature scales: standardize first.
             self.model = make_pipeline(StandardScaler(), OneClassSVM(nu=0.1, gamma="scale")).fit(X)
         else:
-            from pyod.models.copod import COPOD  # imported here: pyod is slow to import
-
-            self.model = COPOD().fit(X)
+            # The runtime's COPOD (scores each row against the fit set alone, as PyOD does for a batch of
+            # one), so the baseline and the fallback are one implementation.
+            self.model = EcdfCopod(X)
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         if self.kind == "copod":
-            # PyOD's COPOD recomputes its ECDFs over train + the whole batch passed in, so a frame's score
-            # would depend on which other frames share its batch. One row at a time keeps scores a
-            # function of the frame alone (and the conformal threshold meaningful).
-            return np.array([self.model.decision_function(row[None])[0] for row in X], dtype=np.float64)
+            return self.model.score(X)
         # scikit-learn's convention is higher = more normal.
         return -np.asarray(self.model.decision_function(X), dtype=np.float64)
 

@@ -31,6 +31,7 @@ from diffinspect.data.datasets import (
     normal_images,
 )
 from diffinspect.data.image import ImageError, Preprocess, read_image
+from diffinspect.data.reading import read_images, skipped_message
 from diffinspect.evaluation import metrics
 from diffinspect.evaluation.baselines import KINDS, EmbeddingBaseline, PixelBaseline
 from diffinspect.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corrupt
@@ -338,7 +339,7 @@ def _fit_baselines(spec: DatasetSpec, names: list[str], alpha: float, calib_shar
 
 def _features_of(paths: list[Path], feat: Featurizer, batch_size: int) -> np.ndarray:
     # In batches, so a large training set never sits in memory as full-size frames.
-    parts = [np.asarray(feat.fn([_read(p, feat.color) for p in paths[i:i + batch_size]]))
+    parts = [np.asarray(feat.fn(read_images(paths[i:i + batch_size], feat.color, "baseline training images").frames))
              for i in range(0, len(paths), batch_size)]
     return np.concatenate(parts)
 
@@ -401,10 +402,16 @@ def _evaluate_dataset(spec: DatasetSpec, methods: list[Method], feats: dict[str,
                       robustness: bool, batch_size: int, seed: int, gallery_size: int,
                       bar: _Bar) -> tuple[dict, list[MethodView]]:
     samples = spec.test.samples
-    labels = np.array([s.is_anomalous for s in samples], dtype=bool)
     # Maps are kept only where masks make pixel metrics possible (the gallery re-scores its few frames).
     with_masks = any(s.mask is not None for s in samples)
-    clean = _score_set(samples, methods, feats, batch_size, bar, spec.name, with_masks, spec.notes)
+    skipped: list[tuple[Path, str]] = []
+    clean = _score_set(samples, methods, feats, batch_size, bar, spec.name, with_masks, spec.notes,
+                       skipped=skipped)
+    if skipped:  # undecodable test images are left out of every figure, and named in the report
+        spec.notes.append(skipped_message(skipped, "test images"))
+        bad = {p for p, _ in skipped}
+        samples = [s for s in samples if s.path not in bad]
+    labels = np.array([s.is_anomalous for s in samples], dtype=bool)
     n_unmasked = sum(s.is_anomalous and s.mask is None for s in samples)
     if with_masks:
         if n_unmasked:
@@ -435,8 +442,10 @@ def _evaluate_dataset(spec: DatasetSpec, methods: list[Method], feats: dict[str,
 
 def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str, Featurizer],
                batch_size: int, bar: _Bar, label: str, pixel_pairs: bool, notes: list[str],
-               corruption: tuple[str, int, int] | None = None) -> dict[str, Scores]:
-    """Score every method on the samples, batch by batch; each frame is read once per colour."""
+               corruption: tuple[str, int, int] | None = None,
+               skipped: list[tuple[Path, str]] | None = None) -> dict[str, Scores]:
+    """Score every method on the samples, batch by batch; each frame is read once per colour. A sample
+    that cannot be read is left out and added to `skipped`."""
     used = {m.features for m in methods}
     feats = {k: f for k, f in feats.items() if k in used}
     colors = {f.color for f in feats.values()}
@@ -448,7 +457,16 @@ def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str
     task = bar.add(label, len(samples))
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
-        frames = {c: [_read(s.path, c) for s in batch] for c in colors}
+        read = {c: read_images([s.path for s in batch], c, "test images") for c in colors}
+        bad = {p: why for r in read.values() for p, why in r.skipped}
+        if bad:
+            if skipped is not None:
+                skipped.extend(bad.items())
+            batch = [s for s in batch if s.path not in bad]
+        frames = {c: [f for f, p in zip(r.frames, r.paths, strict=True) if p not in bad] for c, r in read.items()}
+        if not batch:
+            bar.advance(task, len(bad))
+            continue
         if corruption is not None:
             kind, sev, sd = corruption
             # Seeded per image (not per method): every method sees the same corrupted frame.
@@ -478,7 +496,7 @@ def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str
                     else:
                         full = mask if mask is not None else np.zeros(fr.shape[:2], dtype=bool)
                         pairs[m.name].append(mask_on_map(full, amap, m.preprocess))
-        bar.advance(task, len(batch))
+        bar.advance(task, len(batch) + len(bad))
     out = {}
     for m in methods:
         out[m.name] = Scores(np.concatenate(scores[m.name]) if scores[m.name] else np.zeros(0),
@@ -489,7 +507,10 @@ def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str
 def _warm_up(sample: TestSample, methods: list[Method], feats: dict[str, Featurizer]) -> None:
     # First calls pay for lazy initialization (sessions, caches): keep that out of the latency figure.
     detectors = [m for m in methods if m.kind == "detector"]
-    frames = {c: [_read(sample.path, c)] for c in {_color(m) for m in detectors}}
+    try:
+        frames = {c: [_read(sample.path, c)] for c in {_color(m) for m in detectors}}
+    except ImageError:
+        return  # an undecodable first image: scoring skips and names it
     for m in detectors:
         m.score(frames[_color(m)])
 

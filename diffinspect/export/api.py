@@ -44,7 +44,8 @@ def plan(fmt: str, precision: str) -> list[tuple[str, str]]:
 
 def _calibration_frames(bundle: Bundle, calibration_dir: str | Path | None) -> tuple[np.ndarray, str]:
     from diffinspect.data.image import Preprocess
-    from diffinspect.scoring.calibrate import image_sets, load_frames
+    from diffinspect.data.reading import read_images
+    from diffinspect.scoring.calibrate import image_sets
     from diffinspect.scoring.diffusion import fit_frames
 
     prep = Preprocess.from_dict(bundle.manifest["preprocess"])
@@ -55,7 +56,7 @@ def _calibration_frames(bundle: Bundle, calibration_dir: str | Path | None) -> t
     if len(calib) > MAX_IMAGES:
         idx = np.random.default_rng(0).choice(len(calib), MAX_IMAGES, replace=False)
         calib = [calib[i] for i in sorted(idx)]
-    frames, _ = load_frames(calib, prep.color, "calibration images")
+    frames = read_images(calib, prep.color, "calibration images").frames
     if not frames:
         raise DiffinspectError(f"no readable calibration images ({described})")
     inputs = fit_frames(frames, prep)
@@ -120,7 +121,8 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
         rebuild_nodes,
     )
     from diffinspect.export.rewrite import for_export
-    from diffinspect.models.from_bundle import load_graph, resolve_sampler
+    from diffinspect.models.from_bundle import load_graph
+    from diffinspect.models.sampler import resolve_sampler
     from diffinspect.scoring.diffusion import CALIBRATION_FILE
 
     bundle = Bundle.load(bundle_path)

@@ -75,7 +75,8 @@ class Committer:
             score=None if bad else it.score, threshold=None if bad else float(det.threshold),
             detector=None if bad else det.name, backend=None if bad else det.backend,
             latency_ms=None, overlay=None if bad else self._overlay(it), error=it.error,
-            fallback_reason=it.fallback_reason, received_at=c.received_at, scored_at=0.0)
+            fallback_reason=it.fallback_reason, received_at=c.received_at, scored_at=0.0,
+            health=None if bad or it.health is None else it.health.json())
 
     def _overlay(self, it: Item) -> str | None:
         """Written before the row is committed, so a row's overlay path always exists."""

@@ -33,7 +33,8 @@ class Say:
         if self.quiet:
             self._line(sys.stderr, f"{_now()} WARNING {msg}")
         else:
-            self.console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+            # escaped: file names and receivers' error texts may hold brackets rich would read as markup
+            self.console.print(f"[yellow]warning:[/] {_escape(msg)}", highlight=False, soft_wrap=True)
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self._once:
@@ -45,7 +46,7 @@ class Say:
         if self.quiet:
             self._line(sys.stderr, f"{_now()} INFO {msg}")
         else:
-            self.console.print(msg, highlight=False, soft_wrap=True)
+            self.console.print(_escape(msg), highlight=False, soft_wrap=True)
 
     def rows(self, rows: list[Record]) -> None:
         if not self.quiet or not rows:
@@ -106,3 +107,9 @@ def describe(exc: BaseException) -> str:
     """An exception in one line: its type and the first line of its message."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

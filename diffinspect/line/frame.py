@@ -12,6 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,3 +132,4 @@ class Item:
     status: str = "error"
     amap: np.ndarray | None = None
     fallback_reason: str | None = None
+    health: Any = None  # line.drift.Health, measured at decode when the bundle has a health profile

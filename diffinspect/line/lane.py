@@ -18,6 +18,7 @@ from pathlib import Path
 from diffinspect.data.image import ImageError, decode_image
 from diffinspect.line.commit import Committer
 from diffinspect.line.console import Say, describe
+from diffinspect.line.drift import DriftHub
 from diffinspect.line.frame import Candidate, FrameChanged, Item, looks_complete, read_frame
 from diffinspect.line.options import WatchOptions
 from diffinspect.line.supervisor import Supervisor
@@ -46,6 +47,7 @@ class LaneShared:
     started: Callable[[], None]  # the first frame is taken (for the rate)
     stop_taking: threading.Event = field(default_factory=threading.Event)
     pool: ThreadPoolExecutor | None = None
+    drift: DriftHub | None = None  # frame health and drift alarms
 
     def __post_init__(self) -> None:
         if self.opts.decode_workers > 1:
@@ -63,6 +65,7 @@ class Lane:
     def __init__(self, folders: list[Path], frames: FrameQueue, supervisor: Supervisor,
                  shared: LaneShared) -> None:
         self.folders, self.queue, self.supervisor, self.shared = folders, frames, supervisor, shared
+        self.drift = shared.drift.lane(folders) if shared.drift is not None else None
         self._scoring: queue.Queue = queue.Queue(maxsize=1)
         self._committing: queue.Queue = queue.Queue(maxsize=1)
         self._threads = [threading.Thread(target=t, name=f"watch-{t.__name__[1:]}", daemon=True)
@@ -130,7 +133,7 @@ class Lane:
             sh.recheck(cand, True)  # half-written: never decoded
             return None
         try:
-            return Item(cand, frame=decode_image(data, self.supervisor.color, sh.opts.max_megapixels))
+            frame = decode_image(data, self.supervisor.color, sh.opts.max_megapixels)
         except Exception as exc:  # ImageError, or OpenCV raising on an exotic file
             if data and not cand.settled:
                 # Maybe a writer that closes after every chunk (TIFF has no end marker to check):
@@ -139,6 +142,8 @@ class Lane:
                 return None
             reason = str(exc) if isinstance(exc, ImageError) else f"cannot decode: {describe(exc)}"
             return Item(cand, error=reason)
+        health = None if self.drift is None else self.drift.measure(cand.key, frame, self.supervisor.health)
+        return Item(cand, frame=frame, health=health)
 
     # -- score ---------------------------------------------------------------------------------
 

@@ -51,14 +51,24 @@ CREATE TABLE IF NOT EXISTS frames (
     fallback_reason TEXT,         -- why the fallback scored it (NULL when diffusion did)
     received_at REAL NOT NULL,    -- unix seconds, when the watcher first saw the file
     scored_at REAL NOT NULL,      -- unix seconds, when the row was written
+    health TEXT,                  -- JSON: brightness, contrast, sharpness, shift (scoring/health.py)
     UNIQUE (path, size, mtime_ns)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,             -- unix seconds
+    kind TEXT NOT NULL,           -- lighting | focus | camera | score (line/drift.py)
+    name TEXT NOT NULL,           -- what the engineer reads: "lighting changed", ...
+    state TEXT NOT NULL CHECK (state IN ('raised', 'cleared')),
+    detail TEXT,
+    folder TEXT                   -- the camera folder(s) of the lane
 );
 """
 
 
 # The table's columns in schema order (also the order of the JSON lines' keys).
 _COLUMNS = ["path", "folder", "size", "mtime", "mtime_ns", "status", "score", "threshold", "detector", "backend",
-            "latency_ms", "overlay", "error", "fallback_reason", "received_at", "scored_at"]
+            "latency_ms", "overlay", "error", "fallback_reason", "received_at", "scored_at", "health"]
 _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 _TEXT_COLUMNS = ("path", "folder", "overlay", "error", "fallback_reason", "backend", "detector")
@@ -96,6 +106,7 @@ class ResultStore:
         db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        _migrate(db)
         db.executescript(_SCHEMA)
         return db
 
@@ -133,6 +144,22 @@ class ResultStore:
             except Exception:  # the rows are committed whatever happens to their mirror lines
                 self._jsonl_behind = True
         return inserted
+
+    def add_events(self, events: list[tuple[float, str, str, str, str, str | None]]) -> None:
+        """(at, kind, name, state, detail, folder) rows into the events table, one transaction."""
+        if not events:
+            return
+        with self._lock:
+            self._keep_files()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO events (at, kind, name, state, detail, folder) "
+                                     "VALUES (?, ?, ?, ?, ?, ?)", events)
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
 
     def count(self) -> int:
         with self._lock:
@@ -175,7 +202,12 @@ class ResultStore:
             self._db.backup(copy)
         finally:
             copy.close()
-        self._db.close()  # checkpoints into the old file and removes its -wal/-shm by name
+        self._db.close()
+        # The old database's log and index stay behind while another connection (the station view, an
+        # output) holds them; the restored file must not start from them.
+        for log in (self.db_path.with_name(self.db_path.name + "-wal"),
+                    self.db_path.with_name(self.db_path.name + "-shm")):
+            log.unlink(missing_ok=True)
         self._set_aside(self.db_path)
         os.replace(tmp, self.db_path)
         self._db = self._connect()
@@ -262,6 +294,13 @@ def _ident(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Columns added since the first schema, for results.db files written by older versions."""
+    cols = {r[1] for r in db.execute("PRAGMA table_info(frames)")}
+    if cols and "health" not in cols:
+        db.execute("ALTER TABLE frames ADD COLUMN health TEXT")
 
 
 def _last_jsonl_id(path: Path) -> int | None:

@@ -87,6 +87,10 @@ class Supervisor:
                            f"the fallback scores frames until it is")
 
     @property
+    def health(self):  # noqa: ANN201 (HealthProfile | None: what drift alarms compare frames to)
+        return getattr(self.primary or self.fallback, "health", None)
+
+    @property
     def color(self) -> str:
         det = self.primary or self.fallback
         return det.preprocess.color if det is not None else "rgb"

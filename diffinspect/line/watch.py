@@ -25,10 +25,12 @@ from diffinspect.line.commit import CommitHook, Committer, OverlayWriter
 from diffinspect.line.console import Say, View
 from diffinspect.line.counters import Stats, WatchSummary
 from diffinspect.line.disposal import Disposal
+from diffinspect.line.drift import DriftHub
 from diffinspect.line.events import Events, install_signal_handlers
 from diffinspect.line.intake import Intake, IntakeConfig
 from diffinspect.line.lane import FrameQueue, Lane, LaneShared
 from diffinspect.line.options import WatchOptions
+from diffinspect.line.outbox import Outbox, Output
 from diffinspect.line.results import ResultStore
 from diffinspect.line.supervisor import DetectorFactory, Supervisor
 from diffinspect.scoring.overlay import save_overlay
@@ -41,12 +43,13 @@ DetectorPairs = Mapping[Path, tuple[DetectorFactory, DetectorFactory]]
 def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory,
               make_fallback: DetectorFactory, options: WatchOptions | None = None, *,
               per_folder: DetectorPairs | None = None, overlay_writer: OverlayWriter | None = None,
-              on_commit: Sequence[CommitHook] = ()) -> WatchSummary:
+              on_commit: Sequence[CommitHook] = (), outputs: Sequence[Output] = ()) -> WatchSummary:
     """Watch folders (one per camera) and commit one row per frame to OUT/results.db (+ .jsonl).
 
     per_folder gives a folder its own (make_detector, make_fallback), e.g. from a TOML config.
     overlay_writer defaults to diffinspect.scoring.overlay.save_overlay. on_commit: called from the lanes'
     threads with each batch of newly committed rows (Records with ids), before their files are moved.
+    outputs (MQTT, OPC UA) get every committed row through the outbox (outbox.py); scoring never waits for them.
     Returns after SIGINT/SIGTERM (the batch in flight is committed), options.stop, or with
     options.once when the backlog is done. Raises DiffinspectError for unusable arguments only."""
     opts = options or WatchOptions()
@@ -60,10 +63,14 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
     started = time.monotonic()
     say = Say(opts.quiet)
     store = ResultStore(out, say.warn)
+    outbox = Outbox(store.db_path, outputs, say.warn, say.info).start() if outputs else None
+    wake = [lambda rows: outbox.wake()] if outbox is not None else []
     try:
         groups = _group_folders(roots, (make_detector, make_fallback), per_folder)
-        return _run(roots, out, store, say, groups, overlay_writer, list(on_commit), opts, started)
+        return _run(roots, out, store, say, groups, overlay_writer, [*wake, *on_commit], opts, started)
     finally:
+        if outbox is not None:
+            outbox.stop()  # after the last commit: a few seconds to deliver it while the receiver is up
         store.close()
 
 
@@ -84,8 +91,9 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
                     say.warn, functools.partial(disposal, what="committed frame "))
     stats, stop_taking = Stats(), threading.Event()
     committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, say, stop_taking)
-    committer.on_commit += [stats.record, say.rows, *hooks]
-    shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking)
+    drift = DriftHub(out, store, say.warn, say.info)
+    committer.on_commit += [stats.record, say.rows, drift.on_commit, *hooks]
+    shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking, drift=drift)
     lanes = [Lane(folders, q, Supervisor(*pair, opts, say), shared)
              for (folders, pair), q in zip(groups, queues, strict=True)]
     view = None if opts.quiet else View(stats, lanes, roots, opts.queue_size, intake.waiting)

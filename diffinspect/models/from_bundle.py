@@ -7,10 +7,9 @@ import torch
 from diffinspect.bundle import Bundle
 from diffinspect.data.image import parse_size
 from diffinspect.models import build_model
+from diffinspect.models.sampler import resolve_sampler
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe, ScoringGraph
-
-SAMPLERS = ("teacher", "student")
 
 
 def load_denoiser(bundle: Bundle, weights: str = "weights.pt") -> torch.nn.Module:
@@ -19,17 +18,6 @@ def load_denoiser(bundle: Bundle, weights: str = "weights.pt") -> torch.nn.Modul
     state = torch.load(bundle.file(weights), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()
-
-
-def resolve_sampler(bundle: Bundle, sampler: str | None) -> str:
-    from diffinspect import DiffinspectError
-
-    sampler = sampler or bundle.manifest.get("sampler", {}).get("default", "teacher")
-    if sampler not in SAMPLERS:
-        raise DiffinspectError(f"unknown sampler {sampler!r}: use teacher or student")
-    if sampler == "student" and not bundle.manifest.get("sampler", {}).get("student"):
-        raise DiffinspectError(f"bundle {bundle.path} has no distilled student (run `inspect distill`)")
-    return sampler
 
 
 def load_graph(bundle: Bundle, sampler: str | None = None, recipe: Recipe | None = None) -> ScoringGraph:

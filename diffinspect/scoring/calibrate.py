@@ -15,7 +15,6 @@ import io
 import math
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,9 @@ import numpy as np
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import list_images
-from diffinspect.data.image import ImageError, Preprocess, read_image
-from diffinspect.engines.backends import make_engine
+from diffinspect.data.image import Preprocess
+from diffinspect.data.reading import read_images
+from diffinspect.engines.select import make_engine
 from diffinspect.models.recipe import Recipe
 from diffinspect.scoring.diffusion import (
     CALIBRATION_FILE,
@@ -36,7 +36,8 @@ from diffinspect.scoring.diffusion import (
     fit_frames,
     robust_scale,
 )
-from diffinspect.scoring.threshold import conformal_threshold, describe_bound, min_calibration_size
+from diffinspect.scoring.health import fit_health, save_health
+from diffinspect.scoring.threshold import check_calibration_size, conformal_threshold, describe_bound
 
 MAX_REFERENCE = 256
 MAX_REFERENCE_INPUTS = 2048  # model inputs (frames or tiles) for the statistics: bounds raw-term memory
@@ -58,22 +59,6 @@ class CalibrationResult:
     @property
     def bound(self) -> str:
         return describe_bound(self.n, self.false_reject_rate)
-
-
-def load_frames(paths: list[Path], color: str, what: str, progress: Progress | None = None
-                ) -> tuple[list[np.ndarray], list[Path]]:
-    frames, kept, bad = [], [], []
-    for i, p in enumerate(paths):
-        try:
-            frames.append(read_image(p, color))
-            kept.append(p)
-        except ImageError as exc:
-            bad.append(f"{p.name} ({exc})")
-        if progress:
-            progress(f"reading {what}", i + 1, len(paths))
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable {what}: {', '.join(bad[:3])}", stacklevel=2)
-    return frames, kept
 
 
 def image_sets(bundle: Bundle, normal_dir: str | Path | None, seed: int = 0
@@ -123,14 +108,11 @@ def calibrate(
     bundle = Bundle.load(bundle_path)
     prep = Preprocess.from_dict(bundle.manifest["preprocess"])
     reference, calib, described = image_sets(bundle, normal_dir)
-    need = min_calibration_size(false_reject_rate)
-    if len(calib) < need:
-        raise DiffinspectError(
-            f"{len(calib)} calibration images cannot bound the false-reject rate at {false_reject_rate:g}: "
-            f"need at least {need} (name a folder with more good images, or raise --false-reject-rate)")
+    check_calibration_size(len(calib), false_reject_rate,
+                           hint="name a folder with more good images, or raise --false-reject-rate")
     log(f"calibrating on {described}")
-    ref_frames, _ = load_frames(reference, prep.color, "reference images", progress)
-    cal_frames, _ = load_frames(calib, prep.color, "calibration images", progress)
+    ref_frames = read_images(reference, prep.color, "reference images", progress=progress).frames
+    cal_frames = read_images(calib, prep.color, "calibration images", progress=progress).frames
 
     engine = make_engine(bundle, backend, device, sampler)
     size = prep.image_size
@@ -159,7 +141,8 @@ def calibrate(
     if copod is not None and weight > 0:
         ref_scores = _score_frames(detector, ref_frames, "scoring reference images", progress)[0]
         rule = recipe.fusion
-        cal_copod = copod.score(cal_frames).scores
+        cal_copod = (copod.calibration_scores if copod.calibration_scores is not None
+                     else copod.score(cal_frames).scores)
         if rule == "minp" and len(scores) < 2 / false_reject_rate - 1:
             log(f"the minp fusion needs {math.ceil(2 / false_reject_rate - 1)} calibration images at a "
                 f"{false_reject_rate:g} rate, {len(scores)} given: summing the scores instead")
@@ -174,6 +157,11 @@ def calibrate(
     else:
         fused = (np.zeros(0), np.zeros(0))
         threshold = conformal_threshold(scores, false_reject_rate)
+    # Health ranges and score quantiles on the calibration frames: what drift alarms compare the line to.
+    cal_scores = {detector.name: scores}
+    if copod is not None and copod.calibration_scores is not None:
+        cal_scores[copod.name] = copod.calibration_scores
+    health = fit_health(cal_frames, cal_scores)
 
     buf = io.BytesIO()
     np.savez(buf, mean=stats.mean, std=stats.std, terms=np.array(engine.term_names), scores=scores,
@@ -196,6 +184,7 @@ def calibrate(
         }
         if copod_fields is not None:
             up.manifest["fallback"] = copod_fields
+        save_health(up, health)
     return CalibrationResult(len(scores), len(ref_frames), described, threshold, pixel_threshold,
                              false_reject_rate, engine.name,
                              float(copod_fields["threshold"]) if copod_fields else None)
@@ -232,7 +221,8 @@ def _fit_fallback(ref_frames, cal_frames, prep: Preprocess, rate: float):
 
     ref_emb = embed_frames([prep.crop_roi(f) for f in ref_frames])
     copod = CopodDetector(ref_emb, 0.0, prep, false_reject_rate=rate, n_calibration=len(cal_frames))
-    copod.threshold = conformal_threshold(copod.score_embeddings(copod.embed(cal_frames)), rate)
+    copod.calibration_scores = copod.score_embeddings(copod.embed(cal_frames))
+    copod.threshold = conformal_threshold(copod.calibration_scores, rate)
     return copod
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from diffinspect import bundle as bundle_io
 from diffinspect.data.datasets import normal_images
 from diffinspect.data.image import Preprocess
-from diffinspect.scoring.calibrate import load_frames
+from diffinspect.data.reading import read_images
+from diffinspect.scoring.health import HEALTH_FILE, fit_health
 from diffinspect.train.data import choose_color
 
 
@@ -19,8 +20,9 @@ def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.0
 
     files = normal_images(folder)
     prep = Preprocess(color=choose_color(files, "auto"))
-    frames, _ = load_frames(files, prep.color, "good images")
+    frames = read_images(files, prep.color, "good images").frames
     copod = fit_copod(frames, prep, false_reject_rate)
+    health = fit_health(frames, {copod.name: copod.calibration_scores})
     manifest = bundle_io.new_manifest(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         preprocess=prep.to_dict(), calibration=None, exports={}, training={"source": str(Path(folder).resolve())})
@@ -30,5 +32,10 @@ def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.0
         (tmp / "copod").rmdir()
         fields["file"] = fields["embeddings_file"]
         manifest["fallback"] = fields
-        bundle_io.finish(tmp, manifest, [fields["embeddings_file"]])
+        names = [fields["embeddings_file"]]
+        if health is not None:
+            (tmp / HEALTH_FILE).write_bytes(health.to_bytes())
+            manifest["health"] = health.manifest()
+            names.append(HEALTH_FILE)
+        bundle_io.finish(tmp, manifest, names)
     return copod.n_calibration, copod.threshold

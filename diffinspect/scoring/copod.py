@@ -31,15 +31,18 @@ from diffinspect import DiffinspectError
 from diffinspect.data.image import Preprocess
 from diffinspect.scoring.detector import Scored
 from diffinspect.scoring.features import FEATURE_VERSION, embed_frames, embedding_dim
-from diffinspect.scoring.threshold import conformal_threshold, min_calibration_size
+from diffinspect.scoring.threshold import check_calibration_size, conformal_threshold, min_calibration_size
 
 EMBEDDINGS_FILE = "embeddings.npy"
 MIN_FIT = 20  # below this the ECDF tails are too coarse (resolution 1/(n+1)) to separate anything
 _CHUNK_ELEMENTS = 4_000_000  # bound the (batch, n_fit, dims) comparison to a few MB at a time
 
 
-class _EcdfCopod:
-    """COPOD with the fit set fixed: new points never change the ECDFs they are scored against."""
+class EcdfCopod:
+    """COPOD with the fit set fixed: new points never change the ECDFs they are scored against.
+
+    On any feature matrix (the fallback's embeddings, the evaluation baselines' features);
+    `score` is higher for more anomalous rows."""
 
     def __init__(self, embeddings: np.ndarray) -> None:
         x = np.asarray(embeddings, dtype=np.float64)
@@ -104,7 +107,7 @@ class CopodDetector:
         self.false_reject_rate = false_reject_rate
         self.n_calibration = int(n_calibration)
         self.calibration_scores: np.ndarray | None = None  # set by fit_copod, not persisted
-        self._model = _EcdfCopod(emb)
+        self._model = EcdfCopod(emb)
 
     def embed(self, frames: list[np.ndarray]) -> np.ndarray:
         """Raw classical embeddings (N, D) float32 of the frames' ROI crops (what the fit set holds)."""
@@ -192,11 +195,7 @@ def fit_copod(frames: list[np.ndarray], preprocess: Preprocess, false_reject_rat
     """
     n = len(frames)
     need_cal = min_calibration_size(false_reject_rate)  # also rejects a rate outside (0, 1)
-    if n < need_cal + MIN_FIT:
-        raise DiffinspectError(
-            f"{n} good images cannot both fit the COPOD fallback and bound the false-reject rate at "
-            f"{false_reject_rate:g}: need at least {need_cal + MIN_FIT} good images ({need_cal} to calibrate "
-            f"+ {MIN_FIT} to fit), or ask for a higher --false-reject-rate")
+    check_calibration_size(n, false_reject_rate, extra=MIN_FIT, what="good images", purpose="fit the COPOD fallback")
     if not 0.0 < calibration_fraction < 1.0:
         raise DiffinspectError(f"calibration fraction must be between 0 and 1, got {calibration_fraction}")
     # Calibration gets at least what the rate needs; the fit part gets at least MIN_FIT.

@@ -8,10 +8,10 @@ import numpy as np
 
 from diffinspect import DiffinspectError
 from diffinspect.data.image import ImageSize, Preprocess, input_hw
+from diffinspect.engines import Engine
+from diffinspect.engines.exports import CALIBRATION_FILE  # noqa: F401  (the bundle file this detector reads)
 from diffinspect.models.recipe import FUSION_RULES
 from diffinspect.scoring.detector import Scored
-
-CALIBRATION_FILE = "calibration.npz"
 
 
 @dataclass
@@ -157,7 +157,7 @@ def robust_z(values: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
 class DiffusionDetector:
     name = "diffusion"
 
-    def __init__(self, engine, preprocess: Preprocess, stats: Stats, threshold: float,
+    def __init__(self, engine: Engine, preprocess: Preprocess, stats: Stats, threshold: float,
                  pixel_threshold: float | None, calibration_n: int = 0, false_reject_rate: float | None = None,
                  batch_size: int = 16, frame_term: FrameTerm | None = None):
         self.engine = engine

@@ -26,7 +26,7 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     b = _bundle(bundle)
     if detector == "copod" or "model" not in b.manifest:
         return load_fallback(b)
-    from diffinspect.engines.backends import make_engine
+    from diffinspect.engines.select import make_engine
     from diffinspect.scoring.diffusion import CALIBRATION_FILE, DiffusionDetector, FrameTerm, Stats
 
     cal = b.manifest.get("calibration")
@@ -40,8 +40,10 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     frame_term = (FrameTerm(load_fallback(b), term["weight"], tuple(term["diffusion"]), tuple(term["copod"]),
                             term.get("rule", "sum"), fused if term.get("rule") == "minp" else None)  # old: sum
                   if term else None)
-    return DiffusionDetector(engine, Preprocess.from_dict(b.manifest["preprocess"]), stats, cal["threshold"],
-                             cal["pixel_threshold"], cal["n"], cal["false_reject_rate"], frame_term=frame_term)
+    det = DiffusionDetector(engine, Preprocess.from_dict(b.manifest["preprocess"]), stats, cal["threshold"],
+                            cal["pixel_threshold"], cal["n"], cal["false_reject_rate"], frame_term=frame_term)
+    det.health = _health(b)
+    return det
 
 
 def load_fallback(bundle: str | Path | Bundle) -> Detector:
@@ -52,4 +54,17 @@ def load_fallback(bundle: str | Path | Bundle) -> Detector:
     fields = b.manifest.get("fallback")
     if not fields:
         raise DiffinspectError(f"bundle {b.path} has no COPOD fallback: run `inspect calibrate {b.path}`")
-    return CopodDetector.load(b.file(fields["file"]), fields, Preprocess.from_dict(b.manifest["preprocess"]))
+    det = CopodDetector.load(b.file(fields["file"]), fields, Preprocess.from_dict(b.manifest["preprocess"]))
+    det.health = _health(b)
+    return det
+
+
+def _health(b: Bundle):  # noqa: ANN202 (HealthProfile | None)
+    """The bundle's health profile for drift alarms; a bundle without one (or with an unreadable one)
+    scores all the same, only without drift alarms."""
+    from diffinspect.scoring.health import load_health
+
+    try:
+        return load_health(b)
+    except DiffinspectError:
+        return None

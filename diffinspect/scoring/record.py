@@ -46,6 +46,7 @@ class Record:
     fallback_reason: str | None = None  # why the fallback scored it (None when diffusion did)
     received_at: float | None = None  # unix seconds, when the watcher first saw the file
     scored_at: float | None = None  # unix seconds, when the row was written
+    health: str | None = None  # JSON of the frame's health signals (scoring/health.py), watch only
     id: int | None = None  # row id once committed
 
     @property

@@ -20,17 +20,26 @@ def min_calibration_size(alpha: float) -> int:
     return math.ceil((1 - alpha) / alpha - 1e-9)
 
 
+def check_calibration_size(n: int, alpha: float, *, extra: int = 0, what: str = "calibration images",
+                           purpose: str = "", hint: str = "") -> None:
+    """Refuse, in one line, n images too few to bound the false-reject rate at alpha.
+
+    extra: images needed beyond calibration to fit the detector (COPOD), which `purpose` names."""
+    need = min_calibration_size(alpha)
+    if n < need + extra:
+        split = f" ({need} to calibrate + {extra} to fit)" if extra else ""
+        raise DiffinspectError(
+            f"{n} {what} cannot {'both ' + purpose + ' and ' if extra else ''}bound the false-reject rate at "
+            f"{alpha:g}: need at least {need + extra} good images{split} "
+            f"({hint or 'or ask for a higher --false-reject-rate'})")
+
+
 def conformal_threshold(scores: np.ndarray, alpha: float) -> float:
     """Image threshold bounding the false-reject rate of new good parts by alpha."""
     _check_alpha(alpha)
     scores = np.sort(np.asarray(scores, dtype=np.float64).ravel())
     n = scores.size
-    need = min_calibration_size(alpha)
-    if n < need:
-        raise DiffinspectError(
-            f"{n} calibration images cannot bound the false-reject rate at {alpha:g}: "
-            f"need at least {need} good images (or ask for a higher --false-reject-rate)"
-        )
+    check_calibration_size(n, alpha)
     rank = math.ceil((n + 1) * (1 - alpha))
     return float(scores[rank - 1])
 

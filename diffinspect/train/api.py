@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,10 +63,6 @@ def train(
     log(f"model input: {geometry.reason}")
     prep = preprocess_for(data, cfg, geometry)
     tset = load_training_set(data, prep, cfg.data.holdout, cfg.train.seed)
-    if tset.skipped:
-        names = ", ".join(p.name for p, _ in tset.skipped[:5])
-        more = f" and {len(tset.skipped) - 5} more" if len(tset.skipped) > 5 else ""
-        warnings.warn(f"skipped {len(tset.skipped)} undecodable images: {names}{more}", stacklevel=2)
     channels = 3 if prep.color == "rgb" else 1
     size = describe_size(prep.image_size)
     fed = f", {size} tiles at {prep.tile_scale:g}x scale" if prep.feed == "tiles" else ""

@@ -9,7 +9,8 @@ import numpy as np
 
 from diffinspect import DiffinspectError
 from diffinspect.data.datasets import is_mvtec_category, normal_images
-from diffinspect.data.image import ImageError, Preprocess, decode_image, looks_gray
+from diffinspect.data.image import Preprocess, looks_gray
+from diffinspect.data.reading import read_images
 
 MIN_IMAGES = 10
 
@@ -54,16 +55,11 @@ def load_training_set(data: str | Path, preprocess: Preprocess, holdout: float, 
     holdout_files = sorted(files[i] for i in order[:n_hold])
     train_files = sorted(files[i] for i in order[n_hold:])
     fit = preprocess.canvas if preprocess.feed == "tiles" else preprocess.fit
-    images, kept, skipped = [], [], []
-    for f in train_files:
-        try:
-            images.append(fit(decode_image(f.read_bytes(), preprocess.color)))
-            kept.append(f)
-        except (ImageError, OSError) as exc:
-            skipped.append((f, str(exc)))
+    read = read_images(train_files, preprocess.color, "training images", transform=fit)
+    images, kept = read.frames, read.paths
     if len(kept) < MIN_IMAGES:
         raise DiffinspectError(
             f"only {len(kept)} decodable training images under {root} (of {len(train_files)} after a "
             f"{holdout:.0%} holdout); at least {MIN_IMAGES} are needed")
     stacked = images if preprocess.feed == "tiles" else np.stack(images)
-    return TrainingSet(root, preprocess, kept, holdout_files, stacked, skipped)
+    return TrainingSet(root, preprocess, kept, holdout_files, stacked, read.skipped)

@@ -26,9 +26,6 @@ that matches the teacher best.
 
 from __future__ import annotations
 
-import os
-import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,11 +37,12 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.config import DISTILL_DEFECT_SHARE, AugmentConfig
 from diffinspect.data.image import Preprocess
+from diffinspect.models.device import resolve_device
 from diffinspect.models.from_bundle import load_denoiser
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe, ScoringGraph
 from diffinspect.train.augment import augment_batch
-from diffinspect.train.fit import resolve_device
+from diffinspect.train.loop import Checkpoint, Clock, budget
 from diffinspect.train.selection import SelectionSet, measure, read_frames, reconstructions, selection_set
 from diffinspect.train.targets import TargetPool
 
@@ -90,6 +88,17 @@ def _image_paths(manifest: dict) -> list[Path]:
     return [p for p in (source / f for f in training.get("train_files", [])) if p.exists()]
 
 
+def _training_images(manifest: dict, paths: list[Path], prep: Preprocess) -> torch.Tensor:
+    """The training images at model size, uint8 (N, C, S, S); refused when too few are left on disk."""
+    frames = read_frames(paths, prep)
+    if len(frames) < MIN_IMAGES:
+        training = manifest.get("training") or {}
+        raise DiffinspectError(
+            f"distillation needs the training images, but only {len(frames)} of "
+            f"{len(training.get('train_files', []))} are on disk under {training.get('source')}")
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+
+
 def _augmenter(manifest: dict, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The augmentations the teacher was trained with, so the student sees the same image family."""
     raw = (((manifest.get("training") or {}).get("config") or {}).get("train") or {}).get("augment")
@@ -130,6 +139,18 @@ class _Run:
         self.gen.set_state(state["gen"])
         self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
         self.history, self.best, self.best_state = state["history"], state["best"], state["best_state"]
+
+    def train_step(self, batch_size: int, refresh: int) -> float:
+        """One optimizer step on a batch from the pool (a few targets refreshed first); the loss."""
+        self.pool.refresh(refresh)
+        x, eps, target = self.pool.sample(batch_size)
+        loss = F.mse_loss(self.student.reconstruct(x, eps), target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.denoiser.parameters(), 1.0)
+        self.opt.step()
+        self.iteration += 1
+        return float(loss.detach())
 
     def evaluate(self, sel: SelectionSet, teacher_rec: torch.Tensor, loss: float) -> dict:
         net = self.student.denoiser.eval()
@@ -180,46 +201,35 @@ def distill(
 
     prep = Preprocess.from_dict(m["preprocess"])
     train_paths = _image_paths(m)
-    frames = read_frames(train_paths, prep)
-    if len(frames) < MIN_IMAGES:
-        raise DiffinspectError(
-            f"distillation needs the training images, but only {len(frames)} of "
-            f"{len((m.get('training') or {}).get('train_files', []))} are on disk under "
-            f"{(m.get('training') or {}).get('source')}")
-    images = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+    images = _training_images(m, train_paths, prep)
     gen = torch.Generator().manual_seed(seed)
     pool = TargetPool(images, teacher, POOL_BATCHES * batch_size, gen, _augmenter(m, gen), defect_share=defect_share)
     run = _Run(student, pool, gen, lr)
     sel = selection_set(train_paths, prep, seed)
-    total = iterations if iterations is not None else (DEFAULT_ITERATIONS if max_minutes is None else 10**9)
-    budget = max_minutes if max_minutes is not None else (DEFAULT_MAX_MINUTES if iterations is None else None)
+    total, minutes = budget(iterations, max_minutes, DEFAULT_ITERATIONS, DEFAULT_MAX_MINUTES)
     config = {"steps": steps, "teacher_steps": teacher_steps, "batch_size": batch_size,
               "teacher_sha256": m["files"]["weights.pt"], "seed": seed, "defect_share": defect_share}
-    ckpt = checkpoint_dir(bundle.path) / "last.pt"
+    ckpt = Checkpoint(checkpoint_dir(bundle.path), "distillation")
 
     if resume:
-        if not ckpt.exists():
-            raise DiffinspectError(f"nothing to resume: no distillation checkpoint at {ckpt}")
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = ckpt.load()
         if state["config"] != config:
-            raise DiffinspectError(f"the checkpoint at {ckpt} was made with other settings "
+            raise DiffinspectError(f"the checkpoint at {ckpt.path} was made with other settings "
                                    f"({state['config']}); run without --resume to start over")
         run.load_state_dict(state)
         teacher_auroc, teacher_rec = state["teacher_auroc"], state["teacher_rec"].to(dev)
         log(f"resuming distillation at iteration {run.iteration}")
     else:
         log(f"distilling the {teacher_steps}-step teacher into a {steps}-step student "
-            f"(t* = {recipe.t_star}) on {len(frames)} images; selection on {sel.source} "
+            f"(t* = {recipe.t_star}) on {len(images)} images; selection on {sel.source} "
             f"+ {int(sel.labels.sum())} synthetic defects")
         teacher_auroc, teacher_rec = measure(teacher, sel), reconstructions(teacher, sel.good)
         pool.refresh(len(pool))
 
     def save() -> None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save(run.state_dict({"config": config, "teacher_auroc": teacher_auroc,
-                                   "teacher_rec": teacher_rec.cpu()}), tmp)
-        os.replace(tmp, ckpt)
+        run.elapsed = clock.elapsed()
+        ckpt.save(run.state_dict({"config": config, "teacher_auroc": teacher_auroc,
+                                  "teacher_rec": teacher_rec.cpu()}))
 
     def report(rec: dict) -> None:
         log(f"iteration {rec['iteration']}: synthetic-defect AUROC {rec['auroc']:.3f} "
@@ -227,25 +237,17 @@ def distill(
 
     if not run.history:
         report(run.evaluate(sel, teacher_rec, float("nan")))
-    t0, elapsed_before, loss_ema = time.monotonic(), run.elapsed, float("nan")
+    clock, loss_ema = Clock(minutes, run.elapsed), float("nan")
     refresh = max(1, batch_size // REUSE)
-    try:
+    with ckpt.on_interrupt("distillation", "iteration", lambda: run.iteration, save):
         while run.iteration < total:
-            run.elapsed = elapsed_before + time.monotonic() - t0
-            if budget is not None and run.elapsed >= budget * 60:
+            run.elapsed = clock.elapsed()
+            if clock.over():
                 break
-            pool.refresh(refresh)
-            x, eps, target = pool.sample(batch_size)
-            loss = F.mse_loss(student.reconstruct(x, eps), target)
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.denoiser.parameters(), 1.0)
-            run.opt.step()
-            run.iteration += 1
-            value = float(loss.detach())
+            value = run.train_step(batch_size, refresh)
             loss_ema = value if np.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * value
-            run.elapsed = elapsed_before + time.monotonic() - t0
-            done = max(run.iteration / total, run.elapsed / (budget * 60) if budget else 0.0)
+            run.elapsed = clock.elapsed()
+            done = max(run.iteration / total, clock.share())
             if done >= len(run.history) / EVALUATIONS and run.iteration < total:
                 report(run.evaluate(sel, teacher_rec, loss_ema))
                 save()
@@ -253,14 +255,9 @@ def distill(
                 save()
             if progress is not None:
                 progress(run.iteration, total, loss_ema, run.elapsed)
-    except KeyboardInterrupt:
-        run.elapsed = elapsed_before + time.monotonic() - t0
-        save()
-        raise DiffinspectError(f"distillation interrupted at iteration {run.iteration}; checkpoint saved to "
-                               f"{ckpt} (run the same command with --resume to continue)") from None
     if run.history[-1]["iteration"] != run.iteration:
         report(run.evaluate(sel, teacher_rec, loss_ema))
-    run.elapsed = elapsed_before + time.monotonic() - t0
+    run.elapsed = clock.elapsed()
     return _finish(bundle, run, config, teacher_auroc, sel, device, log)
 
 
@@ -287,7 +284,7 @@ def _finish(bundle: Bundle, run: _Run, config: dict, teacher_auroc: float, sel: 
             for f in files:
                 up.remove_file(f)
             up.manifest["exports"].pop(name)
-    shutil.rmtree(checkpoint_dir(bundle.path), ignore_errors=True)
+    Checkpoint(checkpoint_dir(bundle.path)).clear()
     kept = "the undistilled weights (nothing beat them)" if best["iteration"] == 0 else f"iteration {best['iteration']}"
     log(f"{config['steps']}-step student written to {bundle.path / STUDENT_FILE}: kept {kept}, "
         f"synthetic-defect AUROC {best['auroc']:.3f} vs teacher {teacher_auroc:.3f}; "

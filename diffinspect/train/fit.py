@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffinspect import DiffinspectError
 from diffinspect.config import Config
 from diffinspect.models import build_model, check_image_size, describe
+from diffinspect.models.device import resolve_device
 from diffinspect.models.schedule import NoiseSchedule, q_sample
 from diffinspect.train.augment import augment_batch
 from diffinspect.train.data import TrainingSet
+from diffinspect.train.loop import Checkpoint, Clock, budget
 
 # The recipe we stand behind when the user gives neither --steps nor --max-minutes.
 DEFAULT_STEPS = 20000
@@ -34,18 +33,6 @@ class TrainResult:
     final_loss: float
     steps_per_second: float
     interrupted: bool = False
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested.startswith("cuda:")):
-        if not torch.cuda.is_available():
-            raise DiffinspectError("CUDA was asked for (--device cuda) but no CUDA device is available")
-        return torch.device(requested)
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cpu":
-        return torch.device("cpu")
-    raise DiffinspectError(f"unknown device {requested!r}: use auto, cpu or cuda")
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -85,15 +72,12 @@ def fit(
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     schedule = NoiseSchedule(mc.schedule)
     ab_all = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
-    total = tc.steps if tc.steps is not None else (DEFAULT_STEPS if tc.max_minutes is None else 10**9)
-    budget = tc.max_minutes if tc.max_minutes is not None else (DEFAULT_MAX_MINUTES if tc.steps is None else None)
+    total, minutes = budget(tc.steps, tc.max_minutes, DEFAULT_STEPS, DEFAULT_MAX_MINUTES)
 
-    ckpt_path = checkpoint_dir(out) / "last.pt"
+    ckpt = Checkpoint(checkpoint_dir(out))
     step, elapsed_before = 0, 0.0
     if resume:
-        if not ckpt_path.exists():
-            raise DiffinspectError(f"nothing to resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        state = ckpt.load(device)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -117,23 +101,16 @@ def fit(
     for _ in range(step):
         _draw(gen, n_images, tc.batch_size, tc.t_max, channels, hw, tiles)
     use_amp = device.type == "cuda"
-    t0 = time.monotonic()
-    loss_ema, interrupted = float("nan"), False
+    clock = Clock(minutes, elapsed_before)
+    loss_ema = float("nan")
 
     def save_checkpoint() -> None:
-        if rank != 0:
-            return
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "step": step, "elapsed": elapsed_before + time.monotonic() - t0}, tmp)
-        os.replace(tmp, ckpt_path)
+        if rank == 0:
+            ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                       "step": step, "elapsed": clock.elapsed()})
 
-    try:
-        while step < total:
-            elapsed = elapsed_before + time.monotonic() - t0
-            if budget is not None and elapsed >= budget * 60:
-                break
+    with ckpt.on_interrupt("training", "step", lambda: step, save_checkpoint):
+        while step < total and not clock.over():
             idx, t, noise, corners = _draw(gen, n_images, tc.batch_size, tc.t_max, channels, hw, tiles)
             batch = _crops(canvases, idx, corners, hw) if tiles else images[idx]
             x0 = batch.float().div_(127.5).sub_(1.0)
@@ -152,21 +129,15 @@ def fit(
             value = float(loss.detach())
             loss_ema = value if np.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * value
             if progress is not None and rank == 0:
-                progress(step, total, loss_ema, elapsed_before + time.monotonic() - t0)
+                progress(step, total, loss_ema, clock.elapsed())
             if step % tc.checkpoint_every == 0:
                 save_checkpoint()
             if on_step is not None:
                 on_step(step)
-    except KeyboardInterrupt:
-        interrupted = True
-        save_checkpoint()
-    seconds = elapsed_before + time.monotonic() - t0
-    if interrupted:
-        raise DiffinspectError(f"training interrupted at step {step}; checkpoint saved to {ckpt_path} "
-                               f"(run the same command with --resume to continue)")
+    seconds = clock.elapsed()
     if world > 1:
         torch.distributed.barrier()
-    rate = (step - start_step) / max(time.monotonic() - t0, 1e-9)
+    rate = (step - start_step) / max(clock.session(), 1e-9)
     return TrainResult(ema.cpu().eval(), step, seconds, loss_ema, rate)
 
 
@@ -203,7 +174,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def clear_checkpoints(out: Path) -> None:
-    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    Checkpoint(checkpoint_dir(out)).clear()
 
 
 def model_summary(model: torch.nn.Module, image_size: int | tuple[int, int], channels: int) -> dict:

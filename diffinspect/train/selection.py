@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from diffinspect.data.anomalies import MIN_SIDE, anomaly_set
-from diffinspect.data.image import ImageError, ImageSize, Preprocess, read_image
+from diffinspect.data.image import ImageSize, Preprocess
+from diffinspect.data.reading import read_images
 from diffinspect.evaluation.metrics import image_auroc
 from diffinspect.models.scoring import ScoringGraph
 from diffinspect.scoring.diffusion import Stats
@@ -29,13 +30,7 @@ BATCH = 32
 
 def read_frames(paths: list[Path], prep: Preprocess, size: ImageSize | None = None) -> list[np.ndarray]:
     """Decoded, ROI-cropped frames fitted to `size` (default: the model size); unreadable files skipped."""
-    out = []
-    for p in paths:
-        try:
-            out.append(prep.fit(read_image(p, prep.color), size))
-        except (ImageError, OSError):
-            continue
-    return out
+    return read_images(paths, prep.color, "selection images", transform=lambda f: prep.fit(f, size)).frames
 
 
 @dataclass

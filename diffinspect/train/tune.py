@@ -20,7 +20,8 @@ from sklearn.metrics import roc_auc_score
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.anomalies import paste_anomaly
-from diffinspect.data.image import Preprocess, read_image
+from diffinspect.data.image import Preprocess
+from diffinspect.data.reading import read_images
 from diffinspect.models.from_bundle import load_denoiser
 from diffinspect.models.recipe import TERMS, Recipe
 from diffinspect.models.schedule import NoiseSchedule
@@ -62,8 +63,9 @@ def tune(bundle_path: str | Path, log: Callable[[str], None] = print, seed: int 
     rng = np.random.default_rng(seed)
     files = [files[i] for i in rng.permutation(len(files))[: 2 * MAX_IMAGES]]
     half = len(files) // 2
-    ref = fit_frames([read_image(f, prep.color) for f in files[:half]], prep)
-    val, labels = synthetic_validation(fit_frames([read_image(f, prep.color) for f in files[half:]], prep), seed)
+    ref = fit_frames(read_images(files[:half], prep.color, "training images").frames, prep)
+    good = read_images(files[half:], prep.color, "training images").frames
+    val, labels = synthetic_validation(fit_frames(good, prep), seed)
     model = load_denoiser(bundle)
     schedule = NoiseSchedule.from_dict(bundle.manifest["schedule"])
     base = Recipe.from_dict(bundle.manifest["score"])

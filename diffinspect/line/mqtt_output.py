@@ -1,0 +1,201 @@
+"""MQTT output of the outbox (paho-mqtt): one JSON message per frame, delivered when the broker acknowledged.
+
+Topics (templates with {station} and {camera}, the camera being the watched folder's name):
+  diffinspect/{station}/{camera}/verdict   one message per frame: the row of results.db, its id included
+  diffinspect/{station}/event              the station's alarms, when results.db has an events table
+  diffinspect/{station}/status             retained: online | fallback | offline (offline is the last will,
+                                           so a dead station or a cut cable reads offline too)
+
+A message counts as delivered on its PUBACK (QoS 1) or PUBCOMP (QoS 2), never when it is only queued.
+The client does not reconnect by itself: the outbox reconnects with back-off and sends what is pending
+again, so there is one place that decides what was delivered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from diffinspect.config import MqttConfig
+from diffinspect.line.outbox import OutputError
+
+PASSWORD_ENV = "DIFFINSPECT_MQTT_PASSWORD"
+
+
+def topic_part(text: str) -> str:
+    """A name made safe as one topic level: no wildcards, no separators."""
+    cleaned = "".join("_" if ch in "+#/\0" else ch for ch in text).strip()
+    return cleaned or "_"
+
+
+def frame_message(row: dict, station: str) -> bytes:
+    """The frame's row as stored, plus the station and camera, as one JSON object."""
+    msg = {"id": row["id"], "station": station, "camera": Path(row.get("folder") or "").name}
+    msg.update({k: _finite(v) for k, v in row.items() if k != "id"})
+    return json.dumps(msg, separators=(",", ":")).encode()
+
+
+def _finite(v: object) -> object:
+    # JSON has no NaN; a receiver's strict parser would reject the message.
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class MqttOutput:
+    streams = ("frames", "events")
+
+    def __init__(self, cfg: MqttConfig, name: str = "mqtt") -> None:
+        import paho.mqtt.client  # noqa: F401 (a clear ImportError at start-up, not in the thread)
+
+        self.cfg, self.name = cfg, name
+        url = urlsplit(cfg.url)
+        self.host = url.hostname or "localhost"
+        self.tls = cfg.tls or url.scheme in ("mqtts", "ssl")
+        self.port = url.port or (8883 if self.tls else 1883)
+        self.username = cfg.username or (unquote(url.username) if url.username else None)
+        self.password = (os.environ.get(PASSWORD_ENV) or cfg.password
+                         or (unquote(url.password) if url.password else None))
+        self.station = topic_part(cfg.station or socket.gethostname())
+        self.client_id = cfg.client_id or f"diffinspect-{self.station}"
+        self.status_topic = cfg.status_topic.format(station=self.station)
+        self.event_topic = cfg.event_topic.format(station=self.station)
+        self.where = f"MQTT broker {self.host}:{self.port}"
+        self._client = None
+        self._cond = threading.Condition()
+        self._acked: set[int] = set()
+        self._connected = False
+        self._connack: object | None = None
+        self._status: str | None = None
+        self.acknowledged = 0  # messages acknowledged by the broker (frames, events and status)
+        self.acknowledged_rows = 0
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.close()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
+                             reconnect_on_failure=False)
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
+        if self.tls:
+            try:
+                client.tls_set(ca_certs=self.cfg.ca_file, certfile=self.cfg.cert_file, keyfile=self.cfg.key_file,
+                               cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise OutputError(f"TLS set-up for the {self.where} failed: {exc}") from None
+        client.will_set(self.status_topic, "offline", qos=1, retain=True)
+        client.max_inflight_messages_set(20)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        with self._cond:
+            self._connack, self._connected = None, False
+            self._acked.clear()
+        try:
+            client.connect(self.host, self.port, keepalive=self.cfg.keepalive_s)
+        except ssl.SSLError as exc:
+            raise OutputError(f"TLS handshake with the {self.where} failed: {exc}") from None
+        except OSError as exc:
+            raise OutputError(f"cannot reach the {self.where} ({exc.strerror or exc})") from None
+        client.loop_start()
+        self._client = client
+        deadline = time.monotonic() + self.cfg.ack_timeout_s
+        with self._cond:
+            while self._connack is None and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            connack = self._connack
+        if connack is None or getattr(connack, "is_failure", True) or not self._connected:
+            self.close(say_offline=False)
+            if connack is None:
+                raise OutputError(f"no answer from the {self.where} within {self.cfg.ack_timeout_s:g} s")
+            raise OutputError(f"the {self.where} refused the connection: {connack}"
+                              + (" (check username and password)" if _is_auth(connack) else ""))
+        # Up again: replace the last will's "offline" at once, not at the next frame.
+        self._publish(self.status_topic, b"online", retain=True)
+        self._status = "online"
+
+    def close(self, say_offline: bool = True) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            if say_offline and self._connected:
+                info = client.publish(self.status_topic, "offline", qos=1, retain=True)
+                self._wait(info.mid, min(self.cfg.ack_timeout_s, 2.0))
+            client.disconnect()  # a clean disconnect: the broker does not send the last will
+        except Exception:  # noqa: S110 (closing a broken connection)
+            pass
+        finally:
+            client.loop_stop()
+            with self._cond:
+                self._connected = False
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, stream: str, row: dict) -> None:
+        if stream == "events":
+            self._publish(self.event_topic, json.dumps({k: _finite(v) for k, v in row.items()}).encode())
+            return
+        status = "fallback" if row.get("fallback_reason") and row.get("status") != "error" else "online"
+        if status != self._status:
+            self._publish(self.status_topic, status.encode(), retain=True)
+            self._status = status
+        camera = topic_part(Path(row.get("folder") or "").name)
+        self._publish(self.cfg.topic.format(station=self.station, camera=camera), frame_message(row, self.station))
+        self.acknowledged_rows += 1
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        client = self._client
+        if client is None or not self._connected:
+            raise OutputError(f"lost the connection to the {self.where}")
+        info = client.publish(topic, payload, qos=self.cfg.qos, retain=retain)
+        if info.rc != 0:
+            raise OutputError(f"lost the connection to the {self.where} (publish: {info.rc})")
+        if not self._wait(info.mid, self.cfg.ack_timeout_s):
+            raise OutputError(f"lost the connection to the {self.where}" if not self._connected
+                              else f"no acknowledgement from the {self.where} within {self.cfg.ack_timeout_s:g} s")
+
+    def _wait(self, mid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while mid not in self._acked:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._connected:
+                    return False
+                self._cond.wait(left)
+            self._acked.discard(mid)
+        self.acknowledged += 1
+        return True
+
+    # -- paho callbacks (its network thread) -----------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        with self._cond:
+            self._connack = reason_code
+            self._connected = not reason_code.is_failure
+            self._cond.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        with self._cond:
+            self._connected = False
+            if self._connack is None:
+                self._connack = reason_code
+            self._cond.notify_all()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
+        with self._cond:
+            self._acked.add(mid)
+            self._cond.notify_all()
+
+
+def _is_auth(reason_code: object) -> bool:
+    text = str(reason_code).lower()
+    return "authori" in text or "password" in text or "credential" in text

@@ -1,0 +1,142 @@
+"""OPC UA output of the outbox (asyncua): the station writes each verdict into the PLC's own nodes.
+
+Why a client writing to the PLC, not a server the PLC reads: on a line the PLC is the OPC UA server
+(S7-1500, TwinCAT, CODESYS runtimes serve their tags), the PLC program owns the tags it acts on, and
+smart cameras hand results over the same way, by writing to the controller. A station serving nodes would
+make the PLC programmer add an OPC UA client and poll it, and the station could never know that a
+verdict was seen; a write answered Good is an acknowledgement the outbox can count on.
+
+Per frame, one Write request: reject, score, then the counter (the frame's id in results.db). The PLC
+program latches reject and score when it sees the counter change; the id keeps advancing across
+restarts, and a verdict re-sent after a crash carries the same counter value, so the PLC ignores it.
+Each value is sent as the node's own data type (read once on connecting): a PLC refuses a Double written
+to a REAL tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+from diffinspect.config import OpcuaConfig
+from diffinspect.line.outbox import OutputError
+
+PASSWORD_ENV = "DIFFINSPECT_OPCUA_PASSWORD"
+INSTALL_HINT = "the OPC UA output needs asyncua: pip install 'diffinspect[opcua]'"
+
+_INT_RANGES = {"SByte": (-(1 << 7), 1 << 8), "Byte": (0, 1 << 8), "Int16": (-(1 << 15), 1 << 16),
+               "UInt16": (0, 1 << 16), "Int32": (-(1 << 31), 1 << 32), "UInt32": (0, 1 << 32),
+               "Int64": (-(1 << 63), 1 << 64), "UInt64": (0, 1 << 64)}
+
+
+def _counter_value(frame_id: int, vtype: str) -> int:
+    """The id, wrapped into the node's integer range (a PLC compares counters for change, not size)."""
+    low, span = _INT_RANGES[vtype]
+    return (frame_id - low) % span + low if low else frame_id % span
+
+
+class OpcuaOutput:
+    streams = ("frames",)
+
+    def __init__(self, cfg: OpcuaConfig, name: str = "opcua") -> None:
+        try:
+            import asyncua  # noqa: F401
+        except ImportError:
+            raise OutputError(INSTALL_HINT) from None
+        import logging
+
+        # asyncua logs at WARNING what is normal for a plain connection (no signing policy, the server's
+        # session timeout); the outbox says what matters in one line.
+        logging.getLogger("asyncua").setLevel(logging.ERROR)
+        self.cfg, self.name = cfg, name
+        self.where = f"OPC UA server {cfg.url}"
+        self._client = None
+        self._nodes: list[tuple[str, object, str]] = []  # (role, node, variant type name)
+        self.acknowledged_rows = 0
+
+    def open(self) -> None:
+        from asyncua import ua
+        from asyncua.sync import Client
+
+        self.close()
+        client = Client(self.cfg.url, timeout=self.cfg.timeout_s, sync_wrapper_timeout=self.cfg.timeout_s * 3)
+        try:
+            if self.cfg.username:
+                client.set_user(self.cfg.username)
+                client.set_password(os.environ.get(PASSWORD_ENV) or self.cfg.password or "")
+            if self.cfg.security:
+                client.set_security_string(self.cfg.security)
+            client.connect()
+        except Exception as exc:
+            _quietly(client.disconnect)
+            raise OutputError(f"cannot connect to the {self.where} ({_describe(exc)})") from None
+        self._client = client
+        nodes = self.cfg.nodes
+        self._nodes = []
+        for role in ("reject", "score", "counter"):
+            node_id = getattr(nodes, role)
+            if not node_id:
+                continue
+            try:
+                node = client.get_node(node_id)
+                vtype = node.read_data_type_as_variant_type()
+            except ua.UaStatusCodeError as exc:
+                self.close()
+                raise OutputError(f"node {node_id!r} (watch.opcua.nodes.{role}) on the {self.where}: "
+                                  f"{_describe(exc)}") from None
+            except Exception as exc:
+                self.close()
+                raise OutputError(f"cannot read node {node_id!r} on the {self.where} ({_describe(exc)})") from None
+            if role == "reject" and vtype.name != "Boolean" and vtype.name not in _INT_RANGES:
+                raise self._bad_type(node_id, role, vtype.name, "Boolean or an integer")
+            if role == "score" and vtype.name not in ("Float", "Double"):
+                raise self._bad_type(node_id, role, vtype.name, "Float or Double")
+            if role == "counter" and vtype.name not in _INT_RANGES:
+                raise self._bad_type(node_id, role, vtype.name, "an integer type")
+            self._nodes.append((role, node, vtype.name))
+
+    def _bad_type(self, node_id: str, role: str, got: str, want: str) -> OutputError:
+        self.close()
+        return OutputError(f"node {node_id!r} (watch.opcua.nodes.{role}) is {got}; it must be {want}")
+
+    def send(self, stream: str, row: dict) -> None:
+        from asyncua import ua
+
+        client = self._client
+        if client is None:
+            raise OutputError(f"not connected to the {self.where}")
+        values = []
+        for role, _node, vtype in self._nodes:
+            if role == "reject":
+                value: object = row["status"] != "ok"  # a frame that could not be scored is not passed
+                value = value if vtype == "Boolean" else int(value)
+            elif role == "score":
+                score = row.get("score")
+                value = float(score) if score is not None and math.isfinite(score) else math.nan
+            else:
+                value = _counter_value(int(row["id"]), vtype)
+            values.append(ua.DataValue(ua.Variant(value, getattr(ua.VariantType, vtype))))
+        try:
+            results = client.write_values([n for _, n, _ in self._nodes], values, raise_on_partial_error=False)
+        except Exception as exc:
+            raise OutputError(f"lost the connection to the {self.where} ({_describe(exc)})") from None
+        for (role, _node, _), status in zip(self._nodes, results, strict=True):
+            if not status.is_good():
+                raise OutputError(f"the {self.where} refused the write of {role}: {status.name}")
+        self.acknowledged_rows += 1
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            _quietly(client.disconnect)
+
+
+def _quietly(fn) -> None:  # noqa: ANN001
+    with contextlib.suppress(Exception):  # a broken connection is being dropped
+        fn()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

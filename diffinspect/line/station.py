@@ -1,0 +1,337 @@
+"""`inspect station OUT`: one live web page over OUT/results.db for the people at the line.
+
+It opens results.db read-only (a `mode=ro` URI; SQLite's WAL lets it read while `inspect watch`
+commits, and it never takes a write lock), so the page can neither slow nor break scoring. It binds
+to 127.0.0.1 by default; on any other address it refuses to start without a token, and with a token
+every request must carry it (`?token=`, or `Authorization: Bearer`). Files are served from OUT only:
+a requested path is resolved (symlinks followed) and must stay inside OUT.
+
+The page is plain HTML, JS and SVG (no CDN: plant networks are offline) and polls /api/state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import json
+import math
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from diffinspect import DiffinspectError
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+SIGNAL_NAMES = ("brightness", "contrast", "sharpness", "shift")
+STATION_FILE = "station.json"  # written by `inspect watch`: calibrated bands per camera folder
+DEFAULT_SHIFTS = "06:00,14:00,22:00"
+RECENT_ROWS = 100_000  # rejects are looked for among this many latest rows
+
+
+def station_url(host: str = "127.0.0.1", port: int = 8765) -> str:
+    return f"http://{host}:{port}/"
+
+
+def parse_shifts(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        try:
+            h, m = (int(x) for x in part.strip().split(":"))
+        except ValueError:
+            raise DiffinspectError(f"shift start {part.strip()!r} is not HH:MM") from None
+        if not (0 <= h < 24 and 0 <= m < 60):
+            raise DiffinspectError(f"shift start {part.strip()!r} is not a time of day")
+        out.append((h, m))
+    if not out:
+        raise DiffinspectError("name at least one shift start (HH:MM)")
+    return sorted(out)
+
+
+def shift_start(now: float, shifts: list[tuple[int, int]]) -> float:
+    """Unix time of the latest shift start at or before now (local time)."""
+    day = dt.datetime.fromtimestamp(now)
+    starts = [day.replace(hour=h, minute=m, second=0, microsecond=0) for h, m in shifts]
+    starts += [s - dt.timedelta(days=1) for s in starts]
+    return max(s for s in starts if s.timestamp() <= now).timestamp()
+
+
+class Station:
+    """The data side of the page: read-only queries over OUT/results.db, paths confined to OUT."""
+
+    def __init__(self, out: Path, shifts: str = DEFAULT_SHIFTS) -> None:
+        self.out = Path(out).resolve()
+        if not self.out.is_dir():
+            raise DiffinspectError(f"results folder not found: {out}")
+        self.db_path = self.out / "results.db"
+        self.shifts = parse_shifts(shifts)
+
+    # -- read-only database ---------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if not self.db_path.is_file():
+            return None
+        db = sqlite3.connect(f"{self.db_path.as_uri()}?mode=ro", uri=True, timeout=2)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def state(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        db = self._connect()
+        base: dict[str, Any] = {"out": str(self.out), "now": now, "ready": db is not None}
+        if db is None:
+            return base
+        try:
+            return {**base, **self._state(db, now)}
+        except sqlite3.OperationalError as exc:  # no table yet (a watcher just starting), or busy
+            return {**base, "ready": False, "error": str(exc)}
+        finally:
+            db.close()
+
+    def _state(self, db: sqlite3.Connection, now: float) -> dict[str, Any]:
+        # results.db has no index on time and the station may not add one (read-only): every query is
+        # a range of row ids (the primary key), found by time with a binary search, so a poll costs the
+        # same after a month of frames as after an hour.
+        cols = {r[1] for r in db.execute("PRAGMA table_info(frames)")}
+        hour, shift = now - 3600, shift_start(now, self.shifts)
+        max_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
+        recent_id = max(0, max_id - RECENT_ROWS)
+        counts = {}
+        for key, since in (("hour", hour), ("shift", shift)):
+            row = db.execute("SELECT COUNT(*) n, SUM(status='ok') ok, SUM(status='ng') ng, SUM(status='error') err "
+                             "FROM frames WHERE id >= ? AND scored_at >= ?", (_first_id(db, since), since)).fetchone()
+            n = row["n"] or 0
+            span_min = max((now - since) / 60.0, 1e-9)
+            counts[key] = {"total": n, "ok": row["ok"] or 0, "ng": row["ng"] or 0, "error": row["err"] or 0,
+                           "per_minute": n / span_min, "since": since}
+        # OK/NG/error per minute over the last hour.
+        trend = [{"t": hour + 60 * i, "ok": 0, "ng": 0, "error": 0} for i in range(60)]
+        for r in db.execute("SELECT CAST((scored_at - ?) / 60 AS INTEGER) b, status, COUNT(*) n FROM frames "
+                            "WHERE id >= ? AND scored_at >= ? GROUP BY b, status", (hour, _first_id(db, hour), hour)):
+            if 0 <= r["b"] <= 60:  # 60: scored this very second
+                trend[min(r["b"], 59)][r["status"]] += r["n"]
+        recent = db.execute("SELECT latency_ms FROM frames ORDER BY id DESC LIMIT 2000").fetchall()
+        lat = sorted(r[0] for r in recent if r[0] is not None)
+        last = db.execute("SELECT id, detector, backend, fallback_reason, threshold, scored_at FROM frames "
+                          "WHERE id > ? AND status != 'error' ORDER BY id DESC LIMIT 1", (recent_id,)).fetchone()
+        fallback = db.execute("SELECT COUNT(*), SUM(fallback_reason IS NOT NULL) FROM (SELECT fallback_reason "
+                              "FROM frames WHERE id > ? AND status != 'error' ORDER BY id DESC LIMIT 200)",
+                              (recent_id,)).fetchone()
+        scored = db.execute("SELECT score, threshold, detector FROM frames WHERE id > ? AND status != 'error' AND "
+                            "score IS NOT NULL ORDER BY id DESC LIMIT 2000", (recent_id,)).fetchall()
+        rejects = [self._frame(r) for r in db.execute(
+            "SELECT * FROM frames WHERE id > ? AND status = 'ng' ORDER BY id DESC LIMIT 12", (recent_id,))]
+        health = []
+        if "health" in cols:
+            for r in db.execute("SELECT id, scored_at, folder, health FROM frames WHERE id > ? AND health IS NOT "
+                                "NULL ORDER BY id DESC LIMIT 300", (recent_id,)):
+                values = _json(r["health"])
+                if isinstance(values, dict):
+                    health.append({"id": r["id"], "t": r["scored_at"], "folder": r["folder"],
+                                   **{k: _num(values.get(k)) for k in SIGNAL_NAMES}})
+            health.reverse()
+        return {
+            "counts": counts, "trend": trend, "max_id": max_id,
+            "latency": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "n": len(lat)},
+            "detector": None if last is None else {
+                "detector": last["detector"], "backend": last["backend"], "fallback_reason": last["fallback_reason"],
+                "fallback_share": (fallback[1] or 0) / fallback[0] if fallback[0] else 0.0,
+                "threshold": last["threshold"], "at": last["scored_at"]},
+            "histogram": _histogram(scored, last["detector"] if last else None),
+            "rejects": rejects, "health": health, "bands": self._bands(), **self._alarms(db),
+        }
+
+    def frame(self, frame_id: int) -> dict[str, Any] | None:
+        db = self._connect()
+        if db is None:
+            return None
+        try:
+            row = db.execute("SELECT * FROM frames WHERE id = ?", (frame_id,)).fetchone()
+            return None if row is None else self._frame(row)
+        finally:
+            db.close()
+
+    def _frame(self, r: sqlite3.Row) -> dict[str, Any]:
+        d = dict(r)
+        d["name"] = Path(d["path"]).name
+        d["overlay_url"] = self._file_url(d.get("overlay"))
+        d["overlay"] = None
+        d["health"] = _json(d.get("health")) if d.get("health") else None
+        return d
+
+    def _alarms(self, db: sqlite3.Connection) -> dict[str, Any]:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='events'").fetchone():
+            return {"alarms": [], "events": []}
+        events = [dict(r) for r in db.execute("SELECT * FROM events ORDER BY id DESC LIMIT 50")]
+        latest: dict[tuple, dict] = {}
+        for e in db.execute("SELECT * FROM events ORDER BY id"):
+            latest[(e["kind"], e["folder"])] = dict(e)
+        return {"alarms": [e for e in latest.values() if e["state"] == "raised"], "events": events}
+
+    def _bands(self) -> dict[str, Any]:
+        path = self.out / STATION_FILE
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+        bands = data.get("bands") if isinstance(data, dict) else None
+        return bands if isinstance(bands, dict) else {}
+
+    # -- files inside OUT ------------------------------------------------------------------------
+
+    def _file_url(self, path: str | None) -> str | None:
+        if not path:
+            return None
+        try:
+            rel = Path(path).resolve().relative_to(self.out)
+        except (ValueError, OSError):
+            return None
+        return "/files/" + rel.as_posix()
+
+    def resolve_file(self, rel: str) -> Path | None:
+        """The file OUT/rel, or None when rel leaves OUT (.., absolute, a symlink out) or is no file."""
+        if not rel or "\x00" in rel or os.path.isabs(rel):
+            return None
+        try:
+            path = (self.out / rel).resolve(strict=True)
+            path.relative_to(self.out)
+        except (ValueError, OSError, RuntimeError):
+            return None
+        if not path.is_file() or path.name in ("results.db", "results.db-wal", "results.db-shm", ".watch.lock"):
+            return None
+        return path
+
+
+def _first_id(db: sqlite3.Connection, since: float) -> int:
+    """The smallest row id scored at or after `since` (rows are committed in time order, within the
+    few milliseconds lanes may interleave), by binary search over the primary key."""
+    lo, hi = db.execute("SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM frames").fetchone()
+    hi += 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        row = db.execute("SELECT id, scored_at FROM frames WHERE id >= ? ORDER BY id LIMIT 1", (mid,)).fetchone()
+        if row is None or row[1] >= since:
+            hi = mid
+        else:
+            lo = row[0] + 1
+    return lo
+
+
+def _json(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    k = (len(values) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def _histogram(rows: list, detector: str | None, bins: int = 30) -> dict[str, Any]:
+    """Scores of the current detector (the fallback's scores are on another scale)."""
+    rows = [r for r in rows if r["detector"] == detector and r["score"] is not None and math.isfinite(r["score"])]
+    if not rows:
+        return {"edges": [], "counts": [], "threshold": None, "detector": detector}
+    scores = [r["score"] for r in rows]
+    thr = rows[0]["threshold"]
+    lo = min(min(scores), thr if thr is not None else math.inf)
+    hi = max(max(scores), thr if thr is not None else -math.inf)
+    if hi <= lo:
+        hi = lo + 1.0
+    width = (hi - lo) / bins
+    counts = [0] * bins
+    for s in scores:
+        counts[min(bins - 1, int((s - lo) / width))] += 1
+    return {"edges": [lo + i * width for i in range(bins + 1)], "counts": counts, "threshold": thr,
+            "detector": detector, "n": len(scores)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The web app
+
+
+def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS):  # noqa: ANN201 (Starlette)
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+
+    from diffinspect.line.station_page import PAGE
+
+    station = Station(out, shifts)
+    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+               "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
+                                          " img-src 'self'; connect-src 'self'; frame-ancestors 'none'"}
+
+    class TokenGate:
+        def __init__(self, app) -> None:  # noqa: ANN001
+            self.app = app
+
+        async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+            if scope["type"] == "http" and token is not None and not _authorized(Request(scope), token):
+                await PlainTextResponse("token required", status_code=401)(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(PAGE, headers=headers)
+
+    def api_state(request: Request) -> Response:
+        return JSONResponse(station.state(), headers=headers)
+
+    def api_frame(request: Request) -> Response:
+        try:
+            frame_id = int(request.path_params["frame_id"])
+        except ValueError:
+            return PlainTextResponse("bad id", status_code=400)
+        row = station.frame(frame_id)
+        if row is None:
+            return PlainTextResponse("no such frame", status_code=404)
+        return JSONResponse(row, headers=headers)
+
+    def files(request: Request) -> Response:
+        path = station.resolve_file(request.path_params["path"])
+        if path is None:
+            return PlainTextResponse("not found", status_code=404)
+        return FileResponse(path, headers=headers)
+
+    routes = [Route("/", page), Route("/api/state", api_state), Route("/api/frame/{frame_id}", api_frame),
+              Route("/files/{path:path}", files)]
+    return Starlette(routes=routes, middleware=[Middleware(TokenGate)])
+
+
+def _authorized(request: Any, token: str) -> bool:
+    given = request.query_params.get("token") or ""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def check_bind(host: str, token: str | None) -> None:
+    if host not in LOOPBACK and not token:
+        raise DiffinspectError(f"the station on {host} is reachable from other machines: give it a token "
+                               f"(--token, or DIFFINSPECT_STATION_TOKEN), or bind to 127.0.0.1")
+    if token is not None and len(token) < 8:
+        raise DiffinspectError("the station token must be at least 8 characters")
+
+
+def serve(out: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+          shifts: str = DEFAULT_SHIFTS) -> None:
+    import uvicorn
+
+    check_bind(host, token)
+    app = create_app(out, token, shifts)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+

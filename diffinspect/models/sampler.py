@@ -1,0 +1,22 @@
+"""Which sampler of a bundle runs: the teacher (N DDIM steps) or the distilled student (no torch).
+
+One resolver for both sides: the torch graph loader (`models.from_bundle`) and the exported engines.
+"""
+
+from __future__ import annotations
+
+from diffinspect import DiffinspectError
+from diffinspect.bundle import Bundle
+
+SAMPLERS = ("teacher", "student")
+
+
+def resolve_sampler(bundle: Bundle, sampler: str | None) -> str:
+    """The sampler asked for, else the bundle's default; refused when the bundle cannot run it."""
+    info = bundle.manifest.get("sampler") or {}
+    name = sampler or info.get("default", "teacher")
+    if name not in SAMPLERS:
+        raise DiffinspectError(f"unknown sampler {name!r}: use teacher or student")
+    if name == "student" and not info.get("student"):
+        raise DiffinspectError(f"bundle {bundle.path} has no distilled student (run `inspect distill`)")
+    return name

@@ -1,0 +1,226 @@
+"""Health signals and drift alarms on synthetic frames of a fixed camera view."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from diffinspect.line.drift import DriftMonitor, binom_sf, exceedance_bound, rank_sum_p
+from diffinspect.scoring.health import HEALTH_FILE, fit_health, load_health, measure
+
+SIDE = 96
+
+
+def scene(rng: np.random.Generator) -> np.ndarray:
+    """A part in a fixture: bright plate with dark holes and an edge, placed within +-1 px, textured."""
+    img = np.full((SIDE, SIDE), 70, np.float32)
+    dx, dy = rng.integers(-1, 2, 2)
+    cv2.rectangle(img, (14 + dx, 12 + dy), (82 + dx, 84 + dy), 170, -1)
+    for cx, cy in ((30, 30), (66, 30), (48, 66)):
+        cv2.circle(img, (cx + dx, cy + dy), 7, 40, -1)
+    img *= rng.uniform(0.95, 1.05)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)[:, :, None]
+
+
+def darker(f: np.ndarray) -> np.ndarray:
+    return (f.astype(np.float32) * 0.7).astype(np.uint8)
+
+
+def blurred(f: np.ndarray) -> np.ndarray:
+    return cv2.GaussianBlur(f, (0, 0), 2.0)[:, :, None]
+
+
+def shifted(f: np.ndarray) -> np.ndarray:
+    m = np.float32([[1, 0, 0.08 * SIDE], [0, 1, 0.08 * SIDE]])
+    return cv2.warpAffine(f, m, (SIDE, SIDE), borderMode=cv2.BORDER_REPLICATE)[:, :, None]
+
+
+@pytest.fixture(scope="module")
+def profile():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0, 1, 200)
+    return fit_health([scene(rng) for _ in range(160)], {"copod": scores})
+
+
+def feed(monitor: DriftMonitor, frames, scores=None) -> list:
+    events = []
+    for i, f in enumerate(frames):
+        sig, small = measure(f, monitor.profile.reference)
+        s = None if scores is None else float(scores[i])
+        events += [(i, e) for e in monitor.update(sig, small, "copod", "ok" if s is not None else None, s)]
+    return events
+
+
+def test_signals_follow_the_change():
+    rng = np.random.default_rng(1)
+    f = scene(rng)
+    base, _ = measure(f)
+    assert math.isnan(base["shift"])
+    assert measure(darker(f))[0]["brightness"] < 0.75 * base["brightness"]
+    assert measure(blurred(f))[0]["sharpness"] < base["sharpness"] - 0.5
+    # Sharpness is gain-free: a darker frame is not a blurred one.
+    assert abs(measure(darker(f))[0]["sharpness"] - base["sharpness"]) < 0.1
+
+
+def test_unchanged_frames_raise_nothing(profile):
+    rng = np.random.default_rng(2)
+    mon = DriftMonitor(profile)
+    assert feed(mon, [scene(rng) for _ in range(200)], rng.normal(0, 1, 200)) == []
+
+
+@pytest.mark.parametrize(("change", "kind"), [(darker, "lighting"), (blurred, "focus"), (shifted, "camera")])
+def test_changes_raise_their_named_alarm_within_50_frames(profile, change, kind):
+    rng = np.random.default_rng(3)
+    mon = DriftMonitor(profile)
+    assert feed(mon, [scene(rng) for _ in range(60)]) == []
+    events = feed(mon, [change(scene(rng)) for _ in range(50)])
+    raised = {e.kind: i for i, e in events if e.state == "raised"}
+    assert kind in raised, events
+    assert raised[kind] < 50
+    assert mon.open[kind].name == {"lighting": "lighting changed", "focus": "out of focus",
+                                   "camera": "camera moved"}[kind]
+
+
+def test_score_drift_raises_then_clears_with_hysteresis(profile):
+    rng = np.random.default_rng(4)
+    mon = DriftMonitor(profile)
+    q, _, _ = profile.score_quantile("copod")
+    for _ in range(30):  # OK parts within the calibrated distribution
+        assert mon.update(None, None, "copod", "ok", float(rng.normal(0, 1))) == []
+    raised = [e for _ in range(50) for e in mon.update(None, None, "copod", "ok", q + 0.5)]
+    assert [e.name for e in raised] == ["score drift: re-calibrate"]
+    cleared = [e for _ in range(100) for e in mon.update(None, None, "copod", "ok", float(rng.normal(0, 1)))]
+    assert [e.state for e in cleared] == ["cleared"]
+    # NG parts and other detectors' scores do not count.
+    assert [e for _ in range(60) for e in mon.update(None, None, "copod", "ng", q + 9)] == []
+    assert [e for _ in range(60) for e in mon.update(None, None, "diffusion", "ok", q + 9)] == []
+
+
+def test_statistics():
+    assert binom_sf(0, 10, 0.3) == 1.0
+    assert binom_sf(10, 10, 0.5) == pytest.approx(0.5 ** 10)
+    assert binom_sf(2, 3, 0.5) == pytest.approx(0.5)
+    # The bound on the exceedance rate of the r-th largest of n is above its mean r/(n+1).
+    b = exceedance_bound(20, 199)
+    assert 20 / 200 < b < 0.2
+    cal = np.sort(np.random.default_rng(0).normal(0, 1, 500))
+    same = np.random.default_rng(1).normal(0, 1, 50)
+    assert rank_sum_p(same, cal, "two")[0] > 1e-3
+    assert rank_sum_p(same - 1.5, cal, "less")[0] < 1e-6
+    assert rank_sum_p(same - 1.5, cal, "greater")[0] > 0.5
+
+
+def test_cold_start_bundle_records_health(tmp_path: Path):
+    from diffinspect.bundle import Bundle
+    from diffinspect.scoring.cold_start import calibrate_copod_only
+    from diffinspect.scoring.loader import load_fallback
+
+    rng = np.random.default_rng(5)
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(140):
+        cv2.imwrite(str(good / f"g{i:03d}.png"), scene(rng))
+    calibrate_copod_only(good, tmp_path / "b", 0.05)
+    b = Bundle.load(tmp_path / "b")
+    assert HEALTH_FILE in b.manifest["files"] and "health" in b.manifest
+    assert set(b.manifest["health"]["bands"]) >= {"brightness", "contrast", "sharpness"}
+    assert b.manifest["health"]["score_quantile"]["copod"]["level"] == 0.8
+    p = load_health(b)
+    assert p is not None and p.values["brightness"].size == 140
+    assert getattr(load_fallback(b), "health", None) is not None
+    # A bundle without the section still loads, with no health profile.
+    b.manifest.pop("health")
+    assert load_health(b) is None
+
+
+def test_results_db_migrates_and_stores_events(tmp_path: Path):
+    from diffinspect.line.results import ResultStore, load_rows
+    from diffinspect.scoring.record import Record
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = sqlite3.connect(out / "results.db")
+    old.execute("CREATE TABLE frames (id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, folder TEXT NOT "
+                "NULL, size INTEGER NOT NULL, mtime REAL NOT NULL, mtime_ns INTEGER NOT NULL, status TEXT NOT NULL, "
+                "score REAL, threshold REAL, detector TEXT, backend TEXT, latency_ms REAL, overlay TEXT, error TEXT, "
+                "fallback_reason TEXT, received_at REAL NOT NULL, scored_at REAL NOT NULL, UNIQUE (path, size, "
+                "mtime_ns))")
+    old.execute("INSERT INTO frames (path, folder, size, mtime, mtime_ns, status, received_at, scored_at) "
+                "VALUES ('/a.png', '/', 1, 1, 1, 'error', 1, 1)")
+    old.commit()
+    old.close()
+    store = ResultStore(out)
+    try:
+        store.commit([Record("/b.png", "ok", 0.1, 0.5, "copod", "copod", 3.0, None, None, folder="/", size=2,
+                             mtime=2.0, mtime_ns=2, received_at=2.0, scored_at=2.0,
+                             health=json.dumps({"brightness": 100.0}))])
+        store.add_events([(3.0, "lighting", "lighting changed", "raised", "brightness 70", "/cam")])
+    finally:
+        store.close()
+    rows = load_rows(out)
+    assert rows[0]["health"] is None and json.loads(rows[1]["health"]) == {"brightness": 100.0}
+    db = sqlite3.connect(out / "results.db")
+    assert db.execute("SELECT kind, name, state, folder FROM events").fetchall() == [
+        ("lighting", "lighting changed", "raised", "/cam")]
+    db.close()
+
+
+class _Steady:
+    """A detector that passes every part, carrying a health profile as loaded detectors do."""
+
+    name, backend, threshold, pixel_threshold = "copod", "fake", 1.0, None
+
+    def __init__(self, profile) -> None:  # noqa: ANN001
+        from diffinspect.data.image import Preprocess
+
+        self.preprocess = Preprocess(color="gray")
+        self.health = profile
+
+    def score(self, frames):  # noqa: ANN001, ANN201
+        from diffinspect.scoring.detector import Scored
+
+        return Scored(scores=np.zeros(len(frames)), maps=None)
+
+
+def test_watch_stores_health_and_alarms(tmp_path: Path, profile, capsys: pytest.CaptureFixture):
+    import os
+
+    from diffinspect.line.results import load_rows
+    from diffinspect.line.watch import WatchOptions, run_watch
+
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    cam.mkdir()
+    rng = np.random.default_rng(6)
+    t0 = 1_700_000_000
+    for i in range(100):  # oldest first: 40 as calibrated, then the light dims
+        f = scene(rng) if i < 40 else darker(scene(rng))
+        p = cam / f"f{i:03d}.png"
+        cv2.imwrite(str(p), f)
+        os.utime(p, (t0 + i, t0 + i))
+    det = _Steady(profile)
+    run_watch([cam], out, lambda: det, lambda: det, WatchOptions(once=True, quiet=True, overlays="none"))
+    rows = load_rows(out)
+    assert len(rows) == 100 and all(json.loads(r["health"])["brightness"] > 0 for r in rows)
+    db = sqlite3.connect(out / "results.db")
+    events = db.execute("SELECT name, state, folder FROM events").fetchall()
+    db.close()
+    assert ("lighting changed", "raised", str(cam)) in events
+    assert "ALARM lighting changed: raised" in capsys.readouterr().err
+    assert "brightness" in json.loads((out / "station.json").read_text())["bands"]
+
+
+@pytest.mark.slow
+def test_diffusion_calibration_records_health_for_both_detectors(calibrated_bundle):
+    from diffinspect.bundle import Bundle
+    from diffinspect.scoring.loader import load_detector
+
+    b = Bundle.load(calibrated_bundle)
+    assert set(b.manifest["health"]["score_quantile"]) == {"diffusion", "copod"}
+    assert load_detector(b, backend="torch").health is not None
