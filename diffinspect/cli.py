@@ -62,6 +62,13 @@ def _progress_bar():
                     transient=False)
 
 
+def _size_text(size: object) -> str:
+    """A manifest input size as people write it: 64 px, or 64x160 px (height x width)."""
+    if isinstance(size, list) and len(size) == 2:
+        return f"{size[0]}x{size[1]} px"
+    return f"{size} px"
+
+
 def _image_size(text: str | None) -> int | list[int] | None:
     """--image-size: "64" (a square) or "64x160" (height x width)."""
     if text is None:
@@ -453,7 +460,8 @@ def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (o
     m, p = s["model"] or {}, s["preprocess"] or {}
     out.print(f"bundle {s['path']}")
     out.print(f"  model: {m.get('kind')} {m.get('size')}, {m.get('params', 0) / 1e6:.2f} M params, "
-              f"{m.get('gflops', 0):.3g} GFLOPs/frame, {m.get('image_size')} px, {m.get('channels')} channel(s)")
+              f"{m.get('gflops', 0):.3g} GFLOPs/frame, {_size_text(m.get('image_size'))}, "
+              f"{m.get('channels')} channel(s)")
     out.print("  preprocessing: " + ", ".join(f"{k}={v}" for k, v in p.items()))
     out.print("  files: " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in s["files"].items()))
     cal = s["calibration"]
