@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import typer
-from rich.console import Console
-from rich.markup import escape
+# Before anything imports torch (OpenMP reads it once): idle OpenMP threads sleep instead of spinning.
+# On cores shared with another process (a watcher, a second training rank, the capture software) a
+# spinning thread holds a core the thread it waits for needs: bench/threads.py measured two training
+# processes on 2 loaded cores at 0.05 steps/s each spinning, 0.32-0.36 passive, 0.49-0.55 with one
+# thread each (what train_threads picks under torchrun).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from diffinspect import DiffinspectError
-from diffinspect.config import DISTILL_DEFECT_SHARE
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from diffinspect import DiffinspectError  # noqa: E402
+from diffinspect.config import DISTILL_DEFECT_SHARE  # noqa: E402
 
 app = typer.Typer(
     name="inspect",
@@ -25,27 +33,40 @@ console = Console(stderr=True)
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
-        code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
+        code = app(standalone_mode=False)  # returns the exit code of typer.Exit here
         if isinstance(code, int) and code:
             sys.exit(code)
     except DiffinspectError as exc:
-        # escape: messages name extras such as diffinspect[train], which rich would read as markup
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc))
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except _click_exceptions() as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:
+        # Usage errors (unknown option, missing or malformed argument). Typer vendors click since 0.29, so
+        # its own base class is caught here rather than click's, which may not be installed.
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `inspect`: the help already printed is the answer
+            sys.exit(0)
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _fail(f"{exc.format_message() or type(exc).__name__}{where}")
+    except OSError as exc:
+        # A path the user named that the system refuses (read-only, full disk, not a folder): one line.
+        _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
 
 
-def _click_exceptions() -> tuple[type[BaseException], ...]:
-    import click
+def _fail(message: str) -> None:
+    # escape: messages name extras such as diffinspect[train], which rich would read as markup; one line
+    # even when a message quotes a path holding a newline.
+    message = " ".join(message.split())
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
-    return (click.ClickException,)
+
+def _flag(*names: str, help: str):
+    """A boolean flag; the empty metavar keeps the help from showing `<bool>` as if it took a value."""
+    return typer.Option(False, *names, metavar="", help=help)
 
 
 def _existing(path: Path, what: str) -> Path:
@@ -57,9 +78,19 @@ def _existing(path: Path, what: str) -> Path:
 def _progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    # transient: an error ends a command as one line, not a half-drawn bar and the line; the command's
+    # last line says what was done.
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
-                    transient=False)
+                    transient=True)
+
+
+def _backend(name: str | None) -> None:
+    """Refuse an unknown --backend even where the bundle would not use one (a COPOD-only bundle)."""
+    from diffinspect.engines.select import BACKENDS
+
+    if name is not None and name not in BACKENDS:
+        raise DiffinspectError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
 
 def _size_text(size: object) -> str:
@@ -96,15 +127,17 @@ def train(
     config: Path | None = typer.Option(None, "--config", help="TOML config (flags override it)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
+    resume: bool = _flag("--resume", help="Continue from the last checkpoint of --out."),
+    overwrite: bool = _flag("--overwrite", help="Replace an existing bundle at --out."),
     distill_steps: int | None = typer.Option(None, "--distill-steps", help="Also distil a 1-4 step student."),
 ) -> None:
     """Train a diffusion model on photos of good parts and write a model bundle."""
+    from diffinspect.bundle import TRAIN_HINT, check_output
     from diffinspect.config import load_config
     from diffinspect.train import train as run_train
 
     _existing(data, "data folder")
+    check_output(out, overwrite, resume, TRAIN_HINT)
     cfg = load_config(config, {
         "model.kind": model, "model.size": size, "data.image_size": _image_size(image_size),
         "data.defect_size": defect_size, "train.steps": steps,
@@ -121,6 +154,8 @@ def train(
 
         bundle = run_train(data, out, cfg, resume=resume, overwrite=overwrite, progress=progress,
                            log=bar.console.print)
+    if bundle is None:  # a torchrun rank other than 0: rank 0 writes the bundle and reports
+        return
     console.print(f"bundle written to [bold]{bundle.path}[/]; next: inspect calibrate {bundle.path}")
     if distill_steps:
         from diffinspect.train.distill import distill as run_distill
@@ -138,11 +173,12 @@ def calibrate(
     backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or openvino."),
     device: str = typer.Option("auto", "--device", help="Device for the backend."),
     sampler: str | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
-    tune: bool = typer.Option(False, "--tune", help="Pick t* and the map recipe on synthetic defects first."),
+    tune: bool = _flag("--tune", help="Pick t* and the map recipe on synthetic defects first."),
 ) -> None:
     """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
     from diffinspect.scoring.threshold import describe_bound
 
+    _backend(backend)
     if detector == "copod":
         from diffinspect.scoring.cold_start import calibrate_copod_only
 
@@ -182,7 +218,7 @@ def calibrate(
 def score(
     bundle: Path = typer.Argument(..., help="Calibrated bundle."),
     paths: list[Path] = typer.Argument(..., help="Images or folders of images."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per line per image."),
+    as_json: bool = _flag("--json", help="One JSON object per line per image."),
     overlay_dir: Path | None = typer.Option(None, "--overlay-dir", help="Write heatmap overlays here."),
     detector: str = typer.Option("diffusion", "--detector", help="diffusion or copod."),
     backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or openvino."),
@@ -195,6 +231,7 @@ def score(
     from diffinspect.scoring.loader import load_detector
     from diffinspect.scoring.score import expand_paths, score_paths
 
+    _backend(backend)
     det = load_detector(bundle, detector, backend, device, sampler)
     if backend == "auto" and hasattr(getattr(det, "engine", None), "selection"):
         console.print(f"backend {det.engine.selection}", highlight=False, soft_wrap=True)  # stderr
@@ -205,7 +242,7 @@ def score(
     for rec in score_paths(det, files, overlay_dir):
         records.append(rec)
         if as_json:
-            print(json.dumps(rec.to_dict()), flush=True)
+            print(json.dumps(rec.to_dict(), allow_nan=False), flush=True)  # never a NaN token
     if not as_json:
         _print_records(records)
     if all(r.label == "error" for r in records):
@@ -234,10 +271,10 @@ def watch(
     batch: int | None = typer.Option(None, "--batch", help="Frames scored together (micro-batch) (default: 8)."),
     overlays: str | None = typer.Option(None, "--overlays", help="Heatmap overlays for: ng, all or none."),
     after: str | None = typer.Option(None, "--after", help="After a frame's row is committed: keep, move or delete."),
-    recursive: bool = typer.Option(False, "--recursive", help="Watch sub-folders too."),
+    recursive: bool = _flag("--recursive", help="Watch sub-folders too."),
     pattern: str | None = typer.Option(None, "--pattern", help="Only file names matching this glob."),
-    once: bool = typer.Option(False, "--once", help="Score the backlog, then exit."),
-    quiet: bool = typer.Option(False, "--quiet", help="Plain log lines instead of the live view."),
+    once: bool = _flag("--once", help="Score the backlog, then exit."),
+    quiet: bool = _flag("--quiet", help="Plain log lines instead of the live view."),
     max_latency_ms: float | None = typer.Option(None, "--max-latency-ms",
                                                 help="Frames that would miss this deadline go to the fallback."),
     max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Larger frames get an error row."),
@@ -253,13 +290,16 @@ def watch(
 
     station = load_station()
     bundle = model or (Path(station["model"]) if "model" in station else Path("model"))
-    if not (bundle / "manifest.json").exists():
+    from diffinspect.bundle import is_bundle
+
+    if not is_bundle(bundle):
         raise DiffinspectError(f"no model bundle at {bundle}: pass --model BUNDLE, or set model = \"...\" "
                                f"under [watch] in ./{STATION_FILE}")
     for f in folders:
         if not f.is_dir():
             raise DiffinspectError(f"camera folder not found: {f}")
     backend = backend or station.get("backend", "auto")
+    _backend(backend)
     device = device or station.get("device", "auto")
 
     def factories(b: Path):
@@ -267,7 +307,8 @@ def watch(
 
     per_folder = {Path(folder).resolve(): factories(Path(b)) for folder, b in station.get("cameras", {}).items()}
     options = WatchOptions(
-        batch=batch or station.get("batch", 8), overlays=overlays or station.get("overlays", "ng"),
+        batch=batch if batch is not None else station.get("batch", 8),  # --batch 0 is refused, not the default
+        overlays=overlays or station.get("overlays", "ng"),
         after=after or station.get("after", "keep"), recursive=recursive, pattern=pattern, once=once,
         quiet=quiet, max_latency_ms=max_latency_ms or station.get("max_latency_ms"), max_megapixels=max_megapixels)
     make_detector, make_fallback = factories(bundle)
@@ -314,17 +355,19 @@ def evaluate(
     backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or openvino."),
     device: str = typer.Option("auto", "--device", help="Device for the backend."),
     one_class: str | None = typer.Option(None, "--one-class", help="Class-folder data: this class is normal."),
-    robustness: bool = typer.Option(False, "--robustness", help="Also score under noise, blur, light, JPEG, shifts."),
+    robustness: bool = _flag("--robustness", help="Also score under noise, blur, light, JPEG, shifts."),
 ) -> None:
     """Offline evaluation report: AUROC, AUPRO, rates at the threshold, baselines side by side."""
+    from diffinspect.bundle import is_bundle
     from diffinspect.evaluation.evaluate import evaluate as run_evaluate
 
-    models = [p for p in bundles if (p / "manifest.json").exists()]
+    models = [p for p in bundles if is_bundle(p)]  # by its schema: datasets may hold a manifest.json too
     data = [p for p in bundles if p not in models]
     if not data:
         raise DiffinspectError("name at least one labelled dataset after the bundle(s)")
     for d in data:
         _existing(d, "dataset")
+    _backend(backend)
     kinds = [] if baselines.strip().lower() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
     result = run_evaluate(models, data, report, kinds, backend, device, one_class, robustness)
     console.print(f"report written to {report / 'report.html'}")
@@ -363,7 +406,7 @@ def distill(
     iterations: int | None = typer.Option(None, "--iterations", help="Distillation iterations (default: 1500)."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop cleanly after this many minutes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last distillation checkpoint."),
+    resume: bool = _flag("--resume", help="Continue from the last distillation checkpoint."),
     heal: float = typer.Option(
         DISTILL_DEFECT_SHARE, "--heal", help="Share of the student's inputs that carry a pasted synthetic defect "
         "it learns to remove (0: match the teacher only)."),
@@ -390,15 +433,20 @@ def distill(
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo_run"), "--workdir", help="Where the line, model and results go."),
-    fast: bool = typer.Option(False, "--fast", help="A smaller line and model (about a minute; for tests)."),
+    fast: bool = _flag("--fast", help="A smaller line and model (about a minute; for tests)."),
 ) -> None:
     """Run a whole synthetic production line: train, distil, calibrate, export, watch, evaluate."""
     from rich.panel import Panel
 
+    from diffinspect.bundle import Bundle
     from diffinspect.demo import run_demo
+    from diffinspect.info import training_warning
 
     r = run_demo(workdir, fast=fast, log=console.print)
     h = r.headline
+    manifest = Bundle.load(r.bundle, verify=False).manifest
+    steps = (manifest.get("training") or {}).get("steps")
+    warning = training_warning(manifest)
 
     def fmt(v, spec=".3f"):
         return "n/a" if v is None else format(v, spec)
@@ -410,7 +458,8 @@ def demo(
         f"NG overlays       {r.overlays}",
         *([f"MQTT              {h['mqtt_acknowledged']} verdicts acknowledged by the broker at {h['mqtt_url']}"]
           if h.get("mqtt_url") else []),
-        f"model bundle      {r.bundle}  (runtime: {r.export})",
+        f"model bundle      {r.bundle}  (runtime: {r.export}; trained {steps} steps)",
+        *([f"[yellow]warning:[/] {escape(warning)}"] if warning else []),
         "",
         f"image AUROC {fmt(h['image_auroc'])}   pixel AUROC {fmt(h['pixel_auroc'])}   "
         f"false rejects {fmt(h['false_reject_rate'], '.1%')}   misses {fmt(h['miss_rate'], '.1%')}   "
@@ -428,7 +477,7 @@ def export(
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 (OpenVINO), int8, or all."),
     calibration_dir: Path | None = typer.Option(None, "--calibration-dir",
                                                 help="Good images for INT8 ranges and parity (default: holdout)."),
-    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Keep an export that fails parity."),
+    allow_mismatch: bool = _flag("--allow-mismatch", help="Keep an export that fails parity."),
     sampler: str | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
 ) -> None:
     """Export the whole scoring step (ONNX / OpenVINO, fp32 / fp16 / INT8), checked against torch."""
@@ -454,6 +503,8 @@ def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (o
     out.print(f"  onnxruntime providers: {', '.join(env.get('onnxruntime_providers', [])) or 'none'}")
     devices = env.get("openvino_devices", {})
     out.print(f"  OpenVINO devices: {', '.join(f'{d} ({n})' for d, n in devices.items()) or 'none'}")
+    if isa := env.get("openvino_cpu_isa"):
+        out.print(f"  OpenVINO CPU: {isa}", highlight=False)
     if bundle is None:
         return
     s = bundle_summary(_existing(bundle, "bundle"))
@@ -463,6 +514,11 @@ def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (o
               f"{m.get('gflops', 0):.3g} GFLOPs/frame, {_size_text(m.get('image_size'))}, "
               f"{m.get('channels')} channel(s)")
     out.print("  preprocessing: " + ", ".join(f"{k}={v}" for k, v in p.items()))
+    if t := s["training"]:
+        out.print(f"  training: {t['steps']} steps in {(t['seconds'] or 0) / 60:.1f} min "
+                  f"({t['steps_per_second'] or 0:.2f} steps/s)")
+    if s["training_warning"]:
+        out.print(f"  [yellow]warning:[/] {escape(s['training_warning'])}")
     out.print("  files: " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in s["files"].items()))
     cal = s["calibration"]
     out.print("  calibration: " + (f"threshold {cal['threshold']:.4g}, n={cal['n']}, target false-reject rate "

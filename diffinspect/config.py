@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,18 +122,28 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     cfg = Config()
     if path is not None:
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise DiffinspectError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise DiffinspectError(f"config file {path} is not valid TOML: {exc}") from None
+        raw = _read_toml(path, "config file")
         _apply(cfg, raw, prefix="")
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DiffinspectError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise DiffinspectError(f"{what} {path} is a folder, not a TOML file") from None
+    except UnicodeDecodeError:
+        raise DiffinspectError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise DiffinspectError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DiffinspectError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
 def _apply(obj: Any, raw: dict[str, Any], prefix: str) -> None:
@@ -185,8 +196,10 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
             raise DiffinspectError(f"config key {name} must be a whole number, got {value!r}")
         return int(value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise DiffinspectError(f"config key {name} must be a number, got {value!r}")
+        # TOML and the command line both accept nan and inf; no setting here means anything with them
+        # (`max_minutes = nan` would switch the budget off, `lr = nan` would train to NaN weights).
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise DiffinspectError(f"config key {name} must be a finite number, got {value!r}")
         return float(value)
     if hint is str and not isinstance(value, str):
         raise DiffinspectError(f"config key {name} must be a string, got {value!r}")
@@ -242,11 +255,10 @@ def load_station(path: str | Path = STATION_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         return {}
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise DiffinspectError(f"{path} is not valid TOML: {exc}") from None
+    raw = _read_toml(path, "station file")
     watch = raw.get("watch", {})
+    if not isinstance(watch, dict):
+        raise DiffinspectError(f"[watch] in {path} must be a table")
     unknown = set(watch) - STATION_KEYS
     if unknown:
         raise DiffinspectError(f"unknown key in {path} [watch]: {sorted(unknown)[0]}")

@@ -302,3 +302,30 @@ def test_corruptions_keep_shape_and_dtype() -> None:
             assert worse[2] > 0, kind
     with pytest.raises(DiffinspectError):
         corrupt(img, "fog", 1, rng)
+
+
+class WorseDetector(MeanDiffDetector):
+    """Calibrated at 5 % (the baselines' default rate) and scoring defects lowest: any baseline beats it."""
+
+    def __init__(self, good: list[np.ndarray]) -> None:
+        super().__init__(good)
+        self.false_reject_rate = 0.05
+
+    def score(self, frames: list[np.ndarray]) -> Scored:
+        return Scored(-super().score(frames).scores, None)
+
+
+def test_report_gives_counts_names_the_rate_source_and_flags_a_winning_baseline(tmp_path: Path) -> None:
+    cat = make_mvtec(tmp_path / "data")
+    dets = {"diffinspect": WorseDetector(_good_frames(cat))}
+    report = ev.evaluate([], [cat], tmp_path / "r", baselines=("copod_pixels",), detectors=dets, progress=False,
+                         gallery_size=0)
+    row = report["datasets"]["tiles"]["diffinspect"]
+    assert row["misses"] == round(row["miss_rate"] * row["n_defective"])
+    assert row["false_rejects"] == round(row["false_reject_rate"] * row["n_good"])
+    notes = report["notes"]
+    # 5 % came from the detector, even though it equals the default.
+    assert any("0.05 (the detector's target)" in n for n in notes), notes
+    assert any("copod_pixels" in n and "beats diffinspect" in n for n in notes), notes
+    md = (tmp_path / "r" / "summary.md").read_text()
+    assert f"({row['misses']} of {row['n_defective']})" in md

@@ -131,3 +131,26 @@ def test_results_db_deleted_while_readers_hold_it_is_restored_whole(tmp_path: Pa
         db.close()
     rows = assert_mirror(out)
     assert len(rows) == 7 and [r["id"] for r in rows] == sorted(r["id"] for r in rows)
+
+
+def test_a_threshold_that_is_not_a_number_gives_error_rows_with_a_reason(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    cam.mkdir()
+    for i in range(3):
+        write_frame(cam / f"f{i}.png", 200)  # far above any threshold: NaN must not make them OK either
+    nan_threshold = Factory()
+    run_watch([cam], out, _with_threshold(nan_threshold, float("nan")), _with_threshold(Factory(name="copod"),
+              float("nan")), WatchOptions(**FAST, once=True))
+    rows = assert_mirror(out)
+    assert [r["status"] for r in rows] == ["error"] * 3
+    assert all("threshold is not a finite number" in r["error"] for r in rows)
+
+
+def _with_threshold(factory: Factory, threshold: float) -> Factory:
+    make = factory.__call__
+
+    def call() -> object:
+        det = make()
+        det.threshold = threshold
+        return det
+    return call  # type: ignore[return-value]

@@ -7,11 +7,18 @@ and fits the frame to the model's input (square, or height x width with the fram
 
 from __future__ import annotations
 
+import os
+import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
+# OpenCV's own ceiling on the pixels of one decode (read once, at its first decode): a second guard
+# behind the header check below, for a format whose header that check does not parse.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 28))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 
 from diffinspect import DiffinspectError
 
@@ -21,6 +28,13 @@ COLOR_MODES = ("gray", "rgb")
 # it would only repeat that on stderr (and interleave with `inspect watch`'s output).
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 RESIZE_MODES = ("stretch", "crop", "pad")
+# Every command that reads images refuses a frame above this many megapixels before decoding it (a
+# small PNG can declare 60000 x 60000 pixels and take gigabytes to decode). `inspect watch` has a flag.
+DEFAULT_MAX_MEGAPIXELS = 50.0
+# A frame with a side below this holds too little to score (the classical features and the model's
+# resize would invent the rest): it is an error record, in `score`, `watch` and the library alike.
+MIN_FRAME_SIDE = 8
+
 # A model input size: one side (square) or (height, width). Manifests store an int for a square.
 ImageSize = int | tuple[int, int]
 
@@ -58,36 +72,121 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def decode_image(data: bytes, color: str, max_megapixels: float | None = None) -> np.ndarray:
-    """Decode encoded image bytes to uint8 (H, W, C), C=1 for gray and 3 for RGB."""
+def decode_image(data: bytes, color: str, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
+    """Decode encoded image bytes to uint8 (H, W, C), C=1 for gray and 3 for RGB.
+
+    The pixel count is read from the header and checked against `max_megapixels` before anything is
+    decoded; formats other than PNG, JPEG, BMP and TIFF are refused (their headers are not checked).
+    """
     if not data:
         raise ImageError("empty file (0 bytes)")
-    buf = np.frombuffer(data, dtype=np.uint8)
-    if max_megapixels is not None:
-        _check_megapixels(buf, max_megapixels)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    size = header_size(data)
+    if size is None:
+        raise ImageError("not a decodable image (not PNG, JPEG, BMP or TIFF, or its header is corrupt)")
+    width, height = size
+    if max_megapixels is not None and width * height > max_megapixels * 1e6:
+        raise ImageError(f"frame of {width}x{height} px ({width * height / 1e6:.1f} MP) exceeds the limit of "
+                         f"{max_megapixels:g} MP")
+    if min(width, height) < MIN_FRAME_SIDE:
+        raise ImageError(f"frame of {width}x{height} px is too small to score (at least {MIN_FRAME_SIDE} px a side)")
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise ImageError("not a decodable image (corrupt, truncated or unsupported format)")
+    if img.shape[0] != height or img.shape[1] != width:  # the header lied about what follows
+        raise ImageError(f"decoded {img.shape[1]}x{img.shape[0]} px where the header says {width}x{height}")
     return to_uint8(img, color)
 
 
-def read_image(path: str | Path, color: str, max_megapixels: float | None = None) -> np.ndarray:
+def read_image(path: str | Path, color: str, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
     """Read an image file to uint8 (H, W, C); raise ImageError naming the problem."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer (no effect on regular files).
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            st = os.fstat(f.fileno())
+            # A device (/dev/zero) or a FIFO would be read forever; a file far larger than any frame
+            # within the limit (16-bit RGBA, uncompressed, plus headers) is refused unread.
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"{path} is not a regular file")
+            if max_megapixels is not None and st.st_size > max_megapixels * 1e6 * 8 + (16 << 20):
+                raise ImageError(f"file of {st.st_size / 1e6:.0f} MB is larger than any frame within "
+                                 f"{max_megapixels:g} MP")
+            data = f.read()
     except OSError as exc:
         raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
     return decode_image(data, color, max_megapixels)
 
 
-def _check_megapixels(buf: np.ndarray, limit: float) -> None:
-    # Read only the header so a huge frame is refused before it is decoded.
-    header = cv2.imdecode(buf, cv2.IMREAD_REDUCED_GRAYSCALE_8)
-    if header is not None:
-        megapixels = header.shape[0] * header.shape[1] * 64 / 1e6
-        if megapixels > limit * 1.1:
-            raise ImageError(f"frame of about {megapixels:.1f} MP exceeds the limit of {limit} MP")
+def choose_color(files: list[Path], requested: str) -> str:
+    """`auto` is gray when the first readable images carry no colour, else RGB."""
+    if requested != "auto":
+        return requested
+    for f in files[:16]:
+        try:
+            img = read_image(f, "rgb")
+        except ImageError:
+            continue
+        if not looks_gray(img):
+            return "rgb"
+    return "gray"
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG, BMP or TIFF header without decoding; None if unrecognised."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_size(data)
+        if data[:2] == b"BM":
+            header = struct.unpack("<I", data[14:18])[0]
+            if header == 12:  # OS/2 BITMAPCOREHEADER
+                w, h = struct.unpack("<HH", data[18:22])
+            else:
+                w, h = struct.unpack("<ii", data[18:26])
+            return abs(w), abs(h)  # a negative height means top-down rows
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(data)
+    except struct.error:  # truncated header
+        return None
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h
+        if marker == 0xDA:  # scan data before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """Size of the first image (OpenCV decodes the first page)."""
+    order = "<" if data[:2] == b"II" else ">"
+    offset = struct.unpack(order + "I", data[4:8])[0]
+    count = struct.unpack(order + "H", data[offset:offset + 2])[0]
+    found: dict[int, int] = {}
+    for k in range(count):
+        tag, kind = struct.unpack(order + "HH", data[offset + 2 + 12 * k:offset + 6 + 12 * k])
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+            value = data[offset + 10 + 12 * k:offset + 14 + 12 * k]
+            found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), value[:2] if kind == 3 else value)[0]
+    return (found[256], found[257]) if len(found) == 2 else None
 
 
 def to_uint8(img: np.ndarray, color: str) -> np.ndarray:

@@ -71,13 +71,19 @@ def exported_precisions(bundle: Bundle, fmt: str, sampler: str) -> list[str]:
 
 
 def runtime_threads() -> int:
-    """Intra-op threads for onnxruntime / OpenVINO: DIFFINSPECT_THREADS, else OMP_NUM_THREADS, else 0
-    (each runtime's own default: one per physical core). A camera box often shares its cores with
-    the capture software, so the variable lets the station cap them."""
+    """Intra-op threads for onnxruntime / OpenVINO: DIFFINSPECT_THREADS, else OMP_NUM_THREADS, else the
+    cores this process may run on when that is fewer than the machine has (a container's cpuset, taskset:
+    the runtimes' defaults count the host's cores and would oversubscribe), else 0 (each runtime's own
+    default: one per physical core). A camera box often shares its cores with the capture software, so
+    the variable lets the station cap them."""
     for var in (THREADS_ENV, "OMP_NUM_THREADS"):
         value = os.environ.get(var, "").strip()
         if value.isdigit() and int(value) > 0:
             return int(value)
+    if hasattr(os, "sched_getaffinity"):
+        allowed = len(os.sched_getaffinity(0))
+        if allowed < (os.cpu_count() or allowed):
+            return allowed
     return 0
 
 

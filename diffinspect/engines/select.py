@@ -133,14 +133,14 @@ def load_reference(bundle: Bundle) -> Reference | None:
     # any, holds scores of another recipe.
     if not bundle.manifest.get("calibration") or not bundle.has(CALIBRATION_FILE):
         return None
-    with np.load(bundle.file(CALIBRATION_FILE)) as z:
-        if "selfcheck_frames" not in z.files:
-            return None
-        ref_scores = z["selfcheck_scores"].astype(np.float64)
-        spread = graph_score_spread(bundle.manifest["calibration"], z["scores"])
-        # The floor keeps a degenerate calibration (all scores equal) from failing every engine.
-        tol = max(SELFCHECK_TOLERANCE * spread, 1e-4 * (1.0 + float(np.abs(ref_scores).max())))
-        return Reference(z["selfcheck_frames"], ref_scores, z["mean"], z["std"], tol)
+    z = bundle.arrays(CALIBRATION_FILE, {"mean": None, "std": None, "scores": None})  # no pickles
+    if "selfcheck_frames" not in z or "selfcheck_scores" not in z:
+        return None
+    ref_scores = z["selfcheck_scores"].astype(np.float64)
+    spread = graph_score_spread(bundle.manifest["calibration"], z["scores"])
+    # The floor keeps a degenerate calibration (all scores equal) from failing every engine.
+    tol = max(SELFCHECK_TOLERANCE * spread, 1e-4 * (1.0 + float(np.abs(ref_scores).max())))
+    return Reference(z["selfcheck_frames"], ref_scores, z["mean"], z["std"], tol)
 
 
 def graph_score_spread(calibration: dict, scores: np.ndarray) -> float:

@@ -111,41 +111,49 @@ def evaluate(
     """
     if not datasets:
         raise DiffinspectError("no dataset to evaluate")
-    notes: list[str] = []
-    dets = _load_detectors(bundles, backend, device, notes)
-    for name, det in (detectors or {}).items():
-        dets[_unique(name, dets)] = det
-    kinds = _baseline_names(baselines)
-    if alpha is None:
-        alpha = _detector_alpha(dets)
-        source = "the detector's target" if dets and alpha != DEFAULT_ALPHA else "the default"
-    else:
-        source = "as asked"
-    if kinds:
-        notes.append(f"baseline thresholds target a false-reject rate of {alpha:g} ({source})")
-    embed_fn, embed_color = _embedder(embedder, dets, notes)
-    train_list = _train_dirs(train_dirs, len(datasets))
-    report: dict = {"datasets": {}, "summary": {}, "notes": notes}
-    views: dict[str, list[MethodView]] = {}
-    with _progress(progress) as bar:
+    with _progress(progress) as bar:  # from the start: loading and fitting take minutes too
+        notes: list[str] = []
+        models: dict[str, dict] = {}
+        task = bar.add("loading the model(s) and checking their backends", None) if bundles else None
+        dets = _load_detectors(bundles, backend, device, notes, models)
+        bar.finish(task)
+        for name, det in (detectors or {}).items():
+            dets[_unique(name, dets)] = det
+        kinds = _baseline_names(baselines)
+        if alpha is None:
+            # Named by where it came from, not by its value: a line calibrated at 5 % is not "the default".
+            detector_alpha = _detector_alpha(dets)
+            alpha = DEFAULT_ALPHA if detector_alpha is None else detector_alpha
+            source = "the default" if detector_alpha is None else "the detector's target"
+        else:
+            source = "as asked"
+        if kinds:
+            notes.append(f"baseline thresholds target a false-reject rate of {alpha:g} ({source})")
+        embed_fn, embed_color = _embedder(embedder, dets, notes)
+        train_list = _train_dirs(train_dirs, len(datasets))
+        report: dict = {"models": models, "datasets": {}, "summary": {}, "notes": notes}
+        views: dict[str, list[MethodView]] = {}
         for root, train_dir in zip(datasets, train_list, strict=True):
             spec = _dataset_spec(Path(root), one_class, train_dir, train_share, seed)
             name = _unique(spec.name, report["datasets"])
             methods = [_detector_method(n, d) for n, d in dets.items()]
             # Detectors take frames as read in their colour mode: the identity feature step.
             feats = {m.features: Featurizer(_color(m), _identity) for m in methods}
+            task = bar.add(f"{name}: fitting {len(kinds)} baseline(s)", None) if kinds else None
             methods += _fit_baselines(spec, kinds, alpha, calib_share, seed, embed_fn, embed_color,
                                       _roi_crop(dets), feats, batch_size)
+            bar.finish(task)
             if not methods:
                 raise DiffinspectError("nothing to evaluate: give a bundle or keep at least one baseline")
             results, views[name] = _evaluate_dataset(spec, methods, feats, robustness, batch_size, seed,
                                                      gallery_size, bar)
             report["datasets"][name] = results
             notes.extend(f"{name}: {n}" for n in spec.notes)
-    notes.extend(_general_notes(robustness))
-    report["summary"] = summarize(report["datasets"])
-    report["notes"] = list(dict.fromkeys(notes))  # keep order, drop repeats
-    write_report(report, views, Path(report_dir))
+        notes.extend(_general_notes(robustness))
+        report["summary"] = summarize(report["datasets"])
+        notes[:0] = _beaten(report["datasets"])
+        report["notes"] = list(dict.fromkeys(notes))  # keep order, drop repeats
+        write_report(report, views, Path(report_dir))
     return report
 
 
@@ -184,9 +192,11 @@ def _baseline_names(baselines: Sequence[str]) -> list[str]:
 
 
 def _load_detectors(bundles: Sequence[str | Path], backend: str, device: str,
-                    notes: list[str]) -> dict[str, Detector]:
+                    notes: list[str], models: dict[str, dict] | None = None) -> dict[str, Detector]:
     if not bundles:
         return {}
+    from diffinspect.bundle import Bundle
+    from diffinspect.info import training_warning
     from diffinspect.scoring.loader import load_detector  # lazy: pulls in the backends
 
     out: dict[str, Detector] = {}
@@ -198,17 +208,46 @@ def _load_detectors(bundles: Sequence[str | Path], backend: str, device: str,
         if getattr(det, "name", "") == "copod":
             notes.append(f"{bundle}: no diffusion model in the bundle, only the COPOD fallback is evaluated")
         else:
-            out[_unique(bundle.name if prefix else "diffinspect", out)] = det
+            name = _unique(bundle.name if prefix else "diffinspect", out)
+            out[name] = det
+            manifest = Bundle.load(bundle, verify=False).manifest
+            warning = training_warning(manifest)
+            engine = getattr(det, "engine", None)
+            if models is not None:
+                models[name] = {"bundle": str(bundle.resolve()),
+                                "training_steps": (manifest.get("training") or {}).get("steps"),
+                                "engine": getattr(det, "backend", None),
+                                "precision": getattr(engine, "precision", None) or "fp32",
+                                "warning": warning}
+            if warning:
+                notes.insert(0, f"WARNING, {name}: {warning}")
         out[_unique(f"{prefix}copod_fallback", out)] = load_detector(bundle, "copod")
     return out
 
 
-def _detector_alpha(dets: Mapping[str, Detector]) -> float:
+def _beaten(datasets: dict) -> list[str]:
+    """A note for each dataset where a classical baseline has a higher image AUROC than a detector."""
+    out = []
+    for ds, rows in datasets.items():
+        base = {m: r["image_auroc"] for m, r in rows.items() if r.get("kind") != "detector"
+                and r.get("image_auroc") is not None}
+        if not base:
+            continue
+        best = max(base, key=base.get)
+        for m, r in rows.items():
+            if r.get("kind") == "detector" and r.get("image_auroc") is not None and base[best] > r["image_auroc"]:
+                out.append(f"WARNING, {ds}: the baseline {best} (image AUROC {base[best]:.3f}) beats {m} "
+                           f"({r['image_auroc']:.3f})")
+    return out
+
+
+def _detector_alpha(dets: Mapping[str, Detector]) -> float | None:
+    """The first detector's target false-reject rate; None when no detector states one."""
     for det in dets.values():
         rate = getattr(det, "false_reject_rate", None)
         if isinstance(rate, float) and 0 < rate < 1:
             return rate
-    return DEFAULT_ALPHA
+    return None
 
 
 def _embedder(embedder: Embedder | None, dets: Mapping[str, Detector],
@@ -552,6 +591,8 @@ def _scores_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | N
         out["aupro"] = metrics.aupro(maps_, masks_)
     th = metrics.threshold_metrics(labels, scores, threshold)
     out.update({k: th[k] for k in ("false_reject_rate", "miss_rate", "precision", "recall", "f1")})
+    # Counts beside the rates: "missed 238 of 392" is what a quality engineer acts on.
+    out["false_rejects"], out["misses"] = th.get("fp"), th.get("fn")
     return out
 
 
@@ -638,8 +679,13 @@ class _Bar:
         if self.progress is not None:
             self.progress.stop()
 
-    def add(self, label: str, total: int) -> int | None:
+    def add(self, label: str, total: int | None) -> int | None:
+        """A task; total None shows a pulsing bar for work of unknown length."""
         return None if self.progress is None else self.progress.add_task(label, total=total)
+
+    def finish(self, task: int | None) -> None:
+        if self.progress is not None and task is not None:
+            self.progress.update(task, total=1, completed=1)
 
     def advance(self, task: int | None, n: int) -> None:
         if self.progress is not None and task is not None:

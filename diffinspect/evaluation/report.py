@@ -117,6 +117,21 @@ def _fmt(v: object, key: str = "") -> str:
     return f"{float(v):.3f}"
 
 
+def _cell(row: dict, key: str) -> str:
+    """A table cell; the rates at the threshold carry their counts: "0.250 (3 of 12)"."""
+    text = _fmt(row.get(key), key)
+    count, of = {"false_reject_rate": ("false_rejects", "n_good"), "miss_rate": ("misses", "n_defective")}.get(
+        key, (None, None))
+    if count and row.get(count) is not None and row.get(of):
+        text += f" ({row[count]} of {row[of]})"
+    return text
+
+
+def _model_lines(report: dict) -> list[str]:
+    return [f"{name}: bundle {m['bundle']}, trained {m['training_steps']} steps, scored on {m['engine']} "
+            f"({m['precision']})" for name, m in (report.get("models") or {}).items()]
+
+
 # --- markdown --------------------------------------------------------------------------------------
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -127,13 +142,16 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def summary_markdown(report: dict) -> str:
     datasets = report["datasets"]
     methods = list(dict.fromkeys(m for ds in datasets.values() for m in ds))
-    lines = ["# Evaluation summary", "", "Image AUROC (methods × datasets):", ""]
+    lines = ["# Evaluation summary", ""]
+    if models := _model_lines(report):
+        lines += [*(f"- {m}" for m in models), ""]
+    lines += ["Image AUROC (methods × datasets):", ""]
     lines += _md_table(["method", *datasets], [[m, *(_fmt(datasets[d].get(m, {}).get("image_auroc"))
                                                       for d in datasets)] for m in methods])
     for ds, rows in datasets.items():
         lines += ["", f"## {ds}", ""]
         lines += _md_table(["method", *(label for _, label in COLUMNS)],
-                           [[m, *(_fmt(r.get(k), k) for k, _ in COLUMNS)] for m, r in rows.items()])
+                           [[m, *(_cell(r, k) for k, _ in COLUMNS)] for m, r in rows.items()])
         calib = [f"- {', '.join(ms)}: {sentence}." for ms, sentence in _calibration_groups(rows)]
         if calib:
             lines += ["", "How the thresholds were set:", "", *calib]
@@ -264,7 +282,7 @@ def _gallery(items: list[GalleryItem], empty: str) -> str:
 
 
 def _headline(name: str, row: dict) -> str:
-    cards = "".join(f'<div class="card"><div class="v">{_fmt(row.get(k), k)}</div>'
+    cards = "".join(f'<div class="card"><div class="v">{_cell(row, k)}</div>'
                     f'<div class="k">{_h(label)}</div></div>' for k, label in HEADLINE)
     return f"<p>Headline method: <b>{_h(name)}</b></p><div class=\"cards\">{cards}</div>"
 
@@ -299,7 +317,7 @@ def _dataset_section(name: str, rows: dict, views: list[MethodView]) -> str:
     header = ["method", *(label for _, label in COLUMNS)]
     for title, names in (("Detectors", detectors), ("Baselines", baselines)):
         if names:
-            cells = [[m, *(_fmt(rows[m].get(k), k) for k, _ in COLUMNS)] for m in names]
+            cells = [[m, *(_cell(rows[m], k) for k, _ in COLUMNS)] for m in names]
             parts.append(f"<h3>{title}</h3>" + _table(header, cells))
     parts.append('<p class="note">F1-max (test-tuned) picks its threshold on these test images: an '
                  "optimistic figure, for comparison with papers. Every other threshold figure uses the "
@@ -332,5 +350,6 @@ def report_html(report: dict, views: dict[str, list[MethodView]]) -> str:
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>diffinspect evaluation</title><style>{CSS}</style></head><body>"
             "<h1>Evaluation report</h1>"
+            + "".join(f"<p>{_h(m)}</p>" for m in _model_lines(report)) +
             f"<h2>Image AUROC, methods × datasets</h2>{overview}{sections}"
             f"<h2>Notes</h2><ul class=\"note\">{notes}</ul></body></html>\n")

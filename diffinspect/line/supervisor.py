@@ -19,7 +19,7 @@ from diffinspect.data.image import convert_color
 from diffinspect.line.console import Say, describe
 from diffinspect.line.frame import Item
 from diffinspect.line.options import WatchOptions
-from diffinspect.scoring.detector import Detector, label_for
+from diffinspect.scoring.detector import Detector, label_for, unscorable
 
 DetectorFactory = Callable[[], Detector]
 
@@ -248,3 +248,5 @@ def _check_scored(scored: object, n: int) -> tuple[list[float], np.ndarray | Non
 def _assign(it: Item, det: Detector, score: float, amap: np.ndarray | None) -> None:
     it.det, it.score, it.amap = det, score, amap
     it.status = label_for(score, det.threshold)
+    if it.status == "error":  # a threshold that is not a finite number: an error record with its reason
+        it.error = unscorable(score, det.threshold)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 from diffinspect import bundle as bundle_io
 from diffinspect.data.datasets import normal_images
-from diffinspect.data.image import Preprocess
+from diffinspect.data.image import Preprocess, choose_color
 from diffinspect.data.reading import read_images
 from diffinspect.scoring.health import HEALTH_FILE, fit_health
-from diffinspect.train.data import choose_color
 
 
 def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.01) -> tuple[int, float]:

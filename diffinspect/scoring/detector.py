@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,5 +33,17 @@ class Detector(Protocol):
 
 
 def label_for(score: float, threshold: float) -> str:
-    """The threshold rule, in one place: strictly above the threshold is NG."""
+    """The threshold rule, in one place: strictly above the threshold is NG; a score or threshold that is
+    not a finite number is an error, never OK (`NaN > threshold` is false)."""
+    if unscorable(score, threshold):
+        return "error"
     return "ng" if score > threshold else "ok"
+
+
+def unscorable(score: float, threshold: float) -> str | None:
+    """Why a frame's score cannot be labelled (the reason an error record gives), or None."""
+    if not math.isfinite(threshold):
+        return f"the threshold is not a finite number ({threshold})"
+    if not math.isfinite(score):
+        return f"the score is not a finite number ({score}): the model or its calibration statistics are broken"
+    return None

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.image import Preprocess
@@ -32,9 +30,12 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     cal = b.manifest.get("calibration")
     if not cal:
         raise DiffinspectError(f"bundle {b.path} was never calibrated: run `inspect calibrate {b.path}`")
-    with np.load(b.file(CALIBRATION_FILE)) as z:
-        stats = Stats(z["mean"], z["std"])
-        fused = (z["fusion_diffusion"], z["fusion_copod"]) if "fusion_diffusion" in z.files else None
+    z = b.arrays(CALIBRATION_FILE, {"mean": None, "std": None})
+    if z["mean"].ndim != 3 or z["mean"].shape != z["std"].shape:  # (terms, S, S) per-pixel statistics
+        raise DiffinspectError(f"bundle file {CALIBRATION_FILE} in {b.path} holds statistics of shapes "
+                               f"{z['mean'].shape} and {z['std'].shape}: recalibrate the bundle")
+    stats = Stats(z["mean"], z["std"])
+    fused = (z["fusion_diffusion"], z["fusion_copod"]) if "fusion_diffusion" in z else None
     engine = make_engine(b, backend, device, sampler or cal.get("sampler"))
     term = cal.get("frame_term")
     frame_term = (FrameTerm(load_fallback(b), term["weight"], tuple(term["diffusion"]), tuple(term["copod"]),

@@ -3,6 +3,7 @@ commits as a row of results.db / results.jsonl."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -59,4 +60,6 @@ class Record:
 
 
 def _text(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN and infinities are not JSON: `--json` lines must parse everywhere
     return storable(value) if isinstance(value, str) else value

@@ -10,7 +10,7 @@ import numpy as np
 
 from diffinspect.data.datasets import list_images
 from diffinspect.data.image import ImageError, read_image
-from diffinspect.scoring.detector import Detector, label_for
+from diffinspect.scoring.detector import Detector, label_for, unscorable
 from diffinspect.scoring.overlay import save_overlay
 from diffinspect.scoring.record import Record
 
@@ -42,6 +42,10 @@ def score_paths(detector: Detector, paths: list[Path], overlay_dir: Path | None 
         latency = round((time.perf_counter() - t0) * 1000 / len(frames), 2)
         for j, (p, frame) in enumerate(zip(good, frames, strict=True)):
             score = float(result.scores[j])
+            why = unscorable(score, detector.threshold)
+            if why is not None:  # never labelled: NaN > threshold is false, which would read as OK
+                yield _record(detector, p, "error", latency_ms=latency, error=why)
+                continue
             label = label_for(score, detector.threshold)
             overlay = None
             if overlay_dir is not None and (overlays == "all" or (overlays == "ng" and label == "ng")):

@@ -39,6 +39,11 @@ def conformal_threshold(scores: np.ndarray, alpha: float) -> float:
     _check_alpha(alpha)
     scores = np.sort(np.asarray(scores, dtype=np.float64).ravel())
     n = scores.size
+    bad = int(np.count_nonzero(~np.isfinite(scores)))
+    if bad:
+        # np.sort puts NaN last: the threshold could land on it, and every part would then be OK.
+        raise DiffinspectError(f"{bad} of {n} calibration scores are not finite numbers: the model or its "
+                               "statistics are broken (retrain, or calibrate on another backend)")
     check_calibration_size(n, alpha)
     rank = math.ceil((n + 1) * (1 - alpha))
     return float(scores[rank - 1])
@@ -51,5 +56,5 @@ def describe_bound(n: int, alpha: float) -> str:
 
 
 def _check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha < 1.0:
+    if not 0.0 < alpha < 1.0:  # also refuses NaN
         raise DiffinspectError(f"false-reject rate must be between 0 and 1, got {alpha}")

@@ -13,10 +13,11 @@ from diffinspect.bundle import Bundle
 from diffinspect.config import Config
 from diffinspect.data.datasets import normal_images
 from diffinspect.data.geometry import DEFAULT_SIDE, Geometry, choose_geometry, describe_size, frame_sizes
-from diffinspect.data.image import Preprocess, parse_size, size_record
+from diffinspect.data.image import Preprocess, choose_color, parse_size, size_record
+from diffinspect.info import training_warning
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe
-from diffinspect.train.data import choose_color, load_training_set
+from diffinspect.train.data import load_training_set
 from diffinspect.train.fit import clear_checkpoints, fit, model_summary
 
 WEIGHTS = "weights.pt"
@@ -53,12 +54,10 @@ def train(
     progress: Callable[[int, int, float, float], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] = print,
-) -> Bundle:
+) -> Bundle | None:
+    """Fit and write the bundle; None on torchrun ranks other than 0 (rank 0 writes the one bundle)."""
     data, out = Path(data).resolve(), Path(out).resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite and not resume:
-        from diffinspect import DiffinspectError
-
-        raise DiffinspectError(f"output folder {out} exists and is not empty (choose another --out)")
+    bundle_io.check_output(out, overwrite, resume, bundle_io.TRAIN_HINT)  # before minutes of training
     geometry = input_geometry(normal_images(data), cfg)
     log(f"model input: {geometry.reason}")
     prep = preprocess_for(data, cfg, geometry)
@@ -70,7 +69,7 @@ def train(
         f"{len(tset.holdout_files)} held back for calibration")
     result = fit(tset, cfg, out, resume=resume, progress=progress, on_step=on_step)
     if int(torch.distributed.is_initialized() and torch.distributed.get_rank()) != 0:
-        return None  # type: ignore[return-value]  # only rank 0 writes the bundle
+        return None  # only rank 0 writes the bundle
     summary = model_summary(result.model, prep.image_size, channels)
     manifest = bundle_io.new_manifest(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -97,4 +96,6 @@ def train(
     clear_checkpoints(out)
     log(f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
         f"({result.steps_per_second:.2f} steps/s), loss {result.final_loss:.4f}")
+    if warning := training_warning(manifest):
+        log(f"warning: {warning}")
     return Bundle.load(out)

@@ -9,7 +9,7 @@ import numpy as np
 
 from diffinspect import DiffinspectError
 from diffinspect.data.datasets import is_mvtec_category, normal_images
-from diffinspect.data.image import Preprocess, looks_gray
+from diffinspect.data.image import Preprocess
 from diffinspect.data.reading import read_images
 
 MIN_IMAGES = 10
@@ -32,19 +32,6 @@ class TrainingSet:
     @property
     def source(self) -> Path:
         return self.root / "train" / "good" if is_mvtec_category(self.root) else self.root
-
-
-def choose_color(files: list[Path], requested: str) -> str:
-    """`auto` is gray when the first images carry no colour, else RGB."""
-    if requested != "auto":
-        return requested
-    import cv2
-
-    for f in files[:16]:
-        img = cv2.imdecode(np.fromfile(f, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is not None and not looks_gray(img):
-            return "rgb"
-    return "gray"
 
 
 def load_training_set(data: str | Path, preprocess: Preprocess, holdout: float, seed: int) -> TrainingSet:

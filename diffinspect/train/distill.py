@@ -26,6 +26,7 @@ that matches the teacher best.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def _check_args(steps: int, teacher_steps: int, iterations: int | None, max_minu
         raise DiffinspectError(f"teacher steps ({teacher_steps}) must exceed student steps ({steps})")
     if iterations is not None and iterations < 1:
         raise DiffinspectError(f"iterations must be at least 1, got {iterations}")
-    if max_minutes is not None and max_minutes <= 0:
+    if max_minutes is not None and not 0 < max_minutes < math.inf:  # also refuses NaN
         raise DiffinspectError(f"max minutes must be positive, got {max_minutes}")
     if batch_size < 1:
         raise DiffinspectError(f"batch size must be at least 1, got {batch_size}")

@@ -39,6 +39,22 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoint")
 
 
+def train_threads(processes: int = 1) -> int:
+    """Intra-op threads for one of `processes` training processes sharing this machine's cores.
+
+    The cores are those this process may run on (os.sched_getaffinity: a container's or taskset's
+    share, not the host's count, which torch's default reads), split between the processes started
+    together (torchrun's LOCAL_WORLD_SIZE). Two processes that each take every core slow each other
+    down far more than 2x (bench/threads.py): their threads spin-wait at every barrier for a thread the
+    other process has pushed off its core. DIFFINSPECT_THREADS, when set, wins.
+    """
+    value = os.environ.get("DIFFINSPECT_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes))
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size) under torchrun; (0, 1) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -63,6 +79,8 @@ def fit(
     check_image_size(mc.kind, mc.size, size)
     device = resolve_device(tc.device)
     rank, world = _distributed()
+    if device.type == "cpu":
+        torch.set_num_threads(train_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -110,7 +128,7 @@ def fit(
                        "step": step, "elapsed": clock.elapsed()})
 
     with ckpt.on_interrupt("training", "step", lambda: step, save_checkpoint):
-        while step < total and not clock.over():
+        while step < total and not _out_of_time(clock.over(), world, device):
             idx, t, noise, corners = _draw(gen, n_images, tc.batch_size, tc.t_max, channels, hw, tiles)
             batch = _crops(canvases, idx, corners, hw) if tiles else images[idx]
             x0 = batch.float().div_(127.5).sub_(1.0)
@@ -139,6 +157,16 @@ def fit(
         torch.distributed.barrier()
     rate = (step - start_step) / max(clock.session(), 1e-9)
     return TrainResult(ema.cpu().eval(), step, seconds, loss_ema, rate)
+
+
+def _out_of_time(mine: bool, world: int, device: torch.device) -> bool:
+    """Under DDP every rank must run the same number of steps (each step all-reduces gradients), so a
+    time budget stops all ranks when the first one runs out."""
+    if world == 1:
+        return mine
+    flag = torch.tensor([1.0 if mine else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _draw(gen: torch.Generator, n: int, batch: int, t_max: int, channels: int, hw: tuple[int, int],
