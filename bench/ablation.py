@@ -55,13 +55,13 @@ def clean_features(model, frames: np.ndarray, batch: int = 32) -> list[np.ndarra
     return [np.concatenate(lv) for lv in levels]
 
 
-def gauss_term(ref: list[np.ndarray], test: list[np.ndarray], size: int) -> np.ndarray:
+def gauss_term(ref: list[np.ndarray], test: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
     """Per-location diagonal Gaussian of clean features: mean z^2 over channels, upsampled, averaged."""
     total = 0
     for r, t in zip(ref, test, strict=True):
         mu, sd = r.mean(0), r.std(0) + 1e-3 * r.std() + 1e-6
         z2 = (((t - mu) / sd) ** 2).mean(1)
-        total = total + F.interpolate(torch.from_numpy(z2)[:, None], size=(size, size), mode="bilinear").numpy()[:, 0]
+        total = total + F.interpolate(torch.from_numpy(z2)[:, None], size=size, mode="bilinear").numpy()[:, 0]
     return total / len(ref)
 
 
@@ -110,7 +110,7 @@ def main() -> None:
     torch.manual_seed(0)
     b = Bundle.load(args.bundle)
     prep = Preprocess.from_dict(b.manifest["preprocess"])
-    size = prep.image_size
+    size = prep.hw
     source = Path(b.manifest["training"]["source"])
     ref_paths = [source / f for f in b.manifest["training"]["train_files"]]
     rng = np.random.default_rng(0)
@@ -121,7 +121,7 @@ def main() -> None:
     ref = load(ref_paths, prep)
     frames = load([s.path for s in test.samples], prep)
     labels = np.array([s.is_anomalous for s in test.samples])
-    masks = np.zeros((len(test.samples), size, size), np.float32)
+    masks = np.zeros((len(test.samples), *size), np.float32)
     for i, s in enumerate(test.samples):
         if s.mask is not None:
             m = cv2.imread(str(s.mask), cv2.IMREAD_GRAYSCALE)

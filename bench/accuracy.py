@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("categories", nargs="+", type=Path)
     ap.add_argument("--workdir", type=Path, default=Path("accuracy_run"))
     ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train a fixed number of steps instead of --minutes (comparable on busy cores)")
     ap.add_argument("--train-args", default="", help="extra flags for inspect train, e.g. '--model dit'")
     ap.add_argument("--tag", default="default", help="name of this recipe in the bundle folder names")
     ap.add_argument("--reuse", action="store_true", help="reuse bundles already in --workdir (no training)")
@@ -78,8 +80,8 @@ def main() -> None:
     for cat in args.categories:
         bundle = args.workdir / f"{cat.name}_{args.tag}"
         if not (args.reuse and (bundle / "manifest.json").exists()):
-            run("train", str(cat), "--out", str(bundle), "--max-minutes", str(args.minutes), "--overwrite",
-                *args.train_args.split())
+            budget = ("--steps", str(args.steps)) if args.steps else ("--max-minutes", str(args.minutes))
+            run("train", str(cat), "--out", str(bundle), *budget, "--overwrite", *args.train_args.split())
         try:
             run("calibrate", str(bundle))
         except subprocess.CalledProcessError:

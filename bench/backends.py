@@ -64,11 +64,13 @@ def engines(bundle, device: str) -> dict[str, object]:
     return out
 
 
-def throughput(engs: dict, stats, size: int, channels: int, batches: list[int], seconds: float,
+def throughput(engs: dict, stats, size: int | list[int], channels: int, batches: list[int], seconds: float,
                rounds: int) -> dict[tuple[str, int], float]:
     """Median frames/s per (engine, batch) over interleaved rounds."""
+    from diffinspect.data.image import input_hw
+
     rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, (max(batches), size, size, channels), dtype=np.uint8)
+    frames = rng.integers(0, 256, (max(batches), *input_hw(size), channels), dtype=np.uint8)
     samples: dict[tuple[str, int], list[float]] = {}
     for _ in range(rounds):
         for name, eng in engs.items():

@@ -273,7 +273,7 @@ def validate_manifest(root: Path, m: dict[str, Any]) -> None:
     prep = _table(m, "preprocess")
     if prep is not None:
         _choice(prep, "color", ("gray", "rgb"), "preprocess")
-        _integer(prep, "image_size", "preprocess", 8, 8192)
+        _input_size(prep, "preprocess")
         _choice(prep, "resize", ("stretch", "crop", "pad"), "preprocess", optional=True)
         _choice(prep, "feed", ("frame", "tiles"), "preprocess", optional=True)
         _number(prep, "tile_scale", "preprocess", optional=True, positive=True)
@@ -283,7 +283,7 @@ def validate_manifest(root: Path, m: dict[str, Any]) -> None:
             raise DiffinspectError(f"bundle {root}: preprocess.roi must be [x, y, width, height] whole numbers")
     model = _table(m, "model")
     if model is not None:
-        _integer(model, "image_size", "model", 8, 8192)
+        _input_size(model, "model")
         _choice(model, "channels", (1, 3), "model")
     cal = _table(m, "calibration")
     if cal is not None:
@@ -296,6 +296,7 @@ def validate_manifest(root: Path, m: dict[str, Any]) -> None:
             if not isinstance(term, dict):
                 raise DiffinspectError(f"bundle {root}: calibration.frame_term must be an object")
             _number(term, "weight", "calibration.frame_term")
+            _choice(term, "rule", ("sum", "max", "minp"), "calibration.frame_term", optional=True)
             for key in ("diffusion", "copod"):
                 pair = term.get(key)
                 if not (isinstance(pair, list) and len(pair) == 2 and all(_finite(v) for v in pair)):
@@ -340,6 +341,16 @@ def _number(d: dict[str, Any], key: str, where: str, optional: bool = False, pos
     if not _finite(value, as_text) or (positive and float(value) <= 0):
         kind = "a positive finite number" if positive else "a finite number"
         raise DiffinspectError(f"bundle manifest field {where}.{key} must be {kind}, got {value!r}")
+
+
+def _input_size(d: dict[str, Any], where: str) -> None:
+    """image_size: one side, or [height, width] for a rectangular input; each side in [8, 8192]."""
+    value = d.get("image_size")
+    if isinstance(value, list) and len(value) == 2:
+        for i, side in enumerate(value):
+            _integer({f"image_size[{i}]": side}, f"image_size[{i}]", where, 8, 8192)
+        return
+    _integer(d, "image_size", where, 8, 8192)
 
 
 def _integer(d: dict[str, Any], key: str, where: str, low: int, high: int | None, optional: bool = False) -> None:

@@ -93,13 +93,33 @@ def _backend(name: str | None) -> None:
         raise DiffinspectError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
 
+def _size_text(size: object) -> str:
+    """A manifest input size as people write it: 64 px, or 64x160 px (height x width)."""
+    if isinstance(size, list) and len(size) == 2:
+        return f"{size[0]}x{size[1]} px"
+    return f"{size} px"
+
+
+def _image_size(text: str | None) -> int | list[int] | None:
+    """--image-size: "64" (a square) or "64x160" (height x width)."""
+    if text is None:
+        return None
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]) if len(parts) == 1 else [int(p) for p in parts]
+    raise DiffinspectError(f"--image-size must be a side (64) or HEIGHTxWIDTH (64x160), got {text!r}")
+
+
 @app.command()
 def train(
     data: Path = typer.Argument(..., help="MVTec category (uses train/good) or a folder of good images."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
     model: str | None = typer.Option(None, "--model", help="unet or dit (default: unet)."),
     size: str | None = typer.Option(None, "--size", help="tiny, small or base (default: small)."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Model input side in pixels (default: 64)."),
+    image_size: str | None = typer.Option(
+        None, "--image-size", help="Model input: a side (64) or HEIGHTxWIDTH (64x160); default: from the frames."),
+    defect_size: int | None = typer.Option(
+        None, "--defect-size", help="Smallest defect to find, in frame pixels (default: 16); sets the input size."),
     steps: int | None = typer.Option(None, "--steps", help="Training steps."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop cleanly after this many minutes."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default: 16)."),
@@ -119,7 +139,8 @@ def train(
     _existing(data, "data folder")
     check_output(out, overwrite, resume, TRAIN_HINT)
     cfg = load_config(config, {
-        "model.kind": model, "model.size": size, "data.image_size": image_size, "train.steps": steps,
+        "model.kind": model, "model.size": size, "data.image_size": _image_size(image_size),
+        "data.defect_size": defect_size, "train.steps": steps,
         "train.max_minutes": max_minutes, "train.batch_size": batch_size, "data.holdout": holdout,
         "train.device": device, "train.seed": seed})
     with _progress_bar() as bar:
@@ -490,7 +511,8 @@ def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (o
     m, p = s["model"] or {}, s["preprocess"] or {}
     out.print(f"bundle {s['path']}")
     out.print(f"  model: {m.get('kind')} {m.get('size')}, {m.get('params', 0) / 1e6:.2f} M params, "
-              f"{m.get('gflops', 0):.3g} GFLOPs/frame, {m.get('image_size')} px, {m.get('channels')} channel(s)")
+              f"{m.get('gflops', 0):.3g} GFLOPs/frame, {_size_text(m.get('image_size'))}, "
+              f"{m.get('channels')} channel(s)")
     out.print("  preprocessing: " + ", ".join(f"{k}={v}" for k, v in p.items()))
     if t := s["training"]:
         out.print(f"  training: {t['steps']} steps in {(t['seconds'] or 0) / 60:.1f} min "

@@ -22,7 +22,10 @@ DISTILL_DEFECT_SHARE = 0.5
 @dataclass
 class DataConfig:
     color: str = "auto"  # auto | gray | rgb; auto looks at the training images
-    image_size: int = 64
+    # Model input: one side (square) or [height, width]; unset, `inspect train` chooses it from the
+    # training frames' size and aspect ratio and defect_size (data/geometry.py).
+    image_size: int | list[int] | None = None
+    defect_size: int = 16  # smallest defect to keep visible, in native frame pixels
     resize: str = "stretch"  # stretch | crop | pad, for frames whose aspect ratio differs
     roi: list[int] | None = None  # x, y, width, height
     holdout: float = 0.15  # share of good images kept back for calibration
@@ -78,6 +81,7 @@ class ScoreConfig:
     top_k: float = 0.001  # image score = mean of the top share of the sharp (unblurred) map
     frame_weight: float = 0.0  # weight of the whole-frame mean map (defects covering the frame)
     classical_weight: float = 1.0  # frame-level term: COPOD on classical embeddings (0 = off)
+    fusion: str = "sum"  # sum | max | minp: how the frame-level term joins the diffusion score
     seed: int = 0
 
 
@@ -105,9 +109,10 @@ CHOICES = {
     "model.kind": ("unet", "dit"),
     "model.size": ("tiny", "small", "base"),
     "model.schedule": ("linear", "cosine"),
+    "score.fusion": ("sum", "max", "minp"),
     "train.device": ("auto", "cpu", "cuda"),
 }
-POSITIVE = {"data.image_size", "train.steps", "train.max_minutes", "train.batch_size", "train.lr",
+POSITIVE = {"data.defect_size", "train.steps", "train.max_minutes", "train.batch_size", "train.lr",
             "train.checkpoint_every", "train.t_max", "score.t_star", "score.steps", "score.noise_draws"}
 UNIT_INTERVAL = {"data.holdout", "train.ema_decay", "score.top_k", "calibrate.false_reject_rate"}
 
@@ -174,7 +179,8 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        listed = [a for a in args if typing.get_origin(a) is list]
+        hint = listed[0] if listed and isinstance(value, list | tuple) else next(a for a in args if a is not type(None))
         args = typing.get_args(hint)
     origin = typing.get_origin(hint)
     if origin is list:
@@ -213,6 +219,10 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if not 0 <= value < 1:
             raise DiffinspectError(f"config key {key} must be in [0, 1), got {value}")
+    size = cfg.data.image_size
+    if size is not None and (isinstance(size, list) and (len(size) != 2 or min(size) <= 0)
+                             or isinstance(size, int) and size <= 0):
+        raise DiffinspectError(f"config key data.image_size must be a positive side or [height, width], got {size}")
     if cfg.data.roi is not None and (len(cfg.data.roi) != 4 or min(cfg.data.roi[2:]) <= 0):
         raise DiffinspectError("config key data.roi must be [x, y, width, height] with positive size")
     if not 0 < cfg.data.tile_scale <= 4:

@@ -16,7 +16,9 @@ def test_defaults_file_then_flags(tmp_path):
     assert cfg.model.size == "tiny"  # None means "flag not given"
     assert cfg.train.batch_size == 32  # the flag wins
     assert cfg.train.augment.hflip is True
-    assert cfg.data.image_size == 64  # default
+    assert cfg.data.image_size is None  # default: chosen from the training frames
+    f.write_text('[data]\nimage_size = [64, 160]\n')
+    assert load_config(f).data.image_size == [64, 160]
 
 
 @pytest.mark.parametrize(("text", "needle"), [
@@ -27,6 +29,10 @@ def test_defaults_file_then_flags(tmp_path):
     ('[train]\nbatch_size = -1\n', "train.batch_size"),
     ('[data]\nholdout = 1.5\n', "data.holdout"),
     ('[data]\nroi = [1, 2]\n', "data.roi"),
+    ('[data]\nimage_size = [64]\n', "data.image_size"),
+    ('[data]\nimage_size = [64, -8]\n', "data.image_size"),
+    ('[data]\nimage_size = "big"\n', "data.image_size"),
+    ('[data]\ndefect_size = 0\n', "data.defect_size"),
     ('not toml [', "not valid TOML"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, needle):

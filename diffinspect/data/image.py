@@ -2,7 +2,7 @@
 
 Every frame, whatever its file format, bit depth or channel count, becomes a uint8 array of shape
 (H, W, C) with C = 1 (gray) or 3 (RGB) before it reaches a model. Preprocessing then crops the ROI
-and fits the frame to the model's square input.
+and fits the frame to the model's input (square, or height x width with the frames' aspect ratio).
 """
 
 from __future__ import annotations
@@ -34,6 +34,34 @@ DEFAULT_MAX_MEGAPIXELS = 50.0
 # A frame with a side below this holds too little to score (the classical features and the model's
 # resize would invent the rest): it is an error record, in `score`, `watch` and the library alike.
 MIN_FRAME_SIDE = 8
+
+# A model input size: one side (square) or (height, width). Manifests store an int for a square.
+ImageSize = int | tuple[int, int]
+
+
+def input_hw(size: ImageSize | list[int]) -> tuple[int, int]:
+    """(height, width) of a model input size given as one side or as (height, width)."""
+    if isinstance(size, int | np.integer):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def size_record(size: ImageSize | list[int]) -> int | list[int]:
+    """The manifest form of an input size: an int for a square (as bundles always stored it), else [h, w]."""
+    h, w = input_hw(size)
+    return h if h == w else [h, w]
+
+
+def parse_size(value: object, what: str = "image_size") -> ImageSize:
+    """An input size from a manifest or config: a positive int or [height, width]; else DiffinspectError."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if (isinstance(value, list | tuple) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        h, w = int(value[0]), int(value[1])
+        return h if h == w else (h, w)
+    raise DiffinspectError(f"{what} must be a positive whole number or [height, width], got {value!r}")
 
 
 class ImageError(DiffinspectError):
@@ -202,31 +230,38 @@ def looks_gray(img_bgr_or_rgb: np.ndarray, tol: int = 3) -> bool:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a decoded frame becomes the model's square input(s). Stored in the bundle manifest.
+    """How a decoded frame becomes the model's input(s). Stored in the bundle manifest.
 
-    feed "frame": the frame (after the ROI crop) is fitted whole to one image_size square (`fit`).
+    image_size is one side (a square input) or (height, width): `inspect train` chooses the shape from
+    the training frames' aspect ratio (data/geometry.py).
+    feed "frame": the frame (after the ROI crop) is fitted whole to one image_size input (`fit`).
     feed "tiles": the frame is scaled by tile_scale of its native resolution (`canvas`) and cut into
     image_size tiles overlapping by half (`tile_grid`), so small defects keep their pixels.
     """
 
     color: str = "gray"
-    image_size: int = 64
+    image_size: ImageSize = 64
     resize: str = "stretch"  # stretch | crop (centre) | pad (letterbox); feed "frame" only
     roi: tuple[int, int, int, int] | None = None  # x, y, width, height in frame pixels
     feed: str = "frame"  # frame | tiles
     tile_scale: float = 0.5  # tiles: canvas side = ROI side x tile_scale
 
     def to_dict(self) -> dict:
-        return {"color": self.color, "image_size": self.image_size, "resize": self.resize,
+        return {"color": self.color, "image_size": size_record(self.image_size), "resize": self.resize,
                 "roi": list(self.roi) if self.roi else None, "feed": self.feed, "tile_scale": self.tile_scale}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         roi = d.get("roi")
         # Bundles written before tiles existed fed whole frames.
-        return cls(color=d["color"], image_size=int(d["image_size"]), resize=d.get("resize", "stretch"),
+        return cls(color=d["color"], image_size=parse_size(d["image_size"]), resize=d.get("resize", "stretch"),
                    roi=tuple(roi) if roi else None, feed=d.get("feed", "frame"),
                    tile_scale=float(d.get("tile_scale", 0.5)))
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of one model input."""
+        return input_hw(self.image_size)
 
     def roi_box(self, frame_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         """(x, y, width, height) of the part of the frame `crop_roi` keeps."""
@@ -244,35 +279,40 @@ class Preprocess:
             raise ImageError(f"ROI {self.roi} lies outside the {img.shape[1]}x{img.shape[0]} frame")
         return out
 
-    def fit(self, img: np.ndarray, size: int | None = None) -> np.ndarray:
-        """ROI-crop and resize a uint8 (H, W, C) frame to (size, size, C)."""
-        size = size or self.image_size
+    def fit(self, img: np.ndarray, size: ImageSize | None = None) -> np.ndarray:
+        """ROI-crop and resize a uint8 (H, W, C) frame to (height, width, C) of `size` (default: the model's)."""
+        th, tw = input_hw(size or self.image_size)
         img = self.crop_roi(img)
         h, w = img.shape[:2]
-        side, y0, x0 = self.square(h, w)
+        bh, bw, y0, x0 = self.box(h, w, (th, tw))
         if self.resize == "crop":
-            img = img[y0:y0 + side, x0:x0 + side]
+            img = img[y0:y0 + bh, x0:x0 + bw]
         elif self.resize == "pad":
-            img = cv2.copyMakeBorder(img, y0, side - h - y0, x0, side - w - x0, cv2.BORDER_REPLICATE)
-        interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
-        out = cv2.resize(img, (size, size), interpolation=interp)
+            img = cv2.copyMakeBorder(img, y0, bh - h - y0, x0, bw - w - x0, cv2.BORDER_REPLICATE)
+        interp = cv2.INTER_AREA if img.shape[0] > th and img.shape[1] > tw else cv2.INTER_LINEAR
+        out = cv2.resize(img, (tw, th), interpolation=interp)
         if out.ndim == 2:
             out = out[:, :, None]
         return out
 
-    def square(self, height: int, width: int) -> tuple[int, int, int]:
-        """(side, y0, x0) of the square a `crop` or `pad` resize makes of an ROI crop: for crop, the
-        centred square inside it, at (y0, x0); for pad, the square around it, the crop at (y0, x0)."""
-        side = max(height, width) if self.resize == "pad" else min(height, width)
-        return side, abs(height - side) // 2, abs(width - side) // 2
+    def box(self, height: int, width: int, size: ImageSize | None = None) -> tuple[int, int, int, int]:
+        """(box height, box width, y0, x0) of the box of the input's aspect ratio that a `crop` or `pad`
+        resize makes of an ROI crop: for crop, the centred box inside it, at (y0, x0); for pad, the box
+        around it, the crop at (y0, x0)."""
+        th, tw = input_hw(size or self.image_size)
+        # Scale of the input box relative to the crop: the largest box inside (crop) or smallest around (pad).
+        k = max(height / th, width / tw) if self.resize == "pad" else min(height / th, width / tw)
+        bh, bw = max(1, round(th * k)), max(1, round(tw * k))
+        bh, bw = (max(bh, height), max(bw, width)) if self.resize == "pad" else (min(bh, height), min(bw, width))
+        return bh, bw, abs(height - bh) // 2, abs(width - bw) // 2
 
     def scaled_shape(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of an ROI crop after the tile_scale resize, before any padding."""
         return max(1, round(height * self.tile_scale)), max(1, round(width * self.tile_scale))
 
     def canvas(self, img: np.ndarray) -> np.ndarray:
-        """Tiles feed: ROI crop -> resize by tile_scale -> edge-replicate pad (bottom/right) so both
-        sides are at least image_size. uint8 (H', W', C)."""
+        """Tiles feed: ROI crop -> resize by tile_scale -> edge-replicate pad (bottom/right) so the canvas
+        holds at least one tile. uint8 (H', W', C)."""
         img = self.crop_roi(img)
         h, w, c = img.shape
         sh, sw = self.scaled_shape(h, w)
@@ -280,22 +320,22 @@ class Preprocess:
             # INTER_AREA averages the pixels a shrink merges (no aliasing); enlarging is interpolated.
             interp = cv2.INTER_AREA if sh * sw < h * w else cv2.INTER_LINEAR
             img = cv2.resize(img, (sw, sh), interpolation=interp).reshape(sh, sw, c)
-        s = self.image_size
-        if sh < s or sw < s:
-            img = cv2.copyMakeBorder(img, 0, max(s - sh, 0), 0, max(s - sw, 0), cv2.BORDER_REPLICATE)
-            img = img.reshape(max(sh, s), max(sw, s), c)
+        th, tw = self.hw
+        if sh < th or sw < tw:
+            img = cv2.copyMakeBorder(img, 0, max(th - sh, 0), 0, max(tw - sw, 0), cv2.BORDER_REPLICATE)
+            img = img.reshape(max(sh, th), max(sw, tw), c)
         return np.ascontiguousarray(img)
 
     def tile_grid(self, canvas_shape: tuple[int, ...]) -> list[tuple[int, int]]:
-        """Top-left (y, x) of the image_size tiles covering a canvas: stride image_size // 2, and the last
+        """Top-left (y, x) of the image_size tiles covering a canvas: stride half a tile, and the last
         row and column flush with the bottom and right edges so every pixel is covered."""
-        ys, xs = (_positions(n, self.image_size) for n in canvas_shape[:2])
+        ys, xs = (_positions(n, side) for n, side in zip(canvas_shape[:2], self.hw, strict=True))
         return [(y, x) for y in ys for x in xs]
 
     def tiles(self, canvas: np.ndarray) -> np.ndarray:
-        """The tiles of a canvas, in `tile_grid` order: (T, S, S, C)."""
-        s = self.image_size
-        return np.stack([canvas[y:y + s, x:x + s] for y, x in self.tile_grid(canvas.shape)])
+        """The tiles of a canvas, in `tile_grid` order: (T, H, W, C)."""
+        th, tw = self.hw
+        return np.stack([canvas[y:y + th, x:x + tw] for y, x in self.tile_grid(canvas.shape)])
 
     def map_to_frame(self, amap: np.ndarray, frame_shape: tuple[int, ...]) -> np.ndarray:
         """Place an anomaly map back on the frame's pixel grid (inverse of fit, or of canvas for tiles)."""
@@ -308,11 +348,11 @@ class Preprocess:
         elif self.resize == "stretch":
             full[y:y + h, x:x + w] = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
         elif self.resize == "crop":
-            side, y0, x0 = self.square(h, w)
-            full[y + y0:y + y0 + side, x + x0:x + x0 + side] = cv2.resize(amap, (side, side))
+            bh, bw, y0, x0 = self.box(h, w)
+            full[y + y0:y + y0 + bh, x + x0:x + x0 + bw] = cv2.resize(amap, (bw, bh))
         else:
-            side, y0, x0 = self.square(h, w)
-            big = cv2.resize(amap, (side, side))
+            bh, bw, y0, x0 = self.box(h, w)
+            big = cv2.resize(amap, (bw, bh))
             full[y:y + h, x:x + w] = big[y0:y0 + h, x0:x0 + w]
         return full
 

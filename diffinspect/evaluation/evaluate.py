@@ -427,12 +427,12 @@ def mask_on_map(mask: np.ndarray, amap: np.ndarray, pre: Preprocess) -> tuple[np
         sh, sw = pre.scaled_shape(h, w)
         amap = amap[:sh, :sw]  # the canvas padding holds no frame pixels
     elif pre.resize == "crop":
-        side, y0, x0 = pre.square(h, w)
-        m = m[y0:y0 + side, x0:x0 + side]
+        bh, bw, y0, x0 = pre.box(h, w)
+        m = m[y0:y0 + bh, x0:x0 + bw]
     elif pre.resize == "pad":
-        side, y0, x0 = pre.square(h, w)
-        r0, r1 = round(y0 * mh / side), round((y0 + h) * mh / side)
-        c0, c1 = round(x0 * mw / side), round((x0 + w) * mw / side)
+        bh, bw, y0, x0 = pre.box(h, w)
+        r0, r1 = round(y0 * mh / bh), round((y0 + h) * mh / bh)
+        c0, c1 = round(x0 * mw / bw), round((x0 + w) * mw / bw)
         amap = amap[r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)]
     return amap, metrics.resize_mask(m, amap.shape)
 

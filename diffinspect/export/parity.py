@@ -20,8 +20,8 @@ SEED = 0
 
 
 def parity_frames(good: np.ndarray, seed: int = SEED) -> np.ndarray:
-    """Good frames (N, S, S, C) followed by one pasted-defect copy of each (when S allows it)."""
-    if good.shape[1] < MIN_SIDE:
+    """Good frames (N, H, W, C) followed by one pasted-defect copy of each (when S allows it)."""
+    if min(good.shape[1:3]) < MIN_SIDE:
         return good
     bad, _ = anomaly_set(list(good), np.random.default_rng(seed))
     return np.concatenate([good, np.stack(bad).reshape(good.shape)])

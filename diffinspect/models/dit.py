@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffinspect.data.image import ImageSize, input_hw
 from diffinspect.models.common import TimestepEmbedding, attention
 
 
@@ -37,21 +38,24 @@ DIT_SIZES = {
 }
 
 
-def dit_patch_size(size: str, image_size: int) -> int:
-    """Smallest of 2, 4, 8 that keeps the token grid at or below the size's target (8 at most)."""
-    grid = DIT_SIZES[size].grid
+def dit_patch_size(size: str, image_size: ImageSize) -> int:
+    """Smallest of 2, 4, 8 that keeps the token count at or below the size's target grid² (8 at most)."""
+    from diffinspect.models import equivalent_side
+
+    grid, side = DIT_SIZES[size].grid, equivalent_side(image_size)
     for p in (2, 4):
-        if image_size <= grid * p:
+        if side <= grid * p + 1e-9:
             return p
     return 8
 
 
-def sincos_pos_embed(width: int, grid: int) -> np.ndarray:
-    """(grid², width) fixed 2-D sin-cos embedding: half the channels encode the row, half the column."""
+def sincos_pos_embed(width: int, grid: int | tuple[int, int]) -> np.ndarray:
+    """(rows·cols, width) fixed 2-D sin-cos embedding of a token grid (one side, or (rows, cols)): half
+    the channels encode the row, half the column."""
     quarter = width // 4
     omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
-    pos = np.arange(grid, dtype=np.float64)
-    rows, cols = np.meshgrid(pos, pos, indexing="ij")
+    gh, gw = input_hw(grid)
+    rows, cols = np.meshgrid(np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64), indexing="ij")
 
     def embed(coord: np.ndarray) -> np.ndarray:
         out = coord.reshape(-1)[:, None] * omega[None]
@@ -113,12 +117,13 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     kind = "dit"
 
-    def __init__(self, size: str, image_size: int, channels: int) -> None:
+    def __init__(self, size: str, image_size: ImageSize, channels: int) -> None:
         super().__init__()
         cfg = DIT_SIZES[size]
         self.size, self.image_size, self.channels = size, image_size, channels
+        self.height, self.width = input_hw(image_size)
         self.patch = dit_patch_size(size, image_size)
-        self.grid = image_size // self.patch
+        self.grid = (self.height // self.patch, self.width // self.patch)  # token rows, columns
         width = cfg.width
         self.patch_embed = nn.Conv2d(channels, width, self.patch, stride=self.patch)
         # A buffer for this image size, not a weight: kept out of the state dict and never trained.
@@ -155,7 +160,7 @@ class DiT(nn.Module):
 
     def _to_map(self, tokens: torch.Tensor) -> torch.Tensor:
         n, _, width = tokens.shape
-        return tokens.transpose(1, 2).reshape(n, width, self.grid, self.grid)
+        return tokens.transpose(1, 2).reshape(n, width, *self.grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) noised images, t: (N,) float timesteps → predicted ε, same shape as x."""
@@ -163,10 +168,10 @@ class DiT(nn.Module):
         h = self._tokens(x)
         for block in self.blocks:
             h = block(h, c)
-        h = self.final(h, c)  # (N, grid², p·p·C)
-        n, p, g = h.shape[0], self.patch, self.grid
-        h = h.reshape(n, g, g, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(n, self.channels, g * p, g * p)
+        h = self.final(h, c)  # (N, rows·cols, p·p·C)
+        n, p, (gh, gw) = h.shape[0], self.patch, self.grid
+        h = h.reshape(n, gh, gw, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(n, self.channels, gh * p, gw * p)
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
         """Token features after the blocks in `feature_blocks`, as (N, width, H/p, W/p) maps."""

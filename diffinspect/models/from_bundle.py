@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffinspect.bundle import Bundle
+from diffinspect.data.image import parse_size
 from diffinspect.models import build_model
 from diffinspect.models.sampler import resolve_sampler
 from diffinspect.models.schedule import NoiseSchedule
@@ -13,7 +14,7 @@ from diffinspect.models.scoring import Recipe, ScoringGraph
 
 def load_denoiser(bundle: Bundle, weights: str = "weights.pt") -> torch.nn.Module:
     m = bundle.manifest["model"]
-    model = build_model(m["kind"], m["size"], m["image_size"], m["channels"])
+    model = build_model(m["kind"], m["size"], parse_size(m["image_size"], "manifest model.image_size"), m["channels"])
     state = torch.load(bundle.file(weights), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TERMS = ("pixel", "ssim", "feature")
+FUSION_RULES = ("sum", "max", "minp")  # how the frame-level COPOD term joins the diffusion score
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Recipe:
     top_k: float = 0.001
     frame_weight: float = 0.0
     classical_weight: float = 1.0
+    fusion: str = "sum"
     seed: int = 0
 
     @classmethod

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffinspect.data.image import input_hw
 from diffinspect.models.recipe import Recipe
 from diffinspect.models.schedule import NoiseSchedule, ddim_step, x0_from_eps
 
@@ -53,7 +54,7 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor, kernel: torch.Tensor) -> torch.Te
 
 
 class ScoringGraph(nn.Module):
-    """Frames (N, S, S, C) uint8 + statistics (K, S, S) -> map (N, S, S), score (N,), raw (N, K, S, S)."""
+    """Frames (N, H, W, C) uint8 + statistics (K, H, W) -> map (N, H, W), score (N,), raw (N, K, H, W)."""
 
     def __init__(
         self, denoiser: nn.Module, schedule: NoiseSchedule, recipe: Recipe, steps: int | None = None
@@ -62,10 +63,10 @@ class ScoringGraph(nn.Module):
         self.denoiser = denoiser.eval()
         self.recipe = recipe
         self.weights = recipe.weights()
-        c, s = denoiser.channels, denoiser.image_size
+        c, (h, w) = denoiser.channels, input_hw(denoiser.image_size)
         gen = torch.Generator().manual_seed(recipe.seed)
         self.register_buffer(
-            "noise", torch.randn(recipe.noise_draws, c, s, s, generator=gen), persistent=False
+            "noise", torch.randn(recipe.noise_draws, c, h, w, generator=gen), persistent=False
         )
         path = schedule.ddim_alphas(recipe.t_star, steps or recipe.steps)
         self.path = [(float(t), float(a), float(ap)) for t, a, ap in path]
@@ -92,7 +93,7 @@ class ScoringGraph(nn.Module):
         return x0
 
     def raw_terms(self, frames: torch.Tensor) -> torch.Tensor:
-        """Unnormalized per-pixel terms (N, K, S, S), mean over the noise draws."""
+        """Unnormalized per-pixel terms (N, K, H, W), mean over the noise draws."""
         x = self.to_input(frames)
         total = None
         for d in range(self.noise.shape[0]):
@@ -126,7 +127,7 @@ class ScoringGraph(nn.Module):
         return dist / len(both)
 
     def combine(self, raw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """z-score each term per pixel, weight and sum: the sharp map (N, S, S) the image score reads."""
+        """z-score each term per pixel, weight and sum: the sharp map (N, H, W) the image score reads."""
         z = (raw - mean) / std
         w = torch.tensor(list(self.weights.values()), device=raw.device).view(1, -1, 1, 1)
         return (z * w).sum(1) / w.sum()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffinspect.data.image import ImageSize, input_hw
 from diffinspect.models.common import TimestepEmbedding, attention, group_norm
 
 MAX_ATTENTION_RES = 16
@@ -39,9 +40,12 @@ UNET_SIZES = {
 }
 
 
-def unet_downsamplings(image_size: int) -> int:
-    """3 for up to 128 px; one more per doubling above, so the lowest resolution stays <= 16."""
-    return max(3, math.ceil(math.log2(image_size / MAX_ATTENTION_RES)))
+def unet_downsamplings(image_size: ImageSize) -> int:
+    """3 for up to 128 px; one more per doubling above, so the lowest resolution stays <= 16 (for a
+    rectangle, its pixel count stays <= 16²)."""
+    from diffinspect.models import equivalent_side
+
+    return max(3, math.ceil(math.log2(equivalent_side(image_size) / MAX_ATTENTION_RES) - 1e-9))
 
 
 class ResBlock(nn.Module):
@@ -87,10 +91,11 @@ class AttnBlock(nn.Module):
 class UNet(nn.Module):
     kind = "unet"
 
-    def __init__(self, size: str, image_size: int, channels: int) -> None:
+    def __init__(self, size: str, image_size: ImageSize, channels: int) -> None:
         super().__init__()
         cfg = UNET_SIZES[size]
         self.size, self.image_size, self.channels = size, image_size, channels
+        self.height, self.width = input_hw(image_size)
         self.downsamplings = unet_downsamplings(image_size)
         # One channel multiplier per level (downsamplings + 1 levels); extra levels repeat the last.
         mults = list(cfg.mults) + [cfg.mults[-1]] * (self.downsamplings + 1 - len(cfg.mults))

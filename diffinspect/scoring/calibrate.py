@@ -12,6 +12,7 @@ for scores.
 from __future__ import annotations
 
 import io
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -135,12 +136,27 @@ def calibrate(
     selfcheck_scores = detector.run_fitted(selfcheck, raw=False)[1]
     copod = _fit_fallback(ref_frames, cal_frames, prep, false_reject_rate) if fallback else None
     frame_term = None
-    weight = Recipe.from_dict(bundle.manifest["score"]).classical_weight
+    recipe = Recipe.from_dict(bundle.manifest["score"])
+    weight = recipe.classical_weight
     if copod is not None and weight > 0:
         ref_scores = _score_frames(detector, ref_frames, "scoring reference images", progress)[0]
-        frame_term = FrameTerm(copod, weight, robust_scale(ref_scores), robust_scale(copod.score(ref_frames).scores))
+        rule = recipe.fusion
+        cal_copod = (copod.calibration_scores if copod.calibration_scores is not None
+                     else copod.score(cal_frames).scores)
+        if rule == "minp" and len(scores) < 2 / false_reject_rate - 1:
+            log(f"the minp fusion needs {math.ceil(2 / false_reject_rate - 1)} calibration images at a "
+                f"{false_reject_rate:g} rate, {len(scores)} given: summing the scores instead")
+            rule = "sum"
+        frame_term = FrameTerm(copod, weight, robust_scale(ref_scores), robust_scale(copod.score(ref_frames).scores),
+                               rule, (scores, cal_copod) if rule == "minp" else None)
         scores = frame_term.combine(scores, cal_frames)
-    threshold = conformal_threshold(scores, false_reject_rate)
+    if frame_term is not None and frame_term.rule == "minp":
+        assert frame_term.calibration is not None
+        fused = frame_term.calibration
+        threshold = float(-np.log(false_reject_rate / 2))  # either p-value <= a / 2
+    else:
+        fused = (np.zeros(0), np.zeros(0))
+        threshold = conformal_threshold(scores, false_reject_rate)
     # Health ranges and score quantiles on the calibration frames: what drift alarms compare the line to.
     cal_scores = {detector.name: scores}
     if copod is not None and copod.calibration_scores is not None:
@@ -149,6 +165,7 @@ def calibrate(
 
     buf = io.BytesIO()
     np.savez(buf, mean=stats.mean, std=stats.std, terms=np.array(engine.term_names), scores=scores,
+             fusion_diffusion=fused[0], fusion_copod=fused[1],
              map_max=map_max, selfcheck_frames=selfcheck, selfcheck_scores=selfcheck_scores)
     copod_fields = None
     with bundle.updating() as up:

@@ -6,26 +6,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffinspect.data.image import Preprocess
+from diffinspect import DiffinspectError
+from diffinspect.data.image import ImageSize, Preprocess, input_hw
 from diffinspect.engines import Engine
 from diffinspect.engines.exports import CALIBRATION_FILE  # noqa: F401  (the bundle file this detector reads)
+from diffinspect.models.recipe import FUSION_RULES
 from diffinspect.scoring.detector import Scored
 
 
 @dataclass
 class Stats:
-    """Per-pixel normalization of each map term, measured on good images: (K, S, S) float32."""
+    """Per-pixel normalization of each map term, measured on good images: (K, H, W) float32."""
 
     mean: np.ndarray
     std: np.ndarray
 
     @classmethod
-    def identity(cls, terms: int, size: int) -> Stats:
-        return cls(np.zeros((terms, size, size), np.float32), np.ones((terms, size, size), np.float32))
+    def identity(cls, terms: int, size: ImageSize) -> Stats:
+        shape = (terms, *input_hw(size))
+        return cls(np.zeros(shape, np.float32), np.ones(shape, np.float32))
 
     @classmethod
     def fit(cls, raw: np.ndarray, prior: float = 8.0) -> Stats:
-        """Mean and std per pixel over raw (N, K, S, S); the variance is shrunk toward each term's
+        """Mean and std per pixel over raw (N, K, H, W); the variance is shrunk toward each term's
         frame-wide variance (weight `prior` images) so a few calibration images give stable maps."""
         raw = raw.astype(np.float64)
         n = raw.shape[0]
@@ -51,7 +54,7 @@ def _with_channels(frame: np.ndarray, channels: int) -> np.ndarray:
 
 
 def model_inputs(frames: list[np.ndarray], preprocess: Preprocess) -> tuple[np.ndarray, Layout]:
-    """Decoded frames of any size -> (M, S, S, C) uint8 model inputs with the model's channel count, and
+    """Decoded frames of any size -> (M, H, W, C) uint8 model inputs with the model's channel count, and
     the layout that stitches them back: one input per frame (layout None), or in tiles mode every
     tile of every frame, in frame order."""
     channels = 3 if preprocess.color == "rgb" else 1
@@ -67,19 +70,19 @@ def model_inputs(frames: list[np.ndarray], preprocess: Preprocess) -> tuple[np.n
 
 
 def fit_frames(frames: list[np.ndarray], preprocess: Preprocess) -> np.ndarray:
-    """The model inputs of `model_inputs` alone: (N, S, S, C), or every frame's tiles in tiles mode."""
+    """The model inputs of `model_inputs` alone: (N, H, W, C), or every frame's tiles in tiles mode."""
     return model_inputs(frames, preprocess)[0]
 
 
 def stitch(tile_maps: np.ndarray, layout: Layout) -> list[np.ndarray]:
-    """Tile maps (T, S, S) -> one canvas map per frame, overlapping tiles averaged."""
+    """Tile maps (T, H, W) -> one canvas map per frame, overlapping tiles averaged."""
     assert layout is not None
-    s, out, i = tile_maps.shape[-1], [], 0
+    (th, tw), out, i = tile_maps.shape[-2:], [], 0
     for shape, positions in layout:
         total, count = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         for (y, x), amap in zip(positions, tile_maps[i:i + len(positions)], strict=True):
-            total[y:y + s, x:x + s] += amap
-            count[y:y + s, x:x + s] += 1
+            total[y:y + th, x:x + tw] += amap
+            count[y:y + th, x:x + tw] += 1
         out.append(total / count)
         i += len(positions)
     return out
@@ -97,14 +100,49 @@ class FrameTerm:
     weight: float
     diffusion_scale: tuple[float, float]  # (median, IQR) of reference diffusion scores
     copod_scale: tuple[float, float]
+    # sum: z_diffusion + weight * z_copod. max: the larger of z_diffusion and weight * z_copod. Either is
+    # one fixed function of the frame, thresholded split-conformally on the calibration images: FRR <= a.
+    # minp: each score's split-conformal p-value on the calibration images; the score is -log of the
+    # smaller, and the threshold -log(a / 2) rejects exactly when either p-value is <= a / 2 (Bonferroni:
+    # FRR <= a). Needs n >= 2 / a - 1 calibration images (bench/fusion.py measures the rules).
+    rule: str = "sum"
+    calibration: tuple[np.ndarray, np.ndarray] | None = None  # minp: calibration (diffusion, COPOD) scores
+
+    def __post_init__(self) -> None:
+        if self.rule not in FUSION_RULES:
+            raise DiffinspectError(f"unknown frame-term rule {self.rule!r}: expected one of {', '.join(FUSION_RULES)}")
+        if self.rule == "minp":
+            if self.calibration is None or min(len(c) for c in self.calibration) < 1:
+                raise DiffinspectError("the minp frame term needs the calibration scores (run inspect calibrate)")
+            self.calibration = tuple(np.sort(np.asarray(c, np.float64).ravel()) for c in self.calibration)
 
     def combine(self, diffusion_scores: np.ndarray, frames: list[np.ndarray]) -> np.ndarray:
         copod_scores = self.copod.score(frames).scores  # type: ignore[attr-defined]
-        return (robust_z(diffusion_scores, self.diffusion_scale)
-                + self.weight * robust_z(copod_scores, self.copod_scale))
+        if self.rule == "minp":
+            assert self.calibration is not None
+            p = np.minimum(conformal_p(self.calibration[0], diffusion_scores),
+                           conformal_p(self.calibration[1], copod_scores))
+            return -np.log(p)
+        zd = robust_z(diffusion_scores, self.diffusion_scale)
+        zc = self.weight * robust_z(copod_scores, self.copod_scale)
+        return np.maximum(zd, zc) if self.rule == "max" else zd + zc
 
     def to_dict(self) -> dict:
-        return {"weight": self.weight, "diffusion": list(self.diffusion_scale), "copod": list(self.copod_scale)}
+        return {"weight": self.weight, "diffusion": list(self.diffusion_scale), "copod": list(self.copod_scale),
+                "rule": self.rule}
+
+
+def conformal_p(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Split-conformal p-values (1 + #{calibration >= s}) / (n + 1) of scores against sorted calibration
+    scores. Past the largest calibration score the p-value keeps falling, by exp(-excess / IQR), so parts
+    beyond every good part are still ranked; that changes no decision at thresholds >= 1 / (n + 1)."""
+    cal = np.asarray(calibration, np.float64)
+    s = np.nan_to_num(np.asarray(scores, np.float64), nan=np.inf)
+    n = cal.size
+    p = (1 + n - np.searchsorted(cal, s, side="left")) / (n + 1)
+    iqr = max(float(np.subtract(*np.percentile(cal, [75, 25]))), 1e-9)
+    tail = np.exp(-np.minimum(np.maximum(s - cal[-1], 0) / iqr, 700))
+    return np.where(s > cal[-1], p * tail, p)
 
 
 def robust_scale(values: np.ndarray) -> tuple[float, float]:

@@ -35,9 +35,11 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
         raise DiffinspectError(f"bundle file {CALIBRATION_FILE} in {b.path} holds statistics of shapes "
                                f"{z['mean'].shape} and {z['std'].shape}: recalibrate the bundle")
     stats = Stats(z["mean"], z["std"])
+    fused = (z["fusion_diffusion"], z["fusion_copod"]) if "fusion_diffusion" in z else None
     engine = make_engine(b, backend, device, sampler or cal.get("sampler"))
     term = cal.get("frame_term")
-    frame_term = (FrameTerm(load_fallback(b), term["weight"], tuple(term["diffusion"]), tuple(term["copod"]))
+    frame_term = (FrameTerm(load_fallback(b), term["weight"], tuple(term["diffusion"]), tuple(term["copod"]),
+                            term.get("rule", "sum"), fused if term.get("rule") == "minp" else None)  # old: sum
                   if term else None)
     det = DiffusionDetector(engine, Preprocess.from_dict(b.manifest["preprocess"]), stats, cal["threshold"],
                             cal["pixel_threshold"], cal["n"], cal["false_reject_rate"], frame_term=frame_term)

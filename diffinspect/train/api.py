@@ -12,7 +12,8 @@ from diffinspect import bundle as bundle_io
 from diffinspect.bundle import Bundle
 from diffinspect.config import Config
 from diffinspect.data.datasets import normal_images
-from diffinspect.data.image import Preprocess, choose_color
+from diffinspect.data.geometry import DEFAULT_SIDE, Geometry, choose_geometry, describe_size, frame_sizes
+from diffinspect.data.image import Preprocess, choose_color, parse_size, size_record
 from diffinspect.info import training_warning
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe
@@ -22,10 +23,25 @@ from diffinspect.train.fit import clear_checkpoints, fit, model_summary
 WEIGHTS = "weights.pt"
 
 
-def preprocess_for(data: Path, cfg: Config) -> Preprocess:
+def input_geometry(images: list[Path], cfg: Config) -> Geometry:
+    """The model input size: as configured, else chosen from the frames (whole frames only: tiles are cut
+    at native scale, where the default square tile already keeps a defect's pixels)."""
     d = cfg.data
-    color = choose_color(normal_images(data), d.color)
-    return Preprocess(color=color, image_size=d.image_size, resize=d.resize,
+    if d.image_size is not None:
+        size = parse_size(d.image_size, "data.image_size")
+        return Geometry(size, (0, 0), 0, d.defect_size, f"{describe_size(size)} as configured")
+    if d.feed == "tiles":
+        return Geometry(DEFAULT_SIDE, (0, 0), 0, d.defect_size, f"{DEFAULT_SIDE} px square tiles (the default)")
+    sizes = frame_sizes(images, d.roi)
+    return choose_geometry(sizes, d.defect_size, cfg.model.kind, cfg.model.size)
+
+
+def preprocess_for(data: Path, cfg: Config, geometry: Geometry | None = None) -> Preprocess:
+    d = cfg.data
+    images = normal_images(data)
+    color = choose_color(images, d.color)
+    geometry = geometry or input_geometry(images, cfg)
+    return Preprocess(color=color, image_size=geometry.image_size, resize=d.resize,
                       roi=tuple(d.roi) if d.roi else None, feed=d.feed, tile_scale=d.tile_scale)
 
 
@@ -42,11 +58,14 @@ def train(
     """Fit and write the bundle; None on torchrun ranks other than 0 (rank 0 writes the one bundle)."""
     data, out = Path(data).resolve(), Path(out).resolve()
     bundle_io.check_output(out, overwrite, resume, bundle_io.TRAIN_HINT)  # before minutes of training
-    prep = preprocess_for(data, cfg)
+    geometry = input_geometry(normal_images(data), cfg)
+    log(f"model input: {geometry.reason}")
+    prep = preprocess_for(data, cfg, geometry)
     tset = load_training_set(data, prep, cfg.data.holdout, cfg.train.seed)
     channels = 3 if prep.color == "rgb" else 1
-    fed = f", {prep.image_size} px tiles at {prep.tile_scale:g}x scale" if prep.feed == "tiles" else ""
-    log(f"training on {len(tset.train_files)} images ({prep.color}, {prep.image_size} px{fed}), "
+    size = describe_size(prep.image_size)
+    fed = f", {size} tiles at {prep.tile_scale:g}x scale" if prep.feed == "tiles" else ""
+    log(f"training on {len(tset.train_files)} images ({prep.color}, {size}{fed}), "
         f"{len(tset.holdout_files)} held back for calibration")
     result = fit(tset, cfg, out, resume=resume, progress=progress, on_step=on_step)
     if int(torch.distributed.is_initialized() and torch.distributed.get_rank()) != 0:
@@ -54,7 +73,7 @@ def train(
     summary = model_summary(result.model, prep.image_size, channels)
     manifest = bundle_io.new_manifest(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        model={"kind": cfg.model.kind, "size": cfg.model.size, "image_size": prep.image_size,
+        model={"kind": cfg.model.kind, "size": cfg.model.size, "image_size": size_record(prep.image_size),
                "channels": channels, "params": summary["params"], "gflops": round(summary["gflops"], 4)},
         preprocess=prep.to_dict(),
         schedule=NoiseSchedule(cfg.model.schedule).to_dict(),
@@ -66,7 +85,7 @@ def train(
             "skipped": [[str(p), why] for p, why in tset.skipped],
             "steps": result.steps, "seconds": round(result.seconds, 1),
             "steps_per_second": round(result.steps_per_second, 3), "final_loss": round(result.final_loss, 5),
-            "device": str(cfg.train.device), "config": cfg.to_dict(),
+            "device": str(cfg.train.device), "config": cfg.to_dict(), "geometry": geometry.to_dict(),
         },
         calibration=None,
         exports={},

@@ -106,6 +106,7 @@ def fit(
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    hw = data.preprocess.hw
     tiles = data.preprocess.feed == "tiles"
     if tiles:  # canvases of varying size, uint8 C,H,W on CPU; batches are random crops of them
         canvases = [torch.from_numpy(c).permute(2, 0, 1) for c in data.images]
@@ -116,7 +117,7 @@ def fit(
     gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)
     # Replay the generator so a resumed run draws the batches an uninterrupted run would have drawn.
     for _ in range(step):
-        _draw(gen, n_images, tc.batch_size, tc.t_max, channels, size, tiles)
+        _draw(gen, n_images, tc.batch_size, tc.t_max, channels, hw, tiles)
     use_amp = device.type == "cuda"
     clock = Clock(minutes, elapsed_before)
     loss_ema = float("nan")
@@ -128,8 +129,8 @@ def fit(
 
     with ckpt.on_interrupt("training", "step", lambda: step, save_checkpoint):
         while step < total and not _out_of_time(clock.over(), world, device):
-            idx, t, noise, corners = _draw(gen, n_images, tc.batch_size, tc.t_max, channels, size, tiles)
-            batch = _crops(canvases, idx, corners, size) if tiles else images[idx]
+            idx, t, noise, corners = _draw(gen, n_images, tc.batch_size, tc.t_max, channels, hw, tiles)
+            batch = _crops(canvases, idx, corners, hw) if tiles else images[idx]
             x0 = batch.float().div_(127.5).sub_(1.0)
             x0 = augment_batch(x0, tc.augment, gen)
             x0, t, noise = x0.to(device), t.to(device), noise.to(device)
@@ -168,25 +169,27 @@ def _out_of_time(mine: bool, world: int, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def _draw(gen: torch.Generator, n: int, batch: int, t_max: int, channels: int, size: int, tiles: bool = False):
+def _draw(gen: torch.Generator, n: int, batch: int, t_max: int, channels: int, hw: tuple[int, int],
+          tiles: bool = False):
     """Image indices, noise levels, noise and (tiles only) crop corners; every random draw of a step
     except augmentation, so a resume can replay them."""
     idx = torch.randint(0, n, (batch,), generator=gen)
     t = torch.randint(0, t_max, (batch,), generator=gen)
-    noise = torch.randn(batch, channels, size, size, generator=gen)
+    noise = torch.randn(batch, channels, *hw, generator=gen)
     # Corners as fractions of each canvas's free range: the same draws fit canvases of any size, and
     # frame mode draws exactly what it always drew.
     corners = torch.rand(batch, 2, generator=gen) if tiles else None
     return idx, t, noise, corners
 
 
-def _crops(canvases: list[torch.Tensor], idx: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
-    """A size x size crop of canvas idx[i] at fractional corner corners[i] (y, x): (N, C, size, size)."""
-    out = []
+def _crops(canvases: list[torch.Tensor], idx: torch.Tensor, corners: torch.Tensor,
+           hw: tuple[int, int]) -> torch.Tensor:
+    """An (h, w) crop of canvas idx[i] at fractional corner corners[i] (y, x): (N, C, h, w)."""
+    (th, tw), out = hw, []
     for i, (fy, fx) in zip(idx.tolist(), corners.tolist(), strict=True):
         c = canvases[i]
-        y, x = int(fy * (c.shape[1] - size + 1)), int(fx * (c.shape[2] - size + 1))
-        out.append(c[:, y:y + size, x:x + size])
+        y, x = int(fy * (c.shape[1] - th + 1)), int(fx * (c.shape[2] - tw + 1))
+        out.append(c[:, y:y + th, x:x + tw])
     return torch.stack(out)
 
 
@@ -202,5 +205,5 @@ def clear_checkpoints(out: Path) -> None:
     Checkpoint(checkpoint_dir(out)).clear()
 
 
-def model_summary(model: torch.nn.Module, image_size: int, channels: int) -> dict:
+def model_summary(model: torch.nn.Module, image_size: int | tuple[int, int], channels: int) -> dict:
     return describe(model, image_size, channels)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from diffinspect.data.anomalies import MIN_SIDE, anomaly_set
-from diffinspect.data.image import Preprocess
+from diffinspect.data.image import ImageSize, Preprocess
 from diffinspect.data.reading import read_images
 from diffinspect.evaluation.metrics import image_auroc
 from diffinspect.models.scoring import ScoringGraph
@@ -28,15 +28,15 @@ SYNTHETIC_PER_IMAGE = 2
 BATCH = 32
 
 
-def read_frames(paths: list[Path], prep: Preprocess, size: int | None = None) -> list[np.ndarray]:
+def read_frames(paths: list[Path], prep: Preprocess, size: ImageSize | None = None) -> list[np.ndarray]:
     """Decoded, ROI-cropped frames fitted to `size` (default: the model size); unreadable files skipped."""
     return read_images(paths, prep.color, "selection images", transform=lambda f: prep.fit(f, size)).frames
 
 
 @dataclass
 class SelectionSet:
-    reference: np.ndarray  # (R, S, S, C) uint8: training images for the statistics
-    frames: np.ndarray  # (M, S, S, C) uint8: the good images first, then their synthetic defects
+    reference: np.ndarray  # (R, H, W, C) uint8: training images for the statistics
+    frames: np.ndarray  # (M, H, W, C) uint8: the good images first, then their synthetic defects
     labels: np.ndarray  # (M,) bool, True for a synthetic defect
     source: str  # where the good images came from, for the log and the manifest
 
@@ -59,10 +59,11 @@ def selection_set(train_paths: list[Path], prep: Preprocess, seed: int = 0) -> S
     rest = [p for i, p in enumerate(train_paths) if i not in used][:MAX_GOOD]
     rest = rest if len(rest) >= 4 else train_paths[:MAX_GOOD]
     good_paths, source = rest, f"{len(rest)} training images not used for statistics"
-    size = prep.image_size
-    # Defects are pasted at model size (at least anomalies.MIN_SIDE), so their size relative to the
-    # part is what anomaly_set intends.
-    paste_size = max(size, MIN_SIDE)
+    size, (h, w) = prep.image_size, prep.hw
+    # Defects are pasted at model size (the short side at least anomalies.MIN_SIDE), so their size
+    # relative to the part is what anomaly_set intends.
+    k = max(1.0, MIN_SIDE / min(h, w))
+    paste_size = (round(h * k), round(w * k))
     base = read_frames(good_paths, prep, paste_size)
     bad, _ = anomaly_set(base, rng, per_image=SYNTHETIC_PER_IMAGE)
     plain = replace(prep, roi=None, resize="stretch")

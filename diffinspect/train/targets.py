@@ -48,8 +48,7 @@ class TargetPool:
         self.fixed_share = fixed_share
         self.defect_share = defect_share
         self.device = teacher.noise.device
-        c, s = images.shape[1], images.shape[2]
-        self.x = torch.zeros(size, c, s, s, device=self.device)
+        self.x = torch.zeros(size, *images.shape[1:], device=self.device)
         self.eps = torch.zeros_like(self.x)
         self.target = torch.zeros_like(self.x)
         self.next = 0  # oldest entry, replaced first; fill with refresh(len(pool)) or load_state_dict
