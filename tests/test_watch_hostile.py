@@ -24,6 +24,15 @@ def bad_name(folder: Path, stem: bytes = b"bad\xff") -> Path:
     return Path(os.fsdecode(raw))
 
 
+def camera(tmp_path: Path, n: int) -> tuple[Path, Path]:
+    """A camera folder holding n good frames, and the watcher's output folder."""
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    cam.mkdir()
+    for i in range(n):
+        write_frame(cam / f"a{i}.png", 50)
+    return cam, out
+
+
 def test_storable_keeps_names_readable_and_distinct() -> None:
     assert storable("plain/é.png") == "plain/é.png"
     assert storable(os.fsdecode(b"bad\xff.png")) == "bad\\xff.png"
@@ -63,10 +72,7 @@ def test_a_name_that_is_not_utf8_arriving_later_does_not_stop_the_line(tmp_path:
 
 
 def test_results_deleted_under_a_running_watcher_are_written_again(tmp_path: Path) -> None:
-    cam, out = tmp_path / "cam", tmp_path / "out"
-    cam.mkdir()
-    for i in range(3):
-        write_frame(cam / f"a{i}.png", 50)
+    cam, out = camera(tmp_path, 3)
     with watching([cam], out, Factory()):
         wait_for(lambda: n_rows(out) == 3)
         for name in ("results.db", "results.db-wal", "results.db-shm", "results.jsonl"):
@@ -109,10 +115,7 @@ def test_results_db_deleted_while_readers_hold_it_is_restored_whole(tmp_path: Pa
     restored database must not pick up the old database's write-ahead log."""
     import sqlite3
 
-    cam, out = tmp_path / "cam", tmp_path / "out"
-    cam.mkdir()
-    for i in range(3):
-        write_frame(cam / f"a{i}.png", 50)
+    cam, out = camera(tmp_path, 3)
     with watching([cam], out, Factory()):
         wait_for(lambda: n_rows(out) == 3)
         reader = sqlite3.connect(out / "results.db")
