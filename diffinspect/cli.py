@@ -6,12 +6,25 @@ import os
 import sys
 from pathlib import Path
 
-# Before anything imports torch (OpenMP reads it once): idle OpenMP threads sleep instead of spinning.
-# On cores shared with another process (a watcher, a second training rank, the capture software) a
-# spinning thread holds a core the thread it waits for needs: bench/threads.py measured two training
-# processes on 2 loaded cores at 0.05 steps/s each spinning, 0.32-0.36 passive, 0.49-0.55 with one
-# thread each (what train_threads picks under torchrun).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _cores_busy() -> bool:
+    """At least half the cores this process may use are already busy (1-minute load average)."""
+    from diffinspect.engines.exports import available_cores  # torch-free
+
+    try:
+        return os.getloadavg()[0] >= available_cores() / 2
+    except OSError:
+        return False
+
+
+# Before anything imports torch (OpenMP reads it once). On cores shared with another process (a
+# watcher, a second training rank, the capture software) a spinning OpenMP thread holds a core the
+# thread it waits for needs: bench/threads.py measured two training processes on 2 loaded cores at
+# 0.05 steps/s each spinning, 0.32-0.36 with idle threads sleeping (PASSIVE), 0.49-0.55 with one thread
+# each (what train_threads picks under torchrun). Alone on quiet cores spinning is faster (U-Net small,
+# 2 cores: 3.4 steps/s spinning, 2.7 passive), so threads sleep only when the cores are already busy.
+if _cores_busy():
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402

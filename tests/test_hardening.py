@@ -400,3 +400,15 @@ def test_a_bad_calibration_file_with_a_matching_sha256_is_one_error(calibrated_b
     write_manifest(b, m)
     with pytest.raises(DiffinspectError, match="calibration.npz"):
         load_detector(b, backend="torch")
+
+
+def test_openmp_threads_sleep_only_when_the_cores_are_already_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spinning is faster alone (3.4 vs 2.7 steps/s here) and 5-10x slower on shared cores."""
+    from diffinspect import cli
+    from diffinspect.engines.exports import available_cores
+
+    cores = available_cores()
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (cores * 0.6, 0.0, 0.0))
+    assert cli._cores_busy()
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (cores * 0.4, 0.0, 0.0))
+    assert not cli._cores_busy()

@@ -70,6 +70,11 @@ def exported_precisions(bundle: Bundle, fmt: str, sampler: str) -> list[str]:
     return [p for p in PRECISIONS if _usable(bundle, export_name(fmt, p), exports.get(export_name(fmt, p)), sampler)]
 
 
+def available_cores() -> int:
+    """The cores this process may run on: a container's cpuset or taskset's share, not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def runtime_threads() -> int:
     """Intra-op threads for onnxruntime / OpenVINO: DIFFINSPECT_THREADS, else OMP_NUM_THREADS, else the
     cores this process may run on when that is fewer than the machine has (a container's cpuset, taskset:
@@ -80,11 +85,8 @@ def runtime_threads() -> int:
         value = os.environ.get(var, "").strip()
         if value.isdigit() and int(value) > 0:
             return int(value)
-    if hasattr(os, "sched_getaffinity"):
-        allowed = len(os.sched_getaffinity(0))
-        if allowed < (os.cpu_count() or allowed):
-            return allowed
-    return 0
+    allowed = available_cores()
+    return allowed if allowed < (os.cpu_count() or allowed) else 0
 
 
 def cache_dir(kind: str) -> Path:

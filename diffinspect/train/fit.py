@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from diffinspect.config import Config
+from diffinspect.engines.exports import available_cores
 from diffinspect.models import build_model, check_image_size, describe
 from diffinspect.models.device import resolve_device
 from diffinspect.models.schedule import NoiseSchedule, q_sample
@@ -51,8 +52,7 @@ def train_threads(processes: int = 1) -> int:
     value = os.environ.get("DIFFINSPECT_THREADS", "").strip()
     if value.isdigit() and int(value) > 0:
         return int(value)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, processes))
+    return max(1, available_cores() // max(1, processes))
 
 
 def _distributed() -> tuple[int, int]:
