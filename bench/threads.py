@@ -4,13 +4,14 @@ Each worker trains the U-Net small at 64 px (batch 16, forward + backward + Adam
 reports steps/s. Scenarios, run one after another:
 
   alone          one worker, torch's default threads (one per core)
+  alone, passive the same with OMP_WAIT_POLICY=PASSIVE (what the CLI sets when the cores are already busy)
   two, default   two workers at once, each with torch's default threads: 2x oversubscribed
   two, shared    two workers at once, each with `train_threads(2)` (the cores it may use, split between
                  the processes that share them, as `inspect train` does under torchrun)
   two, passive   as "two, default" with OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning)
 
 It prints each worker's steps/s and the ratio of the two-process total to the single process. About
-(4 x --seconds + start-up) of wall time: 80 s at the default.
+(5 x --seconds + start-up) of wall time: 95 s at the default.
 
     python bench/threads.py [--seconds 15]
 
@@ -67,6 +68,8 @@ def main() -> None:
     alone = run(1, args.seconds, {})
     base = alone[0]["steps_per_s"]
     print(f"alone          {base:.2f} steps/s ({alone[0]['threads']} threads)")
+    passive = run(1, args.seconds, {"OMP_WAIT_POLICY": "PASSIVE"})[0]["steps_per_s"]
+    print(f"alone, passive {passive:.2f} steps/s: passive / spinning = {passive / base:.2f}")
     for name, env in (("two, default", {}), ("two, shared", {"BENCH_SHARED": "2"}),
                       ("two, passive", {"OMP_WAIT_POLICY": "PASSIVE"})):
         r = run(2, args.seconds, env)
