@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +33,6 @@ import numpy as np
 from diffinspect.config import MqttConfig
 from diffinspect.line.mqtt_output import MqttOutput
 from diffinspect.line.results import load_rows
-from diffinspect.line.watch import WatchOptions, run_watch
 
 _spec = importlib.util.spec_from_file_location("bench_watch", Path(__file__).with_name("watch.py"))
 bench_watch = importlib.util.module_from_spec(_spec)
@@ -66,7 +64,6 @@ def run_rate(port: int, frames: list[bytes], root: Path, rate: float, seconds: f
     import paho.mqtt.client as mqtt
 
     cam, out = root / f"cam-{rate:g}", root / f"out-{rate:g}"
-    cam.mkdir()
     arrived: dict[int, float] = {}
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{rate:g}")
     sub.on_connect = lambda c, *_: c.subscribe("diffinspect/+/+/verdict", qos=1)
@@ -74,35 +71,12 @@ def run_rate(port: int, frames: list[bytes], root: Path, rate: float, seconds: f
     sub.connect("127.0.0.1", port)
     sub.loop_start()
     det = bench_watch.FakeDetector(cost_ms / 1000, "gray")
-    stop = threading.Event()
-    opts = WatchOptions(batch=batch, quiet=True, overlays="none", stop=stop)
     output = MqttOutput(MqttConfig(url=f"mqtt://127.0.0.1:{port}", station="bench"))
-    devnull = open(os.devnull, "w")  # noqa: SIM115 (the per-frame lines are not the benchmark)
-    stdout, sys.stdout = sys.stdout, devnull
-    watcher = threading.Thread(target=run_watch, args=([cam], out, lambda: det, lambda: det, opts),
-                               kwargs={"outputs": [output]})
-    watcher.start()
     n = int(rate * seconds)
     try:
-        while not (out / "results.db").exists():
-            time.sleep(0.05)
-        time.sleep(1.0)
-        published: dict[str, float] = {}
-        start = time.monotonic()
-        for i in range(n):
-            time.sleep(max(0.0, start + i / rate - time.monotonic()))
-            tmp, final = cam / f".s{i:05d}.tmp", cam / f"s{i:05d}.png"
-            tmp.write_bytes(frames[i % len(frames)])
-            os.rename(tmp, final)
-            published[str(final)] = time.time()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(arrived) < n:
-            time.sleep(0.05)
+        published = bench_watch.publish_steady(cam, out, det, det, frames, batch, rate, seconds, lambda: len(arrived),
+                                               outputs=[output], settle_s=1.0)
     finally:
-        stop.set()
-        watcher.join()
-        sys.stdout = stdout
-        devnull.close()
         sub.loop_stop()
         sub.disconnect()
     rows = [r for r in load_rows(out) if r["path"] in published]

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -93,37 +94,49 @@ def watch_fps(det, fallback, frames: list[bytes], root: Path, batch: int) -> tup
     return s.fps, s.frames
 
 
-def steady_latency(det, fallback, frames: list[bytes], root: Path, batch: int, rate: float,  # noqa: ANN001
-                   seconds: float) -> np.ndarray:
-    cam, out = root / "steady", root / "out-steady"
+def publish_steady(cam: Path, out: Path, det, fallback, frames: list[bytes], batch: int, rate: float,  # noqa: ANN001
+                   seconds: float, arrived: Callable[[], int], outputs: Sequence = (),
+                   settle_s: float = 0.5) -> dict[str, float]:
+    """Run `inspect watch` on cam in a thread and drop frames into it at a steady rate, with the
+    atomic-publish idiom cameras should use; wait (30 s at most) until arrived() counts them all.
+    Returns each frame's path -> the wall time it appeared."""
     cam.mkdir()
     stop = threading.Event()
     opts = WatchOptions(batch=batch, quiet=True, overlays="none", stop=stop)
-    devnull = open(os.devnull, "w")  # noqa: SIM115
+    devnull = open(os.devnull, "w")  # noqa: SIM115 (the per-frame lines are not the benchmark)
     stdout, sys.stdout = sys.stdout, devnull
-    watcher = threading.Thread(target=run_watch, args=([cam], out, lambda: det, lambda: fallback, opts))
+    watcher = threading.Thread(target=run_watch, args=([cam], out, lambda: det, lambda: fallback, opts),
+                               kwargs={"outputs": list(outputs)})
     watcher.start()
+    published: dict[str, float] = {}
     try:
         while not (out / "results.jsonl").exists():
             time.sleep(0.05)
-        time.sleep(0.5)
-        published: dict[str, float] = {}
+        time.sleep(settle_s)
         n = int(rate * seconds)
         start = time.monotonic()
         for i in range(n):
             time.sleep(max(0.0, start + i / rate - time.monotonic()))
             tmp, final = cam / f".s{i:05d}.tmp", cam / f"s{i:05d}.png"
             tmp.write_bytes(frames[i % len(frames)])
-            os.rename(tmp, final)  # the atomic-publish idiom cameras should use
+            os.rename(tmp, final)
             published[str(final)] = time.time()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(load_rows(out)) < n:
+        while time.monotonic() < deadline and arrived() < n:
             time.sleep(0.05)
     finally:
         stop.set()
         watcher.join()
         sys.stdout = stdout
         devnull.close()
+    return published
+
+
+def steady_latency(det, fallback, frames: list[bytes], root: Path, batch: int, rate: float,  # noqa: ANN001
+                   seconds: float) -> np.ndarray:
+    out = root / "out-steady"
+    published = publish_steady(root / "steady", out, det, fallback, frames, batch, rate, seconds,
+                               lambda: len(load_rows(out)))
     rows = load_rows(out)
     return np.array([(r["scored_at"] - published[r["path"]]) * 1000 for r in rows if r["path"] in published])
 
