@@ -326,15 +326,16 @@ def watch(
         quiet=quiet, max_latency_ms=max_latency_ms or station.get("max_latency_ms"), max_megapixels=max_megapixels)
     make_detector, make_fallback = factories(bundle)
     outputs = _outputs(station, mqtt, opcua)
-    summary = run_watch(folders, out or Path(station.get("out", "inspect_results")), make_detector, make_fallback,
-                        options, per_folder=per_folder or None, outputs=outputs)
+    out = out or Path(station.get("out", "inspect_results"))
+    summary = run_watch(folders, out, make_detector, make_fallback, options, per_folder=per_folder or None,
+                        outputs=outputs)
     console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, error {summary.error}, "
                   f"fallback {summary.fallback}); {summary.fps:.1f} frames/s while scoring, "
                   f"{summary.elapsed_s:.1f} s in all")
     if outputs:
         from diffinspect.line.outbox import pending
 
-        results_db = Path(out or station.get("out", "inspect_results")) / "results.db"
+        results_db = out / "results.db"
         for o in outputs:
             console.print(f"{o.name}: {o.acknowledged_rows} verdict(s) acknowledged in this run; "
                           f"{pending(results_db, o.name)} waiting in {results_db}")

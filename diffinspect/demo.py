@@ -157,7 +157,6 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
         "mqtt_acknowledged": mqtt.acknowledged_rows if mqtt else None, "mqtt_url": mqtt.cfg.url if mqtt else None,
     }
     station = f"inspect station {results}   (then open http://127.0.0.1:8765/)"
-    log(f"see this run in the station view: {station}")
     return DemoResult(workdir, bundle, report_dir / "report.html", results / "results.db", results / "overlays",
                       dropped[0][0] if dropped else 0, dropped[0][1] if dropped else 0, export, headline,
                       time.monotonic() - t0, station)
