@@ -9,9 +9,9 @@ diffusion detector alone and with COPOD alone, then compares fusion rules on ima
 - sum: the shipped frame term, robust z-scores (reference-image median / IQR) added; one conformal
   threshold on the sum (FRR <= a).
 - max: the larger of the two robust z-scores; one conformal threshold (FRR <= a).
-- minp: each score's split-conformal p-value on the calibration images, reject when the smaller is
-  <= a / 2 (Bonferroni: FRR <= a). Needs n >= 2 / a - 1 calibration images; ranked (AUROC) by -log p
-  with the tail past the largest calibration score extended by its IQR so defects do not tie.
+- minp: the full-conformal p-value of each part's better rank among the calibration parts, equal
+  ranks ordered by the sum (`score.fusion = "minp"`, threshold.min_rank_p): FRR <= a from n >= 1 / a - 1
+  calibration images.
 
     python bench/fusion.py /tmp/acc/ball_screw_geom:../shared/datasets/ball_screw --rate 0.01
 """
@@ -31,9 +31,9 @@ from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import read_image
 from diffinspect.evaluation.metrics import image_auroc
 from diffinspect.scoring.calibrate import image_sets
-from diffinspect.scoring.diffusion import robust_z
+from diffinspect.scoring.diffusion import FrameTerm, robust_z
 from diffinspect.scoring.loader import load_detector
-from diffinspect.scoring.threshold import conformal_threshold, min_calibration_size
+from diffinspect.scoring.threshold import conformal_threshold, min_calibration_size, min_rank_threshold
 
 
 def scores(bundle: Path, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -47,17 +47,6 @@ def scores(bundle: Path, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
         d.append(det.score(frames).scores)
         c.append(copod.score(frames).scores)
     return np.concatenate(d), np.concatenate(c)
-
-
-def p_value(cal: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Split-conformal p-value (1 + #{cal >= s}) / (n + 1), extended past max(cal) by an exponential tail
-    in IQR units (ranking only: the decision uses the exact p-value)."""
-    cal = np.sort(cal)
-    n = cal.size
-    exact = (1 + n - np.searchsorted(cal, s, side="left")) / (n + 1)
-    iqr = max(np.subtract(*np.percentile(cal, [75, 25])), 1e-9)
-    tail = np.exp(-np.maximum(s - cal[-1], 0) / iqr)
-    return np.where(s > cal[-1], exact * tail, exact), exact
 
 
 def evaluate(cal: dict[str, np.ndarray], test: dict[str, np.ndarray], labels: np.ndarray, rate: float,
@@ -78,11 +67,13 @@ def evaluate(cal: dict[str, np.ndarray], test: dict[str, np.ndarray], labels: np
               (("cal", cal), ("test", test))}
         row("sum", zc["cal"][0] + scale["weight"] * zc["cal"][1], zc["test"][0] + scale["weight"] * zc["test"][1])
         row("max", np.maximum(*zc["cal"]), np.maximum(*zc["test"]))
-    pd, pd_exact = p_value(cal["d"], test["d"])
-    pc, pc_exact = p_value(cal["c"], test["c"])
-    n = len(cal["d"])
-    reject = (np.minimum(pd_exact, pc_exact) <= rate / 2) if n >= 2 / rate - 1 else None
-    row("minp", None, -np.log(np.minimum(pd, pc)), reject)
+        term = FrameTerm(None, scale["weight"], scale["diffusion"], scale["copod"], "minp", (cal["d"], cal["c"]))
+        n = len(cal["d"])
+        reject = None
+        fused = term.fuse(test["d"], test["c"])
+        if n >= min_calibration_size(rate):
+            reject = fused > min_rank_threshold(n, rate)
+        row("minp", None, fused, reject)
     return out
 
 

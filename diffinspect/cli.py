@@ -187,6 +187,8 @@ def calibrate(
     device: str = typer.Option("auto", "--device", help="Device for the backend."),
     sampler: str | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
     tune: bool = _flag("--tune", help="Pick t* and the map recipe on synthetic defects first."),
+    fusion: str | None = typer.Option(None, "--fusion", help="How the embedding score joins the diffusion "
+                                      "score: minp, sum or max (default: the bundle's)."),
 ) -> None:
     """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
     from diffinspect.scoring.threshold import describe_bound
@@ -219,7 +221,7 @@ def calibrate(
             bar.update(tasks[what], completed=done)
 
         result = run_calibrate(bundle, normal_dir, false_reject_rate, backend, device, sampler,
-                               progress=progress, log=bar.console.print)
+                               progress=progress, log=bar.console.print, fusion=fusion)
     console.print(f"threshold [bold]{result.threshold:.4g}[/] (pixel {result.pixel_threshold:.4g}) "
                   f"on {result.backend}; statistics from {result.n_reference} images")
     console.print(result.bound)

@@ -81,7 +81,7 @@ class ScoreConfig:
     top_k: float = 0.001  # image score = mean of the top share of the sharp (unblurred) map
     frame_weight: float = 0.0  # weight of the whole-frame mean map (defects covering the frame)
     classical_weight: float = 1.0  # frame-level term: COPOD on classical embeddings (0 = off)
-    fusion: str = "sum"  # sum | max | minp: how the frame-level term joins the diffusion score
+    fusion: str = "minp"  # minp | sum | max: how the frame-level (embedding) term joins the diffusion score
     seed: int = 0
 
 

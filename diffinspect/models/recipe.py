@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TERMS = ("pixel", "ssim", "feature")
-FUSION_RULES = ("sum", "max", "minp")  # how the frame-level COPOD term joins the diffusion score
+FUSION_RULES = ("minp", "sum", "max")  # how the frame-level COPOD term joins the diffusion score
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,13 @@ class Recipe:
     top_k: float = 0.001
     frame_weight: float = 0.0
     classical_weight: float = 1.0
-    fusion: str = "sum"
+    fusion: str = "minp"
     seed: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{"fusion": "sum", **known})  # recipes written before minp was the default summed
 
     def weights(self) -> dict[str, float]:
         w = {"pixel": self.pixel_weight, "ssim": self.ssim_weight, "feature": self.feature_weight}

@@ -12,7 +12,6 @@ for scores.
 from __future__ import annotations
 
 import io
-import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from diffinspect.data.datasets import list_images
 from diffinspect.data.image import Preprocess
 from diffinspect.data.reading import read_images
 from diffinspect.engines.select import make_engine
-from diffinspect.models.recipe import Recipe
+from diffinspect.models.recipe import FUSION_RULES, Recipe
 from diffinspect.scoring.diffusion import (
     CALIBRATION_FILE,
     DiffusionDetector,
@@ -37,7 +36,12 @@ from diffinspect.scoring.diffusion import (
     robust_scale,
 )
 from diffinspect.scoring.health import fit_health, save_health
-from diffinspect.scoring.threshold import check_calibration_size, conformal_threshold, describe_bound
+from diffinspect.scoring.threshold import (
+    check_calibration_size,
+    conformal_threshold,
+    describe_bound,
+    min_rank_threshold,
+)
 
 MAX_REFERENCE = 256
 MAX_REFERENCE_INPUTS = 2048  # model inputs (frames or tiles) for the statistics: bounds raw-term memory
@@ -104,7 +108,11 @@ def calibrate(
     fallback: bool = True,
     progress: Progress | None = None,
     log: Callable[[str], None] = print,
+    fusion: str | None = None,
 ) -> CalibrationResult:
+    """fusion: the frame-term rule (FUSION_RULES), kept in the bundle's recipe; None keeps the recipe's."""
+    if fusion is not None and fusion not in FUSION_RULES:
+        raise DiffinspectError(f"--fusion must be one of {', '.join(FUSION_RULES)}, got {fusion!r}")
     bundle = Bundle.load(bundle_path)
     prep = Preprocess.from_dict(bundle.manifest["preprocess"])
     reference, calib, described = image_sets(bundle, normal_dir)
@@ -136,24 +144,19 @@ def calibrate(
     selfcheck_scores = detector.run_fitted(selfcheck, raw=False)[1]
     copod = _fit_fallback(ref_frames, cal_frames, prep, false_reject_rate) if fallback else None
     frame_term = None
-    recipe = Recipe.from_dict(bundle.manifest["score"])
+    recipe = Recipe.from_dict({**bundle.manifest["score"], **({"fusion": fusion} if fusion else {})})
     weight = recipe.classical_weight
     if copod is not None and weight > 0:
         ref_scores = _score_frames(detector, ref_frames, "scoring reference images", progress)[0]
-        rule = recipe.fusion
         cal_copod = (copod.calibration_scores if copod.calibration_scores is not None
                      else copod.score(cal_frames).scores)
-        if rule == "minp" and len(scores) < 2 / false_reject_rate - 1:
-            log(f"the minp fusion needs {math.ceil(2 / false_reject_rate - 1)} calibration images at a "
-                f"{false_reject_rate:g} rate, {len(scores)} given: summing the scores instead")
-            rule = "sum"
         frame_term = FrameTerm(copod, weight, robust_scale(ref_scores), robust_scale(copod.score(ref_frames).scores),
-                               rule, (scores, cal_copod) if rule == "minp" else None)
-        scores = frame_term.combine(scores, cal_frames)
+                               recipe.fusion, (scores, cal_copod) if recipe.fusion == "minp" else None)
+        scores = frame_term.held_out_scores() if recipe.fusion == "minp" else frame_term.fuse(scores, cal_copod)
     if frame_term is not None and frame_term.rule == "minp":
         assert frame_term.calibration is not None
         fused = frame_term.calibration
-        threshold = float(-np.log(false_reject_rate / 2))  # either p-value <= a / 2
+        threshold = min_rank_threshold(len(scores), false_reject_rate)
     else:
         fused = (np.zeros(0), np.zeros(0))
         threshold = conformal_threshold(scores, false_reject_rate)
@@ -172,6 +175,7 @@ def calibrate(
         up.write_bytes(CALIBRATION_FILE, buf.getvalue())
         if copod is not None:
             copod_fields = _save_fallback(up, copod)
+        up.manifest["score"]["fusion"] = recipe.fusion
         up.manifest["calibration"] = {
             "threshold": threshold, "pixel_threshold": pixel_threshold,
             "false_reject_rate": false_reject_rate, "n": len(scores), "n_reference": len(ref_frames),

@@ -12,6 +12,7 @@ from diffinspect.engines import Engine
 from diffinspect.engines.exports import CALIBRATION_FILE  # noqa: F401  (the bundle file this detector reads)
 from diffinspect.models.recipe import FUSION_RULES
 from diffinspect.scoring.detector import Scored
+from diffinspect.scoring.threshold import min_rank_p, tie_break_room
 
 
 @dataclass
@@ -102,9 +103,10 @@ class FrameTerm:
     copod_scale: tuple[float, float]
     # sum: z_diffusion + weight * z_copod. max: the larger of z_diffusion and weight * z_copod. Either is
     # one fixed function of the frame, thresholded split-conformally on the calibration images: FRR <= a.
-    # minp: each score's split-conformal p-value on the calibration images; the score is -log of the
-    # smaller, and the threshold -log(a / 2) rejects exactly when either p-value is <= a / 2 (Bonferroni:
-    # FRR <= a). Needs n >= 2 / a - 1 calibration images (bench/fusion.py measures the rules).
+    # minp: the full-conformal p-value of the better of the two ranks among the calibration parts, equal
+    # ranks ordered by the sum (threshold.min_rank_p): FRR <= a from n >= 1 / a - 1 calibration images.
+    # The score is -log p, plus a bounded sum term that orders parts within one p level and never
+    # crosses the threshold (bench/fusion.py measures the rules).
     rule: str = "sum"
     calibration: tuple[np.ndarray, np.ndarray] | None = None  # minp: calibration (diffusion, COPOD) scores
 
@@ -114,35 +116,44 @@ class FrameTerm:
         if self.rule == "minp":
             if self.calibration is None or min(len(c) for c in self.calibration) < 1:
                 raise DiffinspectError("the minp frame term needs the calibration scores (run inspect calibrate)")
-            self.calibration = tuple(np.sort(np.asarray(c, np.float64).ravel()) for c in self.calibration)
+            d, c = (np.asarray(x, np.float64).ravel() for x in self.calibration)
+            if len(d) != len(c):  # one (diffusion, COPOD) pair per calibration part: the ranks need the pairs
+                raise DiffinspectError(f"the minp frame term needs paired calibration scores: {len(d)} and {len(c)}")
+            self.calibration = (d, c)
 
     def combine(self, diffusion_scores: np.ndarray, frames: list[np.ndarray]) -> np.ndarray:
         copod_scores = self.copod.score(frames).scores  # type: ignore[attr-defined]
         if self.rule == "minp":
             assert self.calibration is not None
-            p = np.minimum(conformal_p(self.calibration[0], diffusion_scores),
-                           conformal_p(self.calibration[1], copod_scores))
-            return -np.log(p)
+        return self.fuse(diffusion_scores, copod_scores)
+
+    def fuse(self, diffusion_scores: np.ndarray, copod_scores: np.ndarray,
+             calibration: np.ndarray | None = None) -> np.ndarray:
+        """The fused score from both detectors' scores; minp ranks them among `calibration` (2, n),
+        by default the calibration parts."""
         zd = robust_z(diffusion_scores, self.diffusion_scale)
         zc = self.weight * robust_z(copod_scores, self.copod_scale)
-        return np.maximum(zd, zc) if self.rule == "max" else zd + zc
+        if self.rule != "minp":
+            return np.maximum(zd, zc) if self.rule == "max" else zd + zc
+        assert self.calibration is not None
+        cal = np.stack(self.calibration) if calibration is None else calibration
+        summed = np.nan_to_num(zd + zc, nan=np.inf)
+        cal_summed = robust_z(cal[0], self.diffusion_scale) + self.weight * robust_z(cal[1], self.copod_scale)
+        p = min_rank_p(cal, np.stack([np.asarray(diffusion_scores, np.float64), copod_scores]), cal_summed, summed)
+        # Within one p level (parts of equal best rank and order), the summed z orders the score too.
+        return -np.log(p) + tie_break_room(cal.shape[1]) * (0.5 + np.arctan(summed) / np.pi)
+
+    def held_out_scores(self) -> np.ndarray:
+        """minp: each calibration part's fused score among the other calibration parts, which is what a
+        new part like it scores (drift alarms compare the line with these)."""
+        assert self.calibration is not None
+        cal = np.stack(self.calibration)
+        return np.array([self.fuse(cal[0, i:i + 1], cal[1, i:i + 1], np.delete(cal, i, axis=1))[0]
+                         for i in range(cal.shape[1])])
 
     def to_dict(self) -> dict:
         return {"weight": self.weight, "diffusion": list(self.diffusion_scale), "copod": list(self.copod_scale),
                 "rule": self.rule}
-
-
-def conformal_p(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Split-conformal p-values (1 + #{calibration >= s}) / (n + 1) of scores against sorted calibration
-    scores. Past the largest calibration score the p-value keeps falling, by exp(-excess / IQR), so parts
-    beyond every good part are still ranked; that changes no decision at thresholds >= 1 / (n + 1)."""
-    cal = np.asarray(calibration, np.float64)
-    s = np.nan_to_num(np.asarray(scores, np.float64), nan=np.inf)
-    n = cal.size
-    p = (1 + n - np.searchsorted(cal, s, side="left")) / (n + 1)
-    iqr = max(float(np.subtract(*np.percentile(cal, [75, 25]))), 1e-9)
-    tail = np.exp(-np.minimum(np.maximum(s - cal[-1], 0) / iqr, 700))
-    return np.where(s > cal[-1], p * tail, p)
 
 
 def robust_scale(values: np.ndarray) -> tuple[float, float]:
