@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None,
                     help="train a fixed number of steps instead of --minutes (comparable on busy cores)")
     ap.add_argument("--train-args", default="", help="extra flags for inspect train, e.g. '--model dit'")
+    ap.add_argument("--calibrate-args", default="", help="extra flags for inspect calibrate, e.g. '--fusion sum'")
     ap.add_argument("--tag", default="default", help="name of this recipe in the bundle folder names")
     ap.add_argument("--reuse", action="store_true", help="reuse bundles already in --workdir (no training)")
     ap.add_argument("--same-day", default=r"_2009(05|06|07)", help="regex for same-day good photos")
@@ -83,12 +84,12 @@ def main() -> None:
             budget = ("--steps", str(args.steps)) if args.steps else ("--max-minutes", str(args.minutes))
             run("train", str(cat), "--out", str(bundle), *budget, "--overwrite", *args.train_args.split())
         try:
-            run("calibrate", str(bundle))
+            run("calibrate", str(bundle), *args.calibrate_args.split())
         except subprocess.CalledProcessError:
             # Too few held-out images for the default 1 % (99 needed): the AUROC figures do not depend on
             # the rate, so calibrate at the rate the holdout supports and say so.
             print(f"{cat.name}: the holdout is too small for a 1 % rate; calibrating at 2.5 %", flush=True)
-            run("calibrate", str(bundle), "--false-reject-rate", "0.025")
+            run("calibrate", str(bundle), "--false-reject-rate", "0.025", *args.calibrate_args.split())
         datasets = [cat]
         view = same_day_view(cat, args.same_day, views)
         if view is not None:
