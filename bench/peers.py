@@ -120,9 +120,13 @@ def main() -> None:
         draem = run_draem(python, cat, bundle, args.minutes, args.size, folder)
         results[cat.name] = draem
         mine = (diffinspect.get(cat.name) or {}).get(cat.name, {})
-        for method in ("diffusion", "copod_fallback"):
+        for method in ("diffinspect", "copod_fallback"):
             if method in mine:
-                lines.append(row(f"{cat.name}, diffinspect {method}", mine[method]))
+                lines.append(row(f"{cat.name}, {method.replace('_', ' ')}", mine[method]))
+        classical = {k: v for k, v in mine.items() if k not in ("diffinspect", "copod_fallback")}
+        if classical:
+            best = max(classical, key=lambda k: classical[k].get("image_auroc") or 0.0)
+            lines.append(row(f"{cat.name}, best classical ({best})", classical[best]))
         lines.append(row(f"{cat.name}, DRAEM {args.size} px ({draem['steps']} steps, {args.minutes:g} min)", draem))
         print("\n".join(lines), flush=True)
     (args.workdir / f"peers_{args.tag}.json").write_text(json.dumps(results, indent=1))

@@ -538,7 +538,8 @@ def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (o
     out.print("  files: " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in s["files"].items()))
     cal = s["calibration"]
     out.print("  calibration: " + (f"threshold {cal['threshold']:.4g}, n={cal['n']}, target false-reject rate "
-                                   f"{cal['false_reject_rate']:g}, on {cal['backend']}" if cal else "none"))
+                                   f"{cal['false_reject_rate']:g}, on {cal['backend']}" if cal else "none")
+              + (f"; embedding score fused by {cal['fusion']}" if cal and cal["fusion"] else ""))
     for name, e in s["exports"].items():
         par = e["parity"]
         figures = (f"rank corr {par['score_rank_correlation']:.4f}, map corr {par['map_correlation']:.4f}, "

@@ -122,7 +122,8 @@ def bundle_summary(path: str | Path) -> dict[str, Any]:
         if m.get("training", {}).get("steps") is not None else None,
         "training_warning": training_warning(m),
         "files": files,
-        "calibration": {k: cal.get(k) for k in ("threshold", "n", "false_reject_rate", "backend", "sampler")}
+        "calibration": {**{k: cal.get(k) for k in ("threshold", "n", "false_reject_rate", "backend", "sampler")},
+                        "fusion": (cal.get("frame_term") or {}).get("rule", "sum") if cal.get("frame_term") else None}
         if cal else None,
         "exports": {name: {"format": r.get("format"), "precision": r.get("precision"), "sampler": r.get("sampler"),
                            "parity": r.get("parity", {})} for name, r in (m.get("exports") or {}).items()},

@@ -104,6 +104,9 @@ def test_calibrate_with_minp_stores_the_rule_and_scores_round_trip(trained_bundl
     manifest = Bundle.load(path).manifest
     cal = manifest["calibration"]
     assert manifest["score"]["fusion"] == "minp"  # kept: a later calibrate without --fusion uses it too
+    from diffinspect.info import bundle_summary
+
+    assert bundle_summary(path)["calibration"]["fusion"] == "minp"  # inspect info names the rule
     n = cal["n"]
     assert cal["frame_term"]["rule"] == "minp" and cal["threshold"] == pytest.approx(min_rank_threshold(n, 0.1))
     det = load_detector(path, backend="torch")
