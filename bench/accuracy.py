@@ -7,6 +7,8 @@ classical baselines (IForest, OCSVM, COPOD on 64 px pixels + PCA 50, and on the 
 
 Categories whose file names carry capture dates (ball_screw: `_YYMMDD...`) are also evaluated against
 the good photos of the defects' days only (`--same-day REGEX`), since the day can separate the sets.
+Categories whose good test photos have near-twins in training (magnetic_tile: the same tile in several
+exposures) are also evaluated without those photos (`twin_free`), since a line never sees a part twice.
 
     python bench/accuracy.py ../shared/datasets/magnetic_tile ../shared/datasets/ball_screw \
         --workdir /tmp/acc --minutes 15
@@ -23,6 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import cv2
+import numpy as np
+
+from diffinspect.data.datasets import labelled_set
 from diffinspect.evaluation.evaluate import evaluate
 
 COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "false_reject_rate", "miss_rate")
@@ -33,22 +39,64 @@ def run(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "diffinspect", *args], check=True)
 
 
-def same_day_view(category: Path, pattern: str, folder: Path) -> Path | None:
-    """An MVTec-layout view of the category whose test/good holds only files matching pattern."""
-    good = [p for p in (category / "test" / "good").iterdir() if re.search(pattern, p.name)]
-    if not good:
-        return None
-    view = folder / f"{category.name}_same_day"
+def good_view(category: Path, good: list[Path], name: str, folder: Path) -> Path:
+    """An MVTec-layout view of the category (symlinks) whose test/good holds only `good`."""
+    view = folder / f"{category.name}_{name}"
     (view / "test" / "good").mkdir(parents=True, exist_ok=True)
     for p in good:
         (view / "test" / "good" / p.name).symlink_to(p.resolve())
     for sub in (category / "test").iterdir():
         if sub.name != "good":
             (view / "test" / sub.name).symlink_to(sub.resolve())
-    for name in ("ground_truth", "train"):
-        if (category / name).exists():
-            (view / name).symlink_to((category / name).resolve())
+    for part in ("ground_truth", "train"):
+        if (category / part).exists():
+            (view / part).symlink_to((category / part).resolve())
     return view
+
+
+def same_day_view(category: Path, pattern: str, folder: Path) -> Path | None:
+    good = [p for p in (category / "test" / "good").iterdir() if re.search(pattern, p.name)]
+    return good_view(category, good, "same_day", folder) if good else None
+
+
+def _thumbnails(paths: list[Path]) -> np.ndarray:
+    """32 x 32 gray thumbnails, centred and unit-norm: their dot product is the pixel correlation."""
+    rows = []
+    for p in paths:
+        g = cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), (32, 32), interpolation=cv2.INTER_AREA)
+        v = g.astype(np.float64).ravel() - g.mean()
+        rows.append(v / max(np.linalg.norm(v), 1e-9))
+    return np.array(rows)
+
+
+def twins(category: Path, bundle: Path, corr: float) -> np.ndarray | None:
+    """Per test photo of the category (labelled_set order): True where a good photo has a near-twin among
+    the bundle's training photos (32 px pixel correlation above corr: the same physical part photographed
+    again, as magnetic_tile's exposure series are). A detector that remembers training photos scores
+    such twins low, which a line never sees. None where the rule does not single out twins: when it also
+    matches half of the defective photos (an aligned product, where every photo correlates), or no or
+    every good photo."""
+    training = json.loads((bundle / "manifest.json").read_text())["training"]
+    train = _thumbnails([Path(training["source"]) / f for f in training["train_files"]])
+    test = labelled_set(category).samples
+    best = (_thumbnails([s.path for s in test]) @ train.T).max(1)
+    good = np.array([not s.is_anomalous for s in test])
+    twin = best > corr
+    print(f"{category.name}: {twin[good].sum()} of {good.sum()} good and {twin[~good].sum()} of "
+          f"{(~good).sum()} defective test photos have a twin in training (correlation > {corr:g})", flush=True)
+    if twin[~good].mean() >= 0.5 or not twin[good].any() or twin[good].all():
+        return None
+    return twin & good
+
+
+def twin_free_view(category: Path, bundle: Path, folder: Path, corr: float) -> Path | None:
+    """The category without the good test photos that have a twin in training (see twins)."""
+    twin = twins(category, bundle, corr)
+    if twin is None:
+        return None
+    test = labelled_set(category).samples
+    return good_view(category, [s.path for s, t in zip(test, twin, strict=True) if not s.is_anomalous and not t],
+                     "twin_free", folder)
 
 
 def table(report: dict) -> str:
@@ -72,6 +120,7 @@ def main() -> None:
     ap.add_argument("--tag", default="default", help="name of this recipe in the bundle folder names")
     ap.add_argument("--reuse", action="store_true", help="reuse bundles already in --workdir (no training)")
     ap.add_argument("--same-day", default=r"_2009(05|06|07)", help="regex for same-day good photos")
+    ap.add_argument("--twins", type=float, default=0.95, help="pixel correlation that makes a twin photo")
     ap.add_argument("--baselines", default="iforest,ocsvm,copod")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -91,9 +140,9 @@ def main() -> None:
             print(f"{cat.name}: the holdout is too small for a 1 % rate; calibrating at 2.5 %", flush=True)
             run("calibrate", str(bundle), "--false-reject-rate", "0.025", *args.calibrate_args.split())
         datasets = [cat]
-        view = same_day_view(cat, args.same_day, views)
-        if view is not None:
-            datasets.append(view)
+        for view in (same_day_view(cat, args.same_day, views), twin_free_view(cat, bundle, views, args.twins)):
+            if view is not None:
+                datasets.append(view)
         kinds = [k for k in args.baselines.split(",") if k]
         report = evaluate([bundle], datasets, args.workdir / f"report_{cat.name}_{args.tag}", kinds, progress=False)
         print(table(report), flush=True)

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from accuracy import twins
 
 from diffinspect.data.datasets import labelled_set
 from diffinspect.evaluation.metrics import aupro, image_auroc, pixel_auroc, threshold_metrics
@@ -84,9 +85,14 @@ def run_draem(python: Path, category: Path, bundle: Path, minutes: float, size: 
     masks = [read_mask(s.mask) for s in test]
     maps = [m.astype(np.float32) for m in got["maps"][:n]]
     rate = 0.01 if len(holdout) >= min_calibration_size(0.01) else 0.025
-    figs = figures(labels, got["scores"][:n].astype(np.float64), maps, masks,
-                   got["scores"][n:].astype(np.float64), rate)
+    scores, held_out = got["scores"][:n].astype(np.float64), got["scores"][n:].astype(np.float64)
+    figs = figures(labels, scores, maps, masks, held_out, rate)
     figs["steps"] = int(got["steps"])
+    twin = twins(category, bundle, 0.95)
+    if twin is not None:  # the same view bench/accuracy.py reports as <category>_twin_free
+        keep = ~twin
+        figs["twin_free"] = figures(labels[keep], scores[keep], [m for m, k in zip(maps, keep, strict=True) if k],
+                                    [m for m, k in zip(masks, keep, strict=True) if k], held_out, rate)
     return figs
 
 
@@ -128,6 +134,11 @@ def main() -> None:
             best = max(classical, key=lambda k: classical[k].get("image_auroc") or 0.0)
             lines.append(row(f"{cat.name}, best classical ({best})", classical[best]))
         lines.append(row(f"{cat.name}, DRAEM {args.size} px ({draem['steps']} steps, {args.minutes:g} min)", draem))
+        if "twin_free" in draem:
+            free = (diffinspect.get(cat.name) or {}).get(f"{cat.name}_twin_free", {})
+            if "diffinspect" in free:
+                lines.append(row(f"{cat.name} twin-free, diffinspect", free["diffinspect"]))
+            lines.append(row(f"{cat.name} twin-free, DRAEM", draem["twin_free"]))
         print("\n".join(lines), flush=True)
     (args.workdir / f"peers_{args.tag}.json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))
