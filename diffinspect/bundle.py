@@ -297,6 +297,7 @@ def validate_manifest(root: Path, m: dict[str, Any]) -> None:
                 raise DiffinspectError(f"bundle {root}: calibration.frame_term must be an object")
             _number(term, "weight", "calibration.frame_term")
             _choice(term, "rule", ("sum", "max", "minp"), "calibration.frame_term", optional=True)
+            _choice(term, "detector", ("gaussian", "copod"), "calibration.frame_term", optional=True)
             for key in ("diffusion", "copod"):
                 pair = term.get(key)
                 if not (isinstance(pair, list) and len(pair) == 2 and all(_finite(v) for v in pair)):

@@ -189,6 +189,8 @@ def calibrate(
     tune: bool = _flag("--tune", help="Pick t* and the map recipe on synthetic defects first."),
     fusion: str | None = typer.Option(None, "--fusion", help="How the embedding score joins the diffusion "
                                       "score: minp, sum or max (default: the bundle's)."),
+    frame_detector: str | None = typer.Option(None, "--frame-detector", help="The detector on the frame "
+                                              "embeddings: gaussian or copod (default: the bundle's)."),
 ) -> None:
     """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
     from diffinspect.scoring.threshold import describe_bound
@@ -221,7 +223,8 @@ def calibrate(
             bar.update(tasks[what], completed=done)
 
         result = run_calibrate(bundle, normal_dir, false_reject_rate, backend, device, sampler,
-                               progress=progress, log=bar.console.print, fusion=fusion)
+                               progress=progress, log=bar.console.print, fusion=fusion,
+                               frame_detector=frame_detector)
     console.print(f"threshold [bold]{result.threshold:.4g}[/] (pixel {result.pixel_threshold:.4g}) "
                   f"on {result.backend}; statistics from {result.n_reference} images")
     console.print(result.bound)

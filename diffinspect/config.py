@@ -82,6 +82,7 @@ class ScoreConfig:
     frame_weight: float = 0.0  # weight of the whole-frame mean map (defects covering the frame)
     classical_weight: float = 1.0  # frame-level term: COPOD on classical embeddings (0 = off)
     fusion: str = "minp"  # minp | sum | max: how the frame-level (embedding) term joins the diffusion score
+    frame_detector: str = "gaussian"  # gaussian | copod: the detector on the embeddings for that term
     seed: int = 0
 
 
@@ -110,6 +111,7 @@ CHOICES = {
     "model.size": ("tiny", "small", "base"),
     "model.schedule": ("linear", "cosine"),
     "score.fusion": ("sum", "max", "minp"),
+    "score.frame_detector": ("gaussian", "copod"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 POSITIVE = {"data.defect_size", "train.steps", "train.max_minutes", "train.batch_size", "train.lr",

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TERMS = ("pixel", "ssim", "feature")
-FUSION_RULES = ("minp", "sum", "max")  # how the frame-level COPOD term joins the diffusion score
+FUSION_RULES = ("minp", "sum", "max")  # how the frame-level embedding term joins the diffusion score
+FRAME_DETECTORS = ("gaussian", "copod")  # which detector on the classical embeddings makes that term
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,14 @@ class Recipe:
     frame_weight: float = 0.0
     classical_weight: float = 1.0
     fusion: str = "minp"
+    frame_detector: str = "gaussian"
     seed: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**{"fusion": "sum", **known})  # recipes written before minp was the default summed
+        # Recipes written before these defaults summed, with COPOD.
+        return cls(**{"fusion": "sum", "frame_detector": "copod", **known})
 
     def weights(self) -> dict[str, float]:
         w = {"pixel": self.pixel_weight, "ssim": self.ssim_weight, "feature": self.feature_weight}

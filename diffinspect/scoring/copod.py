@@ -106,7 +106,8 @@ class CopodDetector:
         self.feature_size = int(feature_size)
         self.false_reject_rate = false_reject_rate
         self.n_calibration = int(n_calibration)
-        self.calibration_scores: np.ndarray | None = None  # set by fit_copod, not persisted
+        self.calibration_scores: np.ndarray | None = None  # set by calibrate, not persisted
+        self.calibration_embeddings: np.ndarray | None = None
         self._model = EcdfCopod(emb)
 
     def embed(self, frames: list[np.ndarray]) -> np.ndarray:

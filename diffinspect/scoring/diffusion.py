@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -10,8 +11,9 @@ from diffinspect import DiffinspectError
 from diffinspect.data.image import ImageSize, Preprocess, input_hw
 from diffinspect.engines import Engine
 from diffinspect.engines.exports import CALIBRATION_FILE  # noqa: F401  (the bundle file this detector reads)
-from diffinspect.models.recipe import FUSION_RULES
+from diffinspect.models.recipe import FRAME_DETECTORS, FUSION_RULES
 from diffinspect.scoring.detector import Scored
+from diffinspect.scoring.gaussian import GaussianEmbedding
 from diffinspect.scoring.threshold import min_rank_p, tie_break_room
 
 
@@ -91,11 +93,11 @@ def stitch(tile_maps: np.ndarray, layout: Layout) -> list[np.ndarray]:
 
 @dataclass
 class FrameTerm:
-    """The frame-level term: the COPOD fallback's score on classical embeddings, added to the diffusion
-    score. Both are put on one scale by their median and IQR on the reference images (never on the
-    calibration images, so the conformal threshold on the sum stays honest). Whole-frame defects
-    (shading, texture drift) that a per-pixel map spreads thin show up here; on magnetic_tile the
-    sum lifted image AUROC from 0.72 to 0.76 (see bench/accuracy.py and the ablation in the README)."""
+    """The frame-level term: a score of the frame's classical embedding (the fallback's embeddings, by a
+    Gaussian or by COPOD), fused with the diffusion score. Whole-frame defects (shading, texture
+    drift) that a per-pixel map spreads thin show up here. For sum and max, both scores are put on one
+    scale by their median and IQR on the reference images (never on the calibration images, so the
+    conformal threshold stays honest). See bench/accuracy.py, bench/fusion.py and the README's ablation."""
 
     copod: object  # CopodDetector
     weight: float
@@ -108,9 +110,14 @@ class FrameTerm:
     # The score is -log p, plus a bounded sum term that orders parts within one p level and never
     # crosses the threshold (bench/fusion.py measures the rules).
     rule: str = "sum"
-    calibration: tuple[np.ndarray, np.ndarray] | None = None  # minp: calibration (diffusion, COPOD) scores
+    calibration: tuple[np.ndarray, np.ndarray] | None = None  # minp: calibration (diffusion, embedding) scores
+    # The detector on the fallback's embeddings that gives the term: gaussian (scoring/gaussian.py) or copod.
+    detector: str = "copod"
 
     def __post_init__(self) -> None:
+        if self.detector not in FRAME_DETECTORS:
+            raise DiffinspectError(f"unknown frame-term detector {self.detector!r}: expected one of "
+                                   f"{', '.join(FRAME_DETECTORS)}")
         if self.rule not in FUSION_RULES:
             raise DiffinspectError(f"unknown frame-term rule {self.rule!r}: expected one of {', '.join(FUSION_RULES)}")
         if self.rule == "minp":
@@ -122,10 +129,16 @@ class FrameTerm:
             self.calibration = (d, c)
 
     def combine(self, diffusion_scores: np.ndarray, frames: list[np.ndarray]) -> np.ndarray:
-        copod_scores = self.copod.score(frames).scores  # type: ignore[attr-defined]
-        if self.rule == "minp":
-            assert self.calibration is not None
-        return self.fuse(diffusion_scores, copod_scores)
+        return self.fuse(diffusion_scores, self.embedding_scores(frames))
+
+    def embedding_scores(self, frames: list[np.ndarray]) -> np.ndarray:
+        if self.detector == "copod":
+            return self.copod.score(frames).scores  # type: ignore[attr-defined]
+        return self.gaussian.score(self.copod.embed(frames))  # type: ignore[attr-defined]
+
+    @cached_property
+    def gaussian(self) -> GaussianEmbedding:
+        return GaussianEmbedding(self.copod.embeddings)  # type: ignore[attr-defined]
 
     def fuse(self, diffusion_scores: np.ndarray, copod_scores: np.ndarray,
              calibration: np.ndarray | None = None) -> np.ndarray:
@@ -153,7 +166,7 @@ class FrameTerm:
 
     def to_dict(self) -> dict:
         return {"weight": self.weight, "diffusion": list(self.diffusion_scale), "copod": list(self.copod_scale),
-                "rule": self.rule}
+                "rule": self.rule, "detector": self.detector}
 
 
 def robust_scale(values: np.ndarray) -> tuple[float, float]:

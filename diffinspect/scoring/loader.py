@@ -39,7 +39,8 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     engine = make_engine(b, backend, device, sampler or cal.get("sampler"))
     term = cal.get("frame_term")
     frame_term = (FrameTerm(load_fallback(b), term["weight"], tuple(term["diffusion"]), tuple(term["copod"]),
-                            term.get("rule", "sum"), fused if term.get("rule") == "minp" else None)  # old: sum
+                            term.get("rule", "sum"), fused if term.get("rule") == "minp" else None,  # old: sum
+                            term.get("detector", "copod"))
                   if term else None)
     det = DiffusionDetector(engine, Preprocess.from_dict(b.manifest["preprocess"]), stats, cal["threshold"],
                             cal["pixel_threshold"], cal["n"], cal["false_reject_rate"], frame_term=frame_term)

