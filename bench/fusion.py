@@ -1,12 +1,13 @@
-"""Fusing the diffusion score with the COPOD embedding score: which rule, and at what false-reject rate.
+"""Fusing the diffusion score with the frame term's embedding score: which rule, at what false-reject rate.
 
-For calibrated bundles (`inspect calibrate` fitted the COPOD fallback and the frame term) and their
-labelled categories, scores the calibration images (the bundle's holdout) and the test images with the
-diffusion detector alone and with COPOD alone, then compares fusion rules on image AUROC and on misses
-/ false rejects at each rule's own threshold for --rate:
+For calibrated bundles (`inspect calibrate` fitted the frame term: a Gaussian, or COPOD, on the
+classical embeddings) and their labelled categories, scores the calibration images (the bundle's
+holdout) and the test images with the diffusion detector alone and with the embedding detector alone,
+then compares fusion rules on image AUROC and on misses / false rejects at each rule's own threshold
+for --rate:
 
-- diffusion, copod: each alone, split-conformal threshold on the calibration scores (FRR <= a).
-- sum: the shipped frame term, robust z-scores (reference-image median / IQR) added; one conformal
+- diffusion, embedding: each alone, split-conformal threshold on the calibration scores (FRR <= a).
+- sum: robust z-scores (reference-image median / IQR) added; one conformal
   threshold on the sum (FRR <= a).
 - max: the larger of the two robust z-scores; one conformal threshold (FRR <= a).
 - minp: the full-conformal p-value of each part's better rank among the calibration parts, equal
@@ -37,15 +38,17 @@ from diffinspect.scoring.threshold import conformal_threshold, min_calibration_s
 
 
 def scores(bundle: Path, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """(diffusion score without the frame term, COPOD score) per image."""
+    """(diffusion score without the frame term, the frame term's embedding score) per image; the
+    embedding score is the bundle's frame detector (gaussian or copod), or COPOD without a term."""
     det = load_detector(bundle, backend="torch")
-    copod = det.frame_term.copod if det.frame_term else load_detector(bundle, "copod")
+    term = det.frame_term
     det.frame_term = None
+    copod = None if term else load_detector(bundle, "copod")
     d, c = [], []
     for i in range(0, len(paths), 32):
         frames = [read_image(p, det.preprocess.color) for p in paths[i:i + 32]]
         d.append(det.score(frames).scores)
-        c.append(copod.score(frames).scores)
+        c.append(term.embedding_scores(frames) if term else copod.score(frames).scores)
     return np.concatenate(d), np.concatenate(c)
 
 
@@ -61,7 +64,7 @@ def evaluate(cal: dict[str, np.ndarray], test: dict[str, np.ndarray], labels: np
                      "false_reject_rate": float(np.mean(reject[~labels])) if reject is not None else None}
 
     row("diffusion", cal["d"], test["d"])
-    row("copod", cal["c"], test["c"])
+    row("embedding", cal["c"], test["c"])
     if scale:
         zc = {k: (robust_z(v["d"], scale["diffusion"]), robust_z(v["c"], scale["copod"])) for k, v in
               (("cal", cal), ("test", test))}

@@ -2,9 +2,10 @@
 
 Each bundle (say a whole-frame bundle and a tiles bundle, `[data] feed = "tiles"`, trained on the same
 images) scores the first bundle's calibration images and the category's test images with its diffusion
-detector alone; the first bundle's COPOD fallback joins as one more pass. Prints image AUROC over all
-defects and per defect type for each pass, and for the sum of their robust z-scores (median / IQR on
-the calibration images) and the best-rank rule (threshold.min_rank_p) of every combination.
+detector alone; the first bundle's embedding detector (its frame term) joins as one more pass. Prints
+image AUROC over all defects and per defect type for each pass, and for the sum of their robust
+z-scores (median / IQR on the calibration images) and the best-rank rule (threshold.min_rank_p) of
+every combination.
 
     python bench/passes.py ../shared/datasets/magnetic_tile /tmp/acc/mt_frame /tmp/acc/mt_tiles
 """
@@ -47,8 +48,8 @@ def main() -> None:
     for bundle in args.bundles:
         (cal[bundle.name], cal_copod), (new[bundle.name], new_copod) = (
             scores(bundle, cal_paths), scores(bundle, paths))
-        if "copod" not in cal:
-            cal["copod"], new["copod"] = cal_copod, new_copod
+        if "embedding" not in cal:
+            cal["embedding"], new["embedding"] = cal_copod, new_copod
     print(f"{'pass':50s} image AUROC, then per defect type")
     for name in cal:
         report(name, labels, defects, new[name])
