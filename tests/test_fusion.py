@@ -85,6 +85,8 @@ def test_minp_breaks_ties_by_the_summed_scores():
     term = FrameTerm(_Copod([20.0, 40.0, 40.0]), 1.0, (0.0, 1.0), (0.0, 1.0), "minp", cal)
     fused = term.combine(np.array([30.0, 30.0, 50.0]), [None] * 3)
     assert fused[0] < fused[1] < fused[2]  # all beyond every good part: still ordered, never tied
+    nan = term.combine(np.array([np.nan, 0.0, 0.0]), [None] * 3)
+    assert np.isnan(nan[0]) and np.isfinite(nan[1:]).all()  # an unscorable part is an error, not a verdict
 
 
 def test_calibrate_with_minp_stores_the_rule_and_scores_round_trip(trained_bundle, line_dir, tmp_path):

@@ -170,9 +170,14 @@ def test_rectangular_exports_pass_parity_on_every_backend(wide_exported, wide_se
         assert par["map_correlation"] > (0.95 if int8 else 0.99), (name, par)
         assert par["score_rank_correlation"] >= 0.95 if int8 else par["passed"], (name, par)
     frames = [read_image(p, "gray") for p in sorted((wide_set / "test").glob("*/*.png"))]
-    ref = load_detector(path, backend="torch").score(frames).scores
+    def diffusion_only(backend: str):
+        det = load_detector(path, backend=backend)
+        det.frame_term = None  # the engines' parity: the rank-fused score moves in steps of 1 / (n + 1)
+        return det
+
+    ref = diffusion_only("torch").score(frames).scores
     for backend in ("onnxruntime", "openvino"):
-        got = load_detector(path, backend=backend).score(frames)
+        got = diffusion_only(backend).score(frames)
         assert got.maps.shape == (len(frames), H, W)
         assert np.corrcoef(got.scores, ref)[0, 1] > 0.99, backend
 

@@ -154,7 +154,9 @@ class FrameTerm:
         cal_summed = robust_z(cal[0], self.diffusion_scale) + self.weight * robust_z(cal[1], self.copod_scale)
         p = min_rank_p(cal, np.stack([np.asarray(diffusion_scores, np.float64), copod_scores]), cal_summed, summed)
         # Within one p level (parts of equal best rank and order), the summed z orders the score too.
-        return -np.log(p) + tie_break_room(cal.shape[1]) * (0.5 + np.arctan(summed) / np.pi)
+        fused = -np.log(p) + tie_break_room(cal.shape[1]) * (0.5 + np.arctan(summed) / np.pi)
+        # A score that is not a number stays one, so the part gets an error record, never a verdict.
+        return np.where(np.isfinite(zd) & np.isfinite(zc), fused, np.nan)
 
     def held_out_scores(self) -> np.ndarray:
         """minp: each calibration part's fused score among the other calibration parts, which is what a
