@@ -32,10 +32,10 @@ from diffinspect.scoring.diffusion import (
     DiffusionDetector,
     FrameTerm,
     Stats,
+    embedding_scorer,
     fit_frames,
     robust_scale,
 )
-from diffinspect.scoring.gaussian import GaussianEmbedding
 from diffinspect.scoring.health import fit_health, save_health
 from diffinspect.scoring.threshold import (
     check_calibration_size,
@@ -70,22 +70,19 @@ class CalibrationResult:
 def image_sets(bundle: Bundle, normal_dir: str | Path | None, seed: int = 0
                ) -> tuple[list[Path], list[Path], str]:
     """(reference paths, calibration paths, description of the calibration source)."""
-    training = bundle.manifest.get("training") or {}
-    source = Path(training.get("source", "/nonexistent"))
-    reference = [source / f for f in training.get("train_files", [])]
-    reference = [p for p in reference if p.exists()]
+    reference = _training_paths(bundle)
     if normal_dir is not None:
         calib = list_images(normal_dir)
         if not calib:
             raise DiffinspectError(f"no images found under {normal_dir}")
         described = f"{len(calib)} good images from {normal_dir}"
     else:
-        calib = [source / f for f in training.get("holdout_files", [])]
-        calib = [p for p in calib if p.exists()]
+        calib = _training_paths(bundle, "holdout_files")
         if not calib:
             raise DiffinspectError(
                 f"bundle {bundle.path} has no held-out good images on disk: name a folder of good images "
                 f"(inspect calibrate {bundle.path} GOOD_DIR)")
+        source = (bundle.manifest.get("training") or {}).get("source")
         described = f"{len(calib)} good images held back from training ({source})"
     if not reference:
         rng = np.random.default_rng(seed)
@@ -94,10 +91,23 @@ def image_sets(bundle: Bundle, normal_dir: str | Path | None, seed: int = 0
         reference = sorted(calib[i] for i in order[:cut])
         calib = sorted(calib[i] for i in order[cut:])
         described += f", split {len(reference)} for statistics / {len(calib)} for the threshold"
-    elif len(reference) > MAX_REFERENCE:
-        idx = np.random.default_rng(seed).choice(len(reference), MAX_REFERENCE, replace=False)
-        reference = sorted(reference[i] for i in idx)
+    else:
+        reference = _sample(reference, MAX_REFERENCE, seed)
     return reference, calib, described
+
+
+def _training_paths(bundle: Bundle, key: str = "train_files") -> list[Path]:
+    """The bundle's training (or held-out) images still on disk."""
+    training = bundle.manifest.get("training") or {}
+    source = Path(training.get("source", "/nonexistent"))
+    return [p for p in (source / f for f in training.get(key, [])) if p.exists()]
+
+
+def _sample(paths: list[Path], limit: int, seed: int = 0) -> list[Path]:
+    """At most `limit` of the paths, drawn at random (seeded), in their order."""
+    if len(paths) <= limit:
+        return paths
+    return [paths[i] for i in sorted(np.random.default_rng(seed).choice(len(paths), limit, replace=False))]
 
 
 def calibrate(
@@ -156,13 +166,11 @@ def calibrate(
     weight = recipe.classical_weight
     if copod is not None and weight > 0:
         ref_scores = _score_frames(detector, ref_frames, "scoring reference images", progress)[0]
-        frame_detector = recipe.frame_detector
-        gaussian = GaussianEmbedding(copod.embeddings) if frame_detector == "gaussian" else None
-        cal_embedded = copod.calibration_scores if gaussian is None else gaussian.score(copod.calibration_embeddings)
-        ref_embedded = (copod.score_embeddings(copod.embeddings) if gaussian is None
-                        else gaussian.score(copod.embeddings))
-        frame_term = FrameTerm(copod, weight, robust_scale(ref_scores), robust_scale(ref_embedded), recipe.fusion,
-                               (scores, cal_embedded) if recipe.fusion == "minp" else None, frame_detector)
+        score_embedded = embedding_scorer(copod, recipe.frame_detector)
+        cal_embedded = score_embedded(copod.calibration_embeddings)
+        frame_term = FrameTerm(copod, weight, robust_scale(ref_scores), robust_scale(score_embedded(copod.embeddings)),
+                               recipe.fusion, (scores, cal_embedded) if recipe.fusion == "minp" else None,
+                               recipe.frame_detector)
         scores = frame_term.held_out_scores() if recipe.fusion == "minp" else frame_term.fuse(scores, cal_embedded)
     if frame_term is not None and frame_term.rule == "minp":
         assert frame_term.calibration is not None
@@ -232,13 +240,7 @@ def _embedding_fit_paths(bundle: Bundle, reference: list[Path]) -> list[Path]:
     """Every training image still on disk (up to MAX_EMBEDDING_FIT), else the reference images: the
     embedding detectors gain from each good part they see (the Gaussian on magnetic_tile: image AUROC
     0.916 from 256 photos, 0.936 from 648), and an embedding costs a few ms."""
-    training = bundle.manifest.get("training") or {}
-    source = Path(training.get("source", "/nonexistent"))
-    paths = [p for p in (source / f for f in training.get("train_files", [])) if p.exists()]
-    if len(paths) > MAX_EMBEDDING_FIT:
-        keep = np.random.default_rng(0).choice(len(paths), MAX_EMBEDDING_FIT, replace=False)
-        paths = [paths[i] for i in sorted(keep)]
-    return paths or reference
+    return _sample(_training_paths(bundle), MAX_EMBEDDING_FIT) or reference
 
 
 def _fit_fallback(fit_paths: list[Path], cal_frames, prep: Preprocess, rate: float, progress: Progress | None):

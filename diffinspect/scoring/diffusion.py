@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -132,27 +133,25 @@ class FrameTerm:
         return self.fuse(diffusion_scores, self.embedding_scores(frames))
 
     def embedding_scores(self, frames: list[np.ndarray]) -> np.ndarray:
-        if self.detector == "copod":
-            return self.copod.score(frames).scores  # type: ignore[attr-defined]
-        return self.gaussian.score(self.copod.embed(frames))  # type: ignore[attr-defined]
+        return self._score_embedded(self.copod.embed(frames))  # type: ignore[attr-defined]
 
     @cached_property
-    def gaussian(self) -> GaussianEmbedding:
-        return GaussianEmbedding(self.copod.embeddings)  # type: ignore[attr-defined]
+    def _score_embedded(self) -> Callable[[np.ndarray], np.ndarray]:
+        return embedding_scorer(self.copod, self.detector)
 
-    def fuse(self, diffusion_scores: np.ndarray, copod_scores: np.ndarray,
+    def fuse(self, diffusion_scores: np.ndarray, embedding_scores: np.ndarray,
              calibration: np.ndarray | None = None) -> np.ndarray:
         """The fused score from both detectors' scores; minp ranks them among `calibration` (2, n),
         by default the calibration parts."""
         zd = robust_z(diffusion_scores, self.diffusion_scale)
-        zc = self.weight * robust_z(copod_scores, self.copod_scale)
+        zc = self.weight * robust_z(embedding_scores, self.copod_scale)
         if self.rule != "minp":
             return np.maximum(zd, zc) if self.rule == "max" else zd + zc
         assert self.calibration is not None
         cal = np.stack(self.calibration) if calibration is None else calibration
-        summed = np.nan_to_num(zd + zc, nan=np.inf)
+        summed = zd + zc
         cal_summed = robust_z(cal[0], self.diffusion_scale) + self.weight * robust_z(cal[1], self.copod_scale)
-        p = min_rank_p(cal, np.stack([np.asarray(diffusion_scores, np.float64), copod_scores]), cal_summed, summed)
+        p = min_rank_p(cal, np.stack([np.asarray(diffusion_scores, np.float64), embedding_scores]), cal_summed, summed)
         # Within one p level (parts of equal best rank and order), the summed z orders the score too.
         fused = -np.log(p) + tie_break_room(cal.shape[1]) * (0.5 + np.arctan(summed) / np.pi)
         # A score that is not a number stays one, so the part gets an error record, never a verdict.
@@ -169,6 +168,11 @@ class FrameTerm:
     def to_dict(self) -> dict:
         return {"weight": self.weight, "diffusion": list(self.diffusion_scale), "copod": list(self.copod_scale),
                 "rule": self.rule, "detector": self.detector}
+
+
+def embedding_scorer(copod, detector: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The frame term's score of classical embeddings: COPOD's own, or a Gaussian on COPOD's fit set."""
+    return copod.score_embeddings if detector == "copod" else GaussianEmbedding(copod.embeddings).score
 
 
 def robust_scale(values: np.ndarray) -> tuple[float, float]:
