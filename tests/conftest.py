@@ -51,10 +51,19 @@ def calibrated_bundle(trained_bundle, line_dir, tmp_path_factory) -> Path:
 
 # A test that needs a trained model pays for training (and often export) before it runs: slow by rule,
 # so `pytest -m "not slow"` never builds these fixtures. Other slow tests carry @pytest.mark.slow.
-TRAINED_FIXTURES = {"trained_bundle", "calibrated_bundle", "exported", "tiles_bundle"}
+TRAINED_FIXTURES = {"trained_bundle", "calibrated_bundle", "exported", "tiles_bundle", "wide_bundle"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    from services import missing
+
+    for marker in item.iter_markers("needs_service"):
+        what, available = marker.args
+        if not available:
+            missing(what)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import cv2
 import numpy as np
 import pytest
@@ -103,7 +101,7 @@ def test_sizes_vary_and_include_small_defects() -> None:
         assert max(areas) >= 4 * max(min(areas), 1), f"{kind}: sizes hardly vary {areas}"
 
 
-def test_perlin_noise_shape_range_smoothness_and_speed() -> None:
+def test_perlin_noise_shape_range_and_smoothness() -> None:
     rng = np.random.default_rng(0)
     n = perlin_noise((70, 130), (3.5, 5.0), rng, octaves=1)
     assert n.shape == (70, 130) and n.dtype == np.float32
@@ -113,14 +111,6 @@ def test_perlin_noise_shape_range_smoothness_and_speed() -> None:
     assert not np.array_equal(n, perlin_noise((70, 130), (3.5, 5.0), rng))
     frac = perlin_noise((128, 128), (4, 4), rng, octaves=4)
     assert np.abs(frac).max() <= 1.05
-    best = min(_time(lambda: perlin_noise((128, 128), (4, 4), rng)) for _ in range(10))
-    assert best < 0.005
-
-
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def test_bad_inputs_raise() -> None:

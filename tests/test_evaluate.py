@@ -204,16 +204,12 @@ def test_one_class_on_digits(tmp_path: Path) -> None:
     assert any("one-class protocol" in n for n in report["notes"])
 
 
-def test_uncalibrated_bundle_error_is_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from diffinspect.scoring import loader as runtime
-
-    def refuse(bundle, detector="diffusion", backend="auto", device="auto"):
-        raise DiffinspectError(f"bundle {bundle} was never calibrated: run `inspect calibrate {bundle}`")
-
-    monkeypatch.setattr(runtime, "load_detector", refuse)
+def test_uncalibrated_bundle_error_is_not_swallowed(trained_bundle: Path, tmp_path: Path) -> None:
+    """A real bundle that was trained but never calibrated: evaluate says so, naming the fix."""
     cat = make_mvtec(tmp_path / "data", n_train=4, n_good=2, n_bad=1)
-    with pytest.raises(DiffinspectError, match="inspect calibrate"):
-        ev.evaluate([tmp_path / "model"], [cat], tmp_path / "r", progress=False)
+    with pytest.raises(DiffinspectError, match=r"never calibrated: run `inspect calibrate"):
+        ev.evaluate([trained_bundle], [cat], tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "report.html").exists()
 
 
 def test_dataset_errors(tmp_path: Path) -> None:

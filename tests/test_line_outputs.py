@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from line_receivers import MOSQUITTO, Broker, PlcServer, Subscriber, check_delivery, frame_row, wait_for
+from services import missing, needs
 from watch_fakes import n_rows, write_frame
 
 from diffinspect import DiffinspectError
@@ -22,8 +23,7 @@ from diffinspect.config import MqttConfig, OpcuaConfig, OpcuaNodes, load_outputs
 from diffinspect.line.outbox import Outbox, OutputError, pending
 from diffinspect.line.results import ResultStore, load_rows
 
-needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="Debian's mosquitto is not installed "
-                                                                "(apt-get install mosquitto)")
+needs_mosquitto = needs(MOSQUITTO is not None, "Debian's mosquitto (apt-get install mosquitto)")
 RECEIVERS = Path(__file__).with_name("line_receivers.py")
 OUTAGE_S = float(os.environ.get("DIFFINSPECT_TEST_OUTAGE_S", "10"))
 
@@ -52,7 +52,7 @@ def commit(store: ResultStore, box: Outbox | None, rows: list) -> list[int]:
 @pytest.fixture
 def broker(tmp_path: Path):
     if MOSQUITTO is None:
-        pytest.skip("Debian's mosquitto is not installed (apt-get install mosquitto)")
+        missing("Debian's mosquitto (apt-get install mosquitto)")
     b = Broker(tmp_path / "broker").start()
     yield b
     b.stop()
@@ -209,7 +209,7 @@ def test_mqtt_one_message_per_row_with_station_status(tmp_path: Path, broker: Br
 
 
 @needs_mosquitto
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")
+@needs(shutil.which("openssl") is not None, "openssl, to make test certificates (apt-get install openssl)")
 def test_mqtt_over_tls_checks_the_broker_certificate(tmp_path: Path) -> None:
     broker = Broker(tmp_path / "broker", tls=True).start()
     try:

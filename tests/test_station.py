@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from services import missing
 
 from diffinspect import DiffinspectError
 from diffinspect.line.results import ResultStore
@@ -196,7 +197,7 @@ def server(out):
 @pytest.fixture
 def browser():
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+        missing("chromium and chromedriver (apt-get install chromium chromium-driver)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -294,11 +294,19 @@ def test_quiet_mode_prints_one_line_per_frame(tmp_path: Path, capsys: pytest.Cap
     assert sum(" ng " in line for line in lines) == 2 and sum("error" in line for line in lines) == 1
 
 
-def test_live_view_runs(tmp_path: Path) -> None:
+def test_live_view_shows_the_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cam, out = tmp_path / "cam", tmp_path / "out"
-    frames_in(cam, 3)
+    frames_in(cam, 3, ng_every=3)  # f0000 is NG
     s = once([cam], out, quiet=False)
     assert s.scored == 3
+    shown = capsys.readouterr()
+    assert shown.out == ""  # interactive mode: the table, not one line per frame
+    table = {cells[0]: cells[1] for line in shown.err.splitlines()
+             if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 2}
+    assert table["frames"] == "3"
+    assert table["OK / NG / error"] == "2 / 1 / 0"
+    assert table["detector cam"] == "diffusion (fake)"
+    assert table["last NG"] != "-"  # the NG frame's path (truncated to the column)
 
 
 def test_stop_event_and_new_files(tmp_path: Path) -> None:
