@@ -47,10 +47,29 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
+# What the README's table says of each sample config, as checks on the loaded config.
+SAMPLE_CLAIMS = {
+    # surfaces: flips allowed, tiles for small defects on large frames
+    "texture_line.toml": lambda c: c.train.augment.hflip and c.train.augment.vflip and c.data.feed == "tiles",
+    # aligned parts: no flips or shifts, aspect ratio kept (no fixed square), ROI line to fill in
+    "object_line.toml": lambda c: (not (c.train.augment.hflip or c.train.augment.vflip or c.train.augment.rot90)
+                                   and c.train.augment.shift == 0 and c.data.image_size is None),
+    # CPU edge box: small model, one sampler step
+    "edge_cpu.toml": lambda c: c.model.size == "small" and c.score.steps == 1 and c.train.device == "cpu",
+    # GPU box: the base model at 128 px, trained longer than the CPU budget
+    "gpu_box.toml": lambda c: (c.model.size == "base" and c.data.image_size == 128 and c.train.device == "cuda"
+                               and c.train.steps >= 10_000),
+}
+
+
 @pytest.mark.parametrize("path", SAMPLES, ids=[p.name for p in SAMPLES])
-def test_sample_configs_load(path):
-    load_config(path)
+def test_sample_configs_do_what_the_readme_says(path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert f"| `{path.name}` |" in readme  # every sample is in the table
+    assert SAMPLE_CLAIMS[path.name](load_config(path))
+    if path.name == "object_line.toml":
+        assert "# roi = [x, y, width, height]" in path.read_text()
 
 
-def test_there_are_sample_configs():
-    assert len(SAMPLES) >= 4
+def test_every_sample_in_the_readme_exists():
+    assert sorted(SAMPLE_CLAIMS) == sorted(p.name for p in SAMPLES)
