@@ -45,6 +45,9 @@ console = Console(stderr=True)
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    from diffinspect.logs import show_on
+
+    show_on(console)
     try:
         code = app(standalone_mode=False)  # returns the exit code of typer.Exit here
         if isinstance(code, int) and code:

@@ -102,17 +102,18 @@ class Subscriber:
     published while it reconnects is queued for it by the broker."""
 
     def __init__(self, broker: Broker, topic: str = "diffinspect/#", username: str | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, qos: int = 1) -> None:
         import paho.mqtt.client as mqtt
 
         self.messages: list[tuple[str, bytes, bool]] = []  # (topic, payload, retained)
+        self.qos: list[int] = []  # each message's QoS as delivered: the lower of the publisher's and ours
         self._lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{id(self)}",
                                   clean_session=False)
         if username:
             self.client.username_pw_set(username, password)
         self.client.reconnect_delay_set(0.05, 0.2)
-        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=qos)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", broker.port, keepalive=5)
         self.client.loop_start()
@@ -126,6 +127,7 @@ class Subscriber:
             if msg.dup and (msg.topic, msg.payload, bool(msg.retain)) in self.messages:
                 return
             self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+            self.qos.append(msg.qos)
 
     def verdicts(self) -> list[dict]:
         with self._lock:

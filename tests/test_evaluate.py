@@ -166,12 +166,13 @@ def test_robustness_and_baselines_only_run(tmp_path: Path) -> None:
     assert "Robustness" in html
 
 
-def test_undecodable_test_images_are_skipped_and_named(tmp_path: Path) -> None:
+def test_undecodable_test_images_are_skipped_and_named(tmp_path: Path, caplog) -> None:
     cat = make_mvtec(tmp_path / "data", n_train=24, n_good=4, n_bad=3)
     (cat / "test" / "good" / "000.png").write_bytes(b"not a png")
     (cat / "test" / "dark" / "001.png").write_bytes(b"")
-    with pytest.warns(UserWarning, match="undecodable test images"):
+    with caplog.at_level("WARNING", logger="diffinspect"):
         report = ev.evaluate([], [cat], tmp_path / "r", baselines=("iforest_pixels",), progress=False)
+    assert "undecodable test images" in caplog.text
     row = report["datasets"]["tiles"]["iforest_pixels"]
     assert (row["n_images"], row["n_good"], row["n_defective"]) == (8, 3, 5)
     assert any("skipped 2 undecodable test images" in n and "000.png" in n for n in report["notes"])

@@ -109,9 +109,10 @@ def test_bad_inputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_undecodable_files_are_skipped_and_counted(tmp_path):
+def test_undecodable_files_are_skipped_and_counted(tmp_path, caplog):
     data = write_images(tmp_path / "d", 16, bad=2)
-    with pytest.warns(UserWarning, match="skipped 2 undecodable"):
+    with caplog.at_level("WARNING", logger="diffinspect"):
         b = train(data, tmp_path / "o", tiny(**{"data.holdout": 0.0}), **QUIET)
+    assert "skipped 2 undecodable" in caplog.text
     assert len(b.manifest["training"]["skipped"]) == 2
     assert b.manifest["preprocess"]["color"] == "gray"

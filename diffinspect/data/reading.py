@@ -6,7 +6,7 @@ images through `read_images`. (A frame on the line is different: it gets its own
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +16,7 @@ import numpy as np
 from diffinspect.data.image import ImageError, read_image
 
 SHOWN = 3  # bad files named in the warning; the rest are counted
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,7 +42,7 @@ def read_images(paths: list[Path], color: str, what: str = "images", *,
         if progress:
             progress(f"reading {what}", i + 1, len(paths))
     if out.skipped:
-        warnings.warn(skipped_message(out.skipped, what), stacklevel=2)
+        log.warning(skipped_message(out.skipped, what))
     return out
 
 
