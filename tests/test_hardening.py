@@ -257,6 +257,22 @@ def test_score_gives_records_for_the_other_files_next_to_a_bomb(cold_bundle, lin
     assert sum(r["label"] in ("ok", "ng") for r in records.values()) == 2
 
 
+def test_a_thin_frame_gets_a_bounded_overlay_and_the_next_frames_are_scored(cold_bundle, line_dir, tmp_path,
+                                                                            capsys):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    strip = np.random.default_rng(0).integers(0, 255, (8, 20000), dtype=np.uint8)
+    cv2.imwrite(str(folder / "a_strip.png"), strip)
+    for f in sorted((line_dir / "test" / "good").iterdir())[:2]:
+        shutil.copy(f, folder / f.name)
+    code, out, err = run_cli(capsys, "score", cold_bundle, folder, "--json", "--overlay-dir", tmp_path / "ov")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 3 and all(r["label"] in ("ok", "ng") for r in records)
+    overlay = cv2.imread(records[0]["overlay"])
+    assert overlay.shape[1] <= 4096 and overlay.shape[0] < 1000
+
+
 def test_a_frame_too_small_to_score_is_an_error(tmp_path):
     p = tmp_path / "small.png"
     cv2.imwrite(str(p), np.zeros((MIN_FRAME_SIDE - 1, 64), np.uint8))

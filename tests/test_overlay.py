@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from diffinspect import DiffinspectError
-from diffinspect.scoring.overlay import CONTOUR_COLOUR, LABEL_COLOURS, MIN_SIDE, render_overlay, write_overlay
+from diffinspect.scoring.overlay import (
+    CONTOUR_COLOUR,
+    LABEL_COLOURS,
+    MAX_SIDE,
+    MIN_SIDE,
+    render_overlay,
+    write_overlay,
+)
 
 
 def hot_spot_map(size: int = 16, peak: float = 6.0) -> np.ndarray:
@@ -29,6 +36,16 @@ def test_shape_dtype_and_small_frames_are_upscaled() -> None:
     big = np.full((300, 500, 3), 128, np.uint8)
     out = render_overlay(big, None, 1.0, 2.5, "ok")
     assert out.shape[1] == 500 and band_height(out, 300) > 0  # no upscaling when already readable
+
+
+@pytest.mark.parametrize(("h", "w"), [(8, 20000), (20000, 8), (8, 1000), (9000, 6000)])
+def test_thin_and_huge_frames_keep_their_shape_within_bounded_pixels(h: int, w: int) -> None:
+    out = render_overlay(np.full((h, w), 128, np.uint8), hot_spot_map(), 3.2, 2.5, "ng", pixel_threshold=2.0)
+    header = max(32, round(0.09 * out.shape[1]))
+    body = out.shape[0] - header
+    assert out.shape[1] <= MAX_SIDE and body <= MAX_SIDE
+    scale = MAX_SIDE / max(h, w)  # the long side at the bound, the short one in proportion (to a pixel)
+    assert abs(body - h * scale) <= 1 and abs(out.shape[1] - w * scale) <= 1
 
 
 def test_heat_and_contour_sit_over_the_hot_region() -> None:

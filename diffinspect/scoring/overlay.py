@@ -23,6 +23,9 @@ import numpy as np
 from diffinspect import DiffinspectError
 
 MIN_SIDE = 256  # small frames are upscaled to this so the header text and outlines are readable
+# ... but no side ever exceeds this: a thin strip (8 x 20000 px) keeps its shape at a bounded size instead
+# of being scaled up by its short side, and a huge frame is shrunk, so an overlay's memory is bounded.
+MAX_SIDE = 4096
 HOT_FLOOR_Z = 3.0
 # BGR header colours; ERROR is amber so it reads as "no verdict", neither pass nor fail.
 LABEL_COLOURS = {"ok": (40, 150, 40), "ng": (30, 30, 210), "error": (0, 150, 230)}
@@ -39,10 +42,12 @@ def render_overlay(frame: np.ndarray, amap: np.ndarray | None, score: float, thr
     (any resolution; use Preprocess.map_to_frame first when an ROI was cropped), or None (COPOD).
     """
     image = _to_bgr(frame)
-    scale = max(1, math.ceil(MIN_SIDE / min(image.shape[:2])))
-    if scale > 1:
-        # Nearest neighbour: an engineer should see the real pixels, not interpolated blur.
-        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    h, w = image.shape[:2]
+    scale = min(max(1, math.ceil(MIN_SIDE / min(h, w))), MAX_SIDE / max(h, w))
+    if scale != 1:
+        # Nearest neighbour when enlarging: an engineer should see the real pixels, not interpolated blur.
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_NEAREST if scale > 1 else cv2.INTER_AREA)
     if amap is not None:
         image = _draw_map(image, amap, pixel_threshold, alpha)
     return np.ascontiguousarray(np.vstack([_header(image.shape[1], score, threshold, label), image]))
