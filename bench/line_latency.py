@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from diffinspect.config import MqttConfig
-from diffinspect.line.mqtt_output import MqttOutput
-from diffinspect.line.results import load_rows
+from diffinspect.outputs.mqtt import MqttOutput
+from diffinspect.store.results import load_rows
 
 _spec = importlib.util.spec_from_file_location("bench_watch", Path(__file__).with_name("watch.py"))
 bench_watch = importlib.util.module_from_spec(_spec)

@@ -26,9 +26,9 @@ import cv2
 import numpy as np
 
 from diffinspect.data.image import Preprocess, decode_image
-from diffinspect.line.results import load_rows
 from diffinspect.line.watch import WatchOptions, run_watch
 from diffinspect.scoring.detector import Scored
+from diffinspect.store.results import load_rows
 
 
 class FakeDetector:

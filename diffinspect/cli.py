@@ -338,7 +338,7 @@ def watch(
                   f"fallback {summary.fallback}); {summary.fps:.1f} frames/s while scoring, "
                   f"{summary.elapsed_s:.1f} s in all")
     if outputs:
-        from diffinspect.line.outbox import pending
+        from diffinspect.outputs.outbox import pending
 
         results_db = out / "results.db"
         for o in outputs:
@@ -348,17 +348,17 @@ def watch(
 
 def _outputs(station: dict, mqtt_url: str | None, opcua_url: str | None) -> list:
     from diffinspect.config import load_outputs
-    from diffinspect.line.outbox import OutputError
+    from diffinspect.outputs.outbox import OutputError
 
     mqtt_cfg, opcua_cfg = load_outputs(station, mqtt_url, opcua_url)
     outputs: list = []
     try:
         if mqtt_cfg is not None:
-            from diffinspect.line.mqtt_output import MqttOutput
+            from diffinspect.outputs.mqtt import MqttOutput
 
             outputs.append(MqttOutput(mqtt_cfg))
         if opcua_cfg is not None:
-            from diffinspect.line.opcua_output import OpcuaOutput
+            from diffinspect.outputs.opcua import OpcuaOutput
 
             outputs.append(OpcuaOutput(opcua_cfg))
     except OutputError as exc:
@@ -407,7 +407,7 @@ def station(
     shifts: str = typer.Option("06:00,14:00,22:00", "--shifts", help="Shift start times (local), HH:MM,..."),
 ) -> None:
     """A live web page over OUT/results.db: counts, trend, latency, rejects, health and drift alarms."""
-    from diffinspect.line.station import check_bind, parse_shifts, serve
+    from diffinspect.station.app import check_bind, parse_shifts, serve
 
     _existing(out, "results folder")
     check_bind(host, token)

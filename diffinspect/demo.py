@@ -173,7 +173,7 @@ def _local_broker(folder: Path, log: Callable[[str], None]):  # noqa: ANN202
     if exe is None:
         return None, None
     from diffinspect.config import MqttConfig
-    from diffinspect.line.mqtt_output import MqttOutput
+    from diffinspect.outputs.mqtt import MqttOutput
 
     folder.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:

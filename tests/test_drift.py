@@ -141,8 +141,8 @@ def test_cold_start_bundle_records_health(tmp_path: Path):
 
 
 def test_results_db_migrates_and_stores_events(tmp_path: Path):
-    from diffinspect.line.results import ResultStore, load_rows
     from diffinspect.scoring.record import Record
+    from diffinspect.store.results import ResultStore, load_rows
 
     out = tmp_path / "out"
     out.mkdir()
@@ -192,8 +192,8 @@ class _Steady:
 def test_watch_stores_health_and_alarms(tmp_path: Path, profile, capsys: pytest.CaptureFixture):
     import os
 
-    from diffinspect.line.results import load_rows
     from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.store.results import load_rows
 
     cam, out = tmp_path / "cam", tmp_path / "out"
     cam.mkdir()

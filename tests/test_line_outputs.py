@@ -19,8 +19,8 @@ from watch_fakes import n_rows, write_frame
 
 from diffinspect import DiffinspectError
 from diffinspect.config import MqttConfig, OpcuaConfig, OpcuaNodes, load_outputs
-from diffinspect.line.outbox import Outbox, OutputError, pending
-from diffinspect.line.results import ResultStore, load_rows
+from diffinspect.outputs.outbox import Outbox, OutputError, pending
+from diffinspect.store.results import ResultStore, load_rows
 
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="Debian's mosquitto is not installed "
                                                                 "(apt-get install mosquitto)")
@@ -37,7 +37,7 @@ class Warnings(list):
 
 
 def mqtt(broker: Broker, **kw: object):  # noqa: ANN201
-    from diffinspect.line.mqtt_output import MqttOutput
+    from diffinspect.outputs.mqtt import MqttOutput
 
     return MqttOutput(MqttConfig(**{"url": broker.url, "station": "st1", **kw}))
 
@@ -342,7 +342,7 @@ def _record_counter_writes(plc: PlcServer, seen: list[tuple[bool, float, int]]) 
 @pytest.mark.slow
 def test_plc_gets_every_verdict_through_a_server_restart(tmp_path: Path) -> None:
     pytest.importorskip("asyncua")
-    from diffinspect.line.opcua_output import OpcuaOutput
+    from diffinspect.outputs.opcua import OpcuaOutput
 
     plc = PlcServer().start()
     seen: list[tuple[bool, float, int]] = []
@@ -380,7 +380,7 @@ def test_plc_gets_every_verdict_through_a_server_restart(tmp_path: Path) -> None
 
 def test_plc_node_of_the_wrong_type_is_one_clear_error(tmp_path: Path) -> None:
     pytest.importorskip("asyncua")
-    from diffinspect.line.opcua_output import OpcuaOutput
+    from diffinspect.outputs.opcua import OpcuaOutput
 
     plc = PlcServer().start()
     try:
@@ -403,8 +403,8 @@ def test_plc_node_of_the_wrong_type_is_one_clear_error(tmp_path: Path) -> None:
 def test_watch_publishes_every_row_and_delivers_the_last_before_returning(tmp_path: Path, broker: Broker) -> None:
     from watch_fakes import Factory
 
-    from diffinspect.line.mqtt_output import MqttOutput
     from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.outputs.mqtt import MqttOutput
 
     sub = Subscriber(broker)
     cam = tmp_path / "cam1"
@@ -443,8 +443,8 @@ def test_cli_refuses_a_bad_output_in_one_line(tmp_path: Path) -> None:
 def test_watch_with_refused_credentials_scores_everything_and_says_so_once(tmp_path: Path, capsys) -> None:
     from watch_fakes import Factory
 
-    from diffinspect.line.mqtt_output import MqttOutput
     from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.outputs.mqtt import MqttOutput
 
     broker = Broker(tmp_path / "broker", users={"station": "right"}).start()
     try:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from diffinspect import DiffinspectError
-from diffinspect.line.results import ResultStore
-from diffinspect.line.station import Station, check_bind, create_app
 from diffinspect.scoring.record import Record
+from diffinspect.station.app import Station, check_bind, create_app
+from diffinspect.store.results import ResultStore
 
 TOKEN = "s3cret-token-for-tests"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -75,7 +75,7 @@ def test_counts_and_state(out):
 
 
 def test_counts_by_time_window(tmp_path: Path):
-    from diffinspect.line.station import shift_start
+    from diffinspect.station.app import shift_start
 
     now = time.time()
     store = ResultStore(tmp_path)

@@ -17,9 +17,9 @@ from diffinspect import DiffinspectError
 from diffinspect.data.image import ImageError, convert_color, decode_image
 from diffinspect.line.disposal import dispose
 from diffinspect.line.frame import Candidate, FrameChanged, looks_complete, read_frame
-from diffinspect.line.results import ResultStore, load_jsonl, load_rows
 from diffinspect.line.watch import WatchOptions, run_watch
 from diffinspect.scoring.record import Record as FrameRow
+from diffinspect.store.results import ResultStore, load_jsonl, load_rows
 
 FAST = {"quiet": True, "stable_ms": 30, "empty_ms": 150, "settle_ms": 150, "rescan_seconds": 0.3}
 

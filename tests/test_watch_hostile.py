@@ -9,9 +9,9 @@ from pathlib import Path
 from test_watch_reliability import assert_mirror, watching
 from watch_fakes import Factory, frame_bytes, n_rows, wait_for, write_frame
 
-from diffinspect.line.results import load_jsonl, load_rows
 from diffinspect.line.watch import WatchOptions, run_watch
 from diffinspect.scoring.record import Record, storable
+from diffinspect.store.results import load_jsonl, load_rows
 
 FAST = {"quiet": True, "stable_ms": 30, "empty_ms": 150, "settle_ms": 150, "rescan_seconds": 0.3}
 

@@ -20,8 +20,8 @@ import pytest
 from watch_fakes import Factory, FakeDetector, frame_bytes, n_rows, wait_for
 
 from diffinspect.line import disposal as disposal_module
-from diffinspect.line.results import load_jsonl, load_rows
 from diffinspect.line.watch import WatchOptions, WatchSummary, run_watch
+from diffinspect.store.results import load_jsonl, load_rows
 
 FAKES = Path(__file__).with_name("watch_fakes.py")
 FAST = {"quiet": True, "stable_ms": 100, "empty_ms": 300, "settle_ms": 400, "rescan_seconds": 0.5}

@@ -48,7 +48,7 @@ def wait_for(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
 
 def n_rows(out: Path) -> int:
     """Rows so far, read while the watcher writes (0 before its database exists)."""
-    from diffinspect.line.results import load_rows
+    from diffinspect.store.results import load_rows
 
     try:
         return len(load_rows(out))

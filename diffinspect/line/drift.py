@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffinspect.line.results import ResultStore
 from diffinspect.scoring.health import SCORE_LEVEL, HealthProfile, align, measure
 from diffinspect.scoring.record import Record, storable
+from diffinspect.store.results import ResultStore
 
 RAISE_P = 1e-4
 CLEAR_P = 1e-2

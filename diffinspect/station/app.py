@@ -267,7 +267,7 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    from diffinspect.line.station_page import PAGE
+    from diffinspect.station.page import PAGE
 
     station = Station(out, shifts)
     headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",

@@ -1,0 +1,1 @@
+"""results.db: the only package that imports sqlite3."""
