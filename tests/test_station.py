@@ -149,6 +149,25 @@ def test_token_and_paths_outside_out_are_refused(server, tmp_path: Path):
     assert Station(o).resolve_file("overlays/frame_0003.png") == (o / "overlays" / "frame_0003.png").resolve()
 
 
+def test_page_files_ship_in_the_package_and_are_served(server):
+    from importlib import resources
+
+    from diffinspect.station.app import ASSETS
+
+    static = resources.files("diffinspect.station").joinpath("static")
+    html = static.joinpath("index.html").read_text(encoding="utf-8")
+    # No inline script or style: the page names its two assets, which the app serves as they are.
+    assert "<style" not in html and "<script>" not in html
+    assert '<script src="/static/app.js">' in html and 'href="/static/style.css"' in html
+    url, _, _ = server
+    assert get(f"{url}/?token={TOKEN}") == (200, html.encode())
+    for name in ASSETS:
+        # without the token: they hold no results, and a browser does not pass ?token= on to them
+        assert get(f"{url}/static/{name}") == (200, static.joinpath(name).read_bytes()), name
+    assert get(f"{url}/static/index.html")[0] == 404
+    assert get(f"{url}/static/..%2fapp.py")[0] == 404
+
+
 def test_binding_off_loopback_needs_a_token():
     check_bind("127.0.0.1", None)
     with pytest.raises(DiffinspectError, match="token"):

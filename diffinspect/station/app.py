@@ -6,7 +6,9 @@ to 127.0.0.1 by default; on any other address it refuses to start without a toke
 every request must carry it (`?token=`, or `Authorization: Bearer`). Files are served from OUT only:
 a requested path is resolved (symlinks followed) and must stay inside OUT.
 
-The page is plain HTML, JS and SVG (no CDN: plant networks are offline) and polls /api/state.
+The page is plain HTML, JS and SVG (no CDN: plant networks are offline), shipped as the package files
+static/index.html, app.js and style.css, and polls /api/state. The two assets hold no results and are the
+same on every install, so they are served without the token (a browser does not pass `?token=` on to them).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import os
 import sqlite3
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SIGNAL_NAMES = ("brightness", "contrast", "sharpness", "shift")
 STATION_FILE = "station.json"  # written by `inspect watch`: calibrated bands per camera folder
 DEFAULT_SHIFTS = "06:00,14:00,22:00"
+ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 RECENT_ROWS = 100_000  # rejects are looked for among this many latest rows
 
 
@@ -267,11 +271,11 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    from diffinspect.station.page import PAGE
-
     station = Station(out, shifts)
+    page_html = static_file("index.html").decode()
+    assets = {name: static_file(name) for name in ASSETS}
     headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-               "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
+               "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self';"
                                           " img-src 'self'; connect-src 'self'; frame-ancestors 'none'"}
 
     class TokenGate:
@@ -279,13 +283,21 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
             self.app = app
 
         async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-            if scope["type"] == "http" and token is not None and not _authorized(Request(scope), token):
+            request = Request(scope) if scope["type"] == "http" else None
+            if (request is not None and token is not None and not request.url.path.startswith("/static/")
+                    and not _authorized(request, token)):
                 await PlainTextResponse("token required", status_code=401)(scope, receive, send)
                 return
             await self.app(scope, receive, send)
 
     async def page(request: Request) -> Response:
-        return HTMLResponse(PAGE, headers=headers)
+        return HTMLResponse(page_html, headers=headers)
+
+    def asset(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in assets:
+            return PlainTextResponse("not found", status_code=404)
+        return Response(assets[name], media_type=ASSETS[name], headers=headers)
 
     def api_state(request: Request) -> Response:
         return JSONResponse(station.state(), headers=headers)
@@ -306,9 +318,15 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
             return PlainTextResponse("not found", status_code=404)
         return FileResponse(path, headers=headers)
 
-    routes = [Route("/", page), Route("/api/state", api_state), Route("/api/frame/{frame_id}", api_frame),
+    routes = [Route("/", page), Route("/static/{name}", asset), Route("/api/state", api_state),
+              Route("/api/frame/{frame_id}", api_frame),
               Route("/files/{path:path}", files)]
     return Starlette(routes=routes, middleware=[Middleware(TokenGate)])
+
+
+def static_file(name: str) -> bytes:
+    """A file of the page, read through importlib.resources (so an installed wheel serves it too)."""
+    return resources.files("diffinspect.station").joinpath("static", name).read_bytes()
 
 
 def _authorized(request: Any, token: str) -> bool:
