@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 from line_receivers import MOSQUITTO, Broker, PlcServer, Subscriber, check_delivery, frame_row, wait_for
-from watch_fakes import n_rows, write_frame
+from watch_fakes import db_rows, n_rows, write_frame
 
 from diffinspect import DiffinspectError
 from diffinspect.config import MqttConfig, OpcuaConfig, OpcuaNodes, load_outputs
 from diffinspect.outputs.outbox import Outbox, OutputError, pending
-from diffinspect.store.results import ResultStore, load_rows
+from diffinspect.store.results import ResultStore
 
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="Debian's mosquitto is not installed "
                                                                 "(apt-get install mosquitto)")
@@ -192,7 +192,7 @@ def test_mqtt_one_message_per_row_with_station_status(tmp_path: Path, broker: Br
     box.stop()
     wait_for(lambda: sub.on("/status")[-1:] == ["offline"], what="offline on a clean stop")
     got = sub.verdicts()
-    rows = {r["id"]: r for r in load_rows(tmp_path / "out")}
+    rows = {r["id"]: r for r in db_rows(tmp_path / "out")}
     assert [m["id"] for m in got] == ids
     for m in got:
         assert {k: v for k, v in m.items() if k not in ("station", "camera")} == rows[m["id"]]
@@ -293,7 +293,7 @@ def test_watcher_killed_9_mid_backlog_resends_at_most_the_message_in_flight(tmp_
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    ids = [r["id"] for r in load_rows(out)]
+    ids = [r["id"] for r in db_rows(out)]
     counts = check_delivery([m["id"] for m in sub.verdicts()], ids, max_duplicates=kills)
     print(f"kill -9 x{kills}: {counts}")
     assert counts["lost"] == 0 and len(ids) == 300
@@ -416,7 +416,7 @@ def test_watch_publishes_every_row_and_delivers_the_last_before_returning(tmp_pa
     summary = run_watch([cam], tmp_path / "out", Factory(), Factory(name="copod"),
                         WatchOptions(once=True, quiet=True, stable_ms=20, settle_ms=50, overlays="none"),
                         outputs=[out])
-    rows = load_rows(tmp_path / "out")
+    rows = db_rows(tmp_path / "out")
     assert summary.frames == 41 and pending(tmp_path / "out" / "results.db", "mqtt") == 0
     wait_for(lambda: len(sub.verdicts()) == 41)
     assert [(m["id"], m["status"], m["score"]) for m in sub.verdicts()] == [
