@@ -507,7 +507,7 @@ def test_cli_watch_mqtt_flag_publishes_and_reports(tmp_path: Path, broker: Broke
 
 def test_console_prints_bracketed_text_as_it_is(capsys) -> None:
     """A receiver's error (or a file name) with brackets is printed, not read as rich markup."""
-    from diffinspect.line.console import Say
+    from diffinspect.line.say import Say
 
     say = Say(quiet=False)
     say.warn("opcua: refused [/x] by [bold]PLC[/bold]")

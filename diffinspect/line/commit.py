@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffinspect.line.console import Say, describe
 from diffinspect.line.disposal import Disposal
 from diffinspect.line.frame import Candidate, Item
+from diffinspect.line.say import Say, describe
 from diffinspect.scoring.record import Record
 from diffinspect.store.results import ResultStore
 
