@@ -23,7 +23,7 @@ DISTILL_DEFECT_SHARE = 0.5
 class DataConfig:
     color: str = "auto"  # auto | gray | rgb; auto looks at the training images
     # Model input: one side (square) or [height, width]; unset, `inspect train` chooses it from the
-    # training frames' size and aspect ratio and defect_size (data/geometry.py).
+    # training frames' size and aspect ratio and defect_size (train/geometry.py).
     image_size: int | list[int] | None = None
     defect_size: int = 16  # smallest defect to keep visible, in native frame pixels
     resize: str = "stretch"  # stretch | crop | pad, for frames whose aspect ratio differs
