@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from diffinspect.config import MqttConfig
-from diffinspect.line.mqtt_output import MqttOutput
-from diffinspect.line.results import load_rows
+from diffinspect.outputs.mqtt import MqttOutput
+from diffinspect.store.reader import ResultsReader
 
 _spec = importlib.util.spec_from_file_location("bench_watch", Path(__file__).with_name("watch.py"))
 bench_watch = importlib.util.module_from_spec(_spec)
@@ -79,7 +79,8 @@ def run_rate(port: int, frames: list[bytes], root: Path, rate: float, seconds: f
     finally:
         sub.loop_stop()
         sub.disconnect()
-    rows = [r for r in load_rows(out) if r["path"] in published]
+    with ResultsReader(out / "results.db") as db:
+        rows = [r for r in db.rows() if r["path"] in published]
     file_msg = np.array([(arrived[r["id"]] - published[r["path"]]) * 1000 for r in rows if r["id"] in arrived])
     file_row = np.array([(r["scored_at"] - published[r["path"]]) * 1000 for r in rows])
     msg_row = np.array([(arrived[r["id"]] - r["scored_at"]) * 1000 for r in rows if r["id"] in arrived])

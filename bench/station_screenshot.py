@@ -19,10 +19,10 @@ import cv2
 import numpy as np
 
 from diffinspect.data.synthetic import DEFECTS, render_frame
-from diffinspect.line.station import create_app
 from diffinspect.line.watch import WatchOptions, run_watch
 from diffinspect.scoring.cold_start import calibrate_copod_only
 from diffinspect.scoring.loader import load_fallback
+from diffinspect.station.app import create_app
 
 SIZE = 128
 

@@ -26,9 +26,9 @@ import cv2
 import numpy as np
 
 from diffinspect.data.image import Preprocess, decode_image
-from diffinspect.line.results import load_rows
 from diffinspect.line.watch import WatchOptions, run_watch
 from diffinspect.scoring.detector import Scored
+from diffinspect.store.reader import ResultsReader, count_frames
 
 
 class FakeDetector:
@@ -136,8 +136,9 @@ def steady_latency(det, fallback, frames: list[bytes], root: Path, batch: int, r
                    seconds: float) -> np.ndarray:
     out = root / "out-steady"
     published = publish_steady(root / "steady", out, det, fallback, frames, batch, rate, seconds,
-                               lambda: len(load_rows(out)))
-    rows = load_rows(out)
+                               lambda: count_frames(out / "results.db"))
+    with ResultsReader(out / "results.db") as db:
+        rows = db.rows()
     return np.array([(r["scored_at"] - published[r["path"]]) * 1000 for r in rows if r["path"] in published])
 
 

@@ -305,43 +305,43 @@ def watch(
                                      "e.g. opc.tcp://plc:4840 (nodes under \\[watch.opcua.nodes] in ./inspect.toml)."),
 ) -> None:
     """Watch camera folders and score every frame exactly once; the line never stops."""
-    from diffinspect.config import STATION_FILE, load_station
+    from diffinspect.config import WATCH_FILE, load_watch_table
     from diffinspect.line.watch import WatchOptions, run_watch
     from diffinspect.scoring.loader import load_detector, load_fallback
 
-    station = load_station()
-    bundle = model or (Path(station["model"]) if "model" in station else Path("model"))
+    settings = load_watch_table()
+    bundle = model or (Path(settings["model"]) if "model" in settings else Path("model"))
     from diffinspect.bundle import is_bundle
 
     if not is_bundle(bundle):
         raise DiffinspectError(f"no model bundle at {bundle}: pass --model BUNDLE, or set model = \"...\" "
-                               f"under [watch] in ./{STATION_FILE}")
+                               f"under [watch] in ./{WATCH_FILE}")
     for f in folders:
         if not f.is_dir():
             raise DiffinspectError(f"camera folder not found: {f}")
-    backend = backend or station.get("backend", "auto")
+    backend = backend or settings.get("backend", "auto")
     _backend(backend)
-    device = device or station.get("device", "auto")
+    device = device or settings.get("device", "auto")
 
     def factories(b: Path):
         return (lambda: load_detector(b, "diffusion", backend, device)), (lambda: load_fallback(b))
 
-    per_folder = {Path(folder).resolve(): factories(Path(b)) for folder, b in station.get("cameras", {}).items()}
+    per_folder = {Path(folder).resolve(): factories(Path(b)) for folder, b in settings.get("cameras", {}).items()}
     options = WatchOptions(
-        batch=batch if batch is not None else station.get("batch", 8),  # --batch 0 is refused, not the default
-        overlays=overlays or station.get("overlays", "ng"),
-        after=after or station.get("after", "keep"), recursive=recursive, pattern=pattern, once=once,
-        quiet=quiet, max_latency_ms=max_latency_ms or station.get("max_latency_ms"), max_megapixels=max_megapixels)
+        batch=batch if batch is not None else settings.get("batch", 8),  # --batch 0 is refused, not the default
+        overlays=overlays or settings.get("overlays", "ng"),
+        after=after or settings.get("after", "keep"), recursive=recursive, pattern=pattern, once=once,
+        quiet=quiet, max_latency_ms=max_latency_ms or settings.get("max_latency_ms"), max_megapixels=max_megapixels)
     make_detector, make_fallback = factories(bundle)
-    outputs = _outputs(station, mqtt, opcua)
-    out = out or Path(station.get("out", "inspect_results"))
+    outputs = _outputs(settings, mqtt, opcua)
+    out = out or Path(settings.get("out", "inspect_results"))
     summary = run_watch(folders, out, make_detector, make_fallback, options, per_folder=per_folder or None,
                         outputs=outputs)
     console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, error {summary.error}, "
                   f"fallback {summary.fallback}); {summary.fps:.1f} frames/s while scoring, "
                   f"{summary.elapsed_s:.1f} s in all")
     if outputs:
-        from diffinspect.line.outbox import pending
+        from diffinspect.outputs.outbox import pending
 
         results_db = out / "results.db"
         for o in outputs:
@@ -349,19 +349,19 @@ def watch(
                           f"{pending(results_db, o.name)} waiting in {results_db}")
 
 
-def _outputs(station: dict, mqtt_url: str | None, opcua_url: str | None) -> list:
+def _outputs(settings: dict, mqtt_url: str | None, opcua_url: str | None) -> list:
     from diffinspect.config import load_outputs
-    from diffinspect.line.outbox import OutputError
+    from diffinspect.outputs.outbox import OutputError
 
-    mqtt_cfg, opcua_cfg = load_outputs(station, mqtt_url, opcua_url)
+    mqtt_cfg, opcua_cfg = load_outputs(settings, mqtt_url, opcua_url)
     outputs: list = []
     try:
         if mqtt_cfg is not None:
-            from diffinspect.line.mqtt_output import MqttOutput
+            from diffinspect.outputs.mqtt import MqttOutput
 
             outputs.append(MqttOutput(mqtt_cfg))
         if opcua_cfg is not None:
-            from diffinspect.line.opcua_output import OpcuaOutput
+            from diffinspect.outputs.opcua import OpcuaOutput
 
             outputs.append(OpcuaOutput(opcua_cfg))
     except OutputError as exc:
@@ -410,7 +410,7 @@ def station(
     shifts: str = typer.Option("06:00,14:00,22:00", "--shifts", help="Shift start times (local), HH:MM,..."),
 ) -> None:
     """A live web page over OUT/results.db: counts, trend, latency, rejects, health and drift alarms."""
-    from diffinspect.line.station import check_bind, parse_shifts, serve
+    from diffinspect.station.app import check_bind, parse_shifts, serve
 
     _existing(out, "results folder")
     check_bind(host, token)

@@ -23,7 +23,7 @@ DISTILL_DEFECT_SHARE = 0.5
 class DataConfig:
     color: str = "auto"  # auto | gray | rgb; auto looks at the training images
     # Model input: one side (square) or [height, width]; unset, `inspect train` chooses it from the
-    # training frames' size and aspect ratio and defect_size (data/geometry.py).
+    # training frames' size and aspect ratio and defect_size (train/geometry.py).
     image_size: int | list[int] | None = None
     defect_size: int = 16  # smallest defect to keep visible, in native frame pixels
     resize: str = "stretch"  # stretch | crop | pad, for frames whose aspect ratio differs
@@ -240,13 +240,13 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
-STATION_FILE = "inspect.toml"
-STATION_KEYS = {"model", "out", "backend", "device", "batch", "overlays", "after", "max_latency_ms", "cameras"}
-STATION_KEYS |= {"mqtt", "opcua"}  # the outputs (load_outputs)
+WATCH_FILE = "inspect.toml"  # in the working directory of `inspect watch`: its [watch] table
+WATCH_KEYS = {"model", "out", "backend", "device", "batch", "overlays", "after", "max_latency_ms", "cameras"}
+WATCH_KEYS |= {"mqtt", "opcua"}  # the outputs (load_outputs)
 
 
-def load_station(path: str | Path = STATION_FILE) -> dict[str, Any]:
-    """The `[watch]` table of a station's ./inspect.toml (empty when there is none).
+def load_watch_table(path: str | Path = WATCH_FILE) -> dict[str, Any]:
+    """The `[watch]` table of ./inspect.toml (empty when there is none).
 
     [watch]
     model = "model"                 # bundle for every folder
@@ -257,11 +257,11 @@ def load_station(path: str | Path = STATION_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         return {}
-    raw = _read_toml(path, "station file")
+    raw = _read_toml(path, "settings file")
     watch = raw.get("watch", {})
     if not isinstance(watch, dict):
         raise DiffinspectError(f"[watch] in {path} must be a table")
-    unknown = set(watch) - STATION_KEYS
+    unknown = set(watch) - WATCH_KEYS
     if unknown:
         raise DiffinspectError(f"unknown key in {path} [watch]: {sorted(unknown)[0]}")
     return watch
@@ -307,12 +307,12 @@ class OpcuaConfig:
     timeout_s: float = 4.0
 
 
-def load_outputs(station: dict[str, Any], mqtt_url: str | None = None, opcua_url: str | None = None,
-                 source: str = STATION_FILE) -> tuple[MqttConfig | None, OpcuaConfig | None]:
-    """The outputs of a station: [watch.mqtt] / [watch.opcua] of inspect.toml, a URL flag overriding the
-    table's url. An output without a URL is off."""
-    mqtt = _output_section(MqttConfig(), station.get("mqtt"), "watch.mqtt.", source)
-    opcua = _output_section(OpcuaConfig(), station.get("opcua"), "watch.opcua.", source)
+def load_outputs(watch: dict[str, Any], mqtt_url: str | None = None, opcua_url: str | None = None,
+                 source: str = WATCH_FILE) -> tuple[MqttConfig | None, OpcuaConfig | None]:
+    """The outputs of `inspect watch`: [watch.mqtt] / [watch.opcua] of inspect.toml (the `watch` table), a
+    URL flag overriding the table's url. An output without a URL is off."""
+    mqtt = _output_section(MqttConfig(), watch.get("mqtt"), "watch.mqtt.", source)
+    opcua = _output_section(OpcuaConfig(), watch.get("opcua"), "watch.opcua.", source)
     if mqtt_url:
         mqtt.url = mqtt_url
     if opcua_url:

@@ -6,7 +6,6 @@ generate a line -> train -> distil -> calibrate -> export (INT8) -> a simulated 
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ import cv2
 import numpy as np
 
 from diffinspect.data.synthetic import DEFECTS, make_line, render_frame
+from diffinspect.store.reader import count_frames
 
 PRODUCT = "washer"
 
@@ -78,16 +78,6 @@ def simulate_camera(feed: Path, plan: DemoPlan, seed: int = 1) -> tuple[int, int
     return plan.stream_frames, plan.corrupt_frames
 
 
-def _rows(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=5) as con:
-            return int(con.execute("SELECT COUNT(*) FROM frames").fetchone()[0])
-    except sqlite3.Error:
-        return 0
-
-
 def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = print) -> DemoResult:
     from diffinspect.config import load_config
     from diffinspect.evaluation.evaluate import evaluate
@@ -136,7 +126,7 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
     camera.start()
     camera.join()
     deadline = time.monotonic() + 120
-    while _rows(results / "results.db") < plan.stream_frames and time.monotonic() < deadline:
+    while count_frames(results / "results.db") < plan.stream_frames and time.monotonic() < deadline:
         time.sleep(0.2)
     stop.set()
     watcher.join(timeout=60)
@@ -152,7 +142,7 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
         "image_auroc": figures.get("image_auroc"), "pixel_auroc": figures.get("pixel_auroc"),
         "false_reject_rate": figures.get("false_reject_rate"), "miss_rate": figures.get("miss_rate"),
         "frames_per_second": summary.fps if summary else None,
-        "frames_scored": summary.frames if summary else _rows(results / "results.db"),
+        "frames_scored": summary.frames if summary else count_frames(results / "results.db"),
         "ng": summary.ng if summary else None, "errors": summary.error if summary else None,
         "mqtt_acknowledged": mqtt.acknowledged_rows if mqtt else None, "mqtt_url": mqtt.cfg.url if mqtt else None,
     }
@@ -173,7 +163,7 @@ def _local_broker(folder: Path, log: Callable[[str], None]):  # noqa: ANN202
     if exe is None:
         return None, None
     from diffinspect.config import MqttConfig
-    from diffinspect.line.mqtt_output import MqttOutput
+    from diffinspect.outputs.mqtt import MqttOutput
 
     folder.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:

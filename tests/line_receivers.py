@@ -226,8 +226,8 @@ def main(argv: list[str]) -> None:
     from watch_fakes import Factory
 
     from diffinspect.config import MqttConfig
-    from diffinspect.line.mqtt_output import MqttOutput
     from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.outputs.mqtt import MqttOutput
 
     out, cam, url = argv
     opts = WatchOptions(batch=8, quiet=True, stable_ms=50, overlays="none", rescan_seconds=0.5)

@@ -141,8 +141,10 @@ def test_cold_start_bundle_records_health(tmp_path: Path):
 
 
 def test_results_db_migrates_and_stores_events(tmp_path: Path):
-    from diffinspect.line.results import ResultStore, load_rows
+    from watch_fakes import db_rows
+
     from diffinspect.scoring.record import Record
+    from diffinspect.store.results import ResultStore
 
     out = tmp_path / "out"
     out.mkdir()
@@ -164,7 +166,7 @@ def test_results_db_migrates_and_stores_events(tmp_path: Path):
         store.add_events([(3.0, "lighting", "lighting changed", "raised", "brightness 70", "/cam")])
     finally:
         store.close()
-    rows = load_rows(out)
+    rows = db_rows(out)
     assert rows[0]["health"] is None and json.loads(rows[1]["health"]) == {"brightness": 100.0}
     db = sqlite3.connect(out / "results.db")
     assert db.execute("SELECT kind, name, state, folder FROM events").fetchall() == [
@@ -192,8 +194,10 @@ class _Steady:
 def test_watch_stores_health_and_alarms(tmp_path: Path, profile, capsys: pytest.CaptureFixture):
     import os
 
-    from diffinspect.line.results import load_rows
+    from watch_fakes import db_rows
+
     from diffinspect.line.watch import WatchOptions, run_watch
+
 
     cam, out = tmp_path / "cam", tmp_path / "out"
     cam.mkdir()
@@ -206,7 +210,7 @@ def test_watch_stores_health_and_alarms(tmp_path: Path, profile, capsys: pytest.
         os.utime(p, (t0 + i, t0 + i))
     det = _Steady(profile)
     run_watch([cam], out, lambda: det, lambda: det, WatchOptions(once=True, quiet=True, overlays="none"))
-    rows = load_rows(out)
+    rows = db_rows(out)
     assert len(rows) == 100 and all(json.loads(r["health"])["brightness"] > 0 for r in rows)
     db = sqlite3.connect(out / "results.db")
     events = db.execute("SELECT name, state, folder FROM events").fetchall()

@@ -12,9 +12,9 @@ import pytest
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
-from diffinspect.data.geometry import MAX_PIXELS, choose_geometry
 from diffinspect.data.image import Preprocess, input_hw, parse_size, read_image
 from diffinspect.engines.exports import CACHE_ENV
+from diffinspect.train.geometry import MAX_PIXELS, choose_geometry
 
 H, W = 40, 96  # native frames: wide, and small enough that the input keeps them 1:1 (no upscaling)
 

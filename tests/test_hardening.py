@@ -315,13 +315,13 @@ def test_non_finite_config_numbers_are_refused(key):
             load_config(overrides={key: value})
 
 
-def test_station_file_that_is_not_utf8_is_one_error(tmp_path):
-    from diffinspect.config import load_station
+def test_watch_settings_file_that_is_not_utf8_is_one_error(tmp_path):
+    from diffinspect.config import load_watch_table
 
     p = tmp_path / "inspect.toml"
     p.write_bytes(b"[watch]\nmodel = \"mod\xe8le\"\n")
     with pytest.raises(DiffinspectError, match="UTF-8"):
-        load_station(p)
+        load_watch_table(p)
 
 
 def test_cli_train_refuses_a_user_folder_before_training(capsys, line_dir, tmp_path):

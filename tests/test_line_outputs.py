@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from line_receivers import MOSQUITTO, Broker, PlcServer, Subscriber, check_delivery, frame_row, wait_for
 from services import missing, needs
-from watch_fakes import n_rows, write_frame
+from watch_fakes import db_rows, n_rows, write_frame
 
 from diffinspect import DiffinspectError
 from diffinspect.config import MqttConfig, OpcuaConfig, OpcuaNodes, load_outputs
-from diffinspect.line.outbox import Outbox, OutputError, pending
-from diffinspect.line.results import ResultStore, load_rows
+from diffinspect.outputs.outbox import Outbox, OutputError, pending
+from diffinspect.store.results import ResultStore
 
 needs_mosquitto = needs(MOSQUITTO is not None, "Debian's mosquitto (apt-get install mosquitto)")
 RECEIVERS = Path(__file__).with_name("line_receivers.py")
@@ -37,7 +37,7 @@ class Warnings(list):
 
 
 def mqtt(broker: Broker, **kw: object):  # noqa: ANN201
-    from diffinspect.line.mqtt_output import MqttOutput
+    from diffinspect.outputs.mqtt import MqttOutput
 
     return MqttOutput(MqttConfig(**{"url": broker.url, "station": "st1", **kw}))
 
@@ -192,7 +192,7 @@ def test_mqtt_one_message_per_row_with_station_status(tmp_path: Path, broker: Br
     box.stop()
     wait_for(lambda: sub.on("/status")[-1:] == ["offline"], what="offline on a clean stop")
     got = sub.verdicts()
-    rows = {r["id"]: r for r in load_rows(tmp_path / "out")}
+    rows = {r["id"]: r for r in db_rows(tmp_path / "out")}
     assert [m["id"] for m in got] == ids
     for m in got:
         assert {k: v for k, v in m.items() if k not in ("station", "camera")} == rows[m["id"]]
@@ -293,7 +293,7 @@ def test_watcher_killed_9_mid_backlog_resends_at_most_the_message_in_flight(tmp_
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    ids = [r["id"] for r in load_rows(out)]
+    ids = [r["id"] for r in db_rows(out)]
     counts = check_delivery([m["id"] for m in sub.verdicts()], ids, max_duplicates=kills)
     print(f"kill -9 x{kills}: {counts}")
     assert counts["lost"] == 0 and len(ids) == 300
@@ -342,7 +342,7 @@ def _record_counter_writes(plc: PlcServer, seen: list[tuple[bool, float, int]]) 
 @pytest.mark.slow
 def test_plc_gets_every_verdict_through_a_server_restart(tmp_path: Path) -> None:
     pytest.importorskip("asyncua")
-    from diffinspect.line.opcua_output import OpcuaOutput
+    from diffinspect.outputs.opcua import OpcuaOutput
 
     plc = PlcServer().start()
     seen: list[tuple[bool, float, int]] = []
@@ -380,7 +380,7 @@ def test_plc_gets_every_verdict_through_a_server_restart(tmp_path: Path) -> None
 
 def test_plc_node_of_the_wrong_type_is_one_clear_error(tmp_path: Path) -> None:
     pytest.importorskip("asyncua")
-    from diffinspect.line.opcua_output import OpcuaOutput
+    from diffinspect.outputs.opcua import OpcuaOutput
 
     plc = PlcServer().start()
     try:
@@ -403,8 +403,8 @@ def test_plc_node_of_the_wrong_type_is_one_clear_error(tmp_path: Path) -> None:
 def test_watch_publishes_every_row_and_delivers_the_last_before_returning(tmp_path: Path, broker: Broker) -> None:
     from watch_fakes import Factory
 
-    from diffinspect.line.mqtt_output import MqttOutput
     from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.outputs.mqtt import MqttOutput
 
     sub = Subscriber(broker)
     cam = tmp_path / "cam1"
@@ -416,7 +416,7 @@ def test_watch_publishes_every_row_and_delivers_the_last_before_returning(tmp_pa
     summary = run_watch([cam], tmp_path / "out", Factory(), Factory(name="copod"),
                         WatchOptions(once=True, quiet=True, stable_ms=20, settle_ms=50, overlays="none"),
                         outputs=[out])
-    rows = load_rows(tmp_path / "out")
+    rows = db_rows(tmp_path / "out")
     assert summary.frames == 41 and pending(tmp_path / "out" / "results.db", "mqtt") == 0
     wait_for(lambda: len(sub.verdicts()) == 41)
     assert [(m["id"], m["status"], m["score"]) for m in sub.verdicts()] == [
@@ -443,8 +443,8 @@ def test_cli_refuses_a_bad_output_in_one_line(tmp_path: Path) -> None:
 def test_watch_with_refused_credentials_scores_everything_and_says_so_once(tmp_path: Path, capsys) -> None:
     from watch_fakes import Factory
 
-    from diffinspect.line.mqtt_output import MqttOutput
     from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.outputs.mqtt import MqttOutput
 
     broker = Broker(tmp_path / "broker", users={"station": "right"}).start()
     try:
@@ -507,7 +507,7 @@ def test_cli_watch_mqtt_flag_publishes_and_reports(tmp_path: Path, broker: Broke
 
 def test_console_prints_bracketed_text_as_it_is(capsys) -> None:
     """A receiver's error (or a file name) with brackets is printed, not read as rich markup."""
-    from diffinspect.line.console import Say
+    from diffinspect.line.say import Say
 
     say = Say(quiet=False)
     say.warn("opcua: refused [/x] by [bold]PLC[/bold]")

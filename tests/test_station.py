@@ -17,9 +17,9 @@ import pytest
 from services import missing
 
 from diffinspect import DiffinspectError
-from diffinspect.line.results import ResultStore
-from diffinspect.line.station import Station, check_bind, create_app
 from diffinspect.scoring.record import Record
+from diffinspect.station.app import Station, check_bind, create_app
+from diffinspect.store.results import ResultStore
 
 TOKEN = "s3cret-token-for-tests"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -76,7 +76,7 @@ def test_counts_and_state(out):
 
 
 def test_counts_by_time_window(tmp_path: Path):
-    from diffinspect.line.station import shift_start
+    from diffinspect.station.app import shift_start
 
     now = time.time()
     store = ResultStore(tmp_path)
@@ -148,6 +148,25 @@ def test_token_and_paths_outside_out_are_refused(server, tmp_path: Path):
     assert Station(o).resolve_file("../secret.txt") is None
     assert Station(o).resolve_file("overlays/link.png") is None
     assert Station(o).resolve_file("overlays/frame_0003.png") == (o / "overlays" / "frame_0003.png").resolve()
+
+
+def test_page_files_ship_in_the_package_and_are_served(server):
+    from importlib import resources
+
+    from diffinspect.station.app import ASSETS
+
+    static = resources.files("diffinspect.station").joinpath("static")
+    html = static.joinpath("index.html").read_text(encoding="utf-8")
+    # No inline script or style: the page names its two assets, which the app serves as they are.
+    assert "<style" not in html and "<script>" not in html
+    assert '<script src="/static/app.js">' in html and 'href="/static/style.css"' in html
+    url, _, _ = server
+    assert get(f"{url}/?token={TOKEN}") == (200, html.encode())
+    for name in ASSETS:
+        # without the token: they hold no results, and a browser does not pass ?token= on to them
+        assert get(f"{url}/static/{name}") == (200, static.joinpath(name).read_bytes()), name
+    assert get(f"{url}/static/index.html")[0] == 404
+    assert get(f"{url}/static/..%2fapp.py")[0] == 404
 
 
 def test_binding_off_loopback_needs_a_token():

@@ -11,15 +11,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from watch_fakes import Factory, FakeDetector, frame_bytes, n_rows, wait_for, write_frame
+from watch_fakes import Factory, FakeDetector, db_rows, frame_bytes, jsonl_rows, n_rows, wait_for, write_frame
 
 from diffinspect import DiffinspectError
 from diffinspect.data.image import ImageError, convert_color, decode_image
 from diffinspect.line.disposal import dispose
 from diffinspect.line.frame import Candidate, FrameChanged, looks_complete, read_frame
-from diffinspect.line.results import ResultStore, load_jsonl, load_rows
 from diffinspect.line.watch import WatchOptions, run_watch
 from diffinspect.scoring.record import Record as FrameRow
+from diffinspect.store.results import ResultStore
 
 FAST = {"quiet": True, "stable_ms": 30, "empty_ms": 150, "settle_ms": 150, "rescan_seconds": 0.3}
 
@@ -87,9 +87,9 @@ def test_store_commits_a_frame_once(tmp_path: Path) -> None:
     assert len(store.commit([row("/cam/a.png", size=2)])) == 1  # same name, new content: new frame
     assert store.status_of("/cam/a.png", 1, 1_000_000_000) == "ok"
     store.close()
-    rows = load_rows(tmp_path)
+    rows = db_rows(tmp_path)
     assert len(rows) == 3 and [r["id"] for r in rows] == sorted({r["id"] for r in rows})
-    assert load_jsonl(tmp_path) == rows
+    assert jsonl_rows(tmp_path) == rows
     with open(tmp_path / "results.db", "rb") as f:
         assert f.read(16) == b"SQLite format 3\x00"
 
@@ -105,8 +105,8 @@ def test_store_repairs_jsonl_after_a_crash(tmp_path: Path) -> None:
     assert store.reconciled == 2
     store.commit([row("/cam/5.png")])
     store.close()
-    assert load_jsonl(tmp_path) == load_rows(tmp_path)
-    assert len(load_rows(tmp_path)) == 6
+    assert jsonl_rows(tmp_path) == db_rows(tmp_path)
+    assert len(db_rows(tmp_path)) == 6
 
 
 def test_store_rebuilds_jsonl_that_runs_ahead(tmp_path: Path) -> None:
@@ -114,9 +114,9 @@ def test_store_rebuilds_jsonl_that_runs_ahead(tmp_path: Path) -> None:
     store.commit([row("/cam/a.png")])
     store.close()
     with open(tmp_path / "results.jsonl", "a") as f:  # a line whose commit never happened
-        f.write(json.dumps({**load_rows(tmp_path)[0], "id": 9, "path": "/cam/ghost.png"}) + "\n")
+        f.write(json.dumps({**db_rows(tmp_path)[0], "id": 9, "path": "/cam/ghost.png"}) + "\n")
     ResultStore(tmp_path).close()
-    assert load_jsonl(tmp_path) == load_rows(tmp_path)
+    assert jsonl_rows(tmp_path) == db_rows(tmp_path)
 
 
 def test_store_refuses_a_second_watcher(tmp_path: Path) -> None:
@@ -151,7 +151,7 @@ def test_backlog_oldest_first_with_overlays(tmp_path: Path) -> None:
     for i, p in enumerate(paths):  # names and ages in opposite orders
         os.utime(p, ns=(time.time_ns(), time.time_ns() - (i + 1) * 10**9))
     s = once([cam], out)
-    rows = load_rows(out)
+    rows = db_rows(out)
     assert [Path(r["path"]).name for r in rows] == [p.name for p in reversed(paths)]
     assert (s.scored, s.ng, s.ok, s.error, s.fallback) == (12, 3, 9, 0, 0)
     for r in rows:  # overlays=ng by default, through the real overlay module
@@ -159,7 +159,7 @@ def test_backlog_oldest_first_with_overlays(tmp_path: Path) -> None:
         assert r["overlay"] is None or Path(r["overlay"]).stat().st_size > 0
         assert r["path"] == os.path.abspath(r["path"]) and r["folder"] == str(cam)
         assert r["received_at"] <= r["scored_at"] and r["latency_ms"] >= 0
-    assert load_jsonl(out) == rows
+    assert jsonl_rows(out) == rows
 
 
 def test_restart_does_not_rescore_and_moves_committed_frames(tmp_path: Path) -> None:
@@ -169,7 +169,7 @@ def test_restart_does_not_rescore_and_moves_committed_frames(tmp_path: Path) -> 
     primary = Factory()
     once([cam], out, primary=primary, after="move")  # as if a crash hit between commit and move
     assert primary.made[0].seen == 0
-    assert len(load_rows(out)) == 6
+    assert len(db_rows(out)) == 6
     assert not list(cam.iterdir())
     assert len(list((out / "ok").iterdir())) == 4 and len(list((out / "ng").iterdir())) == 2
 
@@ -181,7 +181,7 @@ def test_same_name_new_content_is_a_new_frame(tmp_path: Path) -> None:
     write_frame(p, 220)
     os.utime(p, ns=(time.time_ns(), p.stat().st_mtime_ns + 10**9))
     once([cam], out)
-    assert [r["status"] for r in load_rows(out)] == ["ok", "ng"]
+    assert [r["status"] for r in db_rows(out)] == ["ok", "ng"]
 
 
 def test_files_that_are_not_frames_are_ignored(tmp_path: Path) -> None:
@@ -192,9 +192,9 @@ def test_files_that_are_not_frames_are_ignored(tmp_path: Path) -> None:
     (cam / "notes.txt").write_text("x")
     write_frame((cam / "sub").mkdir() or cam / "sub" / "deep.png", 50)
     once([cam], out)
-    assert sorted(Path(r["path"]).name for r in load_rows(out)) == ["f0000.png", "f0001.png"]
+    assert sorted(Path(r["path"]).name for r in db_rows(out)) == ["f0000.png", "f0001.png"]
     once([cam], tmp_path / "out2", recursive=True, pattern="*.PNG")
-    assert len(load_rows(tmp_path / "out2")) == 3
+    assert len(db_rows(tmp_path / "out2")) == 3
 
 
 def test_out_inside_the_watched_folder(tmp_path: Path) -> None:
@@ -202,7 +202,7 @@ def test_out_inside_the_watched_folder(tmp_path: Path) -> None:
     frames_in(cam, 4, ng_every=2)
     once([cam], cam / "results", recursive=True, overlays="all", after="move")
     once([cam], cam / "results", recursive=True, overlays="all", after="move")
-    rows = load_rows(cam / "results")
+    rows = db_rows(cam / "results")
     assert len(rows) == 4  # its own overlays and moved frames are never taken as frames
 
 
@@ -213,7 +213,7 @@ def test_per_folder_detectors_and_folder_tags(tmp_path: Path) -> None:
     special = Factory()
     run_watch([a, b], out, Factory(), Factory(name="copod"), options(once=True),
               per_folder={b: (special, Factory(name="copod"))})
-    rows = load_rows(out)
+    rows = db_rows(out)
     assert sorted(r["folder"] for r in rows) == [str(a)] * 3 + [str(b)] * 5
     assert special.made[0].seen == 5
     with pytest.raises(DiffinspectError, match="not watched"):
@@ -225,7 +225,7 @@ def test_detector_that_cannot_load_uses_the_fallback(tmp_path: Path) -> None:
     frames_in(cam, 5)
     primary = Factory(fail_first=99)
     s = once([cam], out, primary=primary)
-    rows = load_rows(out)
+    rows = db_rows(out)
     assert s.fallback == 5 and {r["detector"] for r in rows} == {"copod"}
     assert all("no accelerator" in r["fallback_reason"] for r in rows)
 
@@ -234,7 +234,7 @@ def test_both_detectors_failing_gives_error_rows(tmp_path: Path) -> None:
     cam, out = tmp_path / "cam", tmp_path / "out"
     frames_in(cam, 3)
     s = once([cam], out, primary=Factory(fail_after=0), fallback=Factory(name="copod", fail_after=0))
-    rows = load_rows(out)
+    rows = db_rows(out)
     assert s.error == 3 and all("device lost" in r["error"] for r in rows)
 
 
@@ -242,7 +242,7 @@ def test_non_finite_scores_go_to_the_fallback(tmp_path: Path) -> None:
     cam, out = tmp_path / "cam", tmp_path / "out"
     frames_in(cam, 3)
     once([cam], out, primary=Factory(nan=True))
-    assert {(r["detector"], r["fallback_reason"]) for r in load_rows(out)} == {
+    assert {(r["detector"], r["fallback_reason"]) for r in db_rows(out)} == {
         ("copod", "diffusion score not finite")}
 
 
@@ -252,7 +252,7 @@ def test_hung_detector_is_abandoned(tmp_path: Path) -> None:
     t0 = time.monotonic()
     once([cam], out, primary=Factory(hang_s=30), score_timeout_s=0.3)
     assert time.monotonic() - t0 < 10
-    rows = load_rows(out)
+    rows = db_rows(out)
     assert len(rows) == 4 and all("no answer within" in r["fallback_reason"] for r in rows)
 
 
@@ -267,7 +267,7 @@ def test_detector_that_hangs_while_loading_does_not_hold_the_line(tmp_path: Path
     t0 = time.monotonic()
     s = once([cam], out, primary=wedged, score_timeout_s=0.3)
     assert time.monotonic() - t0 < 10 and s.fallback == 3
-    assert {r["fallback_reason"] for r in load_rows(out)} == {"diffusion detector still loading"}
+    assert {r["fallback_reason"] for r in db_rows(out)} == {"diffusion detector still loading"}
 
 
 def test_colour_of_the_fallback_differs(tmp_path: Path) -> None:
@@ -281,7 +281,7 @@ def test_colour_of_the_fallback_differs(tmp_path: Path) -> None:
     fb = RgbFallback(name="copod")
     object.__setattr__(fb, "preprocess", type(fb.preprocess)(color="rgb"))
     once([cam], out, primary=Factory(fail_after=0), fallback=lambda: fb)
-    assert [r["detector"] for r in load_rows(out)] == ["copod", "copod"]
+    assert [r["detector"] for r in db_rows(out)] == ["copod", "copod"]
 
 
 def test_quiet_mode_prints_one_line_per_frame(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -372,7 +372,7 @@ def test_mirror_catches_up_after_a_failed_write(tmp_path: Path) -> None:
     store.commit([row("/cam/a.png")])  # committed; its line could not be written
     store.commit([row("/cam/b.png")])
     store.close()
-    assert load_jsonl(tmp_path) == load_rows(tmp_path) and len(load_rows(tmp_path)) == 2
+    assert jsonl_rows(tmp_path) == db_rows(tmp_path) and len(db_rows(tmp_path)) == 2
 
 
 def test_unreadable_results_database_is_a_user_error(tmp_path: Path) -> None:
@@ -403,7 +403,7 @@ def test_name_reused_while_the_old_frame_is_being_scored(tmp_path: Path) -> None
     finally:
         stop.set()
         t.join(10)
-    assert [r["status"] for r in load_rows(out)] == ["ok", "ng"]
+    assert [r["status"] for r in db_rows(out)] == ["ok", "ng"]
     # The old frame's file was replaced before it could be moved: only the new one is in ng/.
     assert [len(list((out / d).glob("same*.png"))) for d in ("ok", "ng")] == [0, 1]
     assert not list(cam.iterdir())
@@ -431,7 +431,7 @@ def test_on_commit_hooks_get_each_new_row_once_before_its_file_moves(tmp_path: P
 
     run_watch([cam], out, Factory(), Factory(name="copod"), options(once=True, after="move"),
               on_commit=[outbox_down, hook])
-    rows = load_rows(out)
+    rows = db_rows(out)
     assert len(rows) == 6 and sorted(seen) == sorted((r["path"], r["id"], True) for r in rows)
     assert not list(cam.iterdir())  # a failing hook cost neither rows nor the moves
 

@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 from test_watch_reliability import assert_mirror, watching
-from watch_fakes import Factory, frame_bytes, n_rows, wait_for, write_frame
+from watch_fakes import Factory, db_rows, frame_bytes, jsonl_rows, n_rows, wait_for, write_frame
 
-from diffinspect.line.results import load_jsonl, load_rows
 from diffinspect.line.watch import WatchOptions, run_watch
 from diffinspect.scoring.record import Record, storable
 
@@ -86,7 +85,7 @@ def test_results_deleted_under_a_running_watcher_are_written_again(tmp_path: Pat
     assert [p.read_text() for p in out.glob("results.jsonl.replaced-*")] == ["not ours\n"]  # kept, not deleted
     again = run_watch([cam], out, Factory(), Factory(name="copod"), WatchOptions(**FAST, once=True))
     assert again.frames == 0  # a restart does not score the line again
-    assert load_rows(out) == load_jsonl(out) == rows
+    assert db_rows(out) == jsonl_rows(out) == rows
 
 
 def test_live_view_and_exit_line_give_the_same_rate(monkeypatch) -> None:  # noqa: ANN001

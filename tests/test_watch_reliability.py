@@ -17,10 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from watch_fakes import Factory, FakeDetector, frame_bytes, n_rows, wait_for
+from watch_fakes import Factory, FakeDetector, db_rows, frame_bytes, jsonl_rows, n_rows, wait_for
 
 from diffinspect.line import disposal as disposal_module
-from diffinspect.line.results import load_jsonl, load_rows
 from diffinspect.line.watch import WatchOptions, WatchSummary, run_watch
 
 FAKES = Path(__file__).with_name("watch_fakes.py")
@@ -53,8 +52,8 @@ def watching(folders: list[Path], out: Path, primary, fallback=None, **kw: objec
 
 
 def assert_mirror(out: Path) -> list[dict]:
-    rows = load_rows(out)
-    assert load_jsonl(out) == rows
+    rows = db_rows(out)
+    assert jsonl_rows(out) == rows
     return rows
 
 
@@ -271,7 +270,7 @@ def test_frames_leave_the_folder_only_after_their_row_is_committed(tmp_path: Pat
     real, checked = disposal_module.dispose, []
 
     def checking_dispose(path: Path, size: int, mtime_ns: int, *args: object) -> str | None:
-        committed = {(r["path"], r["size"], r["mtime_ns"]) for r in load_rows(out)}
+        committed = {(r["path"], r["size"], r["mtime_ns"]) for r in db_rows(out)}
         assert (str(path), size, mtime_ns) in committed
         checked.append(path)
         return real(path, size, mtime_ns, *args)

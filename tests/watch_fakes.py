@@ -7,8 +7,8 @@ checks, frame writers, and a subprocess entry point for the crash and signal tes
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import sqlite3
 import sys
 import threading
 import time
@@ -19,6 +19,7 @@ import numpy as np
 
 from diffinspect.data.image import Preprocess
 from diffinspect.scoring.detector import Scored
+from diffinspect.store.reader import ResultsReader, count_frames
 
 MARKER = 250  # the last MARKER_ROWS rows of every test frame: a half-written frame lacks them
 MARKER_ROWS = 2
@@ -48,12 +49,19 @@ def wait_for(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
 
 def n_rows(out: Path) -> int:
     """Rows so far, read while the watcher writes (0 before its database exists)."""
-    from diffinspect.line.results import load_rows
+    return count_frames(out / "results.db")
 
-    try:
-        return len(load_rows(out))
-    except sqlite3.Error:
-        return 0
+
+def db_rows(out: Path) -> list[dict]:
+    """Every row of OUT/results.db in id order, read by the store's reader as the outputs read them."""
+    with ResultsReader(out / "results.db") as db:
+        return db.rows()
+
+
+def jsonl_rows(out: Path) -> list[dict]:
+    """The lines of the mirror OUT/results.jsonl."""
+    with open(out / "results.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 class FakeDetector:

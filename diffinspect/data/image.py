@@ -233,7 +233,7 @@ class Preprocess:
     """How a decoded frame becomes the model's input(s). Stored in the bundle manifest.
 
     image_size is one side (a square input) or (height, width): `inspect train` chooses the shape from
-    the training frames' aspect ratio (data/geometry.py).
+    the training frames' aspect ratio (train/geometry.py).
     feed "frame": the frame (after the ROI crop) is fitted whole to one image_size input (`fit`).
     feed "tiles": the frame is scaled by tile_scale of its native resolution (`canvas`) and cut into
     image_size tiles overlapping by half (`tile_grid`), so small defects keep their pixels.

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from diffinspect.line.console import Say, describe
 from diffinspect.line.disposal import Disposal
 from diffinspect.line.frame import Candidate, Item
-from diffinspect.line.results import ResultStore
+from diffinspect.line.say import Say, describe
 from diffinspect.scoring.record import Record
+from diffinspect.store.results import ResultStore
 
 # (path, frame uint8 (H, W, C), map on the frame's pixel grid or None, score, threshold, label,
 #  pixel_threshold) -> None

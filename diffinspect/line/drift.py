@@ -40,9 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from diffinspect.line.results import ResultStore
 from diffinspect.scoring.health import SCORE_LEVEL, HealthProfile, align, measure
 from diffinspect.scoring.record import Record, storable
+from diffinspect.store import BANDS_FILE
+from diffinspect.store.results import ResultStore
 
 RAISE_P = 1e-4
 CLEAR_P = 1e-2
@@ -264,7 +265,7 @@ class DriftHub:
 
     def publish_bands(self, folder: str, profile: HealthProfile) -> None:
         """OUT/station.json: the calibrated bands the station page draws behind the health signals."""
-        path = self.out / "station.json"
+        path = self.out / BANDS_FILE
         with self._lock:
             try:
                 data = json.loads(path.read_text()) if path.is_file() else {}

@@ -10,8 +10,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from diffinspect.line.console import Say, describe
 from diffinspect.line.intake import Intake
+from diffinspect.line.say import Say, describe
 
 
 class Events:

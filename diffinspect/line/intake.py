@@ -23,7 +23,7 @@ from pathlib import Path
 
 from diffinspect.line.frame import Candidate
 from diffinspect.line.listing import Folders
-from diffinspect.line.results import ResultStore
+from diffinspect.store.results import ResultStore
 
 # (path, size, mtime_ns, status) of a frame committed by an earlier run -> True if the file remains
 DisposeCommitted = Callable[[Path, int, int, str], bool]

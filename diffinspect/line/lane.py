@@ -17,10 +17,10 @@ from pathlib import Path
 
 from diffinspect.data.image import ImageError, decode_image
 from diffinspect.line.commit import Committer
-from diffinspect.line.console import Say, describe
 from diffinspect.line.drift import DriftHub
 from diffinspect.line.frame import Candidate, FrameChanged, Item, looks_complete, read_frame
 from diffinspect.line.options import WatchOptions
+from diffinspect.line.say import Say, describe
 from diffinspect.line.supervisor import Supervisor
 
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import numpy as np
 
 from diffinspect.data.image import convert_color
-from diffinspect.line.console import Say, describe
 from diffinspect.line.frame import Item
 from diffinspect.line.options import WatchOptions
+from diffinspect.line.say import Say, describe
 from diffinspect.scoring.detector import Detector, label_for, unscorable
 
 DetectorFactory = Callable[[], Detector]

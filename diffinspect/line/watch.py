@@ -22,7 +22,7 @@ from pathlib import Path
 
 from diffinspect import DiffinspectError
 from diffinspect.line.commit import CommitHook, Committer, OverlayWriter
-from diffinspect.line.console import Say, View
+from diffinspect.line.console import View
 from diffinspect.line.counters import Stats, WatchSummary
 from diffinspect.line.disposal import Disposal
 from diffinspect.line.drift import DriftHub
@@ -30,10 +30,11 @@ from diffinspect.line.events import Events, install_signal_handlers
 from diffinspect.line.intake import Intake, IntakeConfig
 from diffinspect.line.lane import FrameQueue, Lane, LaneShared
 from diffinspect.line.options import WatchOptions
-from diffinspect.line.outbox import Outbox, Output
-from diffinspect.line.results import ResultStore
+from diffinspect.line.say import Say
 from diffinspect.line.supervisor import DetectorFactory, Supervisor
+from diffinspect.outputs.outbox import Outbox, Output
 from diffinspect.scoring.overlay import save_overlay
+from diffinspect.store.results import ResultStore
 
 __all__ = ["CommitHook", "DetectorFactory", "OverlayWriter", "WatchOptions", "WatchSummary", "run_watch"]
 

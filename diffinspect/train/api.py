@@ -12,13 +12,13 @@ from diffinspect import bundle as bundle_io
 from diffinspect.bundle import Bundle
 from diffinspect.config import Config
 from diffinspect.data.datasets import normal_images
-from diffinspect.data.geometry import DEFAULT_SIDE, Geometry, choose_geometry, describe_size, frame_sizes
 from diffinspect.data.image import Preprocess, choose_color, parse_size, size_record
 from diffinspect.info import training_warning
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe
 from diffinspect.train.data import load_training_set
 from diffinspect.train.fit import clear_checkpoints, fit, model_summary
+from diffinspect.train.geometry import DEFAULT_SIDE, Geometry, choose_geometry, describe_size, frame_sizes
 
 WEIGHTS = "weights.pt"
 

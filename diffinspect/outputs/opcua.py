@@ -20,7 +20,7 @@ import math
 import os
 
 from diffinspect.config import OpcuaConfig
-from diffinspect.line.outbox import OutputError
+from diffinspect.outputs.outbox import OutputError
 
 PASSWORD_ENV = "DIFFINSPECT_OPCUA_PASSWORD"
 INSTALL_HINT = "the OPC UA output needs asyncua: pip install 'diffinspect[opcua]'"

@@ -1,12 +1,13 @@
 """`inspect station OUT`: one live web page over OUT/results.db for the people at the line.
 
-It opens results.db read-only (a `mode=ro` URI; SQLite's WAL lets it read while `inspect watch`
-commits, and it never takes a write lock), so the page can neither slow nor break scoring. It binds
-to 127.0.0.1 by default; on any other address it refuses to start without a token, and with a token
-every request must carry it (`?token=`, or `Authorization: Bearer`). Files are served from OUT only:
-a requested path is resolved (symlinks followed) and must stay inside OUT.
+It reads results.db through the store's read-only queries (store/reader.py), so the page can neither
+slow nor break scoring. It binds to 127.0.0.1 by default; on any other address it refuses to start
+without a token, and with a token every request must carry it (`?token=`, or `Authorization: Bearer`).
+Files are served from OUT only: a requested path is resolved (symlinks followed) and must stay inside OUT.
 
-The page is plain HTML, JS and SVG (no CDN: plant networks are offline) and polls /api/state.
+The page is plain HTML, JS and SVG (no CDN: plant networks are offline), shipped as the package files
+static/index.html, app.js and style.css, and polls /api/state. The two assets hold no results and are the
+same on every install, so they are served without the token (a browser does not pass `?token=` on to them).
 """
 
 from __future__ import annotations
@@ -16,22 +17,20 @@ import hmac
 import json
 import math
 import os
-import sqlite3
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from diffinspect import DiffinspectError
+from diffinspect.store import BANDS_FILE, NotReady
+from diffinspect.store.reader import ResultsReader
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SIGNAL_NAMES = ("brightness", "contrast", "sharpness", "shift")
-STATION_FILE = "station.json"  # written by `inspect watch`: calibrated bands per camera folder
 DEFAULT_SHIFTS = "06:00,14:00,22:00"
+ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 RECENT_ROWS = 100_000  # rejects are looked for among this many latest rows
-
-
-def station_url(host: str = "127.0.0.1", port: int = 8765) -> str:
-    return f"http://{host}:{port}/"
 
 
 def parse_shifts(text: str) -> list[tuple[int, int]]:
@@ -58,7 +57,7 @@ def shift_start(now: float, shifts: list[tuple[int, int]]) -> float:
 
 
 class Station:
-    """The data side of the page: read-only queries over OUT/results.db, paths confined to OUT."""
+    """The data side of the page: the store's read-only queries over OUT/results.db, paths confined to OUT."""
 
     def __init__(self, out: Path, shifts: str = DEFAULT_SHIFTS) -> None:
         self.out = Path(out).resolve()
@@ -67,110 +66,72 @@ class Station:
         self.db_path = self.out / "results.db"
         self.shifts = parse_shifts(shifts)
 
-    # -- read-only database ---------------------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection | None:
-        if not self.db_path.is_file():
-            return None
-        db = sqlite3.connect(f"{self.db_path.as_uri()}?mode=ro", uri=True, timeout=2)
-        db.row_factory = sqlite3.Row
-        return db
-
     def state(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
-        db = self._connect()
+        db = ResultsReader.open(self.db_path)
         base: dict[str, Any] = {"out": str(self.out), "now": now, "ready": db is not None}
         if db is None:
             return base
         try:
-            return {**base, **self._state(db, now)}
-        except sqlite3.OperationalError as exc:  # no table yet (a watcher just starting), or busy
+            with db:
+                return {**base, **self._state(db, now)}
+        except NotReady as exc:  # no table yet (a watcher just starting), or busy
             return {**base, "ready": False, "error": str(exc)}
-        finally:
-            db.close()
 
-    def _state(self, db: sqlite3.Connection, now: float) -> dict[str, Any]:
-        # results.db has no index on time and the station may not add one (read-only): every query is
-        # a range of row ids (the primary key), found by time with a binary search, so a poll costs the
-        # same after a month of frames as after an hour.
-        cols = {r[1] for r in db.execute("PRAGMA table_info(frames)")}
+    def _state(self, db: ResultsReader, now: float) -> dict[str, Any]:
         hour, shift = now - 3600, shift_start(now, self.shifts)
-        max_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
+        max_id = db.max_id()
         recent_id = max(0, max_id - RECENT_ROWS)
         counts = {}
         for key, since in (("hour", hour), ("shift", shift)):
-            row = db.execute("SELECT COUNT(*) n, SUM(status='ok') ok, SUM(status='ng') ng, SUM(status='error') err "
-                             "FROM frames WHERE id >= ? AND scored_at >= ?", (_first_id(db, since), since)).fetchone()
-            n = row["n"] or 0
+            c = db.status_counts(since)
             span_min = max((now - since) / 60.0, 1e-9)
-            counts[key] = {"total": n, "ok": row["ok"] or 0, "ng": row["ng"] or 0, "error": row["err"] or 0,
-                           "per_minute": n / span_min, "since": since}
+            counts[key] = {"total": c["n"], "ok": c["ok"], "ng": c["ng"], "error": c["error"],
+                           "per_minute": c["n"] / span_min, "since": since}
         # OK/NG/error per minute over the last hour.
         trend = [{"t": hour + 60 * i, "ok": 0, "ng": 0, "error": 0} for i in range(60)]
-        for r in db.execute("SELECT CAST((scored_at - ?) / 60 AS INTEGER) b, status, COUNT(*) n FROM frames "
-                            "WHERE id >= ? AND scored_at >= ? GROUP BY b, status", (hour, _first_id(db, hour), hour)):
+        for r in db.per_minute(hour):
             if 0 <= r["b"] <= 60:  # 60: scored this very second
                 trend[min(r["b"], 59)][r["status"]] += r["n"]
-        recent = db.execute("SELECT latency_ms FROM frames ORDER BY id DESC LIMIT 2000").fetchall()
-        lat = sorted(r[0] for r in recent if r[0] is not None)
-        last = db.execute("SELECT id, detector, backend, fallback_reason, threshold, scored_at FROM frames "
-                          "WHERE id > ? AND status != 'error' ORDER BY id DESC LIMIT 1", (recent_id,)).fetchone()
-        fallback = db.execute("SELECT COUNT(*), SUM(fallback_reason IS NOT NULL) FROM (SELECT fallback_reason "
-                              "FROM frames WHERE id > ? AND status != 'error' ORDER BY id DESC LIMIT 200)",
-                              (recent_id,)).fetchone()
-        scored = db.execute("SELECT score, threshold, detector FROM frames WHERE id > ? AND status != 'error' AND "
-                            "score IS NOT NULL ORDER BY id DESC LIMIT 2000", (recent_id,)).fetchall()
-        rejects = [self._frame(r) for r in db.execute(
-            "SELECT * FROM frames WHERE id > ? AND status = 'ng' ORDER BY id DESC LIMIT 12", (recent_id,))]
+        lat = sorted(v for v in db.latencies(last=2000) if v is not None)
+        last = db.last_scored(after=recent_id)
+        scored, fallback = db.fallback_count(after=recent_id, last=200)
+        rejects = [self._frame(r) for r in db.rejects(after=recent_id, last=12)]
         health = []
-        if "health" in cols:
-            for r in db.execute("SELECT id, scored_at, folder, health FROM frames WHERE id > ? AND health IS NOT "
-                                "NULL ORDER BY id DESC LIMIT 300", (recent_id,)):
-                values = _json(r["health"])
-                if isinstance(values, dict):
-                    health.append({"id": r["id"], "t": r["scored_at"], "folder": r["folder"],
-                                   **{k: _num(values.get(k)) for k in SIGNAL_NAMES}})
-            health.reverse()
+        for r in db.health(after=recent_id, last=300):
+            values = _json(r["health"])
+            if isinstance(values, dict):
+                health.append({"id": r["id"], "t": r["scored_at"], "folder": r["folder"],
+                               **{k: _num(values.get(k)) for k in SIGNAL_NAMES}})
+        health.reverse()
         return {
             "counts": counts, "trend": trend, "max_id": max_id,
             "latency": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "n": len(lat)},
             "detector": None if last is None else {
                 "detector": last["detector"], "backend": last["backend"], "fallback_reason": last["fallback_reason"],
-                "fallback_share": (fallback[1] or 0) / fallback[0] if fallback[0] else 0.0,
+                "fallback_share": fallback / scored if scored else 0.0,
                 "threshold": last["threshold"], "at": last["scored_at"]},
-            "histogram": _histogram(scored, last["detector"] if last else None),
-            "rejects": rejects, "health": health, "bands": self._bands(), **self._alarms(db),
+            "histogram": _histogram(db.scores(after=recent_id, last=2000), last["detector"] if last else None),
+            "rejects": rejects, "health": health, "bands": self._bands(), **_alarms(db),
         }
 
     def frame(self, frame_id: int) -> dict[str, Any] | None:
-        db = self._connect()
+        db = ResultsReader.open(self.db_path)
         if db is None:
             return None
-        try:
-            row = db.execute("SELECT * FROM frames WHERE id = ?", (frame_id,)).fetchone()
-            return None if row is None else self._frame(row)
-        finally:
-            db.close()
+        with db:
+            row = db.frame(frame_id)
+        return None if row is None else self._frame(row)
 
-    def _frame(self, r: sqlite3.Row) -> dict[str, Any]:
-        d = dict(r)
+    def _frame(self, d: dict[str, Any]) -> dict[str, Any]:
         d["name"] = Path(d["path"]).name
         d["overlay_url"] = self._file_url(d.get("overlay"))
         d["overlay"] = None
         d["health"] = _json(d.get("health")) if d.get("health") else None
         return d
 
-    def _alarms(self, db: sqlite3.Connection) -> dict[str, Any]:
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='events'").fetchone():
-            return {"alarms": [], "events": []}
-        events = [dict(r) for r in db.execute("SELECT * FROM events ORDER BY id DESC LIMIT 50")]
-        latest: dict[tuple, dict] = {}
-        for e in db.execute("SELECT * FROM events ORDER BY id"):
-            latest[(e["kind"], e["folder"])] = dict(e)
-        return {"alarms": [e for e in latest.values() if e["state"] == "raised"], "events": events}
-
     def _bands(self) -> dict[str, Any]:
-        path = self.out / STATION_FILE
+        path = self.out / BANDS_FILE
         try:
             data = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError):
@@ -203,19 +164,12 @@ class Station:
         return path
 
 
-def _first_id(db: sqlite3.Connection, since: float) -> int:
-    """The smallest row id scored at or after `since` (rows are committed in time order, within the
-    few milliseconds lanes may interleave), by binary search over the primary key."""
-    lo, hi = db.execute("SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM frames").fetchone()
-    hi += 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        row = db.execute("SELECT id, scored_at FROM frames WHERE id >= ? ORDER BY id LIMIT 1", (mid,)).fetchone()
-        if row is None or row[1] >= since:
-            hi = mid
-        else:
-            lo = row[0] + 1
-    return lo
+def _alarms(db: ResultsReader) -> dict[str, Any]:
+    """The drift alarms raised now (the latest event per kind and camera says raised), and the last 50 events."""
+    latest: dict[tuple, dict] = {}
+    for e in db.events():
+        latest[(e["kind"], e["folder"])] = e
+    return {"alarms": [e for e in latest.values() if e["state"] == "raised"], "events": db.events(last=50)}
 
 
 def _json(text: str | None) -> Any:
@@ -267,11 +221,11 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    from diffinspect.line.station_page import PAGE
-
     station = Station(out, shifts)
+    page_html = static_file("index.html").decode()
+    assets = {name: static_file(name) for name in ASSETS}
     headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-               "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
+               "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self';"
                                           " img-src 'self'; connect-src 'self'; frame-ancestors 'none'"}
 
     class TokenGate:
@@ -279,13 +233,21 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
             self.app = app
 
         async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-            if scope["type"] == "http" and token is not None and not _authorized(Request(scope), token):
+            request = Request(scope) if scope["type"] == "http" else None
+            if (request is not None and token is not None and not request.url.path.startswith("/static/")
+                    and not _authorized(request, token)):
                 await PlainTextResponse("token required", status_code=401)(scope, receive, send)
                 return
             await self.app(scope, receive, send)
 
     async def page(request: Request) -> Response:
-        return HTMLResponse(PAGE, headers=headers)
+        return HTMLResponse(page_html, headers=headers)
+
+    def asset(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in assets:
+            return PlainTextResponse("not found", status_code=404)
+        return Response(assets[name], media_type=ASSETS[name], headers=headers)
 
     def api_state(request: Request) -> Response:
         return JSONResponse(station.state(), headers=headers)
@@ -306,9 +268,15 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
             return PlainTextResponse("not found", status_code=404)
         return FileResponse(path, headers=headers)
 
-    routes = [Route("/", page), Route("/api/state", api_state), Route("/api/frame/{frame_id}", api_frame),
+    routes = [Route("/", page), Route("/static/{name}", asset), Route("/api/state", api_state),
+              Route("/api/frame/{frame_id}", api_frame),
               Route("/files/{path:path}", files)]
     return Starlette(routes=routes, middleware=[Middleware(TokenGate)])
+
+
+def static_file(name: str) -> bytes:
+    """A file of the page, read through importlib.resources (so an installed wheel serves it too)."""
+    return resources.files("diffinspect.station").joinpath("static", name).read_bytes()
 
 
 def _authorized(request: Any, token: str) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from diffinspect.data.image import ImageError, ImageSize, input_hw, read_image, size_record
+from diffinspect.models import MIN_IMAGE_SIZE, image_multiple
 
 DEFAULT_SIDE = 64  # the short side when defects are not small: what every bundle used before
 MIN_DEFECT_PX = 2.0  # model pixels the smallest defect the user names must keep
@@ -66,8 +67,6 @@ def _round_to(value: float, m: int, lo: int, down: bool = False) -> int:
 def choose_geometry(sizes: Sequence[tuple[int, int]], defect_size: int, kind: str, model_size: str,
                     max_pixels: int = MAX_PIXELS) -> Geometry:
     """The model input for frames of these native sizes (see the module docstring)."""
-    from diffinspect.models import MIN_IMAGE_SIZE, image_multiple
-
     if not sizes:
         return Geometry(DEFAULT_SIDE, (0, 0), 0, defect_size, "no frame sizes readable: the default square")
     arr = np.asarray(sizes, np.float64)

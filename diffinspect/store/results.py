@@ -331,22 +331,6 @@ def _last_jsonl_id(path: Path) -> int | None:
             return None
 
 
-def load_rows(out: Path) -> list[dict]:
-    """All rows of OUT/results.db as dicts, in id order (for tests, benchmarks and reports)."""
-    db = sqlite3.connect(f"file:{out / 'results.db'}?mode=ro", uri=True)
-    try:
-        cur = db.execute(f"{_SELECT} ORDER BY id")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, values, strict=True)) for values in cur]
-    finally:
-        db.close()
-
-
-def load_jsonl(out: Path) -> list[dict]:
-    with open(out / "results.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 class _LockFile:
     def __init__(self, fd: int) -> None:
         self.fd = fd

@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from diffinspect.config import MqttConfig
-from diffinspect.line.outbox import OutputError
+from diffinspect.outputs.outbox import OutputError
 
 PASSWORD_ENV = "DIFFINSPECT_MQTT_PASSWORD"
 

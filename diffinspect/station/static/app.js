@@ -1,59 +1,3 @@
-# ruff: noqa: E501  (HTML, CSS and JS lines)
-"""The station page: one HTML document with its CSS and JS inline (no CDN, no build step)."""
-
-PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>diffinspect station</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-:root { --ok:#2e9e44; --ng:#d43a2f; --err:#e39a12; --ink:#1d2329; --mute:#6b7580; --card:#fff; --bg:#eef1f4; }
-* { box-sizing:border-box; }
-body { margin:0; font:14px/1.35 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif; background:var(--bg); color:var(--ink); }
-header { display:flex; align-items:center; gap:12px; padding:10px 18px; background:#1d2329; color:#fff; }
-header h1 { font-size:17px; margin:0; font-weight:600; }
-header .out { color:#aeb7c0; font-size:12px; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
-#live { margin-left:auto; font-size:12px; color:#aeb7c0; }
-#live.stale { color:#ffb347; }
-main { display:grid; grid-template-columns:repeat(auto-fill,minmax(330px,1fr)); gap:12px; padding:12px 18px; }
-section { background:var(--card); border-radius:8px; padding:10px 14px; box-shadow:0 1px 2px rgba(0,0,0,.08); }
-section h2 { font-size:13px; text-transform:uppercase; letter-spacing:.04em; color:var(--mute); margin:0 0 8px; }
-.wide { grid-column:1/-1; }
-.counts { display:grid; grid-template-columns:repeat(5,1fr); gap:6px; text-align:center; }
-.counts div b { display:block; font-size:24px; font-variant-numeric:tabular-nums; }
-.counts small { color:var(--mute); }
-.ok { color:var(--ok); } .ng { color:var(--ng); } .error { color:var(--err); }
-.kv { display:grid; grid-template-columns:auto 1fr; gap:3px 12px; }
-.kv span:nth-child(odd) { color:var(--mute); }
-.fallback { color:var(--err); font-weight:600; }
-#alarms .alarm { background:#fdecea; border-left:4px solid var(--ng); padding:6px 8px; margin:4px 0; border-radius:4px; }
-#alarms .alarm b { color:var(--ng); }
-#alarms .none { color:var(--ok); font-weight:600; }
-#events { max-height:140px; overflow:auto; font-size:12px; color:var(--mute); margin-top:6px; }
-#rejects { display:flex; flex-wrap:wrap; gap:8px; }
-#rejects figure { margin:0; width:120px; cursor:pointer; }
-#rejects img { width:120px; height:120px; object-fit:cover; border-radius:4px; border:2px solid var(--ng); background:#ddd; }
-#rejects figcaption { font-size:11px; color:var(--mute); overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
-svg { width:100%; display:block; }
-svg text { font-size:10px; fill:var(--mute); }
-#modal { position:fixed; inset:0; background:rgba(0,0,0,.75); display:none; align-items:center; justify-content:center; }
-#modal.open { display:flex; }
-#modal .box { background:#fff; border-radius:8px; padding:12px; max-width:92vw; max-height:92vh; overflow:auto; }
-#modal img { max-width:86vw; max-height:70vh; display:block; margin:0 auto; }
-.empty { color:var(--mute); font-style:italic; }
-</style></head>
-<body>
-<header><h1>diffinspect station</h1><span class="out" id="out"></span><span id="live">connecting…</span></header>
-<main>
-<section><h2>Last hour</h2><div class="counts" id="hour"></div></section>
-<section><h2>This shift</h2><div class="counts" id="shift"></div></section>
-<section><h2>Scoring</h2><div class="kv" id="scoring"></div></section>
-<section><h2>Alarms</h2><div id="alarms"></div><div id="events"></div></section>
-<section><h2>Score histogram and threshold</h2><svg id="hist" viewBox="0 0 400 150" height="150"></svg><div id="histnote" class="empty"></div></section>
-<section class="wide"><h2>OK / NG / error per minute, last hour</h2><svg id="trend" viewBox="0 0 900 120" preserveAspectRatio="none" height="120"></svg></section>
-<section class="wide"><h2>Frame health against calibrated bands</h2><div id="health"></div></section>
-<section class="wide"><h2>Last rejects</h2><div id="rejects"></div></section>
-</main>
-<div id="modal"><div class="box" id="modalbox"></div></div>
-<script>
 "use strict";
 const TOKEN = new URLSearchParams(location.search).get("token");
 const withToken = u => TOKEN ? u + (u.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(TOKEN) : u;
@@ -192,6 +136,3 @@ async function poll() {
 }
 poll();
 setInterval(poll, 2000);
-</script>
-</body></html>
-"""

@@ -14,9 +14,7 @@ acknowledged (MQTT PUBACK, OPC UA write status Good). So:
   hold; on this machine it costs well under a millisecond per row on the loopback (see
   bench/line_latency.py).
 
-The mark is written with synchronous=NORMAL: a kill -9 keeps it (WAL), a power cut may lose the last
-moves of the mark, which only re-sends rows with the ids they had. The rows themselves are committed by
-the ResultStore with synchronous=FULL before an output can see them.
+The marks and the queries live in the store (store/deliveries.py), with how durable a mark is.
 
 A new output starts at the rows committed from then on (adding MQTT to a station with a year of results
 does not replay the year); streams whose table does not exist yet start at their beginning.
@@ -25,14 +23,16 @@ does not replay the year); streams whose table does not exist yet start at their
 from __future__ import annotations
 
 import contextlib
-import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from diffinspect.store import StoreError
+from diffinspect.store.deliveries import Deliveries
+from diffinspect.store.deliveries import pending as pending_rows
 
 # stream name -> table; the events table (alarms of the station view) is optional.
 STREAMS = {"frames": "frames", "events": "events"}
@@ -90,18 +90,9 @@ class Outbox:
     def start(self) -> Outbox:
         """Set the marks of new outputs here, in the caller's thread: "from now on" means the rows
         committed after start() returns, whenever the threads get going."""
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        try:
-            db.execute("CREATE TABLE IF NOT EXISTS deliveries (output TEXT PRIMARY KEY, last_id INTEGER NOT NULL)")
-            tables = _tables(db)
-            for out in self.outputs:
-                for stream in out.streams:
-                    table = STREAMS[stream]
-                    start = 0 if self.replay or table not in tables else int(
-                        db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0])  # noqa: S608
-                    db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)", (mark_key(out.name, stream), start))
-        finally:
-            db.close()
+        with Deliveries(self.db_path) as db:
+            db.start_marks({mark_key(out.name, s): STREAMS[s] for out in self.outputs for s in out.streams},
+                           self.replay)
         for w in self._workers:
             w.thread.start()
         return self
@@ -137,7 +128,7 @@ class _Worker:
         self.state = OutputState(output.name)
         self.thread = threading.Thread(target=self._run, name=f"outbox-{output.name}", daemon=True)
         self._said: str | None = None
-        self._db: sqlite3.Connection | None = None
+        self._db: Deliveries | None = None
         self._tables: set[str] = set()
 
     def _run(self) -> None:
@@ -152,15 +143,13 @@ class _Worker:
             if self._db is not None:
                 self._db.close()
 
-    def _connect(self) -> sqlite3.Connection:
-        self._ident = _ident(self.box.db_path)
-        db = self._db = sqlite3.connect(self.box.db_path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA synchronous=NORMAL")
+    def _connect(self) -> Deliveries:
+        db = self._db = Deliveries(self.box.db_path)
         self._refresh_tables(db)
         self.state.last_id = self._mark(db, "frames")
         return db
 
-    def _loop(self, db: sqlite3.Connection) -> None:
+    def _loop(self, db: Deliveries) -> None:
         box = self.box
         backoff = box.backoff_s[0]
         next_tables = 0.0
@@ -181,7 +170,7 @@ class _Worker:
                 self.state.connected = True
             self.wake.clear()  # before reading: a commit after this point wakes the next round
             try:
-                if _ident(box.db_path) != self._ident:
+                if db.replaced():
                     # results.db deleted or replaced, and written again by the store: follow it (the
                     # marks came along in the copy) instead of reading a file that no longer gets rows.
                     db.close()
@@ -190,7 +179,7 @@ class _Worker:
                     self._refresh_tables(db)
                     next_tables = time.monotonic() + box.poll_s
                 waiting = self._backlog(db) if self.state.error is not None else 0
-            except sqlite3.Error as exc:  # locked for long, or an I/O error: try again later
+            except StoreError as exc:  # locked for long, or an I/O error: try again later
                 self._failed(exc)
                 box._stop.wait(backoff)
                 backoff = min(backoff * 2, box.backoff_s[1])
@@ -198,7 +187,7 @@ class _Worker:
             try:
                 sent = sum(self._deliver(db, s) for s in self.output.streams)
             except Exception as exc:
-                if not isinstance(exc, sqlite3.Error):
+                if not isinstance(exc, StoreError):
                     with contextlib.suppress(Exception):
                         self.output.close()
                     self.state.connected = False
@@ -217,20 +206,17 @@ class _Worker:
                     return  # drained
                 self.wake.wait(box.poll_s)
 
-    def _deliver(self, db: sqlite3.Connection, stream: str) -> int:
+    def _deliver(self, db: Deliveries, stream: str) -> int:
         table = STREAMS[stream]
         if table not in self._tables:
             return 0
         key = mark_key(self.output.name, stream)
-        after = self._mark(db, stream)
-        cur = db.execute(f"SELECT * FROM {table} WHERE id > ? ORDER BY id LIMIT ?", (after, _BATCH))  # noqa: S608
-        names = [d[0] for d in cur.description]
-        rows = [dict(zip(names, values, strict=True)) for values in cur.fetchall()]
+        rows = db.rows(table, after=self._mark(db, stream), limit=_BATCH)
         for row in rows:
             if self.box._stop.is_set() and time.monotonic() >= self.box._drain_until:
                 break
             self.output.send(stream, row)  # returns once acknowledged
-            db.execute("UPDATE deliveries SET last_id = ? WHERE output = ?", (row["id"], key))
+            db.move_mark(key, row["id"])
             if stream == "frames":
                 self.state.last_id = row["id"]
                 self.state.delivered += 1
@@ -243,36 +229,16 @@ class _Worker:
             self._said = msg
             self.box.warn(f"{self.output.name}: {msg}; scoring goes on, results wait in results.db")
 
-    def _refresh_tables(self, db: sqlite3.Connection) -> None:
-        self._tables = _tables(db)
+    def _refresh_tables(self, db: Deliveries) -> None:
+        self._tables = db.tables()
 
-    def _mark(self, db: sqlite3.Connection, stream: str) -> int:
-        hit = db.execute("SELECT last_id FROM deliveries WHERE output = ?",
-                         (mark_key(self.output.name, stream),)).fetchone()
-        return int(hit[0]) if hit else 0
+    def _mark(self, db: Deliveries, stream: str) -> int:
+        return db.mark(mark_key(self.output.name, stream))
 
-    def _backlog(self, db: sqlite3.Connection) -> int:
-        return int(db.execute("SELECT COUNT(*) FROM frames WHERE id > ?", (self._mark(db, "frames"),)).fetchone()[0])
-
-
-def _ident(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _tables(db: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    def _backlog(self, db: Deliveries) -> int:
+        return db.count("frames", after=self._mark(db, "frames"))
 
 
 def pending(db_path: Path, output: str, stream: str = "frames") -> int:
     """Rows committed but not yet acknowledged by `output` (for reports and tests)."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        mark = db.execute("SELECT last_id FROM deliveries WHERE output = ?", (mark_key(output, stream),)).fetchone()
-        return int(db.execute(f"SELECT COUNT(*) FROM {STREAMS[stream]} WHERE id > ?",  # noqa: S608
-                              (mark[0] if mark else 0,)).fetchone()[0])
-    finally:
-        db.close()
+    return pending_rows(db_path, mark_key(output, stream), STREAMS[stream])

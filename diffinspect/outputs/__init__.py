@@ -1,0 +1,1 @@
+"""Where verdicts go besides results.db: the outbox worker, MQTT and OPC UA."""

@@ -1,0 +1,1 @@
+"""`inspect station`: the live web page over results.db."""
