@@ -404,7 +404,7 @@ def evaluate(
 def station(
     out: Path = typer.Argument(..., help="Results folder of `inspect watch` (holds results.db)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; any other than 127.0.0.1 needs a token."),
-    port: int = typer.Option(8765, "--port", help="TCP port."),
+    port: int = typer.Option(8765, "--port", min=1, max=65535, help="TCP port (1-65535)."),
     token: str | None = typer.Option(None, "--token", envvar="DIFFINSPECT_STATION_TOKEN",
                                      help="Required on every request (?token=...); required off 127.0.0.1."),
     shifts: str = typer.Option("06:00,14:00,22:00", "--shifts", help="Shift start times (local), HH:MM,..."),

@@ -428,3 +428,20 @@ def test_openmp_threads_sleep_only_when_the_cores_are_already_busy(monkeypatch: 
     assert cli._cores_busy()
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (cores * 0.4, 0.0, 0.0))
     assert not cli._cores_busy()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0"])
+def test_watch_refuses_a_megapixel_limit_that_is_not_a_positive_number(cold_bundle, tmp_path, capsys, value):
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    code, _, err = run_cli(capsys, "watch", cam, "--model", cold_bundle, "--out", tmp_path / "out", "--once",
+                           "--quiet", "--max-megapixels", value)
+    assert code == 2 and "max megapixels must be a positive number" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "0"])
+def test_station_refuses_a_port_out_of_range_in_one_line(tmp_path, capsys, port):
+    (tmp_path / "out").mkdir()
+    code, _, err = run_cli(capsys, "station", tmp_path / "out", "--port", port)
+    assert code == 2 and "--port" in err and len(err.strip().splitlines()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -39,8 +40,10 @@ class WatchOptions:
              f"after must be keep, move or delete, got {self.after!r}"),
             (self.queue_size >= self.batch, f"queue size ({self.queue_size}) must be at least the batch "
                                             f"({self.batch})"),
-            (self.max_latency_ms is None or self.max_latency_ms > 0, "max latency must be positive"),
-            (self.max_megapixels is None or self.max_megapixels > 0, "max megapixels must be positive"),
+            (self.max_latency_ms is None or 0 < self.max_latency_ms < math.inf, "max latency must be a positive "
+                                                                               "number of milliseconds"),
+            (self.max_megapixels is None or 0 < self.max_megapixels < math.inf,
+             "max megapixels must be a positive number"),
             (min(self.stable_ms, self.empty_ms, self.settle_ms, self.batch_wait_ms) >= 0,
              "waiting times cannot be negative"),
             (self.retry_seconds > 0 and self.rescan_seconds > 0, "retry and rescan periods must be positive"),
