@@ -305,12 +305,12 @@ def watch(
                                      "e.g. opc.tcp://plc:4840 (nodes under \\[watch.opcua.nodes] in ./inspect.toml)."),
 ) -> None:
     """Watch camera folders and score every frame exactly once; the line never stops."""
-    from diffinspect.config import WATCH_FILE, load_watch_table
+    from diffinspect.config import WATCH_FILE, load_watch_settings
     from diffinspect.line.watch import WatchOptions, run_watch
     from diffinspect.scoring.loader import load_detector, load_fallback
 
-    settings = load_watch_table()
-    bundle = model or (Path(settings["model"]) if "model" in settings else Path("model"))
+    settings = load_watch_settings()
+    bundle = model or Path(settings.model or "model")
     from diffinspect.bundle import is_bundle
 
     if not is_bundle(bundle):
@@ -319,22 +319,23 @@ def watch(
     for f in folders:
         if not f.is_dir():
             raise DiffinspectError(f"camera folder not found: {f}")
-    backend = backend or settings.get("backend", "auto")
+    backend = backend or settings.backend or "auto"
     _backend(backend)
-    device = device or settings.get("device", "auto")
+    device = device or settings.device or "auto"
 
     def factories(b: Path):
         return (lambda: load_detector(b, "diffusion", backend, device)), (lambda: load_fallback(b))
 
-    per_folder = {Path(folder).resolve(): factories(Path(b)) for folder, b in settings.get("cameras", {}).items()}
-    options = WatchOptions(
-        batch=batch if batch is not None else settings.get("batch", 8),  # --batch 0 is refused, not the default
-        overlays=overlays or settings.get("overlays", "ng"),
-        after=after or settings.get("after", "keep"), recursive=recursive, pattern=pattern, once=once,
-        quiet=quiet, max_latency_ms=max_latency_ms or settings.get("max_latency_ms"), max_megapixels=max_megapixels)
+    per_folder = {Path(folder).resolve(): factories(Path(b)) for folder, b in settings.cameras.items()}
+    # A flag wins over the file; where neither is given, WatchOptions keeps its own default.
+    given = {"batch": batch if batch is not None else settings.batch,  # --batch 0 is refused, not the default
+             "overlays": overlays or settings.overlays, "after": after or settings.after,
+             "max_latency_ms": max_latency_ms or settings.max_latency_ms}
+    options = WatchOptions(recursive=recursive, pattern=pattern, once=once, quiet=quiet,
+                           max_megapixels=max_megapixels, **{k: v for k, v in given.items() if v is not None})
     make_detector, make_fallback = factories(bundle)
-    outputs = _outputs(settings, mqtt, opcua)
-    out = out or Path(settings.get("out", "inspect_results"))
+    outputs = _outputs({"mqtt": settings.mqtt, "opcua": settings.opcua}, mqtt, opcua)
+    out = out or Path(settings.out or "inspect_results")
     summary = run_watch(folders, out, make_detector, make_fallback, options, per_folder=per_folder or None,
                         outputs=outputs)
     console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, error {summary.error}, "

@@ -185,6 +185,10 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
         hint = listed[0] if listed and isinstance(value, list | tuple) else next(a for a in args if a is not type(None))
         args = typing.get_args(hint)
     origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise DiffinspectError(f"config key {name} must be a table, got {value!r}")
+        return {k: v if args[1] is Any else _convert(v, args[1], f"{name}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list | tuple):
             raise DiffinspectError(f"config key {name} must be a list, got {value!r}")
@@ -241,12 +245,12 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 WATCH_FILE = "inspect.toml"  # in the working directory of `inspect watch`: its [watch] table
-WATCH_KEYS = {"model", "out", "backend", "device", "batch", "overlays", "after", "max_latency_ms", "cameras"}
-WATCH_KEYS |= {"mqtt", "opcua"}  # the outputs (load_outputs)
 
 
-def load_watch_table(path: str | Path = WATCH_FILE) -> dict[str, Any]:
-    """The `[watch]` table of ./inspect.toml (empty when there is none).
+@dataclass
+class WatchSettings:
+    """The `[watch]` table of ./inspect.toml: what `inspect watch` uses where a flag is not given (unset
+    here: the command's own default). Every key is type-checked, with one line naming it.
 
     [watch]
     model = "model"                 # bundle for every folder
@@ -254,17 +258,34 @@ def load_watch_table(path: str | Path = WATCH_FILE) -> dict[str, Any]:
     [watch.cameras]                 # optional: a bundle per camera folder
     "camera_feed/cam2" = "model_cam2"
     """
+
+    model: str | None = None
+    out: str | None = None
+    backend: str | None = None
+    device: str | None = None
+    batch: int | None = None
+    overlays: str | None = None
+    after: str | None = None
+    max_latency_ms: float | None = None
+    cameras: dict[str, str] = field(default_factory=dict)
+    mqtt: dict[str, Any] | None = None  # [watch.mqtt] and [watch.opcua]: checked by load_outputs, where the
+    opcua: dict[str, Any] | None = None  # command line's URL flags join them
+
+
+def load_watch_settings(path: str | Path = WATCH_FILE) -> WatchSettings:
+    """The `[watch]` table of `path` (all unset when there is no such file)."""
     path = Path(path)
+    settings = WatchSettings()
     if not path.exists():
-        return {}
-    raw = _read_toml(path, "settings file")
-    watch = raw.get("watch", {})
+        return settings
+    watch = _read_toml(path, "settings file").get("watch", {})
     if not isinstance(watch, dict):
         raise DiffinspectError(f"[watch] in {path} must be a table")
-    unknown = set(watch) - WATCH_KEYS
-    if unknown:
-        raise DiffinspectError(f"unknown key in {path} [watch]: {sorted(unknown)[0]}")
-    return watch
+    try:
+        _apply(settings, watch, prefix="watch.")
+    except DiffinspectError as exc:
+        raise DiffinspectError(f"{path}: {exc}") from None
+    return settings
 
 
 # -- outputs of `inspect watch`: [watch.mqtt] and [watch.opcua] in inspect.toml -----------------------

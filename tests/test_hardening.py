@@ -316,12 +316,12 @@ def test_non_finite_config_numbers_are_refused(key):
 
 
 def test_watch_settings_file_that_is_not_utf8_is_one_error(tmp_path):
-    from diffinspect.config import load_watch_table
+    from diffinspect.config import load_watch_settings
 
     p = tmp_path / "inspect.toml"
     p.write_bytes(b"[watch]\nmodel = \"mod\xe8le\"\n")
     with pytest.raises(DiffinspectError, match="UTF-8"):
-        load_watch_table(p)
+        load_watch_settings(p)
 
 
 def test_cli_train_refuses_a_user_folder_before_training(capsys, line_dir, tmp_path):
@@ -445,3 +445,16 @@ def test_station_refuses_a_port_out_of_range_in_one_line(tmp_path, capsys, port)
     (tmp_path / "out").mkdir()
     code, _, err = run_cli(capsys, "station", tmp_path / "out", "--port", port)
     assert code == 2 and "--port" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("model = 5", "watch.model"), ("out = true", "watch.out"), ('batch = "x"', "watch.batch"),
+    ("max_latency_ms = [1]", "watch.max_latency_ms"), ('[watch.cameras]\n"cam" = 5', "watch.cameras.cam"),
+    ("cameras = 3", "watch.cameras"), ("mqtt = 1", "watch.mqtt"), ("colour = 1", "watch.colour"),
+])
+def test_watch_settings_of_the_wrong_type_are_one_line_naming_the_key(tmp_path, capsys, monkeypatch, text, key):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cam").mkdir()
+    (tmp_path / "inspect.toml").write_text(f"[watch]\n{text}\n")
+    code, _, err = run_cli(capsys, "watch", "cam", "--once", "--quiet")
+    assert code == 2 and key in err and "inspect.toml" in err and len(err.strip().splitlines()) == 1, err
