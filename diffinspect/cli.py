@@ -345,9 +345,14 @@ def watch(
         from diffinspect.outputs.outbox import pending
 
         results_db = out / "results.db"
+        waiting = {o.name: pending(results_db, o.name) for o in outputs}
         for o in outputs:
             console.print(f"{o.name}: {o.acknowledged_rows} verdict(s) acknowledged in this run; "
-                          f"{pending(results_db, o.name)} waiting in {results_db}")
+                          f"{waiting[o.name]} waiting in {results_db}")
+        if any(waiting.values()):  # the rows are safe in results.db; the next run delivers them first
+            console.print(f"[bold red]error:[/] verdicts not yet delivered: "
+                          f"{', '.join(f'{n} {name}' for name, n in waiting.items() if n)}", highlight=False)
+            raise typer.Exit(1)
 
 
 def _outputs(settings: dict, mqtt_url: str | None, opcua_url: str | None) -> list:

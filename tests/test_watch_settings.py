@@ -109,3 +109,21 @@ def test_mqtt_password_from_the_environment_and_qos_2(cold_bundles, line_dir, tm
         sub.close()
     finally:
         broker.stop()
+
+
+@needs(MOSQUITTO is not None, "Debian's mosquitto (apt-get install mosquitto)")
+def test_once_exits_non_zero_while_verdicts_wait_for_an_output(cold_bundles, line_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    broker = Broker(tmp_path / "broker", users={"press-4": "s3cret"}).start()
+    try:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("DIFFINSPECT_MQTT_PASSWORD", "wrong")
+        camera(tmp_path / "cam", line_dir, n=3)
+        Path("inspect.toml").write_text(f'[watch.mqtt]\nurl = "{broker.url}"\nusername = "press-4"\n')
+        code, _, err = run_cli(capsys, "watch", "cam", "--model", cold_bundles[0], "--out", "res", "--once",
+                               "--quiet")
+    finally:
+        broker.stop()
+    assert code == 1
+    assert "verdicts not yet delivered: 3 mqtt" in " ".join(err.split())
+    assert len(rows(tmp_path / "res")) == 3  # every frame scored and recorded all the same
