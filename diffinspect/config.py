@@ -383,7 +383,27 @@ def validate_mqtt(cfg: MqttConfig) -> MqttConfig:
         path = getattr(cfg, key)
         if path is not None and not Path(path).is_file():
             raise DiffinspectError(f"watch.mqtt.{key}: file not found: {path}")
+    _check_tls_files(cfg)
     return cfg
+
+
+def _check_tls_files(cfg: MqttConfig) -> None:
+    """Load the CA and client certificate once at start: a file that is not PEM, or a key that does not
+    match its certificate, is refused now, not warned about on every connection attempt."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if cfg.ca_file is not None:
+            ctx.load_verify_locations(cafile=cfg.ca_file)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        raise DiffinspectError(f"watch.mqtt.ca_file {cfg.ca_file} is not a PEM CA certificate ({exc})") from None
+    try:
+        if cfg.cert_file is not None:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        raise DiffinspectError(f"watch.mqtt.cert_file {cfg.cert_file} and key_file {cfg.key_file} are not a PEM "
+                               f"certificate with its matching key ({exc})") from None
 
 
 def validate_opcua(cfg: OpcuaConfig) -> OpcuaConfig:

@@ -224,8 +224,19 @@ def test_mqtt_over_tls_checks_the_broker_certificate(tmp_path: Path) -> None:
             ids = commit(store, box, [frame_row(i) for i in range(5)])
             wait_for(lambda: len(sub.verdicts()) == 5, what="verdicts over TLS")
         assert [m["id"] for m in sub.verdicts()] == ids and warn == []
+        plain = mqtt(broker, url=f"mqtt://127.0.0.1:{broker.tls_port}")  # plain MQTT to the TLS port
+        with pytest.raises(OutputError, match="closed the connection before answering.*use mqtts://"):
+            plain.open()
         sub.close()
         store.close()
+        # Files that cannot serve are refused when the output is configured, in one line naming them.
+        (tmp_path / "junk.pem").write_text("not a certificate")
+        with pytest.raises(DiffinspectError, match="ca_file .*junk.pem is not a PEM CA certificate"):
+            load_outputs({"mqtt": {"url": url, "ca_file": str(tmp_path / "junk.pem")}})
+        pem = {"url": url, "ca_file": str(broker.ca_file), "cert_file": str(broker.root / "server.pem")}
+        with pytest.raises(DiffinspectError, match="not a PEM certificate with its matching key"):
+            load_outputs({"mqtt": {**pem, "key_file": str(broker.root / "ca.key")}})  # the CA's key, not the cert's
+        assert load_outputs({"mqtt": {**pem, "key_file": str(broker.root / "server.key")}})[0] is not None
     finally:
         broker.stop()
 

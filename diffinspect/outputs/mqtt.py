@@ -116,6 +116,10 @@ class MqttOutput:
             self.close(say_offline=False)
             if connack is None:
                 raise OutputError(f"no answer from the {self.where} within {self.cfg.ack_timeout_s:g} s")
+            if isinstance(connack, _Dropped):
+                hint = ("check the CA and client certificate" if self.tls
+                        else "is it a TLS port? then use mqtts://")
+                raise OutputError(f"the {self.where} closed the connection before answering ({hint})")
             raise OutputError(f"the {self.where} refused the connection: {connack}"
                               + (" (check username and password)" if _is_auth(connack) else ""))
         # Up again: replace the last will's "offline" at once, not at the next frame.
@@ -186,14 +190,20 @@ class MqttOutput:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         with self._cond:
             self._connected = False
-            if self._connack is None:
-                self._connack = reason_code
+            if self._connack is None:  # closed before any CONNACK: not the broker's MQTT answer
+                self._connack = _Dropped()
             self._cond.notify_all()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
         with self._cond:
             self._acked.add(mid)
             self._cond.notify_all()
+
+
+class _Dropped:
+    """The connection closed before the broker's CONNACK (e.g. plain MQTT to a TLS port)."""
+
+    is_failure = True
 
 
 def _is_auth(reason_code: object) -> bool:
