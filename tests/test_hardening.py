@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -458,3 +459,39 @@ def test_watch_settings_of_the_wrong_type_are_one_line_naming_the_key(tmp_path, 
     (tmp_path / "inspect.toml").write_text(f"[watch]\n{text}\n")
     code, _, err = run_cli(capsys, "watch", "cam", "--once", "--quiet")
     assert code == 2 and key in err and "inspect.toml" in err and len(err.strip().splitlines()) == 1, err
+
+
+def odd_entries(folder: Path) -> set[str]:
+    """A symlink loop, a dangling symlink and a FIFO, each named like a frame."""
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "dangling.png").symlink_to(folder / "nowhere.png")
+    os.mkfifo(folder / "pipe.png")
+    return {"loop.png", "dangling.png", "pipe.png"}
+
+
+def test_score_names_every_file_it_cannot_read(cold_bundle, line_dir, tmp_path, capsys):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    odd = odd_entries(folder)
+    for f in sorted((line_dir / "test" / "good").iterdir())[:2]:
+        shutil.copy(f, folder / f.name)
+    code, out, err = run_cli(capsys, "score", cold_bundle, folder, "--json")
+    assert code == 0, err
+    records = {Path(r["path"]).name: r for r in map(json.loads, out.splitlines())}
+    assert len(records) == 5
+    assert {n for n, r in records.items() if r["label"] == "error" and r["error"]} == odd
+
+
+def test_watch_gives_every_unreadable_frame_a_row(cold_bundle, line_dir, tmp_path, capsys):
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    odd = odd_entries(cam)
+    shutil.copy(sorted((line_dir / "test" / "good").iterdir())[0], cam / "good.png")
+    code, _, err = run_cli(capsys, "watch", cam, "--model", cold_bundle, "--out", tmp_path / "out", "--once",
+                           "--quiet")
+    assert code == 0, err
+    db = sqlite3.connect(tmp_path / "out" / "results.db")
+    rows = dict(db.execute("SELECT path, status FROM frames").fetchall())
+    db.close()
+    assert {Path(p).name for p, s in rows.items() if s == "error"} == odd
+    assert {Path(p).name for p, s in rows.items() if s != "error"} == {"good.png"}

@@ -10,16 +10,18 @@ from diffinspect.data.image import is_image_path
 
 
 def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
-    """Image files under folder, sorted by path (hidden files and folders skipped)."""
+    """Image files under folder, sorted by path (hidden files and folders skipped). Every entry named like
+    an image that is not a folder is listed, a dangling symlink, a symlink loop or a FIFO too: reading it
+    fails with a reason, so the file is named (an error record, or a skipped file) instead of vanishing."""
     folder = Path(folder)
     if not folder.exists():
         raise DiffinspectError(f"folder not found: {folder}")
-    if folder.is_file():
+    if not folder.is_dir():
         return [folder] if is_image_path(folder) else []
     pattern = "**/*" if recursive else "*"
     return sorted(
         p for p in folder.glob(pattern)
-        if p.is_file() and is_image_path(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if is_image_path(p) and not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 

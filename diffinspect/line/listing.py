@@ -26,13 +26,11 @@ class Folders:
         """(size, mtime_ns), None when the file is gone."""
         try:
             st = os.stat(path)
-        except FileNotFoundError:
-            try:  # a broken symlink is still a frame: it gets an error row
+        except OSError:
+            try:  # a dangling symlink or a symlink loop is still a frame: it gets an error row
                 st = os.lstat(path)
             except OSError:
-                return None
-        except OSError:
-            return None  # unreadable directory entry: the next rescan tries again
+                return None  # gone, or an unreadable directory entry: the next rescan tries again
         return st.st_size, st.st_mtime_ns
 
     def wanted(self, path: str, root: Path) -> bool:
