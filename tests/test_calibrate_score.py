@@ -13,6 +13,7 @@ from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import read_image
 from diffinspect.scoring.calibrate import calibrate
+from diffinspect.scoring.inspector import Inspector
 from diffinspect.scoring.loader import load_detector
 from diffinspect.scoring.score import score_paths
 from diffinspect.scoring.threshold import conformal_threshold, min_calibration_size
@@ -109,9 +110,9 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_overlays_mark_the_defect(calibrated_bundle, line_dir, tmp_path):
-    det = load_detector(calibrated_bundle, backend="torch")
+    inspector = Inspector.load(calibrated_bundle, backend="torch")
     paths = sorted((line_dir / "test" / "spot").iterdir())
-    recs = list(score_paths(det, paths, tmp_path, overlays="all"))
+    recs = list(score_paths(inspector, paths, tmp_path, overlays="all"))
     img = cv2.imread(recs[0].overlay)
     assert img is not None and img.shape[0] >= 256
 
