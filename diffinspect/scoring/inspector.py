@@ -80,8 +80,8 @@ class Inspector:
 
     def __init__(self, detector: Detector, calibration_scores: np.ndarray | None = None) -> None:
         self.detector = detector
-        self.calibration_scores = None if calibration_scores is None or not len(calibration_scores) \
-            else np.sort(np.asarray(calibration_scores, np.float64).ravel())
+        cal = None if calibration_scores is None else np.sort(np.asarray(calibration_scores, np.float64).ravel())
+        self.calibration_scores = cal if cal is not None and cal.size else None
 
     @classmethod
     def load(cls, bundle: str | Path | Bundle, backend: str = "auto", device: str = "auto",
@@ -96,8 +96,8 @@ class Inspector:
 
     @classmethod
     def fallback(cls, bundle: str | Path | Bundle) -> Inspector:
-        """The bundle's COPOD fallback. Its calibration scores are not kept in the bundle: no p-values
-        unless the detector still holds them (a fallback just fitted)."""
+        """The bundle's COPOD fallback. The bundle does not keep its calibration scores: no p-values
+        (wrap a freshly fitted one as Inspector(copod, copod.calibration_scores) to have them)."""
         from diffinspect.scoring.loader import load_fallback
 
         return cls(load_fallback(bundle))
