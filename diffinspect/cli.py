@@ -249,24 +249,25 @@ def score(
     """Score images: label, score and optional heatmap overlay per image."""
     import json
 
-    from diffinspect.scoring.loader import load_detector
+    from diffinspect.scoring.inspector import Inspector
     from diffinspect.scoring.score import expand_paths, score_paths
 
     _backend(backend)
-    det = load_detector(bundle, detector, backend, device, sampler)
-    if backend == "auto" and hasattr(getattr(det, "engine", None), "selection"):
-        console.print(f"backend {det.engine.selection}", highlight=False, soft_wrap=True)  # stderr
+    inspector = Inspector.load(bundle, backend, device, sampler, detector)
+    engine = getattr(inspector.detector, "engine", None)
+    if backend == "auto" and hasattr(engine, "selection"):
+        console.print(f"backend {engine.selection}", highlight=False, soft_wrap=True)  # stderr
     files = expand_paths([_existing(p, "path") for p in paths])
     if not files:
         raise DiffinspectError("no images found in the given paths")
     records = []
-    for rec in score_paths(det, files, overlay_dir):
+    for rec in score_paths(inspector, files, overlay_dir):
         records.append(rec)
         if as_json:
             print(json.dumps(rec.to_dict(), allow_nan=False), flush=True)  # never a NaN token
     if not as_json:
         _print_records(records)
-    if all(r.label == "error" for r in records):
+    if all(r.status == "error" for r in records):
         raise typer.Exit(1)
 
 
@@ -276,7 +277,7 @@ def _print_records(records) -> None:
     table = Table("image", "label", "score", "threshold", "ms", "overlay / error")
     colors = {"ok": "green", "ng": "bold red", "error": "yellow"}
     for r in records:
-        table.add_row(Path(r.path).name, f"[{colors[r.label]}]{r.label.upper()}[/]",
+        table.add_row(Path(r.path).name, f"[{colors[r.status]}]{r.status.upper()}[/]",
                       "" if r.score is None else f"{r.score:.3f}", f"{r.threshold:.3f}",
                       "" if r.latency_ms is None else f"{r.latency_ms:.1f}", r.error or r.overlay or "")
     Console().print(table)
@@ -307,7 +308,7 @@ def watch(
     """Watch camera folders and score every frame exactly once; the line never stops."""
     from diffinspect.config import WATCH_FILE, load_watch_settings
     from diffinspect.line.watch import WatchOptions, run_watch
-    from diffinspect.scoring.loader import load_detector, load_fallback
+    from diffinspect.scoring.inspector import Inspector
 
     settings = load_watch_settings()
     bundle = model or Path(settings.model or "model")
@@ -324,7 +325,7 @@ def watch(
     device = device or settings.device or "auto"
 
     def factories(b: Path):
-        return (lambda: load_detector(b, "diffusion", backend, device)), (lambda: load_fallback(b))
+        return (lambda: Inspector.load(b, backend, device)), (lambda: Inspector.fallback(b))
 
     per_folder = {Path(folder).resolve(): factories(Path(b)) for folder, b in settings.cameras.items()}
     # A flag wins over the file; where neither is given, WatchOptions keeps its own default.

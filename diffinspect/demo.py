@@ -83,7 +83,7 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
     from diffinspect.evaluation.evaluate import evaluate
     from diffinspect.line.watch import WatchOptions, run_watch
     from diffinspect.scoring.calibrate import calibrate
-    from diffinspect.scoring.loader import load_detector, load_fallback
+    from diffinspect.scoring.inspector import Inspector
     from diffinspect.train import train
 
     t0 = time.monotonic()
@@ -119,7 +119,7 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
     watcher_out: list = []
     broker, mqtt = _local_broker(workdir / "broker", log)
     watcher = threading.Thread(target=lambda: watcher_out.append(run_watch(
-        [feed], results, lambda: load_detector(bundle, "diffusion", backend), lambda: load_fallback(bundle),
+        [feed], results, lambda: Inspector.load(bundle, backend), lambda: Inspector.fallback(bundle),
         options, outputs=[mqtt] if mqtt else [])), daemon=True)
     feed.mkdir(parents=True, exist_ok=True)
     watcher.start()

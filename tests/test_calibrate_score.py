@@ -13,6 +13,7 @@ from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import read_image
 from diffinspect.scoring.calibrate import calibrate
+from diffinspect.scoring.inspector import Inspector
 from diffinspect.scoring.loader import load_detector
 from diffinspect.scoring.score import score_paths
 from diffinspect.scoring.threshold import conformal_threshold, min_calibration_size
@@ -108,10 +109,24 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "bundle not found" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_inspector_of_a_calibrated_bundle(calibrated_bundle, line_dir):
+    inspector = Inspector.load(calibrated_bundle, backend="torch")
+    b = Bundle.load(calibrated_bundle)
+    with np.load(b.file("calibration.npz")) as z:
+        np.testing.assert_array_equal(inspector.calibration_scores, np.sort(z["scores"]))
+    samples = labelled_set(line_dir).samples
+    frames = [read_image(s.path, inspector.preprocess.color) for s in samples]
+    verdicts = inspector.inspect(frames)
+    rate = b.manifest["calibration"]["false_reject_rate"]
+    assert {v.label for v in verdicts} == {"ok", "ng"}
+    assert all((v.label == "ng") == (v.p_value <= rate) for v in verdicts)  # the threshold is the p-value's rule
+    assert all(v.map.shape == f.shape[:2] for v, f in zip(verdicts, frames, strict=True))
+
+
 def test_overlays_mark_the_defect(calibrated_bundle, line_dir, tmp_path):
-    det = load_detector(calibrated_bundle, backend="torch")
+    inspector = Inspector.load(calibrated_bundle, backend="torch")
     paths = sorted((line_dir / "test" / "spot").iterdir())
-    recs = list(score_paths(det, paths, tmp_path, overlays="all"))
+    recs = list(score_paths(inspector, paths, tmp_path, overlays="all"))
     img = cv2.imread(recs[0].overlay)
     assert img is not None and img.shape[0] >= 256
 

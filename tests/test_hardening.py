@@ -20,7 +20,7 @@ import pytest
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle, check_output, is_bundle, sha256_file, write_manifest
 from diffinspect.data.image import MIN_FRAME_SIDE, ImageError, decode_image, header_size, read_image
-from diffinspect.scoring.detector import label_for
+from diffinspect.scoring.inspector import label_for
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:

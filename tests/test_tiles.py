@@ -121,6 +121,7 @@ def test_old_manifests_feed_whole_frames():
 
 
 def test_tiles_train_calibrate_and_score(tiles_bundle, tiles_line, tmp_path):
+    from diffinspect.scoring.inspector import Inspector
     from diffinspect.scoring.loader import load_detector
     from diffinspect.scoring.score import score_paths
 
@@ -149,7 +150,7 @@ def test_tiles_train_calibrate_and_score(tiles_bundle, tiles_line, tmp_path):
 
     wide = [s.path for s in test.samples if s.path.name.startswith("w")][:2]
     paths = [test.samples[0].path, *wide]
-    recs = list(score_paths(det, paths, tmp_path, overlays="all"))
+    recs = list(score_paths(Inspector(det), paths, tmp_path, overlays="all"))
     assert [r.error for r in recs] == [None] * 3
     assert all(cv2.imread(r.overlay) is not None for r in recs)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -244,6 +245,20 @@ def test_non_finite_scores_go_to_the_fallback(tmp_path: Path) -> None:
     once([cam], out, primary=Factory(nan=True))
     assert {(r["detector"], r["fallback_reason"]) for r in db_rows(out)} == {
         ("copod", "diffusion score not finite")}
+
+
+def test_a_detector_giving_a_wrong_number_of_scores_counts_as_failed(tmp_path: Path) -> None:
+    class Short(FakeDetector):
+        def score(self, frames: list[np.ndarray]):  # noqa: ANN201
+            out = super().score(frames)
+            return type(out)(out.scores[:-1], None)
+
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 3)
+    once([cam], out, primary=lambda: Short())
+    rows = db_rows(out)
+    assert {r["detector"] for r in rows} == {"copod"} and len(rows) == 3
+    assert all(re.search(r"returned \d+ scores for \d+ frames", r["fallback_reason"]) for r in rows)
 
 
 def test_hung_detector_is_abandoned(tmp_path: Path) -> None:

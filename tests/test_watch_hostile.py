@@ -54,6 +54,20 @@ def test_a_name_that_is_not_utf8_at_start_up_does_not_stop_the_line(tmp_path: Pa
     assert again.frames == 0  # found in results.db by its recorded name: not scored twice
 
 
+def test_a_name_that_is_not_utf8_gets_its_overlay(tmp_path: Path) -> None:
+    from diffinspect.scoring.overlay import overlay_name
+
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    cam.mkdir()
+    odd = bad_name(cam)
+    run_watch([cam], out, Factory(), Factory(name="copod"), WatchOptions(**FAST, once=True, overlays="all"))
+    (row,) = assert_mirror(out)
+    st = os.stat(odd)
+    assert row["status"] == "ok" and row["error"] is None
+    assert row["overlay"] == str(out / "overlays" / overlay_name(str(odd), st.st_size, st.st_mtime_ns))
+    assert Path(row["overlay"]).stat().st_size > 0
+
+
 def test_a_name_that_is_not_utf8_arriving_later_does_not_stop_the_line(tmp_path: Path) -> None:
     cam, out = tmp_path / "cam", tmp_path / "out"
     cam.mkdir()

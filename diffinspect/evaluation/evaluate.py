@@ -37,6 +37,7 @@ from diffinspect.evaluation.baselines import KINDS, EmbeddingBaseline, PixelBase
 from diffinspect.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from diffinspect.evaluation.report import GalleryItem, MethodView, summarize, write_report
 from diffinspect.scoring.detector import Detector
+from diffinspect.scoring.inspector import Inspector
 from diffinspect.scoring.threshold import describe_bound
 
 Embedder = Callable[[list[np.ndarray]], np.ndarray]
@@ -56,6 +57,7 @@ class Method:
     pixel_threshold: float | None = None
     backend: str = ""
     calibration: str | None = None
+    inspector: Inspector | None = None  # detectors: what gives the gallery its maps on the frame grid
 
 
 @dataclass
@@ -329,20 +331,32 @@ def _identity(frames: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _detector_method(name: str, det: Detector) -> Method:
-    def score(frames: object) -> tuple[np.ndarray, np.ndarray | None]:
-        out = det.score(frames)  # type: ignore[arg-type]
-        if isinstance(out.maps, list):  # one canvas map per frame, shapes vary (tiles feed)
-            return np.asarray(out.scores, dtype=np.float64).ravel(), out.maps
-        maps = None if out.maps is None else np.asarray(out.maps, dtype=np.float32)
-        if maps is not None and maps.ndim == 4:
-            maps = maps[..., 0] if maps.shape[-1] == 1 else maps[:, 0]
-        return np.asarray(out.scores, dtype=np.float64).ravel(), maps
+    inspector = Inspector(det)
+
+    def score(frames: object) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        verdicts = inspector.inspect(frames)  # type: ignore[arg-type]
+        failed = next((v.error for v in verdicts if v.score is None), None)
+        if failed is not None:
+            raise DiffinspectError(f"{name}: {failed}")
+        maps = [_plain(v.grid_map) for v in verdicts]
+        # Raw scores, NaN included: the metrics count an unscorable frame, the line labels it error.
+        return np.array([v.score for v in verdicts], np.float64), None if any(m is None for m in maps) else maps
 
     n = getattr(det, "calibration_n", None) or getattr(det, "n_calibration", None)
     rate = getattr(det, "false_reject_rate", None)
     calibration = describe_bound(int(n), float(rate)) if n and rate else None
     return Method(name, "detector", f"frames:{det.preprocess.color}", score, det.threshold, det.preprocess,
-                  det.pixel_threshold, str(getattr(det, "backend", "")), calibration)
+                  det.pixel_threshold, str(getattr(det, "backend", "")), calibration, inspector)
+
+
+def _plain(amap: np.ndarray | None) -> np.ndarray | None:
+    """A frame's map as 2-D float32 (a detector may give (1, H, W) or (H, W, 1))."""
+    if amap is None:
+        return None
+    amap = np.asarray(amap, dtype=np.float32)
+    if amap.ndim == 3:
+        amap = amap[..., 0] if amap.shape[-1] == 1 else amap[0]
+    return amap
 
 
 def _roi_crop(dets: Mapping[str, Detector]) -> Callable[[np.ndarray], np.ndarray]:
@@ -614,7 +628,7 @@ def _gallery_item(m: Method, sample: TestSample, score: float, label: str, notes
     image = None
     # Re-scoring a handful of frames is cheaper than holding every map of a large test set in memory;
     # the caption and label keep the score from the evaluation run.
-    amap = m.score([frame])[1] if m.kind == "detector" and m.preprocess is not None else None
+    amap = m.inspector.inspect([frame])[0].map if m.inspector is not None else None
     if amap is not None:
         try:
             from diffinspect.scoring.overlay import render_overlay
@@ -622,7 +636,6 @@ def _gallery_item(m: Method, sample: TestSample, score: float, label: str, notes
             render_overlay = None
             notes.append("overlay module not available: galleries show plain frames")
         if render_overlay is not None:
-            amap = m.preprocess.map_to_frame(amap[0], frame.shape)
             try:
                 image = render_overlay(frame, amap, score, m.threshold, label, m.pixel_threshold)
             except Exception as exc:  # a drawing bug must not throw away a finished evaluation

@@ -45,7 +45,7 @@ def f1_max(labels: Sequence[bool] | np.ndarray, scores: Sequence[float] | np.nda
 
 def threshold_metrics(labels: Sequence[bool] | np.ndarray, scores: Sequence[float] | np.ndarray,
                       threshold: float | None) -> dict[str, float | int | None]:
-    """What the line sees at a fixed threshold (NG strictly above it, as `detector.label_for`)."""
+    """What the line sees at a fixed threshold (NG strictly above it, as `inspector.label_for`)."""
     y = np.asarray(labels, dtype=bool)
     s = np.asarray(scores, dtype=np.float64)
     keys = ("false_reject_rate", "miss_rate", "precision", "recall", "f1")

@@ -4,7 +4,6 @@ deleted, and the intake hears that the frame is done."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ import numpy as np
 from diffinspect.line.disposal import Disposal
 from diffinspect.line.frame import Candidate, Item
 from diffinspect.line.say import Say, describe
+from diffinspect.scoring.overlay import overlay_name, wants_overlay
 from diffinspect.scoring.record import Record
 from diffinspect.store.results import ResultStore
 
@@ -22,12 +22,6 @@ from diffinspect.store.results import ResultStore
 #  pixel_threshold) -> None
 OverlayWriter = Callable[[Path, np.ndarray, "np.ndarray | None", float, float, str, "float | None"], None]
 CommitHook = Callable[[list[Record]], None]
-
-
-def overlay_name(cand: Candidate) -> str:
-    """Deterministic per frame, so a frame re-scored after a crash overwrites its own overlay."""
-    digest = hashlib.sha1("|".join(map(str, cand.key)).encode()).hexdigest()[:10]
-    return f"{cand.path.stem}-{digest}.png"  # save_overlay writes PNG
 
 
 class Committer:
@@ -57,38 +51,39 @@ class Committer:
             self._after(it.cand, row, id(row) in fresh)
 
     def wants_overlay(self, it: Item) -> bool:
-        return (it.error is None and self.overlay_writer is not None
-                and (self.overlays == "all" or (self.overlays == "ng" and it.status == "ng")))
+        return (it.error is None and it.verdict is not None and self.overlay_writer is not None
+                and wants_overlay(self.overlays, it.verdict.label))
 
     def _safe_row(self, it: Item) -> Record:
         try:
             return self._row(it)
         except Exception as exc:  # a bug must cost this frame a proper result, never its row
-            it.error, it.det, it.frame = f"internal error: {describe(exc)}", None, None
+            it.error, it.verdict, it.by, it.frame = f"internal error: {describe(exc)}", None, None, None
             return self._row(it)
 
     def _row(self, it: Item) -> Record:
-        c, det, bad = it.cand, it.det, it.error is not None
+        c, v, by = it.cand, it.verdict, it.by
+        if it.error is None and (v is None or by is None):
+            it.error = "internal error: no verdict"
+        bad = it.error is not None or v.label == "error"
         return Record(
             path=str(c.path), folder=str(c.folder), size=c.size, mtime=c.mtime_ns / 1e9,
-            mtime_ns=c.mtime_ns, status="error" if bad else it.status,
-            score=None if bad else it.score, threshold=None if bad else float(det.threshold),
-            detector=None if bad else det.name, backend=None if bad else det.backend,
-            latency_ms=None, overlay=None if bad else self._overlay(it), error=it.error,
+            mtime_ns=c.mtime_ns, status="error" if bad else v.label,
+            score=None if bad else v.score, threshold=None if bad else by.threshold,
+            detector=None if bad else by.name, backend=None if bad else by.backend,
+            latency_ms=None, overlay=None if bad else self._overlay(it), error=it.error or (v.error if bad else None),
             fallback_reason=it.fallback_reason, received_at=c.received_at, scored_at=0.0,
-            health=None if bad or it.health is None else it.health.json())
+            health=None if bad or it.health is None else it.health.json(),
+            p_value=None if bad else v.p_value)
 
     def _overlay(self, it: Item) -> str | None:
         """Written before the row is committed, so a row's overlay path always exists."""
         if not self.wants_overlay(it) or it.frame is None:
             return None
-        path = self.overlay_dir / overlay_name(it.cand)
+        v, by = it.verdict, it.by
+        path = self.overlay_dir / overlay_name(*it.cand.key)
         try:
-            amap = None
-            if it.amap is not None:  # back onto the frame's pixel grid (ROI, crop, pad undone)
-                amap = it.det.preprocess.map_to_frame(np.asarray(it.amap, np.float32), it.frame.shape)
-            self.overlay_writer(path, it.frame, amap, it.score, float(it.det.threshold), it.status,
-                                it.det.pixel_threshold)
+            self.overlay_writer(path, it.frame, v.map, v.score, by.threshold, v.label, by.pixel_threshold)
         except Exception as exc:
             self.say.warn_once(f"overlay:{type(exc).__name__}", f"overlay not written ({describe(exc)})")
             return None

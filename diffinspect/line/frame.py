@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from diffinspect.data.image import ImageError
-from diffinspect.scoring.detector import Detector
+from diffinspect.scoring.inspector import Inspector, Verdict
 
 
 @dataclass
@@ -122,14 +122,13 @@ def looks_complete(data: bytes) -> bool:
 
 @dataclass
 class Item:
-    """A frame between its read and its row: decoded pixels (or why not), then its verdict."""
+    """A frame between its read and its row: decoded pixels (or why not), then its verdict and the
+    inspector that gave it."""
 
     cand: Candidate
     frame: np.ndarray | None = None
-    error: str | None = None
-    det: Detector | None = None
-    score: float | None = None
-    status: str = "error"
-    amap: np.ndarray | None = None
+    error: str | None = None  # why it has no verdict: unreadable, or no detector could score it
+    verdict: Verdict | None = None
+    by: Inspector | None = None
     fallback_reason: str | None = None
     health: Any = None  # line.drift.Health, measured at decode when the bundle has a health profile

@@ -166,7 +166,7 @@ class Lane:
         except Exception as exc:  # a bug here must cost rows, not the line
             self.shared.say.warn(f"scoring: {describe(exc)}")
             for it in todo:
-                if it.det is None and it.error is None:
+                if it.verdict is None and it.error is None:
                     it.error = f"internal error while scoring: {describe(exc)}"
 
     # -- commit --------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass
 
 from diffinspect import DiffinspectError
+from diffinspect.scoring.overlay import OVERLAY_RULES
 
 
 @dataclass
@@ -34,7 +35,7 @@ class WatchOptions:
     def validate(self) -> None:
         checks = [
             (self.batch >= 1, f"batch must be at least 1, got {self.batch}"),
-            (self.overlays in ("ng", "all", "none"),
+            (self.overlays in OVERLAY_RULES,
              f"overlays must be ng, all or none, got {self.overlays!r}"),
             (self.after in ("keep", "move", "delete"),
              f"after must be keep, move or delete, got {self.after!r}"),

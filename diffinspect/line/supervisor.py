@@ -19,9 +19,11 @@ from diffinspect.data.image import convert_color
 from diffinspect.line.frame import Item
 from diffinspect.line.options import WatchOptions
 from diffinspect.line.say import Say, describe
-from diffinspect.scoring.detector import Detector, label_for, unscorable
+from diffinspect.scoring.detector import Detector
+from diffinspect.scoring.inspector import Inspector, Verdict
 
-DetectorFactory = Callable[[], Detector]
+# Makes the lane's diffusion inspector or its fallback (a bare Detector is wrapped in an Inspector).
+DetectorFactory = Callable[[], Inspector | Detector]
 
 
 class Caller:
@@ -64,12 +66,12 @@ class Supervisor:
         self._make_primary, self._make_fallback = make_primary, make_fallback
         self._opts, self._say = opts, say
         self._lock = threading.Lock()
-        self.primary: Detector | None = None
+        self.primary: Inspector | None = None
         self._caller: Caller | None = None
         self.down = "not loaded yet"
         self._retry_at = 0.0
         self._loading = False
-        self.fallback: Detector | None = None
+        self.fallback: Inspector | None = None
         self._fb_down = "not loaded yet"
         self._fb_retry_at = 0.0
         self._est_s = 0.0  # recent diffusion time per batch, for max-latency routing
@@ -88,7 +90,8 @@ class Supervisor:
 
     @property
     def health(self):  # noqa: ANN201 (HealthProfile | None: what drift alarms compare frames to)
-        return getattr(self.primary or self.fallback, "health", None)
+        insp = self.primary or self.fallback
+        return None if insp is None else insp.health
 
     @property
     def color(self) -> str:
@@ -104,7 +107,7 @@ class Supervisor:
 
     def _load_primary(self) -> None:
         try:
-            det = self._make_primary()
+            det = as_inspector(self._make_primary())
         except Exception as exc:
             with self._lock:
                 self.down = f"diffusion detector unavailable: {describe(exc)}"
@@ -118,14 +121,14 @@ class Supervisor:
             self._caller = Caller() if self._opts.score_timeout_s else None
         self._say.info(f"{det.name} detector ready ({det.backend})")
 
-    def _primary_now(self) -> tuple[Detector | None, Caller | None]:
+    def _primary_now(self) -> tuple[Inspector | None, Caller | None]:
         with self._lock:
             if self.primary is None and not self._loading and time.monotonic() >= self._retry_at:
                 self._loading = True  # load in the background: the fallback keeps the line going
                 threading.Thread(target=self._load_primary, name="watch-reload", daemon=True).start()
             return self.primary, self._caller
 
-    def _fail_primary(self, det: Detector, reason: str) -> None:
+    def _fail_primary(self, det: Inspector, reason: str) -> None:
         with self._lock:
             if self.primary is not det:
                 return
@@ -136,10 +139,10 @@ class Supervisor:
         self._say.warn(f"{reason}; the fallback scores frames, re-creating the detector in "
                        f"{self._opts.retry_seconds:g} s")
 
-    def _fallback_now(self) -> Detector | None:
+    def _fallback_now(self) -> Inspector | None:
         if self.fallback is None and time.monotonic() >= self._fb_retry_at:
             try:
-                self.fallback = self._make_fallback()
+                self.fallback = as_inspector(self._make_fallback())
             except Exception as exc:
                 self._fb_down = describe(exc)
                 self._fb_retry_at = time.monotonic() + self._opts.retry_seconds
@@ -147,7 +150,7 @@ class Supervisor:
         return self.fallback
 
     def score(self, items: list[Item]) -> None:
-        """Fill in score/status/det (or error) of decoded items."""
+        """Give decoded items their verdict and inspector (or an error)."""
         primary, caller = self._primary_now()
         to_primary, to_fallback = self._route(items, primary)
         if primary is not None and to_primary:
@@ -155,7 +158,7 @@ class Supervisor:
         if to_fallback:
             self._score_fallback(to_fallback)
 
-    def _route(self, items: list[Item], primary: Detector | None) -> tuple[list[Item], list[Item]]:
+    def _route(self, items: list[Item], primary: Inspector | None) -> tuple[list[Item], list[Item]]:
         """(for diffusion, for the fallback): all to the fallback while diffusion is down, and the frames
         diffusion would finish past max_latency_ms."""
         fallback = self._fallback_now()
@@ -175,16 +178,15 @@ class Supervisor:
                 to_primary.append(it)
         return to_primary, to_fallback
 
-    def _score_primary(self, primary: Detector, caller: Caller | None, items: list[Item]) -> list[Item]:
+    def _score_primary(self, primary: Inspector, caller: Caller | None, items: list[Item]) -> list[Item]:
         """Score with diffusion; returns the items the fallback has to score instead."""
         t0 = time.monotonic()
         try:
             frames = [convert_color(it.frame, primary.preprocess.color) for it in items]
             if caller is not None:
-                scored = caller.call(primary.score, (frames,), self._opts.score_timeout_s)
+                verdicts = _checked(caller.call(primary.inspect, (frames,), self._opts.score_timeout_s))
             else:
-                scored = primary.score(frames)
-            scores, maps = _check_scored(scored, len(frames))
+                verdicts = _checked(primary.inspect(frames))
         except Exception as exc:
             reason = f"diffusion detector failed: {describe(exc)}"
             self._fail_primary(primary, reason)
@@ -193,60 +195,60 @@ class Supervisor:
             return items
         self._est_s = 0.8 * self._est_s + 0.2 * (time.monotonic() - t0)
         left: list[Item] = []
-        for i, it in enumerate(items):
-            if math.isfinite(scores[i]):
-                _assign(it, primary, scores[i], None if maps is None else maps[i])
-            else:
+        for it, v in zip(items, verdicts, strict=True):
+            if v.label == "error" and not math.isfinite(v.score):
                 it.fallback_reason = "diffusion score not finite"
                 left.append(it)
+            else:  # a verdict, or an error verdict that says why (a threshold that is not a number)
+                it.verdict, it.by = v, primary
         return left
 
     def _score_fallback(self, items: list[Item]) -> None:
-        det = self._fallback_now()
-        if det is None:
+        insp = self._fallback_now()
+        if insp is None:
             for it in items:
                 it.error = f"no detector could score it ({it.fallback_reason}; fallback: {self._fb_down})"
             return
-        frames = [convert_color(it.frame, det.preprocess.color) for it in items]
+        frames = [convert_color(it.frame, insp.preprocess.color) for it in items]
         try:
-            scores, maps = _check_scored(det.score(frames), len(frames))
-            results = [(s, None if maps is None else maps[i], None) for i, s in enumerate(scores)]
+            results: list[Verdict | str] = list(_checked(insp.inspect(frames)))
         except Exception as exc:
             self._say.warn_once(f"fallback:{type(exc).__name__}", f"fallback failed on a batch "
                                 f"({describe(exc)}); scoring its frames one by one")
-            results = [self._one(det, f) for f in frames]
-            if all(err is not None for _, _, err in results):  # the instance is broken: replace it
-                self.fallback, self._fb_down = None, results[0][2]
+            results = [self._one(insp, f) for f in frames]
+            if all(isinstance(r, str) for r in results):  # the instance is broken: replace it
+                self.fallback, self._fb_down = None, str(results[0])
                 self._fb_retry_at = time.monotonic() + self._opts.retry_seconds
-        for it, (s, amap, err) in zip(items, results, strict=True):
-            if err is not None:
-                it.error = f"scoring failed ({it.fallback_reason}; fallback: {err})"
-            elif not math.isfinite(s):
+        for it, r in zip(items, results, strict=True):
+            if isinstance(r, str):
+                it.error = f"scoring failed ({it.fallback_reason}; fallback: {r})"
+            elif r.label == "error" and not math.isfinite(r.score):
                 it.error = f"scoring failed ({it.fallback_reason}; fallback: score not finite)"
             else:
-                _assign(it, det, s, amap)
+                it.verdict, it.by = r, insp
 
     @staticmethod
-    def _one(det: Detector, frame: np.ndarray) -> tuple[float, np.ndarray | None, str | None]:
+    def _one(insp: Inspector, frame: np.ndarray) -> Verdict | str:
+        """The frame's verdict, or why the fallback failed on it."""
         try:
-            scores, maps = _check_scored(det.score([frame]), 1)
-            return scores[0], None if maps is None else maps[0], None
+            return _checked(insp.inspect([frame]))[0]
         except Exception as exc:
-            return math.nan, None, describe(exc)
+            return describe(exc)
 
 
-def _check_scored(scored: object, n: int) -> tuple[list[float], np.ndarray | None]:
-    scores = np.asarray(scored.scores, dtype=np.float64).reshape(-1)
-    if scores.shape[0] != n:
-        raise ValueError(f"returned {scores.shape[0]} scores for {n} frames")
-    maps = scored.maps
-    if maps is not None and len(maps) != n:
-        maps = None  # a map we cannot attribute is only an overlay lost; the scores still count
-    return [float(s) for s in scores], maps
+class DetectorFailed(Exception):
+    """The detector gave a batch no usable answer (a wrong number of scores)."""
 
 
-def _assign(it: Item, det: Detector, score: float, amap: np.ndarray | None) -> None:
-    it.det, it.score, it.amap = det, score, amap
-    it.status = label_for(score, det.threshold)
-    if it.status == "error":  # a threshold that is not a finite number: an error record with its reason
-        it.error = unscorable(score, det.threshold)
+def _checked(verdicts: list[Verdict]) -> list[Verdict]:
+    """The verdicts, or DetectorFailed when the detector gave a frame no score at all: the supervisor
+    answers that as it answers a crash, by switching detector."""
+    for v in verdicts:
+        if v.score is None:
+            raise DetectorFailed(v.error)
+    return verdicts
+
+
+def as_inspector(made: Inspector | Detector) -> Inspector:
+    """What a factory made, as an Inspector (a bare detector is wrapped, without p-values)."""
+    return made if isinstance(made, Inspector) else Inspector(made)

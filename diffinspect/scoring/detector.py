@@ -1,8 +1,8 @@
-"""The one contract every detector keeps: the diffusion backends and the COPOD fallback alike."""
+"""The one contract every detector keeps: the diffusion backends and the COPOD fallback alike. Scores
+become verdicts in one place, the Inspector (inspector.py)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +18,9 @@ class Scored:
 
     scores: np.ndarray
     maps: np.ndarray | list[np.ndarray] | None
+    # The detector's own p-values where its rule defines them (the minp fused rule), else None: the
+    # Inspector then ranks the scores among the bundle's calibration scores.
+    p_values: np.ndarray | None = None
 
 
 class Detector(Protocol):
@@ -30,20 +33,3 @@ class Detector(Protocol):
     def score(self, frames: list[np.ndarray]) -> Scored:
         """Score decoded uint8 (H, W, C) frames of any size; preprocessing happens inside."""
         ...
-
-
-def label_for(score: float, threshold: float) -> str:
-    """The threshold rule, in one place: strictly above the threshold is NG; a score or threshold that is
-    not a finite number is an error, never OK (`NaN > threshold` is false)."""
-    if unscorable(score, threshold):
-        return "error"
-    return "ng" if score > threshold else "ok"
-
-
-def unscorable(score: float, threshold: float) -> str | None:
-    """Why a frame's score cannot be labelled (the reason an error record gives), or None."""
-    if not math.isfinite(threshold):
-        return f"the threshold is not a finite number ({threshold})"
-    if not math.isfinite(score):
-        return f"the score is not a finite number ({score}): the model or its calibration statistics are broken"
-    return None

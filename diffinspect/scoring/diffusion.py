@@ -143,10 +143,16 @@ class FrameTerm:
              calibration: np.ndarray | None = None) -> np.ndarray:
         """The fused score from both detectors' scores; minp ranks them among `calibration` (2, n),
         by default the calibration parts."""
+        return self.fuse_with_p(diffusion_scores, embedding_scores, calibration)[0]
+
+    def fuse_with_p(self, diffusion_scores: np.ndarray, embedding_scores: np.ndarray,
+                    calibration: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(fused score, the rule's own p-value): minp's full-conformal p-value; None for sum and max,
+        whose fused score is thresholded split-conformally like any other score."""
         zd = robust_z(diffusion_scores, self.diffusion_scale)
         zc = self.weight * robust_z(embedding_scores, self.copod_scale)
         if self.rule != "minp":
-            return np.maximum(zd, zc) if self.rule == "max" else zd + zc
+            return (np.maximum(zd, zc) if self.rule == "max" else zd + zc), None
         assert self.calibration is not None
         cal = np.stack(self.calibration) if calibration is None else calibration
         summed = zd + zc
@@ -155,7 +161,7 @@ class FrameTerm:
         # Within one p level (parts of equal best rank and order), the summed z orders the score too.
         fused = -np.log(p) + tie_break_room(cal.shape[1]) * (0.5 + np.arctan(summed) / np.pi)
         # A score that is not a number stays one, so the part gets an error record, never a verdict.
-        return np.where(np.isfinite(zd) & np.isfinite(zc), fused, np.nan)
+        return np.where(np.isfinite(zd) & np.isfinite(zc), fused, np.nan), p
 
     def held_out_scores(self) -> np.ndarray:
         """minp: each calibration part's fused score among the other calibration parts, which is what a
@@ -223,6 +229,7 @@ class DiffusionDetector:
     def score(self, frames: list[np.ndarray]) -> Scored:
         inputs, layout = model_inputs(frames, self.preprocess)
         maps, scores = self.assemble(*self.run_fitted(inputs, raw=False), layout)
+        p_values = None
         if self.frame_term is not None:
-            scores = self.frame_term.combine(scores, frames)
-        return Scored(scores=scores, maps=maps)
+            scores, p_values = self.frame_term.fuse_with_p(scores, self.frame_term.embedding_scores(frames))
+        return Scored(scores=scores, maps=maps, p_values=p_values)

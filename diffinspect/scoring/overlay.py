@@ -14,7 +14,9 @@ defect) instead of a blue wash over the whole frame.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from pathlib import Path
 
 import cv2
@@ -32,6 +34,33 @@ LABEL_COLOURS = {"ok": (40, 150, 40), "ng": (30, 30, 210), "error": (0, 150, 230
 UNKNOWN_COLOUR = (110, 110, 110)
 CONTOUR_COLOUR = (255, 255, 255)  # white drawn over a black halo: visible on any heat colour
 HALO_COLOUR = (0, 0, 0)
+
+
+OVERLAY_RULES = ("all", "ng", "none")  # which verdicts get an overlay
+_NOT_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+STEM_CHARS = 64
+
+
+def wants_overlay(rule: str, label: str) -> bool:
+    """The overlay rule of `inspect score --overlay-dir` and `inspect watch`: all frames with a verdict,
+    NG frames only, or none. An error verdict has no score to show: never an overlay."""
+    return label != "error" and (rule == "all" or (rule == "ng" and label == "ng"))
+
+
+def overlay_name(path: str | Path, size: int, mtime_ns: int) -> str:
+    """The overlay file name of a frame: `{stem}-{digest}.png`, the same in `inspect score` and `watch`.
+
+    The digest (sha1 of the frame's identity: absolute path, size, mtime_ns, as watch keys its rows)
+    makes it deterministic per frame, so a frame scored again overwrites its own overlay, while frames
+    of one name in two folders, or a camera re-using a file name, never share one. The label is left
+    out for the same reason: a frame re-scored to another verdict replaces its overlay. The stem is
+    only for people: kept to ASCII letters, digits, `.`, `_` and `-` and cut short, so any frame name
+    (bytes that are not UTF-8, spaces, names near the file system's length limit) gives a name every
+    file system, URL and results row takes; the digest alone keeps names apart."""
+    identity = f"{path}|{size}|{mtime_ns}".encode("utf-8", "surrogatepass")  # never raises on odd names
+    digest = hashlib.sha1(identity).hexdigest()[:10]
+    stem = _NOT_SAFE.sub("_", Path(path).stem)[:STEM_CHARS].lstrip(".")
+    return f"{stem}-{digest}.png"  # write_overlay writes PNG
 
 
 def render_overlay(frame: np.ndarray, amap: np.ndarray | None, score: float, threshold: float, label: str,

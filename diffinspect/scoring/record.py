@@ -7,7 +7,8 @@ import math
 import os
 from dataclasses import dataclass
 
-# `inspect score --json` keys, in order ("label" is the status under its user-facing name).
+# `inspect score --json` keys, in order: "label" is the status (the results.db column) under its
+# user-facing name.
 SCORE_KEYS = ("path", "score", "threshold", "label", "detector", "backend", "latency_ms", "overlay", "error")
 
 
@@ -31,7 +32,7 @@ def storable(text: str | None) -> str | None:
 @dataclass
 class Record:
     path: str
-    status: str  # ok | ng | error
+    status: str  # ok | ng | error: the verdict's label, named as results.db's column
     score: float | None
     threshold: float | None
     detector: str | None  # diffusion | copod
@@ -49,10 +50,9 @@ class Record:
     scored_at: float | None = None  # unix seconds, when the row was written
     health: str | None = None  # JSON of the frame's health signals (scoring/health.py), watch only
     id: int | None = None  # row id once committed
-
-    @property
-    def label(self) -> str:
-        return self.status
+    # The verdict's conformal p-value (scoring/inspector.py). Not yet a results.db column nor a
+    # `--json` key: both list their fields explicitly, so adding it there is a schema change of its own.
+    p_value: float | None = None
 
     def to_dict(self) -> dict:
         """The `inspect score --json` line."""

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from diffinspect.data.datasets import list_images
 from diffinspect.data.image import ImageError, read_image
-from diffinspect.scoring.detector import Detector, label_for, unscorable
-from diffinspect.scoring.overlay import save_overlay
+from diffinspect.scoring.inspector import Inspector, Verdict, failed
+from diffinspect.scoring.overlay import overlay_name, save_overlay, wants_overlay
 from diffinspect.scoring.record import Record
+
+READ_AHEAD = 8  # images decoded at a time: bounds the frames in memory, not how the model batches
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:
@@ -23,46 +24,36 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     return out
 
 
-def score_paths(detector: Detector, paths: list[Path], overlay_dir: Path | None = None,
-                overlays: str = "all", batch_size: int = 8) -> Iterator[Record]:
+def score_paths(inspector: Inspector, paths: list[Path], overlay_dir: Path | None = None,
+                overlays: str = "all") -> Iterator[Record]:
     """Yield one Record per path, in order. overlays: all | ng | none (only with overlay_dir)."""
-    for i in range(0, len(paths), batch_size):
-        chunk = paths[i:i + batch_size]
+    for i in range(0, len(paths), READ_AHEAD):
+        chunk = paths[i:i + READ_AHEAD]
         frames, good = [], []
         for p in chunk:
             try:
-                frames.append(read_image(p, detector.preprocess.color))
+                frames.append(read_image(p, inspector.preprocess.color))
                 good.append(p)
             except ImageError as exc:
-                yield _record(detector, p, "error", error=str(exc))
+                yield _record(inspector, p, failed(str(exc)))
         if not frames:
             continue
         t0 = time.perf_counter()
-        result = detector.score(frames)
+        verdicts = inspector.inspect(frames)
         latency = round((time.perf_counter() - t0) * 1000 / len(frames), 2)
-        for j, (p, frame) in enumerate(zip(good, frames, strict=True)):
-            score = float(result.scores[j])
-            why = unscorable(score, detector.threshold)
-            if why is not None:  # never labelled: NaN > threshold is false, which would read as OK
-                yield _record(detector, p, "error", latency_ms=latency, error=why)
-                continue
-            label = label_for(score, detector.threshold)
+        for p, frame, v in zip(good, frames, verdicts, strict=True):
             overlay = None
-            if overlay_dir is not None and (overlays == "all" or (overlays == "ng" and label == "ng")):
-                amap = result.maps[j] if result.maps is not None else None
-                overlay = str(_write_overlay(overlay_dir / f"{p.stem}_{label}.png", frame, amap, score, detector,
-                                             label))
-            yield _record(detector, p, label, score=score, latency_ms=latency, overlay=overlay)
+            if overlay_dir is not None and wants_overlay(overlays, v.label):
+                st = os.stat(p)
+                target = overlay_dir / overlay_name(os.path.abspath(p), st.st_size, st.st_mtime_ns)
+                overlay = str(save_overlay(target, frame, v.map, v.score, inspector.threshold, v.label,
+                                           inspector.pixel_threshold))
+            yield _record(inspector, p, v, latency_ms=latency, overlay=overlay)
 
 
-def _record(detector: Detector, path: Path, label: str, **kw: object) -> Record:
-    base = dict(score=None, latency_ms=None, overlay=None, error=None)
-    return Record(path=str(path), status=label, threshold=detector.threshold, detector=detector.name,
-                  backend=detector.backend, **{**base, **kw})
-
-
-def _write_overlay(target: Path, frame: np.ndarray, amap: np.ndarray | None, score: float, detector: Detector,
-                   label: str) -> Path:
-    if amap is not None:  # back onto the frame's pixel grid (ROI, crop, pad undone)
-        amap = detector.preprocess.map_to_frame(amap, frame.shape)
-    return save_overlay(target, frame, amap, score, detector.threshold, label, detector.pixel_threshold)
+def _record(inspector: Inspector, path: Path, v: Verdict, latency_ms: float | None = None,
+            overlay: str | None = None) -> Record:
+    ok = v.label != "error"
+    return Record(path=str(path), status=v.label, score=v.score if ok else None, threshold=inspector.threshold,
+                  detector=inspector.name, backend=inspector.backend, latency_ms=latency_ms, overlay=overlay,
+                  error=v.error, p_value=v.p_value)

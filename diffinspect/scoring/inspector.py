@@ -1,0 +1,168 @@
+"""The Inspector: frames in, verdicts out. The one place where a detector's scores become labels, for
+`inspect score`, the lanes of `inspect watch` and `inspect evaluate` alike.
+
+It runs the detector on a list of decoded frames and, for each frame, checks that the detector gave it
+one score that is a finite number, applies the threshold rule, puts the conformal p-value beside the
+score and the anomaly map back on the frame's own pixel grid. A frame it cannot label gets an `error`
+verdict that says why: never `ok`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from diffinspect import DiffinspectError
+from diffinspect.bundle import Bundle
+from diffinspect.data.image import Preprocess
+from diffinspect.scoring.detector import Detector
+
+
+def unscorable(score: float | None, threshold: float) -> str | None:
+    """Why a frame's score cannot be labelled (what its error verdict says), or None."""
+    if not math.isfinite(threshold):
+        return f"the threshold is not a finite number ({threshold})"
+    if score is None or not math.isfinite(score):
+        return f"the score is not a finite number ({score}): the model or its calibration statistics are broken"
+    return None
+
+
+def label_for(score: float | None, threshold: float) -> str:
+    """The threshold rule: strictly above the threshold is NG; a score or threshold that is not a finite
+    number is an error, never OK (`NaN > threshold` is false)."""
+    if unscorable(score, threshold):
+        return "error"
+    return "ng" if score > threshold else "ok"
+
+
+def conformal_p(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Split-conformal p-values, (1 + #{calibration >= s}) / (n + 1): for a good part exchangeable with
+    the calibration parts, P(p <= alpha) <= alpha, the same bound as the conformal threshold."""
+    cal = np.sort(np.asarray(calibration, np.float64).ravel())
+    at_least = cal.size - np.searchsorted(cal, np.asarray(scores, np.float64), side="left")
+    return (1 + at_least) / (cal.size + 1)
+
+
+@dataclass(eq=False)
+class Verdict:
+    """One frame's verdict. `score` is what the detector gave (None when it gave this frame none, i.e.
+    the detector failed on the batch; NaN or inf kept as they came, with label error)."""
+
+    label: str  # ok | ng | error
+    score: float | None
+    p_value: float | None  # None without calibration scores, and for error verdicts
+    error: str | None  # why the label is error
+    grid_map: np.ndarray | None = None  # the detector's own map (model grid, or tiles canvas)
+    frame_shape: tuple[int, ...] | None = None
+    preprocess: Preprocess | None = None
+
+    @cached_property
+    def map(self) -> np.ndarray | None:
+        """The anomaly map on the frame's pixel grid (ROI, crop, pad undone), in calibrated z-units; made
+        on first use, as most verdicts on a line never need one."""
+        if self.grid_map is None or self.preprocess is None or self.frame_shape is None:
+            return None
+        return self.preprocess.map_to_frame(np.asarray(self.grid_map, np.float32), self.frame_shape)
+
+
+def failed(reason: str) -> Verdict:
+    """The verdict of a frame no detector could score (unreadable, or every detector failed)."""
+    return Verdict("error", None, None, reason)
+
+
+class Inspector:
+    """A detector (the diffusion model on a backend, or the COPOD fallback) with the rules that turn its
+    scores into verdicts. calibration_scores: the good parts' scores the p-values rank a score among."""
+
+    def __init__(self, detector: Detector, calibration_scores: np.ndarray | None = None) -> None:
+        self.detector = detector
+        cal = None if calibration_scores is None else np.sort(np.asarray(calibration_scores, np.float64).ravel())
+        self.calibration_scores = cal if cal is not None and cal.size else None
+
+    @classmethod
+    def load(cls, bundle: str | Path | Bundle, backend: str = "auto", device: str = "auto",
+             sampler: str | None = None, detector: str = "diffusion") -> Inspector:
+        """The bundle's calibrated detector (diffusion | copod; a bundle without a model has only the
+        fallback) with the bundle's calibration scores."""
+        from diffinspect.scoring.loader import load_detector  # lazy: pulls in the backends
+
+        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        det = load_detector(b, detector, backend, device, sampler)
+        return cls(det, _calibration_scores(b) if det.name == "diffusion" else None)
+
+    @classmethod
+    def fallback(cls, bundle: str | Path | Bundle) -> Inspector:
+        """The bundle's COPOD fallback. The bundle does not keep its calibration scores: no p-values
+        (wrap a freshly fitted one as Inspector(copod, copod.calibration_scores) to have them)."""
+        from diffinspect.scoring.loader import load_fallback
+
+        return cls(load_fallback(bundle))
+
+    @property
+    def name(self) -> str:
+        return self.detector.name
+
+    @property
+    def backend(self) -> str:
+        return self.detector.backend
+
+    @property
+    def threshold(self) -> float:
+        return float(self.detector.threshold)
+
+    @property
+    def pixel_threshold(self) -> float | None:
+        return self.detector.pixel_threshold
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.detector.preprocess
+
+    @property
+    def health(self):  # noqa: ANN201 (HealthProfile | None: what drift alarms compare frames to)
+        return getattr(self.detector, "health", None)
+
+    def inspect(self, frames: list[np.ndarray]) -> list[Verdict]:
+        """One verdict per frame, in order. Frames: decoded uint8 (H, W, C) in `preprocess.color`, any
+        size. The detector's exceptions propagate (the caller decides: stop, or switch detector)."""
+        if not frames:
+            return []
+        scored = self.detector.score(frames)
+        scores = np.asarray(scored.scores, np.float64).reshape(-1)
+        if scores.shape[0] != len(frames):
+            why = f"the {self.name} detector returned {scores.shape[0]} scores for {len(frames)} frames"
+            return [failed(why) for _ in frames]
+        maps = scored.maps if scored.maps is not None and len(scored.maps) == len(frames) else None
+        p_values = self._p_values(scores, getattr(scored, "p_values", None))
+        verdicts = []
+        for i, frame in enumerate(frames):
+            score = float(scores[i])
+            why = unscorable(score, self.threshold)
+            verdicts.append(Verdict(
+                label_for(score, self.threshold), score, None if why or p_values is None else float(p_values[i]),
+                why, None if maps is None else maps[i], frame.shape, self.preprocess))
+        return verdicts
+
+    def _p_values(self, scores: np.ndarray, own: np.ndarray | None) -> np.ndarray | None:
+        """The detector's own p-values where its rule defines them (the minp fused rule), else the
+        split-conformal p-value among the calibration scores, else None."""
+        if own is not None:
+            return np.asarray(own, np.float64).reshape(-1)
+        return None if self.calibration_scores is None else conformal_p(self.calibration_scores, scores)
+
+
+def _calibration_scores(bundle: Bundle) -> np.ndarray | None:
+    """The calibration parts' scores stored by `inspect calibrate` (the fused scores where the bundle
+    fuses a frame term), or None for a bundle calibrated before they were kept."""
+    from diffinspect.engines.exports import CALIBRATION_FILE
+
+    try:
+        scores = bundle.arrays(CALIBRATION_FILE, {"scores": None})["scores"]
+    except DiffinspectError:
+        return None
+    scores = np.asarray(scores, np.float64).ravel()
+    return scores if scores.size and np.isfinite(scores).all() else None
