@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from diffinspect.line.drift import Bag, DriftMonitor, EProcess, exceedance_bound
+from diffinspect.line.drift import CLEAR_AFTER, Bag, DriftMonitor, EProcess, exceedance_bound
 from diffinspect.scoring.health import HEALTH_FILE, fit_health, load_health, measure
 from diffinspect.scoring.threshold import binom_sf
 
@@ -88,6 +88,17 @@ def test_changes_raise_their_named_alarm_within_50_frames(profile, change, kind)
     assert raised[kind] < 50
     assert mon.open[kind].name == {"lighting": "lighting changed", "focus": "out of focus",
                                    "camera": "camera moved"}[kind]
+
+
+def test_a_raised_alarm_holds_while_the_change_lasts_then_clears(profile):
+    rng = np.random.default_rng(9)
+    mon = DriftMonitor(profile)
+    assert feed(mon, [scene(rng) for _ in range(40)]) == []
+    dark = feed(mon, [darker(scene(rng)) for _ in range(150)])
+    assert [(e.kind, e.state) for _, e in dark] == [("lighting", "raised")]  # raised once, held
+    back = feed(mon, [scene(rng) for _ in range(100)])
+    assert [(e.kind, e.state) for _, e in back] == [("lighting", "cleared")]
+    assert 0 < back[0][0] < CLEAR_AFTER and mon.open == {}  # 50 frames after its last crossing
 
 
 def test_score_drift_raises_then_clears_with_hysteresis(profile):

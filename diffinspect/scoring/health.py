@@ -67,10 +67,6 @@ def _resized(gray: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(gray, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
-def sharpness(frame: np.ndarray) -> float:
-    return _sharpness(_work_gray(frame))
-
-
 def _sharpness(gray: np.ndarray) -> float:
     g = gray.astype(np.float32)
     lap = cv2.Laplacian(g, cv2.CV_32F)
@@ -121,7 +117,8 @@ def measure(frame: np.ndarray, reference: np.ndarray | None = None) -> dict[str,
         out.update(offset_x=dx, offset_y=dy, shift=math.hypot(dx, dy) / PROFILE)
     h, w = gray.shape
     my, mx = h * MAX_OFFSET // PROFILE, w * MAX_OFFSET // PROFILE
-    y0, x0 = my + round(dy * h / PROFILE), mx + round(dx * w / PROFILE)  # within [0, 2 m]: |offset| <= MAX_OFFSET
+    y0 = min(max(my + round(dy * h / PROFILE), 0), 2 * my)  # |offset| <= MAX_OFFSET: clipping only rounds
+    x0 = min(max(mx + round(dx * w / PROFILE), 0), 2 * mx)
     view = gray[y0:y0 + h - 2 * my, x0:x0 + w - 2 * mx]
     cells = np.sort(_resized(view, COARSE).ravel())
     half = cells.size // 2
