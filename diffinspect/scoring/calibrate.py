@@ -38,7 +38,6 @@ from diffinspect.scoring.diffusion import (
 )
 from diffinspect.scoring.health import fit_health, save_health
 from diffinspect.scoring.threshold import (
-    RULES,
     check_calibration_size,
     conformal_threshold,
     describe_bound,
@@ -205,7 +204,7 @@ def calibrate(
             "backend": engine.name, "sampler": sampler or bundle.manifest["sampler"]["default"],
             "score_stats": {"mean": float(scores.mean()), "std": float(scores.std()),
                             "max": float(scores.max()), "median": float(np.median(scores))},
-            "terms": list(engine.term_names), "rule": RULES[rule, False],
+            "terms": list(engine.term_names), "rule": "split-conformal",
             "frame_term": frame_term.to_dict() if frame_term else None,
         }
         if copod_fields is not None:
