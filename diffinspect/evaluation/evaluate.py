@@ -344,7 +344,9 @@ def _detector_method(name: str, det: Detector) -> Method:
 
     n = getattr(det, "calibration_n", None) or getattr(det, "n_calibration", None)
     rate = getattr(det, "false_reject_rate", None)
-    calibration = describe_bound(int(n), float(rate)) if n and rate else None
+    term = getattr(det, "frame_term", None)
+    rule = "best-rank" if getattr(term, "rule", None) == "minp" else "split"
+    calibration = describe_bound(int(n), float(rate), rule) if n and rate else None
     return Method(name, "detector", f"frames:{det.preprocess.color}", score, det.threshold, det.preprocess,
                   det.pixel_threshold, str(getattr(det, "backend", "")), calibration, inspector)
 

@@ -1,29 +1,40 @@
 """Drift alarms: is the line still the line the threshold was calibrated on?
 
 The conformal threshold bounds the false-reject rate only while new good parts resemble the
-calibration parts. Each alarm below is a statistical test on the last `window` frames against what
-calibration recorded on good parts (scoring/health.py), raised when its p-value falls below
-RAISE_P = 1e-4 and cleared (hysteresis) when it rises above CLEAR_P = 1e-2:
+calibration parts. Each alarm is an anytime-valid test of "the line's frames are exchangeable with the
+calibration frames", watched over an unbounded stream: under no change, P(any false alarm, ever) <=
+1 / lam for all alarms together (lam = LAMBDA unless the monitor is given another), however long the
+line runs. The old per-window tests (p < 1e-4 at every frame) made a false alarm certain over months.
 
-- "lighting changed": Mann-Whitney rank-sum test of the window's brightness and of its contrast
-  against the calibration frames' values (two-sided, Bonferroni over the two);
-- "out of focus": the same test on sharpness, one-sided (the window is less sharp);
-- "camera moved": the offset of the window's mean frame against the reference frame by phase
-  correlation. Good windows' offsets (resampled at calibration from good frames held out from the
-  reference) are modelled as a 2-D Gaussian, whose length has a Rayleigh tail P(d > r) =
-  exp(-r^2 / 2 sigma^2). Offsets under MIN_MOVE of the frame side never count: parts are placed
-  that loosely on most lines, and per-part crops (as in public datasets) shift their mean that much;
-- "score drift: re-calibrate": the number of OK parts in the window scoring above the calibration
-  score quantile q (level SCORE_LEVEL), binomial test against p0, the rate a good part exceeds q.
-  Conformal ranks give P(score > q) <= r/(n+1) over calibration draws; for the calibration set
-  at hand that rate is Beta(r, n+1-r) distributed, so p0 is its 99.9 % quantile (a good part above
-  q is at most that likely, except for one calibration set in a thousand). Among OK parts the share
-  is no higher (the NG tail is excluded from both sides).
+Per frame, each health signal (scoring/health.py) gets a conformal p-value: its rank among the
+calibration frames' values and every value the monitor has learnt since (a Bag), ties broken at
+random. Under no change these p-values are independent and uniform (exchangeability). A bet on the
+event "p <= a" (or "1 - p <= a": the other side) pays f = 1 - beta + beta * [event] / a, whose mean is 1,
+so the product of a stream's payoffs is a test martingale. An alarm's e-process averages such products
+over the levels LEVELS, sides, bet sizes BETS and every start time s (weight s^-e - (s + 1)^-e, e =
+START_TAIL), so a change that begins after any length of good running is caught as soon as the evidence
+since the change outweighs the start's weight (the delay grows with the log of the time since the
+monitor started). By Ville's inequality a signal's mixture ever reaches T with probability at most 1 / T.
 
-Under no change each test evaluation raises with probability below 1e-4 (for the rank tests when the
-line frames are exchangeable with the calibration frames; for the alignment test under its Gaussian
-approximation). Tests run every frame on overlapping windows, so false alarms per 10,000 frames are
-at most about one per test; bench/drift.py measures the real rate, far lower.
+- "lighting changed": brightness and contrast, either side;
+- "out of focus": sharpness, the low side;
+- "camera moved": the two pose offsets, either side;
+- "score drift: re-calibrate": per detector, OK parts' scores above fixed calibration ranks (SCORE_LEVELS).
+  OK parts cannot join a bag of calibration scores (they lack the NG tail), so here the bet's event
+  probability is bounded as the threshold is: the exceedance rate of the j-th largest of n calibration
+  scores is Beta(j, n + 1 - j) over calibration sets, at most its 1 - delta quantile but for a delta
+  share of them; among OK parts an event above a rank is no likelier (the NG tail leaves both).
+
+Budget: with m signals and detectors, each mixture raises at T = 2 m lam (Ville, union over them), and
+the score ranks' bounds share the other half of 1 / lam.
+
+Raise and clear: an alarm raises when its e-process reaches T, then watches a fresh e-process (started
+afresh at each crossing) and stops learning its signals' values (a changed view must not become the
+reference); it clears after CLEAR_AFTER frames in which the fresh one did not reach T. From a clear on,
+the same guarantee holds for the next monitoring period when the frames the bags learnt from were good:
+if the line is back to the calibration distribution, the alarm raises again with probability at most
+its share of 1 / lam. This all assumes good frames are exchangeable draws (not the order of a line
+that, say, warms up slowly: that is a change too).
 """
 
 from __future__ import annotations
@@ -34,74 +45,36 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from diffinspect.scoring.health import SCORE_LEVEL, HealthProfile, align, measure
+from diffinspect.scoring.health import HealthProfile, measure
 from diffinspect.scoring.record import Record, storable
+from diffinspect.scoring.threshold import binom_sf
 from diffinspect.store import BANDS_FILE
 from diffinspect.store.results import ResultStore
 
-RAISE_P = 1e-4
-CLEAR_P = 1e-2
-CALIBRATION_DELTA = 1e-3
-MIN_MOVE = 0.05  # of the frame side
-MIN_TEST = 20  # frames in a window before the rank and binomial tests speak
+LAMBDA = 1000.0  # P(any false alarm, ever) <= 1 / LAMBDA
+LEVELS = (0.01, 0.05, 0.2, 0.5)  # nominal event rates the health bets watch (ranks j ~ level * (n + 1))
+SCORE_LEVELS = (0.1, 0.2, 0.5)  # for OK parts' scores: below any sensible threshold's rank
+BETS = (0.2, 0.5, 0.9)  # bet sizes: small for faint changes, large for blatant ones
+START_TAIL = 0.1  # start time s weighs s^-e - (s+1)^-e: a change after t frames costs about (1 + e) log t
+CLEAR_AFTER = 50  # frames without new evidence before a raised alarm clears
+GRID = 4096  # bins of a signal's conformal bag (over three times the calibration range)
+MIN_SCORES = 20  # calibration scores a detector needs for its score-drift alarm
+SHOWN = 50  # recent values summarized in an alarm's detail
 ALARMS = {"lighting": "lighting changed", "focus": "out of focus", "camera": "camera moved",
           "score": "score drift: re-calibrate"}
+TESTS = {"lighting": (("brightness", "both"), ("contrast", "both")), "focus": (("sharpness", "low"),),
+         "camera": (("offset_x", "both"), ("offset_y", "both"))}
 
 
-def normal_sf(z: float) -> float:
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
-
-
-def rank_sum_p(window: np.ndarray, calibration_sorted: np.ndarray, side: str) -> tuple[float, float]:
-    """(p-value, AUC) of the Mann-Whitney test that the window comes from the calibration distribution.
-
-    side: "two", "less" (window values lower) or "greater". AUC is P(window value > calibration value).
-    Normal approximation with a continuity correction (exact enough for windows of 20 and more)."""
-    w = np.asarray(window, np.float64)
-    m, n = w.size, calibration_sorted.size
-    below = np.searchsorted(calibration_sorted, w, side="left")
-    upto = np.searchsorted(calibration_sorted, w, side="right")
-    u = float((below + 0.5 * (upto - below)).sum())  # pairs with the window value above, ties half
-    mean = m * n / 2.0
-    sd = math.sqrt(m * n * (m + n + 1) / 12.0)
-    auc = u / (m * n)
-    if sd == 0:
-        return 1.0, auc
-    if side == "less":
-        p = normal_sf((mean - u - 0.5) / sd)
-    elif side == "greater":
-        p = normal_sf((u - mean - 0.5) / sd)
-    else:
-        p = min(1.0, 2.0 * normal_sf((abs(u - mean) - 0.5) / sd))
-    return p, auc
-
-
-def binom_sf(k: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) >= k)."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    if p <= 0.0:
-        return 0.0
-    if p >= 1.0:
-        return 1.0
-    lp, lq = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
-             for i in range(k, n + 1)]
-    top = max(terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
-
-
-def exceedance_bound(r: int, n: int, delta: float = CALIBRATION_DELTA) -> float:
-    """Upper (1 - delta) quantile of Beta(r, n + 1 - r): the rate at which new values exceed the r-th
-    largest of n calibration values, bounded for all but a delta share of calibration sets.
+def exceedance_bound(r: int, n: int, delta: float = 1e-3) -> float:
+    """Upper (1 - delta) quantile of Beta(r, n + 1 - r): the rate at which new values fall beyond the
+    r-th most extreme of n calibration values, bounded for all but a delta share of calibration sets.
     Uses P(Beta(r, n+1-r) <= p) = P(Binomial(n, p) >= r); bisection, no scipy in the runtime."""
     lo, hi = 0.0, 1.0
     for _ in range(60):
@@ -111,6 +84,115 @@ def exceedance_bound(r: int, n: int, delta: float = CALIBRATION_DELTA) -> float:
         else:
             hi = mid
     return hi
+
+
+class EProcess:
+    """Average over bets x BETS sizes x start times of betting products (see the module docstring).
+
+    bounds: per bet, the most probability its event can have on good frames; the bet pays 1 / bound."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        sizes = np.array(BETS)[None, :]
+        self._win = np.log1p(sizes * (1.0 / np.asarray(bounds, float)[:, None] - 1.0))  # (bets, sizes)
+        self._lose = np.broadcast_to(np.log1p(-sizes), self._win.shape)
+        self.restart()
+
+    def restart(self) -> None:
+        self.t = 0
+        self._log_a = np.full(self._win.shape, -np.inf)  # log of the started products' weighted sum
+
+    def update(self, hits: np.ndarray) -> None:
+        """One frame: which bets' events happened."""
+        self.t += 1
+        start = math.log(self.t ** -START_TAIL - (self.t + 1.0) ** -START_TAIL)  # this frame's start weight
+        self._log_a = np.logaddexp(self._log_a, start) + np.where(hits[:, None], self._win, self._lose)
+
+    @property
+    def value(self) -> float:
+        """The e-value now: started products plus the weight of start times still to come."""
+        top = float(self._log_a.max())
+        if top > 700.0:  # past e^700 a float says no more
+            return math.inf
+        if not math.isfinite(top):
+            return (self.t + 1.0) ** -START_TAIL
+        started = math.exp(top) * float(np.exp(self._log_a - top).sum()) / self._log_a.size
+        return started + (self.t + 1.0) ** -START_TAIL
+
+
+class Bag:
+    """The calibration values of a signal and the line's values learnt since, as counts on a fixed grid
+    (bounded memory; a value's bin is its conformity score, ties broken at random): conformal p-values."""
+
+    def __init__(self, calibration: np.ndarray) -> None:
+        cal = calibration[np.isfinite(calibration)]
+        lo, hi = (float(cal.min()), float(cal.max())) if cal.size else (0.0, 1.0)
+        pad = (hi - lo) or 1.0
+        self._lo, self._step = lo - pad, 3 * pad / GRID
+        self.counts = np.zeros(GRID + 2, np.int64)  # with a bin below and one above the grid
+        np.add.at(self.counts, [self._bin(v) for v in cal], 1)
+        self.n = int(cal.size)
+
+    def _bin(self, v: float) -> int:
+        return int(min(max(math.floor((v - self._lo) / self._step) + 1, 0), GRID + 1))
+
+    def p_low(self, v: float, u: float) -> float:
+        """Share of the bag with v at least as low (ties: u in [0, 1) of them): uniform on good frames."""
+        b = self._bin(v)
+        return (float(self.counts[:b].sum()) + u * (float(self.counts[b]) + 1.0)) / (self.n + 1.0)
+
+    def add(self, v: float) -> None:
+        self.counts[self._bin(v)] += 1
+        self.n += 1
+
+
+class _Alarm:
+    """One e-process: bets on one or more signals' (or one detector's scores') events."""
+
+    def __init__(self, kind: str, signals: tuple[str, ...], bounds: list[float]) -> None:
+        self.kind, self.signals = kind, signals
+        self.process = EProcess(bounds)
+        self.raised_at: int | None = None  # frame count of the last crossing while raised
+
+
+class _SignalAlarm(_Alarm):
+    """Health signals: exact conformal p-values against calibration and the frames learnt since."""
+
+    def __init__(self, kind: str, tests: tuple[tuple[str, str], ...], profile: HealthProfile) -> None:
+        self.bags = {s: Bag(profile.values[s]) for s, _ in tests}
+        which, low, levels = [], [], []
+        for i, (_, sides) in enumerate(tests):
+            for side in ("low", "high"):
+                if sides in ("both", side):
+                    which += [i] * len(LEVELS)
+                    low += [side == "low"] * len(LEVELS)
+                    levels += list(LEVELS)
+        self._which, self._low, self._levels = np.array(which), np.array(low), np.array(levels)
+        super().__init__(kind, tuple(s for s, _ in tests), levels)
+
+    def hits(self, signals: dict[str, float], rng: np.random.Generator) -> np.ndarray | None:
+        values = [signals.get(s, math.nan) for s in self.signals]
+        if not all(v is not None and math.isfinite(v) for v in values):
+            return None  # no bet on a frame that misses a signal
+        p = np.array([self.bags[s].p_low(v, rng.random()) for s, v in zip(self.signals, values, strict=True)])
+        if self.raised_at is None:  # a changed view must not become the reference
+            for s, v in zip(self.signals, values, strict=True):
+                self.bags[s].add(v)
+        p = p[self._which]
+        return np.where(self._low, p, 1.0 - p) <= self._levels
+
+
+class _ScoreAlarm(_Alarm):
+    """OK parts' scores of one detector above fixed calibration ranks (bounds hold with 1 - delta)."""
+
+    def __init__(self, detector: str, calibration: np.ndarray, delta: float) -> None:
+        cal = np.sort(calibration[np.isfinite(calibration)])
+        n = cal.size
+        ranks = sorted({max(1, math.floor(level * (n + 1))) for level in SCORE_LEVELS})
+        self._cutoffs = np.array([cal[n - j] for j in ranks])
+        super().__init__("score", (detector,), [exceedance_bound(j, n, delta) for j in ranks])
+
+    def hits(self, score: float) -> np.ndarray:
+        return score > self._cutoffs
 
 
 @dataclass
@@ -123,87 +205,85 @@ class AlarmEvent:
 
 
 class DriftMonitor:
-    """Rolling windows over one lane's frames; `update` returns alarms raised or cleared by a frame."""
+    """Anytime-valid drift alarms over one lane's frames; `update` returns the alarms raised or
+    cleared by a frame. lam: P(any false alarm, ever) <= 1 / lam under no change."""
 
-    def __init__(self, profile: HealthProfile, window: int | None = None, raise_p: float = RAISE_P,
-                 clear_p: float = CLEAR_P) -> None:
-        self.profile = profile
-        self.window = window or profile.window
-        self.raise_p, self.clear_p = raise_p, clear_p
-        self._cal = {k: np.sort(v[np.isfinite(v)]) for k, v in profile.values.items()}
-        self._values = {k: deque(maxlen=self.window) for k in ("brightness", "contrast", "sharpness")}
-        self._smalls: deque[np.ndarray] = deque(maxlen=profile.window)  # the null was fitted at this size
-        self._sum = np.zeros_like(profile.reference, dtype=np.float64)
-        self._exceed: deque[tuple[bool, float]] = deque(maxlen=self.window)
-        self._quantiles: dict[str, tuple[float, float]] = {}
-        for det in profile.scores:
-            q = profile.score_quantile(det)
-            if q is not None:
-                self._quantiles[det] = (q[0], exceedance_bound(q[1], q[2]))
+    def __init__(self, profile: HealthProfile, lam: float = LAMBDA, seed: int = 0) -> None:
+        self.profile, self.lam = profile, lam
+        self._rng = np.random.default_rng(seed)  # the conformal p-values' tie-breaks
+        self._signal_alarms = [_SignalAlarm(k, v, profile) for k, v in TESTS.items()]
+        scores = {d: s for d, s in profile.scores.items() if np.isfinite(s).sum() >= MIN_SCORES}
+        # Every signal and detector is one family of bets (a martingale of its own): Ville for each at
+        # T = 2 m lam, and the score ranks' calibration bounds share the other half of 1 / lam.
+        m = sum(len(a.signals) for a in self._signal_alarms) + len(scores)
+        self.level = 2.0 * lam * m
+        delta = 1.0 / (2.0 * lam * max(1, len(scores) * len(SCORE_LEVELS)))
+        self._score_alarms = {d: _ScoreAlarm(d, s, delta) for d, s in scores.items()}
+        self._recent = {s: deque(maxlen=SHOWN) for a in self._signal_alarms for s in a.signals}
+        self._medians = {s: float(np.median(v[np.isfinite(v)])) if np.isfinite(v).any() else math.nan
+                         for s, v in profile.values.items()}
+        self.frames = 0
         self.open: dict[str, AlarmEvent] = {}
-        self.last_p: dict[str, float] = {}
 
-    def update(self, signals: dict[str, float] | None, small: np.ndarray | None, detector: str | None = None,
-               status: str | None = None, score: float | None = None, at: float | None = None) -> list[AlarmEvent]:
-        at = time.time() if at is None else at
-        if signals is not None:
-            for k, dq in self._values.items():
-                v = signals.get(k)
-                if v is not None and math.isfinite(v):
-                    dq.append(float(v))
-        if small is not None:
-            if len(self._smalls) == self._smalls.maxlen:
-                self._sum -= self._smalls[0]
-            self._smalls.append(small)
-            self._sum += small
-        if status == "ok" and detector in self._quantiles and score is not None and math.isfinite(score):
-            q, p0 = self._quantiles[detector]
-            self._exceed.append((score > q, p0))
-        events = []
-        for kind, (p, detail) in self._tests().items():
-            self.last_p[kind] = p
-            events += self._transition(kind, p, detail, at)
-        return events
+    @property
+    def _alarms(self) -> list[_Alarm]:
+        return [*self._signal_alarms, *self._score_alarms.values()]
 
-    def _tests(self) -> dict[str, tuple[float, str]]:
-        out: dict[str, tuple[float, str]] = {}
-        b, c = self._values["brightness"], self._values["contrast"]
-        if len(b) >= MIN_TEST and self._cal["brightness"].size and self._cal["contrast"].size:
-            pb, _ = rank_sum_p(np.asarray(b), self._cal["brightness"], "two")
-            pc, _ = rank_sum_p(np.asarray(c), self._cal["contrast"], "two")
-            cal_b, cal_c = np.median(self._cal["brightness"]), np.median(self._cal["contrast"])
-            out["lighting"] = (min(1.0, 2 * min(pb, pc)),
-                               f"brightness median {np.median(b):.0f} (calibrated {cal_b:.0f}), "
-                               f"contrast median {np.median(c):.1f} (calibrated {cal_c:.1f})")
-        s = self._values["sharpness"]
-        if len(s) >= MIN_TEST and self._cal["sharpness"].size:
-            p, _ = rank_sum_p(np.asarray(s), self._cal["sharpness"], "less")
-            cal_s = np.median(self._cal["sharpness"])
-            out["focus"] = (p, f"sharpness median {np.median(s):.2f} (calibrated {cal_s:.2f})")
-        if len(self._smalls) == self._smalls.maxlen:
-            side = self.profile.reference.shape[1]
-            dx, dy, _ = align(self.profile.reference, (self._sum / len(self._smalls)).astype(np.float32))
-            d = math.hypot(dx, dy)
-            p = 1.0 if d < MIN_MOVE * side else math.exp(-d * d / (2 * self.profile.offset_sigma ** 2))
-            out["camera"] = (p, f"view offset {100 * dx / side:+.1f} %, {100 * dy / side:+.1f} % of the frame "
-                                f"(good windows: {100 * self.profile.offset_sigma / side:.1f} % per axis)")
-        if len(self._exceed) >= MIN_TEST:
-            k = sum(e for e, _ in self._exceed)
-            p0 = max(p for _, p in self._exceed)
-            out["score"] = (binom_sf(k, len(self._exceed), p0),
-                            f"{k} of the last {len(self._exceed)} OK parts above the calibration "
-                            f"{SCORE_LEVEL:.0%} score quantile (expected at most {p0:.0%})")
+    @property
+    def evidence(self) -> dict[str, float]:
+        """Each alarm's e-value now (score drift: the largest over detectors)."""
+        out: dict[str, float] = {}
+        for a in self._alarms:
+            out[a.kind] = max(out.get(a.kind, 0.0), a.process.value)
         return out
 
-    def _transition(self, kind: str, p: float, detail: str, at: float) -> list[AlarmEvent]:
-        if kind not in self.open and p < self.raise_p:
-            ev = AlarmEvent(kind, ALARMS[kind], "raised", f"{detail}; p = {p:.1e}", at)
-            self.open[kind] = ev
-            return [ev]
-        if kind in self.open and p > self.clear_p:
-            del self.open[kind]
-            return [AlarmEvent(kind, ALARMS[kind], "cleared", f"{detail}; p = {p:.2g}", at)]
+    def update(self, signals: dict[str, float] | None, detector: str | None = None, status: str | None = None,
+               score: float | None = None, at: float | None = None) -> list[AlarmEvent]:
+        at = time.time() if at is None else at
+        self.frames += 1
+        out: list[AlarmEvent] = []
+        if signals is not None:
+            for s, dq in self._recent.items():
+                v = signals.get(s)
+                if v is not None and math.isfinite(v):
+                    dq.append(v)
+            for alarm in self._signal_alarms:
+                hits = alarm.hits(signals, self._rng)
+                if hits is not None:
+                    alarm.process.update(hits)
+                    out += self._transition(alarm, at)
+        scored = self._score_alarms.get(detector or "")
+        if scored is not None and status == "ok" and score is not None and math.isfinite(score):
+            scored.process.update(scored.hits(score))
+            out += self._transition(scored, at)
+        return out
+
+    def _transition(self, alarm: _Alarm, at: float) -> list[AlarmEvent]:
+        e = alarm.process.value
+        if e >= self.level:
+            alarm.process.restart()
+            alarm.raised_at = self.frames
+            if alarm.kind not in self.open:
+                self.open[alarm.kind] = AlarmEvent(alarm.kind, ALARMS[alarm.kind], "raised", self._detail(alarm, e), at)
+                return [self.open[alarm.kind]]
+        elif alarm.raised_at is not None and self.frames - alarm.raised_at >= CLEAR_AFTER:
+            alarm.raised_at = None
+            if alarm.kind in self.open and not any(a.raised_at is not None for a in self._alarms
+                                                   if a.kind == alarm.kind):
+                del self.open[alarm.kind]
+                return [AlarmEvent(alarm.kind, ALARMS[alarm.kind], "cleared", self._detail(alarm, e), at)]
         return []
+
+    def _detail(self, alarm: _Alarm, e: float) -> str:
+        evidence = f"evidence {min(e, 1e300):.3g} (raised at {self.level:.3g}: false alarm rate 1/{self.lam:g})"
+        if alarm.kind == "score":
+            return f"OK parts of {alarm.signals[0]} score higher than at calibration; {evidence}"
+        parts = []
+        for s in alarm.signals:
+            recent = self._recent[s]
+            now = f"{float(np.median(recent)):.3g}" if recent else "-"
+            parts.append(f"{s} median {now} (calibrated {self._medians.get(s, math.nan):.3g})")
+        return ", ".join(parts) + f"; {evidence}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +295,6 @@ class Health:
     """A frame's signals, measured when it is decoded, against the profile of the detector's bundle."""
 
     signals: dict[str, float]
-    small: np.ndarray
     profile: HealthProfile
 
     def json(self) -> str:
@@ -230,9 +309,9 @@ class DriftHub:
 
     MAX_PENDING = 100_000  # measured frames whose row has not come yet (never committed: bounded)
 
-    def __init__(self, out: Path, store: ResultStore, warn: Callable[[str], None], info: Callable[[str], None]
-                 ) -> None:
-        self.out, self.store, self.warn, self.info = out, store, warn, info
+    def __init__(self, out: Path, store: ResultStore, warn: Callable[[str], None], info: Callable[[str], None],
+                 lam: float = LAMBDA) -> None:
+        self.out, self.store, self.warn, self.info, self.lam = out, store, warn, info, lam
         self._pending: dict[tuple[str, int, int], tuple[LaneDrift, Health]] = {}
         self._lock = threading.Lock()
         self._failed = False
@@ -299,16 +378,16 @@ class LaneDrift:
         if profile is None:
             return None
         try:
-            signals, small = measure(frame, profile.reference)
+            signals = measure(frame, profile.reference)
         except Exception as exc:  # an odd frame must not cost its row
             self.hub.fail(exc)
             return None
-        health = Health(signals, small, profile)
+        health = Health(signals, profile)
         self.hub.remember((storable(key[0]), key[1], key[2]), self, health)  # the path as its row will hold it
         return health
 
     def observe(self, health: Health, row: Record) -> list[AlarmEvent]:
         if self.monitor is None or self.monitor.profile is not health.profile:
-            self.monitor = DriftMonitor(health.profile)
+            self.monitor = DriftMonitor(health.profile, self.hub.lam)
             self.hub.publish_bands(self.folder, health.profile)
-        return self.monitor.update(health.signals, health.small, row.detector, row.status, row.score, row.scored_at)
+        return self.monitor.update(health.signals, row.detector, row.status, row.score, row.scored_at)

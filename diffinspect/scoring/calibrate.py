@@ -61,10 +61,11 @@ class CalibrationResult:
     false_reject_rate: float
     backend: str
     copod_threshold: float | None
+    rule: str = "split"  # threshold.RULES: "best-rank" when the fused p-value set it
 
     @property
     def bound(self) -> str:
-        return describe_bound(self.n, self.false_reject_rate)
+        return describe_bound(self.n, self.false_reject_rate, self.rule)
 
 
 def image_sets(bundle: Bundle, normal_dir: str | Path | None, seed: int = 0
@@ -172,8 +173,9 @@ def calibrate(
                                recipe.fusion, (scores, cal_embedded) if recipe.fusion == "minp" else None,
                                recipe.frame_detector)
         scores = frame_term.held_out_scores() if recipe.fusion == "minp" else frame_term.fuse(scores, cal_embedded)
-    if frame_term is not None and frame_term.rule == "minp":
-        assert frame_term.calibration is not None
+    rule = "best-rank" if frame_term is not None and frame_term.rule == "minp" else "split"
+    if rule == "best-rank":
+        assert frame_term is not None and frame_term.calibration is not None
         fused = frame_term.calibration
         threshold = min_rank_threshold(len(scores), false_reject_rate)
     else:
@@ -210,7 +212,7 @@ def calibrate(
         save_health(up, health)
     return CalibrationResult(len(scores), len(ref_frames), described, threshold, pixel_threshold,
                              false_reject_rate, engine.name,
-                             float(copod_fields["threshold"]) if copod_fields else None)
+                             float(copod_fields["threshold"]) if copod_fields else None, rule)
 
 
 def _batched(detector: DiffusionDetector, fitted: np.ndarray, what: str, progress: Progress | None):

@@ -1,21 +1,24 @@
 """Frame health: cheap per-frame signals that move when the camera or the lighting changes, and their
-calibrated ranges on good parts (stored in the bundle, read by line/drift.py).
+values on the good calibration frames (stored in the bundle, read by line/drift.py).
 
-Signals, all from OpenCV on a gray copy of the frame, a few milliseconds on a 5 MP frame:
-- brightness: mean gray level (0-255) of a SMALL x SMALL copy;
-- contrast: its standard deviation;
-- sharpness: log10 of the variance of the Laplacian divided by the variance of the image, on a copy
-  whose longer side is at most SHARP_SIDE. Dividing by the image variance makes it independent of the
-  gain: a darker frame is not "out of focus", a blurred one is;
-- shift: the frame's translation against the reference frame (mean of good frames) by phase
-  correlation, as a fraction of the frame side. Per frame this is noisy when parts vary (each part
-  has its own texture); the drift monitor therefore tests the mean of a window of frames, in which the
-  common structure of the field of view (fixture, part edges, vignetting) emerges.
-
-Calibration keeps the signal values of the good calibration frames (for rank tests on a window of
-line frames), a reference frame, the null distribution of the window-mean alignment (resampled
-windows of good frames held out from the reference), and the calibration score distribution per
-detector (for the score-drift test).
+Each signal is made to move for its own cause only (tests/test_drift.py checks that a change raises its
+own alarm and no other). All from OpenCV on a gray copy of the frame, a few milliseconds on 5 MP:
+- brightness: mean gray level (0-255) of a SMALL x SMALL copy of the view (see measure);
+- contrast: mean gray level of the brighter half of the cells of a COARSE x COARSE copy minus that of
+  the darker half: the levels of the scene's large areas, which focus blur and sensor noise (both
+  fine-scale) barely move (the std of a finer copy drops when the frame is blurred);
+- sharpness: log10 of the variance of the Laplacian over the variance of the image, per tile of a
+  TILES x TILES grid of a copy whose longer side is at most SHARP_SIDE, median over the inner tiles.
+  Dividing by the variance makes it independent of the gain (a darker frame is not "out of focus");
+  the median over tiles keeps it to the typical detail of the surface, so a moved view (an edge
+  entering or leaving a tile, new content at the border) does not read as blur;
+- offset_x, offset_y: where the part's edges are, against where they were at calibration. The column
+  (row) profile of horizontal (vertical) gradient energy of a PROFILE x PROFILE copy is aligned with
+  the mean profile of the calibration frames; the offset is the displacement of best correlation, in
+  whole pixels of PROFILE (a sub-pixel estimate would move with blur). A part pose shows in these
+  profiles (tile edges, a screw's flanks, a fixture) even when the surface texture varies from part to
+  part, which 2-D phase correlation cannot lock on;
+- shift: their length as a fraction of the frame side (for display; the alarm tests the two offsets).
 """
 
 from __future__ import annotations
@@ -32,22 +35,15 @@ import numpy as np
 from diffinspect import DiffinspectError
 
 HEALTH_FILE = "health.npz"
-SMALL = 64  # brightness, contrast and alignment: coarse structure only, so blur barely moves them
+SMALL = 64  # brightness: coarse structure only, so blur barely moves it
+COARSE = 8  # contrast: the scale of the lighting, far above that of focus
 SHARP_SIDE = 512  # focus is judged near native resolution (a small copy would hide a slight blur)
-SIGNALS = ("brightness", "contrast", "sharpness", "shift")
-WINDOW = 50  # frames per drift window
-SCORE_LEVEL = 0.8  # the score-drift test watches the share of OK parts above the 80 % calibration quantile
-NULL_WINDOWS = 2000  # resampled windows for the alignment null
+TILES = 6  # sharpness grid; its outer ring is left out (new content enters there when the view moves)
+PROFILE = 128  # pose profiles: enough rows to place an edge within a pixel or two of 1 %
+MAX_OFFSET = 16  # of PROFILE: the largest move the offsets can read (12.5 % of the frame)
+SIGNALS = ("brightness", "contrast", "sharpness", "offset_x", "offset_y", "shift")
+SCORE_LEVEL = 0.8  # the score quantile shown in the manifest (the score-drift alarm uses every rank)
 MIN_FRAMES = 20
-
-
-def small_gray(frame: np.ndarray) -> np.ndarray:
-    """float32 (SMALL, SMALL) gray copy in 0-255 of a uint8 (H, W), (H, W, 1) or (H, W, 3) RGB frame."""
-    return _small(_work_gray(frame))
-
-
-def _small(gray: np.ndarray) -> np.ndarray:
-    return cv2.resize(gray, (SMALL, SMALL), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
 def _work_gray(frame: np.ndarray) -> np.ndarray:
@@ -67,46 +63,76 @@ def _work_gray(frame: np.ndarray) -> np.ndarray:
     return frame
 
 
-def sharpness(frame: np.ndarray) -> float:
-    return _sharpness(_work_gray(frame))
+def _resized(gray: np.ndarray, side: int) -> np.ndarray:
+    return cv2.resize(gray, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
 def _sharpness(gray: np.ndarray) -> float:
     g = gray.astype(np.float32)
-    var = float(g.var())
-    lap = float(cv2.Laplacian(g, cv2.CV_32F).var())
-    return math.log10((lap + 1e-3) / (var + 1e-3))
+    lap = cv2.Laplacian(g, cv2.CV_32F)
+    h, w = g.shape
+    ratios = []
+    for i in range(1, TILES - 1):
+        for j in range(1, TILES - 1):
+            tile = (slice(i * h // TILES, (i + 1) * h // TILES), slice(j * w // TILES, (j + 1) * w // TILES))
+            ratios.append((float(lap[tile].var()) + 1e-3) / (float(g[tile].var()) + 1e-3))
+    return math.log10(float(np.median(ratios)))
 
 
-def align(reference: np.ndarray, small: np.ndarray) -> tuple[float, float, float]:
-    """(dx, dy, response) of small against reference by phase correlation (pixels of SMALL)."""
-    a = reference - reference.mean()
-    b = small - small.mean()
-    (dx, dy), response = cv2.phaseCorrelate(a.astype(np.float64), b.astype(np.float64))
-    return float(dx), float(dy), float(response)
+def pose_profiles(gray: np.ndarray) -> np.ndarray:
+    """(2, PROFILE): column profile of horizontal and row profile of vertical gradient energy, each
+    divided by its mean (so gain and contrast do not move it)."""
+    g = _resized(gray, PROFILE)
+    cols = np.abs(cv2.Sobel(g, cv2.CV_32F, 1, 0)).mean(0)
+    rows = np.abs(cv2.Sobel(g, cv2.CV_32F, 0, 1)).mean(1)
+    return np.stack([cols / (cols.mean() + 1e-6), rows / (rows.mean() + 1e-6)])
 
 
-def measure(frame: np.ndarray, reference: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray]:
-    """(signals, small gray copy) of one frame; shift is NaN without a reference."""
+def profile_offset(reference: np.ndarray, profile: np.ndarray) -> float:
+    """Displacement (whole pixels) of profile against reference, within MAX_OFFSET:
+    positive when the frame's content moved right (down). Every overlap is compared whole, so edges
+    near the frame border count."""
+    n = profile.size
+    corr = np.empty(2 * MAX_OFFSET + 1)
+    for i, s in enumerate(range(-MAX_OFFSET, MAX_OFFSET + 1)):
+        a = reference[max(0, -s):n - max(0, s)]
+        b = profile[max(0, s):n - max(0, -s)]
+        a, b = a - a.mean(), b - b.mean()
+        corr[i] = float((a * b).sum()) / math.sqrt(float((a * a).sum() * (b * b).sum()) + 1e-12)
+    return float(int(corr.argmax()) - MAX_OFFSET)
+
+
+def measure(frame: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+    """The signals of one frame; the offsets and shift are NaN without a reference (pose profiles).
+
+    Brightness, contrast and sharpness are measured on the part of the view the calibration frames
+    showed: a window MAX_OFFSET in from every side, moved by the frame's offsets. So a moved camera
+    (the part elsewhere in the frame, new surroundings at the border) reads as "camera moved" only."""
     gray = _work_gray(frame)
-    small = _small(gray)
-    shift = math.nan
+    out = {"offset_x": math.nan, "offset_y": math.nan, "shift": math.nan}
+    dx = dy = 0.0
     if reference is not None:
-        dx, dy, _ = align(reference, small)
-        shift = math.hypot(dx, dy) / SMALL
-    return ({"brightness": float(small.mean()), "contrast": float(small.std()), "sharpness": _sharpness(gray),
-             "shift": shift}, small)
+        prof = pose_profiles(gray)
+        dx, dy = profile_offset(reference[0], prof[0]), profile_offset(reference[1], prof[1])
+        out.update(offset_x=dx, offset_y=dy, shift=math.hypot(dx, dy) / PROFILE)
+    h, w = gray.shape
+    my, mx = h * MAX_OFFSET // PROFILE, w * MAX_OFFSET // PROFILE
+    y0 = min(max(my + round(dy * h / PROFILE), 0), 2 * my)  # |offset| <= MAX_OFFSET: clipping only rounds
+    x0 = min(max(mx + round(dx * w / PROFILE), 0), 2 * mx)
+    view = gray[y0:y0 + h - 2 * my, x0:x0 + w - 2 * mx]
+    cells = np.sort(_resized(view, COARSE).ravel())
+    half = cells.size // 2
+    out.update(brightness=float(_resized(view, SMALL).mean()), sharpness=_sharpness(view),
+               contrast=float(cells[half:].mean() - cells[:half].mean()))
+    return out
 
 
 @dataclass
 class HealthProfile:
     """What calibration learnt about good frames (see the module docstring)."""
 
-    values: dict[str, np.ndarray]  # signal -> calibration values (brightness, contrast, sharpness, shift)
-    reference: np.ndarray  # (SMALL, SMALL) float32
-    window: int
-    offset_sigma: float  # Rayleigh scale (pixels of SMALL) of good windows' mean-frame offset
-    align_mean: float  # their mean phase-correlation response (shown, not tested)
+    values: dict[str, np.ndarray]  # signal -> calibration values
+    reference: np.ndarray  # (2, PROFILE) mean pose profiles of the calibration frames
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # detector name -> calibration scores
 
     def bands(self) -> dict[str, tuple[float, float]]:
@@ -119,22 +145,11 @@ class HealthProfile:
                 out[name] = (float(lo), float(hi))
         return out
 
-    def score_quantile(self, detector: str) -> tuple[float, int, int] | None:
-        """(calibration score quantile at SCORE_LEVEL, its rank from the top r, n) for a detector."""
-        s = self.scores.get(detector)
-        if s is None or s.size < MIN_FRAMES:
-            return None
-        s = np.sort(s)
-        n = s.size
-        k = min(n, math.ceil((n + 1) * SCORE_LEVEL))  # conformal rank: P(new > s_(k)) <= 1 - k/(n+1)
-        return float(s[k - 1]), n + 1 - k, n
-
     def manifest(self) -> dict[str, Any]:
-        quant = {d: {"level": SCORE_LEVEL, "value": q[0], "n": q[2]}
-                 for d in self.scores if (q := self.score_quantile(d)) is not None}
-        return {"file": HEALTH_FILE, "n": int(self.values["brightness"].size), "window": self.window,
-                "bands": {k: list(v) for k, v in self.bands().items()},
-                "alignment": {"offset_sigma": self.offset_sigma, "response": self.align_mean}, "score_quantile": quant}
+        quant = {d: {"level": SCORE_LEVEL, "value": float(np.quantile(s, SCORE_LEVEL)), "n": int(s.size)}
+                 for d, s in self.scores.items() if s.size >= MIN_FRAMES}
+        return {"file": HEALTH_FILE, "n": int(self.values["brightness"].size),
+                "bands": {k: list(v) for k, v in self.bands().items()}, "score_quantile": quant}
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -144,47 +159,28 @@ class HealthProfile:
         return buf.getvalue()
 
     @classmethod
-    def from_file(cls, path: Any, section: Mapping[str, Any]) -> HealthProfile:
+    def from_file(cls, path: Any) -> HealthProfile:
         try:
             with np.load(path, allow_pickle=False) as z:
                 values = {k[6:]: z[k] for k in z.files if k.startswith("value_")}
                 scores = {k[6:]: z[k] for k in z.files if k.startswith("score_")}
                 reference = z["reference"].astype(np.float32)
-            window = int(section["window"])
-            sigma, mean = float(section["alignment"]["offset_sigma"]), float(section["alignment"]["response"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DiffinspectError(f"bundle health profile unreadable ({exc}): run `inspect calibrate` again") from None
-        if reference.shape != (SMALL, SMALL) or window < 2 or not set(SIGNALS) <= set(values):
-            raise DiffinspectError("bundle health profile has an unexpected layout: run `inspect calibrate` again")
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError("bad alignment scale")
-        return cls(values, reference, window, sigma, mean, scores)
+        if reference.shape != (2, PROFILE) or not set(SIGNALS) <= set(values):
+            raise DiffinspectError("bundle health profile has an older or unexpected layout: run `inspect calibrate` "
+                                   "again for drift alarms")
+        return cls(values, reference, scores)
 
 
-def fit_health(frames: list[np.ndarray], scores: Mapping[str, np.ndarray] | None = None, window: int = WINDOW,
-               seed: int = 0) -> HealthProfile | None:
+def fit_health(frames: list[np.ndarray], scores: Mapping[str, np.ndarray] | None = None) -> HealthProfile | None:
     """Calibrate health signals on good frames; None when there are too few frames to say anything."""
     if len(frames) < MIN_FRAMES:
         return None
-    rng = np.random.default_rng(seed)
-    smalls = np.stack([small_gray(f) for f in frames])
-    # The reference comes from one half, the alignment null from the other: a window of the frames the
-    # reference was averaged from would align better than any new window does.
-    order = rng.permutation(len(frames))
-    ref_idx, null_idx = order[: len(frames) // 2], order[len(frames) // 2:]
-    reference = smalls[ref_idx].mean(axis=0).astype(np.float32)
-    held = smalls[null_idx].astype(np.float64)
-    null = np.array([align(reference, held[rng.integers(0, len(held), window)].mean(axis=0))
-                     for _ in range(NULL_WINDOWS)])
-    # Offsets of good windows: a 2-D spread per axis (the Rayleigh scale of their length).
-    sigma = float(np.sqrt(np.mean(null[:, 0] ** 2 + null[:, 1] ** 2) / 2))
-    values: dict[str, list[float]] = {k: [] for k in SIGNALS}
-    for f in frames:
-        sig, _ = measure(f, reference)
-        for k in SIGNALS:
-            values[k].append(sig[k])
-    return HealthProfile({k: np.asarray(v) for k, v in values.items()}, reference, window, max(sigma, 1e-3),
-                         float(null[:, 2].mean()),
+    grays = [_work_gray(f) for f in frames]
+    reference = np.mean([pose_profiles(g) for g in grays], axis=0).astype(np.float32)
+    rows = [measure(f, reference) for f in frames]
+    return HealthProfile({k: np.asarray([r[k] for r in rows], np.float64) for k in SIGNALS}, reference,
                          {k: np.asarray(v, np.float64) for k, v in (scores or {}).items()})
 
 
@@ -203,4 +199,4 @@ def load_health(bundle: Any) -> HealthProfile | None:
     section = bundle.manifest.get("health")
     if not isinstance(section, dict) or not bundle.has(HEALTH_FILE):  # the name is fixed: never from the manifest
         return None
-    return HealthProfile.from_file(bundle.file(HEALTH_FILE), section)
+    return HealthProfile.from_file(bundle.file(HEALTH_FILE))
