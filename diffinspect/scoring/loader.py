@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from diffinspect import DiffinspectError
@@ -10,6 +11,8 @@ from diffinspect.data.image import Preprocess
 from diffinspect.scoring.detector import Detector
 
 DETECTORS = ("diffusion", "copod")
+
+log = logging.getLogger(__name__)
 
 
 def _bundle(bundle: str | Path | Bundle) -> Bundle:
@@ -68,5 +71,6 @@ def _health(b: Bundle):  # noqa: ANN202 (HealthProfile | None)
 
     try:
         return load_health(b)
-    except DiffinspectError:
+    except DiffinspectError as exc:
+        log.warning(f"no drift alarms for {b.path}: {exc}")
         return None
