@@ -16,9 +16,8 @@ from typing import Any
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
+from diffinspect.vocab import Precision
 
-FORMATS = ("onnx", "openvino")
-PRECISIONS = ("fp32", "fp16", "int8")
 THREADS_ENV = "DIFFINSPECT_THREADS"
 CACHE_ENV = "DIFFINSPECT_CACHE_DIR"
 CALIBRATION_FILE = "calibration.npz"  # statistics, calibration scores and self-check references
@@ -67,7 +66,8 @@ def find_export(bundle: Bundle, fmt: str, sampler: str, precisions: tuple[str, .
 
 def exported_precisions(bundle: Bundle, fmt: str, sampler: str) -> list[str]:
     exports = bundle.manifest.get("exports") or {}
-    return [p for p in PRECISIONS if _usable(bundle, export_name(fmt, p), exports.get(export_name(fmt, p)), sampler)]
+    return [p for p in Precision.values()
+            if _usable(bundle, export_name(fmt, p), exports.get(export_name(fmt, p)), sampler)]
 
 
 def available_cores() -> int:

@@ -27,14 +27,14 @@ import numpy as np
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.engines import Engine
-from diffinspect.engines.exports import CALIBRATION_FILE, PRECISIONS, exported_precisions, find_export
+from diffinspect.engines.exports import CALIBRATION_FILE, exported_precisions, find_export
 from diffinspect.models.sampler import resolve_sampler
+from diffinspect.vocab import Backend, Precision
 
 if TYPE_CHECKING:
     from diffinspect.engines.onnx_engine import OnnxEngine
     from diffinspect.engines.openvino_engine import OpenVinoEngine
 
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 # Exports to use when no precision is named, fastest first (measured by bench/backends.py).
 # The INT8 QDQ model keeps conv outputs float (accuracy), so onnxruntime's CPU provider cannot fuse it
 # into integer convs and runs dequantize + float conv: 0.8x fp32 at 128 px here. It is for TensorRT,
@@ -101,10 +101,10 @@ def make_engine(bundle: Bundle, backend: str = "auto", device: str = "auto", sam
     """backend: auto | torch | onnxruntime | openvino; precision: fp32 | fp16 | int8 | None (the
     fastest exported). auto tries the exported engines fastest first and keeps the first whose
     start-up self-check passes (`pick_engine`)."""
-    if backend not in BACKENDS:
-        raise DiffinspectError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if precision is not None and precision not in PRECISIONS:
-        raise DiffinspectError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if backend not in Backend.values():
+        raise DiffinspectError(f"unknown backend {backend!r}: choose one of {Backend.listed()}")
+    if precision is not None and precision not in Precision.values():
+        raise DiffinspectError(f"unknown precision {precision!r}: choose one of {Precision.listed()}")
     if backend == "auto":
         return pick_engine(bundle, device, sampler, precision, log)
     engine = build_engine(bundle, backend, device, sampler, precision)

@@ -20,8 +20,9 @@ import numpy as np
 
 from diffinspect import DiffinspectError, __version__
 from diffinspect.bundle import Bundle
-from diffinspect.engines.exports import FORMATS, PRECISIONS, export_name, graph_fingerprint
+from diffinspect.engines.exports import export_name, graph_fingerprint
 from diffinspect.export import parity
+from diffinspect.vocab import ExportFormat, Precision
 
 MAX_IMAGES = 48  # calibration frames for INT8 ranges and parity: enough for both, quick at any size
 MAX_INPUTS = 96  # model inputs from them (frames, or tiles in tiles mode, where one frame gives many)
@@ -30,11 +31,11 @@ MAX_INPUTS = 96  # model inputs from them (frames, or tiles in tiles mode, where
 def plan(fmt: str, precision: str) -> list[tuple[str, str]]:
     """(format, precision) pairs to build. fp16 is an OpenVINO export only: onnxruntime's CPU provider
     has no fp16 speed-up, and there was no GPU here to validate an fp16 ONNX against."""
-    formats = list(FORMATS) if fmt == "all" else [fmt]
-    precisions = list(PRECISIONS) if precision == "all" else [precision]
-    if fmt not in (*FORMATS, "all"):
+    formats = list(ExportFormat.values()) if fmt == "all" else [fmt]
+    precisions = list(Precision.values()) if precision == "all" else [precision]
+    if fmt not in (*ExportFormat.values(), "all"):
         raise DiffinspectError(f"unknown format {fmt!r}: choose onnx, openvino or all")
-    if precision not in (*PRECISIONS, "all"):
+    if precision not in (*Precision.values(), "all"):
         raise DiffinspectError(f"unknown precision {precision!r}: choose fp32, fp16, int8 or all")
     if formats == ["onnx"] and precisions == ["fp16"]:
         raise DiffinspectError("no fp16 ONNX export: use --format openvino --precision fp16, or fp32/int8 "

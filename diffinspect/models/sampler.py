@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
-
-SAMPLERS = ("teacher", "student")
+from diffinspect.vocab import Sampler
 
 
 def resolve_sampler(bundle: Bundle, sampler: str | None) -> str:
     """The sampler asked for, else the bundle's default; refused when the bundle cannot run it."""
     info = bundle.manifest.get("sampler") or {}
     name = sampler or info.get("default", "teacher")
-    if name not in SAMPLERS:
+    if name not in Sampler.values():
         raise DiffinspectError(f"unknown sampler {name!r}: use teacher or student")
     if name == "student" and not info.get("student"):
         raise DiffinspectError(f"bundle {bundle.path} has no distilled student (run `inspect distill`)")

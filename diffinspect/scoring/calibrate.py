@@ -26,7 +26,7 @@ from diffinspect.data.datasets import list_images
 from diffinspect.data.image import Preprocess
 from diffinspect.data.reading import read_images
 from diffinspect.engines.select import make_engine
-from diffinspect.models.recipe import FRAME_DETECTORS, FUSION_RULES, Recipe
+from diffinspect.models.recipe import Recipe
 from diffinspect.scoring.diffusion import (
     CALIBRATION_FILE,
     DiffusionDetector,
@@ -43,6 +43,7 @@ from diffinspect.scoring.threshold import (
     describe_bound,
     min_rank_threshold,
 )
+from diffinspect.vocab import FrameDetector, Fusion
 
 MAX_REFERENCE = 256
 MAX_EMBEDDING_FIT = 4096  # training images the embedding detectors are fitted on
@@ -123,12 +124,11 @@ def calibrate(
     fusion: str | None = None,
     frame_detector: str | None = None,
 ) -> CalibrationResult:
-    """fusion (FUSION_RULES) and frame_detector (FRAME_DETECTORS): how the frame-level term is made and
+    """fusion (Fusion) and frame_detector (FrameDetector): how the frame-level term is made and
     joins the diffusion score; kept in the bundle's recipe. None keeps the recipe's."""
-    for flag, value, allowed in (("--fusion", fusion, FUSION_RULES), ("--frame-detector", frame_detector,
-                                                                        FRAME_DETECTORS)):
-        if value is not None and value not in allowed:
-            raise DiffinspectError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    for flag, value, allowed in (("--fusion", fusion, Fusion), ("--frame-detector", frame_detector, FrameDetector)):
+        if value is not None and value not in allowed.values():
+            raise DiffinspectError(f"{flag} must be one of {allowed.listed()}, got {value!r}")
     bundle = Bundle.load(bundle_path)
     prep = Preprocess.from_dict(bundle.manifest["preprocess"])
     reference, calib, described = image_sets(bundle, normal_dir)

@@ -12,10 +12,10 @@ from diffinspect import DiffinspectError
 from diffinspect.data.image import ImageSize, Preprocess, input_hw
 from diffinspect.engines import Engine
 from diffinspect.engines.exports import CALIBRATION_FILE  # noqa: F401  (the bundle file this detector reads)
-from diffinspect.models.recipe import FRAME_DETECTORS, FUSION_RULES
 from diffinspect.scoring.detector import Scored
 from diffinspect.scoring.gaussian import GaussianEmbedding
 from diffinspect.scoring.threshold import min_rank_p, tie_break_room
+from diffinspect.vocab import FrameDetector, Fusion
 
 
 @dataclass
@@ -116,11 +116,11 @@ class FrameTerm:
     detector: str = "copod"
 
     def __post_init__(self) -> None:
-        if self.detector not in FRAME_DETECTORS:
+        if self.detector not in FrameDetector.values():
             raise DiffinspectError(f"unknown frame-term detector {self.detector!r}: expected one of "
-                                   f"{', '.join(FRAME_DETECTORS)}")
-        if self.rule not in FUSION_RULES:
-            raise DiffinspectError(f"unknown frame-term rule {self.rule!r}: expected one of {', '.join(FUSION_RULES)}")
+                                   f"{FrameDetector.listed()}")
+        if self.rule not in Fusion.values():
+            raise DiffinspectError(f"unknown frame-term rule {self.rule!r}: expected one of {Fusion.listed()}")
         if self.rule == "minp":
             if self.calibration is None or min(len(c) for c in self.calibration) < 1:
                 raise DiffinspectError("the minp frame term needs the calibration scores (run inspect calibrate)")

@@ -8,8 +8,7 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.image import Preprocess
 from diffinspect.scoring.detector import Detector
-
-DETECTORS = ("diffusion", "copod")
+from diffinspect.vocab import Detector as DetectorName
 
 
 def _bundle(bundle: str | Path | Bundle) -> Bundle:
@@ -19,7 +18,7 @@ def _bundle(bundle: str | Path | Bundle) -> Bundle:
 def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", backend: str = "auto",
                   device: str = "auto", sampler: str | None = None) -> Detector:
     """A calibrated detector from a bundle. detector: "diffusion" | "copod"."""
-    if detector not in DETECTORS:
+    if detector not in DetectorName.values():
         raise DiffinspectError(f"unknown detector {detector!r}: choose diffusion or copod")
     b = _bundle(bundle)
     if detector == "copod" or "model" not in b.manifest:

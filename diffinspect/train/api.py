@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,6 @@ from diffinspect.data.geometry import DEFAULT_SIDE, Geometry, choose_geometry, d
 from diffinspect.data.image import Preprocess, choose_color, parse_size, size_record
 from diffinspect.info import training_warning
 from diffinspect.models.schedule import NoiseSchedule
-from diffinspect.models.scoring import Recipe
 from diffinspect.train.data import load_training_set
 from diffinspect.train.fit import clear_checkpoints, fit, model_summary
 
@@ -77,7 +77,7 @@ def train(
                "channels": channels, "params": summary["params"], "gflops": round(summary["gflops"], 4)},
         preprocess=prep.to_dict(),
         schedule=NoiseSchedule(cfg.model.schedule).to_dict(),
-        score=Recipe.from_dict(vars(cfg.score)).__dict__,
+        score=dataclasses.asdict(cfg.score),
         sampler={"default": "teacher", "student": None},
         training={
             "data": str(tset.root), "source": str(tset.source),
