@@ -461,7 +461,7 @@ def demo(
     r = run_demo(workdir, fast=fast, log=console.print)
     h = r.headline
     manifest = Bundle.load(r.bundle, verify=False).manifest
-    steps = (manifest.get("training") or {}).get("steps")
+    steps = manifest.training and manifest.training.steps
     warning = training_warning(manifest)
 
     def fmt(v, spec=".3f"):

@@ -62,10 +62,10 @@ def test_defects_score_above_good_and_maps_mark_them(calibrated_bundle, line_dir
 
 def test_calibration_is_recorded(calibrated_bundle):
     b = Bundle.load(calibrated_bundle)
-    cal = b.manifest["calibration"]
-    assert cal["n"] == 24 and cal["false_reject_rate"] == 0.1 and cal["rule"] == "split-conformal"
-    assert {"calibration.npz", "embeddings.npy"} <= set(b.manifest["files"])
-    assert b.manifest["fallback"]["threshold"]
+    cal = b.manifest.calibration
+    assert cal.n == 24 and cal.false_reject_rate == 0.1 and cal.rule == "split-conformal"
+    assert {"calibration.npz", "embeddings.npy"} <= set(b.manifest.files)
+    assert b.manifest.fallback.threshold
 
 
 def test_too_few_images_for_the_rate_is_refused(trained_bundle, line_dir, tmp_path):
@@ -139,9 +139,9 @@ def test_tune_picks_a_recipe_on_synthetic_defects_then_calibrates(calibrated_bun
     shutil.copytree(calibrated_bundle, copy)
     best = tune(copy, log=lambda *_: None)
     b = Bundle.load(copy)
-    assert b.manifest["score"] == best["recipe"]
-    assert b.manifest["calibration"] is None  # statistics of the old recipe no longer apply
-    assert best["auroc"] == max(r["auroc"] for r in b.manifest["tuning"]["table"])
+    assert b.manifest.score == best["recipe"]
+    assert b.manifest.calibration is None  # statistics of the old recipe no longer apply
+    assert best["auroc"] == max(r["auroc"] for r in b.manifest.tuning["table"])
     assert best["auroc"] > 0.6
     calibrate(copy, line_dir / "test" / "good", false_reject_rate=0.1, log=lambda *_: None)
     assert load_detector(copy, backend="torch").score([np.zeros((40, 40, 3), np.uint8)]).scores.shape == (1,)

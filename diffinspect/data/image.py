@@ -21,7 +21,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diffinspect import DiffinspectError
-from diffinspect.vocab import Color
+from diffinspect.vocab import Color, Feed, Resize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # A corrupt frame is reported once, by us, as a one-line error; OpenCV's own WARN/ERROR log lines about
@@ -238,24 +238,12 @@ class Preprocess:
     image_size tiles overlapping by half (`tile_grid`), so small defects keep their pixels.
     """
 
-    color: str = "gray"
+    color: Color = Color.GRAY  # gray or rgb (a bundle's colour is never auto)
     image_size: ImageSize = 64
-    resize: str = "stretch"  # stretch | crop (centre) | pad (letterbox); feed "frame" only
+    resize: Resize = Resize.STRETCH  # crop: the centre; pad: letterbox; feed "frame" only
     roi: tuple[int, int, int, int] | None = None  # x, y, width, height in frame pixels
-    feed: str = "frame"  # frame | tiles
+    feed: Feed = Feed.FRAME
     tile_scale: float = 0.5  # tiles: canvas side = ROI side x tile_scale
-
-    def to_dict(self) -> dict:
-        return {"color": self.color, "image_size": size_record(self.image_size), "resize": self.resize,
-                "roi": list(self.roi) if self.roi else None, "feed": self.feed, "tile_scale": self.tile_scale}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
-        roi = d.get("roi")
-        # Bundles written before tiles existed fed whole frames.
-        return cls(color=d["color"], image_size=parse_size(d["image_size"]), resize=d.get("resize", "stretch"),
-                   roi=tuple(roi) if roi else None, feed=d.get("feed", "frame"),
-                   tile_scale=float(d.get("tile_scale", 0.5)))
 
     @property
     def hw(self) -> tuple[int, int]:

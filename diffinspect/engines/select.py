@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from diffinspect import DiffinspectError
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, Calibration
 from diffinspect.engines import Engine
 from diffinspect.engines.exports import CALIBRATION_FILE, exported_precisions, find_export
 from diffinspect.models.sampler import resolve_sampler
@@ -91,9 +91,9 @@ def build_engine(bundle: Bundle, backend: str, device: str = "auto", sampler: st
         runner = OpenVinoEngine
     name = resolve_sampler(bundle, sampler)
     name_file, rec = find_export(bundle, fmt, name, (precision,) if precision else precision_order(backend, device))
-    for f in rec.get("files", [name_file]):
+    for f in rec.files or [name_file]:
         bundle.file(f)  # sha256 again: a file swapped since loading is refused here
-    return runner(bundle.file(name_file), rec["terms"], device, rec["precision"])
+    return runner(bundle.file(name_file), rec.terms, device, rec.precision.value)
 
 
 def make_engine(bundle: Bundle, backend: str = "auto", device: str = "auto", sampler: str | None = None,
@@ -131,25 +131,25 @@ class Reference:
 def load_reference(bundle: Bundle) -> Reference | None:
     # No calibration in the manifest (never calibrated, or a re-tuned recipe voided it): the file, if
     # any, holds scores of another recipe.
-    if not bundle.manifest.get("calibration") or not bundle.has(CALIBRATION_FILE):
+    cal = bundle.manifest.calibration
+    if cal is None or not bundle.has(CALIBRATION_FILE):
         return None
     z = bundle.arrays(CALIBRATION_FILE, {"mean": None, "std": None, "scores": None})  # no pickles
     if "selfcheck_frames" not in z or "selfcheck_scores" not in z:
         return None
     ref_scores = z["selfcheck_scores"].astype(np.float64)
-    spread = graph_score_spread(bundle.manifest["calibration"], z["scores"])
+    spread = graph_score_spread(cal, z["scores"])
     # The floor keeps a degenerate calibration (all scores equal) from failing every engine.
     tol = max(SELFCHECK_TOLERANCE * spread, 1e-4 * (1.0 + float(np.abs(ref_scores).max())))
     return Reference(z["selfcheck_frames"], ref_scores, z["mean"], z["std"], tol)
 
 
-def graph_score_spread(calibration: dict, scores: np.ndarray) -> float:
+def graph_score_spread(calibration: Calibration, scores: np.ndarray) -> float:
     """Standard deviation of the graph's image scores on good parts. With a frame-level term the stored
     calibration scores are the combined ones (another scale); the graph scores' spread is then the IQR
     of the reference images' diffusion scores, divided by 1.349 (the IQR of a unit normal)."""
-    term = calibration.get("frame_term")
-    if term:
-        return float(term["diffusion"][1]) / 1.349
+    if calibration.frame_term is not None:
+        return calibration.frame_term.diffusion[1] / 1.349
     return float(np.std(scores)) if len(scores) > 1 else 0.0
 
 

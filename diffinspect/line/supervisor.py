@@ -88,7 +88,8 @@ class Supervisor:
 
     @property
     def health(self):  # noqa: ANN201 (HealthProfile | None: what drift alarms compare frames to)
-        return getattr(self.primary or self.fallback, "health", None)
+        det = self.primary or self.fallback
+        return det.health if det is not None else None
 
     @property
     def color(self) -> str:

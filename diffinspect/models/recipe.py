@@ -28,16 +28,9 @@ class Recipe:
     frame_detector: FrameDetector = FrameDetector.GAUSSIAN  # the detector on the embeddings for that term
     seed: int = 0
 
-    # Recipes written before `fusion` and `frame_detector` existed summed, with COPOD.
+    # Recipes written before `fusion` and `frame_detector` existed summed, with COPOD (bundle.py reads
+    # version-1 manifests so).
     OLD_DEFAULTS = {"fusion": Fusion.SUM, "frame_detector": FrameDetector.COPOD}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Recipe:
-        """A recipe from trusted fields (a bundle's are validated by bundle.py); unknown keys are ignored."""
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        known = {**cls.OLD_DEFAULTS, **known}
-        known["fusion"], known["frame_detector"] = Fusion(known["fusion"]), FrameDetector(known["frame_detector"])
-        return cls(**known)
 
     def weights(self) -> dict[str, float]:
         w = {"pixel": self.pixel_weight, "ssim": self.ssim_weight, "feature": self.feature_weight}

@@ -12,10 +12,9 @@ from diffinspect.vocab import Sampler
 
 def resolve_sampler(bundle: Bundle, sampler: str | None) -> str:
     """The sampler asked for, else the bundle's default; refused when the bundle cannot run it."""
-    info = bundle.manifest.get("sampler") or {}
-    name = sampler or info.get("default", "teacher")
+    name = sampler or bundle.manifest.sampler.default
     if name not in Sampler.values():
         raise DiffinspectError(f"unknown sampler {name!r}: use teacher or student")
-    if name == "student" and not info.get("student"):
+    if name == "student" and bundle.manifest.student is None:
         raise DiffinspectError(f"bundle {bundle.path} has no distilled student (run `inspect distill`)")
-    return name
+    return Sampler(name).value

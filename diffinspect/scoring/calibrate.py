@@ -15,18 +15,17 @@ import io
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from diffinspect import DiffinspectError
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, BundleUpdate, Calibration, Fallback, Training
 from diffinspect.data.datasets import list_images
 from diffinspect.data.image import Preprocess
 from diffinspect.data.reading import read_images
 from diffinspect.engines.select import make_engine
-from diffinspect.models.recipe import Recipe
 from diffinspect.scoring.diffusion import (
     CALIBRATION_FILE,
     DiffusionDetector,
@@ -43,7 +42,7 @@ from diffinspect.scoring.threshold import (
     describe_bound,
     min_rank_threshold,
 )
-from diffinspect.vocab import FrameDetector, Fusion
+from diffinspect.vocab import FrameDetector, Fusion, Sampler
 
 MAX_REFERENCE = 256
 MAX_EMBEDDING_FIT = 4096  # training images the embedding detectors are fitted on
@@ -71,20 +70,20 @@ class CalibrationResult:
 def image_sets(bundle: Bundle, normal_dir: str | Path | None, seed: int = 0
                ) -> tuple[list[Path], list[Path], str]:
     """(reference paths, calibration paths, description of the calibration source)."""
-    reference = _training_paths(bundle)
+    training = bundle.manifest.training or Training()
+    reference = training.paths_on_disk()
     if normal_dir is not None:
         calib = list_images(normal_dir)
         if not calib:
             raise DiffinspectError(f"no images found under {normal_dir}")
         described = f"{len(calib)} good images from {normal_dir}"
     else:
-        calib = _training_paths(bundle, "holdout_files")
+        calib = training.paths_on_disk(held_out=True)
         if not calib:
             raise DiffinspectError(
                 f"bundle {bundle.path} has no held-out good images on disk: name a folder of good images "
                 f"(inspect calibrate {bundle.path} GOOD_DIR)")
-        source = (bundle.manifest.get("training") or {}).get("source")
-        described = f"{len(calib)} good images held back from training ({source})"
+        described = f"{len(calib)} good images held back from training ({training.source})"
     if not reference:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(calib))
@@ -95,13 +94,6 @@ def image_sets(bundle: Bundle, normal_dir: str | Path | None, seed: int = 0
     else:
         reference = _sample(reference, MAX_REFERENCE, seed)
     return reference, calib, described
-
-
-def _training_paths(bundle: Bundle, key: str = "train_files") -> list[Path]:
-    """The bundle's training (or held-out) images still on disk."""
-    training = bundle.manifest.get("training") or {}
-    source = Path(training.get("source", "/nonexistent"))
-    return [p for p in (source / f for f in training.get(key, [])) if p.exists()]
 
 
 def _sample(paths: list[Path], limit: int, seed: int = 0) -> list[Path]:
@@ -130,7 +122,7 @@ def calibrate(
         if value is not None and value not in allowed.values():
             raise DiffinspectError(f"{flag} must be one of {allowed.listed()}, got {value!r}")
     bundle = Bundle.load(bundle_path)
-    prep = Preprocess.from_dict(bundle.manifest["preprocess"])
+    prep = bundle.manifest.preprocess
     reference, calib, described = image_sets(bundle, normal_dir)
     check_calibration_size(len(calib), false_reject_rate,
                            hint="name a folder with more good images, or raise --false-reject-rate")
@@ -161,8 +153,8 @@ def calibrate(
     copod = (_fit_fallback(_embedding_fit_paths(bundle, reference), cal_frames, prep, false_reject_rate, progress)
              if fallback else None)
     frame_term = None
-    chosen = {"fusion": fusion, "frame_detector": frame_detector}
-    recipe = Recipe.from_dict({**bundle.manifest["score"], **{k: v for k, v in chosen.items() if v}})
+    recipe = replace(bundle.recipe, fusion=Fusion(fusion or bundle.recipe.fusion),
+                     frame_detector=FrameDetector(frame_detector or bundle.recipe.frame_detector))
     weight = recipe.classical_weight
     if copod is not None and weight > 0:
         ref_scores = _score_frames(detector, ref_frames, "scoring reference images", progress)[0]
@@ -189,28 +181,26 @@ def calibrate(
     np.savez(buf, mean=stats.mean, std=stats.std, terms=np.array(engine.term_names), scores=scores,
              fusion_diffusion=fused[0], fusion_copod=fused[1],
              map_max=map_max, selfcheck_frames=selfcheck, selfcheck_scores=selfcheck_scores)
-    copod_fields = None
+    copod_record = None
     with bundle.updating() as up:
         up.write_bytes(CALIBRATION_FILE, buf.getvalue())
         if copod is not None:
-            copod_fields = _save_fallback(up, copod)
-        up.manifest["score"].update(fusion=recipe.fusion, frame_detector=recipe.frame_detector)
-        up.manifest["calibration"] = {
-            "threshold": threshold, "pixel_threshold": pixel_threshold,
-            "false_reject_rate": false_reject_rate, "n": len(scores), "n_reference": len(ref_frames),
-            "source": described, "folder": str(Path(normal_dir).resolve()) if normal_dir else None,
-            "backend": engine.name, "sampler": sampler or bundle.manifest["sampler"]["default"],
-            "score_stats": {"mean": float(scores.mean()), "std": float(scores.std()),
-                            "max": float(scores.max()), "median": float(np.median(scores))},
-            "terms": list(engine.term_names), "rule": "split-conformal",
-            "frame_term": frame_term.to_dict() if frame_term else None,
-        }
-        if copod_fields is not None:
-            up.manifest["fallback"] = copod_fields
+            copod_record = _save_fallback(up, copod)
+        up.manifest.score = recipe
+        up.manifest.calibration = Calibration(
+            threshold=threshold, pixel_threshold=pixel_threshold, false_reject_rate=false_reject_rate,
+            n=len(scores), n_reference=len(ref_frames), source=described,
+            folder=str(Path(normal_dir).resolve()) if normal_dir else None, backend=engine.name,
+            sampler=Sampler(sampler or bundle.manifest.sampler.default),
+            score_stats={"mean": float(scores.mean()), "std": float(scores.std()), "max": float(scores.max()),
+                         "median": float(np.median(scores))},
+            terms=list(engine.term_names), rule="split-conformal",
+            frame_term=frame_term.record() if frame_term else None)
+        if copod_record is not None:
+            up.manifest.fallback = copod_record
         save_health(up, health)
     return CalibrationResult(len(scores), len(ref_frames), described, threshold, pixel_threshold,
-                             false_reject_rate, engine.name,
-                             float(copod_fields["threshold"]) if copod_fields else None)
+                             false_reject_rate, engine.name, copod_record.threshold if copod_record else None)
 
 
 def _batched(detector: DiffusionDetector, fitted: np.ndarray, what: str, progress: Progress | None):
@@ -240,7 +230,7 @@ def _embedding_fit_paths(bundle: Bundle, reference: list[Path]) -> list[Path]:
     """Every training image still on disk (up to MAX_EMBEDDING_FIT), else the reference images: the
     embedding detectors gain from each good part they see (the Gaussian on magnetic_tile: image AUROC
     0.916 from 256 photos, 0.936 from 648), and an embedding costs a few ms."""
-    return _sample(_training_paths(bundle), MAX_EMBEDDING_FIT) or reference
+    return _sample((bundle.manifest.training or Training()).paths_on_disk(), MAX_EMBEDDING_FIT) or reference
 
 
 def _fit_fallback(fit_paths: list[Path], cal_frames, prep: Preprocess, rate: float, progress: Progress | None):
@@ -261,11 +251,10 @@ def _fit_fallback(fit_paths: list[Path], cal_frames, prep: Preprocess, rate: flo
     return copod
 
 
-def _save_fallback(up, copod) -> dict:
+def _save_fallback(up: BundleUpdate, copod) -> Fallback:
     with tempfile.TemporaryDirectory() as tmp:
-        fields = copod.save(tmp)
-        staged = up.staging_path(fields["embeddings_file"])
-        shutil.move(Path(tmp) / fields["embeddings_file"], staged)
-    up.add_file(fields["embeddings_file"], staged)
-    fields["file"] = fields["embeddings_file"]
-    return fields
+        record = copod.save(tmp)
+        staged = up.staging_path(record.file)
+        shutil.move(Path(tmp) / record.file, staged)
+    up.add_file(record.file, staged)
+    return record

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from diffinspect import DiffinspectError
+from diffinspect.bundle import Alignment, Bundle, BundleUpdate, Health, ScoreQuantile
 
 HEALTH_FILE = "health.npz"
 SMALL = 64  # brightness, contrast and alignment: coarse structure only, so blur barely moves them
@@ -129,12 +130,12 @@ class HealthProfile:
         k = min(n, math.ceil((n + 1) * SCORE_LEVEL))  # conformal rank: P(new > s_(k)) <= 1 - k/(n+1)
         return float(s[k - 1]), n + 1 - k, n
 
-    def manifest(self) -> dict[str, Any]:
-        quant = {d: {"level": SCORE_LEVEL, "value": q[0], "n": q[2]}
+    def record(self) -> Health:
+        """The profile's manifest section (the arrays go to HEALTH_FILE)."""
+        quant = {d: ScoreQuantile(SCORE_LEVEL, q[0], q[2])
                  for d in self.scores if (q := self.score_quantile(d)) is not None}
-        return {"file": HEALTH_FILE, "n": int(self.values["brightness"].size), "window": self.window,
-                "bands": {k: list(v) for k, v in self.bands().items()},
-                "alignment": {"offset_sigma": self.offset_sigma, "response": self.align_mean}, "score_quantile": quant}
+        return Health(HEALTH_FILE, int(self.values["brightness"].size), self.window, self.bands(),
+                      Alignment(self.offset_sigma, self.align_mean), quant)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -144,21 +145,19 @@ class HealthProfile:
         return buf.getvalue()
 
     @classmethod
-    def from_file(cls, path: Any, section: Mapping[str, Any]) -> HealthProfile:
+    def from_file(cls, path: Any, section: Health) -> HealthProfile:
         try:
             with np.load(path, allow_pickle=False) as z:
                 values = {k[6:]: z[k] for k in z.files if k.startswith("value_")}
                 scores = {k[6:]: z[k] for k in z.files if k.startswith("score_")}
                 reference = z["reference"].astype(np.float32)
-            window = int(section["window"])
-            sigma, mean = float(section["alignment"]["offset_sigma"]), float(section["alignment"]["response"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DiffinspectError(f"bundle health profile unreadable ({exc}): run `inspect calibrate` again") from None
-        if reference.shape != (SMALL, SMALL) or window < 2 or not set(SIGNALS) <= set(values):
+        if reference.shape != (SMALL, SMALL) or not set(SIGNALS) <= set(values):
             raise DiffinspectError("bundle health profile has an unexpected layout: run `inspect calibrate` again")
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError("bad alignment scale")
-        return cls(values, reference, window, sigma, mean, scores)
+        # window and the alignment scale are checked by the manifest's types and bounds
+        return cls(values, reference, section.window, section.alignment.offset_sigma, section.alignment.response,
+                   scores)
 
 
 def fit_health(frames: list[np.ndarray], scores: Mapping[str, np.ndarray] | None = None, window: int = WINDOW,
@@ -188,19 +187,19 @@ def fit_health(frames: list[np.ndarray], scores: Mapping[str, np.ndarray] | None
                          {k: np.asarray(v, np.float64) for k, v in (scores or {}).items()})
 
 
-def save_health(update: Any, profile: HealthProfile | None) -> None:
+def save_health(update: BundleUpdate, profile: HealthProfile | None) -> None:
     """Write the profile into a bundle being updated (BundleUpdate), or drop a stale one."""
     if profile is None:
         update.remove_file(HEALTH_FILE)
-        update.manifest.pop("health", None)
+        update.manifest.health = None
         return
     update.write_bytes(HEALTH_FILE, profile.to_bytes())
-    update.manifest["health"] = profile.manifest()
+    update.manifest.health = profile.record()
 
 
-def load_health(bundle: Any) -> HealthProfile | None:
+def load_health(bundle: Bundle) -> HealthProfile | None:
     """The bundle's health profile (a verified file), or None for bundles calibrated without one."""
-    section = bundle.manifest.get("health")
-    if not isinstance(section, dict) or not bundle.has(HEALTH_FILE):  # the name is fixed: never from the manifest
+    section = bundle.manifest.health
+    if section is None or not bundle.has(HEALTH_FILE):  # the name is fixed: never from the manifest
         return None
     return HealthProfile.from_file(bundle.file(HEALTH_FILE), section)
