@@ -32,7 +32,18 @@ from rich.markup import escape  # noqa: E402
 
 from diffinspect import DiffinspectError  # noqa: E402
 from diffinspect.config import DISTILL_DEFECT_SHARE  # noqa: E402
-from diffinspect.vocab import Backend, Detector, Device, FrameDetector, Fusion, ModelKind, ModelSize, Sampler  # noqa: E402
+from diffinspect.vocab import (  # noqa: E402
+    After,
+    Backend,
+    Detector,
+    Device,
+    FrameDetector,
+    Fusion,
+    ModelKind,
+    ModelSize,
+    Overlays,
+    Sampler,
+)
 
 app = typer.Typer(
     name="inspect",
@@ -285,8 +296,8 @@ def watch(
     backend: Backend | None = typer.Option(None, "--backend", help="auto, torch, onnxruntime or openvino."),
     device: str | None = typer.Option(None, "--device", help="Device for the backend."),
     batch: int | None = typer.Option(None, "--batch", help="Frames scored together (micro-batch) (default: 8)."),
-    overlays: str | None = typer.Option(None, "--overlays", help="Heatmap overlays for: ng, all or none."),
-    after: str | None = typer.Option(None, "--after", help="After a frame's row is committed: keep, move or delete."),
+    overlays: Overlays | None = typer.Option(None, "--overlays", help="Heatmap overlays for: ng, all or none."),
+    after: After | None = typer.Option(None, "--after", help="After a frame's row is committed: keep, move or delete."),
     recursive: bool = _flag("--recursive", help="Watch sub-folders too."),
     pattern: str | None = typer.Option(None, "--pattern", help="Only file names matching this glob."),
     once: bool = _flag("--once", help="Score the backlog, then exit."),

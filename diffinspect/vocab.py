@@ -103,6 +103,22 @@ class Backend(Choice):
     OPENVINO = "openvino"
 
 
+class Overlays(Choice):
+    """Which frames `inspect watch` draws a heatmap overlay for."""
+
+    NG = "ng"
+    ALL = "all"
+    NONE = "none"
+
+
+class After(Choice):
+    """What `inspect watch` does with a frame's file once its row is committed."""
+
+    KEEP = "keep"
+    MOVE = "move"
+    DELETE = "delete"
+
+
 class ExportFormat(Choice):
     ONNX = "onnx"
     OPENVINO = "openvino"
