@@ -43,7 +43,9 @@ from diffinspect.vocab import (
 )
 
 T = typing.TypeVar("T")
-SCHEMA_VERSION = 2  # SCHEMA_HISTORY says what each version changed
+# 1: every bundle before the typed manifest (COPOD figures as repr text; a recipe without `fusion` sums
+#    with COPOD). 2: COPOD figures as numbers. Older versions are read (`_upgrade`), newer ones refused.
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -538,12 +540,6 @@ class Manifest:
             confined(root, name)
             for f in rec.files:
                 confined(root, f)
-
-
-SCHEMA_HISTORY = {
-    1: "every bundle before the typed manifest: COPOD figures as text, recipes without fusion summed with COPOD",
-    2: "COPOD figures as numbers",
-}
 
 
 def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
