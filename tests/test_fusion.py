@@ -110,13 +110,13 @@ def test_calibrate_with_minp_stores_the_rule_and_scores_round_trip(trained_bundl
     from diffinspect.info import bundle_summary
 
     assert bundle_summary(path)["calibration"]["fusion"] == "minp"  # inspect info names the rule
-    n = cal["n"]
-    assert cal["frame_term"]["rule"] == "minp" and cal["threshold"] == pytest.approx(min_rank_threshold(n, 0.1))
-    assert cal["frame_term"]["detector"] == "gaussian"  # the default embedding detector of the term
+    n = cal.n
+    assert cal.frame_term.rule == "minp" and cal.threshold == pytest.approx(min_rank_threshold(n, 0.1))
+    assert cal.frame_term.detector == "gaussian"  # the default embedding detector of the term
     det = load_detector(path, backend="torch")
     frames = [read_image(p, det.preprocess.color) for p in sorted((line_dir / "test").glob("*/*.png"))]
     scores = det.score(frames).scores
     assert np.all(np.isfinite(scores)) and np.all(scores >= -np.log(1.0) - 1e-12)
     # The calibration parts' own fused scores are each ranked among the others (as a new part would be).
     fused = det.frame_term.calibration
-    assert len(fused[0]) == n and cal["score_stats"]["max"] <= -np.log(1 / n) + 1
+    assert len(fused[0]) == n and cal.score_stats["max"] <= -np.log(1 / n) + 1
