@@ -23,9 +23,8 @@ from sklearn.metrics import roc_auc_score
 
 from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import labelled_set
-from diffinspect.data.image import Preprocess, read_image
+from diffinspect.data.image import read_image
 from diffinspect.models.from_bundle import load_denoiser
-from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe, ScoringGraph, gaussian_kernel, separable_blur
 from diffinspect.scoring.diffusion import Stats, fit_frames
 
@@ -109,10 +108,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     b = Bundle.load(args.bundle)
-    prep = Preprocess.from_dict(b.manifest["preprocess"])
+    prep = b.manifest.preprocess
     size = prep.hw
-    source = Path(b.manifest["training"]["source"])
-    ref_paths = [source / f for f in b.manifest["training"]["train_files"]]
+    ref_paths = b.manifest.training.paths_on_disk()
     rng = np.random.default_rng(0)
     ref_paths = [ref_paths[i] for i in sorted(rng.choice(len(ref_paths), min(args.max_reference, len(ref_paths)),
                                                           replace=False))]
@@ -133,7 +131,7 @@ def main() -> None:
                         for s in test.samples])
     print(f"loaded {len(ref)} reference, {len(frames)} test images in {time.time() - t0:.0f}s")
     model = load_denoiser(b)
-    schedule = NoiseSchedule.from_dict(b.manifest["schedule"])
+    schedule = b.schedule
     terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for ts in [int(v) for v in args.t_star.split(",")]:
         recipe = Recipe(t_star=ts, noise_draws=args.draws)

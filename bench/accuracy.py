@@ -28,6 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import labelled_set
 from diffinspect.evaluation.evaluate import evaluate
 
@@ -76,8 +77,7 @@ def twins(category: Path, bundle: Path, corr: float) -> np.ndarray | None:
     such twins low, which a line never sees. None where the rule does not single out twins: when it also
     matches half of the defective photos (an aligned product, where every photo correlates), or no or
     every good photo."""
-    training = json.loads((bundle / "manifest.json").read_text())["training"]
-    train = _thumbnails([Path(training["source"]) / f for f in training["train_files"]])
+    train = _thumbnails(Bundle.load(bundle, verify=False).manifest.training.paths_on_disk())
     test = labelled_set(category).samples
     best = (_thumbnails([s.path for s in test]) @ train.T).max(1)
     good = np.array([not s.is_anomalous for s in test])

@@ -89,10 +89,10 @@ def auroc(engs: dict, bundle, category: Path) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
     from diffinspect.data.datasets import labelled_set
-    from diffinspect.data.image import Preprocess, read_image
+    from diffinspect.data.image import read_image
     from diffinspect.scoring.diffusion import DiffusionDetector
 
-    prep = Preprocess.from_dict(bundle.manifest["preprocess"])
+    prep = bundle.manifest.preprocess
     test = labelled_set(category)
     frames = [read_image(s.path, prep.color) for s in test.samples]
     labels = [s.is_anomalous for s in test.samples]
@@ -131,9 +131,9 @@ def table(size: int, fps: dict, batches: list[int], parity: dict, aurocs: dict |
 
 def parity_figures(bundle) -> dict[str, str]:
     out = {"torch fp32": "(reference)"}
-    for rec in (bundle.manifest.get("exports") or {}).values():
-        fmt = "onnxruntime" if rec["format"] == "onnx" else "openvino"
-        out[f"{fmt} {rec['precision']}"] = f"{rec['parity']['score_rank_correlation']:.4f}"
+    for rec in bundle.manifest.exports.values():
+        fmt = "onnxruntime" if rec.format == "onnx" else "openvino"
+        out[f"{fmt} {rec.precision}"] = f"{rec.parity['score_rank_correlation']:.4f}"
     return out
 
 
@@ -169,6 +169,7 @@ def main() -> None:
 
 def run(args: argparse.Namespace, batches: list[int], tmp: Path) -> None:
     from diffinspect.bundle import Bundle
+    from diffinspect.data.image import size_record
 
     paths = [args.bundle] if args.bundle else [
         build_bundle(tmp, int(s), args.train_steps, lambda m: print(m, file=sys.stderr)) for s in args.sizes.split(",")]
@@ -176,9 +177,9 @@ def run(args: argparse.Namespace, batches: list[int], tmp: Path) -> None:
               "cpu": _cpu_name(), "results": []}
     for path in paths:
         bundle = Bundle.load(path)
-        size = bundle.manifest["model"]["image_size"]
+        size = size_record(bundle.model.image_size)
         engs = engines(bundle, args.device)
-        fps = throughput(engs, load_stats(bundle), size, bundle.manifest["model"]["channels"], batches,
+        fps = throughput(engs, load_stats(bundle), size, bundle.model.channels, batches,
                          args.seconds, args.rounds)
         aurocs = auroc(engs, bundle, args.category) if args.category else None
         print(table(size, fps, batches, parity_figures(bundle), aurocs) + "\n", flush=True)

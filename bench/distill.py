@@ -26,11 +26,9 @@ import torch
 from diffinspect.bundle import Bundle
 from diffinspect.config import DISTILL_DEFECT_SHARE
 from diffinspect.data.datasets import labelled_set
-from diffinspect.data.image import Preprocess
 from diffinspect.evaluation.metrics import image_auroc
 from diffinspect.models.from_bundle import load_denoiser, load_graph
-from diffinspect.models.schedule import NoiseSchedule
-from diffinspect.models.scoring import Recipe, ScoringGraph
+from diffinspect.models.scoring import ScoringGraph
 from diffinspect.scoring.diffusion import Stats
 from diffinspect.train.distill import distill
 from diffinspect.train.selection import read_frames
@@ -75,13 +73,13 @@ def student_bundle(src: Path, work: Path, steps: int, share: float, args: argpar
     dst = work / f"student-{steps}-heal{share:g}"
     if args.reuse and (dst / "manifest.json").exists():
         b = Bundle.load(dst)
-        if ((b.manifest.get("sampler") or {}).get("student") or {}).get("steps") == steps:
+        if b.manifest.student is not None and b.manifest.student.steps == steps:
             print(f"reusing the {steps}-step student in {dst}")
             return b
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
     with Bundle.load(dst).updating() as up:
-        up.manifest["calibration"] = None  # the bench uses its own statistics: skip re-calibration
+        up.manifest.calibration = None  # the bench uses its own statistics: skip re-calibration
     t0 = time.time()
     distill(dst, steps=steps, teacher_steps=args.teacher_steps, iterations=args.iterations,
             max_minutes=args.max_minutes, device=args.device, defect_share=share,
@@ -108,10 +106,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     b = Bundle.load(args.bundle)
-    prep = Preprocess.from_dict(b.manifest["preprocess"])
-    recipe, schedule = Recipe.from_dict(b.manifest["score"]), NoiseSchedule.from_dict(b.manifest["schedule"])
-    source = Path(b.manifest["training"]["source"])
-    ref_paths = [source / f for f in b.manifest["training"]["train_files"]]
+    prep, recipe, schedule = b.manifest.preprocess, b.recipe, b.schedule
+    ref_paths = b.manifest.training.paths_on_disk()
     pick = np.random.default_rng(0).permutation(len(ref_paths))[:MAX_REFERENCE]
     reference = np.stack(read_frames([ref_paths[i] for i in sorted(pick)], prep))
     test = labelled_set(args.category)

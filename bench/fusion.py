@@ -97,9 +97,8 @@ def main() -> None:
         labels = np.array([s.defect != "good" for s in test.samples])
         cd, cc = scores(bundle, cal_paths)
         td, tc = scores(bundle, paths)
-        term = (b.manifest.get("calibration") or {}).get("frame_term") or {}
-        scale = {"diffusion": tuple(term["diffusion"]), "copod": tuple(term["copod"]),
-                 "weight": term["weight"]} if term else {}
+        term = b.manifest.calibration and b.manifest.calibration.frame_term
+        scale = {"diffusion": term.diffusion, "copod": term.copod, "weight": term.weight} if term else {}
         rate = args.rate if len(cd) >= min_calibration_size(args.rate) else 0.025
         views = {"all": np.ones(len(paths), bool)}
         same = np.array([bool(re.search(args.same_day, p.name)) or s.defect != "good"

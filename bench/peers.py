@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from accuracy import twins
 
+from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import labelled_set
 from diffinspect.evaluation.metrics import aupro, image_auroc, pixel_auroc, threshold_metrics
 from diffinspect.scoring.threshold import conformal_threshold, min_calibration_size
@@ -48,9 +49,8 @@ def peer_python(venv: Path) -> Path:
 
 def split_of(bundle: Path) -> tuple[list[Path], list[Path]]:
     """(training images, held-out good images) of a diffinspect bundle: the peer sees the same ones."""
-    training = json.loads((bundle / "manifest.json").read_text())["training"]
-    source = Path(training["source"])
-    return [source / f for f in training["train_files"]], [source / f for f in training["holdout_files"]]
+    training = Bundle.load(bundle, verify=False).manifest.training
+    return training.paths_on_disk(), training.paths_on_disk(held_out=True)
 
 
 def figures(labels: np.ndarray, scores: np.ndarray, maps: list[np.ndarray], masks: list[np.ndarray | None],

@@ -7,6 +7,7 @@ file is written under a temporary name and renamed, then the manifest is replace
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -14,14 +15,37 @@ import os
 import re
 import shutil
 import tempfile
+import types
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
+from copy import deepcopy
+from dataclasses import MISSING, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from diffinspect import DiffinspectError, __version__
+from diffinspect.data.image import Preprocess, input_hw
+from diffinspect.models.recipe import Recipe
+from diffinspect.models.schedule import NoiseSchedule
+from diffinspect.vocab import (
+    Choice,
+    Color,
+    ExportFormat,
+    FrameDetector,
+    Fusion,
+    ModelKind,
+    ModelSize,
+    Precision,
+    Sampler,
+    ScheduleKind,
+)
 
-SCHEMA_VERSION = 1
+T = typing.TypeVar("T")
+# 1: every bundle before the typed manifest (COPOD figures as repr text; a recipe without `fusion` sums
+#    with COPOD). 2: COPOD figures as numbers. Older versions are read (`_upgrade`), newer ones refused.
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -34,9 +58,9 @@ def sha256_file(path: Path) -> str:
 
 
 class Bundle:
-    """A verified bundle on disk. `manifest` is the parsed manifest.json."""
+    """A verified bundle on disk. `manifest` is its typed, validated manifest.json."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: Manifest):
         self.path = path
         self.manifest = manifest
 
@@ -48,23 +72,37 @@ class Bundle:
         mpath = path / MANIFEST
         if not mpath.exists():
             raise DiffinspectError(f"{path} is not a bundle: {MANIFEST} is missing")
-        manifest = read_manifest(mpath)
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise DiffinspectError(
-                f"bundle {path} has schema version {manifest.get('schema_version')!r}, "
-                f"this diffinspect reads version {SCHEMA_VERSION}")
-        validate_manifest(path, manifest)
-        bundle = cls(path, manifest)
+        bundle = cls(path, Manifest.from_dict(read_manifest(mpath), path))
         if verify:
-            for name in manifest.get("files", {}):
+            for name in bundle.manifest.files:
                 bundle.verify_file(name)
         return bundle
 
     def has(self, name: str) -> bool:
-        return name in self.manifest.get("files", {})
+        return name in self.manifest.files
+
+    @property
+    def model(self) -> Model:
+        """The diffusion model's section; a COPOD-only bundle has none (one error saying so)."""
+        if self.manifest.model is None:
+            raise DiffinspectError(f"bundle {self.path} holds no diffusion model (a COPOD-only bundle): "
+                                   "train one with `inspect train`")
+        return self.manifest.model
+
+    @property
+    def recipe(self) -> Recipe:
+        self.model  # noqa: B018 (refuses a COPOD-only bundle)
+        assert self.manifest.score is not None  # Manifest._check: a model comes with its recipe
+        return self.manifest.score
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        self.model  # noqa: B018
+        assert self.manifest.schedule is not None
+        return NoiseSchedule(self.manifest.schedule.kind, self.manifest.schedule.timesteps)
 
     def verify_file(self, name: str) -> Path:
-        expected = self.manifest.get("files", {}).get(name)
+        expected = self.manifest.files.get(name)
         if expected is None:
             raise DiffinspectError(f"bundle {self.path} has no {name}")
         fpath = confined(self.path, name)
@@ -112,7 +150,7 @@ class Bundle:
 class BundleUpdate:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        self.manifest = json.loads(json.dumps(bundle.manifest))
+        self.manifest = deepcopy(bundle.manifest)
 
     def staging_path(self, name: str) -> Path:
         """A temporary path next to `name`; pass it to add_file once written."""
@@ -125,7 +163,7 @@ class BundleUpdate:
     def add_file(self, name: str, staged: Path) -> None:
         digest = sha256_file(staged)
         os.replace(staged, self.bundle.path / name)
-        self.manifest.setdefault("files", {})[name] = digest
+        self.manifest.files[name] = digest
 
     def write_bytes(self, name: str, data: bytes) -> None:
         tmp = self.staging_path(name)
@@ -133,7 +171,7 @@ class BundleUpdate:
         self.add_file(name, tmp)
 
     def remove_file(self, name: str) -> None:
-        if self.manifest.get("files", {}).pop(name, None) is not None:
+        if self.manifest.files.pop(name, None) is not None:
             confined(self.bundle.path, name).unlink(missing_ok=True)  # never a file outside the bundle
 
     def commit(self) -> None:
@@ -141,9 +179,11 @@ class BundleUpdate:
         self.bundle.manifest = self.manifest
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(folder: Path, manifest: Manifest | dict[str, Any]) -> None:
+    """Write a manifest (a raw dict only in tests, which make hostile ones)."""
+    raw = manifest.to_dict() if isinstance(manifest, Manifest) else manifest
     tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(raw, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, folder / MANIFEST)
 
 
@@ -193,7 +233,7 @@ def is_bundle(path: str | Path) -> bool:
 def creating(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it replaces `path` (with manifest written by caller).
 
-    The caller writes its files plus a manifest (see `new_manifest` and `finish`). An existing `path`
+    The caller writes its files plus a manifest (see `finish`). An existing `path`
     is replaced only when it is a bundle and `overwrite` is set (see `check_output`).
     """
     path = Path(path).resolve()
@@ -215,21 +255,17 @@ def creating(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def new_manifest(**fields: Any) -> dict[str, Any]:
-    return {"schema_version": SCHEMA_VERSION, "diffinspect_version": __version__, **fields, "files": {}}
-
-
-def finish(folder: Path, manifest: dict[str, Any], names: list[str]) -> None:
+def finish(folder: Path, manifest: Manifest, names: list[str]) -> None:
     """List `names` (already in folder) with their sha256 and write the manifest."""
     for name in names:
-        manifest["files"][name] = sha256_file(folder / name)
+        manifest.files[name] = sha256_file(folder / name)
     write_manifest(folder, manifest)
 
 
 def read_manifest(mpath: Path) -> dict[str, Any]:
     try:
         # NaN and Infinity tokens (not JSON, but Python's parser reads them) are refused by
-        # validate_manifest, which names the field that holds one.
+        # Manifest.from_dict, which names the field that holds one.
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DiffinspectError(f"bundle manifest {mpath} is unreadable: {exc}") from None
@@ -256,116 +292,376 @@ def confined(root: Path, name: Any) -> Path:
     return target
 
 
+
+# -- the manifest, typed -------------------------------------------------------------------------------
+# Every section is a dataclass; `_parse` checks a manifest.json against these types (and the bounds in
+# field metadata), so a hand-edited or hostile manifest is refused in one line naming the key. Unknown
+# keys are ignored: a later minor writer may add some.
+
+
+def _bounded(default: Any, low: float | None = None, high: float | None = None, *, above: bool = False) -> Any:
+    """A field whose number lies in [low, high] (or above low, exclusive, with above=True)."""
+    return field(default=default, metadata={"low": low, "high": high, "above": above})
+
+
+@dataclass
+class Model:
+    kind: ModelKind
+    size: ModelSize
+    image_size: int | tuple[int, int]  # one side, or (height, width)
+    channels: int = _bounded(1, 1, 3)
+    params: int | None = None
+    gflops: float | None = None
+
+
+@dataclass
+class Schedule:
+    kind: ScheduleKind = ScheduleKind.LINEAR
+    timesteps: int = _bounded(1000, 2)
+
+
+@dataclass
+class Student:
+    """A distilled student: its weights file and the sampler path it was trained for."""
+
+    weights: str
+    steps: int = _bounded(1, 1)
+    teacher_steps: int | None = _bounded(None, 1)
+    t_star: int | None = None
+    iterations: int | None = None
+    seconds: float | None = None
+    method: str | None = None
+    defect_share: float | None = None
+    selection: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Samplers:
+    default: Sampler = Sampler.TEACHER
+    student: Student | None = None
+
+
+@dataclass
+class Training:
+    """Where the model learnt from: the images (relative to `source`), the run's figures and config."""
+
+    source: str | None = None
+    data: str | None = None
+    train_files: list[str] = field(default_factory=list)
+    holdout_files: list[str] = field(default_factory=list)
+    skipped: list[Any] = field(default_factory=list)
+    steps: int | None = None
+    seconds: float | None = None
+    steps_per_second: float | None = None
+    final_loss: float | None = None
+    device: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    geometry: dict[str, Any] | None = None
+
+    def paths_on_disk(self, held_out: bool = False) -> list[Path]:
+        """The training (or held-out) images still on disk."""
+        if not self.source:
+            return []
+        source = Path(self.source)
+        return [p for p in (source / f for f in (self.holdout_files if held_out else self.train_files))
+                if p.exists()]
+
+    @property
+    def batch_size(self) -> Any:
+        return (self.config.get("train") or {}).get("batch_size", 16)
+
+
+@dataclass
+class FrameTermRecord:
+    """The frame-level term's fitted figures (scoring/diffusion.FrameTerm); old bundles summed, with COPOD."""
+
+    weight: float
+    diffusion: tuple[float, float]  # (median, IQR) of reference diffusion scores
+    copod: tuple[float, float]  # the same for the embedding scores
+    rule: Fusion = Fusion.SUM
+    detector: FrameDetector = FrameDetector.COPOD
+
+
+@dataclass
+class Calibration:
+    threshold: float
+    false_reject_rate: float = _bounded(MISSING, 0, 1, above=True)
+    n: int = _bounded(MISSING, 1)
+    pixel_threshold: float | None = None
+    n_reference: int | None = None
+    source: str | None = None
+    folder: str | None = None  # the good-image folder; None: the training holdout
+    backend: str | None = None
+    sampler: Sampler | None = None
+    score_stats: dict[str, float] = field(default_factory=dict)
+    terms: list[str] = field(default_factory=list)
+    rule: str | None = None  # the threshold rule that set it (scoring/threshold.RULES)
+    confidence: float | None = None  # set: the calibration-conditional bound holds at this confidence
+    frame_term: FrameTermRecord | None = None
+
+
+@dataclass
+class Fallback:
+    """The COPOD fallback: its fit set (a listed .npy file) and calibrated threshold."""
+
+    threshold: float
+    file: str = "embeddings.npy"
+    detector: str = "copod"
+    false_reject_rate: float | None = _bounded(None, 0, above=True)
+    n_calibration: int = _bounded(0, 0)
+    n_fit: int | None = _bounded(None, 1)
+    feature_size: int = _bounded(128, 8)
+    feature_version: int = 1
+    embedding_dim: int | None = _bounded(None, 1)
+
+
+@dataclass
+class Export:
+    format: ExportFormat
+    precision: Precision
+    sampler: Sampler
+    files: list[str] = field(default_factory=list)
+    fingerprint: str | None = None
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    terms: list[str] = field(default_factory=list)
+    parity: dict[str, Any] = field(default_factory=dict)
+    int8_scope: str | None = None
+    quantized_nodes: int | None = None
+    fake_quantize_nodes: int | None = None
+    created: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ScoreQuantile:
+    level: float
+    value: float
+    n: int
+
+
+@dataclass
+class Health:
+    """What calibration learnt about good frames (scoring/health.py); the arrays are in health.npz."""
+
+    file: str
+    n: int
+    bands: dict[str, tuple[float, float]] = field(default_factory=dict)
+    score_quantile: dict[str, ScoreQuantile] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """manifest.json: what a bundle holds. A COPOD-only (cold-start) bundle has no model."""
+
+    preprocess: Preprocess
+    files: dict[str, str] = field(default_factory=dict)  # every other file of the bundle -> sha256
+    schema_version: int = SCHEMA_VERSION
+    diffinspect_version: str = __version__
+    created: str | None = None
+    model: Model | None = None
+    schedule: Schedule | None = None
+    score: Recipe | None = None
+    sampler: Samplers = field(default_factory=Samplers)
+    training: Training | None = None
+    calibration: Calibration | None = None
+    fallback: Fallback | None = None
+    health: Health | None = None
+    exports: dict[str, Export] = field(default_factory=dict)
+    tuning: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], root: Path) -> Manifest:
+        """The manifest of the bundle at `root`, or one DiffinspectError naming the key that is wrong."""
+        version = raw.get("schema_version")
+        if type(version) is not int or version < 1:
+            raise DiffinspectError(f"bundle {root} has schema version {version!r}, this diffinspect reads "
+                                   f"versions 1 to {SCHEMA_VERSION}")
+        if version > SCHEMA_VERSION:
+            raise DiffinspectError(f"bundle {root} has schema version {version}, newer than this diffinspect "
+                                   f"reads ({SCHEMA_VERSION}): upgrade diffinspect")
+        manifest = _parse(cls, _upgrade(raw), "")
+        manifest.schema_version = SCHEMA_VERSION
+        manifest._check(root)
+        if version == 1:  # exports that were current stay current
+            for rec in manifest.exports.values():
+                if rec.fingerprint == _v1_fingerprint(raw, rec.sampler):
+                    rec.fingerprint = manifest.graph_fingerprint(rec.sampler)
+        return manifest
+
+    def graph_fingerprint(self, sampler: str) -> str:
+        """What an exported graph was built from: model, recipe, schedule, sampler and weights (by sha256).
+        The recipe (t*, term weights, blur, top-k) is baked into the graph, so re-tuning it, retraining or
+        re-distilling makes older exports stale."""
+        student = self.student if sampler == Sampler.STUDENT else None
+        weights = ["weights.pt"] + ([student.weights] if student else [])
+        payload = {"model": plain(self.model), "score": plain(self.score), "schedule": plain(self.schedule),
+                   "sampler": str(sampler), "student": plain(student),
+                   "weights": {f: self.files.get(f) for f in weights}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(self)
+
+    @property
+    def student(self) -> Student | None:
+        return self.sampler.student
+
+    def _check(self, root: Path) -> None:
+        """What the types cannot say: file names inside the bundle, digests, sizes and the ROI."""
+        for name, digest in self.files.items():
+            confined(root, name)
+            if not _SHA256.fullmatch(digest):
+                raise DiffinspectError(f"bundle {root}: files[{name!r}] is not a sha256 digest")
+        prep = self.preprocess
+        if prep.color not in (Color.GRAY, Color.RGB):
+            _refuse("preprocess.color", "one of ('gray', 'rgb')", prep.color)
+        for where, size in (("preprocess", prep.image_size), ("model", self.model and self.model.image_size)):
+            if size is not None and not all(8 <= side <= 8192 for side in input_hw(size)):
+                _refuse(f"{where}.image_size", "a side in [8, 8192] or [height, width]", size)
+        if prep.roi is not None and min(prep.roi[2:]) <= 0:
+            _refuse("preprocess.roi", "[x, y, width, height] whole numbers", list(prep.roi))
+        if prep.tile_scale <= 0:
+            _refuse("preprocess.tile_scale", "a positive finite number", prep.tile_scale)
+        if self.model is not None and self.model.channels not in (1, 3):
+            _refuse("model.channels", "one of (1, 3)", self.model.channels)
+        if self.model is not None and (self.score is None or self.schedule is None):
+            _refuse("score" if self.score is None else "schedule", "present beside model", None)
+        if self.fallback is not None and self.fallback.file not in self.files:
+            raise DiffinspectError(f"bundle {root}: fallback.file {self.fallback.file!r} is not a listed file")
+        for name, rec in self.exports.items():
+            confined(root, name)
+            for f in rec.files:
+                confined(root, f)
+
+
+def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 manifest in today's shape (the types then check it like any other)."""
+    if raw["schema_version"] >= 2:
+        return raw
+    raw = deepcopy(raw)
+    if isinstance(raw.get("score"), dict):
+        raw["score"] = {**{k: v.value for k, v in Recipe.OLD_DEFAULTS.items()}, **raw["score"]}
+    fallback = raw.get("fallback")
+    if isinstance(fallback, dict):
+        fallback.setdefault("file", fallback.get("embeddings_file"))
+        for key in ("threshold", "false_reject_rate", "n_calibration", "n_fit", "feature_size", "feature_version",
+                    "embedding_dim"):
+            fallback[key] = _number_text(fallback.get(key))
+    return raw
+
+
+def _v1_fingerprint(raw: dict[str, Any], sampler: str) -> str:
+    """graph_fingerprint as version 1 computed it, from the manifest's JSON."""
+    info = raw.get("sampler") or {}
+    student = info.get("student") if isinstance(info, dict) else None
+    weights = ["weights.pt"] + ([student["weights"]] if sampler == "student" and student else [])
+    payload = {"model": {k: (raw.get("model") or {}).get(k) for k in ("kind", "size", "image_size", "channels")},
+               "score": raw.get("score"), "schedule": raw.get("schedule"), "sampler": sampler,
+               "student": student, "weights": {f: raw.get("files", {}).get(f) for f in weights}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _number_text(value: Any) -> Any:
+    """A version-1 COPOD figure (repr text, "" for none) as the number it spells; anything else unchanged."""
+    if value == "":
+        return None
+    if not isinstance(value, str):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def validate_manifest(root: Path, m: dict[str, Any]) -> None:
-    """Types and ranges of every manifest field the runtime reads; one line naming the field otherwise.
-
-    A bundle is input like any other: a NaN threshold would label every part OK (score > NaN is
-    false), a path would make the runtime read or delete files outside the bundle.
-    """
-    files = _table(m, "files", required=True)
-    for name, digest in files.items():
-        confined(root, name)
-        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            raise DiffinspectError(f"bundle {root}: files[{name!r}] is not a sha256 digest")
-    prep = _table(m, "preprocess")
-    if prep is not None:
-        _choice(prep, "color", ("gray", "rgb"), "preprocess")
-        _input_size(prep, "preprocess")
-        _choice(prep, "resize", ("stretch", "crop", "pad"), "preprocess", optional=True)
-        _choice(prep, "feed", ("frame", "tiles"), "preprocess", optional=True)
-        _number(prep, "tile_scale", "preprocess", optional=True, positive=True)
-        roi = prep.get("roi")
-        if roi is not None and not (isinstance(roi, list) and len(roi) == 4
-                                    and all(type(v) is int for v in roi) and min(roi[2:]) > 0):
-            raise DiffinspectError(f"bundle {root}: preprocess.roi must be [x, y, width, height] whole numbers")
-    model = _table(m, "model")
-    if model is not None:
-        _input_size(model, "model")
-        _choice(model, "channels", (1, 3), "model")
-    cal = _table(m, "calibration")
-    if cal is not None:
-        _number(cal, "threshold", "calibration")
-        _number(cal, "pixel_threshold", "calibration", optional=True)
-        _integer(cal, "n", "calibration", 1, None, optional=True)
-        _number(cal, "false_reject_rate", "calibration", optional=True, positive=True)
-        term = cal.get("frame_term")
-        if term is not None:
-            if not isinstance(term, dict):
-                raise DiffinspectError(f"bundle {root}: calibration.frame_term must be an object")
-            _number(term, "weight", "calibration.frame_term")
-            _choice(term, "rule", ("sum", "max", "minp"), "calibration.frame_term", optional=True)
-            _choice(term, "detector", ("gaussian", "copod"), "calibration.frame_term", optional=True)
-            for key in ("diffusion", "copod"):
-                pair = term.get(key)
-                if not (isinstance(pair, list) and len(pair) == 2 and all(_finite(v) for v in pair)):
-                    raise DiffinspectError(f"bundle {root}: calibration.frame_term.{key} must be two finite numbers")
-    fallback = _table(m, "fallback")
-    if fallback is not None:
-        _number(fallback, "threshold", "fallback", as_text=True)
-        if fallback.get("file") not in files:
-            raise DiffinspectError(f"bundle {root}: fallback.file {fallback.get('file')!r} is not a listed file")
-    exports = _table(m, "exports")
-    for name, rec in (exports or {}).items():
-        confined(root, name)
-        if not isinstance(rec, dict):
-            raise DiffinspectError(f"bundle {root}: exports[{name!r}] must be an object")
-        for f in rec.get("files") or []:
-            confined(root, f)
+def _refuse(where: str, kind: str, value: Any) -> None:
+    raise DiffinspectError(f"bundle manifest field {where} must be {kind}, got {value!r}")
 
 
-def _table(m: dict[str, Any], key: str, required: bool = False) -> dict[str, Any] | None:
-    value = m.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, dict):
-        raise DiffinspectError(f"bundle manifest field {key} must be an object, got {value!r}")
+def _parse(hint: Any, value: Any, where: str) -> Any:
+    """`value` (parsed JSON) as an instance of the type `hint`, or one error naming `where`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        chosen = next((a for a in options if typing.get_origin(a) in (list, tuple)), None)
+        hint = chosen if chosen is not None and isinstance(value, list) else options[0]
+        return _parse(hint, value, where)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            _refuse(where or "manifest", "an object", value)
+        hints, out = typing.get_type_hints(hint), {}
+        for f in dataclasses.fields(hint):
+            key = f"{where}.{f.name}" if where else f.name
+            if f.name in value:
+                out[f.name] = _check_bounds(f, _parse(hints[f.name], value[f.name], key), key)
+            elif f.default is MISSING and f.default_factory is MISSING:
+                _refuse(key, "present", None)
+        return hint(**out)
+    if origin in (list, tuple):
+        if not isinstance(value, list) or origin is tuple and len(value) != len(args):
+            _refuse(where, f"a list of {len(args)}" if origin is tuple else "a list", value)
+        items = args if origin is tuple else args * len(value)
+        parsed = [_parse(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(items, value, strict=True))]
+        return tuple(parsed) if origin is tuple else parsed
+    if origin is dict:
+        if not isinstance(value, dict):
+            _refuse(where, "an object", value)
+        return {k: _parse(args[1], v, f"{where}[{k!r}]") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        if not isinstance(value, str) or value not in hint.values():
+            _refuse(where, f"one of {hint.values()}", value)
+        return hint(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            _refuse(where, "true or false", value)
+        return value
+    if hint is int:
+        if type(value) is not int:
+            _refuse(where, "a whole number", value)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            _refuse(where, "a finite number", value)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            _refuse(where, "text", value)
+        return value
+    raise TypeError(f"no manifest parser for {hint!r}")  # a type added above without a rule here
+
+
+def _check_bounds(f: dataclasses.Field, value: Any, where: str) -> Any:
+    low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
+    if value is None or (low is None and high is None):
+        return value
+    if (low is not None and (value <= low if above else value < low)) or (high is not None and value > high):
+        kind = "a positive number" if above and low == 0 else \
+            f"a number >= {low}" + (f" and <= {high}" if high is not None else "")
+        _refuse(where, kind, value)
     return value
 
 
-def _finite(value: Any, as_text: bool = False) -> bool:
-    if as_text and isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return False
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def section(cls: type[T], raw: Any, where: str = "") -> T:
+    """A manifest section from its JSON form, checked as Bundle.load checks it."""
+    return _parse(cls, raw, where)
 
 
-def _number(d: dict[str, Any], key: str, where: str, optional: bool = False, positive: bool = False,
-            as_text: bool = False) -> None:
-    value = d.get(key)
-    if value is None and optional:
-        return
-    if not _finite(value, as_text) or (positive and float(value) <= 0):
-        kind = "a positive finite number" if positive else "a finite number"
-        raise DiffinspectError(f"bundle manifest field {where}.{key} must be {kind}, got {value!r}")
-
-
-def _input_size(d: dict[str, Any], where: str) -> None:
-    """image_size: one side, or [height, width] for a rectangular input; each side in [8, 8192]."""
-    value = d.get("image_size")
-    if isinstance(value, list) and len(value) == 2:
-        for i, side in enumerate(value):
-            _integer({f"image_size[{i}]": side}, f"image_size[{i}]", where, 8, 8192)
-        return
-    _integer(d, "image_size", where, 8, 8192)
-
-
-def _integer(d: dict[str, Any], key: str, where: str, low: int, high: int | None, optional: bool = False) -> None:
-    value = d.get(key)
-    if value is None and optional:
-        return
-    if type(value) is not int or value < low or (high is not None and value > high):
-        raise DiffinspectError(f"bundle manifest field {where}.{key} must be a whole number >= {low}"
-                               + (f" and <= {high}" if high else "") + f", got {value!r}")
-
-
-def _choice(d: dict[str, Any], key: str, choices: tuple, where: str, optional: bool = False) -> None:
-    value = d.get(key)
-    if value is None and optional:
-        return
-    if value not in choices or isinstance(value, bool):
-        raise DiffinspectError(f"bundle manifest field {where}.{key} must be one of {choices}, got {value!r}")
+def plain(value: Any) -> Any:
+    """The JSON form of a manifest value: dataclasses as objects, enums as their text, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value

@@ -32,6 +32,18 @@ from rich.markup import escape  # noqa: E402
 
 from diffinspect import DiffinspectError  # noqa: E402
 from diffinspect.config import DISTILL_DEFECT_SHARE  # noqa: E402
+from diffinspect.vocab import (  # noqa: E402
+    After,
+    Backend,
+    Detector,
+    Device,
+    FrameDetector,
+    Fusion,
+    ModelKind,
+    ModelSize,
+    Overlays,
+    Sampler,
+)
 
 app = typer.Typer(
     name="inspect",
@@ -102,11 +114,9 @@ def _progress_bar():
 
 
 def _backend(name: str | None) -> None:
-    """Refuse an unknown --backend even where the bundle would not use one (a COPOD-only bundle)."""
-    from diffinspect.engines.select import BACKENDS
-
-    if name is not None and name not in BACKENDS:
-        raise DiffinspectError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    """Refuse an unknown backend of ./inspect.toml even where the bundle would not use one (COPOD-only)."""
+    if name is not None and name not in Backend.values():
+        raise DiffinspectError(f"unknown backend {name!r}: choose one of {Backend.listed()}")
 
 
 def _size_text(size: object) -> str:
@@ -130,8 +140,8 @@ def _image_size(text: str | None) -> int | list[int] | None:
 def train(
     data: Path = typer.Argument(..., help="MVTec category (uses train/good) or a folder of good images."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
-    model: str | None = typer.Option(None, "--model", help="unet or dit (default: unet)."),
-    size: str | None = typer.Option(None, "--size", help="tiny, small or base (default: small)."),
+    model: ModelKind | None = typer.Option(None, "--model", help="unet or dit (default: unet)."),
+    size: ModelSize | None = typer.Option(None, "--size", help="tiny, small or base (default: small)."),
     image_size: str | None = typer.Option(
         None, "--image-size", help="Model input: a side (64) or HEIGHTxWIDTH (64x160); default: from the frames."),
     defect_size: int | None = typer.Option(
@@ -141,7 +151,7 @@ def train(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default: 16)."),
     holdout: float | None = typer.Option(None, "--holdout", help="Share of good images kept for calibration."),
     config: Path | None = typer.Option(None, "--config", help="TOML config (flags override it)."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    device: Device | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
     resume: bool = _flag("--resume", help="Continue from the last checkpoint of --out."),
     overwrite: bool = _flag("--overwrite", help="Replace an existing bundle at --out."),
@@ -184,21 +194,25 @@ def calibrate(
     bundle: Path | None = typer.Argument(None, help="Bundle to calibrate (omit with --detector copod)."),
     normal_dir: Path | None = typer.Argument(None, help="Good images; default: the training holdout."),
     false_reject_rate: float = typer.Option(0.01, "--false-reject-rate", help="Target rate of good parts rejected."),
-    detector: str = typer.Option("diffusion", "--detector", help="diffusion, or copod for a COPOD-only bundle."),
+    detector: Detector = typer.Option(Detector.DIFFUSION, "--detector",
+                                      help="diffusion, or copod for a COPOD-only bundle."),
     out: Path | None = typer.Option(None, "--out", help="With --detector copod: the bundle folder to write."),
-    backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or openvino."),
+    backend: Backend = typer.Option(Backend.AUTO, "--backend", help="auto, torch, onnxruntime or openvino."),
     device: str = typer.Option("auto", "--device", help="Device for the backend."),
-    sampler: str | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
+    sampler: Sampler | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
     tune: bool = _flag("--tune", help="Pick t* and the map recipe on synthetic defects first."),
-    fusion: str | None = typer.Option(None, "--fusion", help="How the embedding score joins the diffusion "
+    fusion: Fusion | None = typer.Option(None, "--fusion", help="How the embedding score joins the diffusion "
                                       "score: minp, sum or max (default: the bundle's)."),
-    frame_detector: str | None = typer.Option(None, "--frame-detector", help="The detector on the frame "
+    frame_detector: FrameDetector | None = typer.Option(None, "--frame-detector", help="The detector on the frame "
                                               "embeddings: gaussian or copod (default: the bundle's)."),
+    confidence: float = typer.Option(0.95, "--confidence", help="Set the threshold so that, with this confidence, "
+                                     "it rejects at most --false-reject-rate of good parts (needs one fixed score "
+                                     "and enough images; otherwise the average bound holds, and it says why). "
+                                     "0 asks for the average bound only."),
 ) -> None:
     """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
     from diffinspect.scoring.threshold import describe_bound
 
-    _backend(backend)
     if detector == "copod":
         from diffinspect.scoring.cold_start import calibrate_copod_only
 
@@ -227,7 +241,7 @@ def calibrate(
 
         result = run_calibrate(bundle, normal_dir, false_reject_rate, backend, device, sampler,
                                progress=progress, log=bar.console.print, fusion=fusion,
-                               frame_detector=frame_detector)
+                               frame_detector=frame_detector, confidence=confidence or None)
     console.print(f"threshold [bold]{result.threshold:.4g}[/] (pixel {result.pixel_threshold:.4g}) "
                   f"on {result.backend}; statistics from {result.n_reference} images")
     console.print(result.bound)
@@ -241,10 +255,10 @@ def score(
     paths: list[Path] = typer.Argument(..., help="Images or folders of images."),
     as_json: bool = _flag("--json", help="One JSON object per line per image."),
     overlay_dir: Path | None = typer.Option(None, "--overlay-dir", help="Write heatmap overlays here."),
-    detector: str = typer.Option("diffusion", "--detector", help="diffusion or copod."),
-    backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or openvino."),
+    detector: Detector = typer.Option(Detector.DIFFUSION, "--detector", help="diffusion or copod."),
+    backend: Backend = typer.Option(Backend.AUTO, "--backend", help="auto, torch, onnxruntime or openvino."),
     device: str = typer.Option("auto", "--device", help="Device for the backend."),
-    sampler: str | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
+    sampler: Sampler | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
 ) -> None:
     """Score images: label, score and optional heatmap overlay per image."""
     import json
@@ -288,11 +302,11 @@ def watch(
     folders: list[Path] = typer.Argument(..., help="Camera folders to watch (one per camera)."),
     model: Path | None = typer.Option(None, "--model", "-m", help="Bundle (default: ./inspect.toml, else ./model)."),
     out: Path | None = typer.Option(None, "--out", help="Results folder (default: ./inspect_results)."),
-    backend: str | None = typer.Option(None, "--backend", help="auto, torch, onnxruntime or openvino."),
+    backend: Backend | None = typer.Option(None, "--backend", help="auto, torch, onnxruntime or openvino."),
     device: str | None = typer.Option(None, "--device", help="Device for the backend."),
     batch: int | None = typer.Option(None, "--batch", help="Frames scored together (micro-batch) (default: 8)."),
-    overlays: str | None = typer.Option(None, "--overlays", help="Heatmap overlays for: ng, all or none."),
-    after: str | None = typer.Option(None, "--after", help="After a frame's row is committed: keep, move or delete."),
+    overlays: Overlays | None = typer.Option(None, "--overlays", help="Heatmap overlays for: ng, all or none."),
+    after: After | None = typer.Option(None, "--after", help="After a frame's row is committed: keep, move or delete."),
     recursive: bool = _flag("--recursive", help="Watch sub-folders too."),
     pattern: str | None = typer.Option(None, "--pattern", help="Only file names matching this glob."),
     once: bool = _flag("--once", help="Score the backlog, then exit."),
@@ -381,7 +395,7 @@ def evaluate(
     bundles: list[Path] = typer.Argument(..., help="Bundle(s), then labelled dataset(s): BUNDLE... DATA..."),
     report: Path = typer.Option(Path("report"), "--report", help="Folder for report.html, summary.md, report.json."),
     baselines: str = typer.Option("iforest,ocsvm,copod", "--baselines", help="Comma list, or 'none'."),
-    backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or openvino."),
+    backend: Backend = typer.Option(Backend.AUTO, "--backend", help="auto, torch, onnxruntime or openvino."),
     device: str = typer.Option("auto", "--device", help="Device for the backend."),
     one_class: str | None = typer.Option(None, "--one-class", help="Class-folder data: this class is normal."),
     robustness: bool = _flag("--robustness", help="Also score under noise, blur, light, JPEG, shifts."),
@@ -396,7 +410,6 @@ def evaluate(
         raise DiffinspectError("name at least one labelled dataset after the bundle(s)")
     for d in data:
         _existing(d, "dataset")
-    _backend(backend)
     kinds = [] if baselines.strip().lower() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
     result = run_evaluate(models, data, report, kinds, backend, device, one_class, robustness)
     console.print(f"report written to {report / 'report.html'}")
@@ -434,7 +447,7 @@ def distill(
     teacher_steps: int = typer.Option(10, "--teacher-steps", help="DDIM steps of the teacher it learns from."),
     iterations: int | None = typer.Option(None, "--iterations", help="Distillation iterations (default: 1500)."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop cleanly after this many minutes."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = typer.Option(Device.AUTO, "--device", help="auto, cpu or cuda."),
     resume: bool = _flag("--resume", help="Continue from the last distillation checkpoint."),
     heal: float = typer.Option(
         DISTILL_DEFECT_SHARE, "--heal", help="Share of the student's inputs that carry a pasted synthetic defect "
@@ -474,7 +487,7 @@ def demo(
     r = run_demo(workdir, fast=fast, log=console.print)
     h = r.headline
     manifest = Bundle.load(r.bundle, verify=False).manifest
-    steps = (manifest.get("training") or {}).get("steps")
+    steps = manifest.training and manifest.training.steps
     warning = training_warning(manifest)
 
     def fmt(v, spec=".3f"):
@@ -507,7 +520,7 @@ def export(
     calibration_dir: Path | None = typer.Option(None, "--calibration-dir",
                                                 help="Good images for INT8 ranges and parity (default: holdout)."),
     allow_mismatch: bool = _flag("--allow-mismatch", help="Keep an export that fails parity."),
-    sampler: str | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
+    sampler: Sampler | None = typer.Option(None, "--sampler", help="teacher or student (default: the bundle's)."),
 ) -> None:
     """Export the whole scoring step (ONNX / OpenVINO, fp32 / fp16 / INT8), checked against torch."""
     from diffinspect.export import export_bundle  # refuses in one line where torch is missing
@@ -553,6 +566,8 @@ def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (o
     out.print("  calibration: " + (f"threshold {cal['threshold']:.4g}, n={cal['n']}, target false-reject rate "
                                    f"{cal['false_reject_rate']:g}, on {cal['backend']}" if cal else "none")
               + (f"; embedding score fused by {cal['fusion']}" if cal and cal["fusion"] else ""))
+    if cal:
+        out.print(f"  guarantee: {escape(cal['guarantee'])}", soft_wrap=True)
     for name, e in s["exports"].items():
         par = e["parity"]
         figures = (f"rank corr {par['score_rank_correlation']:.4f}, map corr {par['map_correlation']:.4f}, "

@@ -13,6 +13,8 @@ from typing import Any
 import tomllib
 
 from diffinspect import DiffinspectError
+from diffinspect.models.recipe import Recipe
+from diffinspect.vocab import Choice, Color, Device, Feed, ModelKind, ModelSize, Resize, ScheduleKind
 
 # Share of a distilled student's inputs that carry a pasted defect to heal (train/targets.py); here, not
 # in train/, so the CLI can show it without importing torch.
@@ -21,26 +23,26 @@ DISTILL_DEFECT_SHARE = 0.5
 
 @dataclass
 class DataConfig:
-    color: str = "auto"  # auto | gray | rgb; auto looks at the training images
+    color: Color = Color.AUTO  # auto looks at the training images
     # Model input: one side (square) or [height, width]; unset, `inspect train` chooses it from the
     # training frames' size and aspect ratio and defect_size (train/geometry.py).
     image_size: int | list[int] | None = None
     defect_size: int = 16  # smallest defect to keep visible, in native frame pixels
-    resize: str = "stretch"  # stretch | crop | pad, for frames whose aspect ratio differs
+    resize: Resize = Resize.STRETCH  # for frames whose aspect ratio differs
     roi: list[int] | None = None  # x, y, width, height
     holdout: float = 0.15  # share of good images kept back for calibration
     # frame: the whole frame is resized to image_size. tiles: the frame is resized by tile_scale of its
     # native resolution and cut into overlapping image_size tiles, so small defects on large frames and
     # fine textures keep their pixels.
-    feed: str = "frame"
+    feed: Feed = Feed.FRAME
     tile_scale: float = 0.5
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"  # unet | dit
-    size: str = "small"  # tiny | small | base
-    schedule: str = "linear"  # linear | cosine
+    kind: ModelKind = ModelKind.UNET
+    size: ModelSize = ModelSize.SMALL
+    schedule: ScheduleKind = ScheduleKind.LINEAR
 
 
 @dataclass
@@ -64,26 +66,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     t_max: int = 1000  # noise levels trained on: [0, t_max)
     seed: int = 0
-    device: str = "auto"
+    device: Device = Device.AUTO
     checkpoint_every: int = 500
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class ScoreConfig:
-    t_star: int = 100  # noise level a frame is taken to before it is rebuilt
-    steps: int = 1  # DDIM steps of the rebuild (the teacher's; students are set by distillation)
-    noise_draws: int = 1  # mean of K fixed noise draws
-    pixel_weight: float = 1.0  # channel-mean L1 error
-    ssim_weight: float = 1.0  # 1 - SSIM
-    feature_weight: float = 1.0  # denoiser feature error between x and its rebuild
-    blur_sigma: float = 2.0  # pixels at model size, for the map users see
-    top_k: float = 0.001  # image score = mean of the top share of the sharp (unblurred) map
-    frame_weight: float = 0.0  # weight of the whole-frame mean map (defects covering the frame)
-    classical_weight: float = 1.0  # frame-level term: COPOD on classical embeddings (0 = off)
-    fusion: str = "minp"  # minp | sum | max: how the frame-level (embedding) term joins the diffusion score
-    frame_detector: str = "gaussian"  # gaussian | copod: the detector on the embeddings for that term
-    seed: int = 0
 
 
 @dataclass
@@ -96,24 +81,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
+    score: Recipe = field(default_factory=Recipe)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "data.color": ("auto", "gray", "rgb"),
-    "data.resize": ("stretch", "crop", "pad"),
-    "data.feed": ("frame", "tiles"),
-    "model.kind": ("unet", "dit"),
-    "model.size": ("tiny", "small", "base"),
-    "model.schedule": ("linear", "cosine"),
-    "score.fusion": ("sum", "max", "minp"),
-    "score.frame_detector": ("gaussian", "copod"),
-    "train.device": ("auto", "cpu", "cuda"),
-}
 POSITIVE = {"data.defect_size", "train.steps", "train.max_minutes", "train.batch_size", "train.lr",
             "train.checkpoint_every", "train.t_max", "score.t_star", "score.steps", "score.noise_draws"}
 UNIT_INTERVAL = {"data.holdout", "train.ema_decay", "score.top_k", "calibrate.false_reject_rate"}
@@ -207,16 +181,16 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise DiffinspectError(f"config key {name} must be a finite number, got {value!r}")
         return float(value)
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        if isinstance(value, str) and value in hint.values():
+            return hint(value)
+        raise DiffinspectError(f"config key {name} must be one of {hint.listed()}; got {value!r}")
     if hint is str and not isinstance(value, str):
         raise DiffinspectError(f"config key {name} must be a string, got {value!r}")
     return value
 
 
 def validate(cfg: Config) -> None:
-    for key, choices in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            raise DiffinspectError(f"config key {key} must be one of {', '.join(choices)}; got {value!r}")
     for key in POSITIVE:
         value = _get(cfg, key)
         if value is not None and value <= 0:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from diffinspect import __version__
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, Calibration, Manifest, plain
 
 PACKAGES = ("numpy", "onnxruntime", "openvino", "opencv-python-headless", "torch", "nncf")
 # Training images seen (steps x batch) below which a model is called undertrained. A U-Net small at
@@ -90,41 +90,53 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def training_warning(manifest: dict[str, Any]) -> str | None:
+def training_warning(manifest: Manifest) -> str | None:
     """A sentence when the bundle's model trained too few steps to be trusted, else None.
 
     Rule: steps x batch size must reach MIN_IMAGES_SEEN for the model size (200 steps at batch 16 for
     a small model, 100 for tiny, 400 for base)."""
-    training, model = manifest.get("training") or {}, manifest.get("model") or {}
-    steps = training.get("steps")
-    batch = ((training.get("config") or {}).get("train") or {}).get("batch_size", 16)
-    if type(steps) is not int or type(batch) is not int or batch <= 0 or "kind" not in model:
+    training, model = manifest.training, manifest.model
+    if training is None or model is None:
         return None
-    need = MIN_IMAGES_SEEN.get(str(model.get("size")), MIN_IMAGES_SEEN["small"])
+    steps, batch = training.steps, training.batch_size
+    if type(steps) is not int or type(batch) is not int or batch <= 0:
+        return None
+    need = MIN_IMAGES_SEEN.get(str(model.size), MIN_IMAGES_SEEN["small"])
     if steps * batch >= need:
         return None
-    return (f"the model trained only {steps} steps at batch {batch}; a {model.get('size')} model needs at least "
+    return (f"the model trained only {steps} steps at batch {batch}; a {model.size} model needs at least "
             f"{-(-need // batch)}: its scores may be no better than chance (train longer with --steps or "
             f"--max-minutes, on cores nothing else is using)")
+
+
+def guarantee(cal: Calibration) -> str:
+    """What the bundle's threshold guarantees, in one sentence naming the rule that set it."""
+    from diffinspect.scoring.threshold import describe_bound
+
+    rule = "best-rank" if cal.frame_term is not None and cal.frame_term.rule == "minp" else "split"
+    delta = None if cal.confidence is None else 1 - cal.confidence
+    return describe_bound(cal.n, cal.false_reject_rate, rule, delta)
 
 
 def bundle_summary(path: str | Path) -> dict[str, Any]:
     bundle = Bundle.load(path)
     m = bundle.manifest
-    files = {name: (bundle.path / name).stat().st_size for name in m.get("files", {})}
-    cal = m.get("calibration") or {}
+    files = {name: (bundle.path / name).stat().st_size for name in m.files}
+    cal, training = m.calibration, m.training
     return {
         "path": str(bundle.path),
-        "model": m.get("model"),
-        "preprocess": m.get("preprocess"),
-        "sampler": m.get("sampler"),
-        "training": {k: (m.get("training") or {}).get(k) for k in ("steps", "seconds", "steps_per_second")}
-        if m.get("training", {}).get("steps") is not None else None,
+        "model": plain(m.model),
+        "preprocess": plain(m.preprocess),
+        "sampler": plain(m.sampler),
+        "training": {k: getattr(training, k) for k in ("steps", "seconds", "steps_per_second")}
+        if training is not None and training.steps is not None else None,
         "training_warning": training_warning(m),
         "files": files,
-        "calibration": {**{k: cal.get(k) for k in ("threshold", "n", "false_reject_rate", "backend", "sampler")},
-                        "fusion": (cal.get("frame_term") or {}).get("rule", "sum") if cal.get("frame_term") else None}
+        "calibration": {**{k: plain(getattr(cal, k)) for k in ("threshold", "n", "false_reject_rate", "backend",
+                                                                "sampler")},
+                        "fusion": cal.frame_term.rule.value if cal.frame_term else None,
+                        "guarantee": guarantee(cal)}
         if cal else None,
-        "exports": {name: {"format": r.get("format"), "precision": r.get("precision"), "sampler": r.get("sampler"),
-                           "parity": r.get("parity", {})} for name, r in (m.get("exports") or {}).items()},
+        "exports": {name: {"format": r.format.value, "precision": r.precision.value, "sampler": r.sampler.value,
+                           "parity": r.parity} for name, r in m.exports.items()},
     }

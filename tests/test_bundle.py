@@ -8,10 +8,10 @@ from diffinspect.bundle import Bundle
 
 def test_bundle_round_trip(trained_bundle):
     b = Bundle.load(trained_bundle)
-    assert b.manifest["model"]["kind"] == "unet"
-    assert set(b.manifest["files"]) == {"weights.pt"}
-    assert b.manifest["training"]["holdout_files"]
-    assert not set(b.manifest["training"]["holdout_files"]) & set(b.manifest["training"]["train_files"])
+    assert b.manifest.model.kind == "unet"
+    assert set(b.manifest.files) == {"weights.pt"}
+    assert b.manifest.training.holdout_files
+    assert not set(b.manifest.training.holdout_files) & set(b.manifest.training.train_files)
 
 
 def test_flipped_byte_is_refused(trained_bundle, tmp_path):

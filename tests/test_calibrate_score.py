@@ -80,10 +80,10 @@ def test_the_diffusion_score_alone_finds_the_defects_and_fails_without_its_model
 
 def test_calibration_is_recorded(calibrated_bundle):
     b = Bundle.load(calibrated_bundle)
-    cal = b.manifest["calibration"]
-    assert cal["n"] == 24 and cal["false_reject_rate"] == 0.1 and cal["rule"] == "split-conformal"
-    assert {"calibration.npz", "embeddings.npy"} <= set(b.manifest["files"])
-    assert b.manifest["fallback"]["threshold"]
+    cal = b.manifest.calibration
+    assert cal.n == 24 and cal.false_reject_rate == 0.1 and cal.rule == "full-conformal best-rank"
+    assert {"calibration.npz", "embeddings.npy"} <= set(b.manifest.files)
+    assert b.manifest.fallback.threshold
 
 
 def test_too_few_images_for_the_rate_is_refused(trained_bundle, line_dir, tmp_path):
@@ -134,7 +134,7 @@ def test_inspector_of_a_calibrated_bundle(calibrated_bundle, line_dir):
     samples = labelled_set(line_dir).samples
     frames = [read_image(s.path, inspector.preprocess.color) for s in samples]
     verdicts = inspector.inspect(frames)
-    rate = b.manifest["calibration"]["false_reject_rate"]
+    rate = b.manifest.calibration.false_reject_rate
     assert {v.label for v in verdicts} == {"ok", "ng"}
     assert all((v.label == "ng") == (v.p_value <= rate) for v in verdicts)  # the threshold is the p-value's rule
     assert all(v.map.shape == f.shape[:2] for v, f in zip(verdicts, frames, strict=True))
@@ -171,9 +171,9 @@ def test_tune_picks_a_recipe_on_synthetic_defects_then_calibrates(calibrated_bun
     shutil.copytree(calibrated_bundle, copy)
     best = tune(copy, log=lambda *_: None)
     b = Bundle.load(copy)
-    assert b.manifest["score"] == best["recipe"]
-    assert b.manifest["calibration"] is None  # statistics of the old recipe no longer apply
-    assert best["auroc"] == max(r["auroc"] for r in b.manifest["tuning"]["table"])
+    assert b.manifest.score == best["recipe"]
+    assert b.manifest.calibration is None  # statistics of the old recipe no longer apply
+    assert best["auroc"] == max(r["auroc"] for r in b.manifest.tuning["table"])
     assert best["auroc"] > 0.6
     calibrate(copy, line_dir / "test" / "good", false_reject_rate=0.1, log=lambda *_: None)
     assert load_detector(copy, backend="torch").score([np.zeros((40, 40, 3), np.uint8)]).scores.shape == (1,)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from diffinspect import DiffinspectError
-from diffinspect.bundle import Bundle
-from diffinspect.data.image import read_image
+from diffinspect.bundle import Bundle, Calibration, Export, Manifest
+from diffinspect.data.image import Preprocess, read_image
+from diffinspect.models.recipe import Recipe
 from diffinspect.scoring.calibrate import calibrate
 from diffinspect.scoring.loader import load_detector
 from diffinspect.train.distill import calibration_folder, checkpoint_dir, distill
@@ -39,7 +40,7 @@ def copy_of(bundle, tmp_path, name="b"):
 
 def test_student_approaches_teacher(trained_bundle, tmp_path):
     b = copy_of(trained_bundle, tmp_path)
-    teacher_sha = Bundle.load(b).manifest["files"]["weights.pt"]
+    teacher_sha = Bundle.load(b).manifest.files["weights.pt"]
     result = distill(b, steps=1, iterations=40, **QUIET)
     history = result["selection"]["history"]
     # Iteration 0 is the undistilled one-step x̂0 prediction of the same weights.
@@ -49,13 +50,13 @@ def test_student_approaches_teacher(trained_bundle, tmp_path):
     assert len(history) == 5  # start, 1/4, 2/4, 3/4, end
 
     m = Bundle.load(b).manifest  # verifies every sha256, student.pt included
-    student = m["sampler"]["student"]
-    assert m["sampler"]["default"] == "student"
-    assert (student["weights"], student["steps"], student["teacher_steps"], student["iterations"]) == (
+    student = m.sampler.student
+    assert m.sampler.default == "student"
+    assert (student.weights, student.steps, student.teacher_steps, student.iterations) == (
         "student.pt", 1, 10, 40)
-    assert student["selection"]["chosen_iteration"] in [h["iteration"] for h in history]
-    assert student["selection"]["synthetic"] > 0 and student["selection"]["good"] > 0
-    assert m["files"]["weights.pt"] == teacher_sha  # the teacher is kept as it was
+    assert student.selection["chosen_iteration"] in [h["iteration"] for h in history]
+    assert student.selection["synthetic"] > 0 and student.selection["good"] > 0
+    assert m.files["weights.pt"] == teacher_sha  # the teacher is kept as it was
     assert not checkpoint_dir(b).exists()
 
 
@@ -66,9 +67,9 @@ def test_distilled_bundle_scores_and_recalibrates(calibrated_bundle, line_dir, t
     assert any("re-calibrating for the student" in s for s in seen), seen
     n_good = len(list((line_dir / "test" / "good").iterdir()))
     assert result["calibration"]["n"] == n_good  # the same folder as before, not the holdout
-    assert Bundle.load(b).manifest["calibration"]["sampler"] == "student"
+    assert Bundle.load(b).manifest.calibration.sampler == "student"
 
-    color = Bundle.load(b).manifest["preprocess"]["color"]
+    color = Bundle.load(b).manifest.preprocess.color
     frames = [read_image(p, color) for p in sorted((line_dir / "test" / "good").iterdir())[:3]]
     det = load_detector(b)  # the student by default
     assert len(det.engine.graph.path) == 2
@@ -81,7 +82,7 @@ def test_distilled_bundle_scores_and_recalibrates(calibrated_bundle, line_dir, t
     det = load_detector(b)
     assert len(det.engine.graph.path) == 10  # the teacher at the steps it was distilled from
     assert np.isfinite(det.score(frames).scores).all()
-    assert Bundle.load(b).manifest["sampler"]["default"] == "student"
+    assert Bundle.load(b).manifest.sampler.default == "student"
 
 
 def test_interrupted_distillation_resumes_where_it_stopped(trained_bundle, tmp_path):
@@ -113,7 +114,7 @@ def test_resume_without_checkpoint_and_bad_arguments(trained_bundle, tmp_path):
             distill(b, steps=steps, **QUIET)
     with pytest.raises(DiffinspectError, match="must exceed"):
         distill(b, steps=4, teacher_steps=4, **QUIET)
-    assert not Bundle.load(b).manifest["sampler"]["student"]
+    assert not Bundle.load(b).manifest.sampler.student
 
 
 @pytest.mark.parametrize(("flags", "message"), [(["--steps", "3"], "student steps must be 1, 2 or 4"),
@@ -127,17 +128,18 @@ def test_cli_rejects_bad_arguments_in_one_line(trained_bundle, flags, message):
 
 
 def test_calibration_folder_is_read_back_from_the_manifest():
-    assert str(calibration_folder({"folder": "/data/good"})) == "/data/good"
-    assert calibration_folder({"folder": None}) is None
-    assert calibration_folder({}) is None
+    assert str(calibration_folder(Calibration(1.0, 0.1, 20, folder="/data/good"))) == "/data/good"
+    assert calibration_folder(Calibration(1.0, 0.1, 20, folder=None)) is None
+    assert calibration_folder(Calibration(1.0, 0.1, 20)) is None
 
 
 def test_exports_that_distillation_makes_stale():
     from diffinspect.train.distill import _stale_exports
 
-    manifest = {"score": {"steps": 1}, "sampler": {"default": "teacher", "student": None}, "exports": {
-        "model.onnx": {"sampler": "teacher"},
-        "openvino/model.xml": {"sampler": "student", "files": ["openvino/model.xml", "openvino/model.bin"]}}}
+    manifest = Manifest(preprocess=Preprocess(), score=Recipe(steps=1), exports={
+        "model.onnx": Export("onnx", "fp32", "teacher"),
+        "openvino/model.xml": Export("openvino", "fp32", "student", files=["openvino/model.xml",
+                                                                           "openvino/model.bin"])})
     # The teacher sampler goes from the recipe's 1 step to 10: both exports are stale.
     assert _stale_exports(manifest, 10) == {"model.onnx": ["model.onnx"],
                                             "openvino/model.xml": ["openvino/model.xml", "openvino/model.bin"]}
@@ -146,13 +148,12 @@ def test_exports_that_distillation_makes_stale():
 
 
 def test_healing_pool_pastes_defects_on_inputs_but_keeps_clean_targets(trained_bundle, line_dir):
-    from diffinspect.data.image import Preprocess
     from diffinspect.models.from_bundle import load_graph
     from diffinspect.train.selection import read_frames
     from diffinspect.train.targets import TargetPool
 
     bundle = Bundle.load(trained_bundle)
-    prep = Preprocess.from_dict(bundle.manifest["preprocess"])
+    prep = bundle.manifest.preprocess
     frames = read_frames(sorted((line_dir / "train" / "good").iterdir())[:4], prep)
     images = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
     teacher = load_graph(bundle, "teacher")

@@ -189,14 +189,14 @@ def test_cold_start_bundle_records_health(tmp_path: Path):
         cv2.imwrite(str(good / f"g{i:03d}.png"), scene(rng))
     calibrate_copod_only(good, tmp_path / "b", 0.05)
     b = Bundle.load(tmp_path / "b")
-    assert HEALTH_FILE in b.manifest["files"] and "health" in b.manifest
-    assert set(b.manifest["health"]["bands"]) >= {"brightness", "contrast", "sharpness"}
-    assert b.manifest["health"]["score_quantile"]["copod"]["level"] == 0.8
+    assert HEALTH_FILE in b.manifest.files and b.manifest.health is not None
+    assert set(b.manifest.health.bands) >= {"brightness", "contrast", "sharpness"}
+    assert b.manifest.health.score_quantile["copod"].level == 0.8
     p = load_health(b)
     assert p is not None and p.values["brightness"].size == 140
-    assert getattr(load_fallback(b), "health", None) is not None
+    assert load_fallback(b).health is not None
     # A bundle without the section still loads, with no health profile.
-    b.manifest.pop("health")
+    b.manifest.health = None
     assert load_health(b) is None
 
 
@@ -286,5 +286,5 @@ def test_diffusion_calibration_records_health_for_both_detectors(calibrated_bund
     from diffinspect.scoring.loader import load_detector
 
     b = Bundle.load(calibrated_bundle)
-    assert set(b.manifest["health"]["score_quantile"]) == {"diffusion", "copod"}
+    assert set(b.manifest.health.score_quantile) == {"diffusion", "copod"}
     assert load_detector(b, backend="torch").health is not None

@@ -14,7 +14,7 @@ import pytest
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import labelled_set
-from diffinspect.data.image import Preprocess, read_image
+from diffinspect.data.image import read_image
 from diffinspect.engines import select as autoselect
 from diffinspect.engines.exports import CACHE_ENV
 from diffinspect.engines.select import make_engine
@@ -54,33 +54,32 @@ def exported(calibrated_bundle, tmp_path_factory):
 
 def _detector(bundle_path: Path, backend: str, precision: str | None = None) -> DiffusionDetector:
     b = Bundle.load(bundle_path)
-    cal = b.manifest["calibration"]
+    cal = b.manifest.calibration
     with np.load(b.file(CALIBRATION_FILE)) as z:
         stats = Stats(z["mean"], z["std"])
     engine = make_engine(b, backend, "cpu", precision=precision)
-    return DiffusionDetector(engine, Preprocess.from_dict(b.manifest["preprocess"]), stats, cal["threshold"],
-                             cal["pixel_threshold"])
+    return DiffusionDetector(engine, b.manifest.preprocess, stats, cal.threshold, cal.pixel_threshold)
 
 
 def test_every_format_and_precision_exports_and_passes_parity(exported):
     path, records, lines = exported
     assert set(records) == EXPECTED
     b = Bundle.load(path)  # every new file is listed with its sha256 and verifies
-    assert set(b.manifest["exports"]) == EXPECTED
-    for name, rec in b.manifest["exports"].items():
-        assert rec["sampler"] == "teacher" and rec["inputs"] == ["frames", "mean", "std"]
-        assert all(b.has(f) for f in rec["files"])
-        par = rec["parity"]
+    assert set(b.manifest.exports) == EXPECTED
+    for name, rec in b.manifest.exports.items():
+        assert rec.sampler == "teacher" and rec.inputs == ["frames", "mean", "std"]
+        assert all(b.has(f) for f in rec.files)
+        par = rec.parity
         assert par["passed"] == (par["score_rank_correlation"] >= parity.MIN_RANK_CORRELATION), (name, par)
-        if rec["precision"] == "int8":
+        if rec.precision == "int8":
             # 7-bit weights keep INT8 close to torch with and without VNNI (ONEDNN_MAX_CPU_ISA=AVX2 here:
             # rank correlation 0.991, map correlation 0.992); the figure itself is the CPU's.
             assert par["map_correlation"] > 0.98 and par["score_rank_correlation"] > 0.95, (name, par)
             continue
         assert par["passed"] and par["map_correlation"] > 0.99, (name, par)
-        if rec["precision"] == "fp32":
+        if rec.precision == "fp32":
             assert par["max_abs_map_diff"] < 1e-3, (name, par)
-        assert rec.get("int8_scope") in (("denoiser", "rebuild") if rec["precision"] == "int8" else (None,))
+        assert rec.int8_scope in (("denoiser", "rebuild") if rec.precision == "int8" else (None,))
     assert any("score rank corr" in line for line in lines)
     assert not list(path.glob(".export-*"))  # the work folder is gone
 
@@ -105,7 +104,7 @@ def test_int8_keeps_the_feature_pass_in_float_when_quantizing_it_fails_parity(ca
     records = export_bundle(path, "openvino", "int8", log=lines.append)
     assert len(attempts) == 2 and attempts[1] < attempts[0], attempts
     rec = records["openvino/model.int8.xml"]
-    assert rec["int8_scope"] == "rebuild" and rec["parity"]["passed"]
+    assert rec.int8_scope == "rebuild" and rec.parity["passed"]
     assert any("keeping it in float" in line for line in lines), lines
 
 
@@ -229,8 +228,8 @@ def test_edge_install_scores_and_recalibrates_without_torch(exported, line_dir, 
     res = _edge_cli(tmp_path, "calibrate", copy, line_dir / "test" / "good", "--false-reject-rate", "0.1",
                     "--backend", "onnxruntime")
     assert res.returncode == 0, res.stderr[-2000:]
-    cal = Bundle.load(copy).manifest["calibration"]
-    assert cal["backend"] == "onnxruntime:CPUExecutionProvider" and cal["n"] == 24
+    cal = Bundle.load(copy).manifest.calibration
+    assert cal.backend == "onnxruntime:CPUExecutionProvider" and cal.n == 24
     res = _edge_cli(tmp_path, "score", copy, images / "000.png", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["backend"] == "openvino:CPU", res.stderr[-2000:]
     assert "fastest passing candidate" in res.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -146,21 +147,20 @@ def test_scores_match_pyod_copod_for_a_batch_of_one(monkeypatch, tmp_path) -> No
 
 def test_save_load_round_trip_gives_identical_scores(fitted: CopodDetector, fresh_good: list[np.ndarray],
                                                      tmp_path) -> None:
-    fields = fitted.save(tmp_path / "bundle")
-    assert all(isinstance(v, str) for v in fields.values())
-    assert fields["embeddings_file"] == "embeddings.npy" and fields["n_calibration"] == "100"
-    assert (tmp_path / "bundle" / "embeddings.npy").is_file()
-    loaded = CopodDetector.load(tmp_path / "bundle", fields, fitted.preprocess)
+    record = fitted.save(tmp_path / "bundle")
+    assert isinstance(record.threshold, float) and record.threshold == fitted.threshold  # a number, not text
+    assert record.file == "embeddings.npy" and record.n_calibration == 100
+    path = tmp_path / "bundle" / "embeddings.npy"
+    assert path.is_file()
+    # The bundle hands out the verified file itself.
+    loaded = CopodDetector.load(path, record, fitted.preprocess)
     assert loaded.threshold == fitted.threshold and loaded.false_reject_rate == ALPHA
     frames = fresh_good[:20]
     assert np.array_equal(loaded.score(frames).scores, fitted.score(frames).scores)
-    # A bundle hands out the verified file itself rather than its folder.
-    by_file = CopodDetector.load(tmp_path / "bundle" / "embeddings.npy", fields, fitted.preprocess)
-    assert np.array_equal(by_file.score(frames[:3]).scores, fitted.score(frames[:3]).scores)
     with pytest.raises(DiffinspectError, match="feature recipe"):
-        CopodDetector.load(tmp_path / "bundle", {**fields, "feature_version": "0"}, fitted.preprocess)
+        CopodDetector.load(path, replace(record, feature_version=0), fitted.preprocess)
     with pytest.raises(DiffinspectError, match="embeddings"):
-        CopodDetector.load(tmp_path / "missing", fields, fitted.preprocess)
+        CopodDetector.load(tmp_path / "missing" / "embeddings.npy", record, fitted.preprocess)
 
 
 @pytest.mark.parametrize(("channels", "color"), [(3, "rgb"), (1, "gray")])

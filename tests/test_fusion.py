@@ -28,7 +28,7 @@ def test_max_lets_either_detector_flag_a_part_and_sum_adds_them():
     maxed = FrameTerm(copod, 1.0, (0.0, 1.0), (0.0, 1.0), "max").combine(diffusion, frames)
     assert summed.tolist() == [0.0, 10.0, 8.0, 2.0]
     assert maxed.tolist() == [0.0, 10.0, 8.0, 1.0]  # a part both call mildly odd is not pushed up
-    assert FrameTerm(copod, 1.0, (0.0, 1.0), (0.0, 1.0), "max").to_dict()["rule"] == "max"
+    assert FrameTerm(copod, 1.0, (0.0, 1.0), (0.0, 1.0), "max").record().rule == "max"
 
 
 def test_unknown_rule_is_refused_in_config_and_manifest():
@@ -106,14 +106,14 @@ def test_calibrate_with_minp_stores_the_rule_and_scores_round_trip(trained_bundl
         calibrate(path, line_dir / "test" / "good", fusion="mean")
     calibrate(path, line_dir / "test" / "good", false_reject_rate=0.1, log=lambda *_: None, fusion="minp")
     manifest = Bundle.load(path).manifest
-    cal = manifest["calibration"]
-    assert manifest["score"]["fusion"] == "minp"  # kept: a later calibrate without --fusion uses it too
+    cal = manifest.calibration
+    assert manifest.score.fusion == "minp"  # kept: a later calibrate without --fusion uses it too
     from diffinspect.info import bundle_summary
 
     assert bundle_summary(path)["calibration"]["fusion"] == "minp"  # inspect info names the rule
-    n = cal["n"]
-    assert cal["frame_term"]["rule"] == "minp" and cal["threshold"] == pytest.approx(min_rank_threshold(n, 0.1))
-    assert cal["frame_term"]["detector"] == "gaussian"  # the default embedding detector of the term
+    n = cal.n
+    assert cal.frame_term.rule == "minp" and cal.threshold == pytest.approx(min_rank_threshold(n, 0.1))
+    assert cal.frame_term.detector == "gaussian"  # the default embedding detector of the term
     det = load_detector(path, backend="torch")
     paths = sorted((line_dir / "test").glob("*/*.png"))
     frames = [read_image(p, det.preprocess.color) for p in paths]

@@ -1,10 +1,13 @@
 """The Gaussian frame term: Ledoit-Wolf covariance and Mahalanobis scores on classical embeddings."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.covariance import LedoitWolf
 
 from diffinspect import DiffinspectError
+from diffinspect.bundle import Manifest
 from diffinspect.models.recipe import Recipe
 from diffinspect.scoring.copod import EcdfCopod
 from diffinspect.scoring.gaussian import GaussianEmbedding, ledoit_wolf
@@ -43,5 +46,7 @@ def test_constant_features_and_bad_fit_sets():
 
 
 def test_recipes_written_before_keep_copod_and_the_sum():
-    assert (Recipe.from_dict({}).frame_detector, Recipe.from_dict({}).fusion) == ("copod", "sum")
+    old = Manifest.from_dict({"schema_version": 1, "diffinspect_version": "0.1.0", "files": {}, "score": {},
+                              "preprocess": {"color": "gray", "image_size": 64}}, Path("."))
+    assert (old.score.frame_detector, old.score.fusion) == ("copod", "sum")
     assert (Recipe().frame_detector, Recipe().fusion) == ("gaussian", "minp")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from diffinspect import DiffinspectError
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, plain, section
 from diffinspect.data.image import Preprocess, input_hw, parse_size, read_image
 from diffinspect.engines.exports import CACHE_ENV
 from diffinspect.train.geometry import MAX_PIXELS, choose_geometry
@@ -91,10 +91,10 @@ def test_every_side_is_a_multiple_the_model_takes():
 
 def test_preprocess_round_trips_rectangles_and_reads_old_int_sizes():
     p = Preprocess(color="gray", image_size=(32, 80))
-    d = p.to_dict()
-    assert d["image_size"] == [32, 80] and Preprocess.from_dict(json.loads(json.dumps(d))) == p
-    old = Preprocess.from_dict({"color": "gray", "image_size": 64})  # bundles before rectangles
-    assert old.hw == (64, 64) and old.to_dict()["image_size"] == 64
+    d = plain(p)
+    assert d["image_size"] == [32, 80] and section(Preprocess, json.loads(json.dumps(d))) == p
+    old = section(Preprocess, {"color": "gray", "image_size": 64})  # bundles before rectangles
+    assert old.hw == (64, 64) and plain(old)["image_size"] == 64
     for bad in ([0, 8], [8], "64", [8, 8, 8], True, [-1, 4]):
         with pytest.raises(DiffinspectError):
             parse_size(bad)
@@ -123,8 +123,8 @@ def test_denoisers_take_rectangular_inputs(kind):
 def test_train_chooses_the_shape_from_the_frames_and_records_it(wide_bundle):
     path, lines = wide_bundle
     m = Bundle.load(path).manifest
-    assert m["model"]["image_size"] == [H, W] and m["preprocess"]["image_size"] == [H, W]
-    assert m["training"]["geometry"]["frame"] == [H, W]
+    assert m.model.image_size == (H, W) and m.preprocess.image_size == (H, W)
+    assert m.training.geometry["frame"] == [H, W]
     assert any(line.startswith("model input: 40x96") for line in lines), lines
 
 
@@ -165,8 +165,8 @@ def test_rectangular_exports_pass_parity_on_every_backend(wide_exported, wide_se
     path, records = wide_exported
     b = Bundle.load(path)
     assert {"model.onnx", "model.int8.onnx", "openvino/model.xml", "openvino/model.int8.xml"} <= set(records)
-    for name, rec in b.manifest["exports"].items():
-        par, int8 = rec["parity"], rec["precision"] == "int8"
+    for name, rec in b.manifest.exports.items():
+        par, int8 = rec.parity, rec.precision == "int8"
         assert par["map_correlation"] > (0.95 if int8 else 0.99), (name, par)
         assert par["score_rank_correlation"] >= 0.95 if int8 else par["passed"], (name, par)
     frames = [read_image(p, "gray") for p in sorted((wide_set / "test").glob("*/*.png"))]
@@ -196,7 +196,7 @@ def test_rectangular_tiles_feed_trains_and_scores(wide_set, tmp_path):
     cfg = load_config(overrides={"model.size": "tiny", "train.steps": 4, "train.batch_size": 4,
                                  "data.feed": "tiles", "data.image_size": [16, 32], "data.tile_scale": 1.0})
     train(wide_set, tmp_path / "b", cfg, log=lambda *_: None)
-    assert Bundle.load(tmp_path / "b").manifest["preprocess"]["image_size"] == [16, 32]
+    assert Bundle.load(tmp_path / "b").manifest.preprocess.image_size == (16, 32)
 
 
 def test_cli_image_size_takes_height_x_width_and_refuses_the_rest(wide_set, tmp_path):

@@ -218,7 +218,7 @@ def test_removing_a_file_never_leaves_the_bundle(cold_bundle, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(cold_bundle, b)
     bundle = Bundle.load(b)
-    bundle.manifest["files"]["../victim.txt"] = sha256_file(victim)  # as a stale export record would list it
+    bundle.manifest.files["../victim.txt"] = sha256_file(victim)  # as a stale export record would list it
     with pytest.raises(DiffinspectError, match="outside the bundle"), bundle.updating() as up:
         up.remove_file("../victim.txt")
     assert victim.read_text() == "user data"
@@ -353,7 +353,7 @@ def test_torchrun_two_processes_write_one_bundle(line_dir, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert os.listdir(out) == ["bundle"]
-    assert Bundle.load(out / "bundle").manifest["training"]["steps"] == 4
+    assert Bundle.load(out / "bundle").manifest.training.steps == 4
 
 
 # --- 10, 11. info names OpenVINO's INT8 kernel, the training steps and an undertrained model ----------
@@ -363,7 +363,7 @@ def test_info_shows_the_int8_kernel_the_steps_and_an_undertrained_warning(capsys
     code, out, _ = run_cli(capsys, "info", calibrated_bundle)
     assert code == 0
     assert "OpenVINO CPU: INT8 convolution kernel" in out and "_I8" in out
-    steps = Bundle.load(calibrated_bundle).manifest["training"]["steps"]
+    steps = Bundle.load(calibrated_bundle).manifest.training.steps
     assert f"training: {steps} steps" in out
     assert "warning: the model trained only" in " ".join(out.split())
 

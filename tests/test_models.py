@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from diffinspect import DiffinspectError
-from diffinspect.models import MODEL_KINDS, build_model, check_image_size, describe
+from diffinspect.models import build_model, check_image_size, describe
+from diffinspect.vocab import ModelKind
 
-KINDS = list(MODEL_KINDS)
+KINDS = list(ModelKind.values())
 
 
 @pytest.fixture(autouse=True)

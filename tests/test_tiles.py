@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, plain, section
 from diffinspect.config import load_config
 from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import Preprocess, read_image
@@ -116,8 +116,8 @@ def test_a_frame_scores_as_its_worst_tile():
 
 
 def test_old_manifests_feed_whole_frames():
-    prep = Preprocess.from_dict({"color": "gray", "image_size": 64, "resize": "pad", "roi": None})
-    assert prep.feed == "frame" and Preprocess.from_dict(TILES.to_dict()) == TILES
+    prep = section(Preprocess, {"color": "gray", "image_size": 64, "resize": "pad", "roi": None})
+    assert prep.feed == "frame" and section(Preprocess, plain(TILES)) == TILES
 
 
 def test_tiles_train_calibrate_and_score(tiles_bundle, tiles_line, tmp_path):
@@ -126,12 +126,12 @@ def test_tiles_train_calibrate_and_score(tiles_bundle, tiles_line, tmp_path):
     from diffinspect.scoring.score import score_paths
 
     b = Bundle.load(tiles_bundle)
-    assert b.manifest["preprocess"]["feed"] == "tiles" and b.manifest["preprocess"]["tile_scale"] == 0.5
-    assert b.manifest["calibration"]["n"] == 18
+    assert b.manifest.preprocess.feed == "tiles" and b.manifest.preprocess.tile_scale == 0.5
+    assert b.manifest.calibration.n == 18
     with np.load(b.file(CALIBRATION_FILE)) as z:
         assert z["mean"].shape[1:] == (32, 32) and z["scores"].shape == (18,)
         check_frames, check_scores = z["selfcheck_frames"], z["selfcheck_scores"]
-    assert check_frames.shape == (4, 32, 32, b.manifest["model"]["channels"]) and check_scores.shape == (4,)
+    assert check_frames.shape == (4, 32, 32, b.manifest.model.channels) and check_scores.shape == (4,)
 
     det = load_detector(tiles_bundle, backend="torch")
     # The stored self-check scores are the engine's own per-tile scores.

@@ -35,9 +35,9 @@ def test_loss_falls_and_bundle_loads(line_dir, tmp_path, kind):
     assert len(seen) == 50
     assert seen[-1] < 0.8 * seen[2], (seen[2], seen[-1])
     b = Bundle.load(tmp_path / kind)
-    assert b.manifest["model"]["kind"] == kind
+    assert b.manifest.model.kind == kind
     model = load_denoiser(b)
-    x = torch.zeros(1, b.manifest["model"]["channels"], 32, 32)
+    x = torch.zeros(1, b.manifest.model.channels, 32, 32)
     assert model(x, torch.zeros(1)).shape == x.shape
 
 
@@ -66,7 +66,7 @@ def test_interrupt_saves_checkpoint_and_resume_continues(line_dir, tmp_path):
     b = train(line_dir, out, tiny(**{"train.steps": 6}), resume=True,
               progress=lambda s, *_: steps.append(s), **QUIET)
     assert steps == [4, 5, 6]
-    assert b.manifest["training"]["steps"] == 6
+    assert b.manifest.training.steps == 6
     # An uninterrupted run draws the same batches: same weights.
     ref = train(line_dir, tmp_path / "ref", tiny(**{"train.steps": 6}), **QUIET)
     sa = torch.load(b.path / "weights.pt", weights_only=True)
@@ -114,5 +114,5 @@ def test_undecodable_files_are_skipped_and_counted(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="diffinspect"):
         b = train(data, tmp_path / "o", tiny(**{"data.holdout": 0.0}), **QUIET)
     assert "skipped 2 undecodable" in caplog.text
-    assert len(b.manifest["training"]["skipped"]) == 2
-    assert b.manifest["preprocess"]["color"] == "gray"
+    assert len(b.manifest.training.skipped) == 2
+    assert b.manifest.preprocess.color == "gray"

@@ -70,6 +70,7 @@ class FakeDetector:
 
     threshold = THRESHOLD
     pixel_threshold = 1.0
+    health = None
 
     def __init__(self, name: str = "diffusion", cost_s: float = 0.002, fail_after: int | None = None,
                  hang_s: float = 0.0, nan: bool = False, check_marker: bool = True,

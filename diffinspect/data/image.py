@@ -21,13 +21,12 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diffinspect import DiffinspectError
+from diffinspect.vocab import Color, Feed, Resize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-COLOR_MODES = ("gray", "rgb")
 # A corrupt frame is reported once, by us, as a one-line error; OpenCV's own WARN/ERROR log lines about
 # it would only repeat that on stderr (and interleave with `inspect watch`'s output).
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-RESIZE_MODES = ("stretch", "crop", "pad")
 # Every command that reads images refuses a frame above this many megapixels before decoding it (a
 # small PNG can declare 60000 x 60000 pixels and take gigabytes to decode). `inspect watch` has a flag.
 DEFAULT_MAX_MEGAPIXELS = 50.0
@@ -191,8 +190,8 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
 
 def to_uint8(img: np.ndarray, color: str) -> np.ndarray:
     """Bring any decoded OpenCV array (8/16-bit/float, 1/3/4 channels, BGR order) to uint8 gray or RGB."""
-    if color not in COLOR_MODES:
-        raise DiffinspectError(f"colour mode must be one of {COLOR_MODES}, got {color!r}")
+    if color not in (Color.GRAY, Color.RGB):
+        raise DiffinspectError(f"colour mode must be one of ('gray', 'rgb'), got {color!r}")
     if img.dtype == np.uint16:
         img = (img.astype(np.float32) / 257.0).round().astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
@@ -239,24 +238,12 @@ class Preprocess:
     image_size tiles overlapping by half (`tile_grid`), so small defects keep their pixels.
     """
 
-    color: str = "gray"
+    color: Color = Color.GRAY  # gray or rgb (a bundle's colour is never auto)
     image_size: ImageSize = 64
-    resize: str = "stretch"  # stretch | crop (centre) | pad (letterbox); feed "frame" only
+    resize: Resize = Resize.STRETCH  # crop: the centre; pad: letterbox; feed "frame" only
     roi: tuple[int, int, int, int] | None = None  # x, y, width, height in frame pixels
-    feed: str = "frame"  # frame | tiles
+    feed: Feed = Feed.FRAME
     tile_scale: float = 0.5  # tiles: canvas side = ROI side x tile_scale
-
-    def to_dict(self) -> dict:
-        return {"color": self.color, "image_size": size_record(self.image_size), "resize": self.resize,
-                "roi": list(self.roi) if self.roi else None, "feed": self.feed, "tile_scale": self.tile_scale}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
-        roi = d.get("roi")
-        # Bundles written before tiles existed fed whole frames.
-        return cls(color=d["color"], image_size=parse_size(d["image_size"]), resize=d.get("resize", "stretch"),
-                   roi=tuple(roi) if roi else None, feed=d.get("feed", "frame"),
-                   tile_scale=float(d.get("tile_scale", 0.5)))
 
     @property
     def hw(self) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""What a bundle holds in `manifest["exports"]`, and the settings the runtime engines share (no torch).
+"""What a bundle's exports are (`Manifest.exports`), and the settings the runtime engines share (no torch).
 
 Each export record is keyed by its main file ("model.onnx", "openvino/model.int8.xml") and lists
 format, precision, sampler, files, input and output names, the scoring terms and the parity figures
@@ -7,18 +7,14 @@ measured when it was written.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from diffinspect import DiffinspectError
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, Export
+from diffinspect.vocab import Precision
 
-FORMATS = ("onnx", "openvino")
-PRECISIONS = ("fp32", "fp16", "int8")
 THREADS_ENV = "DIFFINSPECT_THREADS"
 CACHE_ENV = "DIFFINSPECT_CACHE_DIR"
 CALIBRATION_FILE = "calibration.npz"  # statistics, calibration scores and self-check references
@@ -30,33 +26,20 @@ def export_name(fmt: str, precision: str) -> str:
     return f"model{suffix}.onnx" if fmt == "onnx" else f"openvino/model{suffix}.xml"
 
 
-def graph_fingerprint(bundle: Bundle, sampler: str) -> str:
-    """What an exported graph was built from: model, recipe, schedule, sampler and weights (by sha256).
-    The recipe (t*, term weights, blur, top-k) is baked into the graph, so re-tuning it, retraining or
-    re-distilling makes older exports stale."""
-    m = bundle.manifest
-    info = m.get("sampler") or {}
-    weights = ["weights.pt"] + ([info["student"]["weights"]] if sampler == "student" and info.get("student") else [])
-    payload = {"model": {k: (m.get("model") or {}).get(k) for k in ("kind", "size", "image_size", "channels")},
-               "score": m.get("score"), "schedule": m.get("schedule"), "sampler": sampler,
-               "student": info.get("student"), "weights": {f: m.get("files", {}).get(f) for f in weights}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+def _usable(bundle: Bundle, name: str, rec: Export | None, sampler: str) -> bool:
+    return rec is not None and rec.sampler == sampler and bundle.has(name) and \
+        rec.fingerprint == bundle.manifest.graph_fingerprint(sampler)
 
 
-def _usable(bundle: Bundle, name: str, rec: dict[str, Any] | None, sampler: str) -> bool:
-    return bool(rec) and rec.get("sampler") == sampler and bundle.has(name) and \
-        rec.get("fingerprint") == graph_fingerprint(bundle, sampler)
-
-
-def find_export(bundle: Bundle, fmt: str, sampler: str, precisions: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+def find_export(bundle: Bundle, fmt: str, sampler: str, precisions: tuple[str, ...]) -> tuple[str, Export]:
     """The first usable export of `fmt` for `sampler` among `precisions` (in that order of preference)."""
-    exports = bundle.manifest.get("exports") or {}
+    exports = bundle.manifest.exports
     for precision in precisions:
         name = export_name(fmt, precision)
         if _usable(bundle, name, exports.get(name), sampler):
             return name, exports[name]
-    stale = [k for k, v in exports.items() if v.get("sampler") == sampler and not _usable(bundle, k, v, sampler)]
-    have = ", ".join(f"{k} ({v.get('sampler')}{', stale' if k in stale else ''})" for k, v in exports.items())
+    stale = [k for k, v in exports.items() if v.sampler == sampler and not _usable(bundle, k, v, sampler)]
+    have = ", ".join(f"{k} ({v.sampler}{', stale' if k in stale else ''})" for k, v in exports.items())
     fmt_flag = "onnx" if fmt == "onnx" else "openvino"
     why = "; stale = made from other weights or another scoring recipe" if stale else ""
     raise DiffinspectError(
@@ -66,8 +49,9 @@ def find_export(bundle: Bundle, fmt: str, sampler: str, precisions: tuple[str, .
 
 
 def exported_precisions(bundle: Bundle, fmt: str, sampler: str) -> list[str]:
-    exports = bundle.manifest.get("exports") or {}
-    return [p for p in PRECISIONS if _usable(bundle, export_name(fmt, p), exports.get(export_name(fmt, p)), sampler)]
+    exports = bundle.manifest.exports
+    return [p for p in Precision.values()
+            if _usable(bundle, export_name(fmt, p), exports.get(export_name(fmt, p)), sampler)]
 
 
 def available_cores() -> int:

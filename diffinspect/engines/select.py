@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from diffinspect import DiffinspectError
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, Calibration
 from diffinspect.engines import Engine
-from diffinspect.engines.exports import CALIBRATION_FILE, PRECISIONS, exported_precisions, find_export
+from diffinspect.engines.exports import CALIBRATION_FILE, exported_precisions, find_export
 from diffinspect.models.sampler import resolve_sampler
+from diffinspect.vocab import Backend, Precision
 
 if TYPE_CHECKING:
     from diffinspect.engines.onnx_engine import OnnxEngine
     from diffinspect.engines.openvino_engine import OpenVinoEngine
 
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 # Exports to use when no precision is named, fastest first (measured by bench/backends.py).
 # The INT8 QDQ model keeps conv outputs float (accuracy), so onnxruntime's CPU provider cannot fuse it
 # into integer convs and runs dequantize + float conv: 0.8x fp32 at 128 px here. It is for TensorRT,
@@ -91,9 +91,9 @@ def build_engine(bundle: Bundle, backend: str, device: str = "auto", sampler: st
         runner = OpenVinoEngine
     name = resolve_sampler(bundle, sampler)
     name_file, rec = find_export(bundle, fmt, name, (precision,) if precision else precision_order(backend, device))
-    for f in rec.get("files", [name_file]):
+    for f in rec.files or [name_file]:
         bundle.file(f)  # sha256 again: a file swapped since loading is refused here
-    return runner(bundle.file(name_file), rec["terms"], device, rec["precision"])
+    return runner(bundle.file(name_file), rec.terms, device, rec.precision.value)
 
 
 def make_engine(bundle: Bundle, backend: str = "auto", device: str = "auto", sampler: str | None = None,
@@ -101,10 +101,10 @@ def make_engine(bundle: Bundle, backend: str = "auto", device: str = "auto", sam
     """backend: auto | torch | onnxruntime | openvino; precision: fp32 | fp16 | int8 | None (the
     fastest exported). auto tries the exported engines fastest first and keeps the first whose
     start-up self-check passes (`pick_engine`)."""
-    if backend not in BACKENDS:
-        raise DiffinspectError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if precision is not None and precision not in PRECISIONS:
-        raise DiffinspectError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if backend not in Backend.values():
+        raise DiffinspectError(f"unknown backend {backend!r}: choose one of {Backend.listed()}")
+    if precision is not None and precision not in Precision.values():
+        raise DiffinspectError(f"unknown precision {precision!r}: choose one of {Precision.listed()}")
     if backend == "auto":
         return pick_engine(bundle, device, sampler, precision, log)
     engine = build_engine(bundle, backend, device, sampler, precision)
@@ -131,25 +131,25 @@ class Reference:
 def load_reference(bundle: Bundle) -> Reference | None:
     # No calibration in the manifest (never calibrated, or a re-tuned recipe voided it): the file, if
     # any, holds scores of another recipe.
-    if not bundle.manifest.get("calibration") or not bundle.has(CALIBRATION_FILE):
+    cal = bundle.manifest.calibration
+    if cal is None or not bundle.has(CALIBRATION_FILE):
         return None
     z = bundle.arrays(CALIBRATION_FILE, {"mean": None, "std": None, "scores": None})  # no pickles
     if "selfcheck_frames" not in z or "selfcheck_scores" not in z:
         return None
     ref_scores = z["selfcheck_scores"].astype(np.float64)
-    spread = graph_score_spread(bundle.manifest["calibration"], z["scores"])
+    spread = graph_score_spread(cal, z["scores"])
     # The floor keeps a degenerate calibration (all scores equal) from failing every engine.
     tol = max(SELFCHECK_TOLERANCE * spread, 1e-4 * (1.0 + float(np.abs(ref_scores).max())))
     return Reference(z["selfcheck_frames"], ref_scores, z["mean"], z["std"], tol)
 
 
-def graph_score_spread(calibration: dict, scores: np.ndarray) -> float:
+def graph_score_spread(calibration: Calibration, scores: np.ndarray) -> float:
     """Standard deviation of the graph's image scores on good parts. With a frame-level term the stored
     calibration scores are the combined ones (another scale); the graph scores' spread is then the IQR
     of the reference images' diffusion scores, divided by 1.349 (the IQR of a unit normal)."""
-    term = calibration.get("frame_term")
-    if term:
-        return float(term["diffusion"][1]) / 1.349
+    if calibration.frame_term is not None:
+        return calibration.frame_term.diffusion[1] / 1.349
     return float(np.std(scores)) if len(scores) > 1 else 0.0
 
 

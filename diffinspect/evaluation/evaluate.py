@@ -217,7 +217,7 @@ def _load_detectors(bundles: Sequence[str | Path], backend: str, device: str,
             engine = getattr(det, "engine", None)
             if models is not None:
                 models[name] = {"bundle": str(bundle.resolve()),
-                                "training_steps": (manifest.get("training") or {}).get("steps"),
+                                "training_steps": manifest.training and manifest.training.steps,
                                 "engine": getattr(det, "backend", None),
                                 "precision": getattr(engine, "precision", None) or "fp32",
                                 "warning": warning}

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from diffinspect import DiffinspectError, __version__
-from diffinspect.bundle import Bundle
-from diffinspect.engines.exports import FORMATS, PRECISIONS, export_name, graph_fingerprint
+from diffinspect.bundle import Bundle, Export
+from diffinspect.engines.exports import export_name
 from diffinspect.export import parity
+from diffinspect.vocab import ExportFormat, ModelKind, Precision, Sampler
 
 MAX_IMAGES = 48  # calibration frames for INT8 ranges and parity: enough for both, quick at any size
 MAX_INPUTS = 96  # model inputs from them (frames, or tiles in tiles mode, where one frame gives many)
@@ -30,11 +31,11 @@ MAX_INPUTS = 96  # model inputs from them (frames, or tiles in tiles mode, where
 def plan(fmt: str, precision: str) -> list[tuple[str, str]]:
     """(format, precision) pairs to build. fp16 is an OpenVINO export only: onnxruntime's CPU provider
     has no fp16 speed-up, and there was no GPU here to validate an fp16 ONNX against."""
-    formats = list(FORMATS) if fmt == "all" else [fmt]
-    precisions = list(PRECISIONS) if precision == "all" else [precision]
-    if fmt not in (*FORMATS, "all"):
+    formats = list(ExportFormat.values()) if fmt == "all" else [fmt]
+    precisions = list(Precision.values()) if precision == "all" else [precision]
+    if fmt not in (*ExportFormat.values(), "all"):
         raise DiffinspectError(f"unknown format {fmt!r}: choose onnx, openvino or all")
-    if precision not in (*PRECISIONS, "all"):
+    if precision not in (*Precision.values(), "all"):
         raise DiffinspectError(f"unknown precision {precision!r}: choose fp32, fp16, int8 or all")
     if formats == ["onnx"] and precisions == ["fp16"]:
         raise DiffinspectError("no fp16 ONNX export: use --format openvino --precision fp16, or fp32/int8 "
@@ -43,12 +44,11 @@ def plan(fmt: str, precision: str) -> list[tuple[str, str]]:
 
 
 def _calibration_frames(bundle: Bundle, calibration_dir: str | Path | None) -> tuple[np.ndarray, str]:
-    from diffinspect.data.image import Preprocess
     from diffinspect.data.reading import read_images
     from diffinspect.scoring.calibrate import image_sets
     from diffinspect.scoring.diffusion import fit_frames
 
-    prep = Preprocess.from_dict(bundle.manifest["preprocess"])
+    prep = bundle.manifest.preprocess
     try:
         _, calib, described = image_sets(bundle, calibration_dir)
     except DiffinspectError as exc:
@@ -105,7 +105,7 @@ def _run(engine_or_graph, frames: np.ndarray, mean: np.ndarray, std: np.ndarray,
 
 def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str = "fp32",
                   calibration_dir: str | Path | None = None, allow_mismatch: bool = False,
-                  log: Callable[[str], None] = print, sampler: str | None = None) -> dict[str, dict]:
+                  log: Callable[[str], None] = print, sampler: str | None = None) -> dict[str, Export]:
     """Export, check parity, record. Returns {main file: export record} of what was written."""
     try:
         import torch
@@ -127,11 +127,11 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
 
     bundle = Bundle.load(bundle_path)
     targets = plan(format, precision)
-    if not bundle.manifest.get("calibration") or not bundle.has(CALIBRATION_FILE):
+    if bundle.manifest.calibration is None or not bundle.has(CALIBRATION_FILE):
         raise DiffinspectError(f"bundle {bundle.path} is not calibrated: run inspect calibrate first "
                                f"(parity is checked with its statistics)")
     sampler = resolve_sampler(bundle, sampler)
-    fingerprint = graph_fingerprint(bundle, sampler)
+    fingerprint = bundle.manifest.graph_fingerprint(sampler)
     with np.load(bundle.file(CALIBRATION_FILE)) as z:
         mean, std = z["mean"].astype(np.float32), z["std"].astype(np.float32)
     frames, described = _calibration_frames(bundle, calibration_dir)
@@ -155,7 +155,7 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
         int8_choices = {"denoiser": int8_nodes(proto), "rebuild": rebuild_nodes(proto)}
         fp16 = denoiser_nodes(proto)
         records, failed = {}, []
-        is_dit = bundle.manifest["model"]["kind"] == "dit"
+        is_dit = bundle.model.kind == ModelKind.DIT
         for fmt, prec in targets:
             for scope, int8 in int8_choices.items() if prec == "int8" else [(None, [])]:
                 t0 = time.perf_counter()
@@ -174,23 +174,22 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
                 f"{time.perf_counter() - t0:.1f} s]")
             if not ok:
                 failed.append(f"{files[0]} (score rank correlation {figures['score_rank_correlation']:.4f})")
-            records[files[0]] = {
-                "format": fmt, "precision": prec, "sampler": sampler, "files": files, "fingerprint": fingerprint,
-                "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES, "terms": graph.term_names,
-                "parity": {**figures, "engine": engine.name, "passed": ok}, **extra,
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "versions": _versions(fmt, torch.__version__),
-            }
+            records[files[0]] = Export(
+                format=ExportFormat(fmt), precision=Precision(prec), sampler=Sampler(sampler), files=files,
+                fingerprint=fingerprint, inputs=list(INPUT_NAMES), outputs=list(OUTPUT_NAMES),
+                terms=list(graph.term_names), parity={**figures, "engine": engine.name, "passed": ok}, **extra,
+                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                versions=_versions(fmt, torch.__version__))
         if failed and not allow_mismatch:
             raise DiffinspectError(f"export refused, nothing written: parity below {parity.MIN_RANK_CORRELATION} "
                                    f"for {', '.join(failed)} (--allow-mismatch to keep it anyway)")
         with bundle.updating() as up:
             for name, rec in records.items():
-                for f in rec["files"]:
+                for f in rec.files:
                     staged = up.staging_path(f)
                     os.replace(work / f, staged)
                     up.add_file(f, staged)
-                up.manifest.setdefault("exports", {})[name] = rec
+                up.manifest.exports[name] = rec
         log(f"wrote {len(records)} export(s) into {bundle.path}")
         return records
     finally:

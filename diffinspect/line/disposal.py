@@ -14,7 +14,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-AFTER_MODES = ("keep", "move", "delete")
 # OUT's own folders: overlays, and the moved frames by status; the intake never takes frames from them.
 OUTPUT_SUBDIRS = ("overlays", "ok", "ng", "error")
 

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 
 from diffinspect import DiffinspectError
-from diffinspect.scoring.overlay import OVERLAY_RULES
+from diffinspect.vocab import After, Overlays
 
 
 @dataclass
@@ -35,9 +35,9 @@ class WatchOptions:
     def validate(self) -> None:
         checks = [
             (self.batch >= 1, f"batch must be at least 1, got {self.batch}"),
-            (self.overlays in OVERLAY_RULES,
+            (self.overlays in Overlays.values(),
              f"overlays must be ng, all or none, got {self.overlays!r}"),
-            (self.after in ("keep", "move", "delete"),
+            (self.after in After.values(),
              f"after must be keep, move or delete, got {self.after!r}"),
             (self.queue_size >= self.batch, f"queue size ({self.queue_size}) must be at least the batch "
                                             f"({self.batch})"),

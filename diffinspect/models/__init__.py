@@ -15,18 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 from diffinspect import DiffinspectError
 from diffinspect.data.image import ImageSize, input_hw
+from diffinspect.vocab import Choice, ModelKind, ModelSize
 
 if TYPE_CHECKING:
     from torch import nn
 
-MODEL_KINDS = ("unet", "dit")
-MODEL_SIZES = ("tiny", "small", "base")
 MIN_IMAGE_SIZE = 16
 
 
-def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise DiffinspectError(f"unknown model {what} {value!r}: choose one of {', '.join(choices)}")
+def _check_choice(what: str, value: str, choices: type[Choice]) -> None:
+    if value not in choices.values():
+        raise DiffinspectError(f"unknown model {what} {value!r}: choose one of {choices.listed()}")
 
 
 def equivalent_side(image_size: ImageSize) -> float:
@@ -38,8 +37,8 @@ def equivalent_side(image_size: ImageSize) -> float:
 
 def image_multiple(kind: str, size: str, image_size: ImageSize) -> int:
     """The number each image side must be a multiple of, for this kind and size at about this image size."""
-    _check_choice("kind", kind, MODEL_KINDS)
-    _check_choice("size", size, MODEL_SIZES)
+    _check_choice("kind", kind, ModelKind)
+    _check_choice("size", size, ModelSize)
     if kind == "unet":
         from diffinspect.models.unet import unet_downsamplings
 

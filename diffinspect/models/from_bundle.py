@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from diffinspect.bundle import Bundle
-from diffinspect.data.image import parse_size
 from diffinspect.models import build_model
 from diffinspect.models.sampler import resolve_sampler
-from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import Recipe, ScoringGraph
+
+if TYPE_CHECKING:  # a type only: the bundle module reads models' recipe and schedule
+    from diffinspect.bundle import Bundle
 
 
 def load_denoiser(bundle: Bundle, weights: str = "weights.pt") -> torch.nn.Module:
-    m = bundle.manifest["model"]
-    model = build_model(m["kind"], m["size"], parse_size(m["image_size"], "manifest model.image_size"), m["channels"])
+    m = bundle.model
+    model = build_model(m.kind, m.size, m.image_size, m.channels)
     state = torch.load(bundle.file(weights), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()
@@ -23,14 +25,12 @@ def load_denoiser(bundle: Bundle, weights: str = "weights.pt") -> torch.nn.Modul
 def load_graph(bundle: Bundle, sampler: str | None = None, recipe: Recipe | None = None) -> ScoringGraph:
     """The scoring graph of the bundle, with the teacher (N DDIM steps) or the distilled student."""
     sampler = resolve_sampler(bundle, sampler)
-    recipe = recipe or Recipe.from_dict(bundle.manifest["score"])
-    schedule = NoiseSchedule.from_dict(bundle.manifest["schedule"])
+    recipe = recipe or bundle.recipe
+    schedule = bundle.schedule
+    student = bundle.manifest.student
     if sampler == "student":
-        student = bundle.manifest["sampler"]["student"]
-        return ScoringGraph(
-            load_denoiser(bundle, student["weights"]), schedule, recipe, steps=student["steps"]
-        )
+        assert student is not None  # resolve_sampler refuses a bundle without one
+        return ScoringGraph(load_denoiser(bundle, student.weights), schedule, recipe, steps=student.steps)
     # After distillation "teacher" means the N-step rebuild the student was distilled from, so the
     # two samplers are compared as trained, whatever step count the recipe names.
-    student = (bundle.manifest.get("sampler") or {}).get("student") or {}
-    return ScoringGraph(load_denoiser(bundle), schedule, recipe, steps=student.get("teacher_steps"))
+    return ScoringGraph(load_denoiser(bundle), schedule, recipe, steps=student and student.teacher_steps)

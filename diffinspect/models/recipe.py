@@ -1,37 +1,36 @@
-"""The anomaly-map recipe (no torch: the edge runtime reads it too)."""
+"""The anomaly-map recipe: the one scoring configuration (config `[score]`, manifest `score`). No torch:
+the edge runtime reads it too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diffinspect.vocab import FrameDetector, Fusion
+
 TERMS = ("pixel", "ssim", "feature")
-FUSION_RULES = ("minp", "sum", "max")  # how the frame-level embedding term joins the diffusion score
-FRAME_DETECTORS = ("gaussian", "copod")  # which detector on the classical embeddings makes that term
 
 
-@dataclass(frozen=True)
+@dataclass
 class Recipe:
-    """The anomaly-map recipe, stored in the manifest under `score`."""
+    """How a frame becomes an anomaly map and a score; `[score]` in the config, `score` in the manifest."""
 
-    t_star: int = 100
-    steps: int = 1
-    noise_draws: int = 1
-    pixel_weight: float = 1.0
-    ssim_weight: float = 1.0
-    feature_weight: float = 1.0
-    blur_sigma: float = 2.0
-    top_k: float = 0.001
-    frame_weight: float = 0.0
-    classical_weight: float = 1.0
-    fusion: str = "minp"
-    frame_detector: str = "gaussian"
+    t_star: int = 100  # noise level a frame is taken to before it is rebuilt
+    steps: int = 1  # DDIM steps of the rebuild (the teacher's; students are set by distillation)
+    noise_draws: int = 1  # mean of K fixed noise draws
+    pixel_weight: float = 1.0  # channel-mean L1 error
+    ssim_weight: float = 1.0  # 1 - SSIM
+    feature_weight: float = 1.0  # denoiser feature error between x and its rebuild
+    blur_sigma: float = 2.0  # pixels at model size, for the map users see
+    top_k: float = 0.001  # image score = mean of the top share of the sharp (unblurred) map
+    frame_weight: float = 0.0  # weight of the whole-frame mean map (defects covering the frame)
+    classical_weight: float = 1.0  # frame-level term: a detector on classical embeddings (0 = off)
+    fusion: Fusion = Fusion.MINP  # how the frame-level (embedding) term joins the diffusion score
+    frame_detector: FrameDetector = FrameDetector.GAUSSIAN  # the detector on the embeddings for that term
     seed: int = 0
 
-    @classmethod
-    def from_dict(cls, d: dict) -> Recipe:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        # Recipes written before these defaults summed, with COPOD.
-        return cls(**{"fusion": "sum", "frame_detector": "copod", **known})
+    # Recipes written before `fusion` and `frame_detector` existed summed, with COPOD (bundle.py reads
+    # version-1 manifests so).
+    OLD_DEFAULTS = {"fusion": Fusion.SUM, "frame_detector": FrameDetector.COPOD}
 
     def weights(self) -> dict[str, float]:
         w = {"pixel": self.pixel_weight, "ssim": self.ssim_weight, "feature": self.feature_weight}

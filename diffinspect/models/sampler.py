@@ -5,18 +5,20 @@ One resolver for both sides: the torch graph loader (`models.from_bundle`) and t
 
 from __future__ import annotations
 
-from diffinspect import DiffinspectError
-from diffinspect.bundle import Bundle
+from typing import TYPE_CHECKING
 
-SAMPLERS = ("teacher", "student")
+from diffinspect import DiffinspectError
+from diffinspect.vocab import Sampler
+
+if TYPE_CHECKING:  # a type only: the bundle module reads models' recipe and schedule
+    from diffinspect.bundle import Bundle
 
 
 def resolve_sampler(bundle: Bundle, sampler: str | None) -> str:
     """The sampler asked for, else the bundle's default; refused when the bundle cannot run it."""
-    info = bundle.manifest.get("sampler") or {}
-    name = sampler or info.get("default", "teacher")
-    if name not in SAMPLERS:
+    name = sampler or bundle.manifest.sampler.default
+    if name not in Sampler.values():
         raise DiffinspectError(f"unknown sampler {name!r}: use teacher or student")
-    if name == "student" and not info.get("student"):
+    if name == "student" and bundle.manifest.student is None:
         raise DiffinspectError(f"bundle {bundle.path} has no distilled student (run `inspect distill`)")
-    return name
+    return Sampler(name).value

@@ -16,8 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from diffinspect import DiffinspectError
-
-SCHEDULE_KINDS = ("linear", "cosine")
+from diffinspect.vocab import ScheduleKind
 
 # Anything that supports arithmetic with floats: np.ndarray, torch.Tensor, float.
 A = TypeVar("A")
@@ -27,9 +26,9 @@ class NoiseSchedule:
     """ᾱ_t for t = 0..timesteps-1, as float64 (float32 cumprod drifts visibly near t = T)."""
 
     def __init__(self, kind: str = "linear", timesteps: int = 1000) -> None:
-        if kind not in SCHEDULE_KINDS:
+        if kind not in ScheduleKind.values():
             raise DiffinspectError(
-                f"unknown noise schedule {kind!r}: choose one of {', '.join(SCHEDULE_KINDS)}"
+                f"unknown noise schedule {kind!r}: choose one of {ScheduleKind.listed()}"
             )
         if int(timesteps) < 2:
             raise DiffinspectError(f"noise schedule needs at least 2 timesteps, got {timesteps}")

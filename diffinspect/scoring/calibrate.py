@@ -15,18 +15,17 @@ import io
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from diffinspect import DiffinspectError
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, BundleUpdate, Calibration, Fallback, Training
 from diffinspect.data.datasets import list_images
 from diffinspect.data.image import Preprocess
 from diffinspect.data.reading import read_images
 from diffinspect.engines.select import make_engine
-from diffinspect.models.recipe import FRAME_DETECTORS, FUSION_RULES, Recipe
 from diffinspect.scoring.diffusion import (
     CALIBRATION_FILE,
     DiffusionDetector,
@@ -38,11 +37,15 @@ from diffinspect.scoring.diffusion import (
 )
 from diffinspect.scoring.health import fit_health, save_health
 from diffinspect.scoring.threshold import (
+    RULES,
     check_calibration_size,
+    conditional_threshold,
     conformal_threshold,
     describe_bound,
+    min_calibration_size,
     min_rank_threshold,
 )
+from diffinspect.vocab import FrameDetector, Fusion, Sampler
 
 MAX_REFERENCE = 256
 MAX_EMBEDDING_FIT = 4096  # training images the embedding detectors are fitted on
@@ -62,29 +65,32 @@ class CalibrationResult:
     backend: str
     copod_threshold: float | None
     rule: str = "split"  # threshold.RULES: "best-rank" when the fused p-value set it
+    delta: float | None = None  # set: the calibration-conditional threshold (confidence 1 - delta)
+    why_average: str | None = None  # why the conditional bound asked for does not hold, when it does not
 
     @property
     def bound(self) -> str:
-        return describe_bound(self.n, self.false_reject_rate, self.rule)
+        said = describe_bound(self.n, self.false_reject_rate, self.rule, self.delta)
+        return said if self.why_average is None else f"{said}; {self.why_average}"
 
 
 def image_sets(bundle: Bundle, normal_dir: str | Path | None, seed: int = 0
                ) -> tuple[list[Path], list[Path], str]:
     """(reference paths, calibration paths, description of the calibration source)."""
-    reference = _training_paths(bundle)
+    training = bundle.manifest.training or Training()
+    reference = training.paths_on_disk()
     if normal_dir is not None:
         calib = list_images(normal_dir)
         if not calib:
             raise DiffinspectError(f"no images found under {normal_dir}")
         described = f"{len(calib)} good images from {normal_dir}"
     else:
-        calib = _training_paths(bundle, "holdout_files")
+        calib = training.paths_on_disk(held_out=True)
         if not calib:
             raise DiffinspectError(
                 f"bundle {bundle.path} has no held-out good images on disk: name a folder of good images "
                 f"(inspect calibrate {bundle.path} GOOD_DIR)")
-        source = (bundle.manifest.get("training") or {}).get("source")
-        described = f"{len(calib)} good images held back from training ({source})"
+        described = f"{len(calib)} good images held back from training ({training.source})"
     if not reference:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(calib))
@@ -95,13 +101,6 @@ def image_sets(bundle: Bundle, normal_dir: str | Path | None, seed: int = 0
     else:
         reference = _sample(reference, MAX_REFERENCE, seed)
     return reference, calib, described
-
-
-def _training_paths(bundle: Bundle, key: str = "train_files") -> list[Path]:
-    """The bundle's training (or held-out) images still on disk."""
-    training = bundle.manifest.get("training") or {}
-    source = Path(training.get("source", "/nonexistent"))
-    return [p for p in (source / f for f in training.get(key, [])) if p.exists()]
 
 
 def _sample(paths: list[Path], limit: int, seed: int = 0) -> list[Path]:
@@ -123,15 +122,22 @@ def calibrate(
     log: Callable[[str], None] = print,
     fusion: str | None = None,
     frame_detector: str | None = None,
+    confidence: float | None = 0.95,
 ) -> CalibrationResult:
-    """fusion (FUSION_RULES) and frame_detector (FRAME_DETECTORS): how the frame-level term is made and
-    joins the diffusion score; kept in the bundle's recipe. None keeps the recipe's."""
-    for flag, value, allowed in (("--fusion", fusion, FUSION_RULES), ("--frame-detector", frame_detector,
-                                                                        FRAME_DETECTORS)):
-        if value is not None and value not in allowed:
-            raise DiffinspectError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    """fusion (Fusion) and frame_detector (FrameDetector): how the frame-level term is made and
+    joins the diffusion score; kept in the bundle's recipe. None keeps the recipe's.
+
+    confidence: the threshold is the calibration-conditional one (with this confidence, this threshold
+    rejects at most false_reject_rate of good parts) where it can be: a threshold on one fixed score (no
+    best-rank fusion) and enough images. Otherwise the marginal (average) bound holds, and the result says
+    why. None asks for the marginal bound."""
+    if confidence is not None and not 0.5 <= confidence < 1:
+        raise DiffinspectError(f"--confidence must be at least 0.5 and below 1, got {confidence}")
+    for flag, value, allowed in (("--fusion", fusion, Fusion), ("--frame-detector", frame_detector, FrameDetector)):
+        if value is not None and value not in allowed.values():
+            raise DiffinspectError(f"{flag} must be one of {allowed.listed()}, got {value!r}")
     bundle = Bundle.load(bundle_path)
-    prep = Preprocess.from_dict(bundle.manifest["preprocess"])
+    prep = bundle.manifest.preprocess
     reference, calib, described = image_sets(bundle, normal_dir)
     check_calibration_size(len(calib), false_reject_rate,
                            hint="name a folder with more good images, or raise --false-reject-rate")
@@ -162,8 +168,8 @@ def calibrate(
     copod = (_fit_fallback(_embedding_fit_paths(bundle, reference), cal_frames, prep, false_reject_rate, progress)
              if fallback else None)
     frame_term = None
-    chosen = {"fusion": fusion, "frame_detector": frame_detector}
-    recipe = Recipe.from_dict({**bundle.manifest["score"], **{k: v for k, v in chosen.items() if v}})
+    recipe = replace(bundle.recipe, fusion=Fusion(fusion or bundle.recipe.fusion),
+                     frame_detector=FrameDetector(frame_detector or bundle.recipe.frame_detector))
     weight = recipe.classical_weight
     if copod is not None and weight > 0:
         ref_scores = _score_frames(detector, ref_frames, "scoring reference images", progress)[0]
@@ -181,6 +187,9 @@ def calibrate(
     else:
         fused = (np.zeros(0), np.zeros(0))
         threshold = conformal_threshold(scores, false_reject_rate)
+    delta, why_average = _conditional(rule, len(scores), false_reject_rate, confidence)
+    if delta is not None:
+        threshold = conditional_threshold(scores, false_reject_rate, delta)
     # Health ranges and score quantiles on the calibration frames: what drift alarms compare the line to.
     cal_scores = {detector.name: scores}
     if copod is not None and copod.calibration_scores is not None:
@@ -191,28 +200,42 @@ def calibrate(
     np.savez(buf, mean=stats.mean, std=stats.std, terms=np.array(engine.term_names), scores=scores,
              fusion_diffusion=fused[0], fusion_copod=fused[1],
              map_max=map_max, selfcheck_frames=selfcheck, selfcheck_scores=selfcheck_scores)
-    copod_fields = None
+    copod_record = None
     with bundle.updating() as up:
         up.write_bytes(CALIBRATION_FILE, buf.getvalue())
         if copod is not None:
-            copod_fields = _save_fallback(up, copod)
-        up.manifest["score"].update(fusion=recipe.fusion, frame_detector=recipe.frame_detector)
-        up.manifest["calibration"] = {
-            "threshold": threshold, "pixel_threshold": pixel_threshold,
-            "false_reject_rate": false_reject_rate, "n": len(scores), "n_reference": len(ref_frames),
-            "source": described, "folder": str(Path(normal_dir).resolve()) if normal_dir else None,
-            "backend": engine.name, "sampler": sampler or bundle.manifest["sampler"]["default"],
-            "score_stats": {"mean": float(scores.mean()), "std": float(scores.std()),
-                            "max": float(scores.max()), "median": float(np.median(scores))},
-            "terms": list(engine.term_names), "rule": "split-conformal",
-            "frame_term": frame_term.to_dict() if frame_term else None,
-        }
-        if copod_fields is not None:
-            up.manifest["fallback"] = copod_fields
+            copod_record = _save_fallback(up, copod)
+        up.manifest.score = recipe
+        up.manifest.calibration = Calibration(
+            threshold=threshold, pixel_threshold=pixel_threshold, false_reject_rate=false_reject_rate,
+            n=len(scores), n_reference=len(ref_frames), source=described,
+            folder=str(Path(normal_dir).resolve()) if normal_dir else None, backend=engine.name,
+            sampler=Sampler(sampler or bundle.manifest.sampler.default),
+            score_stats={"mean": float(scores.mean()), "std": float(scores.std()), "max": float(scores.max()),
+                         "median": float(np.median(scores))},
+            terms=list(engine.term_names), rule=RULES[rule, delta is not None],
+            confidence=None if delta is None else 1 - delta,
+            frame_term=frame_term.record() if frame_term else None)
+        if copod_record is not None:
+            up.manifest.fallback = copod_record
         save_health(up, health)
     return CalibrationResult(len(scores), len(ref_frames), described, threshold, pixel_threshold,
-                             false_reject_rate, engine.name,
-                             float(copod_fields["threshold"]) if copod_fields else None, rule)
+                             false_reject_rate, engine.name, copod_record.threshold if copod_record else None,
+                             rule, delta, why_average)
+
+
+def _conditional(rule: str, n: int, alpha: float, confidence: float | None) -> tuple[float | None, str | None]:
+    """(delta of the calibration-conditional threshold, or None; why only the average bound holds)."""
+    if confidence is None:
+        return None, None
+    delta = 1 - confidence
+    if rule == "best-rank":
+        return None, (f"the {confidence:.0%} bound for this threshold needs one fixed score: calibrate with "
+                      "--fusion sum for it")
+    need = min_calibration_size(alpha, delta)
+    if n < need:
+        return None, f"the {confidence:.0%} bound for this threshold needs at least {need} good images, here {n}"
+    return delta, None
 
 
 def _batched(detector: DiffusionDetector, fitted: np.ndarray, what: str, progress: Progress | None):
@@ -242,7 +265,7 @@ def _embedding_fit_paths(bundle: Bundle, reference: list[Path]) -> list[Path]:
     """Every training image still on disk (up to MAX_EMBEDDING_FIT), else the reference images: the
     embedding detectors gain from each good part they see (the Gaussian on magnetic_tile: image AUROC
     0.916 from 256 photos, 0.936 from 648), and an embedding costs a few ms."""
-    return _sample(_training_paths(bundle), MAX_EMBEDDING_FIT) or reference
+    return _sample((bundle.manifest.training or Training()).paths_on_disk(), MAX_EMBEDDING_FIT) or reference
 
 
 def _fit_fallback(fit_paths: list[Path], cal_frames, prep: Preprocess, rate: float, progress: Progress | None):
@@ -263,11 +286,10 @@ def _fit_fallback(fit_paths: list[Path], cal_frames, prep: Preprocess, rate: flo
     return copod
 
 
-def _save_fallback(up, copod) -> dict:
+def _save_fallback(up: BundleUpdate, copod) -> Fallback:
     with tempfile.TemporaryDirectory() as tmp:
-        fields = copod.save(tmp)
-        staged = up.staging_path(fields["embeddings_file"])
-        shutil.move(Path(tmp) / fields["embeddings_file"], staged)
-    up.add_file(fields["embeddings_file"], staged)
-    fields["file"] = fields["embeddings_file"]
-    return fields
+        record = copod.save(tmp)
+        staged = up.staging_path(record.file)
+        shutil.move(Path(tmp) / record.file, staged)
+    up.add_file(record.file, staged)
+    return record

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from pathlib import Path
 
 from diffinspect import bundle as bundle_io
+from diffinspect.bundle import Manifest, Training
 from diffinspect.data.datasets import normal_images
 from diffinspect.data.image import Preprocess, choose_color
 from diffinspect.data.reading import read_images
@@ -22,19 +22,14 @@ def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.0
     frames = read_images(files, prep.color, "good images").frames
     copod = fit_copod(frames, prep, false_reject_rate)
     health = fit_health(frames, {copod.name: copod.calibration_scores})
-    manifest = bundle_io.new_manifest(
-        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        preprocess=prep.to_dict(), calibration=None, exports={}, training={"source": str(Path(folder).resolve())})
+    manifest = Manifest(preprocess=prep, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                        training=Training(source=str(Path(folder).resolve())))
     with bundle_io.creating(out) as tmp:
-        fields = copod.save(tmp / "copod")
-        shutil.move(tmp / "copod" / fields["embeddings_file"], tmp / fields["embeddings_file"])
-        (tmp / "copod").rmdir()
-        fields["file"] = fields["embeddings_file"]
-        manifest["fallback"] = fields
-        names = [fields["embeddings_file"]]
+        manifest.fallback = copod.save(tmp)
+        names = [manifest.fallback.file]
         if health is not None:
             (tmp / HEALTH_FILE).write_bytes(health.to_bytes())
-            manifest["health"] = health.manifest()
+            manifest.health = health.record()
             names.append(HEALTH_FILE)
         bundle_io.finish(tmp, manifest, names)
     return copod.n_calibration, copod.threshold

@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from diffinspect import DiffinspectError
+from diffinspect.bundle import Fallback
 from diffinspect.data.image import Preprocess
 from diffinspect.scoring.detector import Scored
 from diffinspect.scoring.features import FEATURE_VERSION, embed_frames, embedding_dim
 from diffinspect.scoring.threshold import check_calibration_size, conformal_threshold, min_calibration_size
+
+if TYPE_CHECKING:
+    from diffinspect.scoring.health import HealthProfile
 
 EMBEDDINGS_FILE = "embeddings.npy"
 MIN_FIT = 20  # below this the ECDF tails are too coarse (resolution 1/(n+1)) to separate anything
@@ -108,6 +113,7 @@ class CopodDetector:
         self.n_calibration = int(n_calibration)
         self.calibration_scores: np.ndarray | None = None  # set by calibrate, not persisted
         self.calibration_embeddings: np.ndarray | None = None
+        self.health: HealthProfile | None = None  # set by the loader from the bundle
         self._model = EcdfCopod(emb)
 
     def embed(self, frames: list[np.ndarray]) -> np.ndarray:
@@ -126,58 +132,31 @@ class CopodDetector:
     def score(self, frames: list[np.ndarray]) -> Scored:
         return Scored(scores=self.score_embeddings(self.embed(frames)), maps=None)
 
-    def save(self, folder: str | Path) -> dict[str, str]:
-        """Write the fit set to folder/embeddings.npy (no pickle); return the manifest fields."""
+    def save(self, folder: str | Path) -> Fallback:
+        """Write the fit set to folder/embeddings.npy (no pickle); return its manifest record."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / EMBEDDINGS_FILE, self.embeddings, allow_pickle=False)
-        # repr() of a float round-trips exactly, so the loaded threshold is bit-identical.
-        return {
-            "detector": self.name,
-            "threshold": repr(self.threshold),
-            "false_reject_rate": repr(self.false_reject_rate) if self.false_reject_rate is not None else "",
-            "n_calibration": str(self.n_calibration),
-            "n_fit": str(self.embeddings.shape[0]),
-            "feature_size": str(self.feature_size),
-            "feature_version": str(FEATURE_VERSION),
-            "embedding_dim": str(self.embeddings.shape[1]),
-            "embeddings_file": EMBEDDINGS_FILE,
-        }
+        return Fallback(threshold=self.threshold, file=EMBEDDINGS_FILE, detector=self.name,
+                        false_reject_rate=self.false_reject_rate, n_calibration=self.n_calibration,
+                        n_fit=int(self.embeddings.shape[0]), feature_size=self.feature_size,
+                        feature_version=FEATURE_VERSION, embedding_dim=int(self.embeddings.shape[1]))
 
     @classmethod
-    def load(cls, folder: str | Path, manifest_fields: dict, preprocess: Preprocess) -> CopodDetector:
-        """Rebuild the detector from save()'s fields; the refit is deterministic, so scores match.
-
-        folder: the folder save() wrote to, or the embeddings file itself (as a bundle hands it out
-        after verifying its checksum).
-        """
-        fields = dict(manifest_fields)
-        version = int(_field(fields, "feature_version", str(FEATURE_VERSION)))
-        if version != FEATURE_VERSION:
-            raise DiffinspectError(f"COPOD fallback was fitted on feature recipe v{version}, this version "
-                                   f"computes v{FEATURE_VERSION}: run `inspect calibrate` again")
-        path = Path(folder)
-        if not path.is_file():
-            path = path / str(_field(fields, "embeddings_file", EMBEDDINGS_FILE))
+    def load(cls, path: str | Path, record: Fallback, preprocess: Preprocess) -> CopodDetector:
+        """Rebuild the detector from its fit set (the embeddings file, as a bundle hands it out after
+        verifying its checksum) and record; the refit is deterministic, so scores match."""
+        if record.feature_version != FEATURE_VERSION:
+            raise DiffinspectError(f"COPOD fallback was fitted on feature recipe v{record.feature_version}, this "
+                                   f"version computes v{FEATURE_VERSION}: run `inspect calibrate` again")
         try:
             emb = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise DiffinspectError(f"cannot read COPOD embeddings {path}: {exc}") from None
-        n_fit = fields.get("n_fit")
-        if n_fit not in (None, "") and int(n_fit) != emb.shape[0]:
-            raise DiffinspectError(f"{path} holds {emb.shape[0]} embeddings, the manifest says {n_fit}")
-        rate = fields.get("false_reject_rate")
-        return cls(emb, float(_field(fields, "threshold")), preprocess,
-                   feature_size=int(_field(fields, "feature_size", "128")),
-                   false_reject_rate=float(rate) if rate not in (None, "") else None,
-                   n_calibration=int(_field(fields, "n_calibration", "0")))
-
-
-def _field(fields: dict, key: str, default: str | None = None) -> str:
-    value = fields.get(key, default)
-    if value in (None, ""):
-        raise DiffinspectError(f"COPOD manifest field {key!r} is missing")
-    return str(value)
+        if record.n_fit is not None and record.n_fit != emb.shape[0]:
+            raise DiffinspectError(f"{path} holds {emb.shape[0]} embeddings, the manifest says {record.n_fit}")
+        return cls(emb, record.threshold, preprocess, feature_size=record.feature_size,
+                   false_reject_rate=record.false_reject_rate, n_calibration=record.n_calibration)
 
 
 def fit_copod(frames: list[np.ndarray], preprocess: Preprocess, false_reject_rate: float = 0.01, *,

@@ -4,11 +4,14 @@ become verdicts in one place, the Inspector (inspector.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from diffinspect.data.image import Preprocess
+
+if TYPE_CHECKING:
+    from diffinspect.scoring.health import HealthProfile
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Detector(Protocol):
     threshold: float  # image score above which a frame is NG
     pixel_threshold: float | None  # map value above which a pixel is outlined in overlays
     preprocess: Preprocess
+    health: HealthProfile | None  # what calibration learnt about good frames, for drift alarms; None: none
 
     def score(self, frames: list[np.ndarray]) -> Scored:
         """Score decoded uint8 (H, W, C) frames of any size; preprocessing happens inside."""

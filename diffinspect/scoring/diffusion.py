@@ -5,17 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from diffinspect import DiffinspectError
+from diffinspect.bundle import FrameTermRecord
 from diffinspect.data.image import ImageSize, Preprocess, input_hw
 from diffinspect.engines import Engine
 from diffinspect.engines.exports import CALIBRATION_FILE  # noqa: F401  (the bundle file this detector reads)
-from diffinspect.models.recipe import FRAME_DETECTORS, FUSION_RULES
 from diffinspect.scoring.detector import Scored
 from diffinspect.scoring.gaussian import GaussianEmbedding
 from diffinspect.scoring.threshold import min_rank_p, tie_break_room
+from diffinspect.vocab import FrameDetector, Fusion
+
+if TYPE_CHECKING:
+    from diffinspect.scoring.health import HealthProfile
 
 
 @dataclass
@@ -116,11 +121,11 @@ class FrameTerm:
     detector: str = "copod"
 
     def __post_init__(self) -> None:
-        if self.detector not in FRAME_DETECTORS:
+        if self.detector not in FrameDetector.values():
             raise DiffinspectError(f"unknown frame-term detector {self.detector!r}: expected one of "
-                                   f"{', '.join(FRAME_DETECTORS)}")
-        if self.rule not in FUSION_RULES:
-            raise DiffinspectError(f"unknown frame-term rule {self.rule!r}: expected one of {', '.join(FUSION_RULES)}")
+                                   f"{FrameDetector.listed()}")
+        if self.rule not in Fusion.values():
+            raise DiffinspectError(f"unknown frame-term rule {self.rule!r}: expected one of {Fusion.listed()}")
         if self.rule == "minp":
             if self.calibration is None or min(len(c) for c in self.calibration) < 1:
                 raise DiffinspectError("the minp frame term needs the calibration scores (run inspect calibrate)")
@@ -171,9 +176,9 @@ class FrameTerm:
         return np.array([self.fuse(cal[0, i:i + 1], cal[1, i:i + 1], np.delete(cal, i, axis=1))[0]
                          for i in range(cal.shape[1])])
 
-    def to_dict(self) -> dict:
-        return {"weight": self.weight, "diffusion": list(self.diffusion_scale), "copod": list(self.copod_scale),
-                "rule": self.rule, "detector": self.detector}
+    def record(self) -> FrameTermRecord:
+        return FrameTermRecord(self.weight, self.diffusion_scale, self.copod_scale, Fusion(self.rule),
+                               FrameDetector(self.detector))
 
 
 def embedding_scorer(copod, detector: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -206,6 +211,7 @@ class DiffusionDetector:
         self.false_reject_rate = false_reject_rate
         self.batch_size = batch_size
         self.frame_term = frame_term
+        self.health: HealthProfile | None = None  # set by the loader from the bundle
 
     def run_fitted(self, fitted: np.ndarray, raw: bool = True) -> tuple[np.ndarray, ...]:
         """(maps, scores, raw) for inputs already at model size, in batches; (maps, scores) without raw,

@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 
 from diffinspect import DiffinspectError
+from diffinspect.bundle import Bundle, BundleUpdate, Health, ScoreQuantile
 
 HEALTH_FILE = "health.npz"
 SMALL = 64  # brightness: coarse structure only, so blur barely moves it
@@ -145,11 +146,11 @@ class HealthProfile:
                 out[name] = (float(lo), float(hi))
         return out
 
-    def manifest(self) -> dict[str, Any]:
-        quant = {d: {"level": SCORE_LEVEL, "value": float(np.quantile(s, SCORE_LEVEL)), "n": int(s.size)}
+    def record(self) -> Health:
+        """The profile's manifest section (the arrays go to HEALTH_FILE)."""
+        quant = {d: ScoreQuantile(SCORE_LEVEL, float(np.quantile(s, SCORE_LEVEL)), int(s.size))
                  for d, s in self.scores.items() if s.size >= MIN_FRAMES}
-        return {"file": HEALTH_FILE, "n": int(self.values["brightness"].size),
-                "bands": {k: list(v) for k, v in self.bands().items()}, "score_quantile": quant}
+        return Health(HEALTH_FILE, int(self.values["brightness"].size), self.bands(), quant)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -184,19 +185,19 @@ def fit_health(frames: list[np.ndarray], scores: Mapping[str, np.ndarray] | None
                          {k: np.asarray(v, np.float64) for k, v in (scores or {}).items()})
 
 
-def save_health(update: Any, profile: HealthProfile | None) -> None:
+def save_health(update: BundleUpdate, profile: HealthProfile | None) -> None:
     """Write the profile into a bundle being updated (BundleUpdate), or drop a stale one."""
     if profile is None:
         update.remove_file(HEALTH_FILE)
-        update.manifest.pop("health", None)
+        update.manifest.health = None
         return
     update.write_bytes(HEALTH_FILE, profile.to_bytes())
-    update.manifest["health"] = profile.manifest()
+    update.manifest.health = profile.record()
 
 
-def load_health(bundle: Any) -> HealthProfile | None:
+def load_health(bundle: Bundle) -> HealthProfile | None:
     """The bundle's health profile (a verified file), or None for bundles calibrated without one."""
-    section = bundle.manifest.get("health")
-    if not isinstance(section, dict) or not bundle.has(HEALTH_FILE):  # the name is fixed: never from the manifest
+    section = bundle.manifest.health
+    if section is None or not bundle.has(HEALTH_FILE):  # the name is fixed: never from the manifest
         return None
     return HealthProfile.from_file(bundle.file(HEALTH_FILE))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
-from diffinspect.data.image import Preprocess
 from diffinspect.scoring.detector import Detector
 
-DETECTORS = ("diffusion", "copod")
+if TYPE_CHECKING:
+    from diffinspect.scoring.health import HealthProfile
+from diffinspect.vocab import Detector as DetectorName
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +24,16 @@ def _bundle(bundle: str | Path | Bundle) -> Bundle:
 def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", backend: str = "auto",
                   device: str = "auto", sampler: str | None = None) -> Detector:
     """A calibrated detector from a bundle. detector: "diffusion" | "copod"."""
-    if detector not in DETECTORS:
+    if detector not in DetectorName.values():
         raise DiffinspectError(f"unknown detector {detector!r}: choose diffusion or copod")
     b = _bundle(bundle)
-    if detector == "copod" or "model" not in b.manifest:
+    if detector == "copod" or b.manifest.model is None:
         return load_fallback(b)
     from diffinspect.engines.select import make_engine
     from diffinspect.scoring.diffusion import CALIBRATION_FILE, DiffusionDetector, FrameTerm, Stats
 
-    cal = b.manifest.get("calibration")
-    if not cal:
+    cal = b.manifest.calibration
+    if cal is None:
         raise DiffinspectError(f"bundle {b.path} was never calibrated: run `inspect calibrate {b.path}`")
     z = b.arrays(CALIBRATION_FILE, {"mean": None, "std": None})
     if z["mean"].ndim != 3 or z["mean"].shape != z["std"].shape:  # (terms, S, S) per-pixel statistics
@@ -39,14 +41,13 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
                                f"{z['mean'].shape} and {z['std'].shape}: recalibrate the bundle")
     stats = Stats(z["mean"], z["std"])
     fused = (z["fusion_diffusion"], z["fusion_copod"]) if "fusion_diffusion" in z else None
-    engine = make_engine(b, backend, device, sampler or cal.get("sampler"))
-    term = cal.get("frame_term")
-    frame_term = (FrameTerm(load_fallback(b), term["weight"], tuple(term["diffusion"]), tuple(term["copod"]),
-                            term.get("rule", "sum"), fused if term.get("rule") == "minp" else None,  # old: sum
-                            term.get("detector", "copod"))
+    engine = make_engine(b, backend, device, sampler or cal.sampler)
+    term = cal.frame_term
+    frame_term = (FrameTerm(load_fallback(b), term.weight, term.diffusion, term.copod, term.rule,
+                            fused if term.rule == "minp" else None, term.detector)
                   if term else None)
-    det = DiffusionDetector(engine, Preprocess.from_dict(b.manifest["preprocess"]), stats, cal["threshold"],
-                            cal["pixel_threshold"], cal["n"], cal["false_reject_rate"], frame_term=frame_term)
+    det = DiffusionDetector(engine, b.manifest.preprocess, stats, cal.threshold, cal.pixel_threshold, cal.n,
+                            cal.false_reject_rate, frame_term=frame_term)
     det.health = _health(b)
     return det
 
@@ -56,15 +57,15 @@ def load_fallback(bundle: str | Path | Bundle) -> Detector:
     from diffinspect.scoring.copod import CopodDetector
 
     b = _bundle(bundle)
-    fields = b.manifest.get("fallback")
-    if not fields:
+    record = b.manifest.fallback
+    if record is None:
         raise DiffinspectError(f"bundle {b.path} has no COPOD fallback: run `inspect calibrate {b.path}`")
-    det = CopodDetector.load(b.file(fields["file"]), fields, Preprocess.from_dict(b.manifest["preprocess"]))
+    det = CopodDetector.load(b.file(record.file), record, b.manifest.preprocess)
     det.health = _health(b)
     return det
 
 
-def _health(b: Bundle):  # noqa: ANN202 (HealthProfile | None)
+def _health(b: Bundle) -> HealthProfile | None:
     """The bundle's health profile for drift alarms; a bundle without one (or with an unreadable one)
     scores all the same, only without drift alarms."""
     from diffinspect.scoring.health import load_health

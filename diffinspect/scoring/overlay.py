@@ -36,7 +36,6 @@ CONTOUR_COLOUR = (255, 255, 255)  # white drawn over a black halo: visible on an
 HALO_COLOUR = (0, 0, 0)
 
 
-OVERLAY_RULES = ("all", "ng", "none")  # which verdicts get an overlay
 _NOT_SAFE = re.compile(r"[^A-Za-z0-9._-]")
 STEM_CHARS = 64
 

@@ -9,13 +9,11 @@ from pathlib import Path
 import torch
 
 from diffinspect import bundle as bundle_io
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, Manifest, Model, Schedule, Training
 from diffinspect.config import Config
 from diffinspect.data.datasets import normal_images
-from diffinspect.data.image import Preprocess, choose_color, parse_size, size_record
+from diffinspect.data.image import Preprocess, choose_color, parse_size
 from diffinspect.info import training_warning
-from diffinspect.models.schedule import NoiseSchedule
-from diffinspect.models.scoring import Recipe
 from diffinspect.train.data import load_training_set
 from diffinspect.train.fit import clear_checkpoints, fit, model_summary
 from diffinspect.train.geometry import DEFAULT_SIDE, Geometry, choose_geometry, describe_size, frame_sizes
@@ -71,24 +69,21 @@ def train(
     if int(torch.distributed.is_initialized() and torch.distributed.get_rank()) != 0:
         return None  # only rank 0 writes the bundle
     summary = model_summary(result.model, prep.image_size, channels)
-    manifest = bundle_io.new_manifest(
+    manifest = Manifest(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        model={"kind": cfg.model.kind, "size": cfg.model.size, "image_size": size_record(prep.image_size),
-               "channels": channels, "params": summary["params"], "gflops": round(summary["gflops"], 4)},
-        preprocess=prep.to_dict(),
-        schedule=NoiseSchedule(cfg.model.schedule).to_dict(),
-        score=Recipe.from_dict(vars(cfg.score)).__dict__,
-        sampler={"default": "teacher", "student": None},
-        training={
-            "data": str(tset.root), "source": str(tset.source),
-            "train_files": tset.relative(tset.train_files), "holdout_files": tset.relative(tset.holdout_files),
-            "skipped": [[str(p), why] for p, why in tset.skipped],
-            "steps": result.steps, "seconds": round(result.seconds, 1),
-            "steps_per_second": round(result.steps_per_second, 3), "final_loss": round(result.final_loss, 5),
-            "device": str(cfg.train.device), "config": cfg.to_dict(), "geometry": geometry.to_dict(),
-        },
-        calibration=None,
-        exports={},
+        model=Model(cfg.model.kind, cfg.model.size, prep.image_size, channels, summary["params"],
+                    round(summary["gflops"], 4)),
+        preprocess=prep,
+        schedule=Schedule(cfg.model.schedule),
+        score=cfg.score,
+        training=Training(
+            data=str(tset.root), source=str(tset.source),
+            train_files=tset.relative(tset.train_files), holdout_files=tset.relative(tset.holdout_files),
+            skipped=[[str(p), why] for p, why in tset.skipped],
+            steps=result.steps, seconds=round(result.seconds, 1),
+            steps_per_second=round(result.steps_per_second, 3), final_loss=round(result.final_loss, 5),
+            device=str(cfg.train.device), config=cfg.to_dict(), geometry=geometry.to_dict(),
+        ),
     )
     with bundle_io.creating(out, overwrite=True) as tmp:
         torch.save(result.model.state_dict(), tmp / WEIGHTS)

@@ -35,17 +35,17 @@ import torch
 import torch.nn.functional as F
 
 from diffinspect import DiffinspectError
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, Calibration, Manifest, Samplers, Student, Training, plain
 from diffinspect.config import DISTILL_DEFECT_SHARE, AugmentConfig
 from diffinspect.data.image import Preprocess
 from diffinspect.models.device import resolve_device
 from diffinspect.models.from_bundle import load_denoiser
-from diffinspect.models.schedule import NoiseSchedule
-from diffinspect.models.scoring import Recipe, ScoringGraph
+from diffinspect.models.scoring import ScoringGraph
 from diffinspect.train.augment import augment_batch
 from diffinspect.train.loop import Checkpoint, Clock, budget
 from diffinspect.train.selection import SelectionSet, measure, read_frames, reconstructions, selection_set
 from diffinspect.train.targets import TargetPool
+from diffinspect.vocab import Sampler
 
 STEP_CHOICES = (1, 2, 4)
 STUDENT_FILE = "student.pt"
@@ -82,27 +82,19 @@ def _check_args(steps: int, teacher_steps: int, iterations: int | None, max_minu
         raise DiffinspectError(f"defect share must be between 0 and 1, got {defect_share}")
 
 
-def _image_paths(manifest: dict) -> list[Path]:
-    """The training images still on disk (the holdout stays untouched for calibration)."""
-    training = manifest.get("training") or {}
-    source = Path(training.get("source", ""))
-    return [p for p in (source / f for f in training.get("train_files", [])) if p.exists()]
-
-
-def _training_images(manifest: dict, paths: list[Path], prep: Preprocess) -> torch.Tensor:
+def _training_images(training: Training, paths: list[Path], prep: Preprocess) -> torch.Tensor:
     """The training images at model size, uint8 (N, C, S, S); refused when too few are left on disk."""
     frames = read_frames(paths, prep)
     if len(frames) < MIN_IMAGES:
-        training = manifest.get("training") or {}
         raise DiffinspectError(
             f"distillation needs the training images, but only {len(frames)} of "
-            f"{len(training.get('train_files', []))} are on disk under {training.get('source')}")
+            f"{len(training.train_files)} are on disk under {training.source}")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
 
-def _augmenter(manifest: dict, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _augmenter(training: Training, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The augmentations the teacher was trained with, so the student sees the same image family."""
-    raw = (((manifest.get("training") or {}).get("config") or {}).get("train") or {}).get("augment")
+    raw = (training.config.get("train") or {}).get("augment")
     if not raw:
         return None
     aug = AugmentConfig(**{k: v for k, v in raw.items() if k in AugmentConfig.__dataclass_fields__})
@@ -191,25 +183,25 @@ def distill(
     _check_args(steps, teacher_steps, iterations, max_minutes, batch_size, defect_share)
     bundle = Bundle.load(bundle_path)
     m = bundle.manifest
-    if "model" not in m:
+    if m.model is None:
         raise DiffinspectError(f"bundle {bundle.path} has no diffusion model to distil")
     dev = resolve_device(device)
-    recipe = Recipe.from_dict(m["score"])
-    schedule = NoiseSchedule.from_dict(m["schedule"])
+    recipe, schedule = bundle.recipe, bundle.schedule
     teacher = ScoringGraph(load_denoiser(bundle).requires_grad_(False), schedule, recipe, teacher_steps).to(dev)
     student = ScoringGraph(load_denoiser(bundle), schedule, recipe, steps).to(dev)
     student.denoiser.train()
 
-    prep = Preprocess.from_dict(m["preprocess"])
-    train_paths = _image_paths(m)
-    images = _training_images(m, train_paths, prep)
+    prep, training = m.preprocess, m.training or Training()
+    train_paths = training.paths_on_disk()  # the holdout stays untouched for calibration
+    images = _training_images(training, train_paths, prep)
     gen = torch.Generator().manual_seed(seed)
-    pool = TargetPool(images, teacher, POOL_BATCHES * batch_size, gen, _augmenter(m, gen), defect_share=defect_share)
+    pool = TargetPool(images, teacher, POOL_BATCHES * batch_size, gen, _augmenter(training, gen),
+                      defect_share=defect_share)
     run = _Run(student, pool, gen, lr)
     sel = selection_set(train_paths, prep, seed)
     total, minutes = budget(iterations, max_minutes, DEFAULT_ITERATIONS, DEFAULT_MAX_MINUTES)
     config = {"steps": steps, "teacher_steps": teacher_steps, "batch_size": batch_size,
-              "teacher_sha256": m["files"]["weights.pt"], "seed": seed, "defect_share": defect_share}
+              "teacher_sha256": m.files["weights.pt"], "seed": seed, "defect_share": defect_share}
     ckpt = Checkpoint(checkpoint_dir(bundle.path), "distillation")
 
     if resume:
@@ -269,22 +261,21 @@ def _finish(bundle: Bundle, run: _Run, config: dict, teacher_auroc: float, sel: 
     selection = {"metric": "image AUROC on synthetic defects", **sel.describe(),
                  "teacher_auroc": round(teacher_auroc, 4), "chosen_iteration": best["iteration"],
                  "auroc": best["auroc"], "teacher_mse": best["teacher_mse"], "history": run.history}
-    student = {"weights": STUDENT_FILE, "steps": config["steps"], "teacher_steps": config["teacher_steps"],
-               "t_star": run.student.recipe.t_star,  # the student's path is only trained for this t*
-               "iterations": run.iteration, "seconds": round(run.elapsed, 1),
-               "method": "direct unrolled L2" + (", healing pasted defects" if config["defect_share"] else ""),
-               "defect_share": config["defect_share"],
-               "selection": selection}
+    student = Student(weights=STUDENT_FILE, steps=config["steps"], teacher_steps=config["teacher_steps"],
+                      t_star=run.student.recipe.t_star,  # the student's path is only trained for this t*
+                      iterations=run.iteration, seconds=round(run.elapsed, 1),
+                      method="direct unrolled L2" + (", healing pasted defects" if config["defect_share"] else ""),
+                      defect_share=config["defect_share"], selection=selection)
     stale = _stale_exports(bundle.manifest, config["teacher_steps"])
     with bundle.updating() as up:
         staged = up.staging_path(STUDENT_FILE)
         torch.save(run.best_state, staged)
         up.add_file(STUDENT_FILE, staged)
-        up.manifest["sampler"] = {"default": "student", "student": student}
+        up.manifest.sampler = Samplers(Sampler.STUDENT, student)
         for name, files in stale.items():
             for f in files:
                 up.remove_file(f)
-            up.manifest["exports"].pop(name)
+            up.manifest.exports.pop(name)
     Checkpoint(checkpoint_dir(bundle.path)).clear()
     kept = "the undistilled weights (nothing beat them)" if best["iteration"] == 0 else f"iteration {best['iteration']}"
     log(f"{config['steps']}-step student written to {bundle.path / STUDENT_FILE}: kept {kept}, "
@@ -293,27 +284,27 @@ def _finish(bundle: Bundle, run: _Run, config: dict, teacher_auroc: float, sel: 
     if stale:
         log(f"removed {len(stale)} export(s) of the samplers distillation changed ({', '.join(stale)}): "
             f"run inspect export again")
-    return {**student, "calibration": _recalibrate(bundle, device, log)}
+    return {**plain(student), "calibration": _recalibrate(bundle, device, log)}
 
 
-def _stale_exports(manifest: dict, teacher_steps: int) -> dict[str, list[str]]:
+def _stale_exports(manifest: Manifest, teacher_steps: int) -> dict[str, list[str]]:
     """Exports whose graph distillation changes: every student export, and teacher exports when the
     teacher sampler's step count changes (load_graph runs the teacher at the distilled-from steps)."""
-    previous = (manifest.get("sampler") or {}).get("student") or {}
-    old = previous.get("teacher_steps") or manifest["score"].get("steps", 1)
-    return {name: list(rec.get("files") or [name]) for name, rec in (manifest.get("exports") or {}).items()
-            if rec.get("sampler") != "teacher" or old != teacher_steps}
+    previous = manifest.student
+    old = (previous and previous.teacher_steps) or (manifest.score.steps if manifest.score else 1)
+    return {name: list(rec.files or [name]) for name, rec in manifest.exports.items()
+            if rec.sampler != Sampler.TEACHER or old != teacher_steps}
 
 
-def calibration_folder(cal: dict) -> Path | None:
+def calibration_folder(cal: Calibration) -> Path | None:
     """The good-image folder a calibration used (None: the training holdout)."""
-    return Path(cal["folder"]) if cal.get("folder") else None
+    return Path(cal.folder) if cal.folder else None
 
 
 def _recalibrate(bundle: Bundle, device: str, log: Callable[[str], None]) -> dict | None:
     """The score distribution changed with the sampler: a calibrated bundle is calibrated again."""
-    cal = bundle.manifest.get("calibration")
-    if not cal:
+    cal = bundle.manifest.calibration
+    if cal is None:
         log(f"not calibrated yet: next, inspect calibrate {bundle.path}")
         return None
     from diffinspect.scoring.calibrate import calibrate
@@ -323,16 +314,16 @@ def _recalibrate(bundle: Bundle, device: str, log: Callable[[str], None]) -> dic
         log(f"calibration folder {folder} is gone: re-calibrating on the training holdout instead")
         folder = None
     log(f"re-calibrating for the student on {folder or 'the training holdout'} "
-        f"(false-reject rate {cal['false_reject_rate']:g}), as its scores differ from the teacher's")
+        f"(false-reject rate {cal.false_reject_rate:g}), as its scores differ from the teacher's")
     try:
         # torch, not auto: auto self-checks engines against the old calibration's reference scores,
         # which the new sampler cannot reproduce, and any export is gone or stale by now.
-        result = calibrate(bundle.path, folder, cal["false_reject_rate"], backend="torch", device=device,
+        result = calibrate(bundle.path, folder, cal.false_reject_rate, backend="torch", device=device,
                            sampler="student", log=log)
     except DiffinspectError as exc:
         # The old statistics describe another sampler; scoring with them would break the bound.
         with Bundle.load(bundle.path).updating() as up:
-            up.manifest["calibration"] = None
+            up.manifest.calibration = None
         raise DiffinspectError(f"student written, but re-calibration failed ({exc}); the old calibration "
                                f"was removed: run inspect calibrate {bundle.path} GOOD_DIR") from None
     log(f"threshold {result.threshold:.4g} on {result.n} images; {result.bound}")

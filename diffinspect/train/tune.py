@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +18,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from diffinspect import DiffinspectError
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, Training
 from diffinspect.data.anomalies import paste_anomaly
-from diffinspect.data.image import Preprocess
 from diffinspect.data.reading import read_images
 from diffinspect.models.from_bundle import load_denoiser
-from diffinspect.models.recipe import TERMS, Recipe
-from diffinspect.models.schedule import NoiseSchedule
+from diffinspect.models.recipe import TERMS
 from diffinspect.models.scoring import ScoringGraph
 from diffinspect.scoring.diffusion import Stats, fit_frames
 
@@ -50,13 +48,11 @@ def _raw(graph: ScoringGraph, frames: np.ndarray, batch: int = 32) -> torch.Tens
 def tune(bundle_path: str | Path, log: Callable[[str], None] = print, seed: int = 0, **_: object) -> dict:
     """Pick the best recipe, write it into the manifest's `score`, return {recipe, auroc, table}."""
     bundle = Bundle.load(bundle_path)
-    if (bundle.manifest.get("sampler") or {}).get("student"):
+    if bundle.manifest.student is not None:
         raise DiffinspectError("this bundle has a distilled student, trained for its current t*: tune before "
                                "distilling (or retrain), so the student matches the tuned recipe")
-    prep = Preprocess.from_dict(bundle.manifest["preprocess"])
-    training = bundle.manifest.get("training") or {}
-    files = [Path(training.get("source", "")) / f for f in training.get("train_files", [])]
-    files = [f for f in files if f.exists()]
+    prep = bundle.manifest.preprocess
+    files = (bundle.manifest.training or Training()).paths_on_disk()
     if len(files) < 16:
         raise DiffinspectError("--tune needs the training images on disk (at least 16 found: "
                                f"{len(files)}); calibrate without --tune")
@@ -67,8 +63,8 @@ def tune(bundle_path: str | Path, log: Callable[[str], None] = print, seed: int 
     good = read_images(files[half:], prep.color, "training images").frames
     val, labels = synthetic_validation(fit_frames(good, prep), seed)
     model = load_denoiser(bundle)
-    schedule = NoiseSchedule.from_dict(bundle.manifest["schedule"])
-    base = Recipe.from_dict(bundle.manifest["score"])
+    schedule = bundle.schedule
+    base = bundle.recipe
     everything = replace(base, pixel_weight=1.0, ssim_weight=1.0, feature_weight=1.0)
     table = []
     for t_star in T_STARS:
@@ -83,13 +79,13 @@ def tune(bundle_path: str | Path, log: Callable[[str], None] = print, seed: int 
             zmap = cand.combine(raw_val[:, keep], torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
             auroc = float(roc_auc_score(labels, cand.image_score(zmap).numpy()))
             table.append({"t_star": t_star, "terms": name, "top_k": top_k, "auroc": round(auroc, 4),
-                          "recipe": asdict(recipe)})
+                          "recipe": recipe})
     best = max(table, key=lambda r: r["auroc"])
     log(f"tuned on {len(val)} synthetic validation images: t*={best['t_star']}, terms {best['terms']}, "
         f"top-k {best['top_k']} (AUROC {best['auroc']:.3f} on pasted defects)")
     with bundle.updating() as up:
-        up.manifest["score"] = best["recipe"]
-        up.manifest["tuning"] = {"auroc": best["auroc"], "validation": "synthetic defects on training images",
-                                 "table": [{k: v for k, v in r.items() if k != "recipe"} for r in table]}
-        up.manifest["calibration"] = None  # the recipe changed: the old statistics no longer apply
+        up.manifest.score = best["recipe"]
+        up.manifest.tuning = {"auroc": best["auroc"], "validation": "synthetic defects on training images",
+                              "table": [{k: v for k, v in r.items() if k != "recipe"} for r in table]}
+        up.manifest.calibration = None  # the recipe changed: the old statistics no longer apply
     return best
