@@ -1,17 +1,28 @@
 """Reading results.db beside a running watcher: the station page, the outputs, the demo and the tests.
 
-A `ResultsReader` opens the database read-only (a `mode=ro` URI): SQLite's WAL lets it read while the
-watcher commits, and it never creates the file, writes to it, or takes a write lock, so a reader can
-neither slow nor break scoring. results.db has no index on time and a reader may not add one, so the
-queries by time work on ranges of row ids (the primary key) found with `first_id_since`: a query costs
-the same after a month of frames as after an hour.
+A `ResultsReader` opens the database read-only: it never creates a file in OUT, writes, or takes a write
+lock, so a reader can neither slow nor break scoring. SQLite's read-only rules for a WAL database decide
+how: while results.db-wal exists (a watcher has it open, or died with it) the reader shares the watcher's
+log (`mode=ro`); without one, `mode=ro` would create -wal and -shm beside results.db, so the reader opens
+the file as it lies (`immutable=1`) and `unchanged()` says afterwards whether a writer touched it meanwhile.
+
+Every query a poll makes is a bounded range: counts by time come from the seconds table the committer
+keeps (store/results.py), plus the rows of the seconds a window's edge cuts; the rest reads the newest
+rows by primary key. A query costs the same after a year of frames as after an hour.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
+
+STATUSES = ("ok", "ng", "error")
+# floor(scored_at) in SQL (CAST truncates toward zero): the key of the seconds table (store/results.py)
+SECOND_SQL = "(CAST(scored_at AS INTEGER) - (scored_at < CAST(scored_at AS INTEGER)))"
 
 # The tables a reader may follow row by row (the outputs' streams): frames, and the drift alarms.
 TABLES = ("frames", "events")
@@ -23,11 +34,21 @@ class ResultsReader:
 
     def __init__(self, db_path: Path, timeout: float = 2.0) -> None:
         self.db_path = Path(db_path)
+        self._snapshot: tuple | None = None
         self._db = self._connect(timeout)
         self._db.row_factory = sqlite3.Row
 
     def _connect(self, timeout: float) -> sqlite3.Connection:
-        return sqlite3.connect(f"{self.db_path.absolute().as_uri()}?mode=ro", uri=True, timeout=timeout)
+        uri = f"{self.db_path.absolute().as_uri()}?mode=ro"
+        if not _wal(self.db_path).exists():
+            self._snapshot = _stat(self.db_path)
+            uri += "&immutable=1"
+        return sqlite3.connect(uri, uri=True, timeout=timeout)
+
+    def unchanged(self) -> bool:
+        """False when a writer may have changed the file under a reader that opened it as it lay (no -wal):
+        what it read may be torn, so read again (the writer's log exists by then)."""
+        return self._snapshot is None or (not _wal(self.db_path).exists() and _stat(self.db_path) == self._snapshot)
 
     @classmethod
     def open(cls, db_path: Path) -> ResultsReader | None:
@@ -68,21 +89,6 @@ class ResultsReader:
         """Whole rows after id `after`, in id order (what the outputs deliver)."""
         return self._all(f"SELECT * FROM {_table(table)} WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
 
-    def first_id_since(self, since: float) -> int:
-        """The smallest frame id scored at or after `since` (rows are committed in time order, within the
-        few milliseconds lanes may interleave), by binary search over the primary key."""
-        lo, hi = self._db.execute("SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM frames").fetchone()
-        hi += 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            row = self._db.execute("SELECT id, scored_at FROM frames WHERE id >= ? ORDER BY id LIMIT 1",
-                                   (mid,)).fetchone()
-            if row is None or row[1] >= since:
-                hi = mid
-            else:
-                lo = row[0] + 1
-        return lo
-
     def mark(self, key: str) -> int:
         """An output's delivered-up-to mark (store/deliveries.py); 0 before it has one."""
         hit = self._db.execute("SELECT last_id FROM deliveries WHERE output = ?", (key,)).fetchone()
@@ -94,16 +100,55 @@ class ResultsReader:
         return self._one("SELECT * FROM frames WHERE id = ?", (frame_id,))
 
     def status_counts(self, since: float) -> dict[str, int]:
-        """Frames scored since `since`: total, ok, ng, error."""
-        r = self._one("SELECT COUNT(*) n, SUM(status='ok') ok, SUM(status='ng') ng, SUM(status='error') error "
-                      "FROM frames WHERE id >= ? AND scored_at >= ?", (self.first_id_since(since), since))
-        return {k: (r or {}).get(k) or 0 for k in ("n", "ok", "ng", "error")}
+        """Frames scored at or after `since`, by status: whole seconds from the seconds table, the second that
+        `since` cuts row by row."""
+        first = math.ceil(since)
+        r = self._db.execute(f"SELECT COALESCE(SUM(ok), 0), COALESCE(SUM(ng), 0), COALESCE(SUM(error), 0) "
+                             f"FROM {self._seconds()} WHERE second >= ?", (first,)).fetchone()
+        counts = dict(zip(STATUSES, r, strict=True))
+        if first != since:
+            for t, status in self._second_rows(math.floor(since)):
+                counts[status] += t >= since
+        return counts
 
-    def per_minute(self, since: float) -> list[dict[str, Any]]:
-        """(minute b since `since`, status, n) for the frames scored since then."""
-        return self._all("SELECT CAST((scored_at - ?) / 60 AS INTEGER) b, status, COUNT(*) n FROM frames "
-                         "WHERE id >= ? AND scored_at >= ? GROUP BY b, status",
-                         (since, self.first_id_since(since), since))
+    def per_window(self, edges: list[float]) -> list[dict[str, int]]:
+        """Frames by status scored in each window [edges[i], edges[i+1]) (edges ascending, finite)."""
+        out = [dict.fromkeys(STATUSES, 0) for _ in edges[:-1]]
+        cut = {math.floor(e) for e in edges if e != math.floor(e)}
+
+        def add(t: float, status: str, n: int) -> None:
+            i = bisect.bisect_right(edges, t) - 1
+            if 0 <= i < len(out):
+                out[i][status] += n
+
+        for second, *counts in self._db.execute(
+                f"SELECT second, ok, ng, error FROM {self._seconds()} WHERE second >= ? AND second < ? "
+                f"ORDER BY second", (math.floor(edges[0]), edges[-1])):
+            if second in cut:
+                for t, status in self._second_rows(second):
+                    add(t, status, 1)
+            else:  # no edge inside this second: it lies whole in one window
+                for status, n in zip(STATUSES, counts, strict=True):
+                    add(second, status, n)
+        return out
+
+    def _second_rows(self, second: int) -> list[tuple[float, str]]:
+        """(scored_at, status) of the frames of one second, read between its first and last id."""
+        hit = self._db.execute(f"SELECT first_id, last_id FROM {self._seconds()} WHERE second = ?",
+                               (second,)).fetchone()
+        if hit is None:
+            return []
+        return self._db.execute("SELECT scored_at, status FROM frames WHERE id BETWEEN ? AND ? AND scored_at >= ? "
+                                "AND scored_at < ?", (hit[0], hit[1], second, second + 1)).fetchall()
+
+    def _seconds(self) -> str:
+        """The seconds table; a database no watcher of this version has opened yet has none and no reader
+        may add one, so it gets a temporary view over the whole table instead (slow, but right)."""
+        if "seconds" not in self.tables():
+            self._db.execute(f"CREATE TEMP VIEW IF NOT EXISTS seconds AS SELECT {SECOND_SQL} second, "
+                             f"SUM(status = 'ok') ok, SUM(status = 'ng') ng, SUM(status = 'error') error, "
+                             f"MIN(id) first_id, MAX(id) last_id FROM frames GROUP BY 1")
+        return "seconds"
 
     def latencies(self, last: int) -> list[float | None]:
         return [r[0] for r in self._db.execute("SELECT latency_ms FROM frames ORDER BY id DESC LIMIT ?", (last,))]
@@ -159,6 +204,35 @@ def count_frames(db_path: Path) -> int:
             return reader.count()
     except sqlite3.Error:
         return 0
+
+
+def explain(exc: sqlite3.Error, db_path: Path) -> str | None:
+    """One line saying why results.db cannot be read, or None when it is only busy for a moment."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return None
+    if "not a database" in text:
+        return f"{db_path} is not a SQLite database: not the results of `inspect watch`"
+    if "malformed" in text:
+        return f"{db_path} is damaged ({text}): a truncated or overwritten copy?"
+    if "no such table" in text:
+        return f"{db_path} has no frames table: not the results of `inspect watch`"
+    if "unable to open" in text and _wal(db_path).exists():
+        return (f"cannot read {db_path} read-only: its write-ahead log (results.db-wal) needs a results.db-shm "
+                f"this station may not create; it reads again once `inspect watch` runs on {db_path.parent}")
+    return f"cannot read {db_path}: {text}"
+
+
+def _wal(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + "-wal")
+
+
+def _stat(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _table(name: str) -> str:
