@@ -21,6 +21,7 @@ import hmac
 import json
 import math
 import os
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -78,10 +79,24 @@ class Station:
             raise DiffinspectError(f"results folder not found: {out}")
         self.db_path = self.out / "results.db"
         self.shifts = parse_shifts(shifts)
+        self._lock = threading.Lock()
+        self._last: tuple[float, dict[str, Any]] | None = None
 
     def state(self, now: float | None = None) -> dict[str, Any]:
-        """What the page shows; raises Unreadable when results.db is there but cannot be read."""
-        now = time.time() if now is None else now
+        """What the page shows (at `now`, by default this second); raises Unreadable when results.db is there
+        but cannot be read."""
+        if now is not None:
+            return self._compute(now)
+        # One computation a second, however many browsers poll: the page's cost on the cores that score frames
+        # does not grow with its audience. A whole second, so that no edge of the hour or its minutes falls
+        # inside a second, which the store would read row by row (rows scored since are counted all the same).
+        now = math.floor(time.time())
+        with self._lock:
+            if self._last is None or self._last[0] != now:
+                self._last = (now, self._compute(now))
+            return self._last[1]
+
+    def _compute(self, now: float) -> dict[str, Any]:
         base: dict[str, Any] = {"out": str(self.out), "now": now, "ready": False}
         return self._read(lambda db: {**base, "ready": True, **self._state(db, now)}, base)
 
@@ -114,8 +129,10 @@ class Station:
             span_min = max((now - since) / 60.0, 1e-9)
             counts[key] = {"total": n, **c, "per_minute": n / span_min, "since": since}
         # OK/NG/error per minute over the last hour; the last minute also takes what is scored this very second.
-        edges = [hour + 60 * i for i in range(60)] + [now + 60]
-        trend = [{"t": t, **c} for t, c in zip(edges, db.per_window(edges), strict=False)]
+        trend = [{"t": hour + 60 * i, **c} for i, c in enumerate(db.per_window(hour, 60.0, 61))]
+        late = trend.pop()  # scored this very second (or by a clock a little ahead): the last minute
+        for status in ("ok", "ng", "error"):
+            trend[-1][status] += late[status]
         lat = sorted(v for v in db.latencies(last=2000) if v is not None)
         last = db.last_scored(after=recent_id)
         scored, fallback = db.fallback_count(after=recent_id, last=200)
@@ -212,13 +229,13 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def _histogram(rows: list, detector: str | None, bins: int = 30) -> dict[str, Any]:
+def _histogram(rows: list[tuple], detector: str | None, bins: int = 30) -> dict[str, Any]:
     """Scores of the current detector (the fallback's scores are on another scale)."""
-    rows = [r for r in rows if r["detector"] == detector and r["score"] is not None and math.isfinite(r["score"])]
+    rows = [(s, t) for s, t, d in rows if d == detector and s is not None and math.isfinite(s)]
     if not rows:
         return {"edges": [], "counts": [], "threshold": None, "detector": detector}
-    scores = [r["score"] for r in rows]
-    thr = rows[0]["threshold"]
+    scores = [s for s, _ in rows]
+    thr = rows[0][1]
     lo = min(min(scores), thr if thr is not None else math.inf)
     hi = max(max(scores), thr if thr is not None else -math.inf)
     if hi <= lo:

@@ -13,7 +13,6 @@ rows by primary key. A query costs the same after a year of frames as after an h
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 import sqlite3
@@ -111,35 +110,32 @@ class ResultsReader:
                 counts[status] += t >= since
         return counts
 
-    def per_window(self, edges: list[float]) -> list[dict[str, int]]:
-        """Frames by status scored in each window [edges[i], edges[i+1]) (edges ascending, finite)."""
-        out = [dict.fromkeys(STATUSES, 0) for _ in edges[:-1]]
-        cut = {math.floor(e) for e in edges if e != math.floor(e)}
-
-        def add(t: float, status: str, n: int) -> None:
-            i = bisect.bisect_right(edges, t) - 1
-            if 0 <= i < len(out):
-                out[i][status] += n
-
-        for second, *counts in self._db.execute(
-                f"SELECT second, ok, ng, error FROM {self._seconds()} WHERE second >= ? AND second < ? "
-                f"ORDER BY second", (math.floor(edges[0]), edges[-1])):
-            if second in cut:
-                for t, status in self._second_rows(second):
-                    add(t, status, 1)
-            else:  # no edge inside this second: it lies whole in one window
-                for status, n in zip(STATUSES, counts, strict=True):
-                    add(second, status, n)
+    def per_window(self, since: float, width: float, n: int) -> list[dict[str, int]]:
+        """Frames by status scored in each of the n windows [since + width * i, since + width * (i + 1))."""
+        edges = [since + width * i for i in range(n + 1)]
+        cut = sorted({math.floor(e) for e in edges if e != math.floor(e)})  # seconds an edge falls inside
+        marks = ", ".join("?" * len(cut))
+        window = "CAST((t - ?) / ? AS INTEGER)"
+        whole = (f"SELECT {window} b, SUM(ok), SUM(ng), SUM(error) FROM (SELECT second t, ok, ng, error FROM "
+                 f"{self._seconds()} WHERE second >= ? AND second < ? AND second NOT IN ({marks})) GROUP BY b")
+        split = (f"SELECT {window} b, SUM(status = 'ok'), SUM(status = 'ng'), SUM(status = 'error') FROM "
+                 f"(SELECT f.scored_at t, f.status FROM {self._seconds()} s JOIN frames f "
+                 f"ON f.id BETWEEN s.first_id AND s.last_id WHERE s.second IN ({marks}) "
+                 f"AND f.scored_at >= max(s.second, ?) AND f.scored_at < min(s.second + 1, ?)) GROUP BY b")
+        out = [dict.fromkeys(STATUSES, 0) for _ in range(n)]
+        for sql, args in ((whole, (since, width, math.ceil(since), edges[-1], *cut)),
+                          (split, (since, width, *cut, since, edges[-1]))):
+            for b, *counts in self._db.execute(sql, args):
+                if 0 <= b < n:
+                    for status, k in zip(STATUSES, counts, strict=True):
+                        out[b][status] += k
         return out
 
     def _second_rows(self, second: int) -> list[tuple[float, str]]:
         """(scored_at, status) of the frames of one second, read between its first and last id."""
-        hit = self._db.execute(f"SELECT first_id, last_id FROM {self._seconds()} WHERE second = ?",
-                               (second,)).fetchone()
-        if hit is None:
-            return []
-        return self._db.execute("SELECT scored_at, status FROM frames WHERE id BETWEEN ? AND ? AND scored_at >= ? "
-                                "AND scored_at < ?", (hit[0], hit[1], second, second + 1)).fetchall()
+        return self._db.execute(f"SELECT f.scored_at, f.status FROM {self._seconds()} s JOIN frames f ON f.id "
+                                f"BETWEEN s.first_id AND s.last_id WHERE s.second = ? AND f.scored_at >= s.second "
+                                f"AND f.scored_at < s.second + 1", (second,)).fetchall()
 
     def _seconds(self) -> str:
         """The seconds table; a database no watcher of this version has opened yet has none and no reader
@@ -165,10 +161,10 @@ class ResultsReader:
             "WHERE id > ? AND status != 'error' ORDER BY id DESC LIMIT ?)", (after, last)).fetchone()
         return n, fallback or 0
 
-    def scores(self, after: int, last: int) -> list[dict[str, Any]]:
-        """score, threshold and detector of the newest `last` scored frames, newest first."""
-        return self._all("SELECT score, threshold, detector FROM frames WHERE id > ? AND status != 'error' AND "
-                         "score IS NOT NULL ORDER BY id DESC LIMIT ?", (after, last))
+    def scores(self, after: int, last: int) -> list[tuple[float, float | None, str | None]]:
+        """(score, threshold, detector) of the newest `last` scored frames, newest first."""
+        return self._db.execute("SELECT score, threshold, detector FROM frames WHERE id > ? AND status != 'error' "
+                                "AND score IS NOT NULL ORDER BY id DESC LIMIT ?", (after, last)).fetchall()
 
     def rejects(self, after: int, last: int) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM frames WHERE id > ? AND status = 'ng' ORDER BY id DESC LIMIT ?",
