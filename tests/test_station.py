@@ -567,3 +567,44 @@ def test_the_token_is_printed_encoded_and_a_blank_one_refused(tmp_path: Path):
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2 and "blank" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):  # noqa: ANN201
+    """folder as a read-only path: a read-only bind mount as root (chmod binds no root), else chmod."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    view = folder.with_name(folder.name + "-ro")
+    view.mkdir(exist_ok=True)
+    r = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(view)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"no read-only bind mount here: {r.stderr.strip()}")
+    try:
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+def test_a_read_only_out_is_read_or_the_reason_said(tmp_path: Path):
+    out = tmp_path / "out"
+    store = ResultStore(out)
+    store.commit(rows(40, 0, time.time(), out))
+    crashed = tmp_path / "crashed"  # a watcher killed with its log not yet folded in: -wal and -shm stay
+    crashed.mkdir()
+    for name in ("results.db", "results.db-wal", "results.db-shm"):
+        shutil.copy(out / name, crashed / name)
+    store.close()
+    with read_only(out) as ro:
+        assert Station(ro).state()["counts"]["hour"]["total"] == 40
+    with read_only(crashed) as ro:
+        assert Station(ro).state()["counts"]["hour"]["total"] == 40
+    (crashed / "results.db-shm").unlink()
+    with read_only(crashed) as ro, pytest.raises(DiffinspectError, match="write-ahead log.*inspect watch"):
+        Station(ro).state()
