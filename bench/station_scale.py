@@ -186,7 +186,8 @@ def main() -> None:
             writer.join(timeout=30)
     p50, p99 = pct(times, 50), pct(times, 99)
     print(f"/api/state, {args.clients} clients x {args.polls} polls ({args.interval} s apart) over {wall:.0f} s, "
-          f"{sum(written)} frames committed meanwhile; first cold polls {', '.join(f'{t:.0f}' for t in warm)} ms")
+          f"{sum(written)} frames committed meanwhile; first cold polls {', '.join(f'{t:.0f}' for t in warm)} ms; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"  p50 {p50:.1f} ms   p99 {p99:.1f} ms   max {max(times):.1f} ms   "
           f"p99 / {TARGET_MS:.0f} ms target = {p99 / TARGET_MS:.2f}   errors {len(errors)}")
     for e in errors[:5]:

@@ -98,7 +98,7 @@ class Station:
 
     def _compute(self, now: float) -> dict[str, Any]:
         base: dict[str, Any] = {"out": str(self.out), "now": now, "ready": False}
-        return self._read(lambda db: {**base, "ready": True, **self._state(db, now)}, base)
+        return _finite(self._read(lambda db: {**base, "ready": True, **self._state(db, now)}, base))
 
     def _read(self, query: Callable[[ResultsReader], Any], default: Any) -> Any:  # noqa: ANN401
         """query(reader) on results.db, or default while there is none yet (or no table: a watcher starting)."""
@@ -159,7 +159,7 @@ class Station:
         if not 0 < frame_id < 2**63:  # no such row id in SQLite
             return None
         row = self._read(lambda db: db.frame(frame_id), None)
-        return None if row is None else self._frame(row)
+        return None if row is None else _finite(self._frame(row))
 
     def _frame(self, d: dict[str, Any]) -> dict[str, Any]:
         d["name"] = Path(d["path"]).name
@@ -303,7 +303,7 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
 
     def api_state(request: Request) -> Response:
         try:
-            return JSONResponse(_finite(station.state()))
+            return JSONResponse(station.state())
         except Unreadable as exc:
             return PlainTextResponse(str(exc), status_code=503)
 
@@ -318,7 +318,7 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
             return PlainTextResponse(str(exc), status_code=503)
         if row is None:
             return PlainTextResponse("no such frame", status_code=404)
-        return JSONResponse(_finite(row))
+        return JSONResponse(row)
 
     def files(request: Request) -> Response:
         path = station.resolve_file(request.path_params["path"])
