@@ -608,3 +608,12 @@ def test_a_read_only_out_is_read_or_the_reason_said(tmp_path: Path):
     (crashed / "results.db-shm").unlink()
     with read_only(crashed) as ro, pytest.raises(DiffinspectError, match="write-ahead log.*inspect watch"):
         Station(ro).state()
+
+
+@pytest.mark.slow
+def test_page_says_why_it_cannot_read_the_database(tmp_path: Path, browser):
+    (tmp_path / "results.db").write_bytes(b"not a database at all\n" * 200)
+    with running(create_app(tmp_path)) as port:
+        browser.get(f"http://127.0.0.1:{port}/")
+        expected = f"{tmp_path / 'results.db'} is not a SQLite database: not the results of `inspect watch`"
+        assert text_becomes(browser, "live", expected) == expected
