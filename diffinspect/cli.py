@@ -428,16 +428,19 @@ def station(
     token: str | None = typer.Option(None, "--token", envvar="DIFFINSPECT_STATION_TOKEN",
                                      help="Required on every request (?token=...); required off 127.0.0.1."),
     shifts: str = typer.Option("06:00,14:00,22:00", "--shifts", help="Shift start times (local), HH:MM,..."),
+    server_name: list[str] = typer.Option([], "--server-name",
+                                          help="A host name the page is opened by besides the bound address "
+                                               "(checked against the Host header when there is no token)."),
 ) -> None:
     """A live web page over OUT/results.db: counts, trend, latency, rejects, health and drift alarms."""
-    from diffinspect.station.app import check_bind, parse_shifts, serve
+    from diffinspect.station.app import check_bind, parse_shifts, serve, station_url
 
     _existing(out, "results folder")
     check_bind(host, token)
     parse_shifts(shifts)
-    url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+    url = station_url(host, port, token)
     console.print(f"station for {out} at {url} (read-only; Ctrl-C stops it)", highlight=False, soft_wrap=True)
-    serve(out, host, port, token, shifts)
+    serve(out, host, port, token, shifts, tuple(server_name))
 
 
 @app.command()

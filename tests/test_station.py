@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -295,3 +296,324 @@ def test_page_shows_the_line_and_updates_live(server, browser):
     assert "hour-total" not in browser.page_source
     browser.get(f"{url}/files/..%2f..%2fsecret.txt?token={TOKEN}")
     assert "not found" in browser.page_source
+
+
+# ---------------------------------------------------------------------------------------------
+# At scale: the state from the summary equals a naive computation over every row
+
+
+def naive_state(db_path: Path, now: float, shift: float) -> dict:
+    """Counts and trend as the page defines them, by reading every row."""
+    import sqlite3
+
+    hour = now - 3600
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute("SELECT scored_at, status FROM frames").fetchall()
+    counts = {}
+    for key, since in (("hour", hour), ("shift", shift)):
+        c = {s: sum(1 for t, st in rows if t >= since and st == s) for s in ("ok", "ng", "error")}
+        counts[key] = {"total": sum(c.values()), **c}
+    trend = [{"ok": 0, "ng": 0, "error": 0} for _ in range(60)]
+    for t, status in rows:
+        b = int((t - hour) // 60)
+        if t >= hour and b <= 60:
+            trend[min(b, 59)][status] += 1
+    return {"counts": counts, "trend": trend}
+
+
+def test_state_equals_a_naive_count_of_every_row(tmp_path: Path):
+    import random
+    import sqlite3
+
+    from diffinspect.station.app import shift_start
+
+    rng = random.Random(7)
+    now = time.time()
+    store = ResultStore(tmp_path)
+    try:
+        i = 0
+        for batch in range(300):  # 3 hours back to a minute ahead (a clock a little fast), lanes interleaved
+            base = now - 3 * 3600 + batch * 36.6
+            made = rows(8, i, base, tmp_path)
+            for r in made:
+                r.scored_at = base + rng.uniform(-1.5, 1.5)
+                r.overlay = None
+            i += 8
+            store.commit(made)
+    finally:
+        store.close()
+    shifts = "00:00,06:00,12:00,18:00"
+    shift = shift_start(now, [(0, 0), (6, 0), (12, 0), (18, 0)])
+    for at in (now, now - 1234.567, float(int(now) - 600)):  # edges inside a second and on one
+        s = Station(tmp_path, shifts).state(at)
+        want = naive_state(tmp_path / "results.db", at, shift_start(at, [(0, 0), (6, 0), (12, 0), (18, 0)]))
+        assert {k: {c: s["counts"][k][c] for c in ("total", "ok", "ng", "error")} for k in ("hour", "shift")} \
+            == want["counts"]
+        assert [{c: b[c] for c in ("ok", "ng", "error")} for b in s["trend"]] == want["trend"]
+        assert sum(b["ok"] for b in want["trend"]) > 100
+    assert shift <= now
+    # A database from before the summary, read by the station alone (no watcher to summarise it): the same.
+    with sqlite3.connect(tmp_path / "results.db") as db:
+        db.execute("DROP TABLE seconds")
+    s = Station(tmp_path, shifts).state(now)
+    want = naive_state(tmp_path / "results.db", now, shift)
+    assert [{c: b[c] for c in ("ok", "ng", "error")} for b in s["trend"]] == want["trend"]
+    assert s["counts"]["hour"]["total"] == want["counts"]["hour"]["total"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The holes a hostile tester found
+
+
+class Reply:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status_code, self.headers, self.content = status, headers, body
+        self.text = body.decode("utf-8", "replace")
+
+    def json(self):  # noqa: ANN201
+        return json.loads(self.content)
+
+
+class Client:
+    """Raw requests to a real uvicorn on a free loopback port: the path and the Host header go as written."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> Reply:
+        import http.client
+
+        headers = {"host": f"127.0.0.1:{self.port}", **(headers or {})}
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            r = conn.getresponse()
+            return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def serve_app():
+    """serve_app(OUT, token, server_names) -> a Client of the real app; stopped after the test."""
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        def start(o: Path, token: str | None = None, server_names: tuple[str, ...] = ()) -> Client:
+            port = stack.enter_context(running(create_app(o, token, server_names=server_names)))
+            return Client(port)
+
+        yield start
+
+
+@contextlib.contextmanager
+def running(app):  # noqa: ANN001, ANN201
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 20
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.started
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        t.join(timeout=10)
+
+
+def test_only_images_are_served_from_out_and_no_response_allows_inline_script(out, serve_app):
+    o, _ = out
+    (o / "error").mkdir()
+    (o / "error" / "report.html").write_text("<script>fetch('/api/state')</script>")
+    (o / "error" / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>1</script></svg>')
+    (o / "error" / "page.png.html").write_text("<script>1</script>")
+    c = serve_app(o)
+    for name in ("error/report.html", "error/drawing.svg", "error/page.png.html", "results.jsonl", "station.json",
+                 "results.db"):
+        assert c.get(f"/files/{name}").status_code == 404, name
+    r = c.get("/files/overlays/frame_0003.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["x-content-type-options"] == "nosniff" and "sandbox" in r.headers["content-security-policy"]
+    for path in ("/", "/static/app.js", "/api/state", "/api/frame/1", "/files/nothing.png", "/api/frame/x"):
+        r = c.get(path)
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp, path
+        assert r.headers["x-content-type-options"] == "nosniff", path
+    r = serve_app(o, TOKEN).get("/api/state")  # the refusal too
+    assert r.status_code == 401 and r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_host_is_checked_without_a_token(out, serve_app):
+    o, _ = out
+    c = serve_app(o)
+    assert c.get("/api/state").status_code == 200
+    for host in ("localhost:8765", "[::1]:8765", "127.0.0.1"):
+        assert c.get("/api/state", headers={"host": host}).status_code == 200, host
+    for host in ("evil.example:8765", "127.0.0.1.evil.example", "", "line3.plant"):
+        r = c.get("/api/state", headers={"host": host})
+        assert r.status_code == 421 and "--server-name" in r.text and "counts" not in r.text, host
+    assert serve_app(o, server_names=("Line3.plant",)).get("/api/state", headers={"host": "line3.plant:8765"}) \
+        .status_code == 200
+    # With a token, the token is the guard (behind a proxy the Host is any name)
+    assert serve_app(o, TOKEN).get(f"/api/state?token={TOKEN}", headers={"host": "station.plant"}).status_code == 200
+
+
+@pytest.mark.parametrize("damage", ["not sqlite", "truncated", "no frames table"])
+def test_a_broken_database_is_503_with_one_line(tmp_path: Path, damage: str, serve_app):
+    import sqlite3
+
+    db = tmp_path / "results.db"
+    if damage == "not sqlite":
+        db.write_bytes(b"this is a text file, not a database\n" * 100)
+    elif damage == "truncated":
+        store = ResultStore(tmp_path)
+        store.commit(rows(400, 0, time.time(), tmp_path))
+        store.close()
+        data = db.read_bytes()
+        db.write_bytes(data[: len(data) // 3])
+    else:
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TABLE other (x)")
+    c = serve_app(tmp_path)
+    for path in ("/api/state", "/api/frame/1"):
+        r = c.get(path)
+        assert r.status_code == 503, (path, r.text)
+        assert "results.db" in r.text and "\n" not in r.text.strip() and "Traceback" not in r.text
+
+
+def test_out_of_range_ids_are_404_and_an_infinite_score_is_served(out, serve_app):
+    o, store = out
+    made = rows(2, 100, time.time(), o)
+    made[0].score = float("inf")
+    made[0].status, made[0].error = "ng", None
+    store.commit(made)
+    c = serve_app(o)
+    for bad in ("9223372036854775808", "-1", "0", "99999999999999999999999"):
+        assert c.get(f"/api/frame/{bad}").status_code == 404, bad
+    r = c.get("/api/state")
+    assert r.status_code == 200 and r.json()["rejects"][0]["score"] is None
+    r = c.get(f"/api/frame/{made[0].id}")
+    assert r.status_code == 200 and r.json()["score"] is None and r.json()["status"] == "ng"
+
+
+def test_overlay_urls_are_percent_encoded(out, serve_app):
+    o, store = out
+    made = rows(3, 200, time.time(), o)
+    for r, name in zip(made, ("a?b.png", "c#d.png", "e%41.png"), strict=True):
+        target = o / "overlays" / name
+        shutil.copy(o / "overlays" / "frame_0003.png", target)
+        r.status, r.score, r.error, r.overlay = "ng", 1.0, None, str(target)
+    store.commit(made)
+    c = serve_app(o)
+    urls = [r["overlay_url"] for r in c.get("/api/state").json()["rejects"][:3]]
+    assert len(urls) == 3 and not any("?" in u or "#" in u for u in urls)
+    for u in urls:
+        r = c.get(u)
+        assert r.status_code == 200 and r.content[:4] == b"\x89PNG", u
+
+
+def test_the_station_never_creates_files_in_out(tmp_path: Path):
+    store = ResultStore(tmp_path)
+    store.commit(rows(40, 0, time.time(), tmp_path))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert "results.db-wal" in before  # a watcher is running
+    assert Station(tmp_path).state()["counts"]["hour"]["total"] == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    store.close()  # the watcher stops: its log is folded in and removed
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert "results.db-wal" not in before
+    s = Station(tmp_path).state()
+    assert s["counts"]["hour"]["total"] == 40 and Station(tmp_path).frame(1)["id"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_database_changed_while_read_as_it_lay_is_read_again(tmp_path: Path, monkeypatch):
+    from diffinspect.store.reader import ResultsReader
+
+    store = ResultStore(tmp_path)
+    store.commit(rows(40, 0, time.time(), tmp_path))
+    store.close()
+    calls = []
+    real = ResultsReader.unchanged
+    monkeypatch.setattr(ResultsReader, "unchanged", lambda self: calls.append(1) or (len(calls) > 1 and real(self)))
+    assert Station(tmp_path).state()["counts"]["hour"]["total"] == 40 and len(calls) == 2
+
+
+def test_the_token_is_printed_encoded_and_a_blank_one_refused(tmp_path: Path):
+    import subprocess
+    import sys
+    import urllib.parse
+
+    from diffinspect.station.app import station_url
+
+    for token in ("a&b#c d%2F/+?=x", TOKEN):
+        url = station_url("127.0.0.1", 8765, token)
+        parts = urllib.parse.urlsplit(url)
+        assert parts.fragment == "" and urllib.parse.parse_qs(parts.query) == {"token": [token]}
+    assert station_url("::1", 8765, None) == "http://[::1]:8765/"
+    with pytest.raises(DiffinspectError, match="blank"):
+        check_bind("127.0.0.1", " " * 8)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "diffinspect", "station", str(tmp_path), "--token", "\t" + " " * 9],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "blank" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):  # noqa: ANN201
+    """folder as a read-only path: a read-only bind mount as root (chmod binds no root), else chmod."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    view = folder.with_name(folder.name + "-ro")
+    view.mkdir(exist_ok=True)
+    r = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(view)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"no read-only bind mount here: {r.stderr.strip()}")
+    try:
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+def test_a_read_only_out_is_read_or_the_reason_said(tmp_path: Path):
+    out = tmp_path / "out"
+    store = ResultStore(out)
+    store.commit(rows(40, 0, time.time(), out))
+    crashed = tmp_path / "crashed"  # a watcher killed with its log not yet folded in: -wal and -shm stay
+    crashed.mkdir()
+    for name in ("results.db", "results.db-wal", "results.db-shm"):
+        shutil.copy(out / name, crashed / name)
+    store.close()
+    with read_only(out) as ro:
+        assert Station(ro).state()["counts"]["hour"]["total"] == 40
+    with read_only(crashed) as ro:
+        assert Station(ro).state()["counts"]["hour"]["total"] == 40
+    (crashed / "results.db-shm").unlink()
+    with read_only(crashed) as ro, pytest.raises(DiffinspectError, match="write-ahead log.*inspect watch"):
+        Station(ro).state()
+
+
+@pytest.mark.slow
+def test_page_says_why_it_cannot_read_the_database(tmp_path: Path, browser):
+    (tmp_path / "results.db").write_bytes(b"not a database at all\n" * 200)
+    with running(create_app(tmp_path)) as port:
+        browser.get(f"http://127.0.0.1:{port}/")
+        expected = f"{tmp_path / 'results.db'} is not a SQLite database: not the results of `inspect watch`"
+        assert text_becomes(browser, "live", expected) == expected

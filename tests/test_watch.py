@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -93,6 +94,48 @@ def test_store_commits_a_frame_once(tmp_path: Path) -> None:
     assert jsonl_rows(tmp_path) == rows
     with open(tmp_path / "results.db", "rb") as f:
         assert f.read(16) == b"SQLite format 3\x00"
+
+
+def seconds_naive(out: Path) -> list[tuple]:
+    """The seconds table as it must be: one GROUP BY over every row of frames."""
+    with sqlite3.connect(out / "results.db") as db:
+        return db.execute("SELECT CAST(scored_at AS INTEGER) - (scored_at < CAST(scored_at AS INTEGER)) s, "
+                          "SUM(status = 'ok'), SUM(status = 'ng'), SUM(status = 'error'), MIN(id), MAX(id) "
+                          "FROM frames GROUP BY s ORDER BY s").fetchall()
+
+
+def seconds_kept(out: Path) -> list[tuple]:
+    with sqlite3.connect(out / "results.db") as db:
+        return db.execute("SELECT * FROM seconds ORDER BY second").fetchall()
+
+
+def test_store_keeps_the_seconds_summary_in_each_commit(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    times = [100.0, 100.5, 99.9, 101.0, -0.5, 100.2]  # lanes interleave: not in time order by id
+    statuses = ["ok", "ng", "error", "ok", "ng", "ok"]
+    store.commit([row(f"/cam/{i}.png", scored_at=t, status=s)
+                  for i, (t, s) in enumerate(zip(times, statuses, strict=True))])
+    store.commit([row("/cam/0.png", scored_at=100.0)])  # the same frame again: no row, so not counted
+    store.commit([row("/cam/9.png", scored_at=100.7, status="ng")])
+    with pytest.raises(sqlite3.Error):  # a failed batch leaves the summary as it was
+        store.commit([row("/cam/10.png", scored_at=100.1), row("/cam/11.png", size=[1])])
+    store.close()
+    assert seconds_kept(tmp_path) == seconds_naive(tmp_path)
+    assert [r[:4] for r in seconds_kept(tmp_path)] == [(-1, 0, 1, 0), (99, 0, 0, 1), (100, 2, 2, 0), (101, 1, 0, 0)]
+
+
+def test_store_summarises_a_database_from_before_the_seconds_table_once(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    store.commit([row(f"/cam/{i}.png", scored_at=1000 + i / 3, status="ng" if i % 4 else "ok") for i in range(30)])
+    store.close()
+    with sqlite3.connect(tmp_path / "results.db") as db:
+        db.execute("DROP TABLE seconds")  # as an older version wrote it
+    ResultStore(tmp_path).close()
+    assert seconds_kept(tmp_path) == seconds_naive(tmp_path) and len(seconds_kept(tmp_path)) == 10
+    store = ResultStore(tmp_path)  # summarised once: opening again adds nothing
+    store.commit([row("/cam/new.png", scored_at=1009.5)])
+    store.close()
+    assert seconds_kept(tmp_path) == seconds_naive(tmp_path)
 
 
 def test_store_repairs_jsonl_after_a_crash(tmp_path: Path) -> None:

@@ -1,9 +1,13 @@
 """`inspect station OUT`: one live web page over OUT/results.db for the people at the line.
 
 It reads results.db through the store's read-only queries (store/reader.py), so the page can neither
-slow nor break scoring. It binds to 127.0.0.1 by default; on any other address it refuses to start
-without a token, and with a token every request must carry it (`?token=`, or `Authorization: Bearer`).
-Files are served from OUT only: a requested path is resolved (symlinks followed) and must stay inside OUT.
+slow nor break scoring, and it never creates a file in OUT. It binds to 127.0.0.1 by default; on any
+other address it refuses to start without a token, and with a token every request must carry it
+(`?token=`, or `Authorization: Bearer`). Without a token the Host header must name the bound address
+(or a `--server-name`): a page from another site whose name a DNS rebinding points at 127.0.0.1 gets
+nothing. From OUT only images are served (overlays and moved frames, the thumbnails of the rejects),
+resolved with symlinks followed and kept inside OUT; every response carries a CSP without inline script
+and `X-Content-Type-Options: nosniff`.
 
 The page is plain HTML, JS and SVG (no CDN: plant networks are offline), shipped as the package files
 static/index.html, app.js and style.css, and polls /api/state. The two assets hold no results and are the
@@ -17,20 +21,30 @@ import hmac
 import json
 import math
 import os
+import threading
 import time
+import urllib.parse
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from diffinspect import DiffinspectError
-from diffinspect.store import BANDS_FILE, NotReady
-from diffinspect.store.reader import ResultsReader
+from diffinspect.store import BANDS_FILE, StoreError
+from diffinspect.store.reader import ResultsReader, explain
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SIGNAL_NAMES = ("brightness", "contrast", "sharpness", "shift")
 DEFAULT_SHIFTS = "06:00,14:00,22:00"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 RECENT_ROWS = 100_000  # rejects are looked for among this many latest rows
+# What /files/ serves: images a browser shows, never as active content (no SVG, no HTML)
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
+               ".gif": "image/gif", ".webp": "image/webp"}
+
+
+class Unreadable(DiffinspectError):
+    """results.db is there but cannot be read now: the page says this line (HTTP 503)."""
 
 
 def parse_shifts(text: str) -> list[tuple[int, int]]:
@@ -65,18 +79,44 @@ class Station:
             raise DiffinspectError(f"results folder not found: {out}")
         self.db_path = self.out / "results.db"
         self.shifts = parse_shifts(shifts)
+        self._lock = threading.Lock()
+        self._last: tuple[float, dict[str, Any]] | None = None
 
     def state(self, now: float | None = None) -> dict[str, Any]:
-        now = time.time() if now is None else now
-        db = ResultsReader.open(self.db_path)
-        base: dict[str, Any] = {"out": str(self.out), "now": now, "ready": db is not None}
-        if db is None:
-            return base
-        try:
-            with db:
-                return {**base, **self._state(db, now)}
-        except NotReady as exc:  # no table yet (a watcher just starting), or busy
-            return {**base, "ready": False, "error": str(exc)}
+        """What the page shows (at `now`, by default this second); raises Unreadable when results.db is there
+        but cannot be read."""
+        if now is not None:
+            return self._compute(now)
+        # One computation a second, however many browsers poll: the page's cost on the cores that score frames
+        # does not grow with its audience. A whole second, so that no edge of the hour or its minutes falls
+        # inside a second, which the store would read row by row (rows scored since are counted all the same).
+        now = math.floor(time.time())
+        with self._lock:
+            if self._last is None or self._last[0] != now:
+                self._last = (now, self._compute(now))
+            return self._last[1]
+
+    def _compute(self, now: float) -> dict[str, Any]:
+        base: dict[str, Any] = {"out": str(self.out), "now": now, "ready": False}
+        return _finite(self._read(lambda db: {**base, "ready": True, **self._state(db, now)}, base))
+
+    def _read(self, query: Callable[[ResultsReader], Any], default: Any) -> Any:  # noqa: ANN401
+        """query(reader) on results.db, or default while there is none yet (or no table: a watcher starting)."""
+        for _ in range(3):  # a writer that touched a database read as it lay: read again
+            try:
+                db = ResultsReader.open(self.db_path)
+                if db is None:
+                    return default
+                with db:
+                    if not db.tables():
+                        return default
+                    result = query(db)
+                    if db.unchanged():
+                        break
+            except StoreError as exc:
+                line = explain(exc, self.db_path)
+                raise Unreadable(line or f"{self.db_path} is busy ({exc}); trying again") from None
+        return result
 
     def _state(self, db: ResultsReader, now: float) -> dict[str, Any]:
         hour, shift = now - 3600, shift_start(now, self.shifts)
@@ -85,14 +125,14 @@ class Station:
         counts = {}
         for key, since in (("hour", hour), ("shift", shift)):
             c = db.status_counts(since)
+            n = sum(c.values())
             span_min = max((now - since) / 60.0, 1e-9)
-            counts[key] = {"total": c["n"], "ok": c["ok"], "ng": c["ng"], "error": c["error"],
-                           "per_minute": c["n"] / span_min, "since": since}
-        # OK/NG/error per minute over the last hour.
-        trend = [{"t": hour + 60 * i, "ok": 0, "ng": 0, "error": 0} for i in range(60)]
-        for r in db.per_minute(hour):
-            if 0 <= r["b"] <= 60:  # 60: scored this very second
-                trend[min(r["b"], 59)][r["status"]] += r["n"]
+            counts[key] = {"total": n, **c, "per_minute": n / span_min, "since": since}
+        # OK/NG/error per minute over the last hour; the last minute also takes what is scored this very second.
+        trend = [{"t": hour + 60 * i, **c} for i, c in enumerate(db.per_window(hour, 60.0, 61))]
+        late = trend.pop()  # scored this very second (or by a clock a little ahead): the last minute
+        for status in ("ok", "ng", "error"):
+            trend[-1][status] += late[status]
         lat = sorted(v for v in db.latencies(last=2000) if v is not None)
         last = db.last_scored(after=recent_id)
         scored, fallback = db.fallback_count(after=recent_id, last=200)
@@ -116,12 +156,10 @@ class Station:
         }
 
     def frame(self, frame_id: int) -> dict[str, Any] | None:
-        db = ResultsReader.open(self.db_path)
-        if db is None:
+        if not 0 < frame_id < 2**63:  # no such row id in SQLite
             return None
-        with db:
-            row = db.frame(frame_id)
-        return None if row is None else self._frame(row)
+        row = self._read(lambda db: db.frame(frame_id), None)
+        return None if row is None else _finite(self._frame(row))
 
     def _frame(self, d: dict[str, Any]) -> dict[str, Any]:
         d["name"] = Path(d["path"]).name
@@ -148,10 +186,10 @@ class Station:
             rel = Path(path).resolve().relative_to(self.out)
         except (ValueError, OSError):
             return None
-        return "/files/" + rel.as_posix()
+        return "/files/" + urllib.parse.quote(rel.as_posix())
 
     def resolve_file(self, rel: str) -> Path | None:
-        """The file OUT/rel, or None when rel leaves OUT (.., absolute, a symlink out) or is no file."""
+        """The image OUT/rel, or None when rel leaves OUT (.., absolute, a symlink out) or is no image file."""
         if not rel or "\x00" in rel or os.path.isabs(rel):
             return None
         try:
@@ -159,7 +197,7 @@ class Station:
             path.relative_to(self.out)
         except (ValueError, OSError, RuntimeError):
             return None
-        if not path.is_file() or path.name in ("results.db", "results.db-wal", "results.db-shm", ".watch.lock"):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_TYPES:
             return None
         return path
 
@@ -191,13 +229,13 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def _histogram(rows: list, detector: str | None, bins: int = 30) -> dict[str, Any]:
+def _histogram(rows: list[tuple], detector: str | None, bins: int = 30) -> dict[str, Any]:
     """Scores of the current detector (the fallback's scores are on another scale)."""
-    rows = [r for r in rows if r["detector"] == detector and r["score"] is not None and math.isfinite(r["score"])]
+    rows = [(s, t) for s, t, d in rows if d == detector and s is not None and math.isfinite(s)]
     if not rows:
         return {"edges": [], "counts": [], "threshold": None, "detector": detector}
-    scores = [r["score"] for r in rows]
-    thr = rows[0]["threshold"]
+    scores = [s for s, _ in rows]
+    thr = rows[0][1]
     lo = min(min(scores), thr if thr is not None else math.inf)
     hi = max(max(scores), thr if thr is not None else -math.inf)
     if hi <= lo:
@@ -214,7 +252,8 @@ def _histogram(rows: list, detector: str | None, bins: int = 30) -> dict[str, An
 # The web app
 
 
-def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS):  # noqa: ANN201 (Starlette)
+def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS, host: str = "127.0.0.1",
+               server_names: tuple[str, ...] = ()):  # noqa: ANN201 (Starlette)
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.requests import Request
@@ -224,54 +263,81 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
     station = Station(out, shifts)
     page_html = static_file("index.html").decode()
     assets = {name: static_file(name) for name in ASSETS}
-    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-               "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self';"
-                                          " img-src 'self'; connect-src 'self'; frame-ancestors 'none'"}
+    names = {_host_name(host), *(_host_name(n) for n in server_names)} | (LOOPBACK if host in LOOPBACK else set())
+    headers = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
 
-    class TokenGate:
+    class Guard:
+        """Every request: the Host (without a token) or the token; every response: the security headers."""
+
         def __init__(self, app) -> None:  # noqa: ANN001
             self.app = app
 
         async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-            request = Request(scope) if scope["type"] == "http" else None
-            if (request is not None and token is not None and not request.url.path.startswith("/static/")
-                    and not _authorized(request, token)):
-                await PlainTextResponse("token required", status_code=401)(scope, receive, send)
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
                 return
-            await self.app(scope, receive, send)
+
+            async def send_secured(message) -> None:  # noqa: ANN001
+                if message["type"] == "http.response.start":
+                    given = {k.lower() for k, _ in message.get("headers", [])}
+                    message["headers"] = [*message.get("headers", []), *(h for h in headers if h[0] not in given)]
+                await send(message)
+
+            request = Request(scope)
+            refusal = None
+            if token is None and _host_name(request.headers.get("host", "")) not in names:
+                refusal = PlainTextResponse("unknown Host: the station answers only to the address it is bound "
+                                            "to (add --server-name NAME to reach it by NAME)", status_code=421)
+            elif token is not None and not request.url.path.startswith("/static/") and not _authorized(request, token):
+                refusal = PlainTextResponse("token required", status_code=401)
+            await (self.app if refusal is None else refusal)(scope, receive, send_secured)
 
     async def page(request: Request) -> Response:
-        return HTMLResponse(page_html, headers=headers)
+        return HTMLResponse(page_html)
 
     def asset(request: Request) -> Response:
         name = request.path_params["name"]
         if name not in assets:
             return PlainTextResponse("not found", status_code=404)
-        return Response(assets[name], media_type=ASSETS[name], headers=headers)
+        return Response(assets[name], media_type=ASSETS[name])
 
     def api_state(request: Request) -> Response:
-        return JSONResponse(station.state(), headers=headers)
+        try:
+            return JSONResponse(station.state())
+        except Unreadable as exc:
+            return PlainTextResponse(str(exc), status_code=503)
 
     def api_frame(request: Request) -> Response:
         try:
             frame_id = int(request.path_params["frame_id"])
         except ValueError:
             return PlainTextResponse("bad id", status_code=400)
-        row = station.frame(frame_id)
+        try:
+            row = station.frame(frame_id)
+        except Unreadable as exc:
+            return PlainTextResponse(str(exc), status_code=503)
         if row is None:
             return PlainTextResponse("no such frame", status_code=404)
-        return JSONResponse(row, headers=headers)
+        return JSONResponse(row)
 
     def files(request: Request) -> Response:
         path = station.resolve_file(request.path_params["path"])
         if path is None:
             return PlainTextResponse("not found", status_code=404)
-        return FileResponse(path, headers=headers)
+        # sandbox: even a file a browser would run as a document gets no script and no origin
+        return FileResponse(path, media_type=IMAGE_TYPES[path.suffix.lower()],
+                            headers={"Content-Security-Policy": CSP + "; sandbox"})
 
     routes = [Route("/", page), Route("/static/{name}", asset), Route("/api/state", api_state),
               Route("/api/frame/{frame_id}", api_frame),
               Route("/files/{path:path}", files)]
-    return Starlette(routes=routes, middleware=[Middleware(TokenGate)])
+    return Starlette(routes=routes, middleware=[Middleware(Guard)])
+
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                    "Content-Security-Policy": CSP}
 
 
 def static_file(name: str) -> bytes:
@@ -279,7 +345,26 @@ def static_file(name: str) -> bytes:
     return resources.files("diffinspect.station").joinpath("static", name).read_bytes()
 
 
-def _authorized(request: Any, token: str) -> bool:
+def _finite(value: Any) -> Any:  # noqa: ANN401
+    """JSON for the page: a stored score of inf (or a NaN) becomes null, which the page shows as a dash."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header or a bind address, without port or IPv6 brackets, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _authorized(request: Any, token: str) -> bool:  # noqa: ANN401
     given = request.query_params.get("token") or ""
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
@@ -291,15 +376,23 @@ def check_bind(host: str, token: str | None) -> None:
     if host not in LOOPBACK and not token:
         raise DiffinspectError(f"the station on {host} is reachable from other machines: give it a token "
                                f"(--token, or DIFFINSPECT_STATION_TOKEN), or bind to 127.0.0.1")
+    if token is not None and not token.strip():
+        raise DiffinspectError("the station token is blank: give one of at least 8 characters, not only spaces")
     if token is not None and len(token) < 8:
         raise DiffinspectError("the station token must be at least 8 characters")
 
 
+def station_url(host: str, port: int, token: str | None) -> str:
+    """The page's address as printed for the user, the token percent-encoded."""
+    name = f"[{host}]" if ":" in host else host
+    query = "?" + urllib.parse.urlencode({"token": token}, quote_via=urllib.parse.quote) if token else ""
+    return f"http://{name}:{port}/{query}"
+
+
 def serve(out: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          shifts: str = DEFAULT_SHIFTS) -> None:
+          shifts: str = DEFAULT_SHIFTS, server_names: tuple[str, ...] = ()) -> None:
     import uvicorn
 
     check_bind(host, token)
-    app = create_app(out, token, shifts)
+    app = create_app(out, token, shifts, host, server_names)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
-

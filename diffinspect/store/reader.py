@@ -1,17 +1,27 @@
 """Reading results.db beside a running watcher: the station page, the outputs, the demo and the tests.
 
-A `ResultsReader` opens the database read-only (a `mode=ro` URI): SQLite's WAL lets it read while the
-watcher commits, and it never creates the file, writes to it, or takes a write lock, so a reader can
-neither slow nor break scoring. results.db has no index on time and a reader may not add one, so the
-queries by time work on ranges of row ids (the primary key) found with `first_id_since`: a query costs
-the same after a month of frames as after an hour.
+A `ResultsReader` opens the database read-only: it never creates a file in OUT, writes, or takes a write
+lock, so a reader can neither slow nor break scoring. SQLite's read-only rules for a WAL database decide
+how: while results.db-wal exists (a watcher has it open, or died with it) the reader shares the watcher's
+log (`mode=ro`); without one, `mode=ro` would create -wal and -shm beside results.db, so the reader opens
+the file as it lies (`immutable=1`) and `unchanged()` says afterwards whether a writer touched it meanwhile.
+
+Every query a poll makes is a bounded range: counts by time come from the seconds table the committer
+keeps (store/results.py), plus the rows of the seconds a window's edge cuts; the rest reads the newest
+rows by primary key. A query costs the same after a year of frames as after an hour.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
+
+STATUSES = ("ok", "ng", "error")
+# floor(scored_at) in SQL (CAST truncates toward zero): the key of the seconds table (store/results.py)
+SECOND_SQL = "(CAST(scored_at AS INTEGER) - (scored_at < CAST(scored_at AS INTEGER)))"
 
 # The tables a reader may follow row by row (the outputs' streams): frames, and the drift alarms.
 TABLES = ("frames", "events")
@@ -23,11 +33,21 @@ class ResultsReader:
 
     def __init__(self, db_path: Path, timeout: float = 2.0) -> None:
         self.db_path = Path(db_path)
+        self._snapshot: tuple | None = None
         self._db = self._connect(timeout)
         self._db.row_factory = sqlite3.Row
 
     def _connect(self, timeout: float) -> sqlite3.Connection:
-        return sqlite3.connect(f"{self.db_path.absolute().as_uri()}?mode=ro", uri=True, timeout=timeout)
+        uri = f"{self.db_path.absolute().as_uri()}?mode=ro"
+        if not _wal(self.db_path).exists():
+            self._snapshot = _stat(self.db_path)
+            uri += "&immutable=1"
+        return sqlite3.connect(uri, uri=True, timeout=timeout)
+
+    def unchanged(self) -> bool:
+        """False when a writer may have changed the file under a reader that opened it as it lay (no -wal):
+        what it read may be torn, so read again (the writer's log exists by then)."""
+        return self._snapshot is None or (not _wal(self.db_path).exists() and _stat(self.db_path) == self._snapshot)
 
     @classmethod
     def open(cls, db_path: Path) -> ResultsReader | None:
@@ -68,21 +88,6 @@ class ResultsReader:
         """Whole rows after id `after`, in id order (what the outputs deliver)."""
         return self._all(f"SELECT * FROM {_table(table)} WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
 
-    def first_id_since(self, since: float) -> int:
-        """The smallest frame id scored at or after `since` (rows are committed in time order, within the
-        few milliseconds lanes may interleave), by binary search over the primary key."""
-        lo, hi = self._db.execute("SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM frames").fetchone()
-        hi += 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            row = self._db.execute("SELECT id, scored_at FROM frames WHERE id >= ? ORDER BY id LIMIT 1",
-                                   (mid,)).fetchone()
-            if row is None or row[1] >= since:
-                hi = mid
-            else:
-                lo = row[0] + 1
-        return lo
-
     def mark(self, key: str) -> int:
         """An output's delivered-up-to mark (store/deliveries.py); 0 before it has one."""
         hit = self._db.execute("SELECT last_id FROM deliveries WHERE output = ?", (key,)).fetchone()
@@ -94,16 +99,52 @@ class ResultsReader:
         return self._one("SELECT * FROM frames WHERE id = ?", (frame_id,))
 
     def status_counts(self, since: float) -> dict[str, int]:
-        """Frames scored since `since`: total, ok, ng, error."""
-        r = self._one("SELECT COUNT(*) n, SUM(status='ok') ok, SUM(status='ng') ng, SUM(status='error') error "
-                      "FROM frames WHERE id >= ? AND scored_at >= ?", (self.first_id_since(since), since))
-        return {k: (r or {}).get(k) or 0 for k in ("n", "ok", "ng", "error")}
+        """Frames scored at or after `since`, by status: whole seconds from the seconds table, the second that
+        `since` cuts row by row."""
+        first = math.ceil(since)
+        r = self._db.execute(f"SELECT COALESCE(SUM(ok), 0), COALESCE(SUM(ng), 0), COALESCE(SUM(error), 0) "
+                             f"FROM {self._seconds()} WHERE second >= ?", (first,)).fetchone()
+        counts = dict(zip(STATUSES, r, strict=True))
+        if first != since:
+            for t, status in self._second_rows(math.floor(since)):
+                counts[status] += t >= since
+        return counts
 
-    def per_minute(self, since: float) -> list[dict[str, Any]]:
-        """(minute b since `since`, status, n) for the frames scored since then."""
-        return self._all("SELECT CAST((scored_at - ?) / 60 AS INTEGER) b, status, COUNT(*) n FROM frames "
-                         "WHERE id >= ? AND scored_at >= ? GROUP BY b, status",
-                         (since, self.first_id_since(since), since))
+    def per_window(self, since: float, width: float, n: int) -> list[dict[str, int]]:
+        """Frames by status scored in each of the n windows [since + width * i, since + width * (i + 1))."""
+        edges = [since + width * i for i in range(n + 1)]
+        cut = sorted({math.floor(e) for e in edges if e != math.floor(e)})  # seconds an edge falls inside
+        marks = ", ".join("?" * len(cut))
+        window = "CAST((t - ?) / ? AS INTEGER)"
+        whole = (f"SELECT {window} b, SUM(ok), SUM(ng), SUM(error) FROM (SELECT second t, ok, ng, error FROM "
+                 f"{self._seconds()} WHERE second >= ? AND second < ? AND second NOT IN ({marks})) GROUP BY b")
+        split = (f"SELECT {window} b, SUM(status = 'ok'), SUM(status = 'ng'), SUM(status = 'error') FROM "
+                 f"(SELECT f.scored_at t, f.status FROM {self._seconds()} s JOIN frames f "
+                 f"ON f.id BETWEEN s.first_id AND s.last_id WHERE s.second IN ({marks}) "
+                 f"AND f.scored_at >= max(s.second, ?) AND f.scored_at < min(s.second + 1, ?)) GROUP BY b")
+        out = [dict.fromkeys(STATUSES, 0) for _ in range(n)]
+        for sql, args in ((whole, (since, width, math.ceil(since), edges[-1], *cut)),
+                          (split, (since, width, *cut, since, edges[-1]))):
+            for b, *counts in self._db.execute(sql, args):
+                if 0 <= b < n:
+                    for status, k in zip(STATUSES, counts, strict=True):
+                        out[b][status] += k
+        return out
+
+    def _second_rows(self, second: int) -> list[tuple[float, str]]:
+        """(scored_at, status) of the frames of one second, read between its first and last id."""
+        return self._db.execute(f"SELECT f.scored_at, f.status FROM {self._seconds()} s JOIN frames f ON f.id "
+                                f"BETWEEN s.first_id AND s.last_id WHERE s.second = ? AND f.scored_at >= s.second "
+                                f"AND f.scored_at < s.second + 1", (second,)).fetchall()
+
+    def _seconds(self) -> str:
+        """The seconds table; a database no watcher of this version has opened yet has none and no reader
+        may add one, so it gets a temporary view over the whole table instead (slow, but right)."""
+        if "seconds" not in self.tables():
+            self._db.execute(f"CREATE TEMP VIEW IF NOT EXISTS seconds AS SELECT {SECOND_SQL} second, "
+                             f"SUM(status = 'ok') ok, SUM(status = 'ng') ng, SUM(status = 'error') error, "
+                             f"MIN(id) first_id, MAX(id) last_id FROM frames GROUP BY 1")
+        return "seconds"
 
     def latencies(self, last: int) -> list[float | None]:
         return [r[0] for r in self._db.execute("SELECT latency_ms FROM frames ORDER BY id DESC LIMIT ?", (last,))]
@@ -120,10 +161,10 @@ class ResultsReader:
             "WHERE id > ? AND status != 'error' ORDER BY id DESC LIMIT ?)", (after, last)).fetchone()
         return n, fallback or 0
 
-    def scores(self, after: int, last: int) -> list[dict[str, Any]]:
-        """score, threshold and detector of the newest `last` scored frames, newest first."""
-        return self._all("SELECT score, threshold, detector FROM frames WHERE id > ? AND status != 'error' AND "
-                         "score IS NOT NULL ORDER BY id DESC LIMIT ?", (after, last))
+    def scores(self, after: int, last: int) -> list[tuple[float, float | None, str | None]]:
+        """(score, threshold, detector) of the newest `last` scored frames, newest first."""
+        return self._db.execute("SELECT score, threshold, detector FROM frames WHERE id > ? AND status != 'error' "
+                                "AND score IS NOT NULL ORDER BY id DESC LIMIT ?", (after, last)).fetchall()
 
     def rejects(self, after: int, last: int) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM frames WHERE id > ? AND status = 'ng' ORDER BY id DESC LIMIT ?",
@@ -159,6 +200,35 @@ def count_frames(db_path: Path) -> int:
             return reader.count()
     except sqlite3.Error:
         return 0
+
+
+def explain(exc: sqlite3.Error, db_path: Path) -> str | None:
+    """One line saying why results.db cannot be read, or None when it is only busy for a moment."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return None
+    if "not a database" in text:
+        return f"{db_path} is not a SQLite database: not the results of `inspect watch`"
+    if "malformed" in text:
+        return f"{db_path} is damaged ({text}): a truncated or overwritten copy?"
+    if "no such table" in text:
+        return f"{db_path} has no frames table: not the results of `inspect watch`"
+    if "unable to open" in text and _wal(db_path).exists():
+        return (f"cannot read {db_path} read-only: its write-ahead log (results.db-wal) needs a results.db-shm "
+                f"this station may not create; it reads again once `inspect watch` runs on {db_path.parent}")
+    return f"cannot read {db_path}: {text}"
+
+
+def _wal(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + "-wal")
+
+
+def _stat(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _table(name: str) -> str:

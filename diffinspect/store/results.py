@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -31,6 +32,7 @@ from typing import TextIO
 
 from diffinspect import DiffinspectError
 from diffinspect.scoring.record import Record, storable
+from diffinspect.store.reader import SECOND_SQL
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -63,6 +65,18 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT,
     folder TEXT                   -- the camera folder(s) of the lane
 );
+-- What the station's polls read instead of the whole table: frames per second of scored_at by status,
+-- kept by each commit in its own transaction. Every frame of a second lies between its first_id and last_id.
+CREATE TABLE IF NOT EXISTS seconds (
+    second INTEGER PRIMARY KEY,   -- floor(scored_at)
+    ok INTEGER NOT NULL,
+    ng INTEGER NOT NULL,
+    error INTEGER NOT NULL,
+    first_id INTEGER NOT NULL,
+    last_id INTEGER NOT NULL
+);
+-- The last rejects, found without reading the OK frames between them.
+CREATE INDEX IF NOT EXISTS frames_ng ON frames (id) WHERE status = 'ng';
 """
 
 
@@ -106,8 +120,15 @@ class ResultStore:
         db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        _migrate(db)
-        db.executescript(_SCHEMA)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            _migrate(db)
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            db.close()
+            raise
         return db
 
     def status_of(self, path: str, size: int, mtime_ns: int) -> str | None:
@@ -132,6 +153,7 @@ class ResultStore:
                     if cur.rowcount == 1:
                         row.id = cur.lastrowid
                         inserted.append(row)
+                _count_seconds(cur, inserted)
                 cur.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -297,10 +319,32 @@ def _ident(path: Path) -> tuple[int, int] | None:
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Columns added since the first schema, for results.db files written by older versions."""
+    """The schema, with what results.db files written by older versions lack (inside a transaction)."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     cols = {r[1] for r in db.execute("PRAGMA table_info(frames)")}
     if cols and "health" not in cols:
         db.execute("ALTER TABLE frames ADD COLUMN health TEXT")
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    if "frames" in tables and "seconds" not in tables:  # rows from before the summary: counted once, here
+        db.execute(f"INSERT INTO seconds SELECT s, SUM(status = 'ok'), SUM(status = 'ng'), SUM(status = 'error'), "
+                   f"MIN(id), MAX(id) FROM (SELECT {SECOND_SQL} s, status, id FROM frames) GROUP BY s")
+
+
+_COUNT_SECOND = ("INSERT INTO seconds VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (second) DO UPDATE SET "
+                 "ok = ok + excluded.ok, ng = ng + excluded.ng, error = error + excluded.error, "
+                 "first_id = MIN(first_id, excluded.first_id), last_id = MAX(last_id, excluded.last_id)")
+
+
+def _count_seconds(cur: sqlite3.Cursor, inserted: list[Record]) -> None:
+    """Add the new rows to the seconds table, in the transaction that inserts them."""
+    seconds: dict[int, list[int]] = {}
+    for row in inserted:
+        s = seconds.setdefault(math.floor(row.scored_at), [0, 0, 0, row.id, row.id])
+        s[("ok", "ng", "error").index(row.status)] += 1
+        s[3], s[4] = min(s[3], row.id), max(s[4], row.id)
+    cur.executemany(_COUNT_SECOND, [(second, *v) for second, v in seconds.items()])
 
 
 def _last_jsonl_id(path: Path) -> int | None:

@@ -121,6 +121,9 @@ let lastMax = -1;
 async function poll() {
   try {
     const res = await fetch(withToken("/api/state"), {cache: "no-store"});
+    if (res.status === 503) {  // results.db is there but cannot be read: the station says why in one line
+      $("live").className = "stale"; $("live").textContent = await res.text(); return;
+    }
     if (!res.ok) throw new Error(res.status);
     const s = await res.json();
     $("out").textContent = s.out;
