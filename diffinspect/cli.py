@@ -6,33 +6,13 @@ import os
 import sys
 from pathlib import Path
 
+import typer
+from rich.console import Console
+from rich.markup import escape
 
-def _cores_busy() -> bool:
-    """At least half the cores this process may use are already busy (1-minute load average)."""
-    from diffinspect.engines.exports import available_cores  # torch-free
-
-    try:
-        return os.getloadavg()[0] >= available_cores() / 2
-    except OSError:
-        return False
-
-
-# Before anything imports torch (OpenMP reads it once). On cores shared with another process (a
-# watcher, a second training rank, the capture software) a spinning OpenMP thread holds a core the
-# thread it waits for needs: bench/threads.py measured two training processes on 2 loaded cores at
-# 0.05 steps/s each spinning, 0.32-0.36 with idle threads sleeping (PASSIVE), 0.49-0.55 with one thread
-# each (what train_threads picks under torchrun). Alone on quiet cores spinning is faster (U-Net small,
-# 2 cores: 3.4 steps/s spinning, 2.7 passive), so threads sleep only when the cores are already busy.
-if _cores_busy():
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.markup import escape  # noqa: E402
-
-from diffinspect import DiffinspectError  # noqa: E402
-from diffinspect.config import DISTILL_DEFECT_SHARE  # noqa: E402
-from diffinspect.vocab import (  # noqa: E402
+from diffinspect import DiffinspectError
+from diffinspect.config import DISTILL_DEFECT_SHARE
+from diffinspect.vocab import (
     After,
     Backend,
     Detector,
@@ -55,10 +35,25 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _cores_busy() -> bool:
+    """At least half the cores this process may use are already busy (1-minute load average)."""
+    from diffinspect.engines.exports import available_cores  # torch-free
+
+    try:
+        return os.getloadavg()[0] >= available_cores() / 2
+    except OSError:
+        return False
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     from diffinspect.logs import show_on
 
+    # Before any command imports torch (OpenMP reads it once): on cores already busy (a watcher, a second
+    # training rank, the capture software) a spinning OpenMP thread holds the core the thread it waits for
+    # needs, so threads sleep there; alone on quiet cores spinning is faster (bench/threads.py measures both).
+    if _cores_busy():
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     show_on(console)
     try:
         code = app(standalone_mode=False)  # returns the exit code of typer.Exit here
@@ -402,6 +397,9 @@ def evaluate(
 ) -> None:
     """Offline evaluation report: AUROC, AUPRO, rates at the threshold, baselines side by side."""
     from diffinspect.bundle import is_bundle
+    from diffinspect.evaluation import require_extra
+
+    require_extra()
     from diffinspect.evaluation.evaluate import evaluate as run_evaluate
 
     models = [p for p in bundles if is_bundle(p)]  # by its schema: datasets may hold a manifest.json too
