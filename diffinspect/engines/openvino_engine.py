@@ -2,7 +2,7 @@
 
 Devices: auto (GPU when OpenVINO sees one, else CPU), CPU, GPU, NPU, AUTO (OpenVINO's own switching
 plugin). On CPU the inference precision is always pinned to f32: these CPUs default to bf16, which
-measured slower and less precise here, and the error arithmetic in the graph (1 - SSIM, z-scores)
+is slower and less precise on them (DESIGN.md's known traps), and the error arithmetic in the graph (1 - SSIM, z-scores)
 needs float32 even in the INT8 model, whose quantized convolutions ignore the hint anyway.
 """
 
@@ -55,8 +55,8 @@ class OpenVinoEngine:
     """`run(frames uint8 (N,S,S,C), mean, std) -> (maps, scores, raw)` as float32 numpy arrays.
 
     On CPU and NPU the model is compiled for one frame (static shape) and a batch runs frame by frame:
-    at 128 px that measured 1.4-1.6x the dynamic-batch model and 1.1x a static batch of 8 (dynamic
-    shapes cost shape inference and memory planning on every call), and NPUs take static shapes only.
+    faster than the dynamic-batch model and than a static batch (bench/backends.py; dynamic shapes cost
+    shape inference and memory planning on every call), and NPUs take static shapes only.
     GPUs keep the dynamic batch, where batching pays.
     """
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 # Exports to use when no precision is named, fastest first (measured by bench/backends.py).
 # The INT8 QDQ model keeps conv outputs float (accuracy), so onnxruntime's CPU provider cannot fuse it
-# into integer convs and runs dequantize + float conv: 0.8x fp32 at 128 px here. It is for TensorRT,
+# into integer convs and runs dequantize + float conv, slower than fp32 on CPU. It is for TensorRT,
 # which builds INT8 kernels from QDQ models (untested: no GPU here); ask for it.
 ONNXRUNTIME_ORDER = ("fp32", "int8")
 OPENVINO_CPU_ORDER = ("int8", "fp32", "fp16")

@@ -8,11 +8,10 @@ error arithmetic, blur and top-k always stay float.
 
 Why the feature pass may be quantized: its term is the distance between two nearly equal feature maps,
 and when x and its rebuild went through separate graph nodes, each with its own INT8 quantizers, the
-rounding differed between them and swamped the distance (map correlation 0.80-0.90 on images with
-defects). As one batch they share every quantizer, so equal inputs round alike. Measured at 128 px on
-one core: OpenVINO INT8 went from 1.71x/2.25x torch FP32 (batch 1/8, rebuild only) to 2.67x/3.44x;
-image AUROC against torch moved -0.0022 on magnetic_tile (rebuild only: -0.0011). On the tiny test
-model (16 channels, 60 training steps) score rank correlation fell to 0.990, hence the fallback.
+rounding differed between them and swamped the distance on images with defects. As one batch they
+share every quantizer, so equal inputs round alike, and quantizing both passes is faster than the rebuild
+alone at a negligible cost in AUROC (bench/backends.py; README). On very small models the parity check
+can still fail, hence the fallback to the rebuild only.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ between levels) → middle (residual block, self-attention, residual block) → 
 reads the encoder skip at its resolution, nearest-neighbour upsampling between levels) → conv_out.
 
 Self-attention is used only in the middle, at the lowest resolution, and the number of levels
-grows with the image size so that resolution stays at or below 16×16: attention at 256 px full
-resolution cost 150–440 ms per frame. With 3 downsamplings (up to 128 px) the network is fully
+grows with the image size so that resolution stays at or below 16×16: attention at full resolution
+dominates the step at large inputs (DESIGN.md's known traps). With 3 downsamplings (up to 128 px) the network is fully
 convolutional for any multiple of 8; above 128 px it downsamples once more per doubling.
 """
 

@@ -5,8 +5,8 @@ whose covariance is shrunk toward a multiple of the identity by the Ledoit-Wolf 
 tune: the shrinkage comes from the data, large when the fit set is small against the 218 features).
 A frame's score is its squared Mahalanobis distance. Unlike COPOD, which looks at each feature alone,
 it sees features that move together and a part that breaks their usual relation (a texture statistic
-that no longer matches the brightness, say). On the shared sets, fitted on every training photo:
-image AUROC 0.936 on magnetic_tile (COPOD 0.676), 0.959 on ball_screw (COPOD 0.960).
+that no longer matches the brightness, say). The README's accuracy section compares the two on the
+shared sets (bench/accuracy.py).
 """
 
 from __future__ import annotations

@@ -6,19 +6,16 @@ and scoring share one convention); the loss is the image-space L2 between its xÌ
 N-step xÌ‚0 from the same x_t*, backpropagated through all S passes. Only the timesteps of the
 student's path, all in [0, t*], are trained.
 
-Why not progressive distillation: on a synthetic line (tiny U-Net, 32 px, 90 s of one CPU core per
-method), the 1-step student matched the 10-step teacher with MSE 1.9e-5 and kept test AUROC 0.999
-this way; progressive rounds 8 -> 4 -> 2 -> 1 on the same budget reached 3.3e-5 / 0.949 (each round
-regressing the previous round's 2S-step rebuild) and 5.5e-5 / 0.889 (per-step targets, Salimans & Ho
-2022). With S <= 4 the unrolled backward pass is cheap, and one round spends the whole budget on the
-target that scoring uses.
+Why not progressive distillation (Salimans & Ho 2022): on the same budget, rounds 8 -> 4 -> 2 -> 1
+matched the teacher less well and lost test AUROC, each round regressing the previous round's rebuild
+(bench/distill.py compares them; README). With S <= 4 the unrolled backward pass is cheap, and one
+round spends the whole budget on the target that scoring uses.
 
 Healing (`defect_share`, default 0.5): half of the student's inputs carry a pasted synthetic defect
 while the target stays the teacher's rebuild of the clean image (targets.py). Pure teacher matching
-made detection worse on magnetic_tile, whose teacher is weaker than its own one-step prediction
-(synthetic-defect AUROC 0.961 -> 0.931 over 266 iterations, so selection kept the undistilled weights);
-with healing the 1-step student reached test image AUROC 0.745 against 0.724 undistilled and 0.711 for
-the 10-step teacher (bench/distill.py, 3 CPU minutes).
+made detection worse on magnetic_tile, whose teacher is weaker than its own one-step prediction (so
+selection kept the undistilled weights); with healing the 1-step student detects better than both the
+undistilled model and the teacher (bench/distill.py; figures in the README).
 
 The checkpoint kept is the one that detects synthetic defects best (see selection.py), not the one
 that matches the teacher best.
