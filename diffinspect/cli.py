@@ -300,6 +300,9 @@ def watch(
     max_latency_ms: float | None = typer.Option(None, "--max-latency-ms",
                                                 help="Frames that would miss this deadline go to the fallback."),
     max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Larger frames get an error row."),
+    on_alarm: str | None = typer.Option(None, "--on-alarm", help="While a lighting, focus or camera-moved alarm "
+                                        "is open for a camera: flag (default) or hold (its verdicts are hold: "
+                                        "rejected to manual check)."),
     mqtt: str | None = typer.Option(None, "--mqtt", help="Publish every verdict to this MQTT broker, "
                                     "e.g. mqtt://broker:1883 (more under \\[watch.mqtt] in ./inspect.toml)."),
     opcua: str | None = typer.Option(None, "--opcua", help="Write every verdict to this PLC's OPC UA server, "
@@ -331,7 +334,8 @@ def watch(
     # A flag wins over the file; where neither is given, WatchOptions keeps its own default.
     given = {"batch": batch if batch is not None else settings.batch,  # --batch 0 is refused, not the default
              "overlays": overlays or settings.overlays, "after": after or settings.after,
-             "max_latency_ms": max_latency_ms or settings.max_latency_ms}
+             "max_latency_ms": max_latency_ms or settings.max_latency_ms,
+             "on_alarm": on_alarm or settings.on_alarm}
     options = WatchOptions(recursive=recursive, pattern=pattern, once=once, quiet=quiet,
                            max_megapixels=max_megapixels, **{k: v for k, v in given.items() if v is not None})
     make_detector, make_fallback = factories(bundle)
@@ -339,7 +343,8 @@ def watch(
     out = out or Path(settings.out or "inspect_results")
     summary = run_watch(folders, out, make_detector, make_fallback, options, per_folder=per_folder or None,
                         outputs=outputs)
-    console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, error {summary.error}, "
+    held = f"hold {summary.hold}, " if summary.hold else ""
+    console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, {held}error {summary.error}, "
                   f"fallback {summary.fallback}); {summary.fps:.1f} frames/s while scoring, "
                   f"{summary.elapsed_s:.1f} s in all")
     if outputs:

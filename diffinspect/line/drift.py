@@ -52,6 +52,7 @@ MIN_MOVE = 0.05  # of the frame side
 MIN_TEST = 20  # frames in a window before the rank and binomial tests speak
 ALARMS = {"lighting": "lighting changed", "focus": "out of focus", "camera": "camera moved",
           "score": "score drift: re-calibrate"}
+HOLD_KINDS = ("lighting", "focus", "camera")  # the camera is wrong: on_alarm = "hold" holds its verdicts
 
 
 def normal_sf(z: float) -> float:
@@ -234,11 +235,21 @@ class DriftHub:
                  ) -> None:
         self.out, self.store, self.warn, self.info = out, store, warn, info
         self._pending: dict[tuple[str, int, int], tuple[LaneDrift, Health]] = {}
+        self._lanes: dict[Path, LaneDrift] = {}
         self._lock = threading.Lock()
         self._failed = False
 
     def lane(self, folders: list[Path]) -> LaneDrift:
-        return LaneDrift(self, ", ".join(str(f) for f in folders))
+        lane = LaneDrift(self, ", ".join(str(f) for f in folders))
+        self._lanes.update(dict.fromkeys(folders, lane))
+        return lane
+
+    def held(self, folder: Path) -> str | None:
+        """The names of the lighting, focus and camera alarms open for a camera folder ("; "-joined), or
+        None. Read by the folder's own lane at commit, the thread that opens and clears them."""
+        lane = self._lanes.get(folder)
+        open_ = {} if lane is None or lane.monitor is None else lane.monitor.open
+        return "; ".join(ALARMS[k] for k in HOLD_KINDS if k in open_) or None
 
     def on_commit(self, rows: list[Record]) -> None:
         try:

@@ -262,10 +262,13 @@ def _fit_fallback(fit_paths: list[Path], cal_frames, prep: Preprocess, rate: flo
 
 
 def _save_fallback(up, copod) -> dict:
+    from diffinspect.scoring.copod import SCORES_FILE, scores_npy
+
     with tempfile.TemporaryDirectory() as tmp:
         fields = copod.save(tmp)
         staged = up.staging_path(fields["embeddings_file"])
         shutil.move(Path(tmp) / fields["embeddings_file"], staged)
     up.add_file(fields["embeddings_file"], staged)
+    up.write_bytes(SCORES_FILE, scores_npy(copod.calibration_scores))
     fields["file"] = fields["embeddings_file"]
     return fields

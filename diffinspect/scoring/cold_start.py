@@ -15,7 +15,7 @@ from diffinspect.scoring.health import HEALTH_FILE, fit_health
 
 def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.01) -> tuple[int, float]:
     """Fit COPOD on classical embeddings of the good images; returns (calibration n, threshold)."""
-    from diffinspect.scoring.copod import fit_copod
+    from diffinspect.scoring.copod import SCORES_FILE, fit_copod, scores_npy
 
     files = normal_images(folder)
     prep = Preprocess(color=choose_color(files, "auto"))
@@ -31,7 +31,8 @@ def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.0
         (tmp / "copod").rmdir()
         fields["file"] = fields["embeddings_file"]
         manifest["fallback"] = fields
-        names = [fields["embeddings_file"]]
+        (tmp / SCORES_FILE).write_bytes(scores_npy(copod.calibration_scores))
+        names = [fields["embeddings_file"], SCORES_FILE]
         if health is not None:
             (tmp / HEALTH_FILE).write_bytes(health.to_bytes())
             manifest["health"] = health.manifest()

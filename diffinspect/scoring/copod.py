@@ -22,6 +22,7 @@ also keeps the runtime free of the pyod import (about 1.5 s, and it pulls in mat
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -34,6 +35,9 @@ from diffinspect.scoring.features import FEATURE_VERSION, embed_frames, embeddin
 from diffinspect.scoring.threshold import check_calibration_size, conformal_threshold, min_calibration_size
 
 EMBEDDINGS_FILE = "embeddings.npy"
+# The calibration parts' scores against the fit set: the fallback's verdicts rank among them for their
+# p-values. A bundle calibrated before they were kept has none (its fallback verdicts carry no p-value).
+SCORES_FILE = "fallback_scores.npy"
 MIN_FIT = 20  # below this the ECDF tails are too coarse (resolution 1/(n+1)) to separate anything
 _CHUNK_ELEMENTS = 4_000_000  # bound the (batch, n_fit, dims) comparison to a few MB at a time
 
@@ -106,7 +110,7 @@ class CopodDetector:
         self.feature_size = int(feature_size)
         self.false_reject_rate = false_reject_rate
         self.n_calibration = int(n_calibration)
-        self.calibration_scores: np.ndarray | None = None  # set by calibrate, not persisted
+        self.calibration_scores: np.ndarray | None = None  # kept in the bundle as SCORES_FILE
         self.calibration_embeddings: np.ndarray | None = None
         self._model = EcdfCopod(emb)
 
@@ -171,6 +175,24 @@ class CopodDetector:
                    feature_size=int(_field(fields, "feature_size", "128")),
                    false_reject_rate=float(rate) if rate not in (None, "") else None,
                    n_calibration=int(_field(fields, "n_calibration", "0")))
+
+
+def scores_npy(scores: np.ndarray) -> bytes:
+    """SCORES_FILE's content: the calibration scores as a float64 .npy (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(scores, np.float64).ravel(), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_scores(path: Path, n_calibration: int) -> np.ndarray | None:
+    """SCORES_FILE's scores, or None when they do not fit the fallback they claim to calibrate."""
+    try:
+        scores = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    scores = np.asarray(scores, np.float64).ravel()
+    ok = scores.size and scores.size == n_calibration and np.isfinite(scores).all()
+    return scores if ok else None
 
 
 def _field(fields: dict, key: str, default: str | None = None) -> str:

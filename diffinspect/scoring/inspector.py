@@ -92,15 +92,16 @@ class Inspector:
 
         b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         det = load_detector(b, detector, backend, device, sampler)
-        return cls(det, _calibration_scores(b) if det.name == "diffusion" else None)
+        return cls(det, _calibration_scores(b) if det.name == "diffusion" else det.calibration_scores)
 
     @classmethod
     def fallback(cls, bundle: str | Path | Bundle) -> Inspector:
-        """The bundle's COPOD fallback. The bundle does not keep its calibration scores: no p-values
-        (wrap a freshly fitted one as Inspector(copod, copod.calibration_scores) to have them)."""
+        """The bundle's COPOD fallback, with its calibration scores (none in a bundle calibrated before
+        they were kept: no p-values then)."""
         from diffinspect.scoring.loader import load_fallback
 
-        return cls(load_fallback(bundle))
+        det = load_fallback(bundle)
+        return cls(det, det.calibration_scores)
 
     @property
     def name(self) -> str:

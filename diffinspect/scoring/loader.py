@@ -50,13 +50,15 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
 
 def load_fallback(bundle: str | Path | Bundle) -> Detector:
     """The COPOD fallback stored in a bundle (classical features; never needs torch or an accelerator)."""
-    from diffinspect.scoring.copod import CopodDetector
+    from diffinspect.scoring.copod import SCORES_FILE, CopodDetector, load_scores
 
     b = _bundle(bundle)
     fields = b.manifest.get("fallback")
     if not fields:
         raise DiffinspectError(f"bundle {b.path} has no COPOD fallback: run `inspect calibrate {b.path}`")
     det = CopodDetector.load(b.file(fields["file"]), fields, Preprocess.from_dict(b.manifest["preprocess"]))
+    if b.has(SCORES_FILE):  # absent from bundles calibrated before the fallback kept them
+        det.calibration_scores = load_scores(b.file(SCORES_FILE), det.n_calibration)
     det.health = _health(b)
     return det
 

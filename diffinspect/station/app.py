@@ -86,10 +86,10 @@ class Station:
         for key, since in (("hour", hour), ("shift", shift)):
             c = db.status_counts(since)
             span_min = max((now - since) / 60.0, 1e-9)
-            counts[key] = {"total": c["n"], "ok": c["ok"], "ng": c["ng"], "error": c["error"],
+            counts[key] = {"total": c["n"], "ok": c["ok"], "ng": c["ng"], "error": c["error"], "hold": c["hold"],
                            "per_minute": c["n"] / span_min, "since": since}
         # OK/NG/error per minute over the last hour.
-        trend = [{"t": hour + 60 * i, "ok": 0, "ng": 0, "error": 0} for i in range(60)]
+        trend = [{"t": hour + 60 * i, "ok": 0, "ng": 0, "error": 0, "hold": 0} for i in range(60)]
         for r in db.per_minute(hour):
             if 0 <= r["b"] <= 60:  # 60: scored this very second
                 trend[min(r["b"], 59)][r["status"]] += r["n"]
@@ -113,6 +113,8 @@ class Station:
                 "threshold": last["threshold"], "at": last["scored_at"]},
             "histogram": _histogram(db.scores(after=recent_id, last=2000), last["detector"] if last else None),
             "rejects": rejects, "health": health, "bands": self._bands(), **_alarms(db),
+            # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
+            "hold": db.held(after=recent_id),
         }
 
     def frame(self, frame_id: int) -> dict[str, Any] | None:

@@ -94,10 +94,11 @@ class ResultsReader:
         return self._one("SELECT * FROM frames WHERE id = ?", (frame_id,))
 
     def status_counts(self, since: float) -> dict[str, int]:
-        """Frames scored since `since`: total, ok, ng, error."""
-        r = self._one("SELECT COUNT(*) n, SUM(status='ok') ok, SUM(status='ng') ng, SUM(status='error') error "
-                      "FROM frames WHERE id >= ? AND scored_at >= ?", (self.first_id_since(since), since))
-        return {k: (r or {}).get(k) or 0 for k in ("n", "ok", "ng", "error")}
+        """Frames scored since `since`: total, ok, ng, error, hold."""
+        r = self._one("SELECT COUNT(*) n, SUM(status='ok') ok, SUM(status='ng') ng, SUM(status='error') error, "
+                      "SUM(status='hold') hold FROM frames WHERE id >= ? AND scored_at >= ?",
+                      (self.first_id_since(since), since))
+        return {k: (r or {}).get(k) or 0 for k in ("n", "ok", "ng", "error", "hold")}
 
     def per_minute(self, since: float) -> list[dict[str, Any]]:
         """(minute b since `since`, status, n) for the frames scored since then."""
@@ -128,6 +129,13 @@ class ResultsReader:
     def rejects(self, after: int, last: int) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM frames WHERE id > ? AND status = 'ng' ORDER BY id DESC LIMIT ?",
                          (after, last))
+
+    def held(self, after: int) -> list[dict[str, Any]]:
+        """The camera folders whose newest row (after id `after`) is held, with why and since when."""
+        if "hold_reason" not in self.columns():
+            return []
+        return self._all("SELECT id, folder, hold_reason, scored_at FROM frames WHERE id IN (SELECT MAX(id) "
+                         "FROM frames WHERE id > ? GROUP BY folder) AND status = 'hold' ORDER BY folder", (after,))
 
     def health(self, after: int, last: int) -> list[dict[str, Any]]:
         """id, scored_at, folder and the health JSON of the newest `last` frames that have it, newest first

@@ -32,7 +32,7 @@ from typing import TextIO
 from diffinspect import DiffinspectError
 from diffinspect.scoring.record import Record, storable
 
-_SCHEMA = """
+_FRAMES = """
 CREATE TABLE IF NOT EXISTS frames (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     path TEXT NOT NULL,           -- absolute path where the frame was found
@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS frames (
     size INTEGER NOT NULL,
     mtime REAL NOT NULL,          -- unix seconds
     mtime_ns INTEGER NOT NULL,    -- exact, part of the frame's identity
-    status TEXT NOT NULL CHECK (status IN ('ok', 'ng', 'error')),
+    status TEXT NOT NULL CHECK (status IN ('ok', 'ng', 'error', 'hold')),  -- hold: see hold_reason
     score REAL,
     threshold REAL,
     detector TEXT,                -- diffusion | copod (NULL for error rows)
@@ -52,8 +52,11 @@ CREATE TABLE IF NOT EXISTS frames (
     received_at REAL NOT NULL,    -- unix seconds, when the watcher first saw the file
     scored_at REAL NOT NULL,      -- unix seconds, when the row was written
     health TEXT,                  -- JSON: brightness, contrast, sharpness, shift (scoring/health.py)
+    p_value REAL,                 -- conformal p-value of the score: reject at a plant's alpha when p <= alpha
+    hold_reason TEXT,             -- the camera's open alarms that held the verdict (on_alarm = "hold")
     UNIQUE (path, size, mtime_ns)
-);
+)"""
+_EVENTS = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     at REAL NOT NULL,             -- unix seconds
@@ -62,16 +65,17 @@ CREATE TABLE IF NOT EXISTS events (
     state TEXT NOT NULL CHECK (state IN ('raised', 'cleared')),
     detail TEXT,
     folder TEXT                   -- the camera folder(s) of the lane
-);
-"""
+)"""
+_SCHEMA = f"{_FRAMES};{_EVENTS};"
 
 
 # The table's columns in schema order (also the order of the JSON lines' keys).
 _COLUMNS = ["path", "folder", "size", "mtime", "mtime_ns", "status", "score", "threshold", "detector", "backend",
-            "latency_ms", "overlay", "error", "fallback_reason", "received_at", "scored_at", "health"]
+            "latency_ms", "overlay", "error", "fallback_reason", "received_at", "scored_at", "health", "p_value",
+            "hold_reason"]
 _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
-_TEXT_COLUMNS = ("path", "folder", "overlay", "error", "fallback_reason", "backend", "detector")
+_TEXT_COLUMNS = ("path", "folder", "overlay", "error", "fallback_reason", "backend", "detector", "hold_reason")
 _SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM frames"
 
 
@@ -299,8 +303,32 @@ def _ident(path: Path) -> tuple[int, int] | None:
 def _migrate(db: sqlite3.Connection) -> None:
     """Columns added since the first schema, for results.db files written by older versions."""
     cols = {r[1] for r in db.execute("PRAGMA table_info(frames)")}
-    if cols and "health" not in cols:
-        db.execute("ALTER TABLE frames ADD COLUMN health TEXT")
+    for name, kind in (("health", "TEXT"), ("p_value", "REAL"), ("hold_reason", "TEXT")):
+        if cols and name not in cols:
+            db.execute(f"ALTER TABLE frames ADD COLUMN {name} {kind}")
+    sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'frames'").fetchone()
+    if sql and "'hold'" not in sql[0]:
+        _allow_hold(db)
+
+
+def _allow_hold(db: sqlite3.Connection) -> None:
+    """SQLite cannot change a CHECK constraint in place: the frames table is copied into one whose status
+    may also be 'hold', ids and the id sequence kept, in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'frames'").fetchone()
+        db.execute("ALTER TABLE frames RENAME TO frames_before_hold")
+        db.execute(_FRAMES)
+        names = ", ".join(["id", *_COLUMNS])
+        db.execute(f"INSERT INTO frames ({names}) SELECT {names} FROM frames_before_hold")
+        db.execute("DROP TABLE frames_before_hold")
+        if seq is not None:
+            db.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'frames'", (seq[0],))
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
 
 
 def _last_jsonl_id(path: Path) -> int | None:
