@@ -194,6 +194,8 @@ def calibrate(
                                       "score: minp, sum or max (default: the bundle's)."),
     frame_detector: str | None = typer.Option(None, "--frame-detector", help="The detector on the frame "
                                               "embeddings: gaussian or copod (default: the bundle's)."),
+    exclude_suspects: bool = _flag("--exclude-suspects", help="Calibrate again without the calibration images "
+                                   "that look defective (listed either way)."),
 ) -> None:
     """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
     from diffinspect.scoring.threshold import describe_bound
@@ -205,7 +207,8 @@ def calibrate(
         folder = normal_dir or bundle
         if folder is None or out is None:
             raise DiffinspectError("usage: inspect calibrate --detector copod GOOD_DIR --out BUNDLE")
-        n, thr = calibrate_copod_only(_existing(folder, "folder"), out, false_reject_rate)
+        n, thr = calibrate_copod_only(_existing(folder, "folder"), out, false_reject_rate, exclude_suspects,
+                                      log=console.print)
         console.print(f"COPOD bundle written to {out}: threshold {thr:.4g}")
         console.print(describe_bound(n, false_reject_rate))
         return
@@ -227,7 +230,7 @@ def calibrate(
 
         result = run_calibrate(bundle, normal_dir, false_reject_rate, backend, device, sampler,
                                progress=progress, log=bar.console.print, fusion=fusion,
-                               frame_detector=frame_detector)
+                               frame_detector=frame_detector, exclude_suspects=exclude_suspects)
     console.print(f"threshold [bold]{result.threshold:.4g}[/] (pixel {result.pixel_threshold:.4g}) "
                   f"on {result.backend}; statistics from {result.n_reference} images")
     console.print(result.bound)

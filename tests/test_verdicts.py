@@ -209,3 +209,53 @@ def test_held_frames_are_rejected_to_manual_check_until_the_alarm_clears(tmp_pat
     assert all(rejects[r["id"]] == (r["status"] == "hold") for r in rows)  # the PLC sends held parts to check
     assert [(h["folder"], h["hold_reason"]) for h in seen_by_station[0]] == [(str(cam), "lighting changed")]
     assert Station(out).state()["hold"] == []  # cleared: the camera's newest verdict is no longer held
+
+
+# -- suspects: calibration images that look defective ------------------------------------------------
+
+
+def test_suspects_are_the_outliers_of_a_calibration_set_and_a_clean_set_has_none() -> None:
+    from diffinspect.scoring.suspects import benjamini_hochberg, find_suspects, leave_one_out_p
+
+    rng = np.random.default_rng(0)
+    flagged_clean = [len(find_suspects(rng.normal(0, 1, 200), [str(i) for i in range(200)])) for _ in range(40)]
+    assert sum(n > 0 for n in flagged_clean) <= 4  # BH at 5 % on a clean set: rarely any flag at all
+    scores = np.r_[rng.gamma(2.0, 1.0, 300), 25.0, 30.0]  # skewed good scores and two defects
+    found = find_suspects(scores, [f"img{i}" for i in range(302)])
+    assert [s.image for s in found] == ["img301", "img300"] and found[0].p_value < found[1].p_value < 1e-4
+    p = leave_one_out_p(scores)
+    assert p.shape == (302,) and np.all((p > 0) & (p <= 1)) and p[:300].min() > 1e-3
+    assert benjamini_hochberg(np.array([0.001, 0.02, 0.5, 0.03]), 0.05).tolist() == [True, True, False, True]
+
+
+def test_calibrate_lists_a_defective_image_among_the_good_ones_and_can_exclude_it(line_dir, tmp_path):
+    from diffinspect.evaluation.evaluate import _suspect_notes
+
+    good = tmp_path / "good"
+    shutil.copytree(line_dir / "train" / "good", good)
+    bad = []
+    for i, p in enumerate(sorted(good.iterdir())[:4]):  # a dark patch over a third of the part
+        img = cv2.imread(str(p))
+        img[10:40, 10:40] = 0
+        cv2.imwrite(str(good / f"zz{i}.png"), img)
+        bad.append(good / f"zz{i}.png")
+
+    def run(*flags: str) -> tuple[str, dict]:
+        out = tmp_path / f"b{len(flags)}"
+        res = subprocess.run([sys.executable, "-m", "diffinspect", "calibrate", "--detector", "copod", str(good),
+                              "--out", str(out), "--false-reject-rate", "0.1", *flags], capture_output=True,
+                             text=True, env={**os.environ, "COLUMNS": "300"})
+        assert res.returncode == 0, res.stderr
+        return res.stdout + res.stderr, json.loads((out / "suspects.json").read_text())
+
+    said, found = run()
+    flagged = {s["image"] for s in found["suspects"]}
+    assert flagged and flagged <= {str(p) for p in bad}  # only defective images, none of the good ones
+    assert all(Path(f).name in said for f in flagged) and "--exclude-suspects" in said
+    notes = _suspect_notes(tmp_path / "b0")
+    assert all(any(f in n and "looks defective" in n for n in notes) for f in flagged)
+    said, found = run("--exclude-suspects")
+    assert {s["image"] for s in found["excluded"]} == flagged and "excluded" in said
+    assert {s["image"] for s in found["suspects"]} <= {str(p) for p in bad} - flagged  # the split was drawn anew
+    fields = Bundle.load(tmp_path / "b1").manifest["fallback"]
+    assert int(fields["n_fit"]) + int(fields["n_calibration"]) == 64 - len(flagged)  # fitted without them

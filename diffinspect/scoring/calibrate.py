@@ -37,6 +37,8 @@ from diffinspect.scoring.diffusion import (
     robust_scale,
 )
 from diffinspect.scoring.health import fit_health, save_health
+from diffinspect.scoring.suspects import RULE, SUSPECTS_FILE, Suspect, find_suspects, suspects_json
+from diffinspect.scoring.suspects import describe as describe_suspects
 from diffinspect.scoring.threshold import (
     check_calibration_size,
     conformal_threshold,
@@ -122,9 +124,12 @@ def calibrate(
     log: Callable[[str], None] = print,
     fusion: str | None = None,
     frame_detector: str | None = None,
+    exclude_suspects: bool = False,
+    _excluded: tuple[Suspect, ...] = (),
 ) -> CalibrationResult:
     """fusion (FUSION_RULES) and frame_detector (FRAME_DETECTORS): how the frame-level term is made and
-    joins the diffusion score; kept in the bundle's recipe. None keeps the recipe's."""
+    joins the diffusion score; kept in the bundle's recipe. None keeps the recipe's.
+    exclude_suspects: calibrate again without the calibration images that look defective (suspects.py)."""
     for flag, value, allowed in (("--fusion", fusion, FUSION_RULES), ("--frame-detector", frame_detector,
                                                                         FRAME_DETECTORS)):
         if value is not None and value not in allowed:
@@ -132,11 +137,16 @@ def calibrate(
     bundle = Bundle.load(bundle_path)
     prep = Preprocess.from_dict(bundle.manifest["preprocess"])
     reference, calib, described = image_sets(bundle, normal_dir)
+    if _excluded:
+        dropped = {s.image for s in _excluded}
+        calib = [p for p in calib if str(p) not in dropped]
+        described += f", {len(_excluded)} suspect(s) excluded"
     check_calibration_size(len(calib), false_reject_rate,
                            hint="name a folder with more good images, or raise --false-reject-rate")
     log(f"calibrating on {described}")
     ref_frames = read_images(reference, prep.color, "reference images", progress=progress).frames
-    cal_frames = read_images(calib, prep.color, "calibration images", progress=progress).frames
+    cal_read = read_images(calib, prep.color, "calibration images", progress=progress)
+    cal_frames = cal_read.frames
 
     engine = make_engine(bundle, backend, device, sampler)
     size = prep.image_size
@@ -179,6 +189,13 @@ def calibrate(
     else:
         fused = (np.zeros(0), np.zeros(0))
         threshold = conformal_threshold(scores, false_reject_rate)
+    found = find_suspects(scores, [str(p) for p in cal_read.paths])
+    if exclude_suspects and found:
+        log(f"{len(found)} suspect calibration image(s) ({RULE}): calibrating again without them")
+        return calibrate(bundle_path, normal_dir, false_reject_rate, backend, device, sampler, fallback, progress,
+                         log, fusion, frame_detector, _excluded=(*_excluded, *found))
+    for line in describe_suspects(found, list(_excluded)):
+        log(line)
     # Health ranges and score quantiles on the calibration frames: what drift alarms compare the line to.
     cal_scores = {detector.name: scores}
     if copod is not None and copod.calibration_scores is not None:
@@ -192,6 +209,7 @@ def calibrate(
     copod_fields = None
     with bundle.updating() as up:
         up.write_bytes(CALIBRATION_FILE, buf.getvalue())
+        up.write_bytes(SUSPECTS_FILE, suspects_json(found, list(_excluded)))
         if copod is not None:
             copod_fields = _save_fallback(up, copod)
         up.manifest["score"].update(fusion=recipe.fusion, frame_detector=recipe.frame_detector)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.image import Preprocess
@@ -45,6 +47,7 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     det = DiffusionDetector(engine, Preprocess.from_dict(b.manifest["preprocess"]), stats, cal["threshold"],
                             cal["pixel_threshold"], cal["n"], cal["false_reject_rate"], frame_term=frame_term)
     det.health = _health(b)
+    det.calibration_scores = _calibration_scores(z)
     return det
 
 
@@ -72,3 +75,10 @@ def _health(b: Bundle):  # noqa: ANN202 (HealthProfile | None)
         return load_health(b)
     except DiffinspectError:
         return None
+
+
+def _calibration_scores(z: dict) -> np.ndarray | None:
+    """The calibration parts' scores stored by `inspect calibrate` (the fused scores where the bundle
+    fuses a frame term), or None for a bundle calibrated before they were kept."""
+    scores = np.asarray(z.get("scores", []), np.float64).ravel()
+    return scores if scores.size and np.isfinite(scores).all() else None
