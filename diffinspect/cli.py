@@ -204,6 +204,8 @@ def calibrate(
                                      "it rejects at most --false-reject-rate of good parts (needs one fixed score "
                                      "and enough images; otherwise the average bound holds, and it says why). "
                                      "0 asks for the average bound only."),
+    exclude_suspects: bool = _flag("--exclude-suspects", help="Calibrate again without the calibration images "
+                                   "that look defective (listed either way)."),
 ) -> None:
     """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
     from diffinspect.scoring.threshold import describe_bound
@@ -214,7 +216,8 @@ def calibrate(
         folder = normal_dir or bundle
         if folder is None or out is None:
             raise DiffinspectError("usage: inspect calibrate --detector copod GOOD_DIR --out BUNDLE")
-        n, thr = calibrate_copod_only(_existing(folder, "folder"), out, false_reject_rate)
+        n, thr = calibrate_copod_only(_existing(folder, "folder"), out, false_reject_rate, exclude_suspects,
+                                      log=console.print)
         console.print(f"COPOD bundle written to {out}: threshold {thr:.4g}")
         console.print(describe_bound(n, false_reject_rate))
         return
@@ -236,7 +239,8 @@ def calibrate(
 
         result = run_calibrate(bundle, normal_dir, false_reject_rate, backend, device, sampler,
                                progress=progress, log=bar.console.print, fusion=fusion,
-                               frame_detector=frame_detector, confidence=confidence or None)
+                               frame_detector=frame_detector, confidence=confidence or None,
+                               exclude_suspects=exclude_suspects)
     console.print(f"threshold [bold]{result.threshold:.4g}[/] (pixel {result.pixel_threshold:.4g}) "
                   f"on {result.backend}; statistics from {result.n_reference} images")
     console.print(result.bound)
@@ -309,6 +313,9 @@ def watch(
     max_latency_ms: float | None = typer.Option(None, "--max-latency-ms",
                                                 help="Frames that would miss this deadline go to the fallback."),
     max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Larger frames get an error row."),
+    on_alarm: str | None = typer.Option(None, "--on-alarm", help="While a lighting, focus or camera-moved alarm "
+                                        "is open for a camera: flag (default) or hold (its verdicts are hold: "
+                                        "rejected to manual check)."),
     mqtt: str | None = typer.Option(None, "--mqtt", help="Publish every verdict to this MQTT broker, "
                                     "e.g. mqtt://broker:1883 (more under \\[watch.mqtt] in ./inspect.toml)."),
     opcua: str | None = typer.Option(None, "--opcua", help="Write every verdict to this PLC's OPC UA server, "
@@ -340,7 +347,8 @@ def watch(
     # A flag wins over the file; where neither is given, WatchOptions keeps its own default.
     given = {"batch": batch if batch is not None else settings.batch,  # --batch 0 is refused, not the default
              "overlays": overlays or settings.overlays, "after": after or settings.after,
-             "max_latency_ms": max_latency_ms or settings.max_latency_ms}
+             "max_latency_ms": max_latency_ms or settings.max_latency_ms,
+             "on_alarm": on_alarm or settings.on_alarm}
     options = WatchOptions(recursive=recursive, pattern=pattern, once=once, quiet=quiet,
                            max_megapixels=max_megapixels, **{k: v for k, v in given.items() if v is not None})
     make_detector, make_fallback = factories(bundle)
@@ -348,7 +356,8 @@ def watch(
     out = out or Path(settings.out or "inspect_results")
     summary = run_watch(folders, out, make_detector, make_fallback, options, per_folder=per_folder or None,
                         outputs=outputs)
-    console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, error {summary.error}, "
+    held = f"hold {summary.hold}, " if summary.hold else ""
+    console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, {held}error {summary.error}, "
                   f"fallback {summary.fallback}); {summary.fps:.1f} frames/s while scoring, "
                   f"{summary.elapsed_s:.1f} s in all")
     if outputs:

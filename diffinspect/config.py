@@ -241,6 +241,7 @@ class WatchSettings:
     overlays: str | None = None
     after: str | None = None
     max_latency_ms: float | None = None
+    on_alarm: str | None = None  # flag | hold: see line/options.py
     cameras: dict[str, str] = field(default_factory=dict)
     mqtt: dict[str, Any] | None = None  # [watch.mqtt] and [watch.opcua]: checked by load_outputs, where the
     opcua: dict[str, Any] | None = None  # command line's URL flags join them

@@ -100,8 +100,8 @@ def seconds_naive(out: Path) -> list[tuple]:
     """The seconds table as it must be: one GROUP BY over every row of frames."""
     with sqlite3.connect(out / "results.db") as db:
         return db.execute("SELECT CAST(scored_at AS INTEGER) - (scored_at < CAST(scored_at AS INTEGER)) s, "
-                          "SUM(status = 'ok'), SUM(status = 'ng'), SUM(status = 'error'), MIN(id), MAX(id) "
-                          "FROM frames GROUP BY s ORDER BY s").fetchall()
+                          "SUM(status = 'ok'), SUM(status = 'ng'), SUM(status = 'error'), MIN(id), MAX(id), "
+                          "SUM(status = 'hold') FROM frames GROUP BY s ORDER BY s").fetchall()
 
 
 def seconds_kept(out: Path) -> list[tuple]:

@@ -224,7 +224,25 @@ def _load_detectors(bundles: Sequence[str | Path], backend: str, device: str,
             if warning:
                 notes.insert(0, f"WARNING, {name}: {warning}")
         out[_unique(f"{prefix}copod_fallback", out)] = load_detector(bundle, "copod")
+        notes.extend(_suspect_notes(bundle))
     return out
+
+
+def _suspect_notes(bundle: Path) -> list[str]:
+    """The calibration images `inspect calibrate` flagged as likely defective, and those it excluded."""
+    from diffinspect.bundle import Bundle
+    from diffinspect.scoring.suspects import SUSPECTS_FILE, load_suspects
+
+    b = Bundle.load(bundle, verify=False)
+    if not b.has(SUSPECTS_FILE):
+        return []
+    found = load_suspects(b.file(SUSPECTS_FILE).read_bytes())
+    out = [f"{bundle}: calibration image {s['image']} looks defective (score {s['score']:.4g}, p = "
+           f"{s['p_value']:.2g}; {found['rule']}): check it, or calibrate with --exclude-suspects"
+           for s in found["suspects"]]
+    out += [f"{bundle}: calibration image {s['image']} was excluded as a suspect (p = {s['p_value']:.2g})"
+            for s in found["excluded"]]
+    return out or [f"{bundle}: no calibration image looks defective ({found['rule']})"]
 
 
 def _beaten(datasets: dict) -> list[str]:
@@ -630,7 +648,8 @@ def _gallery_item(m: Method, sample: TestSample, score: float, label: str, notes
     image = None
     # Re-scoring a handful of frames is cheaper than holding every map of a large test set in memory;
     # the caption and label keep the score from the evaluation run.
-    amap = m.inspector.inspect([frame])[0].map if m.inspector is not None else None
+    verdict = m.inspector.inspect([frame])[0] if m.inspector is not None else None
+    amap = verdict.map if verdict is not None else None
     if amap is not None:
         try:
             from diffinspect.scoring.overlay import render_overlay
@@ -645,6 +664,8 @@ def _gallery_item(m: Method, sample: TestSample, score: float, label: str, notes
     if image is None:
         image = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR if frame.shape[2] == 1 else cv2.COLOR_RGB2BGR)
     caption = f"{sample.path.name} ({sample.defect}) score {score:.3g}"
+    if verdict is not None and verdict.p_value is not None:  # a plant may reject at its own alpha: p <= alpha
+        caption += f", p = {verdict.p_value:.2g}"
     return GalleryItem(caption, image)
 
 

@@ -35,6 +35,8 @@ class Committer:
         self.overlay_writer, self.disposal, self.done = overlay_writer, disposal, done
         self.say, self.stopping = say, stopping
         self.on_commit: list[CommitHook] = []
+        # on_alarm = "hold": why a camera folder's verdicts are held now (its open alarms), else None.
+        self.held: Callable[[Path], str | None] | None = None
 
     def commit(self, items: list[Item]) -> None:
         rows = [self._safe_row(it) for it in items]
@@ -66,15 +68,16 @@ class Committer:
         if it.error is None and (v is None or by is None):
             it.error = "internal error: no verdict"
         bad = it.error is not None or v.label == "error"
+        hold = None if bad or self.held is None else self.held(c.folder)
         return Record(
             path=str(c.path), folder=str(c.folder), size=c.size, mtime=c.mtime_ns / 1e9,
-            mtime_ns=c.mtime_ns, status="error" if bad else v.label,
+            mtime_ns=c.mtime_ns, status="error" if bad else "hold" if hold else v.label,
             score=None if bad else v.score, threshold=None if bad else by.threshold,
             detector=None if bad else by.name, backend=None if bad else by.backend,
             latency_ms=None, overlay=None if bad else self._overlay(it), error=it.error or (v.error if bad else None),
             fallback_reason=it.fallback_reason, received_at=c.received_at, scored_at=0.0,
             health=None if bad or it.health is None else it.health.json(),
-            p_value=None if bad else v.p_value)
+            p_value=None if bad else v.p_value, hold_reason=hold)
 
     def _overlay(self, it: Item) -> str | None:
         """Written before the row is committed, so a row's overlay path always exists."""

@@ -28,6 +28,8 @@ class View:
         t.add_column()
         t.add_row("frames", f"{sum(c.values())}")
         t.add_row("OK / NG / error", f"[green]{c['ok']}[/] / [red]{c['ng']}[/] / [yellow]{c['error']}[/]")
+        if c["hold"]:
+            t.add_row("held (alarm open)", f"[magenta]{c['hold']}[/]")
         t.add_row("frames/s, last 10 s / while scoring", f"{s.rate():.1f} / {s.busy_rate():.1f}")
         t.add_row("latency p50 / p99", "-" if p50 is None else f"{p50:.0f} / {p99:.0f} ms")
         t.add_row("scored by fallback", f"{s.fallback}")

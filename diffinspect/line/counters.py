@@ -14,7 +14,7 @@ from diffinspect.scoring.record import Record
 
 @dataclass
 class WatchSummary:
-    scored: int  # frames with a score (ok + ng)
+    scored: int  # frames with a score (ok + ng + hold)
     ok: int
     ng: int
     error: int
@@ -24,6 +24,7 @@ class WatchSummary:
     latency_p99_ms: float | None
     max_queue_depth: int  # high-water mark of the bounded scoring queues
     elapsed_s: float
+    hold: int = 0  # scored while an alarm held the camera (on_alarm = "hold")
 
     @property
     def frames(self) -> int:
@@ -35,7 +36,7 @@ class Stats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.counts = {"ok": 0, "ng": 0, "error": 0}
+        self.counts = {"ok": 0, "ng": 0, "error": 0, "hold": 0}
         self.fallback = 0
         self.latencies: deque[float] = deque(maxlen=100_000)
         self.recent: deque[tuple[float, int]] = deque()  # (time, rows) over the last 10 s
@@ -90,7 +91,7 @@ class Stats:
     def summary(self, max_queue: int, elapsed: float) -> WatchSummary:
         p50, p99 = self.percentiles()
         c = self.counts
-        return WatchSummary(scored=c["ok"] + c["ng"], ok=c["ok"], ng=c["ng"], error=c["error"],
+        return WatchSummary(scored=c["ok"] + c["ng"] + c["hold"], ok=c["ok"], ng=c["ng"], error=c["error"],
                             fallback=self.fallback, fps=self.busy_rate(),
                             latency_p50_ms=p50, latency_p99_ms=p99, max_queue_depth=max_queue,
-                            elapsed_s=elapsed)
+                            elapsed_s=elapsed, hold=c["hold"])

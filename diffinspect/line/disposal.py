@@ -1,4 +1,4 @@
-"""What happens to a frame file after its row is committed: keep, move (to OUT/ok|ng|error) or delete.
+"""What happens to a frame file after its row is committed: keep, move (to OUT/ok|ng|error|hold) or delete.
 
 The one place that moves or deletes a watched file. It runs only for frames whose row is committed:
 right after the commit (the lane), or on start-up for frames an earlier run committed but did not get
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # OUT's own folders: overlays, and the moved frames by status; the intake never takes frames from them.
-OUTPUT_SUBDIRS = ("overlays", "ok", "ng", "error")
+OUTPUT_SUBDIRS = ("overlays", "ok", "ng", "error", "hold")
 
 _move_lock = threading.Lock()  # lanes move concurrently; free-name search + rename must be atomic
 

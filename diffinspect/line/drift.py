@@ -70,6 +70,7 @@ ALARMS = {"lighting": "lighting changed", "focus": "out of focus", "camera": "ca
           "score": "score drift: re-calibrate"}
 TESTS = {"lighting": (("brightness", "both"), ("contrast", "both")), "focus": (("sharpness", "low"),),
          "camera": (("offset_x", "both"), ("offset_y", "both"))}
+HOLD_KINDS = ("lighting", "focus", "camera")  # the camera is wrong: on_alarm = "hold" holds its verdicts
 
 
 def exceedance_bound(r: int, n: int, delta: float = 1e-3) -> float:
@@ -313,11 +314,21 @@ class DriftHub:
                  lam: float = LAMBDA) -> None:
         self.out, self.store, self.warn, self.info, self.lam = out, store, warn, info, lam
         self._pending: dict[tuple[str, int, int], tuple[LaneDrift, Health]] = {}
+        self._lanes: dict[Path, LaneDrift] = {}
         self._lock = threading.Lock()
         self._failed = False
 
     def lane(self, folders: list[Path]) -> LaneDrift:
-        return LaneDrift(self, ", ".join(str(f) for f in folders))
+        lane = LaneDrift(self, ", ".join(str(f) for f in folders))
+        self._lanes.update(dict.fromkeys(folders, lane))
+        return lane
+
+    def held(self, folder: Path) -> str | None:
+        """The names of the lighting, focus and camera alarms open for a camera folder ("; "-joined), or
+        None. Read by the folder's own lane at commit, the thread that opens and clears them."""
+        lane = self._lanes.get(folder)
+        open_ = {} if lane is None or lane.monitor is None else lane.monitor.open
+        return "; ".join(ALARMS[k] for k in HOLD_KINDS if k in open_) or None
 
     def on_commit(self, rows: list[Record]) -> None:
         try:

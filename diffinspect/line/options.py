@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from diffinspect import DiffinspectError
 from diffinspect.vocab import After, Overlays
 
+ON_ALARM = ("flag", "hold")
+
 
 @dataclass
 class WatchOptions:
@@ -30,6 +32,9 @@ class WatchOptions:
     rescan_seconds: float = 5.0  # safety net for missed file events
     score_timeout_s: float | None = 120.0  # a diffusion call hung this long counts as failed
     decode_workers: int = 2
+    # While a lighting, focus or camera-moved alarm is open for a camera: "flag" raises it and keeps the
+    # verdicts; "hold" makes every scored verdict of that camera `hold` (the part goes to manual check).
+    on_alarm: str = "flag"
     stop: threading.Event | None = None  # set it to stop (tests, embedding)
 
     def validate(self) -> None:
@@ -49,6 +54,7 @@ class WatchOptions:
              "waiting times cannot be negative"),
             (self.retry_seconds > 0 and self.rescan_seconds > 0, "retry and rescan periods must be positive"),
             (self.decode_workers >= 1, "decode workers must be at least 1"),
+            (self.on_alarm in ON_ALARM, f"on_alarm must be flag or hold, got {self.on_alarm!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -94,6 +94,8 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
     committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, say, stop_taking)
     drift = DriftHub(out, store, say.warn, say.info)
     committer.on_commit += [stats.record, say.rows, drift.on_commit, *hooks]
+    if opts.on_alarm == "hold":
+        committer.held = drift.held
     shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking, drift=drift)
     lanes = [Lane(folders, q, Supervisor(*pair, opts, say), shared)
              for (folders, pair), q in zip(groups, queues, strict=True)]

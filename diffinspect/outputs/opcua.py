@@ -109,7 +109,9 @@ class OpcuaOutput:
         values = []
         for role, _node, vtype in self._nodes:
             if role == "reject":
-                value: object = row["status"] != "ok"  # a frame that could not be scored is not passed
+                # Only ok passes: an error (could not be scored) or a hold (an alarm is open for its camera)
+                # goes to manual check like an NG.
+                value: object = row["status"] != "ok"
                 value = value if vtype == "Boolean" else int(value)
             elif role == "score":
                 score = row.get("score")

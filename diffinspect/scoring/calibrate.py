@@ -36,6 +36,8 @@ from diffinspect.scoring.diffusion import (
     robust_scale,
 )
 from diffinspect.scoring.health import fit_health, save_health
+from diffinspect.scoring.suspects import RULE, SUSPECTS_FILE, Suspect, find_suspects, suspects_json
+from diffinspect.scoring.suspects import describe as describe_suspects
 from diffinspect.scoring.threshold import (
     RULES,
     check_calibration_size,
@@ -123,6 +125,8 @@ def calibrate(
     fusion: str | None = None,
     frame_detector: str | None = None,
     confidence: float | None = 0.95,
+    exclude_suspects: bool = False,
+    _excluded: tuple[Suspect, ...] = (),
 ) -> CalibrationResult:
     """fusion (Fusion) and frame_detector (FrameDetector): how the frame-level term is made and
     joins the diffusion score; kept in the bundle's recipe. None keeps the recipe's.
@@ -130,7 +134,8 @@ def calibrate(
     confidence: the threshold is the calibration-conditional one (with this confidence, this threshold
     rejects at most false_reject_rate of good parts) where it can be: a threshold on one fixed score (no
     best-rank fusion) and enough images. Otherwise the marginal (average) bound holds, and the result says
-    why. None asks for the marginal bound."""
+    why. None asks for the marginal bound.
+    exclude_suspects: calibrate again without the calibration images that look defective (suspects.py)."""
     if confidence is not None and not 0.5 <= confidence < 1:
         raise DiffinspectError(f"--confidence must be at least 0.5 and below 1, got {confidence}")
     for flag, value, allowed in (("--fusion", fusion, Fusion), ("--frame-detector", frame_detector, FrameDetector)):
@@ -139,11 +144,16 @@ def calibrate(
     bundle = Bundle.load(bundle_path)
     prep = bundle.manifest.preprocess
     reference, calib, described = image_sets(bundle, normal_dir)
+    if _excluded:
+        dropped = {s.image for s in _excluded}
+        calib = [p for p in calib if str(p) not in dropped]
+        described += f", {len(_excluded)} suspect(s) excluded"
     check_calibration_size(len(calib), false_reject_rate,
                            hint="name a folder with more good images, or raise --false-reject-rate")
     log(f"calibrating on {described}")
     ref_frames = read_images(reference, prep.color, "reference images", progress=progress).frames
-    cal_frames = read_images(calib, prep.color, "calibration images", progress=progress).frames
+    cal_read = read_images(calib, prep.color, "calibration images", progress=progress)
+    cal_frames = cal_read.frames
 
     engine = make_engine(bundle, backend, device, sampler)
     size = prep.image_size
@@ -187,6 +197,13 @@ def calibrate(
     else:
         fused = (np.zeros(0), np.zeros(0))
         threshold = conformal_threshold(scores, false_reject_rate)
+    found = find_suspects(scores, [str(p) for p in cal_read.paths])
+    if exclude_suspects and found:
+        log(f"{len(found)} suspect calibration image(s) ({RULE}): calibrating again without them")
+        return calibrate(bundle_path, normal_dir, false_reject_rate, backend, device, sampler, fallback, progress,
+                         log, fusion, frame_detector, confidence, _excluded=(*_excluded, *found))
+    for line in describe_suspects(found, list(_excluded)):
+        log(line)
     delta, why_average = _conditional(rule, len(scores), false_reject_rate, confidence)
     if delta is not None:
         threshold = conditional_threshold(scores, false_reject_rate, delta)
@@ -203,6 +220,7 @@ def calibrate(
     copod_record = None
     with bundle.updating() as up:
         up.write_bytes(CALIBRATION_FILE, buf.getvalue())
+        up.write_bytes(SUSPECTS_FILE, suspects_json(found, list(_excluded)))
         if copod is not None:
             copod_record = _save_fallback(up, copod)
         up.manifest.score = recipe
@@ -287,9 +305,12 @@ def _fit_fallback(fit_paths: list[Path], cal_frames, prep: Preprocess, rate: flo
 
 
 def _save_fallback(up: BundleUpdate, copod) -> Fallback:
+    from diffinspect.scoring.copod import SCORES_FILE, scores_npy
+
     with tempfile.TemporaryDirectory() as tmp:
         record = copod.save(tmp)
         staged = up.staging_path(record.file)
         shutil.move(Path(tmp) / record.file, staged)
     up.add_file(record.file, staged)
+    up.write_bytes(SCORES_FILE, scores_npy(copod.calibration_scores))
     return record

@@ -22,6 +22,7 @@ also keeps the runtime free of the pyod import (about 1.5 s, and it pulls in mat
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
     from diffinspect.scoring.health import HealthProfile
 
 EMBEDDINGS_FILE = "embeddings.npy"
+# The calibration parts' scores against the fit set: the fallback's verdicts rank among them for their
+# p-values. A bundle calibrated before they were kept has none (its fallback verdicts carry no p-value).
+SCORES_FILE = "fallback_scores.npy"
 MIN_FIT = 20  # below this the ECDF tails are too coarse (resolution 1/(n+1)) to separate anything
 _CHUNK_ELEMENTS = 4_000_000  # bound the (batch, n_fit, dims) comparison to a few MB at a time
 
@@ -111,9 +115,10 @@ class CopodDetector:
         self.feature_size = int(feature_size)
         self.false_reject_rate = false_reject_rate
         self.n_calibration = int(n_calibration)
-        self.calibration_scores: np.ndarray | None = None  # set by calibrate, not persisted
+        self.calibration_scores: np.ndarray | None = None  # kept in the bundle as SCORES_FILE
         self.calibration_embeddings: np.ndarray | None = None
         self.health: HealthProfile | None = None  # set by the loader from the bundle
+        self.calibration_index: np.ndarray | None = None  # fit_copod: the calibration frames among its input
         self._model = EcdfCopod(emb)
 
     def embed(self, frames: list[np.ndarray]) -> np.ndarray:
@@ -159,6 +164,24 @@ class CopodDetector:
                    false_reject_rate=record.false_reject_rate, n_calibration=record.n_calibration)
 
 
+def scores_npy(scores: np.ndarray) -> bytes:
+    """SCORES_FILE's content: the calibration scores as a float64 .npy (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(scores, np.float64).ravel(), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_scores(path: Path, n_calibration: int) -> np.ndarray | None:
+    """SCORES_FILE's scores, or None when they do not fit the fallback they claim to calibrate."""
+    try:
+        scores = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    scores = np.asarray(scores, np.float64).ravel()
+    ok = scores.size and scores.size == n_calibration and np.isfinite(scores).all()
+    return scores if ok else None
+
+
 def fit_copod(frames: list[np.ndarray], preprocess: Preprocess, false_reject_rate: float = 0.01, *,
               feature_size: int = 128, calibration_fraction: float = 0.5, seed: int = 0) -> CopodDetector:
     """Fit the fallback on good frames and set its threshold for the target false-reject rate.
@@ -173,22 +196,32 @@ def fit_copod(frames: list[np.ndarray], preprocess: Preprocess, false_reject_rat
     so P(good frame rejected) <= rate holds (split-conformal). Using every frame in both roles with a
     valid bound needs full or cross-conformal methods (per-frame re-ranking, or a 2x looser bound).
     """
-    n = len(frames)
-    need_cal = min_calibration_size(false_reject_rate)  # also rejects a rate outside (0, 1)
-    check_calibration_size(n, false_reject_rate, extra=MIN_FIT, what="good images", purpose="fit the COPOD fallback")
+    min_calibration_size(false_reject_rate)  # refuses a rate outside (0, 1) before embedding anything
+    check_calibration_size(len(frames), false_reject_rate, extra=MIN_FIT, what="good images",
+                           purpose="fit the COPOD fallback")
     if not 0.0 < calibration_fraction < 1.0:
         raise DiffinspectError(f"calibration fraction must be between 0 and 1, got {calibration_fraction}")
+    emb = embed_frames([preprocess.crop_roi(f) for f in frames], feature_size)
+    return fit_copod_embeddings(emb, preprocess, false_reject_rate, feature_size=feature_size,
+                                calibration_fraction=calibration_fraction, seed=seed)
+
+
+def fit_copod_embeddings(emb: np.ndarray, preprocess: Preprocess, false_reject_rate: float = 0.01, *,
+                         feature_size: int = 128, calibration_fraction: float = 0.5, seed: int = 0) -> CopodDetector:
+    """fit_copod on the frames' embeddings (N, D), already computed."""
+    n = len(emb)
+    need_cal = min_calibration_size(false_reject_rate)
+    check_calibration_size(n, false_reject_rate, extra=MIN_FIT, what="good images", purpose="fit the COPOD fallback")
     # Calibration gets at least what the rate needs; the fit part gets at least MIN_FIT.
     n_cal = min(max(need_cal, math.ceil(n * calibration_fraction)), n - MIN_FIT)
     # A random split, not the file order: frames often arrive in time order, and a drift between the
     # first and second half would make the calibration part unlike both the fit part and the line.
     order = np.random.default_rng(seed).permutation(n)
     cal_idx, fit_idx = np.sort(order[:n_cal]), np.sort(order[n_cal:])
-    embed_crop = [preprocess.crop_roi(f) for f in frames]
-    emb = embed_frames(embed_crop, feature_size)
     det = CopodDetector(emb[fit_idx], threshold=math.inf, preprocess=preprocess, feature_size=feature_size,
                         false_reject_rate=false_reject_rate, n_calibration=n_cal)
     scores = det.score_embeddings(emb[cal_idx])
     det.threshold = conformal_threshold(scores, false_reject_rate)
     det.calibration_scores = scores
+    det.calibration_index = cal_idx  # which frames calibrated it (suspects.py names them)
     return det

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.data.image import Preprocess
 from diffinspect.scoring.detector import Detector
@@ -79,7 +78,10 @@ class Inspector:
     scores into verdicts. calibration_scores: the good parts' scores the p-values rank a score among."""
 
     def __init__(self, detector: Detector, calibration_scores: np.ndarray | None = None) -> None:
+        """calibration_scores: None takes the detector's own (the loader sets them from the bundle)."""
         self.detector = detector
+        if calibration_scores is None:
+            calibration_scores = getattr(detector, "calibration_scores", None)
         cal = None if calibration_scores is None else np.sort(np.asarray(calibration_scores, np.float64).ravel())
         self.calibration_scores = cal if cal is not None and cal.size else None
 
@@ -90,17 +92,17 @@ class Inspector:
         fallback) with the bundle's calibration scores."""
         from diffinspect.scoring.loader import load_detector  # lazy: pulls in the backends
 
-        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        det = load_detector(b, detector, backend, device, sampler)
-        return cls(det, _calibration_scores(b) if det.name == "diffusion" else None)
+        det = load_detector(bundle, detector, backend, device, sampler)
+        return cls(det, getattr(det, "calibration_scores", None))
 
     @classmethod
     def fallback(cls, bundle: str | Path | Bundle) -> Inspector:
-        """The bundle's COPOD fallback. The bundle does not keep its calibration scores: no p-values
-        (wrap a freshly fitted one as Inspector(copod, copod.calibration_scores) to have them)."""
+        """The bundle's COPOD fallback, with its calibration scores (none in a bundle calibrated before
+        they were kept: no p-values then)."""
         from diffinspect.scoring.loader import load_fallback
 
-        return cls(load_fallback(bundle))
+        det = load_fallback(bundle)
+        return cls(det, det.calibration_scores)
 
     @property
     def name(self) -> str:
@@ -154,15 +156,3 @@ class Inspector:
             return np.asarray(own, np.float64).reshape(-1)
         return None if self.calibration_scores is None else conformal_p(self.calibration_scores, scores)
 
-
-def _calibration_scores(bundle: Bundle) -> np.ndarray | None:
-    """The calibration parts' scores stored by `inspect calibrate` (the fused scores where the bundle
-    fuses a frame term), or None for a bundle calibrated before they were kept."""
-    from diffinspect.engines.exports import CALIBRATION_FILE
-
-    try:
-        scores = bundle.arrays(CALIBRATION_FILE, {"scores": None})["scores"]
-    except DiffinspectError:
-        return None
-    scores = np.asarray(scores, np.float64).ravel()
-    return scores if scores.size and np.isfinite(scores).all() else None

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.scoring.detector import Detector
@@ -49,18 +51,21 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     det = DiffusionDetector(engine, b.manifest.preprocess, stats, cal.threshold, cal.pixel_threshold, cal.n,
                             cal.false_reject_rate, frame_term=frame_term)
     det.health = _health(b)
+    det.calibration_scores = _calibration_scores(z)
     return det
 
 
 def load_fallback(bundle: str | Path | Bundle) -> Detector:
     """The COPOD fallback stored in a bundle (classical features; never needs torch or an accelerator)."""
-    from diffinspect.scoring.copod import CopodDetector
+    from diffinspect.scoring.copod import SCORES_FILE, CopodDetector, load_scores
 
     b = _bundle(bundle)
     record = b.manifest.fallback
     if record is None:
         raise DiffinspectError(f"bundle {b.path} has no COPOD fallback: run `inspect calibrate {b.path}`")
     det = CopodDetector.load(b.file(record.file), record, b.manifest.preprocess)
+    if b.has(SCORES_FILE):  # absent from bundles calibrated before the fallback kept them
+        det.calibration_scores = load_scores(b.file(SCORES_FILE), det.n_calibration)
     det.health = _health(b)
     return det
 
@@ -75,3 +80,10 @@ def _health(b: Bundle) -> HealthProfile | None:
     except DiffinspectError as exc:
         log.warning(f"no drift alarms for {b.path}: {exc}")
         return None
+
+
+def _calibration_scores(z: dict) -> np.ndarray | None:
+    """The calibration parts' scores stored by `inspect calibrate` (the fused scores where the bundle
+    fuses a frame term), or None for a bundle calibrated before they were kept."""
+    scores = np.asarray(z.get("scores", []), np.float64).ravel()
+    return scores if scores.size and np.isfinite(scores).all() else None

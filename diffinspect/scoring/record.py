@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 # `inspect score --json` keys, in order: "label" is the status (the results.db column) under its
 # user-facing name.
-SCORE_KEYS = ("path", "score", "threshold", "label", "detector", "backend", "latency_ms", "overlay", "error")
+SCORE_KEYS = ("path", "score", "threshold", "label", "p_value", "detector", "backend", "latency_ms", "overlay",
+              "error")
 
 
 def storable(text: str | None) -> str | None:
@@ -32,7 +33,7 @@ def storable(text: str | None) -> str | None:
 @dataclass
 class Record:
     path: str
-    status: str  # ok | ng | error: the verdict's label, named as results.db's column
+    status: str  # ok | ng | error | hold: the verdict's label, named as results.db's column
     score: float | None
     threshold: float | None
     detector: str | None  # diffusion | copod
@@ -50,9 +51,10 @@ class Record:
     scored_at: float | None = None  # unix seconds, when the row was written
     health: str | None = None  # JSON of the frame's health signals (scoring/health.py), watch only
     id: int | None = None  # row id once committed
-    # The verdict's conformal p-value (scoring/inspector.py). Not yet a results.db column nor a
-    # `--json` key: both list their fields explicitly, so adding it there is a schema change of its own.
+    # The verdict's conformal p-value (scoring/inspector.py): a plant may reject at its own alpha, p <= alpha.
     p_value: float | None = None
+    # watch with on_alarm = "hold": the open alarms that made this frame's verdict hold (status "hold").
+    hold_reason: str | None = None
 
     def to_dict(self) -> dict:
         """The `inspect score --json` line."""

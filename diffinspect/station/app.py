@@ -31,7 +31,7 @@ from typing import Any
 
 from diffinspect import DiffinspectError
 from diffinspect.store import BANDS_FILE, StoreError
-from diffinspect.store.reader import ResultsReader, explain
+from diffinspect.store.reader import STATUSES, ResultsReader, explain
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SIGNAL_NAMES = ("brightness", "contrast", "sharpness", "shift")
@@ -131,7 +131,7 @@ class Station:
         # OK/NG/error per minute over the last hour; the last minute also takes what is scored this very second.
         trend = [{"t": hour + 60 * i, **c} for i, c in enumerate(db.per_window(hour, 60.0, 61))]
         late = trend.pop()  # scored this very second (or by a clock a little ahead): the last minute
-        for status in ("ok", "ng", "error"):
+        for status in STATUSES:
             trend[-1][status] += late[status]
         lat = sorted(v for v in db.latencies(last=2000) if v is not None)
         last = db.last_scored(after=recent_id)
@@ -153,6 +153,8 @@ class Station:
                 "threshold": last["threshold"], "at": last["scored_at"]},
             "histogram": _histogram(db.scores(after=recent_id, last=2000), last["detector"] if last else None),
             "rejects": rejects, "health": health, "bands": self._bands(), **_alarms(db),
+            # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
+            "hold": db.held(after=recent_id),
         }
 
     def frame(self, frame_id: int) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-STATUSES = ("ok", "ng", "error")
+STATUSES = ("ok", "ng", "error", "hold")
 # floor(scored_at) in SQL (CAST truncates toward zero): the key of the seconds table (store/results.py)
 SECOND_SQL = "(CAST(scored_at AS INTEGER) - (scored_at < CAST(scored_at AS INTEGER)))"
 
@@ -102,8 +102,8 @@ class ResultsReader:
         """Frames scored at or after `since`, by status: whole seconds from the seconds table, the second that
         `since` cuts row by row."""
         first = math.ceil(since)
-        r = self._db.execute(f"SELECT COALESCE(SUM(ok), 0), COALESCE(SUM(ng), 0), COALESCE(SUM(error), 0) "
-                             f"FROM {self._seconds()} WHERE second >= ?", (first,)).fetchone()
+        r = self._db.execute(f"SELECT COALESCE(SUM(ok), 0), COALESCE(SUM(ng), 0), COALESCE(SUM(error), 0), "
+                             f"COALESCE(SUM(hold), 0) FROM {self._seconds()} WHERE second >= ?", (first,)).fetchone()
         counts = dict(zip(STATUSES, r, strict=True))
         if first != since:
             for t, status in self._second_rows(math.floor(since)):
@@ -116,9 +116,11 @@ class ResultsReader:
         cut = sorted({math.floor(e) for e in edges if e != math.floor(e)})  # seconds an edge falls inside
         marks = ", ".join("?" * len(cut))
         window = "CAST((t - ?) / ? AS INTEGER)"
-        whole = (f"SELECT {window} b, SUM(ok), SUM(ng), SUM(error) FROM (SELECT second t, ok, ng, error FROM "
+        whole = (f"SELECT {window} b, SUM(ok), SUM(ng), SUM(error), SUM(hold) FROM "
+                 f"(SELECT second t, ok, ng, error, hold FROM "
                  f"{self._seconds()} WHERE second >= ? AND second < ? AND second NOT IN ({marks})) GROUP BY b")
-        split = (f"SELECT {window} b, SUM(status = 'ok'), SUM(status = 'ng'), SUM(status = 'error') FROM "
+        split = (f"SELECT {window} b, SUM(status = 'ok'), SUM(status = 'ng'), SUM(status = 'error'), "
+                 f"SUM(status = 'hold') FROM "
                  f"(SELECT f.scored_at t, f.status FROM {self._seconds()} s JOIN frames f "
                  f"ON f.id BETWEEN s.first_id AND s.last_id WHERE s.second IN ({marks}) "
                  f"AND f.scored_at >= max(s.second, ?) AND f.scored_at < min(s.second + 1, ?)) GROUP BY b")
@@ -143,7 +145,7 @@ class ResultsReader:
         if "seconds" not in self.tables():
             self._db.execute(f"CREATE TEMP VIEW IF NOT EXISTS seconds AS SELECT {SECOND_SQL} second, "
                              f"SUM(status = 'ok') ok, SUM(status = 'ng') ng, SUM(status = 'error') error, "
-                             f"MIN(id) first_id, MAX(id) last_id FROM frames GROUP BY 1")
+                             f"MIN(id) first_id, MAX(id) last_id, SUM(status = 'hold') hold FROM frames GROUP BY 1")
         return "seconds"
 
     def latencies(self, last: int) -> list[float | None]:
@@ -169,6 +171,13 @@ class ResultsReader:
     def rejects(self, after: int, last: int) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM frames WHERE id > ? AND status = 'ng' ORDER BY id DESC LIMIT ?",
                          (after, last))
+
+    def held(self, after: int) -> list[dict[str, Any]]:
+        """The camera folders whose newest row (after id `after`) is held, with why and since when."""
+        if "hold_reason" not in self.columns():
+            return []
+        return self._all("SELECT id, folder, hold_reason, scored_at FROM frames WHERE id IN (SELECT MAX(id) "
+                         "FROM frames WHERE id > ? GROUP BY folder) AND status = 'hold' ORDER BY folder", (after,))
 
     def health(self, after: int, last: int) -> list[dict[str, Any]]:
         """id, scored_at, folder and the health JSON of the newest `last` frames that have it, newest first

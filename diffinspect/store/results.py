@@ -34,7 +34,7 @@ from diffinspect import DiffinspectError
 from diffinspect.scoring.record import Record, storable
 from diffinspect.store.reader import SECOND_SQL
 
-_SCHEMA = """
+_FRAMES = """
 CREATE TABLE IF NOT EXISTS frames (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     path TEXT NOT NULL,           -- absolute path where the frame was found
@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS frames (
     size INTEGER NOT NULL,
     mtime REAL NOT NULL,          -- unix seconds
     mtime_ns INTEGER NOT NULL,    -- exact, part of the frame's identity
-    status TEXT NOT NULL CHECK (status IN ('ok', 'ng', 'error')),
+    status TEXT NOT NULL CHECK (status IN ('ok', 'ng', 'error', 'hold')),  -- hold: see hold_reason
     score REAL,
     threshold REAL,
     detector TEXT,                -- diffusion | copod (NULL for error rows)
@@ -54,8 +54,11 @@ CREATE TABLE IF NOT EXISTS frames (
     received_at REAL NOT NULL,    -- unix seconds, when the watcher first saw the file
     scored_at REAL NOT NULL,      -- unix seconds, when the row was written
     health TEXT,                  -- JSON: brightness, contrast, sharpness, shift (scoring/health.py)
+    p_value REAL,                 -- conformal p-value of the score: reject at a plant's alpha when p <= alpha
+    hold_reason TEXT,             -- the camera's open alarms that held the verdict (on_alarm = "hold")
     UNIQUE (path, size, mtime_ns)
-);
+)"""
+_EVENTS = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     at REAL NOT NULL,             -- unix seconds
@@ -64,28 +67,31 @@ CREATE TABLE IF NOT EXISTS events (
     state TEXT NOT NULL CHECK (state IN ('raised', 'cleared')),
     detail TEXT,
     folder TEXT                   -- the camera folder(s) of the lane
-);
--- What the station's polls read instead of the whole table: frames per second of scored_at by status,
--- kept by each commit in its own transaction. Every frame of a second lies between its first_id and last_id.
+)"""
+# What the station's polls read instead of the whole table: frames per second of scored_at by status,
+# kept by each commit in its own transaction. Every frame of a second lies between its first_id and last_id.
+_SECONDS = """
 CREATE TABLE IF NOT EXISTS seconds (
     second INTEGER PRIMARY KEY,   -- floor(scored_at)
     ok INTEGER NOT NULL,
     ng INTEGER NOT NULL,
     error INTEGER NOT NULL,
     first_id INTEGER NOT NULL,
-    last_id INTEGER NOT NULL
-);
--- The last rejects, found without reading the OK frames between them.
-CREATE INDEX IF NOT EXISTS frames_ng ON frames (id) WHERE status = 'ng';
-"""
+    last_id INTEGER NOT NULL,
+    hold INTEGER NOT NULL DEFAULT 0
+)"""
+# The last rejects, found without reading the OK frames between them.
+_NG_INDEX = "CREATE INDEX IF NOT EXISTS frames_ng ON frames (id) WHERE status = 'ng'"
+_SCHEMA = f"{_FRAMES};{_EVENTS};{_SECONDS};{_NG_INDEX};"
 
 
 # The table's columns in schema order (also the order of the JSON lines' keys).
 _COLUMNS = ["path", "folder", "size", "mtime", "mtime_ns", "status", "score", "threshold", "detector", "backend",
-            "latency_ms", "overlay", "error", "fallback_reason", "received_at", "scored_at", "health"]
+            "latency_ms", "overlay", "error", "fallback_reason", "received_at", "scored_at", "health", "p_value",
+            "hold_reason"]
 _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
-_TEXT_COLUMNS = ("path", "folder", "overlay", "error", "fallback_reason", "backend", "detector")
+_TEXT_COLUMNS = ("path", "folder", "overlay", "error", "fallback_reason", "backend", "detector", "hold_reason")
 _SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM frames"
 
 
@@ -322,29 +328,52 @@ def _migrate(db: sqlite3.Connection) -> None:
     """The schema, with what results.db files written by older versions lack (inside a transaction)."""
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     cols = {r[1] for r in db.execute("PRAGMA table_info(frames)")}
-    if cols and "health" not in cols:
-        db.execute("ALTER TABLE frames ADD COLUMN health TEXT")
+    for name, kind in (("health", "TEXT"), ("p_value", "REAL"), ("hold_reason", "TEXT")):
+        if cols and name not in cols:
+            db.execute(f"ALTER TABLE frames ADD COLUMN {name} {kind}")
+    sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'frames'").fetchone()
+    if sql and "'hold'" not in sql[0]:
+        _allow_hold(db)
+    if "seconds" in tables and "hold" not in {r[1] for r in db.execute("PRAGMA table_info(seconds)")}:
+        db.execute("ALTER TABLE seconds ADD COLUMN hold INTEGER NOT NULL DEFAULT 0")
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             db.execute(statement)
     if "frames" in tables and "seconds" not in tables:  # rows from before the summary: counted once, here
-        db.execute(f"INSERT INTO seconds SELECT s, SUM(status = 'ok'), SUM(status = 'ng'), SUM(status = 'error'), "
-                   f"MIN(id), MAX(id) FROM (SELECT {SECOND_SQL} s, status, id FROM frames) GROUP BY s")
+        db.execute(f"INSERT INTO seconds (second, ok, ng, error, first_id, last_id, hold) SELECT s, "
+                   f"SUM(status = 'ok'), SUM(status = 'ng'), SUM(status = 'error'), MIN(id), MAX(id), "
+                   f"SUM(status = 'hold') FROM (SELECT {SECOND_SQL} s, status, id FROM frames) GROUP BY s")
 
 
-_COUNT_SECOND = ("INSERT INTO seconds VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (second) DO UPDATE SET "
-                 "ok = ok + excluded.ok, ng = ng + excluded.ng, error = error + excluded.error, "
+def _allow_hold(db: sqlite3.Connection) -> None:
+    """SQLite cannot change a CHECK constraint in place: the frames table is copied into one whose status
+    may also be 'hold', ids and the id sequence kept (inside the caller's transaction)."""
+    seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'frames'").fetchone()
+    db.execute("ALTER TABLE frames RENAME TO frames_before_hold")
+    db.execute(_FRAMES)
+    names = ", ".join(["id", *_COLUMNS])
+    db.execute(f"INSERT INTO frames ({names}) SELECT {names} FROM frames_before_hold")
+    db.execute("DROP TABLE frames_before_hold")
+    if seq is not None:
+        db.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'frames'", (seq[0],))
+
+
+_COUNT_SECOND = ("INSERT INTO seconds (second, ok, ng, error, first_id, last_id, hold) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                 "ON CONFLICT (second) DO UPDATE SET ok = ok + excluded.ok, ng = ng + excluded.ng, "
+                 "error = error + excluded.error, hold = hold + excluded.hold, "
                  "first_id = MIN(first_id, excluded.first_id), last_id = MAX(last_id, excluded.last_id)")
 
 
 def _count_seconds(cur: sqlite3.Cursor, inserted: list[Record]) -> None:
     """Add the new rows to the seconds table, in the transaction that inserts them."""
-    seconds: dict[int, list[int]] = {}
+    seconds: dict[int, dict[str, int]] = {}
     for row in inserted:
-        s = seconds.setdefault(math.floor(row.scored_at), [0, 0, 0, row.id, row.id])
-        s[("ok", "ng", "error").index(row.status)] += 1
-        s[3], s[4] = min(s[3], row.id), max(s[4], row.id)
-    cur.executemany(_COUNT_SECOND, [(second, *v) for second, v in seconds.items()])
+        s = seconds.setdefault(math.floor(row.scored_at), {"ok": 0, "ng": 0, "error": 0, "hold": 0,
+                                                            "first": row.id, "last": row.id})
+        s[row.status] += 1
+        s["first"], s["last"] = min(s["first"], row.id), max(s["last"], row.id)
+    cur.executemany(_COUNT_SECOND, [(second, c["ok"], c["ng"], c["error"], c["first"], c["last"], c["hold"])
+                                    for second, c in seconds.items()])
 
 
 def _last_jsonl_id(path: Path) -> int | None:

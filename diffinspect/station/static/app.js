@@ -33,9 +33,12 @@ function scoring(s) {
 }
 function alarms(s) {
   const open = s.alarms || [];
-  $("alarms").innerHTML = open.length ? open.map(a =>
+  const held = (s.hold || []).map(h =>
+    `<div class="alarm"><b>HOLD: parts to manual check</b><br><small>${esc(h.hold_reason)}</small>` +
+    `<br><small>${esc(h.folder)}</small></div>`).join("");
+  $("alarms").innerHTML = held + (open.length ? open.map(a =>
     `<div class="alarm"><b>${esc(a.name)}</b> since ${when(a.at)}<br><small>${esc(a.detail)}</small>` +
-    `${a.folder ? `<br><small>${esc(a.folder)}</small>` : ""}</div>`).join("") : `<div class="none">no open alarm</div>`;
+    `${a.folder ? `<br><small>${esc(a.folder)}</small>` : ""}</div>`).join("") : `<div class="none">no open alarm</div>`);
   $("events").innerHTML = (s.events || []).map(e => `<div>${when(e.at)} ${esc(e.name)}: ${esc(e.state)}</div>`).join("");
 }
 function trend(s) {
