@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from diffinspect import DiffinspectError
+from diffinspect.config import RetentionSettings
 from diffinspect.scoring.overlay import OVERLAY_RULES
 
 
@@ -30,6 +31,7 @@ class WatchOptions:
     rescan_seconds: float = 5.0  # safety net for missed file events
     score_timeout_s: float | None = 120.0  # a diffusion call hung this long counts as failed
     decode_workers: int = 2
+    retention: RetentionSettings = field(default_factory=RetentionSettings)  # [watch.retention]
     stop: threading.Event | None = None  # set it to stop (tests, embedding)
 
     def validate(self) -> None:
@@ -53,3 +55,4 @@ class WatchOptions:
         for ok, message in checks:
             if not ok:
                 raise DiffinspectError(message)
+        self.retention.validate(prefix="retention.")
