@@ -45,6 +45,7 @@ class Committer:
         self.room, self.wrote, self.once = room, wrote, once
         self.on_commit: list[CommitHook] = []
         self.uncommitted = 0  # frames given up in once mode: they are scored again on the next start
+        self._given_up = False
 
     def commit(self, items: list[Item]) -> None:
         rows = [self._safe_row(it) for it in items]
@@ -117,12 +118,16 @@ class Committer:
             for r in rows:
                 r.scored_at, r.latency_ms = now, round((now - r.received_at) * 1000, 3)
             try:
-                return self.store.commit(rows)
+                inserted = self.store.commit(rows)
+                self._given_up = False
+                return inserted
             except Exception as exc:  # disk full, locked, I/O error: hold the line's results, retry
                 attempt += 1
                 self.say.warn_once(f"db:{type(exc).__name__}", f"cannot commit results "
                                    f"({describe(exc)}); retrying every second")
-                if (self.stopping.is_set() or self.once) and attempt >= _GIVE_UP_TRIES:
+                # Once a batch was given up, the next ones get one try each until a commit works again.
+                if (self.stopping.is_set() or self.once) and (self._given_up or attempt >= _GIVE_UP_TRIES):
+                    self._given_up = True
                     return None
                 time.sleep(1.0)
 
