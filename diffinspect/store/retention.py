@@ -44,11 +44,13 @@ def archive_step(db: sqlite3.Connection, archive_dir: Path, before: float, upto_
     """Archive and delete the oldest rows scored before `before` with id <= upto_id, at most `limit`,
     all of one day; returns how many left results.db (0: nothing to do). The caller holds the store's lock."""
     db.execute(_TABLE)
+    # By id, not by time: the oldest ids are the oldest rows, so this reads a few pages, never the table.
+    # Read whole (fetchall): a statement left open would hold its snapshot into the write below, which
+    # SQLite refuses at once (SQLITE_BUSY) after any other connection wrote.
     cur = db.execute("SELECT * FROM frames WHERE id <= ? ORDER BY id LIMIT ?", (upto_id, limit))
     names = [d[0] for d in cur.description]
     rows = []
-    # By id, not by time: the oldest ids are the oldest rows, so this reads a few pages, never the table.
-    for values in cur:
+    for values in cur.fetchall():
         row = dict(zip(names, values, strict=True))
         if row["scored_at"] >= before or (rows and day_of(row["scored_at"]) != day_of(rows[0]["scored_at"])):
             break
