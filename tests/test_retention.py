@@ -4,8 +4,10 @@ within the disk budget, and a small filesystem that really fills (a tmpfs mounte
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from line_receivers import frame_row
+from line_receivers import MOSQUITTO, frame_row
+from services import needs
 from watch_fakes import MARKER, MARKER_ROWS, Factory, db_rows, jsonl_rows, wait_for
 
 import diffinspect.store.results as results_mod
@@ -43,8 +46,6 @@ def _commit_days(store: ResultStore, days_ago: list[float], per_day: int) -> Non
 
 
 def _archived(out: Path) -> dict[str, list[dict]]:
-    import json
-
     return {p.name: [json.loads(line) for line in gzip.open(p, "rt")]
             for p in sorted((out / "archive").glob("*.jsonl.gz"))}
 
@@ -358,3 +359,36 @@ def _events(out: Path) -> list[dict]:
             return db.events()
     except Exception:  # noqa: BLE001
         return []
+
+
+@pytest.mark.slow
+@needs(MOSQUITTO is not None, "Debian's mosquitto (apt-get install mosquitto)")
+def test_a_short_soak_loses_no_row(tmp_path: Path) -> None:
+    """bench/soak.py for 40 s from a small results.db: every frame has its row and its MQTT message,
+    while retention archives the old rows. (The flatness figures need the long runs.)"""
+    figures = tmp_path / "soak.json"
+    bench = Path(__file__).parent.parent / "bench" / "soak.py"
+    r = subprocess.run([sys.executable, str(bench), "--seconds", "40", "--rows", "20000", "--dir", str(tmp_path),
+                        "--json", str(figures)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    fig = json.loads(figures.read_text())
+    assert fig["published"] == 2000 and fig["lost"] == fig["duplicates"] == fig["not_delivered_mqtt"] == 0
+    assert fig["archived_rows"] > 1000 and fig["state_polls"] > 100 and fig["state_failed"] == 0
+
+
+def test_the_watcher_archives_old_rows_in_its_own_thread(tmp_path: Path) -> None:
+    out, cam = tmp_path / "out", tmp_path / "cam"
+    cam.mkdir()
+    store = ResultStore(out)
+    _commit_days(store, [100, 95], per_day=50)
+    store.close()
+    t, stop, box = _start(cam, out, _opts(after="keep", retention=RetentionSettings(days=90, interval_s=0.05)))
+    try:
+        _noise_frames(cam, 5)
+        wait_for(lambda: len(_rows(out)) == 5 and len(_archived(out)) == 2, 30)
+    finally:
+        stop.set()
+        t.join(60)
+    assert box["s"].archived == 100
+    assert [r["id"] for r in _rows(out)] == list(range(101, 106))
+    assert sum(len(rows) for rows in _archived(out).values()) == 100

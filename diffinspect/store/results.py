@@ -95,6 +95,8 @@ class ResultStore:
         self.db_path = out / "results.db"
         self.jsonl_path = out / "results.jsonl"
         self._lock = threading.Lock()
+        # The day the mirror was last written, read before a repair appends to it.
+        self._jsonl_day = day_of(self.jsonl_path.stat().st_mtime if self.jsonl_path.exists() else time.time())
         try:
             self._db = self._connect()
             self.reconciled = self._reconcile_jsonl()
@@ -103,7 +105,6 @@ class ResultStore:
             raise DiffinspectError(f"cannot use the results in {out} ({exc}); move results.db and "
                                    f"results.jsonl away to start afresh") from None
         self._jsonl: TextIO | None = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
-        self._jsonl_day = day_of(self.jsonl_path.stat().st_mtime)
         self._jsonl_last = self._max_id()
         self._jsonl_behind = False
         self._idents = (_ident(self.db_path), _ident(self.jsonl_path))
