@@ -195,19 +195,26 @@ class ResultStore:
         today = day_of(time.time())
         if today == self._jsonl_day:
             return
+        day, self._jsonl_day = self._jsonl_day, today  # tried once a day: a failure must not stop commits
         if self._jsonl is not None:
             with contextlib.suppress(OSError):
                 self._jsonl.close()
             self._jsonl = None
-        dest = self.jsonl_path.with_name(f"results-{self._jsonl_day}.jsonl")
+        dest = self.jsonl_path.with_name(f"results-{day}.jsonl")
         n = 1
         while dest.exists():  # the clock went back: never overwrite a day
-            dest = self.jsonl_path.with_name(f"results-{self._jsonl_day}.{n}.jsonl")
+            dest = self.jsonl_path.with_name(f"results-{day}.{n}.jsonl")
             n += 1
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.replace(self.jsonl_path, dest)
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
-        self._jsonl_day = today
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # the mirror goes on in the same file
+            self._warn(f"{self.jsonl_path} not rotated ({exc})")
+        try:
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError:
+            self._jsonl_behind = True  # _mirror opens it and catches up
         self._idents = (self._idents[0], _ident(self.jsonl_path))
 
     def count(self) -> int:
