@@ -115,6 +115,11 @@ def build_database(out: Path, rows: int, rate: float) -> float:
         db.executemany(store_results._INSERT, batch)
         db.commit()
     db.close()
+    # The mirror of the built rows holds only the last one: a watcher starting on them would otherwise
+    # write them all out first, and the mirror's size is not what the soak measures.
+    last = t0 + (rows - 1) / rate
+    (out / "results.jsonl").write_text(json.dumps({"id": rows, "scored_at": last}) + "\n")
+    os.utime(out / "results.jsonl", (last, last))
     with Deliveries(out / "results.db") as d:  # a year of frames was delivered long ago
         d.start_marks({"mqtt": "frames", "mqtt/events": "events"}, replay=False)
     return span
@@ -266,7 +271,10 @@ def run(a: argparse.Namespace, root: Path) -> int:
         watcher = threading.Thread(target=lambda: summary.update(s=run_watch(
             [cam], out, lambda: det, lambda: det, opts, outputs=[output])), name="soak-watch")
         watcher.start()
-        time.sleep(2.0)
+        probe = cam / "probe.png"  # measure from the watcher's first commit on, not its start-up
+        probe.write_bytes(frames[0])
+        while watcher.is_alive() and probe.name not in {Path(p).name for p in _newest(out)}:
+            time.sleep(0.2)
         t0 = time.monotonic()
         poll_log = root / "poll.log"
         pollers = subprocess.Popen([sys.executable, __file__, "--poll", f"http://127.0.0.1:{station_port}/api/state",
