@@ -1,6 +1,6 @@
 """Soak bench: months on one line, compressed into an hour. Does anything grow or slow down?
 
-One `inspect watch` (a fake 2 ms detector) takes frames at a steady rate from a camera folder and moves
+One `inspect watch` (its own process, a fake 2 ms detector) takes frames at a steady rate from a camera folder and moves
 them into OUT; every verdict goes to a real Mosquitto broker on a free loopback port; `inspect station`
 serves OUT while 4 clients poll /api/state (another process, loopback only, bounded loops); retention is
 on. results.db starts with --rows rows spread over the time the line needs to make them, and the rows
@@ -139,15 +139,18 @@ def timed_commits(log: list[tuple[float, float]]) -> None:
     ResultStore.commit = commit
 
 
-def sample_process(log: list[tuple[float, int, int]], stop: threading.Event, every_s: float) -> None:
-    """(time, RSS bytes, open files) of this process, the watcher's."""
+def sample_process(pid: int, log: list[tuple[float, int, int]], stop: threading.Event, every_s: float) -> None:
+    """(time, RSS bytes, open files) of the watcher's process."""
     while not stop.wait(every_s):
         rss = 0
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-        log.append((time.monotonic(), rss, len(os.listdir("/proc/self/fd"))))
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss = int(line.split()[1]) * 1024
+            log.append((time.monotonic(), rss, len(os.listdir(f"/proc/{pid}/fd"))))
+        except OSError:
+            return
 
 
 def poll(url: str, seconds: float, log_path: str, clients: int) -> int:
@@ -215,15 +218,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     p.add_argument("--json", type=Path, default=None, help="write the figures here too")
     p.add_argument("--poll", nargs=3, metavar=("URL", "SECONDS", "LOG"), help=argparse.SUPPRESS)
+    p.add_argument("--watch", nargs=5, metavar=("OUT", "CAM", "PORT", "DAYS", "LOG"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.poll:
         return poll(a.poll[0], float(a.poll[1]), a.poll[2], CLIENTS)
+    if a.watch:
+        out, cam, port, days, log = a.watch
+        return watch(a, Path(out), Path(cam), int(port), float(days), Path(log))
     root = Path(tempfile.mkdtemp(prefix="soak-", dir=a.dir))
     try:
         return run(a, root)
     finally:
         if a.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def watch(a: argparse.Namespace, out: Path, cam: Path, mqtt_port: int, keep_days: float, log: Path) -> int:
+    """The watcher's process (so its RSS and open files are the watcher's alone): until SIGTERM."""
+    commits: list[tuple[float, float]] = []
+    timed_commits(commits)
+    output = MqttOutput(MqttConfig(url=f"mqtt://127.0.0.1:{mqtt_port}", station="soak"))
+    opts = WatchOptions(quiet=True, overlays="ng", after="move",
+                        retention=RetentionSettings(days=keep_days, disk_gb=a.disk_gb, min_free_gb=1.0))
+    det = FakeDetector(a.cost_ms / 1000)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (quiet mode's line per frame is not the bench)
+    s = run_watch([cam], out, lambda: det, lambda: det, opts, outputs=[output])
+    log.write_text(json.dumps({"commits": commits, "uncommitted": s.uncommitted, "archived": s.archived}))
+    return 0
 
 
 def run(a: argparse.Namespace, root: Path) -> int:
@@ -249,40 +270,32 @@ def run(a: argparse.Namespace, root: Path) -> int:
         received[rid] = received.get(rid, 0) + 1
 
     sub.on_message = on_message
-    commits: list[tuple[float, float]] = []
     samples: list[tuple[float, int, int]] = []
     published: dict[str, float] = {}
-    stop, done = threading.Event(), threading.Event()
-    pollers = None
+    done = threading.Event()
+    pollers = watcher = None
+    watch_log = root / "watch.json"
     try:
         wait_port(station_port, "inspect station")
         sub.connect("127.0.0.1", mqtt_port)
         sub.loop_start()
-        timed_commits(commits)
         rng = np.random.default_rng(0)
         frames = [cv2.imencode(".png", rng.integers(0, 255, (64, 64), np.uint8))[1].tobytes() for _ in range(200)]
-        output = MqttOutput(MqttConfig(url=f"mqtt://127.0.0.1:{mqtt_port}", station="soak"))
-        opts = WatchOptions(quiet=True, overlays="ng", after="move", stop=stop,
-                            retention=RetentionSettings(days=keep_days, disk_gb=a.disk_gb, min_free_gb=1.0))
-        det = FakeDetector(a.cost_ms / 1000)
-        summary: dict = {}
-        devnull = open(os.devnull, "w")  # noqa: SIM115 (quiet mode's line per frame is not the bench)
-        stdout, sys.stdout = sys.stdout, devnull
-        watcher = threading.Thread(target=lambda: summary.update(s=run_watch(
-            [cam], out, lambda: det, lambda: det, opts, outputs=[output])), name="soak-watch")
-        watcher.start()
+        watcher = subprocess.Popen([sys.executable, __file__, "--watch", str(out), str(cam), str(mqtt_port),
+                                    repr(keep_days), str(watch_log), "--disk-gb", repr(a.disk_gb),
+                                    "--cost-ms", repr(a.cost_ms)])
         probe = cam / "probe.png"  # measure from the watcher's first commit on, not its start-up
         probe.write_bytes(frames[0])
-        while watcher.is_alive() and probe.name not in {Path(p).name for p in _newest(out)}:
+        while watcher.poll() is None and probe.name not in {Path(p).name for p in _newest(out)}:
             time.sleep(0.2)
         t0 = time.monotonic()
         poll_log = root / "poll.log"
         pollers = subprocess.Popen([sys.executable, __file__, "--poll", f"http://127.0.0.1:{station_port}/api/state",
                                     str(a.seconds), str(poll_log)])
-        sampler = threading.Thread(target=sample_process, args=(samples, done, max(1.0, a.seconds / 360)),
-                                   daemon=True)
+        sampler = threading.Thread(target=sample_process, args=(watcher.pid, samples, done,
+                                                                max(1.0, a.seconds / 360)), daemon=True)
         sampler.start()
-        publish(cam, frames, a.rate, a.seconds, published, stop)
+        publish(cam, frames, a.rate, a.seconds, published, done)
         t_end = time.monotonic()
         deadline = time.monotonic() + 60
         last = list(published)[-1] if published else None
@@ -290,12 +303,10 @@ def run(a: argparse.Namespace, root: Path) -> int:
             time.sleep(0.5)
         time.sleep(3.0)
     finally:
-        stop.set()
         done.set()
-        if "watcher" in locals():
-            watcher.join(120)
-            sys.stdout = stdout
-            devnull.close()
+        if watcher is not None:
+            watcher.terminate()  # SIGTERM: the watcher commits what is in flight and writes its log
+            watcher.wait(120)
         if pollers is not None:
             pollers.wait(timeout=a.seconds + 120)
         sub.loop_stop()
@@ -304,7 +315,8 @@ def run(a: argparse.Namespace, root: Path) -> int:
         station.wait()
         broker.terminate()
         broker.wait()
-    return report(a, out, t0, t_end, published, received, commits, samples, root / "poll.log", summary.get("s"))
+    log = json.loads(watch_log.read_text())
+    return report(a, out, t0, t_end, published, received, log["commits"], samples, root / "poll.log", log)
 
 
 def _size(path: Path) -> int:
@@ -320,7 +332,7 @@ def _newest(out: Path) -> set[str]:
 
 
 def report(a: argparse.Namespace, out: Path, t0: float, t_end: float, published: dict[str, float],
-           received: dict[int, int], commits: list, samples: list, poll_log: Path, summary) -> int:  # noqa: ANN001
+           received: dict[int, int], commits: list, samples: list, poll_log: Path, summary: dict) -> int:
     rows: dict[str, int] = {}  # path -> id of the soak's rows (after the built ones), in results.db and the archive
     dup = 0
     with ResultsReader(out / "results.db") as db:
@@ -363,7 +375,7 @@ def report(a: argparse.Namespace, out: Path, t0: float, t_end: float, published:
         "state_p50_ms": round(float(np.nanmedian([ms for _, ms in polls])), 1) if polls else None,
         "wal_mb_at_end": round(_size(out / "results.db-wal") / 2**20, 1),
         "db_mb_at_end": round(_size(out / "results.db") / 2**20, 1),
-        "uncommitted": getattr(summary, "uncommitted", None),
+        "uncommitted": summary.get("uncommitted"),
     }
     fig["commit_ratio"] = round(fig["commit_p99_ms_last"] / fig["commit_p99_ms_first"], 2)
     fig["state_ratio"] = round(fig["state_p99_ms_last"] / fig["state_p99_ms_first"], 2)
