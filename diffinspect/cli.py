@@ -350,7 +350,8 @@ def watch(
              "max_latency_ms": max_latency_ms or settings.max_latency_ms,
              "on_alarm": on_alarm or settings.on_alarm}
     options = WatchOptions(recursive=recursive, pattern=pattern, once=once, quiet=quiet,
-                           max_megapixels=max_megapixels, **{k: v for k, v in given.items() if v is not None})
+                           max_megapixels=max_megapixels, retention=settings.retention,
+                           **{k: v for k, v in given.items() if v is not None})
     make_detector, make_fallback = factories(bundle)
     outputs = _outputs({"mqtt": settings.mqtt, "opcua": settings.opcua}, mqtt, opcua)
     out = out or Path(settings.out or "inspect_results")
@@ -360,6 +361,13 @@ def watch(
     console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, {held}error {summary.error}, "
                   f"fallback {summary.fallback}); {summary.fps:.1f} frames/s while scoring, "
                   f"{summary.elapsed_s:.1f} s in all")
+    if summary.archived:
+        console.print(f"{summary.archived} row(s) older than {settings.retention.days:g} days moved to "
+                      f"{out / 'archive'}", highlight=False)
+    if summary.uncommitted:  # a disk full beyond the floor: the frames are scored again on the next start
+        console.print(f"[bold red]error:[/] {summary.uncommitted} frame(s) have no row: results.db could not "
+                      f"be written (see the warnings); they are scored on the next start", highlight=False)
+        raise typer.Exit(1)
     if outputs:
         from diffinspect.outputs.outbox import pending
 

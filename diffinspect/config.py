@@ -222,6 +222,34 @@ WATCH_FILE = "inspect.toml"  # in the working directory of `inspect watch`: its 
 
 
 @dataclass
+class RetentionSettings:
+    """`[watch.retention]`: how long results.db keeps rows and how much disk OUT's overlays and moved
+    frames may take. Rows leave results.db only after every configured output acknowledged them, and only
+    once OUT/archive/ holds them; files go oldest first, and only our own (OUT/overlays, OUT/ok|ng|error).
+
+    [watch.retention]
+    days = 90                       # rows older than this go to OUT/archive/YYYY-MM-DD.jsonl.gz
+    disk_gb = 50                    # overlays + moved frames together (unset: no budget)
+    min_free_gb = 1                 # below this free space: no overlays, no moves, until space returns
+    """
+
+    days: float = 90.0
+    disk_gb: float | None = None
+    min_free_gb: float = 1.0
+    interval_s: float = 10.0  # how often a pass starts; each pass works in small transactions
+
+    def validate(self, prefix: str = "watch.retention.") -> RetentionSettings:
+        for key in ("days", "interval_s"):
+            if getattr(self, key) <= 0:
+                raise DiffinspectError(f"config key {prefix}{key} must be positive, got {getattr(self, key)}")
+        if self.disk_gb is not None and self.disk_gb <= 0:
+            raise DiffinspectError(f"config key {prefix}disk_gb must be positive, got {self.disk_gb}")
+        if self.min_free_gb < 0:
+            raise DiffinspectError(f"config key {prefix}min_free_gb cannot be negative, got {self.min_free_gb}")
+        return self
+
+
+@dataclass
 class WatchSettings:
     """The `[watch]` table of ./inspect.toml: what `inspect watch` uses where a flag is not given (unset
     here: the command's own default). Every key is type-checked, with one line naming it.
@@ -245,6 +273,7 @@ class WatchSettings:
     cameras: dict[str, str] = field(default_factory=dict)
     mqtt: dict[str, Any] | None = None  # [watch.mqtt] and [watch.opcua]: checked by load_outputs, where the
     opcua: dict[str, Any] | None = None  # command line's URL flags join them
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
 
 def load_watch_settings(path: str | Path = WATCH_FILE) -> WatchSettings:
@@ -258,6 +287,7 @@ def load_watch_settings(path: str | Path = WATCH_FILE) -> WatchSettings:
         raise DiffinspectError(f"[watch] in {path} must be a table")
     try:
         _apply(settings, watch, prefix="watch.")
+        settings.retention.validate()
     except DiffinspectError as exc:
         raise DiffinspectError(f"{path}: {exc}") from None
     return settings

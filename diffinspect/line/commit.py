@@ -1,9 +1,15 @@
 """The commit stage of `inspect watch`, the one place a frame's row is committed: overlay first, then
 the row (one transaction per batch), then the `on_commit` hooks, then the file is kept, moved or
-deleted, and the intake hears that the frame is done."""
+deleted, and the intake hears that the frame is done.
+
+Below the free-space floor (line/retention.py) no overlay is written: the disk's last space is for rows.
+A batch that cannot be committed (a disk full for other reasons) is retried every second; with `once`
+it is given up after a few tries, its overlays deleted (no row names them), its frames left for the
+next start and counted, so `--once` ends and says so instead of waiting for ever."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +28,7 @@ from diffinspect.store.results import ResultStore
 #  pixel_threshold) -> None
 OverlayWriter = Callable[[Path, np.ndarray, "np.ndarray | None", float, float, str, "float | None"], None]
 CommitHook = Callable[[list[Record]], None]
+_GIVE_UP_TRIES = 3  # commit attempts, a second apart, before a stopping or --once watcher gives a batch up
 
 
 class Committer:
@@ -30,19 +37,31 @@ class Committer:
 
     def __init__(self, store: ResultStore, out: Path, overlays: str, overlay_writer: OverlayWriter | None,
                  disposal: Disposal, done: Callable[[Candidate, bool], None], say: Say,
-                 stopping: threading.Event) -> None:
+                 stopping: threading.Event, *, room: Callable[[], bool] = lambda: True,
+                 wrote: Callable[[str], None] = lambda p: None, once: bool = False) -> None:
         self.store, self.overlay_dir, self.overlays = store, out / "overlays", overlays
         self.overlay_writer, self.disposal, self.done = overlay_writer, disposal, done
         self.say, self.stopping = say, stopping
+        self.room, self.wrote, self.once = room, wrote, once
         self.on_commit: list[CommitHook] = []
         # on_alarm = "hold": why a camera folder's verdicts are held now (its open alarms), else None.
         self.held: Callable[[Path], str | None] | None = None
+        self.uncommitted = 0  # frames given up in once mode: they are scored again on the next start
+        self._given_up = False
 
     def commit(self, items: list[Item]) -> None:
         rows = [self._safe_row(it) for it in items]
         inserted = self._commit_rows(rows)
-        if inserted is None:
-            return  # given up while stopping: no rows, the files stay for the next start
+        if inserted is None:  # given up: no rows, the files stay for the next start
+            for row in rows:
+                if row.overlay is not None:
+                    with contextlib.suppress(OSError):
+                        Path(row.overlay).unlink()
+            if self.once and not self.stopping.is_set():
+                self.uncommitted += len(items)
+                for it in items:
+                    self.done(it.cand, True)
+            return
         for hook in self.on_commit:
             try:
                 hook(inserted)
@@ -81,7 +100,7 @@ class Committer:
 
     def _overlay(self, it: Item) -> str | None:
         """Written before the row is committed, so a row's overlay path always exists."""
-        if not self.wants_overlay(it) or it.frame is None:
+        if not self.wants_overlay(it) or it.frame is None or not self.room():
             return None
         v, by = it.verdict, it.by
         path = self.overlay_dir / overlay_name(*it.cand.key)
@@ -89,7 +108,10 @@ class Committer:
             self.overlay_writer(path, it.frame, v.map, v.score, by.threshold, v.label, by.pixel_threshold)
         except Exception as exc:
             self.say.warn_once(f"overlay:{type(exc).__name__}", f"overlay not written ({describe(exc)})")
+            with contextlib.suppress(OSError):
+                path.unlink()  # a part written before the disk filled is no overlay
             return None
+        self.wrote(str(path))
         return str(path)
 
     def _commit_rows(self, rows: list[Record]) -> list[Record] | None:
@@ -99,12 +121,16 @@ class Committer:
             for r in rows:
                 r.scored_at, r.latency_ms = now, round((now - r.received_at) * 1000, 3)
             try:
-                return self.store.commit(rows)
+                inserted = self.store.commit(rows)
+                self._given_up = False
+                return inserted
             except Exception as exc:  # disk full, locked, I/O error: hold the line's results, retry
                 attempt += 1
                 self.say.warn_once(f"db:{type(exc).__name__}", f"cannot commit results "
                                    f"({describe(exc)}); retrying every second")
-                if self.stopping.is_set() and attempt >= 3:
+                # Once a batch was given up, the next ones get one try each until a commit works again.
+                if (self.stopping.is_set() or self.once) and (self._given_up or attempt >= _GIVE_UP_TRIES):
+                    self._given_up = True
                     return None
                 time.sleep(1.0)
 

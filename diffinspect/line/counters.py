@@ -25,6 +25,9 @@ class WatchSummary:
     max_queue_depth: int  # high-water mark of the bounded scoring queues
     elapsed_s: float
     hold: int = 0  # scored while an alarm held the camera (on_alarm = "hold")
+    uncommitted: int = 0  # --once: frames whose row could not be committed (scored again on the next start)
+    archived: int = 0  # rows retention moved from results.db to OUT/archive/
+    low_space: bool = False  # OUT was below the free-space floor at the end
 
     @property
     def frames(self) -> int:

@@ -56,18 +56,24 @@ def _move(path: Path, dest_dir: Path) -> str:
 
 
 class Disposal:
-    """The `after` policy of one watch run, shared by the lanes and the intake."""
+    """The `after` policy of one watch run, shared by the lanes and the intake. `room()` says whether OUT
+    has space for a moved frame (below the free-space floor frames stay where they are); `moved(path)`
+    hears of each frame moved into OUT (retention keeps them within the disk budget)."""
 
-    def __init__(self, after: str, out: Path, warn: Callable[[str], None]) -> None:
+    def __init__(self, after: str, out: Path, warn: Callable[[str], None],
+                 room: Callable[[], bool] = lambda: True, moved: Callable[[str], None] = lambda p: None) -> None:
         self.after, self.out, self.warn = after, out, warn
+        self.room, self.moved = room, moved
 
     def __call__(self, path: Path, size: int, mtime_ns: int, status: str, what: str = "") -> bool:
         """Apply the policy to a committed frame; True when the file is still in its folder."""
-        if self.after == "keep":
+        if self.after == "keep" or (self.after == "move" and not self.room()):
             return True
         try:
-            dispose(path, size, mtime_ns, status, self.after, self.out)
+            dest = dispose(path, size, mtime_ns, status, self.after, self.out)
         except Exception as exc:  # left in place; its row is committed, so it is never re-scored
             self.warn(f"could not {self.after} {what}{path}: {exc}")
             return True
+        if self.after == "move" and dest is not None:
+            self.moved(dest)
         return False

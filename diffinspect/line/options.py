@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from diffinspect import DiffinspectError
+from diffinspect.config import RetentionSettings
 from diffinspect.vocab import After, Overlays
 
 ON_ALARM = ("flag", "hold")
@@ -35,6 +36,7 @@ class WatchOptions:
     # While a lighting, focus or camera-moved alarm is open for a camera: "flag" raises it and keeps the
     # verdicts; "hold" makes every scored verdict of that camera `hold` (the part goes to manual check).
     on_alarm: str = "flag"
+    retention: RetentionSettings = field(default_factory=RetentionSettings)  # [watch.retention]
     stop: threading.Event | None = None  # set it to stop (tests, embedding)
 
     def validate(self) -> None:
@@ -59,3 +61,4 @@ class WatchOptions:
         for ok, message in checks:
             if not ok:
                 raise DiffinspectError(message)
+        self.retention.validate(prefix="retention.")

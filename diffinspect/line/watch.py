@@ -6,6 +6,8 @@
                           → score (diffusion, or the COPOD fallback)          (lane.py, supervisor.py)
                           → commit (overlay, SQLite + JSONL, hooks, then keep/move/delete)
                                                                    (commit.py, results.py, disposal.py)
+    retention thread: old rows to OUT/archive/, our files within the disk budget, the free-space floor
+                                                                                  (retention.py)
 
 A lane is a group of folders sharing one detector pair (one per camera bundle). This module only wires
 the parts together and runs until stopped.
@@ -30,9 +32,10 @@ from diffinspect.line.events import Events, install_signal_handlers
 from diffinspect.line.intake import Intake, IntakeConfig
 from diffinspect.line.lane import FrameQueue, Lane, LaneShared
 from diffinspect.line.options import WatchOptions
+from diffinspect.line.retention import Retention, Space
 from diffinspect.line.say import Say
 from diffinspect.line.supervisor import DetectorFactory, Supervisor
-from diffinspect.outputs.outbox import Outbox, Output
+from diffinspect.outputs.outbox import Outbox, Output, mark_key
 from diffinspect.scoring.overlay import save_overlay
 from diffinspect.store.results import ResultStore
 
@@ -66,10 +69,16 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
     store = ResultStore(out, say.warn)
     outbox = Outbox(store.db_path, outputs, say.warn, say.info).start() if outputs else None
     wake = [lambda rows: outbox.wake()] if outbox is not None else []
+    space = Space(out, opts.retention.min_free_gb, store, say)
+    retention = Retention(store, out, opts.retention, [mark_key(o.name, "frames") for o in outputs], space, say)
     try:
         groups = _group_folders(roots, (make_detector, make_fallback), per_folder)
-        return _run(roots, out, store, say, groups, overlay_writer, [*wake, *on_commit], opts, started)
+        summary = _run(roots, out, store, say, groups, overlay_writer, [*wake, *on_commit], opts, started,
+                       retention.start())
+        summary.archived, summary.low_space = retention.archived, space.low
+        return summary
     finally:
+        retention.stop()
         if outbox is not None:
             outbox.stop()  # after the last commit: a few seconds to deliver it while the receiver is up
         store.close()
@@ -78,20 +87,21 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
 def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
          groups: list[tuple[list[Path], tuple[DetectorFactory, DetectorFactory]]],
          overlay_writer: OverlayWriter | None, hooks: list[CommitHook], opts: WatchOptions,
-         started: float) -> WatchSummary:
+         started: float, retention: Retention) -> WatchSummary:
     if store.reconciled:
         say.info(f"results.jsonl: {store.reconciled} row(s) restored from results.db")
     if opts.overlays != "none" and overlay_writer is None:
         overlay_writer = save_overlay
     (out / "overlays").mkdir(exist_ok=True)
-    disposal = Disposal(opts.after, out, say.warn)
+    disposal = Disposal(opts.after, out, say.warn, retention.space.room, retention.wrote)
     queues = [FrameQueue(opts.queue_size) for _ in groups]
     intake = Intake(roots, out, IntakeConfig(opts.pattern, opts.recursive, opts.stable_ms, opts.empty_ms,
                                              opts.settle_ms, opts.rescan_seconds, opts.once),
                     store, {root: q for (folders, _), q in zip(groups, queues, strict=True) for root in folders},
                     say.warn, functools.partial(disposal, what="committed frame "))
     stats, stop_taking = Stats(), threading.Event()
-    committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, say, stop_taking)
+    committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, say, stop_taking,
+                          room=retention.space.room, wrote=retention.wrote, once=opts.once)
     drift = DriftHub(out, store, say.warn, say.info)
     committer.on_commit += [stats.record, say.rows, drift.on_commit, *hooks]
     if opts.on_alarm == "hold":
@@ -101,7 +111,9 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
              for (folders, pair), q in zip(groups, queues, strict=True)]
     view = None if opts.quiet else View(stats, lanes, roots, opts.queue_size, intake.waiting)
     _serve(lanes, intake, Events(roots, intake, opts.recursive, say), shared, view)
-    return stats.summary(max(q.high_water for q in queues), time.monotonic() - started)
+    summary = stats.summary(max(q.high_water for q in queues), time.monotonic() - started)
+    summary.uncommitted = committer.uncommitted
+    return summary
 
 
 def _serve(lanes: list[Lane], intake: Intake, events: Events, shared: LaneShared, view: View | None) -> None:

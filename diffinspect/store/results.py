@@ -12,6 +12,10 @@ be a frame lost with no result. FULL costs one fsync per batch (a few ms here, o
 The JSON lines are appended only after the commit, in row-id order, so the file is always a prefix of
 the table; on start-up a torn last line is cut off and the rows the crash kept from it are appended.
 
+The mirror rotates daily: at the first commit of a new local day results.jsonl becomes
+results-YYYY-MM-DD.jsonl (the day it was last written) and a new results.jsonl starts. Rows leave the
+table only for OUT/archive/ (store/retention.py); a rotated mirror goes once every row it holds did.
+
 Both files are checked before each batch: one deleted or replaced under a running watcher is written
 again from the open database (which still holds every row), so a restart never scores the line again.
 """
@@ -33,6 +37,7 @@ from typing import TextIO
 from diffinspect import DiffinspectError
 from diffinspect.scoring.record import Record, storable
 from diffinspect.store.reader import SECOND_SQL
+from diffinspect.store.retention import acknowledged_upto, archive_step, day_of
 
 _FRAMES = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -110,6 +115,8 @@ class ResultStore:
         self.db_path = out / "results.db"
         self.jsonl_path = out / "results.jsonl"
         self._lock = threading.Lock()
+        # The day the mirror was last written, read before a repair appends to it.
+        self._jsonl_day = day_of(self.jsonl_path.stat().st_mtime if self.jsonl_path.exists() else time.time())
         try:
             self._db = self._connect()
             self.reconciled = self._reconcile_jsonl()
@@ -150,6 +157,7 @@ class ResultStore:
                 setattr(row, c, storable(getattr(row, c)))
         with self._lock:
             self._keep_files()
+            self._rotate()
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -188,6 +196,54 @@ class ResultStore:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
                 raise
+
+    def retire(self, before: float, outputs: list[str], limit: int = 500) -> int:
+        """One small retention step (store/retention.py): the oldest rows scored before `before` that
+        every output in `outputs` (their mark keys) acknowledged go to OUT/archive/; returns how many.
+        Rotated mirrors whose rows have all left go too."""
+        with self._lock:
+            n = archive_step(self._db, self.db_path.parent / "archive", before,
+                             acknowledged_upto(self._db, outputs), limit)
+            if n == 0:
+                self._drop_rotated()
+            return n
+
+    def _drop_rotated(self) -> None:
+        oldest = self._db.execute("SELECT scored_at FROM frames ORDER BY id LIMIT 1").fetchone()
+        keep_from = day_of(oldest[0] if oldest else time.time())
+        for path in self._rotated():
+            if path.name[len("results-"):len("results-") + 10] < keep_from:
+                path.unlink(missing_ok=True)
+
+    def _rotated(self) -> list[Path]:
+        return sorted(self.jsonl_path.parent.glob("results-*.jsonl"))
+
+    def _rotate(self) -> None:
+        """A new day: results.jsonl becomes results-<its day>.jsonl, and a new one starts (under the lock)."""
+        today = day_of(time.time())
+        if today == self._jsonl_day:
+            return
+        day, self._jsonl_day = self._jsonl_day, today  # tried once a day: a failure must not stop commits
+        if self._jsonl is not None:
+            with contextlib.suppress(OSError):
+                self._jsonl.close()
+            self._jsonl = None
+        dest = self.jsonl_path.with_name(f"results-{day}.jsonl")
+        n = 1
+        while dest.exists():  # the clock went back: never overwrite a day
+            dest = self.jsonl_path.with_name(f"results-{day}.{n}.jsonl")
+            n += 1
+        try:
+            os.replace(self.jsonl_path, dest)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # the mirror goes on in the same file
+            self._warn(f"{self.jsonl_path} not rotated ({exc})")
+        try:
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError:
+            self._jsonl_behind = True  # _mirror opens it and catches up
+        self._idents = (self._idents[0], _ident(self.jsonl_path))
 
     def count(self) -> int:
         with self._lock:
@@ -285,13 +341,16 @@ class ResultStore:
         """Make the JSONL match the table after a crash; returns how many lines were written."""
         db_max = self._max_id()
         last = _last_jsonl_id(self.jsonl_path)
+        rotated = self._rotated_last()
+        if last == 0:  # empty or missing (rotated just now): it goes on after the rotated days
+            last = rotated
         if last == db_max:
             return 0
         if last is None or last > db_max:
             # Unreadable, or lines whose commit never happened: the table is the truth.
             tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
             with open(tmp, "w", encoding="utf-8") as f:
-                n = self._write_rows(f, 0)
+                n = self._write_rows(f, rotated or 0)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.jsonl_path)
@@ -312,8 +371,14 @@ class ResultStore:
         for values in cur:
             yield dict(zip(names, values, strict=True))
 
+    def _rotated_last(self) -> int:
+        """The last id the rotated mirrors hold (0 without any)."""
+        return max([_last_jsonl_id(p) or 0 for p in self._rotated()], default=0)
+
     def _max_id(self) -> int:
-        return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM frames").fetchone()[0]
+        """The newest id ever committed: retention deletes the oldest rows, and may delete them all."""
+        seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'frames'").fetchone()
+        return seq[0] if seq else 0
 
 
 def _ident(path: Path) -> tuple[int, int] | None:
