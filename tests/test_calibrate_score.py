@@ -169,7 +169,7 @@ def test_tune_picks_a_recipe_on_synthetic_defects_then_calibrates(calibrated_bun
 
     copy = tmp_path / "b"
     shutil.copytree(calibrated_bundle, copy)
-    best = tune(copy, log=lambda *_: None)
+    best = tune(copy)
     b = Bundle.load(copy)
     assert b.manifest.score == best["recipe"]
     assert b.manifest.calibration is None  # statistics of the old recipe no longer apply

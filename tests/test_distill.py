@@ -20,7 +20,7 @@ from diffinspect.scoring.calibrate import calibrate
 from diffinspect.scoring.loader import load_detector
 from diffinspect.train.distill import calibration_folder, checkpoint_dir, distill
 
-QUIET = {"log": lambda *_: None, "device": "cpu", "batch_size": 8}
+QUIET = {"device": "cpu", "batch_size": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -60,11 +60,11 @@ def test_student_approaches_teacher(trained_bundle, tmp_path):
     assert not checkpoint_dir(b).exists()
 
 
-def test_distilled_bundle_scores_and_recalibrates(calibrated_bundle, line_dir, tmp_path):
+def test_distilled_bundle_scores_and_recalibrates(calibrated_bundle, line_dir, tmp_path, caplog):
     b = copy_of(calibrated_bundle, tmp_path)
-    seen: list[str] = []
-    result = distill(b, steps=2, iterations=4, **{**QUIET, "log": seen.append})
-    assert any("re-calibrating for the student" in s for s in seen), seen
+    with caplog.at_level("INFO", logger="diffinspect"):
+        result = distill(b, steps=2, iterations=4, **QUIET)
+    assert any("re-calibrating for the student" in s for s in caplog.messages), caplog.messages
     n_good = len(list((line_dir / "test" / "good").iterdir()))
     assert result["calibration"]["n"] == n_good  # the same folder as before, not the holdout
     assert Bundle.load(b).manifest.calibration.sampler == "student"
