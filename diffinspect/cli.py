@@ -234,7 +234,7 @@ def calibrate(
             bar.update(tasks[what], completed=done)
 
         result = run_calibrate(bundle, normal_dir, false_reject_rate, backend, device, sampler,
-                               progress=progress, log=bar.console.print, fusion=fusion,
+                               progress=progress, fusion=fusion,
                                frame_detector=frame_detector, confidence=confidence or None)
     console.print(f"threshold [bold]{result.threshold:.4g}[/] (pixel {result.pixel_threshold:.4g}) "
                   f"on {result.backend}; statistics from {result.n_reference} images")

@@ -104,7 +104,7 @@ def run_demo(workdir: Path, fast: bool = False) -> DemoResult:
     rate = 0.05
     log.info(f"3/6 calibrating on held-out good parts (false-reject rate {rate}), then distilling a 2-step student "
              f"(at most {plan.distill_minutes} min)")
-    calibrate(bundle, None, rate, backend="torch", log=log.info)
+    calibrate(bundle, None, rate, backend="torch")
     _distill(bundle, plan)
     log.info("4/6 exporting the scoring graph to INT8")
     export = _export(bundle)

@@ -45,7 +45,7 @@ def calibrated_bundle(trained_bundle, line_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("calibrated") / "tiny"
     shutil.copytree(trained_bundle, out)
-    calibrate(out, line_dir / "test" / "good", false_reject_rate=0.1, log=lambda *_: None)
+    calibrate(out, line_dir / "test" / "good", false_reject_rate=0.1)
     return out
 
 

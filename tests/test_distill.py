@@ -77,8 +77,7 @@ def test_distilled_bundle_scores_and_recalibrates(calibrated_bundle, line_dir, t
     assert scored.scores.shape == (3,) and np.isfinite(scored.scores).all()
 
     # backend="torch": auto would self-check the teacher against the student's calibration scores.
-    calibrate(b, line_dir / "test" / "good", false_reject_rate=0.1, backend="torch", sampler="teacher",
-              log=lambda *_: None)
+    calibrate(b, line_dir / "test" / "good", false_reject_rate=0.1, backend="torch", sampler="teacher")
     det = load_detector(b)
     assert len(det.engine.graph.path) == 10  # the teacher at the steps it was distilled from
     assert np.isfinite(det.score(frames).scores).all()

@@ -53,7 +53,7 @@ def wide_bundle(wide_set, tmp_path_factory) -> tuple[Path, list[str]]:
                                  "data.holdout": 0.2})
     with logged() as lines:
         train(wide_set, out, cfg)
-    calibrate(out, wide_set / "test" / "good", false_reject_rate=0.1, log=lambda *_: None)
+    calibrate(out, wide_set / "test" / "good", false_reject_rate=0.1)
     return out, lines
 
 

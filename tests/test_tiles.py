@@ -17,7 +17,6 @@ from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import Preprocess, read_image
 from diffinspect.scoring.diffusion import CALIBRATION_FILE
 
-QUIET = {"log": lambda *_: None}
 TILES = Preprocess(image_size=32, feed="tiles", tile_scale=0.5)
 
 
@@ -54,7 +53,7 @@ def tiles_bundle(tiles_line, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiles_bundle") / "tiny"
     train(tiles_line, out, tiles_cfg(**{"train.steps": 60}))
-    calibrate(out, tiles_line / "test" / "good", false_reject_rate=0.1, backend="torch", fallback=False, **QUIET)
+    calibrate(out, tiles_line / "test" / "good", false_reject_rate=0.1, backend="torch", fallback=False)
     return out
 
 

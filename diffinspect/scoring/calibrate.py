@@ -12,6 +12,7 @@ for scores.
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -52,6 +53,8 @@ MAX_EMBEDDING_FIT = 4096  # training images the embedding detectors are fitted o
 MAX_REFERENCE_INPUTS = 2048  # model inputs (frames or tiles) for the statistics: bounds raw-term memory
 SELFCHECK_FRAMES = 4
 Progress = Callable[[str, int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -119,7 +122,6 @@ def calibrate(
     sampler: str | None = None,
     fallback: bool = True,
     progress: Progress | None = None,
-    log: Callable[[str], None] = print,
     fusion: str | None = None,
     frame_detector: str | None = None,
     confidence: float | None = 0.95,
@@ -141,7 +143,7 @@ def calibrate(
     reference, calib, described = image_sets(bundle, normal_dir)
     check_calibration_size(len(calib), false_reject_rate,
                            hint="name a folder with more good images, or raise --false-reject-rate")
-    log(f"calibrating on {described}")
+    log.info(f"calibrating on {described}")
     ref_frames = read_images(reference, prep.color, "reference images", progress=progress).frames
     cal_frames = read_images(calib, prep.color, "calibration images", progress=progress).frames
 

@@ -318,7 +318,7 @@ def _recalibrate(bundle: Bundle, device: str) -> dict | None:
         # torch, not auto: auto self-checks engines against the old calibration's reference scores,
         # which the new sampler cannot reproduce, and any export is gone or stale by now.
         result = calibrate(bundle.path, folder, cal.false_reject_rate, backend="torch", device=device,
-                           sampler="student", log=log.info)
+                           sampler="student")
     except DiffinspectError as exc:
         # The old statistics describe another sampler; scoring with them would break the bound.
         with Bundle.load(bundle.path).updating() as up:
