@@ -44,9 +44,9 @@ def build_bundle(root: Path, size: int, steps: int, log) -> Path:
     cfg = load_config(overrides={"model.size": "small", "data.image_size": size, "train.steps": steps,
                                  "train.batch_size": 4, "data.holdout": 0.25})
     t0 = time.perf_counter()
-    train(line, out, cfg, log=lambda *_: None)
-    calibrate(out, line / "test" / "good", false_reject_rate=0.1, log=lambda *_: None)
-    export_bundle(out, "all", "all", allow_mismatch=True, log=log)
+    train(line, out, cfg)
+    calibrate(out, line / "test" / "good", false_reject_rate=0.1)
+    export_bundle(out, "all", "all", allow_mismatch=True)
     log(f"{size} px bundle built in {time.perf_counter() - t0:.0f} s")
     return out
 

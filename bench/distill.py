@@ -82,8 +82,7 @@ def student_bundle(src: Path, work: Path, steps: int, share: float, args: argpar
         up.manifest.calibration = None  # the bench uses its own statistics: skip re-calibration
     t0 = time.time()
     distill(dst, steps=steps, teacher_steps=args.teacher_steps, iterations=args.iterations,
-            max_minutes=args.max_minutes, device=args.device, defect_share=share,
-            log=lambda s: print("  " + s))
+            max_minutes=args.max_minutes, device=args.device, defect_share=share)
     print(f"  distilled in {(time.time() - t0) / 60:.1f} min")
     return Bundle.load(dst)
 

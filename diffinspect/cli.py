@@ -173,15 +173,14 @@ def train(
                        info=f"loss {loss:.4f}  {step / max(elapsed, 1e-9):.2f} steps/s"
                        + (f"  {elapsed / 60:.1f}/{budget:g} min" if budget else ""))
 
-        bundle = run_train(data, out, cfg, resume=resume, overwrite=overwrite, progress=progress,
-                           log=bar.console.print)
+        bundle = run_train(data, out, cfg, resume=resume, overwrite=overwrite, progress=progress)
     if bundle is None:  # a torchrun rank other than 0: rank 0 writes the bundle and reports
         return
     console.print(f"bundle written to [bold]{bundle.path}[/]; next: inspect calibrate {bundle.path}")
     if distill_steps:
         from diffinspect.train.distill import distill as run_distill
 
-        run_distill(bundle.path, steps=distill_steps, log=console.print)
+        run_distill(bundle.path, steps=distill_steps)
 
 
 @app.command()
@@ -216,8 +215,7 @@ def calibrate(
         folder = normal_dir or bundle
         if folder is None or out is None:
             raise DiffinspectError("usage: inspect calibrate --detector copod GOOD_DIR --out BUNDLE")
-        n, thr = calibrate_copod_only(_existing(folder, "folder"), out, false_reject_rate, exclude_suspects,
-                                      log=console.print)
+        n, thr = calibrate_copod_only(_existing(folder, "folder"), out, false_reject_rate, exclude_suspects)
         console.print(f"COPOD bundle written to {out}: threshold {thr:.4g}")
         console.print(describe_bound(n, false_reject_rate))
         return
@@ -228,7 +226,7 @@ def calibrate(
     if tune:
         from diffinspect.train.tune import tune as run_tune
 
-        run_tune(bundle, log=console.print)
+        run_tune(bundle)
     with _progress_bar() as bar:
         tasks: dict[str, int] = {}
 
@@ -238,7 +236,7 @@ def calibrate(
             bar.update(tasks[what], completed=done)
 
         result = run_calibrate(bundle, normal_dir, false_reject_rate, backend, device, sampler,
-                               progress=progress, log=bar.console.print, fusion=fusion,
+                               progress=progress, fusion=fusion,
                                frame_detector=frame_detector, confidence=confidence or None,
                                exclude_suspects=exclude_suspects)
     console.print(f"threshold [bold]{result.threshold:.4g}[/] (pixel {result.pixel_threshold:.4g}) "
@@ -485,7 +483,7 @@ def distill(
 
         result = run_distill(bundle, steps=steps, teacher_steps=teacher_steps, iterations=iterations,
                              max_minutes=max_minutes, device=device, resume=resume, progress=progress,
-                             defect_share=heal, log=bar.console.print)
+                             defect_share=heal)
     console.print(f"{result['steps']}-step student is now the default sampler of [bold]{bundle}[/]"
                   + ("" if result["calibration"] else f"; next: inspect calibrate {bundle}"))
 
@@ -502,7 +500,7 @@ def demo(
     from diffinspect.demo import run_demo
     from diffinspect.info import training_warning
 
-    r = run_demo(workdir, fast=fast, log=console.print)
+    r = run_demo(workdir, fast=fast)
     h = r.headline
     manifest = Bundle.load(r.bundle, verify=False).manifest
     steps = manifest.training and manifest.training.steps
@@ -543,12 +541,10 @@ def export(
     """Export the whole scoring step (ONNX / OpenVINO, fp32 / fp16 / INT8), checked against torch."""
     from diffinspect.export import export_bundle  # refuses in one line where torch is missing
 
-    def log(line: str) -> None:  # escaped: "[openvino:CPU, 3.4 s]" is not rich markup
-        console.print(escape(line), highlight=False, soft_wrap=True)
-
     records = export_bundle(_existing(bundle, "bundle"), fmt, precision, calibration_dir, allow_mismatch,
-                            log=log, sampler=sampler)
-    log(f"exported {', '.join(records)}; score with: inspect score {bundle} IMAGES --backend auto")
+                            sampler=sampler)
+    console.print(escape(f"exported {', '.join(records)}; score with: inspect score {bundle} IMAGES --backend auto"),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -6,9 +6,9 @@ generate a line -> train -> distil -> calibrate -> export (INT8) -> a simulated 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,8 @@ import numpy as np
 
 from diffinspect.data.synthetic import DEFECTS, make_line, render_frame
 from diffinspect.store.reader import count_frames
+
+log = logging.getLogger(__name__)
 
 PRODUCT = "washer"
 
@@ -78,7 +80,7 @@ def simulate_camera(feed: Path, plan: DemoPlan, seed: int = 1) -> tuple[int, int
     return plan.stream_frames, plan.corrupt_frames
 
 
-def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = print) -> DemoResult:
+def run_demo(workdir: Path, fast: bool = False) -> DemoResult:
     from diffinspect.config import load_config
     from diffinspect.evaluation.evaluate import evaluate
     from diffinspect.line.watch import WatchOptions, run_watch
@@ -90,23 +92,23 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
     plan = DemoPlan.for_mode(fast)
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    log(f"1/6 generating a synthetic {PRODUCT} line in {workdir / 'line'}")
+    log.info(f"1/6 generating a synthetic {PRODUCT} line in {workdir / 'line'}")
     line = make_line(workdir / "line", PRODUCT, n_train=plan.n_train, n_test_good=30 if fast else 60,
                      n_test_defect=20 if fast else 50, size=plan.frame_size, seed=0)
-    log(f"2/6 training a {plan.model_size} U-Net at {plan.image_size} px (at most {plan.train_minutes} min)")
+    log.info(f"2/6 training a {plan.model_size} U-Net at {plan.image_size} px (at most {plan.train_minutes} min)")
     cfg = load_config(overrides={"model.size": plan.model_size, "data.image_size": plan.image_size,
                                  "train.steps": plan.train_steps, "train.max_minutes": plan.train_minutes,
                                  "data.holdout": 0.3})
     bundle = workdir / "model"
-    train(line, bundle, cfg, overwrite=True, log=log)
+    train(line, bundle, cfg, overwrite=True)
     rate = 0.05
-    log(f"3/6 calibrating on held-out good parts (false-reject rate {rate}), then distilling a 2-step student "
-        f"(at most {plan.distill_minutes} min)")
-    calibrate(bundle, None, rate, backend="torch", log=log)
-    _distill(bundle, plan, log)
-    log("4/6 exporting the scoring graph to INT8")
-    export = _export(bundle, log)
-    log(f"5/6 a camera drops {plan.stream_frames} frames into {workdir / 'camera_feed'} while the watcher scores")
+    log.info(f"3/6 calibrating on held-out good parts (false-reject rate {rate}), then distilling a 2-step student "
+             f"(at most {plan.distill_minutes} min)")
+    calibrate(bundle, None, rate, backend="torch")
+    _distill(bundle, plan)
+    log.info("4/6 exporting the scoring graph to INT8")
+    export = _export(bundle)
+    log.info(f"5/6 a camera drops {plan.stream_frames} frames into {workdir / 'camera_feed'} while the watcher scores")
     feed, results = workdir / "camera_feed", workdir / "results"
     for old in feed.glob("*") if feed.exists() else []:
         old.unlink()
@@ -117,7 +119,7 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
     options = WatchOptions(batch=8, overlays="ng", quiet=True, stop=stop, stable_ms=100, settle_ms=500,
                            rescan_seconds=1)
     watcher_out: list = []
-    broker, mqtt = _local_broker(workdir / "broker", log)
+    broker, mqtt = _local_broker(workdir / "broker")
     watcher = threading.Thread(target=lambda: watcher_out.append(run_watch(
         [feed], results, lambda: Inspector.load(bundle, backend), lambda: Inspector.fallback(bundle),
         options, outputs=[mqtt] if mqtt else [])), daemon=True)
@@ -134,7 +136,7 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
         broker.terminate()
         broker.wait(10)
     summary = watcher_out[0] if watcher_out else None
-    log("6/6 writing the evaluation report")
+    log.info("6/6 writing the evaluation report")
     report_dir = workdir / "report"
     report = evaluate([bundle], [line], report_dir, progress=False)
     figures = report["datasets"][line.name]["diffinspect"]
@@ -152,7 +154,7 @@ def run_demo(workdir: Path, fast: bool = False, log: Callable[[str], None] = pri
                       time.monotonic() - t0, station)
 
 
-def _local_broker(folder: Path, log: Callable[[str], None]):  # noqa: ANN202
+def _local_broker(folder: Path):  # noqa: ANN202
     """Mosquitto on a free loopback port, when installed, so the demo shows verdicts leaving over MQTT."""
     import os
     import shutil
@@ -177,32 +179,32 @@ def _local_broker(folder: Path, log: Callable[[str], None]):  # noqa: ANN202
     for _ in range(100):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                log(f"   publishing verdicts to a local MQTT broker, mqtt://127.0.0.1:{port}")
+                log.info(f"   publishing verdicts to a local MQTT broker, mqtt://127.0.0.1:{port}")
                 return proc, MqttOutput(MqttConfig(url=f"mqtt://127.0.0.1:{port}", station="demo"))
         time.sleep(0.05)
     proc.terminate()
     return None, None
 
 
-def _distill(bundle: Path, plan: DemoPlan, log: Callable[[str], None]) -> None:
+def _distill(bundle: Path, plan: DemoPlan) -> None:
     try:
         from diffinspect.train.distill import distill
     except ImportError:
-        log("   (distillation not available in this version: scoring with the teacher)")
+        log.info("   (distillation not available in this version: scoring with the teacher)")
         return
-    distill(bundle, steps=2, iterations=plan.distill_iterations, max_minutes=plan.distill_minutes, log=log)
+    distill(bundle, steps=2, iterations=plan.distill_iterations, max_minutes=plan.distill_minutes)
 
 
-def _export(bundle: Path, log: Callable[[str], None]) -> str:
+def _export(bundle: Path) -> str:
     try:
         from diffinspect.export import export_bundle
     except ImportError:
-        log("   (export not available in this version: scoring with torch)")
+        log.info("   (export not available in this version: scoring with torch)")
         return "torch"
     for fmt in ("openvino", "onnx"):
         try:
-            export_bundle(bundle, format=fmt, precision="int8", log=log)
+            export_bundle(bundle, format=fmt, precision="int8")
             return f"{fmt} int8"
         except Exception as exc:  # noqa: BLE001 - a missing runtime must not end the demo
-            log(f"   {fmt} INT8 export failed ({exc}); trying the next format")
+            log.info(f"   {fmt} INT8 export failed ({exc}); trying the next format")
     return "torch"

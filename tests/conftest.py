@@ -32,7 +32,7 @@ def trained_bundle(line_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     cfg = load_config(overrides={"model.size": "tiny", "data.image_size": 32, "train.steps": 60,
                                  "train.batch_size": 8, "data.holdout": 0.3})
-    train(line_dir, out, cfg, log=lambda *_: None)
+    train(line_dir, out, cfg)
     return out
 
 
@@ -45,7 +45,7 @@ def calibrated_bundle(trained_bundle, line_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("calibrated") / "tiny"
     shutil.copytree(trained_bundle, out)
-    calibrate(out, line_dir / "test" / "good", false_reject_rate=0.1, log=lambda *_: None)
+    calibrate(out, line_dir / "test" / "good", false_reject_rate=0.1)
     return out
 
 

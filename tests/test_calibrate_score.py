@@ -90,7 +90,7 @@ def test_too_few_images_for_the_rate_is_refused(trained_bundle, line_dir, tmp_pa
     copy = tmp_path / "b"
     shutil.copytree(trained_bundle, copy)
     with pytest.raises(DiffinspectError, match="need at least 99"):
-        calibrate(copy, line_dir / "test" / "good", false_reject_rate=0.01, log=lambda *_: None)
+        calibrate(copy, line_dir / "test" / "good", false_reject_rate=0.01)
 
 
 def test_uncalibrated_bundle_says_what_to_do(trained_bundle):
@@ -169,11 +169,11 @@ def test_tune_picks_a_recipe_on_synthetic_defects_then_calibrates(calibrated_bun
 
     copy = tmp_path / "b"
     shutil.copytree(calibrated_bundle, copy)
-    best = tune(copy, log=lambda *_: None)
+    best = tune(copy)
     b = Bundle.load(copy)
     assert b.manifest.score == best["recipe"]
     assert b.manifest.calibration is None  # statistics of the old recipe no longer apply
     assert best["auroc"] == max(r["auroc"] for r in b.manifest.tuning["table"])
     assert best["auroc"] > 0.6
-    calibrate(copy, line_dir / "test" / "good", false_reject_rate=0.1, log=lambda *_: None)
+    calibrate(copy, line_dir / "test" / "good", false_reject_rate=0.1)
     assert load_detector(copy, backend="torch").score([np.zeros((40, 40, 3), np.uint8)]).scores.shape == (1,)

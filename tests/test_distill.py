@@ -20,7 +20,7 @@ from diffinspect.scoring.calibrate import calibrate
 from diffinspect.scoring.loader import load_detector
 from diffinspect.train.distill import calibration_folder, checkpoint_dir, distill
 
-QUIET = {"log": lambda *_: None, "device": "cpu", "batch_size": 8}
+QUIET = {"device": "cpu", "batch_size": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -60,11 +60,11 @@ def test_student_approaches_teacher(trained_bundle, tmp_path):
     assert not checkpoint_dir(b).exists()
 
 
-def test_distilled_bundle_scores_and_recalibrates(calibrated_bundle, line_dir, tmp_path):
+def test_distilled_bundle_scores_and_recalibrates(calibrated_bundle, line_dir, tmp_path, caplog):
     b = copy_of(calibrated_bundle, tmp_path)
-    seen: list[str] = []
-    result = distill(b, steps=2, iterations=4, **{**QUIET, "log": seen.append})
-    assert any("re-calibrating for the student" in s for s in seen), seen
+    with caplog.at_level("INFO", logger="diffinspect"):
+        result = distill(b, steps=2, iterations=4, **QUIET)
+    assert any("re-calibrating for the student" in s for s in caplog.messages), caplog.messages
     n_good = len(list((line_dir / "test" / "good").iterdir()))
     assert result["calibration"]["n"] == n_good  # the same folder as before, not the holdout
     assert Bundle.load(b).manifest.calibration.sampler == "student"
@@ -77,8 +77,7 @@ def test_distilled_bundle_scores_and_recalibrates(calibrated_bundle, line_dir, t
     assert scored.scores.shape == (3,) and np.isfinite(scored.scores).all()
 
     # backend="torch": auto would self-check the teacher against the student's calibration scores.
-    calibrate(b, line_dir / "test" / "good", false_reject_rate=0.1, backend="torch", sampler="teacher",
-              log=lambda *_: None)
+    calibrate(b, line_dir / "test" / "good", false_reject_rate=0.1, backend="torch", sampler="teacher")
     det = load_detector(b)
     assert len(det.engine.graph.path) == 10  # the teacher at the steps it was distilled from
     assert np.isfinite(det.score(frames).scores).all()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from logged import logged
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
@@ -45,10 +46,10 @@ def exported(calibrated_bundle, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("exported") / "tiny"
     shutil.copytree(calibrated_bundle, path)
-    lines: list[str] = []
     # allow_mismatch: whether an INT8 export passes parity is the CPU's to decide (its instruction set
     # changes INT8 results); the tests below assert what holds on any CPU.
-    records = export_bundle(path, "all", "all", allow_mismatch=True, log=lines.append)
+    with logged() as lines:
+        records = export_bundle(path, "all", "all", allow_mismatch=True)
     return path, records, lines
 
 
@@ -85,7 +86,7 @@ def test_every_format_and_precision_exports_and_passes_parity(exported):
 
 
 def test_int8_keeps_the_feature_pass_in_float_when_quantizing_it_fails_parity(calibrated_bundle, tmp_path,
-                                                                             monkeypatch):
+                                                                             monkeypatch, caplog):
     from diffinspect.export import api, export_bundle, parity
 
     attempts: list[int] = []
@@ -100,8 +101,9 @@ def test_int8_keeps_the_feature_pass_in_float_when_quantizing_it_fails_parity(ca
     monkeypatch.setattr(parity, "passes", lambda figures: len(attempts) > 1 and attempts[-1] < attempts[0])
     path = tmp_path / "b"
     shutil.copytree(calibrated_bundle, path)
-    lines: list[str] = []
-    records = export_bundle(path, "openvino", "int8", log=lines.append)
+    with caplog.at_level("INFO", logger="diffinspect"):
+        records = export_bundle(path, "openvino", "int8")
+    lines = caplog.messages
     assert len(attempts) == 2 and attempts[1] < attempts[0], attempts
     rec = records["openvino/model.int8.xml"]
     assert rec.int8_scope == "rebuild" and rec.parity["passed"]
@@ -125,10 +127,11 @@ def test_exported_backends_label_like_torch(exported, line_dir):
         assert np.mean(agree[clear]) >= min_agreement, (backend, precision)
 
 
-def test_auto_picks_the_fastest_export_that_passes_its_self_check(exported, monkeypatch):
+def test_auto_picks_the_fastest_export_that_passes_its_self_check(exported, monkeypatch, caplog):
     path, _, _ = exported
-    lines: list[str] = []
-    engine = make_engine(Bundle.load(path), "auto", log=lines.append)
+    with caplog.at_level("DEBUG", logger="diffinspect"):
+        engine = make_engine(Bundle.load(path), "auto")
+    lines = caplog.messages
     assert engine.name == "openvino:CPU" and "max score deviation" in engine.selection
     # INT8 is the fastest here; whether it meets the self-check tolerance depends on the CPU's INT8 kernels.
     if engine.precision == "int8":
@@ -197,7 +200,7 @@ def test_parity_failure_refuses_and_writes_nothing(exported, calibrated_bundle, 
                         lambda graph, example, dst, log: shutil.copyfile(exported[0] / "model.onnx", dst))
     monkeypatch.setattr(parity, "MIN_RANK_CORRELATION", 1.01)
     with pytest.raises(DiffinspectError, match="export refused, nothing written"):
-        export_bundle(copy, "onnx", "fp32", log=lambda *_: None)
+        export_bundle(copy, "onnx", "fp32")
     assert (copy / "manifest.json").read_text() == before
     assert not (copy / "model.onnx").exists() and not list(copy.glob(".export-*"))
 

@@ -104,7 +104,7 @@ def test_calibrate_with_minp_stores_the_rule_and_scores_round_trip(trained_bundl
     shutil.copytree(trained_bundle, path)
     with pytest.raises(DiffinspectError, match="--fusion"):
         calibrate(path, line_dir / "test" / "good", fusion="mean")
-    calibrate(path, line_dir / "test" / "good", false_reject_rate=0.1, log=lambda *_: None, fusion="minp")
+    calibrate(path, line_dir / "test" / "good", false_reject_rate=0.1, fusion="minp")
     manifest = Bundle.load(path).manifest
     cal = manifest.calibration
     assert manifest.score.fusion == "minp"  # kept: a later calibrate without --fusion uses it too

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from logged import logged
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle, plain, section
@@ -50,9 +51,9 @@ def wide_bundle(wide_set, tmp_path_factory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("bundles") / "wide"
     cfg = load_config(overrides={"model.size": "tiny", "train.steps": 30, "train.batch_size": 8,
                                  "data.holdout": 0.2})
-    lines: list[str] = []
-    train(wide_set, out, cfg, log=lines.append)
-    calibrate(out, wide_set / "test" / "good", false_reject_rate=0.1, log=lambda *_: None)
+    with logged() as lines:
+        train(wide_set, out, cfg)
+    calibrate(out, wide_set / "test" / "good", false_reject_rate=0.1)
     return out, lines
 
 
@@ -150,7 +151,7 @@ def wide_exported(wide_bundle, tmp_path_factory):
     shutil.copytree(wide_bundle[0], path)
     # A 30-step tiny model ranks near-identical good frames; INT8 may miss the 0.99 gate there (not a
     # matter of shape), so keep every export and check the figures below.
-    records = export_bundle(path, "all", "all", allow_mismatch=True, log=lambda *_: None)
+    records = export_bundle(path, "all", "all", allow_mismatch=True)
     yield path, records
     if old is None:
         os.environ.pop(CACHE_ENV, None)
@@ -195,7 +196,7 @@ def test_rectangular_tiles_feed_trains_and_scores(wide_set, tmp_path):
     assert stitch(np.ones(inputs.shape[:3], np.float32), layout)[0].shape == (H, W)
     cfg = load_config(overrides={"model.size": "tiny", "train.steps": 4, "train.batch_size": 4,
                                  "data.feed": "tiles", "data.image_size": [16, 32], "data.tile_scale": 1.0})
-    train(wide_set, tmp_path / "b", cfg, log=lambda *_: None)
+    train(wide_set, tmp_path / "b", cfg)
     assert Bundle.load(tmp_path / "b").manifest.preprocess.image_size == (16, 32)
 
 

@@ -114,16 +114,16 @@ def test_calibrate_uses_the_conditional_threshold_when_it_can_and_says_why_when_
     good = line_dir / "test" / "good"  # 24 images: enough at 20 % for 90 % confidence (11 needed)
     split = tmp_path / "split"
     shutil.copytree(trained_bundle, split)
-    result = calibrate(split, good, false_reject_rate=0.2, fusion="sum", confidence=0.9, log=lambda *_: None)
+    result = calibrate(split, good, false_reject_rate=0.2, fusion="sum", confidence=0.9)
     cal = Bundle.load(split).manifest.calibration
     assert result.delta == pytest.approx(0.1) and cal.confidence == pytest.approx(0.9)
     assert cal.rule == "calibration-conditional order statistic"
     assert "with 90% confidence" in result.bound and "with 90% confidence" in bundle_summary(split)["calibration"][
         "guarantee"]
-    marginal = calibrate(split, good, false_reject_rate=0.2, fusion="sum", confidence=None, log=lambda *_: None)
+    marginal = calibrate(split, good, false_reject_rate=0.2, fusion="sum", confidence=None)
     assert result.threshold >= marginal.threshold  # the conditional one is the more careful
-    few = calibrate(split, good, false_reject_rate=0.1, fusion="sum", confidence=0.95, log=lambda *_: None)
+    few = calibrate(split, good, false_reject_rate=0.1, fusion="sum", confidence=0.95)
     assert few.delta is None and "needs at least 29 good images, here 24" in few.bound
-    fused = calibrate(split, good, false_reject_rate=0.2, fusion="minp", confidence=0.9, log=lambda *_: None)
+    fused = calibrate(split, good, false_reject_rate=0.2, fusion="minp", confidence=0.9)
     assert fused.delta is None and "--fusion sum" in fused.bound and "on average" in fused.bound
     assert Bundle.load(split).manifest.calibration.rule == "full-conformal best-rank"

@@ -17,7 +17,6 @@ from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import Preprocess, read_image
 from diffinspect.scoring.diffusion import CALIBRATION_FILE
 
-QUIET = {"log": lambda *_: None}
 TILES = Preprocess(image_size=32, feed="tiles", tile_scale=0.5)
 
 
@@ -53,8 +52,8 @@ def tiles_bundle(tiles_line, tmp_path_factory) -> Path:
     from diffinspect.train import train
 
     out = tmp_path_factory.mktemp("tiles_bundle") / "tiny"
-    train(tiles_line, out, tiles_cfg(**{"train.steps": 60}), **QUIET)
-    calibrate(out, tiles_line / "test" / "good", false_reject_rate=0.1, backend="torch", fallback=False, **QUIET)
+    train(tiles_line, out, tiles_cfg(**{"train.steps": 60}))
+    calibrate(out, tiles_line / "test" / "good", false_reject_rate=0.1, backend="torch", fallback=False)
     return out
 
 
@@ -176,8 +175,8 @@ def test_tile_training_is_deterministic_and_resumes(tiles_line, tmp_path):
     def weights(path: Path) -> dict:
         return torch.load(path / "weights.pt", weights_only=True)
 
-    a = weights(train(tiles_line, tmp_path / "a", tiles_cfg(**{"train.steps": 6}), **QUIET).path)
-    b = weights(train(tiles_line, tmp_path / "b", tiles_cfg(**{"train.steps": 6}), **QUIET).path)
+    a = weights(train(tiles_line, tmp_path / "a", tiles_cfg(**{"train.steps": 6})).path)
+    b = weights(train(tiles_line, tmp_path / "b", tiles_cfg(**{"train.steps": 6})).path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     def interrupt(step: int) -> None:
@@ -185,6 +184,6 @@ def test_tile_training_is_deterministic_and_resumes(tiles_line, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(DiffinspectError, match="--resume"):
-        train(tiles_line, tmp_path / "c", tiles_cfg(**{"train.steps": 6}), on_step=interrupt, **QUIET)
-    c = weights(train(tiles_line, tmp_path / "c", tiles_cfg(**{"train.steps": 6}), resume=True, **QUIET).path)
+        train(tiles_line, tmp_path / "c", tiles_cfg(**{"train.steps": 6}), on_step=interrupt)
+    c = weights(train(tiles_line, tmp_path / "c", tiles_cfg(**{"train.steps": 6}), resume=True).path)
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)

@@ -12,8 +12,6 @@ from diffinspect.models.from_bundle import load_denoiser
 from diffinspect.train import train
 from diffinspect.train.fit import checkpoint_dir
 
-QUIET = {"log": lambda *_: None}
-
 
 def tiny(**over):
     base = {"model.size": "tiny", "data.image_size": 32, "train.batch_size": 8, "train.steps": 4}
@@ -24,7 +22,7 @@ def tiny(**over):
 def losses_of(line_dir, tmp_path, kind):
     seen = []
     train(line_dir, tmp_path / kind, tiny(**{"model.kind": kind, "train.steps": 50}),
-          progress=lambda s, n, loss, e: seen.append(loss), **QUIET)
+          progress=lambda s, n, loss, e: seen.append(loss))
     return seen
 
 
@@ -43,8 +41,8 @@ def test_loss_falls_and_bundle_loads(line_dir, tmp_path, kind):
 
 @pytest.mark.slow
 def test_deterministic_on_cpu(line_dir, tmp_path):
-    a = train(line_dir, tmp_path / "a", tiny(), **QUIET)
-    b = train(line_dir, tmp_path / "b", tiny(), **QUIET)
+    a = train(line_dir, tmp_path / "a", tiny())
+    b = train(line_dir, tmp_path / "b", tiny())
     sa = torch.load(a.path / "weights.pt", weights_only=True)
     sb = torch.load(b.path / "weights.pt", weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -59,16 +57,16 @@ def test_interrupt_saves_checkpoint_and_resume_continues(line_dir, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(DiffinspectError, match="--resume"):
-        train(line_dir, out, tiny(**{"train.steps": 6}), on_step=interrupt, **QUIET)
+        train(line_dir, out, tiny(**{"train.steps": 6}), on_step=interrupt)
     assert (checkpoint_dir(out) / "last.pt").exists()
     assert not out.exists()  # never a half-written bundle
     steps = []
     b = train(line_dir, out, tiny(**{"train.steps": 6}), resume=True,
-              progress=lambda s, *_: steps.append(s), **QUIET)
+              progress=lambda s, *_: steps.append(s))
     assert steps == [4, 5, 6]
     assert b.manifest.training.steps == 6
     # An uninterrupted run draws the same batches: same weights.
-    ref = train(line_dir, tmp_path / "ref", tiny(**{"train.steps": 6}), **QUIET)
+    ref = train(line_dir, tmp_path / "ref", tiny(**{"train.steps": 6}))
     sa = torch.load(b.path / "weights.pt", weights_only=True)
     sr = torch.load(ref.path / "weights.pt", weights_only=True)
     assert all(torch.allclose(sa[k], sr[k], atol=1e-6) for k in sa)
@@ -77,7 +75,7 @@ def test_interrupt_saves_checkpoint_and_resume_continues(line_dir, tmp_path):
 
 def test_resume_without_checkpoint(line_dir, tmp_path):
     with pytest.raises(DiffinspectError, match="nothing to resume"):
-        train(line_dir, tmp_path / "x", tiny(), resume=True, **QUIET)
+        train(line_dir, tmp_path / "x", tiny(), resume=True)
 
 
 def write_images(folder: Path, n: int, bad: int = 0) -> Path:
@@ -92,19 +90,19 @@ def write_images(folder: Path, n: int, bad: int = 0) -> Path:
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(DiffinspectError, match="not found"):
-        train(tmp_path / "missing", tmp_path / "o", tiny(), **QUIET)
+        train(tmp_path / "missing", tmp_path / "o", tiny())
     (tmp_path / "empty").mkdir()
     with pytest.raises(DiffinspectError, match="no images"):
-        train(tmp_path / "empty", tmp_path / "o", tiny(), **QUIET)
+        train(tmp_path / "empty", tmp_path / "o", tiny())
     few = write_images(tmp_path / "few", 8, bad=4)
     with pytest.raises(DiffinspectError, match="at least 10"):
-        train(few, tmp_path / "o", tiny(), **QUIET)
+        train(few, tmp_path / "o", tiny())
     ok = write_images(tmp_path / "ok", 14)
     with pytest.raises(DiffinspectError, match="multiple of"):
-        train(ok, tmp_path / "o", tiny(**{"data.image_size": 36}), **QUIET)
+        train(ok, tmp_path / "o", tiny(**{"data.image_size": 36}))
     if not torch.cuda.is_available():
         with pytest.raises(DiffinspectError, match="CUDA"):
-            train(ok, tmp_path / "o", tiny(**{"train.device": "cuda"}), **QUIET)
+            train(ok, tmp_path / "o", tiny(**{"train.device": "cuda"}))
     assert not (tmp_path / "o").exists()
 
 
@@ -112,7 +110,7 @@ def test_bad_inputs(tmp_path):
 def test_undecodable_files_are_skipped_and_counted(tmp_path, caplog):
     data = write_images(tmp_path / "d", 16, bad=2)
     with caplog.at_level("WARNING", logger="diffinspect"):
-        b = train(data, tmp_path / "o", tiny(**{"data.holdout": 0.0}), **QUIET)
+        b = train(data, tmp_path / "o", tiny(**{"data.holdout": 0.0}))
     assert "skipped 2 undecodable" in caplog.text
     assert len(b.manifest.training.skipped) == 2
     assert b.manifest.preprocess.color == "gray"

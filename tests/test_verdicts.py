@@ -114,7 +114,7 @@ def test_every_calibrated_path_rejects_exactly_when_p_is_at_most_alpha(trained_b
     for fusion in ("sum", "minp"):
         path = tmp_path / fusion
         shutil.copytree(trained_bundle, path)
-        calibrate(path, line_dir / "test" / "good", false_reject_rate=0.1, log=lambda *_: None, fusion=fusion)
+        calibrate(path, line_dir / "test" / "good", false_reject_rate=0.1, fusion=fusion)
         for inspector in (Inspector.load(path, backend="torch"), Inspector.fallback(path)):
             if frames is None:
                 frames = [read_image(s.path, inspector.preprocess.color) for s in labelled_set(line_dir).samples]

@@ -18,7 +18,7 @@ about 5 σ on defective frames.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,8 @@ from diffinspect.engines import Engine
 from diffinspect.engines.exports import CALIBRATION_FILE, exported_precisions, find_export
 from diffinspect.models.sampler import resolve_sampler
 from diffinspect.vocab import Backend, Precision
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from diffinspect.engines.onnx_engine import OnnxEngine
@@ -97,7 +99,7 @@ def build_engine(bundle: Bundle, backend: str, device: str = "auto", sampler: st
 
 
 def make_engine(bundle: Bundle, backend: str = "auto", device: str = "auto", sampler: str | None = None,
-                precision: str | None = None, log: Callable[[str], None] | None = None) -> Engine:
+                precision: str | None = None) -> Engine:
     """backend: auto | torch | onnxruntime | openvino; precision: fp32 | fp16 | int8 | None (the
     fastest exported). auto tries the exported engines fastest first and keeps the first whose
     start-up self-check passes (`pick_engine`)."""
@@ -106,11 +108,10 @@ def make_engine(bundle: Bundle, backend: str = "auto", device: str = "auto", sam
     if precision is not None and precision not in Precision.values():
         raise DiffinspectError(f"unknown precision {precision!r}: choose one of {Precision.listed()}")
     if backend == "auto":
-        return pick_engine(bundle, device, sampler, precision, log)
+        return pick_engine(bundle, device, sampler, precision)
     engine = build_engine(bundle, backend, device, sampler, precision)
     engine.selection = f"{engine.name} ({engine.precision}): --backend {backend}"
-    if log:
-        log(f"backend {engine.selection}")
+    log.debug(f"backend {engine.selection}")
     return engine
 
 
@@ -194,8 +195,7 @@ def candidates(bundle: Bundle, device: str, sampler: str, precision: str | None)
     return out
 
 
-def pick_engine(bundle: Bundle, device: str, sampler: str | None, precision: str | None,
-                log: Callable[[str], None] | None = None) -> Engine:
+def pick_engine(bundle: Bundle, device: str, sampler: str | None, precision: str | None) -> Engine:
     name = resolve_sampler(bundle, sampler)
     ref = load_reference(bundle)
     order = candidates(bundle, device, name, precision)
@@ -218,8 +218,7 @@ def pick_engine(bundle: Bundle, device: str, sampler: str | None, precision: str
                 continue
         skipped = f"; skipped: {'; '.join(tried)}" if tried else ""
         engine.selection = f"{engine.name} ({prec or 'fp32'}): fastest passing candidate, {why}{skipped}"
-        if log:
-            log(f"backend auto -> {engine.selection}")
+        log.debug(f"backend auto -> {engine.selection}")
         return engine
     if not tried:  # no export for this sampler, and no torch to run the bundle's weights
         raise DiffinspectError(f"bundle {bundle.path} has no export for the {name} sampler and torch is not "

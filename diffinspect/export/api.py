@@ -8,11 +8,11 @@ A refused export leaves the bundle exactly as it was.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from diffinspect.bundle import Bundle, Export
 from diffinspect.engines.exports import export_name
 from diffinspect.export import parity
 from diffinspect.vocab import ExportFormat, ModelKind, Precision, Sampler
+
+log = logging.getLogger(__name__)
 
 MAX_IMAGES = 48  # calibration frames for INT8 ranges and parity: enough for both, quick at any size
 MAX_INPUTS = 96  # model inputs from them (frames, or tiles in tiles mode, where one frame gives many)
@@ -105,7 +107,7 @@ def _run(engine_or_graph, frames: np.ndarray, mean: np.ndarray, std: np.ndarray,
 
 def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str = "fp32",
                   calibration_dir: str | Path | None = None, allow_mismatch: bool = False,
-                  log: Callable[[str], None] = print, sampler: str | None = None) -> dict[str, Export]:
+                  sampler: str | None = None) -> dict[str, Export]:
     """Export, check parity, record. Returns {main file: export record} of what was written."""
     try:
         import torch
@@ -136,8 +138,8 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
         mean, std = z["mean"].astype(np.float32), z["std"].astype(np.float32)
     frames, described = _calibration_frames(bundle, calibration_dir)
     check = parity.parity_frames(frames)
-    log(f"exporting {', '.join(f'{f} {p}' for f, p in targets)} ({sampler} sampler); "
-        f"calibration and parity on {described}")
+    log.info(f"exporting {', '.join(f'{f} {p}' for f, p in targets)} ({sampler} sampler); "
+             f"calibration and parity on {described}")
 
     graph = load_graph(bundle, sampler).eval()
     with torch.no_grad():
@@ -147,7 +149,7 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
     try:
         src = work / "scoring.fp32.onnx"
         example = (torch.from_numpy(frames[:2]), torch.from_numpy(mean), torch.from_numpy(std))
-        export_onnx(for_export(graph), example, src, log)
+        export_onnx(for_export(graph), example, src)
         import onnx
 
         proto = onnx.load(str(src))
@@ -166,12 +168,12 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
                 ok = parity.passes(figures)
                 if ok or scope != "denoiser":
                     break
-                log(f"  {files[0]:26s} {parity.describe(figures)} with the feature pass in INT8: "
-                    f"keeping it in float")
+                log.info(f"  {files[0]:26s} {parity.describe(figures)} with the feature pass in INT8: "
+                         f"keeping it in float")
             if scope:
                 extra["int8_scope"] = scope
-            log(f"  {files[0]:26s} {'ok ' if ok else 'BAD'} {parity.describe(figures)} [{engine.name}, "
-                f"{time.perf_counter() - t0:.1f} s]")
+            log.info(f"  {files[0]:26s} {'ok ' if ok else 'BAD'} {parity.describe(figures)} [{engine.name}, "
+                     f"{time.perf_counter() - t0:.1f} s]")
             if not ok:
                 failed.append(f"{files[0]} (score rank correlation {figures['score_rank_correlation']:.4f})")
             records[files[0]] = Export(
@@ -190,7 +192,7 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
                     os.replace(work / f, staged)
                     up.add_file(f, staged)
                 up.manifest.exports[name] = rec
-        log(f"wrote {len(records)} export(s) into {bundle.path}")
+        log.info(f"wrote {len(records)} export(s) into {bundle.path}")
         return records
     finally:
         shutil.rmtree(work, ignore_errors=True)

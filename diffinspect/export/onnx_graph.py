@@ -27,6 +27,8 @@ import onnx
 
 from diffinspect import DiffinspectError
 
+log = logging.getLogger(__name__)
+
 INPUT_NAMES = ["frames", "mean", "std"]
 OUTPUT_NAMES = ["map", "score", "raw"]
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
@@ -37,7 +39,7 @@ FLOAT_MODULES = {"conv_in", "conv_out", "patch_embed", "final", "time_embed", "t
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
-def export_onnx(graph, example: tuple, path: Path, log=print) -> None:
+def export_onnx(graph, example: tuple, path: Path) -> None:
     """Export `graph(frames, mean, std)` with a dynamic batch dimension to one self-contained file."""
     import torch
 
@@ -55,7 +57,7 @@ def export_onnx(graph, example: tuple, path: Path, log=print) -> None:
         tail = chatter.getvalue().strip().splitlines()[-3:]
         raise DiffinspectError(f"ONNX export failed: {exc.__class__.__name__}: {str(exc)[:300]} "
                                f"{' | '.join(tail)}") from None
-    log(f"exported the scoring graph to ONNX ({path.stat().st_size / 1e6:.1f} MB)")
+    log.info(f"exported the scoring graph to ONNX ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 def _scopes(node: onnx.NodeProto) -> list[str]:

@@ -12,6 +12,7 @@ for scores.
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -54,6 +55,8 @@ MAX_EMBEDDING_FIT = 4096  # training images the embedding detectors are fitted o
 MAX_REFERENCE_INPUTS = 2048  # model inputs (frames or tiles) for the statistics: bounds raw-term memory
 SELFCHECK_FRAMES = 4
 Progress = Callable[[str, int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,7 +124,6 @@ def calibrate(
     sampler: str | None = None,
     fallback: bool = True,
     progress: Progress | None = None,
-    log: Callable[[str], None] = print,
     fusion: str | None = None,
     frame_detector: str | None = None,
     confidence: float | None = 0.95,
@@ -150,7 +152,7 @@ def calibrate(
         described += f", {len(_excluded)} suspect(s) excluded"
     check_calibration_size(len(calib), false_reject_rate,
                            hint="name a folder with more good images, or raise --false-reject-rate")
-    log(f"calibrating on {described}")
+    log.info(f"calibrating on {described}")
     ref_frames = read_images(reference, prep.color, "reference images", progress=progress).frames
     cal_read = read_images(calib, prep.color, "calibration images", progress=progress)
     cal_frames = cal_read.frames
@@ -199,11 +201,11 @@ def calibrate(
         threshold = conformal_threshold(scores, false_reject_rate)
     found = find_suspects(scores, [str(p) for p in cal_read.paths])
     if exclude_suspects and found:
-        log(f"{len(found)} suspect calibration image(s) ({RULE}): calibrating again without them")
+        log.info(f"{len(found)} suspect calibration image(s) ({RULE}): calibrating again without them")
         return calibrate(bundle_path, normal_dir, false_reject_rate, backend, device, sampler, fallback, progress,
-                         log, fusion, frame_detector, confidence, _excluded=(*_excluded, *found))
+                         fusion, frame_detector, confidence, _excluded=(*_excluded, *found))
     for line in describe_suspects(found, list(_excluded)):
-        log(line)
+        log.info(line)
     delta, why_average = _conditional(rule, len(scores), false_reject_rate, confidence)
     if delta is not None:
         threshold = conditional_threshold(scores, false_reject_rate, delta)

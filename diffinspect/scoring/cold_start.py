@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import logging
 from pathlib import Path
 
 from diffinspect import bundle as bundle_io
@@ -14,9 +14,11 @@ from diffinspect.data.reading import read_images
 from diffinspect.scoring.health import HEALTH_FILE, fit_health
 from diffinspect.scoring.suspects import SUSPECTS_FILE, Suspect, describe, find_suspects, suspects_json
 
+log = logging.getLogger(__name__)
 
-def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.01, exclude_suspects: bool = False,
-                         log: Callable[[str], None] = print) -> tuple[int, float]:
+
+def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.01,
+                         exclude_suspects: bool = False) -> tuple[int, float]:
     """Fit COPOD on classical embeddings of the good images; returns (calibration n, threshold).
     exclude_suspects: fit again without the calibration images that look defective (suspects.py)."""
     from diffinspect.scoring.copod import SCORES_FILE, fit_copod, scores_npy
@@ -34,7 +36,7 @@ def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.0
         copod = fit_copod(list(frames), prep, false_reject_rate)
         found = find_suspects(copod.calibration_scores, [paths[i] for i in copod.calibration_index])
     for line in describe(found, excluded):
-        log(line)
+        log.info(line)
     health = fit_health(frames, {copod.name: copod.calibration_scores})
     manifest = Manifest(preprocess=prep, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         training=Training(source=str(Path(folder).resolve())))

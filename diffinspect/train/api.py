@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from diffinspect.info import training_warning
 from diffinspect.train.data import load_training_set
 from diffinspect.train.fit import clear_checkpoints, fit, model_summary
 from diffinspect.train.geometry import DEFAULT_SIDE, Geometry, choose_geometry, describe_size, frame_sizes
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "weights.pt"
 
@@ -51,20 +54,19 @@ def train(
     overwrite: bool = False,
     progress: Callable[[int, int, float, float], None] | None = None,
     on_step: Callable[[int], None] | None = None,
-    log: Callable[[str], None] = print,
 ) -> Bundle | None:
     """Fit and write the bundle; None on torchrun ranks other than 0 (rank 0 writes the one bundle)."""
     data, out = Path(data).resolve(), Path(out).resolve()
     bundle_io.check_output(out, overwrite, resume, bundle_io.TRAIN_HINT)  # before minutes of training
     geometry = input_geometry(normal_images(data), cfg)
-    log(f"model input: {geometry.reason}")
+    log.info(f"model input: {geometry.reason}")
     prep = preprocess_for(data, cfg, geometry)
     tset = load_training_set(data, prep, cfg.data.holdout, cfg.train.seed)
     channels = 3 if prep.color == "rgb" else 1
     size = describe_size(prep.image_size)
     fed = f", {size} tiles at {prep.tile_scale:g}x scale" if prep.feed == "tiles" else ""
-    log(f"training on {len(tset.train_files)} images ({prep.color}, {size}{fed}), "
-        f"{len(tset.holdout_files)} held back for calibration")
+    log.info(f"training on {len(tset.train_files)} images ({prep.color}, {size}{fed}), "
+             f"{len(tset.holdout_files)} held back for calibration")
     result = fit(tset, cfg, out, resume=resume, progress=progress, on_step=on_step)
     if int(torch.distributed.is_initialized() and torch.distributed.get_rank()) != 0:
         return None  # only rank 0 writes the bundle
@@ -89,8 +91,8 @@ def train(
         torch.save(result.model.state_dict(), tmp / WEIGHTS)
         bundle_io.finish(tmp, manifest, [WEIGHTS])
     clear_checkpoints(out)
-    log(f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
-        f"({result.steps_per_second:.2f} steps/s), loss {result.final_loss:.4f}")
+    log.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
+             f"({result.steps_per_second:.2f} steps/s), loss {result.final_loss:.4f}")
     if warning := training_warning(manifest):
-        log(f"warning: {warning}")
+        log.warning(warning)
     return Bundle.load(out)

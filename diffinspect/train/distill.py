@@ -23,6 +23,7 @@ that matches the teacher best.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,8 @@ from diffinspect.train.loop import Checkpoint, Clock, budget
 from diffinspect.train.selection import SelectionSet, measure, read_frames, reconstructions, selection_set
 from diffinspect.train.targets import TargetPool
 from diffinspect.vocab import Sampler
+
+log = logging.getLogger(__name__)
 
 STEP_CHOICES = (1, 2, 4)
 STUDENT_FILE = "student.pt"
@@ -166,7 +169,6 @@ def distill(
     batch_size: int = 16,
     resume: bool = False,
     progress: Progress | None = None,
-    log: Callable[[str], None] = print,
     lr: float = LR,
     seed: int = 0,
     defect_share: float = DISTILL_DEFECT_SHARE,
@@ -208,11 +210,11 @@ def distill(
                                    f"({state['config']}); run without --resume to start over")
         run.load_state_dict(state)
         teacher_auroc, teacher_rec = state["teacher_auroc"], state["teacher_rec"].to(dev)
-        log(f"resuming distillation at iteration {run.iteration}")
+        log.info(f"resuming distillation at iteration {run.iteration}")
     else:
-        log(f"distilling the {teacher_steps}-step teacher into a {steps}-step student "
-            f"(t* = {recipe.t_star}) on {len(images)} images; selection on {sel.source} "
-            f"+ {int(sel.labels.sum())} synthetic defects")
+        log.info(f"distilling the {teacher_steps}-step teacher into a {steps}-step student "
+                 f"(t* = {recipe.t_star}) on {len(images)} images; selection on {sel.source} "
+                 f"+ {int(sel.labels.sum())} synthetic defects")
         teacher_auroc, teacher_rec = measure(teacher, sel), reconstructions(teacher, sel.good)
         pool.refresh(len(pool))
 
@@ -222,8 +224,8 @@ def distill(
                                   "teacher_rec": teacher_rec.cpu()}))
 
     def report(rec: dict) -> None:
-        log(f"iteration {rec['iteration']}: synthetic-defect AUROC {rec['auroc']:.3f} "
-            f"(teacher {teacher_auroc:.3f}), teacher-match MSE {rec['teacher_mse']:.2e}")
+        log.info(f"iteration {rec['iteration']}: synthetic-defect AUROC {rec['auroc']:.3f} "
+                 f"(teacher {teacher_auroc:.3f}), teacher-match MSE {rec['teacher_mse']:.2e}")
 
     if not run.history:
         report(run.evaluate(sel, teacher_rec, float("nan")))
@@ -248,11 +250,11 @@ def distill(
     if run.history[-1]["iteration"] != run.iteration:
         report(run.evaluate(sel, teacher_rec, loss_ema))
     run.elapsed = clock.elapsed()
-    return _finish(bundle, run, config, teacher_auroc, sel, device, log)
+    return _finish(bundle, run, config, teacher_auroc, sel, device)
 
 
 def _finish(bundle: Bundle, run: _Run, config: dict, teacher_auroc: float, sel: SelectionSet,
-            device: str, log: Callable[[str], None]) -> dict:
+            device: str) -> dict:
     best = run.best
     assert best is not None and run.best_state is not None
     selection = {"metric": "image AUROC on synthetic defects", **sel.describe(),
@@ -275,13 +277,13 @@ def _finish(bundle: Bundle, run: _Run, config: dict, teacher_auroc: float, sel: 
             up.manifest.exports.pop(name)
     Checkpoint(checkpoint_dir(bundle.path)).clear()
     kept = "the undistilled weights (nothing beat them)" if best["iteration"] == 0 else f"iteration {best['iteration']}"
-    log(f"{config['steps']}-step student written to {bundle.path / STUDENT_FILE}: kept {kept}, "
-        f"synthetic-defect AUROC {best['auroc']:.3f} vs teacher {teacher_auroc:.3f}; "
-        f"{run.iteration} iterations in {run.elapsed / 60:.1f} min")
+    log.info(f"{config['steps']}-step student written to {bundle.path / STUDENT_FILE}: kept {kept}, "
+             f"synthetic-defect AUROC {best['auroc']:.3f} vs teacher {teacher_auroc:.3f}; "
+             f"{run.iteration} iterations in {run.elapsed / 60:.1f} min")
     if stale:
-        log(f"removed {len(stale)} export(s) of the samplers distillation changed ({', '.join(stale)}): "
-            f"run inspect export again")
-    return {**plain(student), "calibration": _recalibrate(bundle, device, log)}
+        log.info(f"removed {len(stale)} export(s) of the samplers distillation changed ({', '.join(stale)}): "
+                 f"run inspect export again")
+    return {**plain(student), "calibration": _recalibrate(bundle, device)}
 
 
 def _stale_exports(manifest: Manifest, teacher_steps: int) -> dict[str, list[str]]:
@@ -298,30 +300,30 @@ def calibration_folder(cal: Calibration) -> Path | None:
     return Path(cal.folder) if cal.folder else None
 
 
-def _recalibrate(bundle: Bundle, device: str, log: Callable[[str], None]) -> dict | None:
+def _recalibrate(bundle: Bundle, device: str) -> dict | None:
     """The score distribution changed with the sampler: a calibrated bundle is calibrated again."""
     cal = bundle.manifest.calibration
     if cal is None:
-        log(f"not calibrated yet: next, inspect calibrate {bundle.path}")
+        log.info(f"not calibrated yet: next, inspect calibrate {bundle.path}")
         return None
     from diffinspect.scoring.calibrate import calibrate
 
     folder = calibration_folder(cal)
     if folder is not None and not folder.is_dir():
-        log(f"calibration folder {folder} is gone: re-calibrating on the training holdout instead")
+        log.info(f"calibration folder {folder} is gone: re-calibrating on the training holdout instead")
         folder = None
-    log(f"re-calibrating for the student on {folder or 'the training holdout'} "
-        f"(false-reject rate {cal.false_reject_rate:g}), as its scores differ from the teacher's")
+    log.info(f"re-calibrating for the student on {folder or 'the training holdout'} "
+             f"(false-reject rate {cal.false_reject_rate:g}), as its scores differ from the teacher's")
     try:
         # torch, not auto: auto self-checks engines against the old calibration's reference scores,
         # which the new sampler cannot reproduce, and any export is gone or stale by now.
         result = calibrate(bundle.path, folder, cal.false_reject_rate, backend="torch", device=device,
-                           sampler="student", log=log)
+                           sampler="student")
     except DiffinspectError as exc:
         # The old statistics describe another sampler; scoring with them would break the bound.
         with Bundle.load(bundle.path).updating() as up:
             up.manifest.calibration = None
         raise DiffinspectError(f"student written, but re-calibration failed ({exc}); the old calibration "
                                f"was removed: run inspect calibrate {bundle.path} GOOD_DIR") from None
-    log(f"threshold {result.threshold:.4g} on {result.n} images; {result.bound}")
+    log.info(f"threshold {result.threshold:.4g} on {result.n} images; {result.bound}")
     return {"threshold": result.threshold, "n": result.n, "false_reject_rate": result.false_reject_rate}

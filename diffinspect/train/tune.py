@@ -9,7 +9,7 @@ are not touched, so tuning does not weaken the conformal bound.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from diffinspect.models.from_bundle import load_denoiser
 from diffinspect.models.recipe import TERMS
 from diffinspect.models.scoring import ScoringGraph
 from diffinspect.scoring.diffusion import Stats, fit_frames
+
+log = logging.getLogger(__name__)
 
 T_STARS = (50, 100, 200)
 WEIGHTS = {"pixel": (1, 0, 0), "ssim": (0, 1, 0), "feature": (0, 0, 1), "pixel+ssim": (1, 1, 0),
@@ -45,7 +47,7 @@ def _raw(graph: ScoringGraph, frames: np.ndarray, batch: int = 32) -> torch.Tens
     return torch.cat([graph.raw_terms(torch.from_numpy(frames[i:i + batch])) for i in range(0, len(frames), batch)])
 
 
-def tune(bundle_path: str | Path, log: Callable[[str], None] = print, seed: int = 0, **_: object) -> dict:
+def tune(bundle_path: str | Path, seed: int = 0, **_: object) -> dict:
     """Pick the best recipe, write it into the manifest's `score`, return {recipe, auroc, table}."""
     bundle = Bundle.load(bundle_path)
     if bundle.manifest.student is not None:
@@ -81,8 +83,8 @@ def tune(bundle_path: str | Path, log: Callable[[str], None] = print, seed: int 
             table.append({"t_star": t_star, "terms": name, "top_k": top_k, "auroc": round(auroc, 4),
                           "recipe": recipe})
     best = max(table, key=lambda r: r["auroc"])
-    log(f"tuned on {len(val)} synthetic validation images: t*={best['t_star']}, terms {best['terms']}, "
-        f"top-k {best['top_k']} (AUROC {best['auroc']:.3f} on pasted defects)")
+    log.info(f"tuned on {len(val)} synthetic validation images: t*={best['t_star']}, terms {best['terms']}, "
+             f"top-k {best['top_k']} (AUROC {best['auroc']:.3f} on pasted defects)")
     with bundle.updating() as up:
         up.manifest.score = best["recipe"]
         up.manifest.tuning = {"auroc": best["auroc"], "validation": "synthetic defects on training images",
