@@ -329,7 +329,10 @@ def test_a_line_on_a_small_disk_trims_our_oldest_files_and_records_every_row(sma
     assert len(rows) == 240 and len({r["path"] for r in rows}) == 240
     kept = list((out / "overlays").iterdir())
     assert 0 < len(kept) < 240  # the oldest went, the newest are there
-    assert (out / "overlays" / Path(rows[-1]["overlay"]).name).exists()
+    # The newest overlay written is kept (the very last frames may have come while the disk was below the
+    # floor, which pauses overlays).
+    newest = [r for r in rows if r["overlay"]][-1]
+    assert (out / "overlays" / Path(newest["overlay"]).name).exists()
     st = os.statvfs(out)
     assert st.f_bavail * st.f_frsize > 0
 
