@@ -3,13 +3,20 @@
 For calibrated bundles and their labelled categories, every arm scores the same bundle (same weights,
 same training steps), so the arms differ only in scoring:
 
-- product: the bundle as it ships (diffusion map; diffusion score fused with the frame term's embedding
-  Gaussian by the full-conformal best-rank rule).
+- bundle: the bundle as calibrated (its map; its score fused with the frame term's embedding Gaussian by
+  the full-conformal best-rank rule).
+- diffusion, diffusion+emb: the rebuild terms alone (pixel, SSIM, feature; a bundle's patch term left
+  out), and fused with the embedding term: the product before the patch term.
 - featrec: feature-space reconstruction error alone: the graph's feature term (cosine distance of the
   encoder features of the frame and of its rebuild), z-scored per pixel with the bundle's statistics.
 - padim: a Gaussian per patch position (Ledoit-Wolf shrunk) on the patch embeddings.
 - gauss: one Gaussian shared by every position.
 - knn: distance to the nearest good patch in a memory bank (greedy k-centre coreset, PatchCore-style).
+- patch term: the scoring graph's own patch term (models/patches.py, fitted by train/patches.py on every
+  training image, a seeded subset of PATCH_DIMS channels), as a bundle trained now holds it.
+- map+X wK: X's sharp patch distance as one more term of the product's map, z-scored per pixel on the scale
+  images and weighted K against the rebuild terms' weights (3 by default), then the product's top-k
+  image score: how the graph ships the patch term.
 
 Patch embeddings: the U-Net encoder outputs (`UNet.features`: the levels at 1/2, 1/4 and 1/8 of the
 input), each averaged over 3 x 3 neighbours and resized to the 1/4 grid, concatenated; computed at
@@ -23,7 +30,8 @@ its image score is the map's maximum. Each patch scorer is measured alone, fused
 
 Columns: image AUROC, misses and false rejects at the threshold on the test set, pixel AUROC, AUPRO
 (on the arm's map), and where training holds near-twins of the good test photos (magnetic_tile), image
-AUROC and misses without those photos (bench/accuracy.py's twin rule).
+AUROC without those photos (bench/accuracy.py's twin rule; misses do not change). The JSON (--out) adds
+misses per defect type.
 
     inspect train ../shared/datasets/magnetic_tile --out /tmp/pf/magnetic_tile --steps 800
     inspect calibrate /tmp/pf/magnetic_tile
@@ -38,6 +46,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +57,15 @@ from accuracy import twins
 from diffinspect.bundle import Bundle
 from diffinspect.data.datasets import labelled_set
 from diffinspect.data.image import read_image
+from diffinspect.engines.torch_engine import TorchEngine
 from diffinspect.evaluation import metrics
 from diffinspect.evaluation.evaluate import mask_on_map
+from diffinspect.models.patches import PatchGaussian
+from diffinspect.models.recipe import Recipe
 from diffinspect.models.schedule import NoiseSchedule
+from diffinspect.models.scoring import ScoringGraph
 from diffinspect.scoring.calibrate import image_sets
-from diffinspect.scoring.diffusion import Stats, fit_frames, robust_scale, robust_z
+from diffinspect.scoring.diffusion import DiffusionDetector, Stats, fit_frames, robust_scale, robust_z
 from diffinspect.scoring.gaussian import GaussianEmbedding, ledoit_wolf
 from diffinspect.scoring.loader import load_detector
 from diffinspect.scoring.threshold import (
@@ -62,6 +75,7 @@ from diffinspect.scoring.threshold import (
     min_rank_threshold,
     tie_break_room,
 )
+from diffinspect.train.patches import fit_patch_statistics
 
 COLUMNS = ("image_auroc", "miss", "false_reject", "pixel_auroc", "aupro", "twin_free_auroc")
 
@@ -148,6 +162,16 @@ class Memory:
 SCORERS: dict[str, Callable[[np.ndarray], object]] = {"padim": PerPosition, "gauss": Shared, "knn": Memory}
 
 
+@torch.no_grad()
+def shipped_map(denoiser: torch.nn.Module, patches: PatchGaussian, inputs: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The scoring graph's patch distance (before upsampling) of model inputs: (N, h, w)."""
+    out = []
+    for i in range(0, len(inputs), batch):
+        x = ScoringGraph.to_input(torch.from_numpy(inputs[i:i + batch]))
+        out.append(patches(denoiser.features(x, torch.zeros(len(x)))))
+    return torch.cat(out).numpy()
+
+
 # --- maps, scores, fusion ---------------------------------------------------------------------------
 
 def to_input_grid(patch_maps: np.ndarray, hw: tuple[int, int], kernel: torch.Tensor | None) -> np.ndarray:
@@ -193,9 +217,14 @@ def training_paths(bundle: Bundle) -> list[Path]:
 def measure(bundle_path: Path, category: Path, ts: list[int], scale_images: int, rate: float | None,
             twin_corr: float, log: Callable[[str], None]) -> dict:
     b = Bundle.load(bundle_path)
-    det = load_detector(b, backend="torch")
+    shipped = det = load_detector(b, backend="torch")
     term, prep = det.frame_term, det.preprocess
     assert term is not None and term.rule == "minp", "calibrate the bundle with the default (minp) frame term"
+    if "patch" in det.engine.term_names:
+        # A bundle trained with the patch term: every arm but `bundle` starts from the rebuild terms alone.
+        keep = [i for i, name in enumerate(det.engine.term_names) if name != "patch"]
+        rebuild = TorchEngine(b, "cpu", recipe=replace(Recipe.from_dict(b.manifest["score"]), patch_weight=0.0))
+        det = DiffusionDetector(rebuild, prep, Stats(det.stats.mean[keep], det.stats.std[keep]), det.threshold, None)
     graph = det.engine.graph  # type: ignore[attr-defined]
     denoiser, hw = graph.denoiser, tuple(graph.noise.shape[-2:])
     schedule = NoiseSchedule.from_dict(b.manifest["schedule"])
@@ -242,12 +271,14 @@ def measure(bundle_path: Path, category: Path, ts: list[int], scale_images: int,
     threshold = min_rank_threshold(n, rate)
     rows: dict[str, dict] = {}
 
-    def add(name: str, scores: dict[str, np.ndarray], maps: np.ndarray, pixel: dict) -> None:
-        """An arm from one detector's (scale, cal, test) scores: alone, +emb and +diff+emb."""
+    def add(name: str, scores: dict[str, np.ndarray], maps: np.ndarray, pixel: dict,
+            fusions: tuple[str, ...] = ("+emb", "+diff+emb")) -> None:
+        """An arm from one detector's (scale, cal, test) scores: alone, and fused by the best-rank rule with
+        the embedding term (+emb) and with the diffusion score too (+diff+emb)."""
         alone = scores["test"] > conformal_threshold(scores["cal"], rate)
         rows[name] = {**figures(labels, scores["test"], alone, twin, defects), **pixel}
         parts = {"+emb": [scores, emb], "+diff+emb": [scores, {k: v[1] for k, v in diff.items()}, emb]}
-        for suffix, ds in parts.items():
+        for suffix, ds in ((f, parts[f]) for f in fusions):
             fused = best_rank([d["cal"] for d in ds], [d["test"] for d in ds], [robust_scale(d["scale"]) for d in ds])
             rows[name + suffix] = {**figures(labels, fused, fused > threshold, twin, defects), **pixel}
         log(f"  {name}: " + " ".join(f"{k} {rows[name + '+emb'][k]:.3f}" for k in ("image_auroc", "miss"))
@@ -255,7 +286,8 @@ def measure(bundle_path: Path, category: Path, ts: list[int], scale_images: int,
 
     def in_map(name: str, sharp: dict[str, np.ndarray]) -> None:
         """The patch distance as one more term of the product's map: z-scored per pixel (statistics from the
-        scale images, which the patch fit never saw), weighted into the sharp map, top-k image score."""
+        scale images: held out of padim's fit, inside the shipped term's fit as the product's reference
+        images are), weighted into the sharp map, top-k image score."""
         stats = Stats.fit(sharp["scale"][:, None])
         w = sum(graph.weights.values())
         for wp in (1.0, w):
@@ -269,11 +301,12 @@ def measure(bundle_path: Path, category: Path, ts: list[int], scale_images: int,
             add(f"map+{name} w{wp:g}", {s: graph.image_score(m).numpy() for s, m in merged.items()}, maps,
                 pixel_figures(maps, pairs_of))
 
-    product = term.fuse(diff["test"][1], emb["test"])
     diff_pixel = pixel_figures(diff["test"][0], pairs_of)
-    rows["product"] = {**figures(labels, product, product > det.threshold, twin, defects), **diff_pixel}
-    alone = diff["test"][1] > conformal_threshold(diff["cal"][1], rate)
-    rows["diffusion"] = {**figures(labels, diff["test"][1], alone, twin, defects), **diff_pixel}
+    maps, scores = (diff["test"][0], diff["test"][1]) if shipped is det else shipped.run_fitted(inputs["test"], False)
+    fused = term.fuse(scores, emb["test"])
+    rows["bundle"] = {**figures(labels, fused, fused > shipped.threshold, twin, defects),
+                      **(diff_pixel if shipped is det else pixel_figures(maps, pairs_of))}
+    add("diffusion", {k: v[1] for k, v in diff.items()}, diff["test"][0], diff_pixel, ("+emb",))
 
     # Feature-space reconstruction error: the graph's feature term alone, z-scored per pixel.
     k = graph.term_names.index("feature")
@@ -296,6 +329,19 @@ def measure(bundle_path: Path, category: Path, ts: list[int], scale_images: int,
             if name == "padim":
                 sharp = {s: to_input_grid(scorer.score(e[s]), hw, None) for s in ("scale", "cal", "test")}
                 in_map(f"{name}@t{t}", sharp)
+        if t == 0:
+            # The patch term as shipped: fitted on every training image (scale images included, as the
+            # product's reference images are training images), PATCH_DIMS channels.
+            t0 = time.perf_counter()
+            stats = fit_patch_statistics(denoiser, np.concatenate([inputs["fit"], inputs["scale"]]))
+            shipped = PatchGaussian.from_arrays(stats)
+            sharp = {s: to_input_grid(shipped_map(denoiser, shipped, inputs[s]), hw, None)
+                     for s in ("scale", "cal", "test")}
+            maps = {s: graph.smooth(torch.from_numpy(m)).numpy() for s, m in sharp.items()}
+            add("patch term", {s: m.reshape(len(m), -1).max(1) for s, m in maps.items()}, maps["test"],
+                pixel_figures(maps["test"], pairs_of))
+            in_map("patch term", sharp)
+            log(f"    ({time.perf_counter() - t0:.0f} s)")
             log(f"    ({time.perf_counter() - t0:.0f} s)")
     return {"rate": rate, "n_calibration": n, "arms": rows}
 

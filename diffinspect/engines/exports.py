@@ -16,6 +16,7 @@ from typing import Any
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
+from diffinspect.models.recipe import PATCH_FILE
 
 FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -31,12 +32,14 @@ def export_name(fmt: str, precision: str) -> str:
 
 
 def graph_fingerprint(bundle: Bundle, sampler: str) -> str:
-    """What an exported graph was built from: model, recipe, schedule, sampler and weights (by sha256).
+    """What an exported graph was built from: model, recipe, schedule, sampler, weights and patch statistics
+    (by sha256).
     The recipe (t*, term weights, blur, top-k) is baked into the graph, so re-tuning it, retraining or
     re-distilling makes older exports stale."""
     m = bundle.manifest
     info = m.get("sampler") or {}
     weights = ["weights.pt"] + ([info["student"]["weights"]] if sampler == "student" and info.get("student") else [])
+    weights += [PATCH_FILE] if bundle.has(PATCH_FILE) else []  # the patch term's statistics are graph constants
     payload = {"model": {k: (m.get("model") or {}).get(k) for k in ("kind", "size", "image_size", "channels")},
                "score": m.get("score"), "schedule": m.get("schedule"), "sampler": sampler,
                "student": info.get("student"), "weights": {f: m.get("files", {}).get(f) for f in weights}}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TERMS = ("pixel", "ssim", "feature")
+TERMS = ("pixel", "ssim", "feature")  # the rebuild terms; "patch" joins where a bundle holds patch statistics
 FUSION_RULES = ("minp", "sum", "max")  # how the frame-level embedding term joins the diffusion score
 FRAME_DETECTORS = ("gaussian", "copod")  # which detector on the classical embeddings makes that term
+PATCH_FILE = "patches.npz"  # the bundle file of the patch term's statistics (models/patches.py)
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class Recipe:
     pixel_weight: float = 1.0
     ssim_weight: float = 1.0
     feature_weight: float = 1.0
+    # The patch term (models/patches.py): it joins the map of bundles that hold patch statistics.
+    patch_weight: float = 1.0
     blur_sigma: float = 2.0
     top_k: float = 0.001
     frame_weight: float = 0.0
@@ -34,5 +37,6 @@ class Recipe:
         return cls(**{"fusion": "sum", "frame_detector": "copod", **known})
 
     def weights(self) -> dict[str, float]:
-        w = {"pixel": self.pixel_weight, "ssim": self.ssim_weight, "feature": self.feature_weight}
+        w = {"pixel": self.pixel_weight, "ssim": self.ssim_weight, "feature": self.feature_weight,
+             "patch": self.patch_weight}
         return {k: v for k, v in w.items() if v > 0}
