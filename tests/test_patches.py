@@ -1,5 +1,7 @@
 """The patch term: the denoiser's encoder activations as patch embeddings, a Gaussian per patch position."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from diffinspect.data.synthetic import render_frame
 from diffinspect.models import build_model
 from diffinspect.models.from_bundle import load_graph
 from diffinspect.models.patches import PATCH_DIMS, PATCH_FILE, PatchGaussian, channel_subset
+from diffinspect.models.recipe import Recipe
 from diffinspect.models.scoring import ScoringGraph
 from diffinspect.train.patches import fit_patch_statistics
 
@@ -82,7 +85,8 @@ def test_a_trained_bundle_scores_with_the_patch_term(trained_bundle, line_dir):
 
     b = Bundle.load(trained_bundle)
     assert b.has(PATCH_FILE)
-    graph = load_graph(b)
+    assert "patch" not in load_graph(b).term_names  # off by default (models/recipe.py)
+    graph = load_graph(b, recipe=replace(Recipe.from_dict(b.manifest["score"]), patch_weight=1.0))
     assert graph.term_names == ["pixel", "ssim", "feature", "patch"]
     prep = Preprocess.from_dict(b.manifest["preprocess"])
     test = labelled_set(line_dir)
