@@ -27,7 +27,7 @@ from typing import Any
 
 from diffinspect import DiffinspectError, __version__
 from diffinspect.data.image import Preprocess, input_hw
-from diffinspect.models.recipe import Recipe
+from diffinspect.models.recipe import PATCH_FILE, Recipe
 from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.vocab import (
     Choice,
@@ -495,7 +495,12 @@ class Manifest:
         re-distilling makes older exports stale."""
         student = self.student if sampler == Sampler.STUDENT else None
         weights = ["weights.pt"] + ([student.weights] if student else [])
-        payload = {"model": plain(self.model), "score": plain(self.score), "schedule": plain(self.schedule),
+        score = plain(self.score)
+        if self.score.patch_weight > 0:  # the patch term's statistics are graph constants
+            weights.append(PATCH_FILE)
+        else:  # without the term the graph is what it was before the field existed: exports stay current
+            score.pop("patch_weight", None)
+        payload = {"model": plain(self.model), "score": score, "schedule": plain(self.schedule),
                    "sampler": str(sampler), "student": plain(student),
                    "weights": {f: self.files.get(f) for f in weights}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffinspect.models import build_model
+from diffinspect.models.patches import PATCH_FILE, PatchGaussian
 from diffinspect.models.sampler import resolve_sampler
 from diffinspect.models.scoring import Recipe, ScoringGraph
 
@@ -22,6 +23,14 @@ def load_denoiser(bundle: Bundle, weights: str = "weights.pt") -> torch.nn.Modul
     return model.eval()
 
 
+def load_patches(bundle: Bundle, weights: str = "weights.pt") -> PatchGaussian | None:
+    """The patch statistics fitted on the features of `weights`; None where the bundle has none (bundles
+    written before the patch term, tiles bundles, and students: distillation changes the features)."""
+    if weights != "weights.pt" or not bundle.has(PATCH_FILE):
+        return None
+    return PatchGaussian.from_arrays(bundle.arrays(PATCH_FILE, {"channels": None, "mean": None, "whiten": None}))
+
+
 def load_graph(bundle: Bundle, sampler: str | None = None, recipe: Recipe | None = None) -> ScoringGraph:
     """The scoring graph of the bundle, with the teacher (N DDIM steps) or the distilled student."""
     sampler = resolve_sampler(bundle, sampler)
@@ -30,7 +39,9 @@ def load_graph(bundle: Bundle, sampler: str | None = None, recipe: Recipe | None
     student = bundle.manifest.student
     if sampler == "student":
         assert student is not None  # resolve_sampler refuses a bundle without one
-        return ScoringGraph(load_denoiser(bundle, student.weights), schedule, recipe, steps=student.steps)
+        return ScoringGraph(load_denoiser(bundle, student.weights), schedule, recipe, steps=student.steps,
+                            patches=load_patches(bundle, student.weights))
     # After distillation "teacher" means the N-step rebuild the student was distilled from, so the
     # two samplers are compared as trained, whatever step count the recipe names.
-    return ScoringGraph(load_denoiser(bundle), schedule, recipe, steps=student and student.teacher_steps)
+    return ScoringGraph(load_denoiser(bundle), schedule, recipe, steps=student and student.teacher_steps,
+                        patches=load_patches(bundle))

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from diffinspect.vocab import FrameDetector, Fusion
 
-TERMS = ("pixel", "ssim", "feature")
+TERMS = ("pixel", "ssim", "feature")  # the rebuild terms; "patch" joins where a bundle holds patch statistics
+PATCH_FILE = "patches.npz"  # the bundle file of the patch term's statistics (models/patches.py)
 
 
 @dataclass
@@ -20,6 +21,9 @@ class Recipe:
     pixel_weight: float = 1.0  # channel-mean L1 error
     ssim_weight: float = 1.0  # 1 - SSIM
     feature_weight: float = 1.0  # denoiser feature error between x and its rebuild
+    # The patch term (models/patches.py): it joins the map of bundles that hold patch statistics. Off by
+    # default: with it, the INT8 export misses the map parity bar (tests/test_export.py).
+    patch_weight: float = 0.0
     blur_sigma: float = 2.0  # pixels at model size, for the map users see
     top_k: float = 0.001  # image score = mean of the top share of the sharp (unblurred) map
     frame_weight: float = 0.0  # weight of the whole-frame mean map (defects covering the frame)
@@ -33,5 +37,6 @@ class Recipe:
     OLD_DEFAULTS = {"fusion": Fusion.SUM, "frame_detector": FrameDetector.COPOD}
 
     def weights(self) -> dict[str, float]:
-        w = {"pixel": self.pixel_weight, "ssim": self.ssim_weight, "feature": self.feature_weight}
+        w = {"pixel": self.pixel_weight, "ssim": self.ssim_weight, "feature": self.feature_weight,
+             "patch": self.patch_weight}
         return {k: v for k, v in w.items() if v > 0}

@@ -3,7 +3,8 @@
 One torch module, exported whole to ONNX, so every backend computes the same thing:
 
     x in [-1, 1] -> x_t* = sqrt(ab) x + sqrt(1 - ab) eps (fixed, seeded eps) -> DDIM back to x0_hat
-    -> per-pixel terms (L1, 1 - SSIM, denoiser feature distance) -> z-score with calibration
+    -> per-pixel terms (L1, 1 - SSIM, denoiser feature distance, patch distance to the good parts'
+       patches, models/patches.py) -> z-score with calibration
     statistics (graph inputs, so re-calibrating needs no re-export) -> weighted sum (the sharp map)
     -> image score = mean of the top-k pixels of the sharp map (+ a whole-frame term);
     the map users see is the sharp map Gaussian-blurred.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffinspect.data.image import input_hw
+from diffinspect.models.patches import PatchGaussian
 from diffinspect.models.recipe import Recipe
 from diffinspect.models.schedule import NoiseSchedule, ddim_step, x0_from_eps
 
@@ -57,12 +59,15 @@ class ScoringGraph(nn.Module):
     """Frames (N, H, W, C) uint8 + statistics (K, H, W) -> map (N, H, W), score (N,), raw (N, K, H, W)."""
 
     def __init__(
-        self, denoiser: nn.Module, schedule: NoiseSchedule, recipe: Recipe, steps: int | None = None
+        self, denoiser: nn.Module, schedule: NoiseSchedule, recipe: Recipe, steps: int | None = None,
+        patches: PatchGaussian | None = None,
     ):
         super().__init__()
         self.denoiser = denoiser.eval()
         self.recipe = recipe
-        self.weights = recipe.weights()
+        self.patches = patches
+        # The patch term needs statistics fitted on this denoiser's features: without them it is left out.
+        self.weights = {k: v for k, v in recipe.weights().items() if k != "patch" or patches is not None}
         c, (h, w) = denoiser.channels, input_hw(denoiser.image_size)
         gen = torch.Generator().manual_seed(recipe.seed)
         self.register_buffer(
@@ -77,7 +82,8 @@ class ScoringGraph(nn.Module):
     def term_names(self) -> list[str]:
         return list(self.weights)
 
-    def to_input(self, frames: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def to_input(frames: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
         return frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -108,18 +114,24 @@ class ScoringGraph(nn.Module):
             out.append((x - rec).abs().mean(1) / 2)
         if "ssim" in self.weights:
             out.append(1 - ssim_map((x + 1) / 2, (rec + 1) / 2, self.ssim_kernel))
-        if "feature" in self.weights:
-            out.append(self.feature_distance(x, rec))
+        if "feature" in self.weights or "patch" in self.weights:
+            n, size = x.shape[0], x.shape[-2:]
+            # x and its rebuild go through the encoder as one batch. Keep it so: in an INT8 export the two
+            # halves then share every quantizer, so equal inputs round alike and the small feature distance
+            # survives INT8 (export/onnx_graph.py); one call of twice the batch is also faster than two.
+            both = self.denoiser.features(torch.cat([x, rec]), torch.zeros(2 * n, device=x.device))
+            if "feature" in self.weights:
+                out.append(self.feature_distance(both, n, size))
+            if "patch" in self.weights:
+                assert self.patches is not None
+                dist = self.patches([f[:n] for f in both])
+                out.append(F.interpolate(dist[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
         return out
 
-    def feature_distance(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
-        """Cosine distance between the denoiser's encoder features of x and of its rebuild (t = 0).
-
-        Both go through the encoder as one batch. Keep it so: in an INT8 export the two halves then
-        share every quantizer, so equal inputs round alike and the small distance survives INT8
-        (export/onnx_graph.py); one call of twice the batch is also faster than two."""
-        n, size = x.shape[0], x.shape[-2:]
-        both = self.denoiser.features(torch.cat([x, rec]), torch.zeros(2 * n, device=x.device))
+    @staticmethod
+    def feature_distance(both: list[torch.Tensor], n: int, size: torch.Size) -> torch.Tensor:
+        """Cosine distance between the denoiser's encoder features (t = 0) of x, the first n of the batch
+        `both`, and of its rebuild, the last n."""
         dist = 0
         for f in both:
             d = 1 - F.cosine_similarity(f[:n], f[n:], dim=1, eps=1e-6)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffinspect import bundle as bundle_io
@@ -15,9 +16,11 @@ from diffinspect.config import Config
 from diffinspect.data.datasets import normal_images
 from diffinspect.data.image import Preprocess, choose_color, parse_size
 from diffinspect.info import training_warning
+from diffinspect.models.patches import PATCH_FILE
 from diffinspect.train.data import load_training_set
 from diffinspect.train.fit import clear_checkpoints, fit, model_summary
 from diffinspect.train.geometry import DEFAULT_SIDE, Geometry, choose_geometry, describe_size, frame_sizes
+from diffinspect.train.patches import fit_patch_statistics
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +90,13 @@ def train(
             device=str(cfg.train.device), config=cfg.to_dict(), geometry=geometry.to_dict(),
         ),
     )
+    # Per-position patch statistics need frames of one geometry: tiles cut anywhere have no positions.
+    patches = fit_patch_statistics(result.model, tset.images) if prep.feed != "tiles" else None
     with bundle_io.creating(out, overwrite=True) as tmp:
         torch.save(result.model.state_dict(), tmp / WEIGHTS)
-        bundle_io.finish(tmp, manifest, [WEIGHTS])
+        if patches is not None:
+            np.savez(tmp / PATCH_FILE, **patches)
+        bundle_io.finish(tmp, manifest, [WEIGHTS] + ([PATCH_FILE] if patches is not None else []))
     clear_checkpoints(out)
     log.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
              f"({result.steps_per_second:.2f} steps/s), loss {result.final_loss:.4f}")
