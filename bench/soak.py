@@ -111,10 +111,13 @@ def build_database(out: Path, rows: int, rate: float) -> float:
             t = t0 + i / rate
             status = "ng" if i % 50 == 0 else "ok"
             batch.append((f"/line/cam1/old{i:08d}.png", "/line/cam1", 4200, t, i, status, 0.4, 0.5, "diffusion",
-                          "fake", 3.0, None, None, None, t, t, None))
+                          "fake", 3.0, None, None, None, t, t, None, None, None))
         db.executemany(store_results._INSERT, batch)
         db.commit()
+    db.execute("DROP TABLE seconds")  # the store summarises the built rows once, as for an older database
+    db.commit()
     db.close()
+    ResultStore(out).close()
     # The mirror of the built rows holds only the last one: a watcher starting on them would otherwise
     # write them all out first, and the mirror's size is not what the soak measures.
     last = t0 + (rows - 1) / rate

@@ -67,3 +67,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         what, available = marker.args
         if not available:
             missing(what)
+
+
+@pytest.fixture(autouse=True)
+def _diffinspect_loggers_enabled() -> None:
+    """A library that configures logging with disable_existing_loggers (logging.config's default) switches
+    off loggers created before it; a later test reading diffinspect's records with caplog would then see
+    none. Each test starts with them enabled."""
+    import logging
+
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("diffinspect") and isinstance(logger, logging.Logger):
+            logger.disabled = False

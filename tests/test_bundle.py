@@ -9,7 +9,7 @@ from diffinspect.bundle import Bundle
 def test_bundle_round_trip(trained_bundle):
     b = Bundle.load(trained_bundle)
     assert b.manifest.model.kind == "unet"
-    assert set(b.manifest.files) == {"weights.pt"}
+    assert set(b.manifest.files) == {"weights.pt", "patches.npz"}  # patches: the patch term's statistics
     assert b.manifest.training.holdout_files
     assert not set(b.manifest.training.holdout_files) & set(b.manifest.training.train_files)
 

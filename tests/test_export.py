@@ -197,7 +197,7 @@ def test_parity_failure_refuses_and_writes_nothing(exported, calibrated_bundle, 
     before = (copy / "manifest.json").read_text()
     # Reuse the fixture's graph instead of a second torch export; demand more than any export gives.
     monkeypatch.setattr(onnx_graph, "export_onnx",
-                        lambda graph, example, dst, log: shutil.copyfile(exported[0] / "model.onnx", dst))
+                        lambda graph, example, dst: shutil.copyfile(exported[0] / "model.onnx", dst))
     monkeypatch.setattr(parity, "MIN_RANK_CORRELATION", 1.01)
     with pytest.raises(DiffinspectError, match="export refused, nothing written"):
         export_bundle(copy, "onnx", "fp32")

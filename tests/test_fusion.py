@@ -121,7 +121,7 @@ def test_calibrate_with_minp_stores_the_rule_and_scores_round_trip(trained_bundl
     assert np.all(np.isfinite(scores))
     # The score is -log p plus a tie-break under one p level's gap: reject exactly when p <= alpha.
     p_level = np.ceil((n + 1) * np.exp(-scores) - 1e-6) / (n + 1)
-    assert np.array_equal(scores > cal["threshold"], p_level <= 0.1)
+    assert np.array_equal(scores > cal.threshold, p_level <= 0.1)
     assert p_level.min() >= 1 / (n + 1) and p_level.max() <= 1
     defect = np.array([p.parent.name != "good" for p in paths])
     assert roc_auc_score(defect, scores) > 0.8  # the fused rule still ranks the line's defects first

@@ -12,7 +12,6 @@ from diffinspect.data.synthetic import render_frame
 from diffinspect.models import build_model
 from diffinspect.models.from_bundle import load_graph
 from diffinspect.models.patches import PATCH_DIMS, PATCH_FILE, PatchGaussian, channel_subset
-from diffinspect.models.recipe import Recipe
 from diffinspect.models.scoring import ScoringGraph
 from diffinspect.train.patches import fit_patch_statistics
 
@@ -80,15 +79,15 @@ def test_a_trained_bundle_scores_with_the_patch_term(trained_bundle, line_dir):
     """Training writes the patch statistics; the scoring graph reads them as its fourth term, and that
     term alone separates the synthetic line's defects."""
     from diffinspect.data.datasets import labelled_set
-    from diffinspect.data.image import Preprocess, read_image
+    from diffinspect.data.image import read_image
     from diffinspect.scoring.diffusion import fit_frames
 
     b = Bundle.load(trained_bundle)
     assert b.has(PATCH_FILE)
     assert "patch" not in load_graph(b).term_names  # off by default (models/recipe.py)
-    graph = load_graph(b, recipe=replace(Recipe.from_dict(b.manifest["score"]), patch_weight=1.0))
+    graph = load_graph(b, recipe=replace(b.manifest.score, patch_weight=1.0))
     assert graph.term_names == ["pixel", "ssim", "feature", "patch"]
-    prep = Preprocess.from_dict(b.manifest["preprocess"])
+    prep = b.manifest.preprocess
     test = labelled_set(line_dir)
     frames = fit_frames([read_image(s.path, prep.color) for s in test.samples], prep)
     with torch.no_grad():
