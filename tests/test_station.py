@@ -196,22 +196,9 @@ def test_cli_refuses_a_plant_network_bind_without_token(tmp_path: Path):
 
 @pytest.fixture
 def server(out):
-    import uvicorn
-
     o, store = out
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(o, TOKEN), host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", o, store
-    srv.should_exit = True
-    t.join(timeout=10)
+    with running(create_app(o, TOKEN)) as port:
+        yield f"http://127.0.0.1:{port}", o, store
 
 
 @pytest.fixture
