@@ -320,7 +320,7 @@ def watch(
                                      "e.g. opc.tcp://plc:4840 (nodes under \\[watch.opcua.nodes] in ./inspect.toml)."),
 ) -> None:
     """Watch camera folders and score every frame exactly once; the line never stops."""
-    from diffinspect.config import WATCH_FILE, load_watch_settings
+    from diffinspect.config import WATCH_FILE, load_outputs, load_watch_settings
     from diffinspect.line.watch import WatchOptions, run_watch
     from diffinspect.scoring.inspector import Inspector
 
@@ -328,7 +328,8 @@ def watch(
     bundle = model or Path(settings.model or "model")
     from diffinspect.bundle import is_bundle
 
-    if not is_bundle(bundle):
+    # With several products a station may have no bundle of its own: frames then need a product.
+    if not is_bundle(bundle) and not (settings.products and model is None and settings.model is None):
         raise DiffinspectError(f"no model bundle at {bundle}: pass --model BUNDLE, or set model = \"...\" "
                                f"under [watch] in ./{WATCH_FILE}")
     for f in folders:
@@ -341,7 +342,8 @@ def watch(
     def factories(b: Path):
         return (lambda: Inspector.load(b, backend, device)), (lambda: Inspector.fallback(b))
 
-    per_folder = {Path(folder).resolve(): factories(Path(b)) for folder, b in settings.cameras.items()}
+    per_folder = {Path(folder).resolve(): factories(Path(b)) for folder, b in settings.cameras.items()
+                  if b not in settings.products}
     # A flag wins over the file; where neither is given, WatchOptions keeps its own default.
     given = {"batch": batch if batch is not None else settings.batch,  # --batch 0 is refused, not the default
              "overlays": overlays or settings.overlays, "after": after or settings.after,
@@ -350,15 +352,20 @@ def watch(
     options = WatchOptions(recursive=recursive, pattern=pattern, once=once, quiet=quiet,
                            max_megapixels=max_megapixels, retention=settings.retention,
                            **{k: v for k, v in given.items() if v is not None})
-    make_detector, make_fallback = factories(bundle)
-    outputs = _outputs({"mqtt": settings.mqtt, "opcua": settings.opcua}, mqtt, opcua)
+    make_detector, make_fallback = factories(bundle) if is_bundle(bundle) else (None, None)
+    mqtt_cfg, opcua_cfg = load_outputs({"mqtt": settings.mqtt, "opcua": settings.opcua}, mqtt, opcua)
+    products = _products(settings, mqtt_cfg, opcua_cfg, factories) if settings.products else None
+    outputs = _outputs(mqtt_cfg, opcua_cfg)
     out = out or Path(settings.out or "inspect_results")
     summary = run_watch(folders, out, make_detector, make_fallback, options, per_folder=per_folder or None,
-                        outputs=outputs)
+                        outputs=outputs, products=products)
     held = f"hold {summary.hold}, " if summary.hold else ""
     console.print(f"scored {summary.scored} frames (ok {summary.ok}, ng {summary.ng}, {held}error {summary.error}, "
                   f"fallback {summary.fallback}); {summary.fps:.1f} frames/s while scoring, "
                   f"{summary.elapsed_s:.1f} s in all")
+    for name, counts in summary.products.items():
+        console.print(f"  product {name}: ok {counts['ok']}, ng {counts['ng']}, hold {counts['hold']}, "
+                      f"error {counts['error']}", highlight=False)
     if summary.archived:
         console.print(f"{summary.archived} row(s) older than {settings.retention.days:g} days moved to "
                       f"{out / 'archive'}", highlight=False)
@@ -380,18 +387,43 @@ def watch(
             raise typer.Exit(1)
 
 
-def _outputs(settings: dict, mqtt_url: str | None, opcua_url: str | None) -> list:
-    from diffinspect.config import load_outputs
+def _products(settings, mqtt_cfg, opcua_cfg, factories):  # noqa: ANN001, ANN202
+    """[watch.products] as the watcher takes it: each product's bundle, the cameras that name a product, and the
+    line-wide signals (the MQTT command topic, the PLC's product node), in that order of precedence."""
+    from diffinspect.bundle import is_bundle
+    from diffinspect.line.products import ProductSetup
     from diffinspect.outputs.outbox import OutputError
 
-    mqtt_cfg, opcua_cfg = load_outputs(settings, mqtt_url, opcua_url)
+    for name, bundle in settings.products.items():
+        if not is_bundle(Path(bundle)):
+            raise DiffinspectError(f"no model bundle at {bundle} (watch.products.{name} in ./inspect.toml)")
+    sources: list = []
+    try:
+        if mqtt_cfg is not None:
+            from diffinspect.outputs.mqtt import ProductTopic
+
+            sources.append(ProductTopic(mqtt_cfg))
+        if opcua_cfg is not None and opcua_cfg.nodes.product:
+            from diffinspect.outputs.opcua import ProductNode
+
+            sources.append(ProductNode(opcua_cfg, lambda text: console.print(f"warning: {text}", highlight=False)))
+    except OutputError as exc:
+        raise DiffinspectError(str(exc)) from None
+    return ProductSetup(bundles={name: factories(Path(b)) for name, b in settings.products.items()},
+                        folders={Path(f).resolve(): p for f, p in settings.cameras.items() if p in settings.products},
+                        sources=sources)
+
+
+def _outputs(mqtt_cfg, opcua_cfg) -> list:  # noqa: ANN001 (config.MqttConfig, OpcuaConfig, or None)
+    from diffinspect.outputs.outbox import OutputError
+
     outputs: list = []
     try:
         if mqtt_cfg is not None:
             from diffinspect.outputs.mqtt import MqttOutput
 
             outputs.append(MqttOutput(mqtt_cfg))
-        if opcua_cfg is not None:
+        if opcua_cfg is not None and opcua_cfg.nodes.counter:  # a product node alone writes no verdicts
             from diffinspect.outputs.opcua import OpcuaOutput
 
             outputs.append(OpcuaOutput(opcua_cfg))

@@ -257,8 +257,11 @@ class WatchSettings:
     [watch]
     model = "model"                 # bundle for every folder
     out = "results"
-    [watch.cameras]                 # optional: a bundle per camera folder
+    [watch.cameras]                 # optional: a bundle (or a product of [watch.products]) per camera folder
     "camera_feed/cam2" = "model_cam2"
+    [watch.products]                # optional: several products on one station (line/products.py)
+    housing = "models/housing"
+    cover = "models/cover"
     """
 
     model: str | None = None
@@ -271,9 +274,21 @@ class WatchSettings:
     max_latency_ms: float | None = None
     on_alarm: str | None = None  # flag | hold: see line/options.py
     cameras: dict[str, str] = field(default_factory=dict)
+    products: dict[str, str] = field(default_factory=dict)
     mqtt: dict[str, Any] | None = None  # [watch.mqtt] and [watch.opcua]: checked by load_outputs, where the
     opcua: dict[str, Any] | None = None  # command line's URL flags join them
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+
+    def validate(self) -> WatchSettings:
+        self.retention.validate()
+        for name, bundle in self.products.items():
+            # A product is named in a sub-folder, an MQTT payload and a PLC string: one plain word.
+            if not name.strip() or name != name.strip() or any(ch in name for ch in "/\\\0+#"):
+                raise DiffinspectError(f"config key watch.products.{name!r} is not a product name (no spaces "
+                                       f"around it, no / \\ + #)")
+            if not bundle.strip():
+                raise DiffinspectError(f"config key watch.products.{name} must name a bundle folder")
+        return self
 
 
 def load_watch_settings(path: str | Path = WATCH_FILE) -> WatchSettings:
@@ -287,7 +302,7 @@ def load_watch_settings(path: str | Path = WATCH_FILE) -> WatchSettings:
         raise DiffinspectError(f"[watch] in {path} must be a table")
     try:
         _apply(settings, watch, prefix="watch.")
-        settings.retention.validate()
+        settings.validate()
     except DiffinspectError as exc:
         raise DiffinspectError(f"{path}: {exc}") from None
     return settings
@@ -302,6 +317,7 @@ class MqttConfig:
     topic: str = "diffinspect/{station}/{camera}/verdict"  # one message per frame
     event_topic: str = "diffinspect/{station}/event"  # alarms, when the station has them
     status_topic: str = "diffinspect/{station}/status"  # retained: online | fallback | offline (last will)
+    product_topic: str = "diffinspect/{station}/product"  # retained command: the product now on the line
     qos: int = 1  # 1 or 2: a message counts as delivered only once the broker acknowledged it
     client_id: str = ""  # default: diffinspect-{station}
     username: str | None = None
@@ -321,6 +337,7 @@ class OpcuaNodes:
     reject: str | None = None  # Boolean: true for ng and for frames that could not be scored
     score: str | None = None  # Float or Double (NaN when the frame could not be scored)
     counter: str = ""  # integer node: the frame's id in results.db, advancing by frame
+    product: str | None = None  # read, not written: the node the PLC sets at a changeover ([watch.products])
 
 
 @dataclass
@@ -331,6 +348,7 @@ class OpcuaConfig:
     password: str | None = None  # better: the DIFFINSPECT_OPCUA_PASSWORD environment variable
     security: str | None = None  # asyncua security string, e.g. "Basic256Sha256,SignAndEncrypt,cert.der,key.pem"
     timeout_s: float = 4.0
+    poll_s: float = 0.2  # how often the product node is read
 
 
 def load_outputs(watch: dict[str, Any], mqtt_url: str | None = None, opcua_url: str | None = None,
@@ -370,7 +388,7 @@ def validate_mqtt(cfg: MqttConfig) -> MqttConfig:
         raise DiffinspectError(f"MQTT broker URL must look like mqtt://host:1883 or mqtts://host:8883, got {cfg.url!r}")
     if cfg.qos not in (1, 2):
         raise DiffinspectError(f"watch.mqtt.qos must be 1 or 2 (0 has no acknowledgement), got {cfg.qos}")
-    for key in ("topic", "event_topic", "status_topic"):
+    for key in ("topic", "event_topic", "status_topic", "product_topic"):
         template = getattr(cfg, key)
         try:
             topic = template.format(station="s", camera="c")
@@ -378,8 +396,8 @@ def validate_mqtt(cfg: MqttConfig) -> MqttConfig:
             raise DiffinspectError(f"watch.mqtt.{key} {template!r} may only use {{station}} and {{camera}}") from None
         if not topic or "+" in topic or "#" in topic or "\0" in topic:
             raise DiffinspectError(f"watch.mqtt.{key} {template!r} is not a topic one can publish to")
-    if "{camera}" in cfg.event_topic or "{camera}" in cfg.status_topic:
-        raise DiffinspectError("watch.mqtt.event_topic and status_topic are per station: no {camera}")
+    if any("{camera}" in t for t in (cfg.event_topic, cfg.status_topic, cfg.product_topic)):
+        raise DiffinspectError("watch.mqtt.event_topic, status_topic and product_topic are per station: no {camera}")
     if cfg.keepalive_s < 5 or cfg.ack_timeout_s <= 0:
         raise DiffinspectError("watch.mqtt.keepalive_s must be at least 5 and ack_timeout_s positive")
     if (cfg.cert_file is None) != (cfg.key_file is None):
@@ -414,9 +432,9 @@ def _check_tls_files(cfg: MqttConfig) -> None:
 def validate_opcua(cfg: OpcuaConfig) -> OpcuaConfig:
     if not cfg.url.startswith("opc.tcp://") or len(cfg.url) <= len("opc.tcp://"):
         raise DiffinspectError(f"OPC UA server URL must look like opc.tcp://plc:4840, got {cfg.url!r}")
-    if not cfg.nodes.counter:
+    if not cfg.nodes.counter and not cfg.nodes.product:
         raise DiffinspectError("OPC UA output needs watch.opcua.nodes.counter (the node the PLC sees advance), "
                                "and usually nodes.reject and nodes.score")
-    if cfg.timeout_s <= 0:
-        raise DiffinspectError("watch.opcua.timeout_s must be positive")
+    if cfg.timeout_s <= 0 or cfg.poll_s <= 0:
+        raise DiffinspectError("watch.opcua.timeout_s and poll_s must be positive")
     return cfg

@@ -44,8 +44,8 @@ class Committer:
         self.say, self.stopping = say, stopping
         self.room, self.wrote, self.once = room, wrote, once
         self.on_commit: list[CommitHook] = []
-        # on_alarm = "hold": why a camera folder's verdicts are held now (its open alarms), else None.
-        self.held: Callable[[Path], str | None] | None = None
+        # on_alarm = "hold": why the verdicts of a (camera folder, product) are held now (its open alarms), else None.
+        self.held: Callable[[Path, str | None], str | None] | None = None
         self.uncommitted = 0  # frames given up in once mode: they are scored again on the next start
         self._given_up = False
 
@@ -84,10 +84,15 @@ class Committer:
 
     def _row(self, it: Item) -> Record:
         c, v, by = it.cand, it.verdict, it.by
+        if it.error is None and it.held is not None:  # not scored: an unknown product
+            return Record(path=str(c.path), folder=str(c.folder), size=c.size, mtime=c.mtime_ns / 1e9,
+                          mtime_ns=c.mtime_ns, status="hold", score=None, threshold=None, detector=None,
+                          backend=None, latency_ms=None, overlay=None, error=None, received_at=c.received_at,
+                          scored_at=0.0, hold_reason=it.held, product=it.product)
         if it.error is None and (v is None or by is None):
             it.error = "internal error: no verdict"
         bad = it.error is not None or v.label == "error"
-        hold = None if bad or self.held is None else self.held(c.folder)
+        hold = None if bad or self.held is None else self.held(c.folder, it.product)
         return Record(
             path=str(c.path), folder=str(c.folder), size=c.size, mtime=c.mtime_ns / 1e9,
             mtime_ns=c.mtime_ns, status="error" if bad else "hold" if hold else v.label,
@@ -96,7 +101,7 @@ class Committer:
             latency_ms=None, overlay=None if bad else self._overlay(it), error=it.error or (v.error if bad else None),
             fallback_reason=it.fallback_reason, received_at=c.received_at, scored_at=0.0,
             health=None if bad or it.health is None else it.health.json(),
-            p_value=None if bad else v.p_value, hold_reason=hold)
+            p_value=None if bad else v.p_value, hold_reason=hold, product=it.product)
 
     def _overlay(self, it: Item) -> str | None:
         """Written before the row is committed, so a row's overlay path always exists."""

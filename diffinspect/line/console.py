@@ -36,6 +36,12 @@ class View:
         depth = sum(lane.queue.qsize() for lane in self.lanes)
         t.add_row("queue", f"{depth} / {self.queue_size * len(self.lanes)} (+{self.waiting()} waiting)")
         for lane in self.lanes:
-            t.add_row(f"detector {', '.join(f.name for f in lane.folders)}", lane.supervisor.state())
+            if lane.supervisor is not None:
+                t.add_row(f"detector {', '.join(f.name for f in lane.folders)}", lane.supervisor.state())
+        products = self.lanes[0].shared.products if self.lanes else None
+        for name, bundle in ({} if products is None else products.bundles).items():
+            counts = s.by_product.get(name, {})
+            t.add_row(f"product {name}", f"{bundle.supervisor.state()}; OK {counts.get('ok', 0)} / "
+                                         f"NG {counts.get('ng', 0)}")
         t.add_row("last NG", s.last_ng or "-")
         return t

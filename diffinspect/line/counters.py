@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,6 +28,7 @@ class WatchSummary:
     uncommitted: int = 0  # --once: frames whose row could not be committed (scored again on the next start)
     archived: int = 0  # rows retention moved from results.db to OUT/archive/
     low_space: bool = False  # OUT was below the free-space floor at the end
+    products: dict[str, dict[str, int]] = field(default_factory=dict)  # [watch.products]: rows by status each
 
     @property
     def frames(self) -> int:
@@ -40,6 +41,7 @@ class Stats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts = {"ok": 0, "ng": 0, "error": 0, "hold": 0}
+        self.by_product: dict[str, dict[str, int]] = {}  # the same counts per product, for frames that have one
         self.fallback = 0
         self.latencies: deque[float] = deque(maxlen=100_000)
         self.recent: deque[tuple[float, int]] = deque()  # (time, rows) over the last 10 s
@@ -57,6 +59,9 @@ class Stats:
         with self._lock:
             for r in rows:
                 self.counts[r.status] += 1
+                if r.product is not None:
+                    counts = self.by_product.setdefault(r.product, dict.fromkeys(self.counts, 0))
+                    counts[r.status] += 1
                 self.fallback += r.status != "error" and r.fallback_reason is not None
                 self.latencies.append(r.latency_ms or 0.0)
                 if r.status == "ng":
@@ -97,4 +102,5 @@ class Stats:
         return WatchSummary(scored=c["ok"] + c["ng"] + c["hold"], ok=c["ok"], ng=c["ng"], error=c["error"],
                             fallback=self.fallback, fps=self.busy_rate(),
                             latency_p50_ms=p50, latency_p99_ms=p99, max_queue_depth=max_queue,
-                            elapsed_s=elapsed, hold=c["hold"])
+                            elapsed_s=elapsed, hold=c["hold"],
+                            products={k: dict(v) for k, v in self.by_product.items()})

@@ -323,27 +323,28 @@ class DriftHub:
         self._lanes.update(dict.fromkeys(folders, lane))
         return lane
 
-    def held(self, folder: Path) -> str | None:
-        """The names of the lighting, focus and camera alarms open for a camera folder ("; "-joined), or
-        None. Read by the folder's own lane at commit, the thread that opens and clears them."""
+    def held(self, folder: Path, product: str | None = None) -> str | None:
+        """The names of the lighting, focus and camera alarms open for a camera folder and product ("; "-joined),
+        or None. Read by the folder's own lane at commit, the thread that opens and clears them."""
         lane = self._lanes.get(folder)
-        open_ = {} if lane is None or lane.monitor is None else lane.monitor.open
+        monitor = None if lane is None else lane.monitors.get(product)
+        open_ = {} if monitor is None else monitor.open
         return "; ".join(ALARMS[k] for k in HOLD_KINDS if k in open_) or None
 
     def on_commit(self, rows: list[Record]) -> None:
         try:
             with self._lock:
                 found = [(self._pending.pop((r.path, r.size, r.mtime_ns), None), r) for r in rows]
-            events: list[tuple[LaneDrift, AlarmEvent]] = []
+            events: list[tuple[str, AlarmEvent]] = []
             for entry, row in found:
                 if entry is not None and row.status != "error":
                     lane, health = entry
-                    events += [(lane, e) for e in lane.observe(health, row)]
+                    events += [(lane.where(row.product), e) for e in lane.observe(health, row)]
             if events:
-                self.store.add_events([(e.at, e.kind, e.name, e.state, e.detail, lane.folder) for lane, e in events])
-                for lane, e in events:
+                self.store.add_events([(e.at, e.kind, e.name, e.state, e.detail, where) for where, e in events])
+                for where, e in events:
                     say = self.warn if e.state == "raised" else self.info
-                    say(f"ALARM {e.name}: {e.state} on {lane.folder} ({e.detail})")
+                    say(f"ALARM {e.name}: {e.state} on {where} ({e.detail})")
         except Exception as exc:
             self.fail(exc)
 
@@ -377,11 +378,16 @@ class DriftHub:
 
 
 class LaneDrift:
-    """One lane's rolling windows (its folders share a bundle, so one calibration to compare to)."""
+    """One lane's monitors, one per product (its folders share a bundle per product, so one calibration to
+    compare to): a changeover starts watching the new product's frames, it is not a drift."""
 
     def __init__(self, hub: DriftHub, folder: str) -> None:
         self.hub, self.folder = hub, folder
-        self.monitor: DriftMonitor | None = None
+        self.monitors: dict[str | None, DriftMonitor] = {}
+
+    def where(self, product: str | None) -> str:
+        """The camera folder(s), and the product: how alarms and bands name what they watch."""
+        return self.folder if product is None else f"{self.folder} [{product}]"
 
     def measure(self, key: tuple[str, int, int], frame: np.ndarray, profile: HealthProfile | None
                 ) -> Health | None:
@@ -398,7 +404,8 @@ class LaneDrift:
         return health
 
     def observe(self, health: Health, row: Record) -> list[AlarmEvent]:
-        if self.monitor is None or self.monitor.profile is not health.profile:
-            self.monitor = DriftMonitor(health.profile, self.hub.lam)
-            self.hub.publish_bands(self.folder, health.profile)
-        return self.monitor.update(health.signals, row.detector, row.status, row.score, row.scored_at)
+        monitor = self.monitors.get(row.product)
+        if monitor is None or monitor.profile is not health.profile:
+            monitor = self.monitors[row.product] = DriftMonitor(health.profile, self.hub.lam)
+            self.hub.publish_bands(self.where(row.product), health.profile)
+        return monitor.update(health.signals, row.detector, row.status, row.score, row.scored_at)

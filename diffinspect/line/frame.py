@@ -132,3 +132,6 @@ class Item:
     by: Inspector | None = None
     fallback_reason: str | None = None
     health: Any = None  # line.drift.Health, measured at decode when the bundle has a health profile
+    product: str | None = None  # [watch.products]: the product the frame shows (line/products.py)
+    held: str | None = None  # why it is not scored but held (an unknown product)
+    bundle: Any = None  # line.products.Bundle: the detector pair that scores it

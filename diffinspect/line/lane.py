@@ -20,6 +20,7 @@ from diffinspect.line.commit import Committer
 from diffinspect.line.drift import DriftHub
 from diffinspect.line.frame import Candidate, FrameChanged, Item, looks_complete, read_frame
 from diffinspect.line.options import WatchOptions
+from diffinspect.line.products import Bundle, Products, Route
 from diffinspect.line.say import Say, describe
 from diffinspect.line.supervisor import Supervisor
 
@@ -48,6 +49,7 @@ class LaneShared:
     stop_taking: threading.Event = field(default_factory=threading.Event)
     pool: ThreadPoolExecutor | None = None
     drift: DriftHub | None = None  # frame health and drift alarms
+    products: Products | None = None  # [watch.products]: a frame's product picks its bundle
 
     def __post_init__(self) -> None:
         if self.opts.decode_workers > 1:
@@ -62,9 +64,11 @@ class LaneShared:
 
 
 class Lane:
-    def __init__(self, folders: list[Path], frames: FrameQueue, supervisor: Supervisor,
+    def __init__(self, folders: list[Path], frames: FrameQueue, supervisor: Supervisor | None,
                  shared: LaneShared) -> None:
+        """supervisor: the folders' own detector pair; None when only products' bundles score their frames."""
         self.folders, self.queue, self.supervisor, self.shared = folders, frames, supervisor, shared
+        self.bundle = Bundle(supervisor) if supervisor is not None else None
         self.drift = shared.drift.lane(folders) if shared.drift is not None else None
         self._scoring: queue.Queue = queue.Queue(maxsize=1)
         self._committing: queue.Queue = queue.Queue(maxsize=1)
@@ -119,8 +123,20 @@ class Lane:
                 break
         return cands
 
+    def _route(self, cand: Candidate) -> Route:
+        products = self.shared.products
+        return Route(None, self.bundle) if products is None else products.route(cand, self.bundle)
+
     def _load(self, cand: Candidate) -> Item | None:
-        """The decoded frame, an error item, or None when the frame went back to the intake."""
+        """The decoded frame (or an error or held item) with its product and bundle, or None when the
+        frame went back to the intake."""
+        route = self._route(cand)
+        item = self._read(cand, None if route.bundle is None else route.bundle.supervisor)
+        if item is not None:
+            item.product, item.bundle, item.held = route.product, route.bundle, route.held
+        return item
+
+    def _read(self, cand: Candidate, supervisor: Supervisor | None) -> Item | None:
         sh = self.shared
         try:
             data = read_frame(cand, sh.max_bytes)
@@ -133,7 +149,8 @@ class Lane:
             sh.recheck(cand, True)  # half-written: never decoded
             return None
         try:
-            frame = decode_image(data, self.supervisor.color, sh.opts.max_megapixels)
+            color = supervisor.color if supervisor is not None else "rgb"
+            frame = decode_image(data, color, sh.opts.max_megapixels)
         except Exception as exc:  # ImageError, or OpenCV raising on an exotic file
             if data and not cand.settled:
                 # Maybe a writer that closes after every chunk (TIFF has no end marker to check):
@@ -142,7 +159,8 @@ class Lane:
                 return None
             reason = str(exc) if isinstance(exc, ImageError) else f"cannot decode: {describe(exc)}"
             return Item(cand, error=reason)
-        health = None if self.drift is None else self.drift.measure(cand.key, frame, self.supervisor.health)
+        health = (None if self.drift is None or supervisor is None
+                  else self.drift.measure(cand.key, frame, supervisor.health))
         return Item(cand, frame=frame, health=health)
 
     # -- score ---------------------------------------------------------------------------------
@@ -159,10 +177,11 @@ class Lane:
             self._committing.put(None)
 
     def _score_batch(self, items: list[Item]) -> None:
-        todo = [it for it in items if it.error is None]
+        todo = [it for it in items if it.error is None and it.held is None]
         try:
-            if todo:
-                self.supervisor.score(todo)
+            for bundle in dict.fromkeys(it.bundle for it in todo):  # each bundle once, in frame order
+                with bundle.lock:
+                    bundle.supervisor.score([it for it in todo if it.bundle is bundle])
         except Exception as exc:  # a bug here must cost rows, not the line
             self.shared.say.warn(f"scoring: {describe(exc)}")
             for it in todo:

@@ -9,8 +9,9 @@
     retention thread: old rows to OUT/archive/, our files within the disk budget, the free-space floor
                                                                                   (retention.py)
 
-A lane is a group of folders sharing one detector pair (one per camera bundle). This module only wires
-the parts together and runs until stopped.
+A lane is a group of folders sharing one detector pair (one per camera bundle); with several products
+(line/products.py) each frame's product picks the bundle that scores it. This module only wires the parts
+together and runs until stopped.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from diffinspect.line.events import Events, install_signal_handlers
 from diffinspect.line.intake import Intake, IntakeConfig
 from diffinspect.line.lane import FrameQueue, Lane, LaneShared
 from diffinspect.line.options import WatchOptions
+from diffinspect.line.products import Products, ProductSetup
 from diffinspect.line.retention import Retention, Space
 from diffinspect.line.say import Say
 from diffinspect.line.supervisor import DetectorFactory, Supervisor
@@ -39,21 +41,26 @@ from diffinspect.outputs.outbox import Outbox, Output, mark_key
 from diffinspect.scoring.overlay import save_overlay
 from diffinspect.store.results import ResultStore
 
-__all__ = ["CommitHook", "DetectorFactory", "OverlayWriter", "WatchOptions", "WatchSummary", "run_watch"]
+__all__ = ["CommitHook", "DetectorFactory", "OverlayWriter", "ProductSetup", "WatchOptions", "WatchSummary",
+           "run_watch"]
 
-DetectorPairs = Mapping[Path, tuple[DetectorFactory, DetectorFactory]]
+Pair = tuple[DetectorFactory, DetectorFactory]
+DetectorPairs = Mapping[Path, Pair]
 
 
-def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory,
-              make_fallback: DetectorFactory, options: WatchOptions | None = None, *,
+def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory | None,
+              make_fallback: DetectorFactory | None, options: WatchOptions | None = None, *,
               per_folder: DetectorPairs | None = None, overlay_writer: OverlayWriter | None = None,
-              on_commit: Sequence[CommitHook] = (), outputs: Sequence[Output] = ()) -> WatchSummary:
+              on_commit: Sequence[CommitHook] = (), outputs: Sequence[Output] = (),
+              products: ProductSetup | None = None) -> WatchSummary:
     """Watch folders (one per camera) and commit one row per frame to OUT/results.db (+ .jsonl).
 
     per_folder gives a folder its own (make_detector, make_fallback), e.g. from a TOML config.
     overlay_writer defaults to diffinspect.scoring.overlay.save_overlay. on_commit: called from the lanes'
     threads with each batch of newly committed rows (Records with ids), before their files are moved.
     outputs (MQTT, OPC UA) get every committed row through the outbox (outbox.py); scoring never waits for them.
+    products: several products on the station (line/products.py); sub-folders are then watched too. Without
+    them a folder needs a detector pair: (make_detector, make_fallback), or its own in per_folder.
     Returns after SIGINT/SIGTERM (the batch in flight is committed), options.stop, or with
     options.once when the backlog is done. Raises DiffinspectError for unusable arguments only."""
     opts = options or WatchOptions()
@@ -63,6 +70,9 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
     unknown = [str(k) for k in per_folder if k not in roots]
     if unknown:
         raise DiffinspectError(f"per-folder detectors given for folders not watched: {', '.join(unknown)}")
+    default = (make_detector, make_fallback) if make_detector is not None and make_fallback is not None else None
+    if products is None and default is None and any(root not in per_folder for root in roots):
+        raise DiffinspectError("no detector for some folders: give a bundle, or several products")
     out = Path(os.path.abspath(out))
     started = time.monotonic()
     say = Say(opts.quiet)
@@ -72,9 +82,9 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
     space = Space(out, opts.retention.min_free_gb, store, say)
     retention = Retention(store, out, opts.retention, [mark_key(o.name, "frames") for o in outputs], space, say)
     try:
-        groups = _group_folders(roots, (make_detector, make_fallback), per_folder)
+        groups = _group_folders(roots, default, per_folder)
         summary = _run(roots, out, store, say, groups, overlay_writer, [*wake, *on_commit], opts, started,
-                       retention.start())
+                       retention.start(), products)
         summary.archived, summary.low_space = retention.archived, space.low
         return summary
     finally:
@@ -84,10 +94,9 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
         store.close()
 
 
-def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
-         groups: list[tuple[list[Path], tuple[DetectorFactory, DetectorFactory]]],
+def _run(roots: list[Path], out: Path, store: ResultStore, say: Say, groups: list[tuple[list[Path], Pair | None]],
          overlay_writer: OverlayWriter | None, hooks: list[CommitHook], opts: WatchOptions,
-         started: float, retention: Retention) -> WatchSummary:
+         started: float, retention: Retention, setup: ProductSetup | None) -> WatchSummary:
     if store.reconciled:
         say.info(f"results.jsonl: {store.reconciled} row(s) restored from results.db")
     if opts.overlays != "none" and overlay_writer is None:
@@ -95,7 +104,8 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
     (out / "overlays").mkdir(exist_ok=True)
     disposal = Disposal(opts.after, out, say.warn, retention.space.room, retention.wrote)
     queues = [FrameQueue(opts.queue_size) for _ in groups]
-    intake = Intake(roots, out, IntakeConfig(opts.pattern, opts.recursive, opts.stable_ms, opts.empty_ms,
+    recursive = opts.recursive or setup is not None  # camera_feed/<product>/frame.png
+    intake = Intake(roots, out, IntakeConfig(opts.pattern, recursive, opts.stable_ms, opts.empty_ms,
                                              opts.settle_ms, opts.rescan_seconds, opts.once),
                     store, {root: q for (folders, _), q in zip(groups, queues, strict=True) for root in folders},
                     say.warn, functools.partial(disposal, what="committed frame "))
@@ -106,11 +116,15 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
     committer.on_commit += [stats.record, say.rows, drift.on_commit, *hooks]
     if opts.on_alarm == "hold":
         committer.held = drift.held
-    shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking, drift=drift)
-    lanes = [Lane(folders, q, Supervisor(*pair, opts, say), shared)
+    products = None
+    if setup is not None:
+        products = Products(setup, {f for folders, pair in groups if pair is not None for f in folders}, opts, say)
+    shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking, drift=drift,
+                        products=products)
+    lanes = [Lane(folders, q, None if pair is None else Supervisor(*pair, opts, say), shared)
              for (folders, pair), q in zip(groups, queues, strict=True)]
     view = None if opts.quiet else View(stats, lanes, roots, opts.queue_size, intake.waiting)
-    _serve(lanes, intake, Events(roots, intake, opts.recursive, say), shared, view)
+    _serve(lanes, intake, Events(roots, intake, recursive, say), shared, view)
     summary = stats.summary(max(q.high_water for q in queues), time.monotonic() - started)
     summary.uncommitted = committer.uncommitted
     return summary
@@ -124,7 +138,10 @@ def _serve(lanes: list[Lane], intake: Intake, events: Events, shared: LaneShared
     intake_thread = threading.Thread(target=intake.run, name="watch-intake", daemon=True)
     try:
         for lane in lanes:
-            lane.supervisor.start()
+            if lane.supervisor is not None:
+                lane.supervisor.start()
+        if shared.products is not None:
+            shared.products.start()  # every product's bundle, and the product on the line now
         if not opts.once:
             events.start()  # before the scan, so no file falls between the two
         intake.scan()  # the backlog, oldest first
@@ -141,6 +158,8 @@ def _serve(lanes: list[Lane], intake: Intake, events: Events, shared: LaneShared
         if intake_thread.is_alive():
             intake_thread.join(timeout=5)
         shared.close()
+        if shared.products is not None:
+            shared.products.stop()
         restore_signals()
 
 
@@ -171,13 +190,14 @@ def _wait(stop: threading.Event, opts: WatchOptions, intake: Intake, events: Eve
             live.stop()
 
 
-def _group_folders(roots: list[Path], default: tuple[DetectorFactory, DetectorFactory],
-                   per_folder: DetectorPairs) -> list[tuple[list[Path], tuple[DetectorFactory, DetectorFactory]]]:
-    """One lane per distinct detector pair, with the folders that use it."""
-    groups: dict[tuple[int, int], tuple[list[Path], tuple[DetectorFactory, DetectorFactory]]] = {}
+def _group_folders(roots: list[Path], default: Pair | None,
+                   per_folder: DetectorPairs) -> list[tuple[list[Path], Pair | None]]:
+    """One lane per distinct detector pair (None: the products' bundles only), with the folders that use it."""
+    groups: dict[tuple[int, int] | None, tuple[list[Path], Pair | None]] = {}
     for root in roots:
         pair = per_folder.get(root, default)
-        groups.setdefault((id(pair[0]), id(pair[1])), ([], pair))[0].append(root)
+        key = None if pair is None else (id(pair[0]), id(pair[1]))
+        groups.setdefault(key, ([], pair))[0].append(root)
     return list(groups.values())
 
 

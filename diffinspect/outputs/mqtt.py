@@ -5,6 +5,8 @@ Topics (templates with {station} and {camera}, the camera being the watched fold
   diffinspect/{station}/event              the station's alarms, when results.db has an events table
   diffinspect/{station}/status             retained: online | fallback | offline (offline is the last will,
                                            so a dead station or a cut cable reads offline too)
+  diffinspect/{station}/product            read, retained: the product on the line ([watch.products]);
+                                           ProductTopic subscribes to it on a connection of its own
 
 A message counts as delivered on its PUBACK (QoS 1) or PUBCOMP (QoS 2), never when it is only queued.
 The client does not reconnect by itself: the outbox reconnects with back-off and sends what is pending
@@ -35,6 +37,10 @@ def topic_part(text: str) -> str:
     return cleaned or "_"
 
 
+def station_of(cfg: MqttConfig) -> str:
+    return topic_part(cfg.station or socket.gethostname())
+
+
 def frame_message(row: dict, station: str) -> bytes:
     """The frame's row as stored, plus the station and camera, as one JSON object."""
     msg = {"id": row["id"], "station": station, "camera": Path(row.get("folder") or "").name}
@@ -61,7 +67,7 @@ class MqttOutput:
         self.username = cfg.username or (unquote(url.username) if url.username else None)
         self.password = (os.environ.get(PASSWORD_ENV) or cfg.password
                          or (unquote(url.password) if url.password else None))
-        self.station = topic_part(cfg.station or socket.gethostname())
+        self.station = station_of(cfg)
         self.client_id = cfg.client_id or f"diffinspect-{self.station}"
         self.status_topic = cfg.status_topic.format(station=self.station)
         self.event_topic = cfg.event_topic.format(station=self.station)
@@ -209,3 +215,60 @@ class _Dropped:
 def _is_auth(reason_code: object) -> bool:
     text = str(reason_code).lower()
     return "authori" in text or "password" in text or "credential" in text
+
+
+class ProductTopic:
+    """The retained command topic that names the product on the line (line/products.py ProductSource).
+
+    A connection of its own (paho reconnects it and subscribes again), so the outbox's connection, which
+    reconnects only to deliver, is left alone. The retained message found at the first subscription was in
+    force before the start; any later one from its arrival on. An empty payload names no product."""
+
+    name = "mqtt"
+
+    def __init__(self, cfg: MqttConfig) -> None:
+        import paho.mqtt.client as mqtt
+
+        out = MqttOutput(cfg)  # the same broker, credentials and TLS as the verdicts
+        self.topic = cfg.product_topic.format(station=out.station)
+        self.where = out.where
+        self.ready = threading.Event()
+        self.product: str | None = None
+        self._report = None
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{out.client_id}-product",
+                                   clean_session=True)
+        if out.username is not None:
+            self._client.username_pw_set(out.username, out.password)
+        if out.tls:
+            self._client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file,
+                                 cert_reqs=ssl.CERT_REQUIRED)
+        self._client.reconnect_delay_set(1, 30)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._host, self._port, self._keepalive = out.host, out.port, cfg.keepalive_s
+
+    def start(self, report) -> None:  # noqa: ANN001 (line.products.Report)
+        self._report = report
+        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if not reason_code.is_failure:
+            client.subscribe(self.topic, qos=1)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        # A retained product comes right after the SUBACK; with none, the topic names no product yet.
+        threading.Timer(0.5, self.ready.set).start()
+
+    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        product = msg.payload.decode("utf-8", "replace").strip() or None
+        at = -math.inf if msg.retain and not self.ready.is_set() else time.time()
+        if self._report is not None:
+            self._report(product, at)
+        self.product = product  # after the report: who sees it here finds the changeover recorded
+        self.ready.set()

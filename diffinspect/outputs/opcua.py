@@ -11,13 +11,19 @@ program latches reject and score when it sees the counter change; the id keeps a
 restarts, and a verdict re-sent after a crash carries the same counter value, so the PLC ignores it.
 Each value is sent as the node's own data type (read once on connecting): a PLC refuses a Double written
 to a REAL tag.
+
+With several products ([watch.products]), ProductNode reads the node the PLC sets at a changeover (a string,
+or a number that names the product) on a connection of its own, polled every poll_s: one small read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
+import threading
+import time
 
 from diffinspect.config import OpcuaConfig
 from diffinspect.outputs.outbox import OutputError
@@ -134,6 +140,13 @@ class OpcuaOutput:
             _quietly(client.disconnect)
 
 
+def _unix(stamp: datetime.datetime | None) -> float | None:
+    """An OPC UA timestamp (UTC; asyncua may hand it over without its zone) as unix seconds."""
+    if stamp is None:
+        return None
+    return (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=datetime.UTC)).timestamp()
+
+
 def _quietly(fn) -> None:  # noqa: ANN001
     with contextlib.suppress(Exception):  # a broken connection is being dropped
         fn()
@@ -142,3 +155,78 @@ def _quietly(fn) -> None:  # noqa: ANN001
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class ProductNode:
+    """The PLC's product node (line/products.py ProductSource), read every poll_s on a connection of its own.
+
+    The value read on the first connection was in force before the start; a change later is in force from
+    the node's source timestamp (when the PLC wrote it), or from the read that saw it when the server gives
+    none or one that is not between the previous read and now (another clock). An empty string names no
+    product. A lost connection is retried every few seconds; the product in force stays until a read says
+    otherwise."""
+
+    name = "opcua"
+
+    def __init__(self, cfg: OpcuaConfig, warn=None) -> None:  # noqa: ANN001 (Callable[[str], None])
+        try:
+            import asyncua  # noqa: F401
+        except ImportError:
+            raise OutputError(INSTALL_HINT) from None
+        if not cfg.nodes.product:
+            raise OutputError("watch.opcua.nodes.product is not set")
+        self.cfg, self.where = cfg, f"OPC UA server {cfg.url}"
+        self.warn = warn or (lambda text: None)
+        self.ready = threading.Event()
+        self.product: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, report) -> None:  # noqa: ANN001 (line.products.Report)
+        self._thread = threading.Thread(target=self._run, args=(report,), name="watch-product-node", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.cfg.timeout_s * 3)
+
+    def _run(self, report) -> None:  # noqa: ANN001
+        from asyncua.sync import Client
+
+        seen: object = None
+        last_read = -math.inf
+        failing = False
+        while not self._stop.is_set():
+            client = Client(self.cfg.url, timeout=self.cfg.timeout_s, sync_wrapper_timeout=self.cfg.timeout_s * 3)
+            try:
+                if self.cfg.username:
+                    client.set_user(self.cfg.username)
+                    client.set_password(os.environ.get(PASSWORD_ENV) or self.cfg.password or "")
+                if self.cfg.security:
+                    client.set_security_string(self.cfg.security)
+                client.connect()
+                node = client.get_node(self.cfg.nodes.product)
+                while not self._stop.is_set():
+                    data = node.read_data_value()
+                    now = time.time()
+                    value = data.Value.Value if data.Value is not None else None
+                    if not self.ready.is_set() or value != seen:
+                        stamp = _unix(data.SourceTimestamp)
+                        at = (-math.inf if not self.ready.is_set()
+                              else stamp if stamp is not None and last_read - 1.0 <= stamp <= now else now)
+                        product = None if value is None else str(value).strip() or None
+                        report(product, at)
+                        self.product, seen = product, value
+                        self.ready.set()
+                    last_read = now
+                    self._stop.wait(self.cfg.poll_s)
+                    failing = False
+            except Exception as exc:
+                if not failing:  # once per outage
+                    self.warn(f"product node on the {self.where}: {_describe(exc)}; retrying every 3 s")
+                failing = True
+                self.ready.set()  # the start does not wait for a server that is down
+                self._stop.wait(3.0)
+            finally:
+                _quietly(client.disconnect)

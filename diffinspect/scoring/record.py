@@ -55,6 +55,8 @@ class Record:
     p_value: float | None = None
     # watch with on_alarm = "hold": the open alarms that made this frame's verdict hold (status "hold").
     hold_reason: str | None = None
+    # watch with [watch.products]: the product on the line when the frame was taken (line/products.py).
+    product: str | None = None
 
     def to_dict(self) -> dict:
         """The `inspect score --json` line."""
