@@ -185,6 +185,8 @@ class PlcServer:
         self.reject = vision.add_variable(ua.NodeId("Vision.Reject", idx), "Reject", False, ua.VariantType.Boolean)
         self.score = vision.add_variable(ua.NodeId("Vision.Score", idx), "Score", 0.0, ua.VariantType.Float)
         self.counter = vision.add_variable(ua.NodeId("Vision.Counter", idx), "Counter", 0, ua.VariantType.UInt32)
+        # What the PLC program sets at a product changeover (the station reads it: [watch.products]).
+        self.product = vision.add_variable(ua.NodeId("Vision.Product", idx), "Product", "", ua.VariantType.String)
         for var in (self.reject, self.score, self.counter):
             var.set_writable()
         self.ns = idx

@@ -135,6 +135,7 @@ class Station:
             trend[-1][status] += late[status]
         lat = sorted(v for v in db.latencies(last=2000) if v is not None)
         last = db.last_scored(after=recent_id)
+        product = None if last is None else last.get("product")
         scored, fallback = db.fallback_count(after=recent_id, last=200)
         rejects = [self._frame(r) for r in db.rejects(after=recent_id, last=12)]
         health = []
@@ -151,7 +152,11 @@ class Station:
                 "detector": last["detector"], "backend": last["backend"], "fallback_reason": last["fallback_reason"],
                 "fallback_share": fallback / scored if scored else 0.0,
                 "threshold": last["threshold"], "at": last["scored_at"]},
-            "histogram": _histogram(db.scores(after=recent_id, last=2000), last["detector"] if last else None),
+            # Scores of the product on the line now (each product has its bundle, so its own scale).
+            "histogram": _histogram(db.scores(after=recent_id, last=2000, product=product),
+                                    last["detector"] if last else None) | {"product": product},
+            "products": [{"product": p, "total": sum(c.values()), **c}
+                         for p, c in sorted(db.product_counts(after=recent_id).items())],
             "rejects": rejects, "health": health, "bands": self._bands(), **_alarms(db),
             # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
             "hold": db.held(after=recent_id),

@@ -152,9 +152,10 @@ class ResultsReader:
         return [r[0] for r in self._db.execute("SELECT latency_ms FROM frames ORDER BY id DESC LIMIT ?", (last,))]
 
     def last_scored(self, after: int) -> dict[str, Any] | None:
-        """The newest frame a detector scored (no error row)."""
-        return self._one("SELECT id, detector, backend, fallback_reason, threshold, scored_at FROM frames "
-                         "WHERE id > ? AND status != 'error' ORDER BY id DESC LIMIT 1", (after,))
+        """The newest frame a detector scored (no error row, nor one held unscored: an unknown product)."""
+        product = ", product" if "product" in self.columns() else ""
+        return self._one(f"SELECT id, detector, backend, fallback_reason, threshold, scored_at{product} FROM frames "
+                         "WHERE id > ? AND status != 'error' AND score IS NOT NULL ORDER BY id DESC LIMIT 1", (after,))
 
     def fallback_count(self, after: int, last: int) -> tuple[int, int]:
         """Of the newest `last` scored frames: how many, and how many the fallback scored."""
@@ -163,10 +164,22 @@ class ResultsReader:
             "WHERE id > ? AND status != 'error' ORDER BY id DESC LIMIT ?)", (after, last)).fetchone()
         return n, fallback or 0
 
-    def scores(self, after: int, last: int) -> list[tuple[float, float | None, str | None]]:
-        """(score, threshold, detector) of the newest `last` scored frames, newest first."""
-        return self._db.execute("SELECT score, threshold, detector FROM frames WHERE id > ? AND status != 'error' "
-                                "AND score IS NOT NULL ORDER BY id DESC LIMIT ?", (after, last)).fetchall()
+    def scores(self, after: int, last: int, product: str | None = None) -> list[tuple[float, float | None, str | None]]:
+        """(score, threshold, detector) of the newest `last` scored frames (of one product), newest first."""
+        of = " AND product = ?" if product is not None else ""
+        return self._db.execute(f"SELECT score, threshold, detector FROM frames WHERE id > ? AND status != 'error' "
+                                f"AND score IS NOT NULL{of} ORDER BY id DESC LIMIT ?",
+                                (after, *([product] if of else []), last)).fetchall()
+
+    def product_counts(self, after: int) -> dict[str, dict[str, int]]:
+        """Rows after id `after` by product and status (none from a database without products)."""
+        if "product" not in self.columns():
+            return {}
+        out: dict[str, dict[str, int]] = {}
+        for product, status, n in self._db.execute("SELECT product, status, COUNT(*) FROM frames WHERE id > ? "
+                                                   "AND product IS NOT NULL GROUP BY product, status", (after,)):
+            out.setdefault(product, dict.fromkeys(STATUSES, 0))[status] = n
+        return out
 
     def rejects(self, after: int, last: int) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM frames WHERE id > ? AND status = 'ng' ORDER BY id DESC LIMIT ?",

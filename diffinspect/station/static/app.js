@@ -31,6 +31,14 @@ function scoring(s) {
   rows.push(["frames in results.db", s.max_id]);
   $("scoring").innerHTML = rows.map(([k, v]) => `<span>${k}</span><span>${v}</span>`).join("");
 }
+function products(s) {
+  const p = s.products || [];
+  $("products-section").hidden = !p.length;
+  $("products").innerHTML = p.length ? `<table><tr><th>product</th><th>frames</th><th>OK</th><th>NG</th>` +
+    `<th>hold</th><th>error</th></tr>` + p.map(r => `<tr><td>${esc(r.product)}</td><td>${r.total}</td>` +
+    `<td class="ok">${r.ok}</td><td class="ng">${r.ng}</td><td>${r.hold}</td><td class="error">${r.error}</td></tr>`)
+    .join("") + `</table>` : "";
+}
 function alarms(s) {
   const open = s.alarms || [];
   const held = (s.hold || []).map(h =>
@@ -57,7 +65,7 @@ function hist(s) {
   const svg = $("hist"); svg.replaceChildren();
   const h = s.histogram;
   if (!h.counts.length) { $("histnote").textContent = "no scores yet"; return; }
-  $("histnote").textContent = `${h.n} latest scores of ${h.detector}`;
+  $("histnote").textContent = `${h.n} latest scores of ${h.detector}` + (h.product ? ` (product ${h.product})` : "");
   const lo = h.edges[0], hi = h.edges[h.edges.length - 1], W = 400, H = 130, max = Math.max(...h.counts) * 1.12;
   const x = v => 5 + (W - 10) * (v - lo) / (hi - lo);
   h.counts.forEach((c, i) => {
@@ -133,7 +141,7 @@ async function poll() {
     $("live").className = ""; $("live").textContent = `live · ${new Date().toLocaleTimeString()}`;
     if (!s.ready) { $("live").textContent = "waiting for results.db…"; return; }
     counts("hour", s.counts.hour); counts("shift", s.counts.shift);
-    scoring(s); alarms(s); trend(s); hist(s); health(s);
+    scoring(s); products(s); alarms(s); trend(s); hist(s); health(s);
     if (s.max_id !== lastMax) { rejects(s); lastMax = s.max_id; }
     document.body.dataset.maxId = s.max_id;
   } catch (e) {
