@@ -174,7 +174,7 @@ def check_rows(out: Path, expected: dict[str, str], setup: ProductSetup) -> list
 
 
 @needs_mosquitto
-def test_changeover_over_the_real_broker_with_frames_in_flight(tmp_path: Path) -> None:
+def test_changeover_over_the_real_broker_with_frames_in_flight(tmp_path: Path, capsys) -> None:
     import paho.mqtt.client as mqtt
 
     from diffinspect.outputs.mqtt import MqttOutput, ProductTopic
@@ -199,6 +199,8 @@ def test_changeover_over_the_real_broker_with_frames_in_flight(tmp_path: Path) -
         expected = drive_changeovers(cam, out, change, lambda: topic.product)
         watcher.stop()
         rows = check_rows(out, expected, setup)
+        said = capsys.readouterr()
+        assert "WARNING" not in said.err and "hold   unknown product lid" in said.out  # quiet mode's lines
         wait_for(lambda: len(sub.verdicts()) == len(rows), 10, "every verdict over MQTT")
         assert {m["id"]: m["product"] for m in sub.verdicts()} == {r["id"]: r["product"] for r in rows}
         assert watcher.summary.products == {"housing": {"ok": 26, "ng": 0, "error": 0, "hold": 0},

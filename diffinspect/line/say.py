@@ -50,6 +50,8 @@ class Say:
         for r in rows:
             if r.status == "error":
                 what = f"error  {r.error}"
+            elif r.score is None:  # held unscored: an unknown product
+                what = f"{r.status:<6} {r.hold_reason}"
             else:
                 via = f" [fallback: {r.fallback_reason}]" if r.fallback_reason else ""
                 what = (f"{r.status:<6} score={r.score:.4f} thr={r.threshold:.4f} "
