@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from line_receivers import MOSQUITTO, Broker, PlcServer, Subscriber, wait_for
 from services import needs
-from watch_fakes import Factory, FakeDetector, db_rows, n_rows, write_frame
+from watch_fakes import Factory, FakeDetector, db_rows, jsonl_rows, n_rows, write_frame
 
 from diffinspect import DiffinspectError
-from diffinspect.config import MqttConfig, OpcuaConfig, OpcuaNodes, load_watch_settings
+from diffinspect.config import MqttConfig, OpcuaConfig, OpcuaNodes, load_outputs, load_watch_settings
 from diffinspect.line.frame import Candidate
 from diffinspect.line.options import WatchOptions
 from diffinspect.line.products import Products, ProductSetup, Timeline
@@ -113,6 +113,13 @@ def test_watch_settings_check_the_products_table(tmp_path: Path) -> None:
         with pytest.raises(DiffinspectError, match=key.replace(".", r"\.")) as err:
             load_watch_settings(toml)
         assert "\n" not in str(err.value)
+    # The command topic is the station's; a PLC node that only names the product needs no verdict nodes.
+    with pytest.raises(DiffinspectError, match="product_topic"):
+        load_outputs({"mqtt": {"url": "mqtt://b", "product_topic": "x/{camera}/product"}})
+    _, opcua = load_outputs({"opcua": {"url": "opc.tcp://plc:4840", "nodes": {"product": "ns=3;s=P"}}})
+    assert opcua is not None and opcua.nodes.product == "ns=3;s=P" and not opcua.nodes.counter
+    with pytest.raises(DiffinspectError, match="nodes.counter"):
+        load_outputs({"opcua": {"url": "opc.tcp://plc:4840"}})
 
 
 # -- changeovers with frames in flight ------------------------------------------------------------------
@@ -310,6 +317,8 @@ def test_cli_watch_routes_by_camera_folder_and_sub_folder(tmp_path: Path, monkey
                    ("lid", "lid", None, "hold", "unknown product lid"), ("cam2", "cover", "cover", "ok", None),
                    ("cam1", None, None, "hold", "no product selected")}
     assert "product cover: ok 6, ng 0, hold 0, error 0" in " ".join(res.output.split())
+    mirrored = {r["path"]: r["product"] for r in jsonl_rows(Path("res"))}
+    assert mirrored == {r["path"]: r["product"] for r in db_rows(Path("res"))} and len(mirrored) == 13
 
     Path("inspect.toml").write_text('[watch.products]\nhousing = "models/nothing"\n')
     res = CliRunner().invoke(app, ["watch", "cam1", "--once", "--quiet", "--out", "res"])
