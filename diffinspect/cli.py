@@ -248,7 +248,7 @@ def calibrate(
 
 @app.command()
 def score(
-    bundle: Path = typer.Argument(..., help="Calibrated bundle."),
+    bundle: Path = typer.Argument(..., help="Calibrated bundle, or a product of \\[watch.products] in ./inspect.toml."),
     paths: list[Path] = typer.Argument(..., help="Images or folders of images."),
     as_json: bool = _flag("--json", help="One JSON object per line per image."),
     overlay_dir: Path | None = typer.Option(None, "--overlay-dir", help="Write heatmap overlays here."),
@@ -264,6 +264,7 @@ def score(
     from diffinspect.scoring.score import expand_paths, score_paths
 
     _backend(backend)
+    bundle, product = _product_bundle(bundle)
     inspector = Inspector.load(bundle, backend, device, sampler, detector)
     engine = getattr(inspector.detector, "engine", None)
     if backend == "auto" and hasattr(engine, "selection"):
@@ -273,6 +274,7 @@ def score(
         raise DiffinspectError("no images found in the given paths")
     records = []
     for rec in score_paths(inspector, files, overlay_dir):
+        rec.product = product
         records.append(rec)
         if as_json:
             print(json.dumps(rec.to_dict(), allow_nan=False), flush=True)  # never a NaN token
@@ -280,6 +282,17 @@ def score(
         _print_records(records)
     if all(r.status == "error" for r in records):
         raise typer.Exit(1)
+
+
+def _product_bundle(name: Path) -> tuple[Path, str | None]:
+    """A product of [watch.products] in ./inspect.toml as (its bundle, its name); any other path as it is."""
+    from diffinspect.bundle import is_bundle
+    from diffinspect.config import load_watch_settings
+
+    if is_bundle(name) or len(name.parts) != 1:
+        return name, None
+    products = load_watch_settings().products
+    return (Path(products[name.name]), name.name) if name.name in products else (name, None)
 
 
 def _print_records(records) -> None:

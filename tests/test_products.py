@@ -320,6 +320,12 @@ def test_cli_watch_routes_by_camera_folder_and_sub_folder(tmp_path: Path, monkey
     mirrored = {r["path"]: r["product"] for r in jsonl_rows(Path("res"))}
     assert mirrored == {r["path"]: r["product"] for r in db_rows(Path("res"))} and len(mirrored) == 13
 
+    # `inspect score` takes a product's name for its bundle, and says the product in each JSON line.
+    res = CliRunner().invoke(app, ["score", "cover", "cam2/f1.png", "--json"])
+    assert res.exit_code == 0, res.output
+    line = json.loads(res.stdout.splitlines()[-1])
+    assert (line["product"], line["detector"], line["label"]) == ("cover", "cover", "ok")
+
     Path("inspect.toml").write_text('[watch.products]\nhousing = "models/nothing"\n')
     res = CliRunner().invoke(app, ["watch", "cam1", "--once", "--quiet", "--out", "res"])
     assert isinstance(res.exception, DiffinspectError)  # main() prints it in one line, exit code 2

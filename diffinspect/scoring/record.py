@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 
 # `inspect score --json` keys, in order: "label" is the status (the results.db column) under its
-# user-facing name.
+# user-facing name; "product" is set when the bundle was named by its product ([watch.products]).
 SCORE_KEYS = ("path", "score", "threshold", "label", "p_value", "detector", "backend", "latency_ms", "overlay",
-              "error")
+              "error", "product")
 
 
 def storable(text: str | None) -> str | None:
