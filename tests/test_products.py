@@ -285,6 +285,13 @@ def test_drift_is_kept_per_product_and_a_changeover_is_not_drift(tmp_path: Path)
     assert held and all(r["product"] == "cover" and r["hold_reason"] == "lighting changed" for r in held)
     bands = json.loads((out / "station.json").read_text())["lanes"]
     assert {f"{cam} [housing]", f"{cam} [cover]"} <= set(bands)
+    assert bands[f"{cam} [housing]"] != bands[f"{cam} [cover]"]
+
+    from diffinspect.station.app import Station
+
+    state = Station(out).state()  # the last frames were cover's: the page shows its health and its bands
+    assert len(state["health"]) == 100 and state["bands"] == bands[f"{cam} [cover]"]
+    assert state["histogram"]["product"] == "cover"
 
 
 # -- the command line ----------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ class Station:
         scored, fallback = db.fallback_count(after=recent_id, last=200)
         rejects = [self._frame(r) for r in db.rejects(after=recent_id, last=12)]
         health = []
-        for r in db.health(after=recent_id, last=300):
+        for r in db.health(after=recent_id, last=300, product=product):
             values = _json(r["health"])
             if isinstance(values, dict):
                 health.append({"id": r["id"], "t": r["scored_at"], "folder": r["folder"],
@@ -157,7 +157,7 @@ class Station:
                                     last["detector"] if last else None) | {"product": product},
             "products": [{"product": p, "total": sum(c.values()), **c}
                          for p, c in sorted(db.product_counts(after=recent_id).items())],
-            "rejects": rejects, "health": health, "bands": self._bands(), **_alarms(db),
+            "rejects": rejects, "health": health, "bands": self._bands(product), **_alarms(db),
             # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
             "hold": db.held(after=recent_id),
         }
@@ -175,13 +175,18 @@ class Station:
         d["health"] = _json(d.get("health")) if d.get("health") else None
         return d
 
-    def _bands(self) -> dict[str, Any]:
+    def _bands(self, product: str | None) -> dict[str, Any]:
+        """The calibrated bands of the bundle scoring now: the product's on the line, else the latest published."""
         path = self.out / BANDS_FILE
         try:
             data = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError):
             return {}
-        bands = data.get("bands") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return {}
+        lanes = data.get("lanes") if isinstance(data.get("lanes"), dict) else {}
+        bands = next((b for k, b in lanes.items() if product is not None and k.endswith(f" [{product}]")),
+                     data.get("bands"))
         return bands if isinstance(bands, dict) else {}
 
     # -- files inside OUT ------------------------------------------------------------------------

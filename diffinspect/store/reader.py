@@ -192,13 +192,14 @@ class ResultsReader:
         return self._all("SELECT id, folder, hold_reason, scored_at FROM frames WHERE id IN (SELECT MAX(id) "
                          "FROM frames WHERE id > ? GROUP BY folder) AND status = 'hold' ORDER BY folder", (after,))
 
-    def health(self, after: int, last: int) -> list[dict[str, Any]]:
-        """id, scored_at, folder and the health JSON of the newest `last` frames that have it, newest first
-        (none from a database written before health was stored)."""
+    def health(self, after: int, last: int, product: str | None = None) -> list[dict[str, Any]]:
+        """id, scored_at, folder and the health JSON of the newest `last` frames that have it (of one product),
+        newest first (none from a database written before health was stored)."""
         if "health" not in self.columns():
             return []
-        return self._all("SELECT id, scored_at, folder, health FROM frames WHERE id > ? AND health IS NOT NULL "
-                         "ORDER BY id DESC LIMIT ?", (after, last))
+        of = " AND product = ?" if product is not None else ""
+        return self._all(f"SELECT id, scored_at, folder, health FROM frames WHERE id > ? AND health IS NOT NULL{of} "
+                         "ORDER BY id DESC LIMIT ?", (after, *([product] if of else []), last))
 
     # -- events --------------------------------------------------------------------------------------
 
