@@ -157,7 +157,7 @@ class Products:
         return Route(product, bundle, None if bundle is not None else f"unknown product {product}")
 
     def product_of(self, cand: Candidate) -> str | None:
-        parts = cand.path.relative_to(cand.folder).parts
+        parts = cand.path.parts[len(cand.folder.parts):] if cand.path.is_relative_to(cand.folder) else ()
         if len(parts) > 1 and (parts[0] in self.bundles or cand.folder not in self.defaults):
             return parts[0]
         product = self.setup.folders.get(cand.folder)
