@@ -277,6 +277,16 @@ def test_page_shows_the_line_and_updates_live(server, browser):
     if os.environ.get("DIFFINSPECT_SCREENSHOT"):
         Path(os.environ["DIFFINSPECT_SCREENSHOT"]).write_bytes(shot)
 
+    # With several products on the station ([watch.products]), a table of the latest frames per product.
+    assert not browser.find_element(By.ID, "products-section").is_displayed()
+    covers = rows(10, 48, time.time(), o)
+    for r in covers:
+        r.product = "cover"
+    store.commit(covers)
+    assert text_becomes(browser, "hour-total", "58") == "58"
+    assert browser.find_element(By.ID, "products").text.split() == [
+        "product", "frames", "OK", "NG", "hold", "error", "cover", "10", "7", "2", "0", "1"]
+
     # Without the token the browser gets nothing but the refusal.
     browser.get(f"{url}/")
     assert "token required" in browser.page_source
