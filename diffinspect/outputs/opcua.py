@@ -175,6 +175,9 @@ class ProductNode:
             raise OutputError(INSTALL_HINT) from None
         if not cfg.nodes.product:
             raise OutputError("watch.opcua.nodes.product is not set")
+        import logging
+
+        logging.getLogger("asyncua").setLevel(logging.ERROR)  # as OpcuaOutput: normal for a plain connection
         self.cfg, self.where = cfg, f"OPC UA server {cfg.url}"
         self.warn = warn or (lambda text: None)
         self.ready = threading.Event()
