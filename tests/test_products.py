@@ -122,6 +122,23 @@ def test_watch_settings_check_the_products_table(tmp_path: Path) -> None:
         load_outputs({"opcua": {"url": "opc.tcp://plc:4840"}})
 
 
+def test_mqtt_command_topic_reads_the_retained_product_then_changeovers() -> None:
+    from types import SimpleNamespace
+
+    from diffinspect.outputs.mqtt import ProductTopic
+
+    topic = ProductTopic(MqttConfig(url="mqtt://127.0.0.1:1", station="press 4"))
+    assert topic.topic == "diffinspect/press 4/product"
+    reported: list = []
+    topic._report = lambda product, at: reported.append((product, at))
+    topic._on_message(None, None, SimpleNamespace(payload=b" cover\n", retain=True))  # found at subscription
+    before = time.time()
+    topic._on_message(None, None, SimpleNamespace(payload=b"housing", retain=False))
+    topic._on_message(None, None, SimpleNamespace(payload=b"", retain=True))  # cleared: names no product
+    assert [p for p, _ in reported] == ["cover", "housing", None] and topic.product is None
+    assert reported[0][1] == -math.inf and all(at >= before for _, at in reported[1:])
+
+
 # -- changeovers with frames in flight ------------------------------------------------------------------
 
 
