@@ -77,7 +77,7 @@ def test_products_order_of_precedence_and_holds(tmp_path: Path) -> None:
     own = object()
 
     def route(path: Path, folder: Path, taken: float = 100.0) -> tuple:
-        r = products.route(cand(path, folder, taken), own)  # type: ignore[arg-type]
+        r = products.route(cand(path, folder, taken), own if folder == cam3 else None)  # type: ignore[arg-type]
         if r.bundle is None or r.bundle is own:
             return r.product, r.bundle and "own", r.held
         return r.product, r.bundle.supervisor._make_primary.kwargs["name"], r.held

@@ -150,9 +150,7 @@ class Products:
         """The frame's product and the bundle that scores it (own: its lane's bundle, if the camera has one)."""
         product = self.product_of(cand)
         if product is None:
-            if own is not None and cand.folder in self.defaults:
-                return Route(None, own)
-            return Route(None, None, "no product selected")
+            return Route(None, own) if own is not None else Route(None, None, "no product selected")
         bundle = self.bundles.get(product)
         return Route(product, bundle, None if bundle is not None else f"unknown product {product}")
 
