@@ -349,6 +349,7 @@ def watch(
              "on_alarm": on_alarm or settings.on_alarm}
     options = WatchOptions(recursive=recursive, pattern=pattern, once=once, quiet=quiet,
                            max_megapixels=max_megapixels, retention=settings.retention,
+                           alarm_lambda=settings.alarm_lambda,
                            **{k: v for k, v in given.items() if v is not None})
     make_detector, make_fallback = factories(bundle)
     outputs = _outputs({"mqtt": settings.mqtt, "opcua": settings.opcua}, mqtt, opcua)

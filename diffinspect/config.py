@@ -249,6 +249,15 @@ class RetentionSettings:
         return self
 
 
+ALARM_LAMBDA = 1000.0  # [watch] alarm_lambda's default
+
+
+def check_alarm_lambda(value: float, name: str = "alarm_lambda") -> None:
+    if not value > 1 or value == math.inf:  # NaN is refused too
+        raise DiffinspectError(f"config key {name} must be a number above 1 (P(any false alarm, ever) <= 1 / "
+                               f"{name}), got {value}")
+
+
 @dataclass
 class WatchSettings:
     """The `[watch]` table of ./inspect.toml: what `inspect watch` uses where a flag is not given (unset
@@ -257,6 +266,7 @@ class WatchSettings:
     [watch]
     model = "model"                 # bundle for every folder
     out = "results"
+    alarm_lambda = 1000             # drift alarms: P(any false alarm, ever) <= 1 / 1000
     [watch.cameras]                 # optional: a bundle per camera folder
     "camera_feed/cam2" = "model_cam2"
     """
@@ -270,6 +280,9 @@ class WatchSettings:
     after: str | None = None
     max_latency_ms: float | None = None
     on_alarm: str | None = None  # flag | hold: see line/options.py
+    # The drift alarms' false-alarm budget: P(any false alarm, ever) <= 1 / alarm_lambda (line/drift.py).
+    # A larger one alarms a little later on a real change (the delay grows with its log).
+    alarm_lambda: float = ALARM_LAMBDA
     cameras: dict[str, str] = field(default_factory=dict)
     mqtt: dict[str, Any] | None = None  # [watch.mqtt] and [watch.opcua]: checked by load_outputs, where the
     opcua: dict[str, Any] | None = None  # command line's URL flags join them
@@ -288,6 +301,7 @@ def load_watch_settings(path: str | Path = WATCH_FILE) -> WatchSettings:
     try:
         _apply(settings, watch, prefix="watch.")
         settings.retention.validate()
+        check_alarm_lambda(settings.alarm_lambda, "watch.alarm_lambda")
     except DiffinspectError as exc:
         raise DiffinspectError(f"{path}: {exc}") from None
     return settings

@@ -3,7 +3,7 @@
 The conformal threshold bounds the false-reject rate only while new good parts resemble the
 calibration parts. Each alarm is an anytime-valid test of "the line's frames are exchangeable with the
 calibration frames", watched over an unbounded stream: under no change, P(any false alarm, ever) <=
-1 / lam for all alarms together (lam = LAMBDA unless the monitor is given another), however long the
+1 / lam for all alarms together (lam: [watch] alarm_lambda, default 1000), however long the
 line runs. The old per-window tests (p < 1e-4 at every frame) made a false alarm certain over months.
 
 Per frame, each health signal (scoring/health.py) gets a conformal p-value: its rank among the
@@ -51,13 +51,14 @@ from pathlib import Path
 
 import numpy as np
 
+from diffinspect.config import ALARM_LAMBDA
 from diffinspect.scoring.health import HealthProfile, measure
 from diffinspect.scoring.record import Record, storable
 from diffinspect.scoring.threshold import binom_sf
 from diffinspect.store import BANDS_FILE
 from diffinspect.store.results import ResultStore
 
-LAMBDA = 1000.0  # P(any false alarm, ever) <= 1 / LAMBDA
+LAMBDA = ALARM_LAMBDA  # the default of [watch] alarm_lambda: P(any false alarm, ever) <= 1 / LAMBDA
 LEVELS = (0.01, 0.05, 0.2, 0.5)  # nominal event rates the health bets watch (ranks j ~ level * (n + 1))
 SCORE_LEVELS = (0.1, 0.2, 0.5)  # for OK parts' scores: below any sensible threshold's rank
 BETS = (0.2, 0.5, 0.9)  # bet sizes: small for faint changes, large for blatant ones
