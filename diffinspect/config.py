@@ -315,7 +315,7 @@ class MqttConfig:
     station: str = ""  # {station} in topics; default: the host name
     topic: str = "diffinspect/{station}/{camera}/verdict"  # one message per frame
     event_topic: str = "diffinspect/{station}/event"  # alarms, when the station has them
-    status_topic: str = "diffinspect/{station}/status"  # retained: online | fallback | offline (last will)
+    status_topic: str = "diffinspect/{station}/status"  # retained JSON: online/fallback/offline, hold, alarms, low disk
     qos: int = 1  # 1 or 2: a message counts as delivered only once the broker acknowledged it
     client_id: str = ""  # default: diffinspect-{station}
     username: str | None = None
