@@ -320,7 +320,7 @@ class DriftHub:
         self._failed = False
 
     def lane(self, folders: list[Path]) -> LaneDrift:
-        lane = LaneDrift(self, ", ".join(str(f) for f in folders))
+        lane = LaneDrift(self, [str(f) for f in folders])
         self._lanes.update(dict.fromkeys(folders, lane))
         return lane
 
@@ -355,18 +355,32 @@ class DriftHub:
             self._pending[key] = (lane, health)
 
     def publish_bands(self, folder: str, profile: HealthProfile) -> None:
-        """OUT/station.json: the calibrated bands the station page draws behind the health signals."""
+        """The calibrated bands the station page draws behind the health signals."""
+        bands = {k: list(v) for k, v in profile.bands().items()}
+
+        def update(data: dict) -> None:
+            data.setdefault("lanes", {})[folder] = bands
+            data["bands"] = bands
+        self._update_station(update)
+
+    def publish_guarantee(self, folders: list[str], detector: str, sentence: str) -> None:
+        """What the threshold of a camera's detector guarantees (threshold.describe_bound), for the page."""
+        def update(data: dict) -> None:
+            for folder in folders:
+                data.setdefault("guarantees", {}).setdefault(folder, {})[detector] = sentence
+        self._update_station(update)
+
+    def _update_station(self, update: Callable[[dict], None]) -> None:
+        """OUT/station.json (store.BANDS_FILE), what the station page reads beside results.db, replaced whole."""
         path = self.out / BANDS_FILE
         with self._lock:
             try:
                 data = json.loads(path.read_text()) if path.is_file() else {}
             except (OSError, ValueError):
                 data = {}
-            if not isinstance(data, dict) or not isinstance(data.get("lanes"), dict):
-                data = {"lanes": {}}
-            bands = {k: list(v) for k, v in profile.bands().items()}
-            data["lanes"][folder] = bands
-            data["bands"] = bands
+            if not (isinstance(data, dict) and all(isinstance(data.get(k, {}), dict) for k in ("lanes", "guarantees"))):
+                data = {}  # not ours, or damaged: written afresh
+            update(data)
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(data, indent=1))
             os.replace(tmp, path)
@@ -380,9 +394,20 @@ class DriftHub:
 class LaneDrift:
     """One lane's rolling windows (its folders share a bundle, so one calibration to compare to)."""
 
-    def __init__(self, hub: DriftHub, folder: str) -> None:
-        self.hub, self.folder = hub, folder
+    def __init__(self, hub: DriftHub, folders: list[str]) -> None:
+        self.hub, self.folders, self.folder = hub, folders, ", ".join(folders)
         self.monitor: DriftMonitor | None = None
+        self._said: set[tuple[str, str]] = set()  # (detector, guarantee) published for the station
+
+    def scored_by(self, detector: str, guarantee: str | None) -> None:
+        """A detector scored this lane's frames (its score thread): the station shows what its threshold
+        guarantees, published once per detector and sentence."""
+        if guarantee and (detector, guarantee) not in self._said:
+            self._said.add((detector, guarantee))
+            try:
+                self.hub.publish_guarantee(self.folders, detector, guarantee)
+            except Exception as exc:
+                self.hub.fail(exc)
 
     def measure(self, key: tuple[str, int, int], frame: np.ndarray, profile: HealthProfile | None
                 ) -> Health | None:

@@ -163,6 +163,9 @@ class Lane:
         try:
             if todo:
                 self.supervisor.score(todo)
+                if self.drift is not None:
+                    for by in {id(it.by): it.by for it in todo if it.by is not None}.values():
+                        self.drift.scored_by(by.name, by.guarantee)
         except Exception as exc:  # a bug here must cost rows, not the line
             self.shared.say.warn(f"scoring: {describe(exc)}")
             for it in todo:

@@ -150,9 +150,11 @@ class Station:
             "detector": None if last is None else {
                 "detector": last["detector"], "backend": last["backend"], "fallback_reason": last["fallback_reason"],
                 "fallback_share": fallback / scored if scored else 0.0,
-                "threshold": last["threshold"], "at": last["scored_at"]},
+                "threshold": last["threshold"], "at": last["scored_at"],
+                # what this threshold guarantees, as `inspect calibrate` and `info` say it
+                "guarantee": (self._published("guarantees").get(last["folder"]) or {}).get(last["detector"])},
             "histogram": _histogram(db.scores(after=recent_id, last=2000), last["detector"] if last else None),
-            "rejects": rejects, "health": health, "bands": self._bands(), **_alarms(db),
+            "rejects": rejects, "health": health, "bands": self._published("bands"), **_alarms(db),
             # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
             "hold": db.held(after=recent_id),
         }
@@ -170,14 +172,16 @@ class Station:
         d["health"] = _json(d.get("health")) if d.get("health") else None
         return d
 
-    def _bands(self) -> dict[str, Any]:
+    def _published(self, key: str) -> dict[str, Any]:
+        """What the watcher publishes in OUT/station.json: "bands" (the calibrated health bands) and
+        "guarantees" (per camera folder and detector, what its threshold guarantees, in one sentence)."""
         path = self.out / BANDS_FILE
         try:
             data = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError):
             return {}
-        bands = data.get("bands") if isinstance(data, dict) else None
-        return bands if isinstance(bands, dict) else {}
+        value = data.get(key) if isinstance(data, dict) else None
+        return value if isinstance(value, dict) else {}
 
     # -- files inside OUT ------------------------------------------------------------------------
 
