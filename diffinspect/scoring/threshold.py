@@ -12,7 +12,7 @@ Two guarantees, for new good parts exchangeable with the n calibration parts:
   n >= log(delta) / log(1 - alpha) (299 at 1 % and 95 %).
 
 Fused detectors (K scores per part) use the best-rank rule: min_rank_p (full-conformal, marginal) and
-its conditional form, peel_cutoffs (Tukey's statistically equivalent blocks, see there).
+its conditional form, min_rank_cutoffs and peel_p (Tukey's statistically equivalent blocks, see there).
 """
 
 from __future__ import annotations
