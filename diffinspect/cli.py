@@ -200,8 +200,8 @@ def calibrate(
     frame_detector: FrameDetector | None = typer.Option(None, "--frame-detector", help="The detector on the frame "
                                               "embeddings: gaussian or copod (default: the bundle's)."),
     confidence: float = typer.Option(0.95, "--confidence", help="Set the threshold so that, with this confidence, "
-                                     "it rejects at most --false-reject-rate of good parts (needs one fixed score "
-                                     "and enough images; otherwise the average bound holds, and it says why). "
+                                     "it rejects at most --false-reject-rate of good parts (needs enough images; "
+                                     "otherwise the average bound holds, and it says why). "
                                      "0 asks for the average bound only."),
     exclude_suspects: bool = _flag("--exclude-suspects", help="Calibrate again without the calibration images "
                                    "that look defective (listed either way)."),
@@ -364,6 +364,7 @@ def watch(
              "on_alarm": on_alarm or settings.on_alarm}
     options = WatchOptions(recursive=recursive, pattern=pattern, once=once, quiet=quiet,
                            max_megapixels=max_megapixels, retention=settings.retention,
+                           alarm_lambda=settings.alarm_lambda,
                            **{k: v for k, v in given.items() if v is not None})
     make_detector, make_fallback = factories(bundle) if is_bundle(bundle) else (None, None)
     mqtt_cfg, opcua_cfg = load_outputs({"mqtt": settings.mqtt, "opcua": settings.opcua}, mqtt, opcua)

@@ -249,6 +249,15 @@ class RetentionSettings:
         return self
 
 
+ALARM_LAMBDA = 1000.0  # [watch] alarm_lambda's default
+
+
+def check_alarm_lambda(value: float, name: str = "alarm_lambda") -> None:
+    if not value > 1 or value == math.inf:  # NaN is refused too
+        raise DiffinspectError(f"config key {name} must be a number above 1 (P(any false alarm, ever) <= 1 / "
+                               f"{name}), got {value}")
+
+
 @dataclass
 class WatchSettings:
     """The `[watch]` table of ./inspect.toml: what `inspect watch` uses where a flag is not given (unset
@@ -257,6 +266,7 @@ class WatchSettings:
     [watch]
     model = "model"                 # bundle for every folder
     out = "results"
+    alarm_lambda = 1000             # drift alarms: P(any false alarm, ever) <= 1 / 1000
     [watch.cameras]                 # optional: a bundle (or a product of [watch.products]) per camera folder
     "camera_feed/cam2" = "model_cam2"
     [watch.products]                # optional: several products on one station (line/products.py)
@@ -273,6 +283,9 @@ class WatchSettings:
     after: str | None = None
     max_latency_ms: float | None = None
     on_alarm: str | None = None  # flag | hold: see line/options.py
+    # The drift alarms' false-alarm budget: P(any false alarm, ever) <= 1 / alarm_lambda (line/drift.py).
+    # A larger one alarms a little later on a real change (the delay grows with its log).
+    alarm_lambda: float = ALARM_LAMBDA
     cameras: dict[str, str] = field(default_factory=dict)
     products: dict[str, str] = field(default_factory=dict)
     mqtt: dict[str, Any] | None = None  # [watch.mqtt] and [watch.opcua]: checked by load_outputs, where the
@@ -281,6 +294,7 @@ class WatchSettings:
 
     def validate(self) -> WatchSettings:
         self.retention.validate()
+        check_alarm_lambda(self.alarm_lambda, "watch.alarm_lambda")
         for name, bundle in self.products.items():
             # A product is named in a sub-folder, an MQTT payload and a PLC string: one plain word.
             if not name.strip() or name != name.strip() or any(ch in name for ch in "/\\\0+#"):
@@ -316,7 +330,7 @@ class MqttConfig:
     station: str = ""  # {station} in topics; default: the host name
     topic: str = "diffinspect/{station}/{camera}/verdict"  # one message per frame
     event_topic: str = "diffinspect/{station}/event"  # alarms, when the station has them
-    status_topic: str = "diffinspect/{station}/status"  # retained: online | fallback | offline (last will)
+    status_topic: str = "diffinspect/{station}/status"  # retained JSON: online/fallback/offline, hold, alarms, low disk
     product_topic: str = "diffinspect/{station}/product"  # retained command: the product now on the line
     qos: int = 1  # 1 or 2: a message counts as delivered only once the broker acknowledged it
     client_id: str = ""  # default: diffinspect-{station}

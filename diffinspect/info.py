@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from diffinspect import __version__
-from diffinspect.bundle import Bundle, Calibration, Manifest, plain
+from diffinspect.bundle import Bundle, Manifest, plain
 
 PACKAGES = ("numpy", "onnxruntime", "openvino", "opencv-python-headless", "torch", "nncf")
 # Training images seen (steps x batch) below which a model is called undertrained. A U-Net small at
@@ -109,16 +109,9 @@ def training_warning(manifest: Manifest) -> str | None:
             f"--max-minutes, on cores nothing else is using)")
 
 
-def guarantee(cal: Calibration) -> str:
-    """What the bundle's threshold guarantees, in one sentence naming the rule that set it."""
-    from diffinspect.scoring.threshold import describe_bound
-
-    rule = "best-rank" if cal.frame_term is not None and cal.frame_term.rule == "minp" else "split"
-    delta = None if cal.confidence is None else 1 - cal.confidence
-    return describe_bound(cal.n, cal.false_reject_rate, rule, delta)
-
-
 def bundle_summary(path: str | Path) -> dict[str, Any]:
+    from diffinspect.scoring.threshold import guarantee
+
     bundle = Bundle.load(path)
     m = bundle.manifest
     files = {name: (bundle.path / name).stat().st_size for name in m.files}

@@ -137,6 +137,10 @@ class Subscriber:
         with self._lock:
             return [p.decode() for t, p, _ in self.messages if t.endswith(suffix)]
 
+    def statuses(self) -> list[str]:
+        """The "status" of each retained status message received (online, fallback, offline)."""
+        return [json.loads(p)["status"] for p in self.on("/status")]
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()

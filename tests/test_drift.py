@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from diffinspect import DiffinspectError
 from diffinspect.line.drift import CLEAR_AFTER, Bag, DriftMonitor, EProcess, exceedance_bound
 from diffinspect.scoring.health import HEALTH_FILE, fit_health, load_health, measure
 from diffinspect.scoring.threshold import binom_sf
@@ -278,6 +279,40 @@ def test_watch_stores_health_and_alarms(tmp_path: Path, profile, capsys: pytest.
     assert events == [("lighting changed", "raised", str(cam))]  # that alarm only, raised once
     assert "ALARM lighting changed: raised" in capsys.readouterr().err
     assert "brightness" in json.loads((out / "station.json").read_text())["bands"]
+
+
+def test_alarm_lambda_is_a_checked_watch_setting_the_alarms_use(tmp_path: Path, profile):
+    import os
+
+    from diffinspect.config import load_watch_settings
+    from diffinspect.line.watch import WatchOptions, run_watch
+
+    toml = tmp_path / "inspect.toml"
+    assert load_watch_settings(toml).alarm_lambda == 1000 == WatchOptions().alarm_lambda
+    toml.write_text("[watch]\nalarm_lambda = 1e9\n")
+    assert load_watch_settings(toml).alarm_lambda == 1e9
+    for bad, shown in (("1", "got 1.0"), ("0.5", "got 0.5"), ('"x"', "must be a finite number")):
+        toml.write_text(f"[watch]\nalarm_lambda = {bad}\n")
+        with pytest.raises(DiffinspectError, match=f"watch.alarm_lambda.*{shown}"):
+            load_watch_settings(toml)
+    with pytest.raises(DiffinspectError, match="alarm_lambda must be a number above 1"):
+        WatchOptions(alarm_lambda=float("nan")).validate()
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    rng = np.random.default_rng(6)
+    for i in range(100):  # 40 frames as calibrated, then the light dims
+        p = cam / f"f{i:03d}.png"
+        cv2.imwrite(str(p), scene(rng) if i < 40 else darker(scene(rng)))
+        os.utime(p, (1_700_000_000 + i, 1_700_000_000 + i))
+    det = _Steady(profile)
+    details = []
+    for lam in (1000.0, 1e9):
+        out = tmp_path / f"out{lam:g}"
+        run_watch([cam], out, lambda: det, lambda: det,
+                  WatchOptions(once=True, quiet=True, overlays="none", alarm_lambda=lam))
+        with sqlite3.connect(out / "results.db") as db:
+            details += [d for (d,) in db.execute("SELECT detail FROM events WHERE state = 'raised'")]
+    assert len(details) == 2 and "false alarm rate 1/1000)" in details[0] and "1/1e+09)" in details[1]
 
 
 @pytest.mark.slow

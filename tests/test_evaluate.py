@@ -326,3 +326,38 @@ def test_report_gives_counts_names_the_rate_source_and_flags_a_winning_baseline(
     assert any("copod_pixels" in n and "beats diffinspect" in n for n in notes), notes
     md = (tmp_path / "r" / "summary.md").read_text()
     assert f"({row['misses']} of {row['n_defective']})" in md
+
+
+def test_report_json_gives_each_image_its_p_value_the_guarantee_and_the_suspects(line_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """A cold-start bundle calibrated on good images and four defective ones: report.json lists every test
+    image's verdict with its p-value (NG exactly when p <= alpha: the fallback's threshold is split-conformal),
+    the guarantee in the bundle's own words, and the calibration images that look defective."""
+    import shutil
+
+    from diffinspect.scoring.cold_start import calibrate_copod_only
+    from diffinspect.scoring.loader import load_fallback
+
+    good = tmp_path / "good"
+    shutil.copytree(line_dir / "train" / "good", good)
+    for i, p in enumerate(sorted(good.iterdir())[:4]):  # a dark patch over a third of the part
+        img = cv2.imread(str(p))
+        img[10:40, 10:40] = 0
+        cv2.imwrite(str(good / f"zz{i}.png"), img)
+    bundle = tmp_path / "cold"
+    calibrate_copod_only(good, bundle, false_reject_rate=0.1)
+    report = ev.evaluate([bundle], [line_dir], tmp_path / "r", baselines=(), progress=False, gallery_size=0)
+    on_disk = json.loads((tmp_path / "r" / "report.json").read_text())
+    row = on_disk["datasets"]["metal"]["copod_fallback"]
+    det = load_fallback(bundle)
+    assert row["calibration"] == det.guarantee and "on average over calibration sets" in row["calibration"]
+    images = row["images"]
+    assert len(images) == row["n_images"] == 44 and all(0 < r["p_value"] <= 1 for r in images)
+    assert {r["verdict"] for r in images} == {"ok", "ng"}
+    assert all((r["verdict"] == "ng") == (r["p_value"] <= 0.1) for r in images)
+    assert sum(r["verdict"] == "ng" and r["defect"] == "good" for r in images) == row["false_rejects"]
+    found = on_disk["suspects"][str(bundle.resolve())]
+    assert found["suspects"] and all(Path(s["image"]).name.startswith("zz") for s in found["suspects"])
+    assert report["suspects"] == on_disk["suspects"]
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "on average over calibration sets" in html

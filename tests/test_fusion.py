@@ -81,6 +81,43 @@ def test_minp_rejects_at_the_rate_exactly_from_n_one_over_alpha():
         FrameTerm(_Copod([0.0]), 1.0, (0.0, 1.0), (0.0, 1.0), "minp", (np.zeros(3), np.zeros(4)))
 
 
+def test_minp_with_confidence_holds_for_this_threshold_in_all_but_5_percent_of_calibration_draws():
+    """The peeled best-rank rule as scoring runs it (FrameTerm, level_threshold): over 1,000 calibration
+    draws of 299 parts (the fewest for 1 % at 95 %), its good-part reject rate exceeds alpha in at most
+    5 % of them. Good parts' scores are independent uniforms, so the rate of the region "d > c1 or
+    c > c2" is 1 - c1 * c2 exactly; the verdicts are checked to be that region."""
+    from diffinspect.scoring.inspector import conformal_p
+    from diffinspect.scoring.threshold import (
+        binom_sf,
+        conditional_rank,
+        level_threshold,
+        min_rank_cutoffs,
+        peel_blocks,
+        peel_p,
+    )
+
+    rng = np.random.default_rng(3)
+    n, rate, delta, draws = 299, 0.01, 0.05, 1000
+    threshold = level_threshold(n, peel_blocks(n, rate, delta))
+    rates = []
+    for _ in range(draws):
+        cal = (rng.uniform(size=n), rng.uniform(size=n))
+        d, c = rng.uniform(size=400), rng.uniform(size=400)
+        d[:4], c[4:8] = 0.9995, 0.9995  # parts near the cutoffs, so the check below can fail
+        term = FrameTerm(_Copod(c), 1.0, (0.5, 0.5), (0.5, 0.5), "minp", cal, peeled=True)
+        fused, p = term.fuse_with_p(d, c)
+        cut = min_rank_cutoffs(np.stack(cal), rate, delta)
+        assert np.array_equal(fused > threshold, (d > cut[0]) | (c > cut[1]))
+        assert np.all(p[fused > threshold] <= rate)  # a rejected part's p-value is at most alpha
+        rates.append(1 - min(cut[0], 1.0) * min(cut[1], 1.0))
+    share = float(np.mean(np.array(rates) > rate))
+    exact = binom_sf(conditional_rank(n, rate, delta), n, 1 - rate)  # the same law as one detector's
+    assert share <= delta and abs(share - exact) <= 4 * np.sqrt(exact * (1 - exact) / draws)
+    # One detector: the peel p-value is the split-conformal one.
+    cal1, s1 = rng.normal(size=(1, 50)), rng.normal(size=(1, 30))
+    assert np.allclose(peel_p(cal1, s1), conformal_p(cal1[0], s1[0]))
+
+
 def test_minp_breaks_ties_by_the_summed_scores():
     rng = np.random.default_rng(1)
     cal = (rng.normal(size=99), rng.normal(size=99))

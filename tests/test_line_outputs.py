@@ -190,7 +190,7 @@ def test_mqtt_one_message_per_row_with_station_status(tmp_path: Path, broker: Br
     ids += commit(store, box, [frame_row(10, fallback=True), frame_row(11, "/line/cam2", status="error")])
     wait_for(lambda: len(sub.verdicts()) == 12, what="12 verdicts")
     box.stop()
-    wait_for(lambda: sub.on("/status")[-1:] == ["offline"], what="offline on a clean stop")
+    wait_for(lambda: sub.statuses()[-1:] == ["offline"], what="offline on a clean stop")
     got = sub.verdicts()
     rows = {r["id"]: r for r in db_rows(tmp_path / "out")}
     assert [m["id"] for m in got] == ids
@@ -199,12 +199,50 @@ def test_mqtt_one_message_per_row_with_station_status(tmp_path: Path, broker: Br
     assert got[-1]["camera"] == "cam2" and got[0]["station"] == "st1"
     topics = [t for t, _, _ in sub.messages if t.endswith("/verdict")]
     assert topics[0] == "diffinspect/st1/cam1/verdict" and topics[-1] == "diffinspect/st1/cam2/verdict"
-    assert sub.on("/status") == ["online", "fallback", "online", "offline"]
+    assert sub.statuses() == ["online", "fallback", "online", "offline"]
     assert out.acknowledged_rows == 12 and out.acknowledged == 12 + 4  # and 4 status messages
     sub.close()
     late = Subscriber(broker)  # the status is retained: a dashboard starting later sees it
-    wait_for(lambda: late.on("/status") == ["offline"], what="the retained status")
+    wait_for(lambda: late.statuses() == ["offline"], what="the retained status")
     late.close()
+    store.close()
+
+
+@needs_mosquitto
+def test_mqtt_status_says_which_cameras_are_held_and_when_the_disk_is_low(tmp_path: Path, broker: Broker) -> None:
+    """The retained status carries the hold state per camera (from the verdicts) and the open alarms, low
+    disk among them (from the events), and is published again only when what it says changes."""
+    from dataclasses import replace
+
+    sub = Subscriber(broker)
+    store = ResultStore(tmp_path / "out")
+    box = Outbox(store.db_path, [mqtt(broker)], Warnings()).start()
+
+    def said() -> dict:
+        got = sub.on("/status")
+        return json.loads(got[-1]) if got else {}
+
+    def event(state: str, detail: str) -> None:
+        store.add_events([(time.time(), "disk", "disk space low", state, detail, None)])
+        box.wake()
+
+    commit(store, box, [frame_row(0), replace(frame_row(1, "/line/cam2", "hold"), hold_reason="lighting changed")])
+    wait_for(lambda: said().get("hold") == {"cam2": "lighting changed"}, what="cam2 held")
+    assert said()["status"] == "online" and said()["alarms"] == [] and said()["low_disk"] is None
+    event("raised", "0.4 GB free in /out, below min_free_gb (1 GB): overlays and moving frames paused")
+    wait_for(lambda: said().get("low_disk") is not None, what="low disk")
+    assert "overlays and moving frames paused" in said()["low_disk"] and said()["hold"] == {"cam2": "lighting changed"}
+    assert [(a["kind"], a["name"]) for a in said()["alarms"]] == [("disk", "disk space low")]
+    n = len(sub.on("/status"))
+    commit(store, box, [frame_row(2), frame_row(3, "/line/cam2", "error")])  # says nothing new of cam2
+    commit(store, box, [frame_row(4, "/line/cam2")])  # cam2's verdicts are not held any more
+    wait_for(lambda: said().get("hold") == {}, what="cam2 released")
+    assert len(sub.on("/status")) == n + 1  # one message: the frames between changed nothing
+    event("cleared", "1.6 GB free in /out again: overlays and moving frames resumed")
+    wait_for(lambda: said().get("low_disk", "") is None and said()["alarms"] == [], what="disk space back")
+    box.stop()
+    wait_for(lambda: sub.statuses()[-1:] == ["offline"], what="offline on a clean stop")
+    sub.close()
     store.close()
 
 
@@ -295,7 +333,7 @@ def test_watcher_killed_9_mid_backlog_resends_at_most_the_message_in_flight(tmp_
         proc.wait()
         kills += 1
         assert n_rows(out) < 300 or pending(out / "results.db", "mqtt") > 0  # killed mid-backlog
-        wait_for(lambda: sub.on("/status")[-1:] == ["offline"], what="the last will")
+        wait_for(lambda: sub.statuses()[-1:] == ["offline"], what="the last will")
     proc = watcher()
     try:
         wait_for(lambda: n_rows(out) == 300 and pending(out / "results.db", "mqtt") == 0, timeout=30,

@@ -19,10 +19,12 @@ from services import missing
 
 from diffinspect import DiffinspectError
 from diffinspect.scoring.record import Record
+from diffinspect.scoring.threshold import describe_bound
 from diffinspect.station.app import Station, check_bind, create_app
 from diffinspect.store.results import ResultStore
 
 TOKEN = "s3cret-token-for-tests"
+GUARANTEE = describe_bound(120, 0.01, delta=0.05)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -59,7 +61,8 @@ def out(tmp_path: Path):
     store.commit(rows(40, 0, now, out))
     store.add_events([(now, "lighting", "lighting changed", "raised", "brightness median 80 (calibrated 120)",
                        "/cam")])
-    (out / "station.json").write_text(json.dumps({"bands": {"brightness": [110, 130]}}))
+    (out / "station.json").write_text(json.dumps({"bands": {"brightness": [110, 130]},
+                                                  "guarantees": {"/cam": {"copod": GUARANTEE}}}))
     yield out, store
     store.close()
 
@@ -73,6 +76,7 @@ def test_counts_and_state(out):
     assert len(s["rejects"]) == 8 and s["rejects"][0]["overlay_url"].startswith("/files/overlays/")
     assert s["histogram"]["threshold"] == 0.8 and sum(s["histogram"]["counts"]) == 36
     assert s["latency"]["p50"] is not None and s["bands"]["brightness"] == [110, 130]
+    assert s["detector"]["guarantee"] == GUARANTEE  # of the detector that scored the newest frame, on its camera
     assert len(s["health"]) == 36
 
 
@@ -248,6 +252,7 @@ def test_page_shows_the_line_and_updates_live(server, browser):
     assert browser.find_element(By.ID, "hour-ng").text == "8"
     assert browser.find_element(By.ID, "shift-error").text == "4"
     assert "lighting changed" in browser.find_element(By.ID, "alarms").text
+    assert browser.find_element(By.ID, "guarantee").text == GUARANTEE
     thumbs = browser.find_elements(By.CSS_SELECTOR, "#rejects img")
     assert len(thumbs) == 8
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", thumbs[0]) == 64

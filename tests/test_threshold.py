@@ -6,6 +6,9 @@ Scores of good parts are uniform on [0, 1], so a threshold t's true false-reject
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,8 +21,10 @@ from diffinspect.scoring.threshold import (
     conditional_threshold,
     conformal_threshold,
     describe_bound,
+    level_threshold,
     min_calibration_size,
     min_rank_cutoffs,
+    peel_blocks,
 )
 
 DRAWS = 2000
@@ -103,13 +108,16 @@ def test_describe_bound_names_the_rule_and_the_guarantee():
 
 def test_calibrate_uses_the_conditional_threshold_when_it_can_and_says_why_when_not(trained_bundle, line_dir,
                                                                                      tmp_path):
-    """One fixed score and enough images: the conditional threshold, recorded and stated; the best-rank
-    fusion rule or too few images: the average bound, with the reason."""
+    """Enough images: the conditional threshold (one score, or the peeled best-rank rule), recorded and
+    stated; too few images: the average bound, with the reason and the n needed."""
     import shutil
 
     from diffinspect.bundle import Bundle
+    from diffinspect.data.datasets import labelled_set
+    from diffinspect.data.image import read_image
     from diffinspect.info import bundle_summary
     from diffinspect.scoring.calibrate import calibrate
+    from diffinspect.scoring.inspector import Inspector
 
     good = line_dir / "test" / "good"  # 24 images: enough at 20 % for 90 % confidence (11 needed)
     split = tmp_path / "split"
@@ -124,6 +132,22 @@ def test_calibrate_uses_the_conditional_threshold_when_it_can_and_says_why_when_
     assert result.threshold >= marginal.threshold  # the conditional one is the more careful
     few = calibrate(split, good, false_reject_rate=0.1, fusion="sum", confidence=0.95)
     assert few.delta is None and "needs at least 29 good images, here 24" in few.bound
-    fused = calibrate(split, good, false_reject_rate=0.2, fusion="minp", confidence=0.9)
-    assert fused.delta is None and "--fusion sum" in fused.bound and "on average" in fused.bound
+    # The fused best-rank rule from the command line: the peeled form, its threshold at the peel's level.
+    res = subprocess.run([sys.executable, "-m", "diffinspect", "calibrate", str(split), str(good), "--fusion", "minp",
+                          "--false-reject-rate", "0.2", "--confidence", "0.9", "--backend", "torch"],
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
+    assert res.returncode == 0, res.stderr
+    said = res.stdout + res.stderr
+    assert "with 90% confidence" in said and "calibration-conditional best-rank" in said
+    cal = Bundle.load(split).manifest.calibration
+    assert cal.rule == "calibration-conditional best-rank (peeled blocks)" and cal.confidence == pytest.approx(0.9)
+    blocks = peel_blocks(cal.n, 0.2, 0.1)
+    assert cal.threshold == pytest.approx(level_threshold(cal.n, blocks))
+    inspector = Inspector.load(split, backend="torch")
+    frames = [read_image(s.path, inspector.preprocess.color) for s in labelled_set(line_dir).samples]
+    verdicts = inspector.inspect(frames)
+    assert {v.label for v in verdicts} == {"ok", "ng"}
+    assert all((v.label == "ng") == (v.p_value <= blocks / (cal.n + 1) + 1e-12) for v in verdicts)
+    few = calibrate(split, good, false_reject_rate=0.1, fusion="minp", confidence=0.95)
+    assert few.delta is None and "needs at least 29 good images, here 24" in few.bound and "on average" in few.bound
     assert Bundle.load(split).manifest.calibration.rule == "full-conformal best-rank"

@@ -105,6 +105,25 @@ def test_score_json_prints_the_p_value(copod_bundle, line_dir):
     assert len(lines) == 3 and all(0 < r["p_value"] <= 1 for r in lines)
 
 
+def test_the_station_says_what_the_scoring_threshold_guarantees(copod_bundle, line_dir, tmp_path):
+    """The watcher publishes each detector's guarantee (the loader's, in threshold.describe_bound's words);
+    the station shows the one of the detector that scored the camera's newest frame."""
+    from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.station.app import Station
+
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    cam.mkdir()
+    for p in sorted((line_dir / "test" / "good").iterdir())[:6]:
+        shutil.copy(p, cam / p.name)
+    run_watch([cam], out, lambda: Inspector.fallback(copod_bundle), lambda: Inspector.fallback(copod_bundle),
+              WatchOptions(once=True, quiet=True, overlays="none"))
+    said = Inspector.fallback(copod_bundle).guarantee
+    assert said is not None and "at most 0.1 of good parts are rejected" in said
+    n = Bundle.load(copod_bundle).manifest.fallback.n_calibration
+    assert f"from {n} good images (split-conformal rule)" in said
+    assert Station(out).state()["detector"]["guarantee"] == said
+
+
 @pytest.mark.slow
 def test_every_calibrated_path_rejects_exactly_when_p_is_at_most_alpha(trained_bundle, line_dir, tmp_path):
     """The diffusion path, the minp fused path and the fallback of real calibrated bundles."""
@@ -191,6 +210,8 @@ def test_held_frames_are_rejected_to_manual_check_until_the_alarm_clears(tmp_pat
         wait_for(lambda: len(sub.verdicts()) == 200, what="200 verdicts")
         wait_for(lambda: len(rejects) == 200, what="200 PLC writes")
         messages = {m["id"]: m for m in sub.verdicts()}
+        wait_for(lambda: sub.statuses()[-1:] == ["offline"], what="offline at the end")
+        retained = [json.loads(p) for p in sub.on("/status")]
     finally:
         sub.close()
         broker.stop()
@@ -207,6 +228,11 @@ def test_held_frames_are_rejected_to_manual_check_until_the_alarm_clears(tmp_pat
     assert all(messages[r["id"]]["status"] == r["status"] for r in rows)
     assert all(messages[r["id"]]["hold_reason"] == "lighting changed" for r in held)
     assert all(rejects[r["id"]] == (r["status"] == "hold") for r in rows)  # the PLC sends held parts to check
+    # The retained MQTT status: the camera held and why, with its open alarm, then released.
+    held_said = [m for m in retained if m["hold"]]
+    assert held_said and all(m["hold"] == {"cam": "lighting changed"} for m in held_said)
+    assert any(a["name"] == "lighting changed" for m in held_said for a in m["alarms"])
+    assert retained[-2]["hold"] == {} and retained[-2]["alarms"] == [] and retained[-1]["status"] == "offline"
     assert [(h["folder"], h["hold_reason"]) for h in seen_by_station[0]] == [(str(cam), "lighting changed")]
     assert Station(out).state()["hold"] == []  # cleared: the camera's newest verdict is no longer held
 

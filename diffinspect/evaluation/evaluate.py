@@ -37,7 +37,7 @@ from diffinspect.evaluation.baselines import KINDS, EmbeddingBaseline, PixelBase
 from diffinspect.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from diffinspect.evaluation.report import GalleryItem, MethodView, summarize, write_report
 from diffinspect.scoring.detector import Detector
-from diffinspect.scoring.inspector import Inspector
+from diffinspect.scoring.inspector import Inspector, label_for
 from diffinspect.scoring.threshold import describe_bound
 
 Embedder = Callable[[list[np.ndarray]], np.ndarray]
@@ -51,7 +51,8 @@ class Method:
     name: str
     kind: str  # "detector" | "baseline"
     features: str
-    score: Callable[[object], tuple[np.ndarray, np.ndarray | None]]
+    # (scores, maps or None, p-values or None): detectors give p-values, baselines none
+    score: Callable[[object], tuple[np.ndarray, list[np.ndarray] | None, np.ndarray | None]]
     threshold: float | None
     preprocess: Preprocess | None = None
     pixel_threshold: float | None = None
@@ -73,6 +74,7 @@ class Scores:
     scores: np.ndarray
     pairs: list[tuple[np.ndarray, np.ndarray] | None] | None
     seconds: float
+    p_values: np.ndarray | None = None  # a detector's conformal p-value per image
 
 
 @dataclass
@@ -116,8 +118,9 @@ def evaluate(
     with _progress(progress) as bar:  # from the start: loading and fitting take minutes too
         notes: list[str] = []
         models: dict[str, dict] = {}
+        suspects: dict[str, dict] = {}  # per bundle: its calibration images that look defective
         task = bar.add("loading the model(s) and checking their backends", None) if bundles else None
-        dets = _load_detectors(bundles, backend, device, notes, models)
+        dets = _load_detectors(bundles, backend, device, notes, models, suspects)
         bar.finish(task)
         for name, det in (detectors or {}).items():
             dets[_unique(name, dets)] = det
@@ -133,7 +136,7 @@ def evaluate(
             notes.append(f"baseline thresholds target a false-reject rate of {alpha:g} ({source})")
         embed_fn, embed_color = _embedder(embedder, dets, notes)
         train_list = _train_dirs(train_dirs, len(datasets))
-        report: dict = {"models": models, "datasets": {}, "summary": {}, "notes": notes}
+        report: dict = {"models": models, "suspects": suspects, "datasets": {}, "summary": {}, "notes": notes}
         views: dict[str, list[MethodView]] = {}
         for root, train_dir in zip(datasets, train_list, strict=True):
             spec = _dataset_spec(Path(root), one_class, train_dir, train_share, seed)
@@ -194,7 +197,8 @@ def _baseline_names(baselines: Sequence[str]) -> list[str]:
 
 
 def _load_detectors(bundles: Sequence[str | Path], backend: str, device: str,
-                    notes: list[str], models: dict[str, dict] | None = None) -> dict[str, Detector]:
+                    notes: list[str], models: dict[str, dict] | None = None,
+                    suspects: dict[str, dict] | None = None) -> dict[str, Detector]:
     if not bundles:
         return {}
     from diffinspect.bundle import Bundle
@@ -224,19 +228,28 @@ def _load_detectors(bundles: Sequence[str | Path], backend: str, device: str,
             if warning:
                 notes.insert(0, f"WARNING, {name}: {warning}")
         out[_unique(f"{prefix}copod_fallback", out)] = load_detector(bundle, "copod")
-        notes.extend(_suspect_notes(bundle))
+        found = _suspects(bundle)
+        if found is not None and suspects is not None:
+            suspects[str(bundle.resolve())] = found
+        notes.extend(_suspect_notes(bundle, found))
     return out
 
 
-def _suspect_notes(bundle: Path) -> list[str]:
-    """The calibration images `inspect calibrate` flagged as likely defective, and those it excluded."""
+def _suspects(bundle: Path) -> dict | None:
+    """The calibration images `inspect calibrate` flagged as likely defective, and those it excluded
+    (suspects.json: rule, suspects, excluded), or None for a bundle calibrated before it was kept."""
     from diffinspect.bundle import Bundle
     from diffinspect.scoring.suspects import SUSPECTS_FILE, load_suspects
 
     b = Bundle.load(bundle, verify=False)
-    if not b.has(SUSPECTS_FILE):
+    return load_suspects(b.file(SUSPECTS_FILE).read_bytes()) if b.has(SUSPECTS_FILE) else None
+
+
+def _suspect_notes(bundle: Path, found: dict | None = None) -> list[str]:
+    """The suspects in one line each, for the report's notes."""
+    found = _suspects(bundle) if found is None else found
+    if found is None:
         return []
-    found = load_suspects(b.file(SUSPECTS_FILE).read_bytes())
     out = [f"{bundle}: calibration image {s['image']} looks defective (score {s['score']:.4g}, p = "
            f"{s['p_value']:.2g}; {found['rule']}): check it, or calibrate with --exclude-suspects"
            for s in found["suspects"]]
@@ -351,20 +364,23 @@ def _identity(frames: list[np.ndarray]) -> list[np.ndarray]:
 def _detector_method(name: str, det: Detector) -> Method:
     inspector = Inspector(det)
 
-    def score(frames: object) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    def score(frames: object) -> tuple[np.ndarray, list[np.ndarray] | None, np.ndarray | None]:
         verdicts = inspector.inspect(frames)  # type: ignore[arg-type]
         failed = next((v.error for v in verdicts if v.score is None), None)
         if failed is not None:
             raise DiffinspectError(f"{name}: {failed}")
         maps = [_plain(v.grid_map) for v in verdicts]
         # Raw scores, NaN included: the metrics count an unscorable frame, the line labels it error.
-        return np.array([v.score for v in verdicts], np.float64), None if any(m is None for m in maps) else maps
+        p = np.array([np.nan if v.p_value is None else v.p_value for v in verdicts], np.float64)
+        return (np.array([v.score for v in verdicts], np.float64), None if any(m is None for m in maps) else maps,
+                p)
 
+    # A bundle's detector says its guarantee (the loader's); a detector built in code, from its figures.
     n = getattr(det, "calibration_n", None) or getattr(det, "n_calibration", None)
     rate = getattr(det, "false_reject_rate", None)
     term = getattr(det, "frame_term", None)
     rule = "best-rank" if getattr(term, "rule", None) == "minp" else "split"
-    calibration = describe_bound(int(n), float(rate), rule) if n and rate else None
+    calibration = inspector.guarantee or (describe_bound(int(n), float(rate), rule) if n and rate else None)
     return Method(name, "detector", f"frames:{det.preprocess.color}", score, det.threshold, det.preprocess,
                   det.pixel_threshold, str(getattr(det, "backend", "")), calibration, inspector)
 
@@ -421,7 +437,7 @@ def _baseline_method(name: str, features: str, bl: PixelBaseline | EmbeddingBase
     note = describe_bound(bl.calibration_n, bl.alpha_) + "; these images were held out of the baseline's fit"
     if bl.alpha_ != bl.false_reject_rate:
         note += f" (too few for the requested rate {bl.false_reject_rate:g})"
-    return Method(name, "baseline", features, lambda x: (bl.decision_function(x), None), bl.threshold_,
+    return Method(name, "baseline", features, lambda x: (bl.decision_function(x), None, None), bl.threshold_,
                   calibration=note)
 
 
@@ -524,6 +540,7 @@ def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str
     colors = {f.color for f in feats.values()}
     scores: dict[str, list[np.ndarray]] = {m.name: [] for m in methods}
     pairs: dict[str, list] = {m.name: [] for m in methods}
+    p_values: dict[str, list] = {m.name: [] for m in methods}
     seconds = dict.fromkeys([m.name for m in methods] + list(feats), 0.0)
     if corruption is None and samples:
         _warm_up(samples[0], methods, feats)
@@ -554,11 +571,12 @@ def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str
         masks = None
         for m in methods:
             t0 = time.perf_counter()
-            s, mp = m.score(inputs[m.features])
+            s, mp, p = m.score(inputs[m.features])
             seconds[m.name] += time.perf_counter() - t0
             if len(s) != len(batch):
                 raise DiffinspectError(f"{m.name} returned {len(s)} scores for {len(batch)} frames")
             scores[m.name].append(s)
+            p_values[m.name].append(p)
             if pixel_pairs and mp is not None and m.preprocess is not None:
                 if masks is None:
                     shapes = [f.shape[:2] for f in frames[_color(m)]]
@@ -572,8 +590,10 @@ def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str
         bar.advance(task, len(batch) + len(bad))
     out = {}
     for m in methods:
+        ps = p_values[m.name]
         out[m.name] = Scores(np.concatenate(scores[m.name]) if scores[m.name] else np.zeros(0),
-                             pairs[m.name] or None, seconds[m.name] + seconds[m.features])
+                             pairs[m.name] or None, seconds[m.name] + seconds[m.features],
+                             np.concatenate(ps) if ps and all(p is not None for p in ps) else None)
     return out
 
 
@@ -607,6 +627,11 @@ def _method_metrics(m: Method, res: Scores, samples: list[TestSample], labels: n
                          "image_ap": row["image_ap"], "recall": row["recall"], "miss_rate": row["miss_rate"],
                          "pixel_auroc": row["pixel_auroc"], "aupro": row["aupro"]}
     out["per_defect"] = per_defect
+    if res.p_values is not None:  # each image's verdict with its p-value: a plant may reject at its own alpha
+        out["images"] = [{"image": str(smp.path), "defect": smp.defect, "score": float(s),
+                          "p_value": None if np.isnan(p) else float(p),
+                          "verdict": label_for(float(s), np.nan if m.threshold is None else m.threshold)}
+                         for smp, s, p in zip(samples, res.scores, res.p_values, strict=True)]
     return out
 
 

@@ -3,7 +3,7 @@
 The conformal threshold bounds the false-reject rate only while new good parts resemble the
 calibration parts. Each alarm is an anytime-valid test of "the line's frames are exchangeable with the
 calibration frames", watched over an unbounded stream: under no change, P(any false alarm, ever) <=
-1 / lam for all alarms together (lam = LAMBDA unless the monitor is given another), however long the
+1 / lam for all alarms together (lam: [watch] alarm_lambda, default 1000), however long the
 line runs. The old per-window tests (p < 1e-4 at every frame) made a false alarm certain over months.
 
 Per frame, each health signal (scoring/health.py) gets a conformal p-value: its rank among the
@@ -51,13 +51,14 @@ from pathlib import Path
 
 import numpy as np
 
+from diffinspect.config import ALARM_LAMBDA
 from diffinspect.scoring.health import HealthProfile, measure
 from diffinspect.scoring.record import Record, storable
 from diffinspect.scoring.threshold import binom_sf
 from diffinspect.store import BANDS_FILE
 from diffinspect.store.results import ResultStore
 
-LAMBDA = 1000.0  # P(any false alarm, ever) <= 1 / LAMBDA
+LAMBDA = ALARM_LAMBDA  # the default of [watch] alarm_lambda: P(any false alarm, ever) <= 1 / LAMBDA
 LEVELS = (0.01, 0.05, 0.2, 0.5)  # nominal event rates the health bets watch (ranks j ~ level * (n + 1))
 SCORE_LEVELS = (0.1, 0.2, 0.5)  # for OK parts' scores: below any sensible threshold's rank
 BETS = (0.2, 0.5, 0.9)  # bet sizes: small for faint changes, large for blatant ones
@@ -319,7 +320,7 @@ class DriftHub:
         self._failed = False
 
     def lane(self, folders: list[Path]) -> LaneDrift:
-        lane = LaneDrift(self, ", ".join(str(f) for f in folders))
+        lane = LaneDrift(self, [str(f) for f in folders])
         self._lanes.update(dict.fromkeys(folders, lane))
         return lane
 
@@ -355,18 +356,32 @@ class DriftHub:
             self._pending[key] = (lane, health)
 
     def publish_bands(self, folder: str, profile: HealthProfile) -> None:
-        """OUT/station.json: the calibrated bands the station page draws behind the health signals."""
+        """The calibrated bands the station page draws behind the health signals."""
+        bands = {k: list(v) for k, v in profile.bands().items()}
+
+        def update(data: dict) -> None:
+            data.setdefault("lanes", {})[folder] = bands
+            data["bands"] = bands
+        self._update_station(update)
+
+    def publish_guarantee(self, folders: list[str], detector: str, sentence: str) -> None:
+        """What the threshold of a camera's detector guarantees (threshold.describe_bound), for the page."""
+        def update(data: dict) -> None:
+            for folder in folders:
+                data.setdefault("guarantees", {}).setdefault(folder, {})[detector] = sentence
+        self._update_station(update)
+
+    def _update_station(self, update: Callable[[dict], None]) -> None:
+        """OUT/station.json (store.BANDS_FILE), what the station page reads beside results.db, replaced whole."""
         path = self.out / BANDS_FILE
         with self._lock:
             try:
                 data = json.loads(path.read_text()) if path.is_file() else {}
             except (OSError, ValueError):
                 data = {}
-            if not isinstance(data, dict) or not isinstance(data.get("lanes"), dict):
-                data = {"lanes": {}}
-            bands = {k: list(v) for k, v in profile.bands().items()}
-            data["lanes"][folder] = bands
-            data["bands"] = bands
+            if not (isinstance(data, dict) and all(isinstance(data.get(k, {}), dict) for k in ("lanes", "guarantees"))):
+                data = {}  # not ours, or damaged: written afresh
+            update(data)
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(data, indent=1))
             os.replace(tmp, path)
@@ -381,13 +396,24 @@ class LaneDrift:
     """One lane's monitors, one per product (its folders share a bundle per product, so one calibration to
     compare to): a changeover starts watching the new product's frames, it is not a drift."""
 
-    def __init__(self, hub: DriftHub, folder: str) -> None:
-        self.hub, self.folder = hub, folder
+    def __init__(self, hub: DriftHub, folders: list[str]) -> None:
+        self.hub, self.folders, self.folder = hub, folders, ", ".join(folders)
         self.monitors: dict[str | None, DriftMonitor] = {}
+        self._said: set[tuple[str, str]] = set()  # (detector, guarantee) published for the station
 
     def where(self, product: str | None) -> str:
         """The camera folder(s), and the product: how alarms and bands name what they watch."""
         return self.folder if product is None else f"{self.folder} [{product}]"
+
+    def scored_by(self, detector: str, guarantee: str | None) -> None:
+        """A detector scored this lane's frames (its score thread): the station shows what its threshold
+        guarantees, published once per detector and sentence."""
+        if guarantee and (detector, guarantee) not in self._said:
+            self._said.add((detector, guarantee))
+            try:
+                self.hub.publish_guarantee(self.folders, detector, guarantee)
+            except Exception as exc:
+                self.hub.fail(exc)
 
     def measure(self, key: tuple[str, int, int], frame: np.ndarray, profile: HealthProfile | None
                 ) -> Health | None:

@@ -182,6 +182,9 @@ class Lane:
             for bundle in dict.fromkeys(it.bundle for it in todo):  # each bundle once, in frame order
                 with bundle.lock:
                     bundle.supervisor.score([it for it in todo if it.bundle is bundle])
+            if self.drift is not None:
+                for by in {id(it.by): it.by for it in todo if it.by is not None}.values():
+                    self.drift.scored_by(by.name, by.guarantee)
         except Exception as exc:  # a bug here must cost rows, not the line
             self.shared.say.warn(f"scoring: {describe(exc)}")
             for it in todo:

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 
 from diffinspect import DiffinspectError
-from diffinspect.config import RetentionSettings
+from diffinspect.config import ALARM_LAMBDA, RetentionSettings, check_alarm_lambda
 from diffinspect.vocab import After, Overlays
 
 ON_ALARM = ("flag", "hold")
@@ -36,6 +36,7 @@ class WatchOptions:
     # While a lighting, focus or camera-moved alarm is open for a camera: "flag" raises it and keeps the
     # verdicts; "hold" makes every scored verdict of that camera `hold` (the part goes to manual check).
     on_alarm: str = "flag"
+    alarm_lambda: float = ALARM_LAMBDA  # drift alarms: P(any false alarm, ever) <= 1 / alarm_lambda
     retention: RetentionSettings = field(default_factory=RetentionSettings)  # [watch.retention]
     stop: threading.Event | None = None  # set it to stop (tests, embedding)
 
@@ -61,4 +62,5 @@ class WatchOptions:
         for ok, message in checks:
             if not ok:
                 raise DiffinspectError(message)
+        check_alarm_lambda(self.alarm_lambda)
         self.retention.validate(prefix="retention.")

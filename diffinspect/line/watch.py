@@ -112,7 +112,7 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say, groups: lis
     stats, stop_taking = Stats(), threading.Event()
     committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, say, stop_taking,
                           room=retention.space.room, wrote=retention.wrote, once=opts.once)
-    drift = DriftHub(out, store, say.warn, say.info)
+    drift = DriftHub(out, store, say.warn, say.info, opts.alarm_lambda)
     committer.on_commit += [stats.record, say.rows, drift.on_commit, *hooks]
     if opts.on_alarm == "hold":
         committer.held = drift.held

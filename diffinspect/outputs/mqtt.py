@@ -3,8 +3,10 @@
 Topics (templates with {station} and {camera}, the camera being the watched folder's name):
   diffinspect/{station}/{camera}/verdict   one message per frame: the row of results.db, its id included
   diffinspect/{station}/event              the station's alarms, when results.db has an events table
-  diffinspect/{station}/status             retained: online | fallback | offline (offline is the last will,
-                                           so a dead station or a cut cable reads offline too)
+  diffinspect/{station}/status             retained, one JSON object (status_message): "status" online |
+                                           fallback | offline (offline is the last will, so a dead station
+                                           or a cut cable reads offline too), the cameras whose verdicts are
+                                           on hold and why, the open alarms, and low disk (overlays paused)
   diffinspect/{station}/product            read, retained: the product on the line ([watch.products]);
                                            ProductTopic subscribes to it on a connection of its own
 
@@ -48,6 +50,22 @@ def frame_message(row: dict, station: str) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode()
 
 
+def status_message(status: str, fallback_reason: str | None = None, hold: dict[str, str] | None = None,
+                   alarms: list[dict] | None = None) -> bytes:
+    """The retained status: how the station scores (online | fallback | offline, and why it falls back),
+    which cameras' verdicts are on hold (on_alarm = "hold": parts go to manual check) and why, the open
+    alarms (drift, and "disk space low"), and low_disk: while the disk is below retention's free-space
+    floor, why (no overlays are written, no frame is moved; rows are still recorded)."""
+    alarms = alarms or []
+    low = next((a["detail"] or a["name"] for a in alarms if a["kind"] == "disk"), None)
+    msg = {"status": status, "fallback_reason": fallback_reason, "hold": hold or {}, "alarms": alarms,
+           "low_disk": low}
+    return json.dumps(msg, separators=(",", ":")).encode()
+
+
+OFFLINE = status_message("offline")
+
+
 def _finite(v: object) -> object:
     # JSON has no NaN; a receiver's strict parser would reject the message.
     return None if isinstance(v, float) and not math.isfinite(v) else v
@@ -77,7 +95,11 @@ class MqttOutput:
         self._acked: set[int] = set()
         self._connected = False
         self._connack: object | None = None
-        self._status: str | None = None
+        # What the retained status says, from the rows and events delivered so far.
+        self._fallback: str | None = None  # why the newest scored frame was scored by the fallback
+        self._hold: dict[str, str] = {}  # camera -> why its verdicts are held
+        self._alarms: dict[tuple[str, str | None], dict] = {}  # (kind, folder) -> the open alarm
+        self._said: bytes | None = None
         self.acknowledged = 0  # messages acknowledged by the broker (frames, events and status)
         self.acknowledged_rows = 0
 
@@ -97,7 +119,7 @@ class MqttOutput:
                                cert_reqs=ssl.CERT_REQUIRED)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise OutputError(f"TLS set-up for the {self.where} failed: {exc}") from None
-        client.will_set(self.status_topic, "offline", qos=1, retain=True)
+        client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
         client.max_inflight_messages_set(20)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -129,8 +151,8 @@ class MqttOutput:
             raise OutputError(f"the {self.where} refused the connection: {connack}"
                               + (" (check username and password)" if _is_auth(connack) else ""))
         # Up again: replace the last will's "offline" at once, not at the next frame.
-        self._publish(self.status_topic, b"online", retain=True)
-        self._status = "online"
+        self._said = None
+        self._say_status()
 
     def close(self, say_offline: bool = True) -> None:
         client, self._client = self._client, None
@@ -138,7 +160,7 @@ class MqttOutput:
             return
         try:
             if say_offline and self._connected:
-                info = client.publish(self.status_topic, "offline", qos=1, retain=True)
+                info = client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
                 self._wait(info.mid, min(self.cfg.ack_timeout_s, 2.0))
             client.disconnect()  # a clean disconnect: the broker does not send the last will
         except Exception:  # noqa: S110 (closing a broken connection)
@@ -153,14 +175,31 @@ class MqttOutput:
     def send(self, stream: str, row: dict) -> None:
         if stream == "events":
             self._publish(self.event_topic, json.dumps({k: _finite(v) for k, v in row.items()}).encode())
+            key = (row.get("kind") or "", row.get("folder"))
+            if row.get("state") == "raised":
+                self._alarms[key] = {k: _finite(row.get(k)) for k in ("kind", "name", "folder", "detail", "at")}
+            else:
+                self._alarms.pop(key, None)
+            self._say_status()
             return
-        status = "fallback" if row.get("fallback_reason") and row.get("status") != "error" else "online"
-        if status != self._status:
-            self._publish(self.status_topic, status.encode(), retain=True)
-            self._status = status
-        camera = topic_part(Path(row.get("folder") or "").name)
+        name = Path(row.get("folder") or "").name
+        self._fallback = row.get("fallback_reason") if row.get("status") != "error" else None
+        if row.get("status") == "hold":
+            self._hold[name] = row.get("hold_reason") or "held"
+        elif row.get("status") != "error":  # an unreadable frame is never held: it says nothing of the camera
+            self._hold.pop(name, None)
+        self._say_status()
+        camera = topic_part(name)
         self._publish(self.cfg.topic.format(station=self.station, camera=camera), frame_message(row, self.station))
         self.acknowledged_rows += 1
+
+    def _say_status(self) -> None:
+        """Publish the retained status when what it says changed."""
+        said = status_message("fallback" if self._fallback else "online", self._fallback, dict(self._hold),
+                              list(self._alarms.values()))
+        if said != self._said:
+            self._publish(self.status_topic, said, retain=True)
+            self._said = said
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         client = self._client

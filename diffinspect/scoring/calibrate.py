@@ -45,8 +45,10 @@ from diffinspect.scoring.threshold import (
     conditional_threshold,
     conformal_threshold,
     describe_bound,
+    level_threshold,
     min_calibration_size,
     min_rank_threshold,
+    peel_blocks,
 )
 from diffinspect.vocab import FrameDetector, Fusion, Sampler
 
@@ -134,9 +136,9 @@ def calibrate(
     joins the diffusion score; kept in the bundle's recipe. None keeps the recipe's.
 
     confidence: the threshold is the calibration-conditional one (with this confidence, this threshold
-    rejects at most false_reject_rate of good parts) where it can be: a threshold on one fixed score (no
-    best-rank fusion) and enough images. Otherwise the marginal (average) bound holds, and the result says
-    why. None asks for the marginal bound.
+    rejects at most false_reject_rate of good parts) where there are enough images (the minp fusion peels
+    the calibration parts, threshold.peel_p); otherwise the marginal (average) bound holds, and the result
+    says why. None asks for the marginal bound.
     exclude_suspects: calibrate again without the calibration images that look defective (suspects.py)."""
     if confidence is not None and not 0.5 <= confidence < 1:
         raise DiffinspectError(f"--confidence must be at least 0.5 and below 1, got {confidence}")
@@ -183,22 +185,27 @@ def calibrate(
     recipe = replace(bundle.recipe, fusion=Fusion(fusion or bundle.recipe.fusion),
                      frame_detector=FrameDetector(frame_detector or bundle.recipe.frame_detector))
     weight = recipe.classical_weight
+    n = len(scores)
+    delta, why_average = _conditional(n, false_reject_rate, confidence)
     if copod is not None and weight > 0:
         ref_scores = _score_frames(detector, ref_frames, "scoring reference images", progress)[0]
         score_embedded = embedding_scorer(copod, recipe.frame_detector)
         cal_embedded = score_embedded(copod.calibration_embeddings)
+        minp = recipe.fusion == "minp"
         frame_term = FrameTerm(copod, weight, robust_scale(ref_scores), robust_scale(score_embedded(copod.embeddings)),
-                               recipe.fusion, (scores, cal_embedded) if recipe.fusion == "minp" else None,
-                               recipe.frame_detector)
-        scores = frame_term.held_out_scores() if recipe.fusion == "minp" else frame_term.fuse(scores, cal_embedded)
+                               recipe.fusion, (scores, cal_embedded) if minp else None,
+                               recipe.frame_detector, peeled=minp and delta is not None)
+        scores = frame_term.held_out_scores() if minp else frame_term.fuse(scores, cal_embedded)
     rule = "best-rank" if frame_term is not None and frame_term.rule == "minp" else "split"
     if rule == "best-rank":
         assert frame_term is not None and frame_term.calibration is not None
         fused = frame_term.calibration
-        threshold = min_rank_threshold(len(scores), false_reject_rate)
+        threshold = (min_rank_threshold(n, false_reject_rate) if delta is None
+                     else level_threshold(n, peel_blocks(n, false_reject_rate, delta)))
     else:
         fused = (np.zeros(0), np.zeros(0))
-        threshold = conformal_threshold(scores, false_reject_rate)
+        threshold = (conformal_threshold(scores, false_reject_rate) if delta is None
+                     else conditional_threshold(scores, false_reject_rate, delta))
     found = find_suspects(scores, [str(p) for p in cal_read.paths])
     if exclude_suspects and found:
         log.info(f"{len(found)} suspect calibration image(s) ({RULE}): calibrating again without them")
@@ -206,9 +213,6 @@ def calibrate(
                          fusion, frame_detector, confidence, _excluded=(*_excluded, *found))
     for line in describe_suspects(found, list(_excluded)):
         log.info(line)
-    delta, why_average = _conditional(rule, len(scores), false_reject_rate, confidence)
-    if delta is not None:
-        threshold = conditional_threshold(scores, false_reject_rate, delta)
     # Health ranges and score quantiles on the calibration frames: what drift alarms compare the line to.
     cal_scores = {detector.name: scores}
     if copod is not None and copod.calibration_scores is not None:
@@ -244,14 +248,11 @@ def calibrate(
                              rule, delta, why_average)
 
 
-def _conditional(rule: str, n: int, alpha: float, confidence: float | None) -> tuple[float | None, str | None]:
+def _conditional(n: int, alpha: float, confidence: float | None) -> tuple[float | None, str | None]:
     """(delta of the calibration-conditional threshold, or None; why only the average bound holds)."""
     if confidence is None:
         return None, None
     delta = 1 - confidence
-    if rule == "best-rank":
-        return None, (f"the {confidence:.0%} bound for this threshold needs one fixed score: calibrate with "
-                      "--fusion sum for it")
     need = min_calibration_size(alpha, delta)
     if n < need:
         return None, f"the {confidence:.0%} bound for this threshold needs at least {need} good images, here {n}"

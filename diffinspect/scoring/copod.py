@@ -116,6 +116,7 @@ class CopodDetector:
         self.false_reject_rate = false_reject_rate
         self.n_calibration = int(n_calibration)
         self.calibration_scores: np.ndarray | None = None  # kept in the bundle as SCORES_FILE
+        self.guarantee: str | None = None  # the threshold's guarantee in words; set by the loader
         self.calibration_embeddings: np.ndarray | None = None
         self.health: HealthProfile | None = None  # set by the loader from the bundle
         self.calibration_index: np.ndarray | None = None  # fit_copod: the calibration frames among its input

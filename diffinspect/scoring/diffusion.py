@@ -16,7 +16,7 @@ from diffinspect.engines import Engine
 from diffinspect.engines.exports import CALIBRATION_FILE  # noqa: F401  (the bundle file this detector reads)
 from diffinspect.scoring.detector import Scored
 from diffinspect.scoring.gaussian import GaussianEmbedding
-from diffinspect.scoring.threshold import min_rank_p, tie_break_room
+from diffinspect.scoring.threshold import min_rank_p, peel_p, tie_break_room
 from diffinspect.vocab import FrameDetector, Fusion
 
 if TYPE_CHECKING:
@@ -119,6 +119,9 @@ class FrameTerm:
     calibration: tuple[np.ndarray, np.ndarray] | None = None  # minp: calibration (diffusion, embedding) scores
     # The detector on the fallback's embeddings that gives the term: gaussian (scoring/gaussian.py) or copod.
     detector: str = "copod"
+    # minp with the calibration-conditional bound: the p-value is the block of the calibration parts'
+    # peel the part falls in (threshold.peel_p), a fixed rejection region, instead of its best rank.
+    peeled: bool = False
 
     def __post_init__(self) -> None:
         if self.detector not in FrameDetector.values():
@@ -162,7 +165,8 @@ class FrameTerm:
         cal = np.stack(self.calibration) if calibration is None else calibration
         summed = zd + zc
         cal_summed = robust_z(cal[0], self.diffusion_scale) + self.weight * robust_z(cal[1], self.copod_scale)
-        p = min_rank_p(cal, np.stack([np.asarray(diffusion_scores, np.float64), embedding_scores]), cal_summed, summed)
+        new = np.stack([np.asarray(diffusion_scores, np.float64), embedding_scores])
+        p = peel_p(cal, new) if self.peeled else min_rank_p(cal, new, cal_summed, summed)
         # Within one p level (parts of equal best rank and order), the summed z orders the score too.
         fused = -np.log(p) + tie_break_room(cal.shape[1]) * (0.5 + np.arctan(summed) / np.pi)
         # A score that is not a number stays one, so the part gets an error record, never a verdict.
@@ -212,6 +216,7 @@ class DiffusionDetector:
         self.batch_size = batch_size
         self.frame_term = frame_term
         self.health: HealthProfile | None = None  # set by the loader from the bundle
+        self.guarantee: str | None = None  # the threshold's guarantee in words; set by the loader
 
     def run_fitted(self, fitted: np.ndarray, raw: bool = True) -> tuple[np.ndarray, ...]:
         """(maps, scores, raw) for inputs already at model size, in batches; (maps, scores) without raw,

@@ -125,6 +125,11 @@ class Inspector:
         return self.detector.preprocess
 
     @property
+    def guarantee(self) -> str | None:
+        """What the threshold guarantees, in one line (None for a detector that does not say)."""
+        return getattr(self.detector, "guarantee", None)
+
+    @property
     def health(self):  # noqa: ANN201 (HealthProfile | None: what drift alarms compare frames to)
         return getattr(self.detector, "health", None)
 

@@ -11,6 +11,7 @@ import numpy as np
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.scoring.detector import Detector
+from diffinspect.scoring.threshold import describe_bound, guarantee
 
 if TYPE_CHECKING:
     from diffinspect.scoring.health import HealthProfile
@@ -45,13 +46,15 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
     fused = (z["fusion_diffusion"], z["fusion_copod"]) if "fusion_diffusion" in z else None
     engine = make_engine(b, backend, device, sampler or cal.sampler)
     term = cal.frame_term
+    minp = term is not None and term.rule == "minp"
     frame_term = (FrameTerm(load_fallback(b), term.weight, term.diffusion, term.copod, term.rule,
-                            fused if term.rule == "minp" else None, term.detector)
+                            fused if minp else None, term.detector, peeled=minp and cal.confidence is not None)
                   if term else None)
     det = DiffusionDetector(engine, b.manifest.preprocess, stats, cal.threshold, cal.pixel_threshold, cal.n,
                             cal.false_reject_rate, frame_term=frame_term)
     det.health = _health(b)
     det.calibration_scores = _calibration_scores(z)
+    det.guarantee = guarantee(cal)
     return det
 
 
@@ -67,6 +70,8 @@ def load_fallback(bundle: str | Path | Bundle) -> Detector:
     if b.has(SCORES_FILE):  # absent from bundles calibrated before the fallback kept them
         det.calibration_scores = load_scores(b.file(SCORES_FILE), det.n_calibration)
     det.health = _health(b)
+    if record.false_reject_rate is not None and det.n_calibration:
+        det.guarantee = describe_bound(det.n_calibration, record.false_reject_rate)  # split-conformal
     return det
 
 

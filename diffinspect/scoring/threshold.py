@@ -12,7 +12,7 @@ Two guarantees, for new good parts exchangeable with the n calibration parts:
   n >= log(delta) / log(1 - alpha) (299 at 1 % and 95 %).
 
 Fused detectors (K scores per part) use the best-rank rule: min_rank_p (full-conformal, marginal) and
-its conditional form, peel_cutoffs (Tukey's statistically equivalent blocks, see there).
+its conditional form, min_rank_cutoffs and peel_p (Tukey's statistically equivalent blocks, see there).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from diffinspect import DiffinspectError
+from diffinspect.bundle import Calibration
 
 CONFIDENCE_DELTA = 0.05  # the conditional bound holds for all but this share of calibration sets
 
@@ -111,15 +112,23 @@ RULES = {("split", False): "split-conformal", ("best-rank", False): "full-confor
 
 
 def describe_bound(n: int, alpha: float, rule: str = "split", delta: float | None = None) -> str:
-    """What the threshold guarantees, in one sentence with n, naming the rule that set it: rule "split"
+    """What the threshold guarantees, in one line with n, naming the rule that set it: rule "split"
     (one score) or "best-rank" (fused detectors); delta: the calibration-conditional threshold at
-    confidence 1 - delta."""
-    if delta is None:
-        holds = f"on average over calibration sets, at most {alpha:.3g} of good parts are rejected"
-    else:
-        holds = f"with {1 - delta:.0%} confidence, at most {alpha:.3g} of good parts are rejected by this threshold"
+    confidence 1 - delta, which also keeps the average bound (it is the more careful threshold), so both
+    are said. The one wording of the guarantees: `inspect calibrate` and `info`, the evaluation report and
+    the station page all show this."""
+    holds = f"on average over calibration sets, at most {alpha:.3g} of good parts are rejected"
+    if delta is not None:
+        holds += f"; with {1 - delta:.0%} confidence, at most {alpha:.3g} of good parts are rejected by this threshold"
     return (f"threshold set from {n} good images ({RULES[rule, delta is not None]} rule): {holds} "
             "(when new parts resemble the calibration parts)")
+
+
+def guarantee(cal: Calibration) -> str:
+    """describe_bound for a bundle's calibration record (the diffusion detector's threshold)."""
+    rule = "best-rank" if cal.frame_term is not None and cal.frame_term.rule == "minp" else "split"
+    delta = None if cal.confidence is None else 1 - cal.confidence
+    return describe_bound(cal.n, cal.false_reject_rate, rule, delta)
 
 
 def _check_alpha(alpha: float) -> None:
@@ -163,16 +172,27 @@ def min_rank_p(calibration: np.ndarray, scores: np.ndarray, calibration_ties: np
 
 
 def min_rank_threshold(n: int, alpha: float) -> float:
-    """Threshold on -log(min_rank_p) that rejects exactly when p <= alpha: halfway (in p) between the
-    largest p-value level <= alpha and the next, so a tie-break smaller than the gap cannot cross it."""
+    """Threshold on -log(min_rank_p) that rejects exactly when p <= alpha."""
     check_calibration_size(n, alpha)
-    return float(-np.log((math.floor(alpha * (n + 1) + 1e-9) + 0.5) / (n + 1)))
+    return level_threshold(n, math.floor(alpha * (n + 1) + 1e-9))
+
+
+def level_threshold(n: int, level: int) -> float:
+    """Threshold on -log(p), p in {1, ..., n + 1} / (n + 1), that rejects exactly when p <= level / (n + 1):
+    halfway (in p) between that level and the next, so a tie-break smaller than the gap cannot cross it."""
+    return float(-np.log((level + 0.5) / (n + 1)))
 
 
 def tie_break_room(n: int) -> float:
     """Largest tie-break that keeps every score of one p-value level on its side of min_rank_threshold:
     adjacent levels m / (n + 1) < (m + 1) / (n + 1) are at least log((n + 1) / (n + 0.5)) apart from it."""
     return 0.9 * math.log((n + 1) / (n + 0.5))
+
+
+def peel_blocks(n: int, alpha: float, delta: float = CONFIDENCE_DELTA) -> int:
+    """How many calibration parts the conditional best-rank rule peels: n + 1 - k, k the conditional rank
+    of one detector (the rule rejects a part that falls in the first peel_blocks blocks)."""
+    return n + 1 - conditional_rank(n, alpha, delta)
 
 
 def min_rank_cutoffs(calibration: np.ndarray, alpha: float, delta: float = CONFIDENCE_DELTA) -> np.ndarray:
@@ -192,22 +212,48 @@ def min_rank_cutoffs(calibration: np.ndarray, alpha: float, delta: float = CONFI
     smallest score. Ties only make it reject less (a strict > on the cutoff a tie-break would give)."""
     cal = np.asarray(calibration, np.float64)
     _sorted_finite(cal)
-    n = cal.shape[1]
-    return _peel(cal, n + 1 - conditional_rank(n, alpha, delta))
+    k, n = cal.shape
+    peeled, blocks = peel(cal), peel_blocks(n, alpha, delta)
+    cutoffs = np.full(k, np.inf)
+    for d in range(min(k, blocks)):  # each detector's last peel among the first `blocks`
+        cutoffs[d] = peeled[d + k * ((blocks - 1 - d) // k)]
+    return cutoffs
 
 
-def _peel(cal: np.ndarray, blocks: int) -> np.ndarray:
-    """Cutoffs after peeling `blocks` calibration parts round-robin over the detectors (see above)."""
+def peel_p(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The p-value of the peeled best-rank rule: the block t (1..n + 1) a new part falls in, over n + 1.
+
+    Block t's region (any detector above its cutoff after t peels) grows with t, and holds a new good part
+    with probability t / (n + 1) (the blocks' shares are exchangeable spacings), so P(p <= a) <= a: a
+    split-conformal p-value, as the regions depend on the calibration parts alone. Rejecting when the
+    part falls in the first j = peel_blocks blocks is the rule of min_rank_cutoffs: p <= j / (n + 1) <= alpha.
+    One detector: (1 + #{calibration >= s}) / (n + 1), the split-conformal p-value. calibration (K, n),
+    scores (K, m); a NaN score is treated as extreme."""
+    cal = np.asarray(calibration, np.float64)
+    s = np.nan_to_num(np.asarray(scores, np.float64), nan=np.inf)
+    k, n = cal.shape
+    peeled = peel(cal)
+    block = np.full(s.shape[1], n + 1)
+    for d in range(k):
+        mine = peeled[d::k]  # detector d's peels, highest first
+        above = len(mine) - np.searchsorted(mine[::-1], s[d], side="left")  # its peels >= the score
+        # The part is above detector d's cutoff from d's next peel on (step d + k * above, 0-based).
+        block = np.where(above < len(mine), np.minimum(block, d + k * above + 1), block)
+    return block / (n + 1)
+
+
+def peel(cal: np.ndarray) -> np.ndarray:
+    """The score of each of the n peels in turn (peel t is detector t % K's highest part not yet peeled)."""
     k, n = cal.shape
     order = np.argsort(-cal, axis=1, kind="stable")
-    cutoffs = np.full(k, np.inf)
     removed = np.zeros(n, bool)
     nxt = [0] * k
-    for t in range(blocks):
+    out = np.empty(n)
+    for t in range(n):
         d = t % k
         while removed[order[d, nxt[d]]]:
             nxt[d] += 1
         i = order[d, nxt[d]]
         removed[i] = True
-        cutoffs[d] = cal[d, i]
-    return cutoffs
+        out[t] = cal[d, i]
+    return out

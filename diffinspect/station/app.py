@@ -145,19 +145,22 @@ class Station:
                 health.append({"id": r["id"], "t": r["scored_at"], "folder": r["folder"],
                                **{k: _num(values.get(k)) for k in SIGNAL_NAMES}})
         health.reverse()
+        published = self._published()
         return {
             "counts": counts, "trend": trend, "max_id": max_id,
             "latency": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "n": len(lat)},
             "detector": None if last is None else {
                 "detector": last["detector"], "backend": last["backend"], "fallback_reason": last["fallback_reason"],
                 "fallback_share": fallback / scored if scored else 0.0,
-                "threshold": last["threshold"], "at": last["scored_at"]},
+                "threshold": last["threshold"], "at": last["scored_at"],
+                # what this threshold guarantees, as `inspect calibrate` and `info` say it
+                "guarantee": (published.get("guarantees", {}).get(last["folder"]) or {}).get(last["detector"])},
             # Scores of the product on the line now (each product has its bundle, so its own scale).
             "histogram": _histogram(db.scores(after=recent_id, last=2000, product=product),
                                     last["detector"] if last else None) | {"product": product},
             "products": [{"product": p, "total": sum(c.values()), **c}
                          for p, c in sorted(db.product_counts(after=recent_id).items())],
-            "rejects": rejects, "health": health, "bands": self._bands(product), **_alarms(db),
+            "rejects": rejects, "health": health, "bands": _bands(published, product), **_alarms(db),
             # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
             "hold": db.held(after=recent_id),
         }
@@ -175,8 +178,10 @@ class Station:
         d["health"] = _json(d.get("health")) if d.get("health") else None
         return d
 
-    def _bands(self, product: str | None) -> dict[str, Any]:
-        """The calibrated bands of the bundle scoring now: the product's on the line, else the latest published."""
+    def _published(self) -> dict[str, Any]:
+        """What the watcher publishes in OUT/station.json: "bands" and "lanes" (the calibrated health bands,
+        the latest and per camera [product]) and "guarantees" (per camera folder and detector, what its
+        threshold guarantees, in one sentence); each part a dict, or left out."""
         path = self.out / BANDS_FILE
         try:
             data = json.loads(path.read_text()) if path.is_file() else {}
@@ -184,10 +189,7 @@ class Station:
             return {}
         if not isinstance(data, dict):
             return {}
-        lanes = data.get("lanes") if isinstance(data.get("lanes"), dict) else {}
-        bands = next((b for k, b in lanes.items() if product is not None and k.endswith(f" [{product}]")),
-                     data.get("bands"))
-        return bands if isinstance(bands, dict) else {}
+        return {k: v for k, v in data.items() if isinstance(v, dict)}
 
     # -- files inside OUT ------------------------------------------------------------------------
 
@@ -212,6 +214,14 @@ class Station:
         if not path.is_file() or path.suffix.lower() not in IMAGE_TYPES:
             return None
         return path
+
+
+def _bands(published: dict[str, Any], product: str | None) -> dict[str, Any]:
+    """The calibrated bands of the bundle scoring now: the product's on the line, else the latest published."""
+    lanes = published.get("lanes", {})
+    bands = next((b for k, b in lanes.items() if product is not None and k.endswith(f" [{product}]")),
+                 published.get("bands"))
+    return bands if isinstance(bands, dict) else {}
 
 
 def _alarms(db: ResultsReader) -> dict[str, Any]:

@@ -154,8 +154,9 @@ class ResultsReader:
     def last_scored(self, after: int) -> dict[str, Any] | None:
         """The newest frame a detector scored (no error row, nor one held unscored: an unknown product)."""
         product = ", product" if "product" in self.columns() else ""
-        return self._one(f"SELECT id, detector, backend, fallback_reason, threshold, scored_at{product} FROM frames "
-                         "WHERE id > ? AND status != 'error' AND score IS NOT NULL ORDER BY id DESC LIMIT 1", (after,))
+        return self._one(f"SELECT id, folder, detector, backend, fallback_reason, threshold, scored_at{product} "
+                         "FROM frames WHERE id > ? AND status != 'error' AND score IS NOT NULL "
+                         "ORDER BY id DESC LIMIT 1", (after,))
 
     def fallback_count(self, after: int, last: int) -> tuple[int, int]:
         """Of the newest `last` scored frames: how many, and how many the fallback scored."""

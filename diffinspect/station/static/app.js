@@ -25,7 +25,9 @@ function scoring(s) {
   if (d) {
     const fb = d.fallback_reason ? `<span class="fallback">FALLBACK</span> (${esc(d.fallback_reason)})` : "";
     rows.push(["detector", `${esc(d.detector)} ${fb}`], ["backend", esc(d.backend)],
-              ["threshold", fmt(d.threshold, 4)], ["fallback, last 200", `${fmt(100 * d.fallback_share, 0)} %`],
+              ["threshold", fmt(d.threshold, 4)],
+              ["guarantee", `<small id="guarantee">${d.guarantee ? esc(d.guarantee) : "–"}</small>`],
+              ["fallback, last 200", `${fmt(100 * d.fallback_share, 0)} %`],
               ["last frame", when(d.at)]);
   } else rows.push(["detector", "no frame scored yet"]);
   rows.push(["frames in results.db", s.max_id]);
