@@ -206,6 +206,18 @@ def test_backlog_oldest_first_with_overlays(tmp_path: Path) -> None:
     assert jsonl_rows(out) == rows
 
 
+def test_the_summary_splits_the_time_by_stage(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 8, ng_every=4)
+    primary = Factory(cost_s=0.04)
+    s = once([cam], out, primary, batch=4)
+    assert list(s.stages) == ["decode", "health", "preprocess", "model", "map", "overlay", "commit"]
+    assert all(v >= 0 for v in s.stages.values()) and s.stages["decode"] > 0 and s.stages["commit"] > 0
+    # The detector sleeps 40 ms per call: at least that per batch is the model's, and it dominates.
+    assert s.stages["model"] >= 40.0 * primary.made[0].calls / 8 - 1e-6
+    assert max(s.stages, key=s.stages.get) == "model"
+
+
 def test_restart_does_not_rescore_and_moves_committed_frames(tmp_path: Path) -> None:
     cam, out = tmp_path / "cam", tmp_path / "out"
     frames_in(cam, 6, ng_every=3)

@@ -22,6 +22,7 @@ from diffinspect.line.frame import Candidate, FrameChanged, Item, looks_complete
 from diffinspect.line.options import WatchOptions
 from diffinspect.line.say import Say, describe
 from diffinspect.line.supervisor import Supervisor
+from diffinspect.scoring.stages import DECODE, HEALTH, StageClock
 
 
 class FrameQueue(queue.Queue):
@@ -48,6 +49,7 @@ class LaneShared:
     stop_taking: threading.Event = field(default_factory=threading.Event)
     pool: ThreadPoolExecutor | None = None
     drift: DriftHub | None = None  # frame health and drift alarms
+    clock: StageClock = field(default_factory=StageClock)  # time by stage, for the summary
 
     def __post_init__(self) -> None:
         if self.opts.decode_workers > 1:
@@ -122,6 +124,7 @@ class Lane:
     def _load(self, cand: Candidate) -> Item | None:
         """The decoded frame, an error item, or None when the frame went back to the intake."""
         sh = self.shared
+        t0 = time.perf_counter()
         try:
             data = read_frame(cand, sh.max_bytes)
         except FrameChanged:
@@ -142,7 +145,10 @@ class Lane:
                 return None
             reason = str(exc) if isinstance(exc, ImageError) else f"cannot decode: {describe(exc)}"
             return Item(cand, error=reason)
+        t1 = time.perf_counter()
         health = None if self.drift is None else self.drift.measure(cand.key, frame, self.supervisor.health)
+        sh.clock.add(DECODE, t1 - t0)
+        sh.clock.add(HEALTH, time.perf_counter() - t1)
         return Item(cand, frame=frame, health=health)
 
     # -- score ---------------------------------------------------------------------------------
@@ -162,7 +168,7 @@ class Lane:
         todo = [it for it in items if it.error is None]
         try:
             if todo:
-                self.supervisor.score(todo)
+                self.supervisor.score(todo, self.shared.clock)
         except Exception as exc:  # a bug here must cost rows, not the line
             self.shared.say.warn(f"scoring: {describe(exc)}")
             for it in todo:

@@ -37,6 +37,7 @@ from diffinspect.line.say import Say
 from diffinspect.line.supervisor import DetectorFactory, Supervisor
 from diffinspect.outputs.outbox import Outbox, Output, mark_key
 from diffinspect.scoring.overlay import save_overlay
+from diffinspect.scoring.stages import StageClock
 from diffinspect.store.results import ResultStore
 
 __all__ = ["CommitHook", "DetectorFactory", "OverlayWriter", "WatchOptions", "WatchSummary", "run_watch"]
@@ -99,20 +100,20 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
                                              opts.settle_ms, opts.rescan_seconds, opts.once),
                     store, {root: q for (folders, _), q in zip(groups, queues, strict=True) for root in folders},
                     say.warn, functools.partial(disposal, what="committed frame "))
-    stats, stop_taking = Stats(), threading.Event()
+    stats, stop_taking, clock = Stats(), threading.Event(), StageClock()
     committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, say, stop_taking,
-                          room=retention.space.room, wrote=retention.wrote, once=opts.once)
+                          room=retention.space.room, wrote=retention.wrote, once=opts.once, clock=clock)
     drift = DriftHub(out, store, say.warn, say.info)
     committer.on_commit += [stats.record, say.rows, drift.on_commit, *hooks]
     if opts.on_alarm == "hold":
         committer.held = drift.held
-    shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking, drift=drift)
+    shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking, drift=drift, clock=clock)
     lanes = [Lane(folders, q, Supervisor(*pair, opts, say), shared)
              for (folders, pair), q in zip(groups, queues, strict=True)]
     view = None if opts.quiet else View(stats, lanes, roots, opts.queue_size, intake.waiting)
     _serve(lanes, intake, Events(roots, intake, opts.recursive, say), shared, view)
     summary = stats.summary(max(q.high_water for q in queues), time.monotonic() - started)
-    summary.uncommitted = committer.uncommitted
+    summary.uncommitted, summary.stages = committer.uncommitted, clock.ms_per_frame()
     return summary
 
 
