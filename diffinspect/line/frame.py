@@ -132,3 +132,4 @@ class Item:
     by: Inspector | None = None
     fallback_reason: str | None = None
     health: Any = None  # line.drift.Health, measured at decode when the bundle has a health profile
+    shape: tuple[int, ...] | None = None  # the frame's own (H, W, C) where `frame` was decoded smaller

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffinspect.data.image import ImageError, decode_image
+from diffinspect.data.image import ImageError, decode_image, header_size
 from diffinspect.line.commit import Committer
 from diffinspect.line.drift import DriftHub
 from diffinspect.line.frame import Candidate, FrameChanged, Item, looks_complete, read_frame
@@ -135,8 +135,9 @@ class Lane:
         if not cand.settled and not looks_complete(data):
             sh.recheck(cand, True)  # half-written: never decoded
             return None
+        side = self.supervisor.decode_side
         try:
-            frame = decode_image(data, self.supervisor.color, sh.opts.max_megapixels)
+            frame = decode_image(data, self.supervisor.color, sh.opts.max_megapixels, side)
         except Exception as exc:  # ImageError, or OpenCV raising on an exotic file
             if data and not cand.settled:
                 # Maybe a writer that closes after every chunk (TIFF has no end marker to check):
@@ -149,7 +150,9 @@ class Lane:
         health = None if self.drift is None else self.drift.measure(cand.key, frame, self.supervisor.health)
         sh.clock.add(DECODE, t1 - t0)
         sh.clock.add(HEALTH, time.perf_counter() - t1)
-        return Item(cand, frame=frame, health=health)
+        width, height = header_size(data) if side else frame.shape[1::-1]
+        shape = None if (height, width) == frame.shape[:2] else (height, width, frame.shape[2])
+        return Item(cand, frame=frame, health=health, shape=shape)
 
     # -- score ---------------------------------------------------------------------------------
 

@@ -95,6 +95,22 @@ class Supervisor:
         return None if insp is None else insp.health
 
     @property
+    def decode_side(self) -> int | None:
+        """The fewest pixels a side scoring needs of a frame: a JPEG may be decoded that much smaller
+        (data/image.py). Twice the model input's side and the classical embedding's, so their area
+        resizes average the same pixels. None (decode whole) where something needs the frame's own
+        pixels: health signals, calibrated on whole decodes (the focus signal reads native detail, which
+        a reduced decode averages away); tiles (native resolution by design); an ROI (in frame pixels)."""
+        insp = self.primary or self.fallback
+        if insp is None or insp.health is not None:
+            return None
+        prep = insp.preprocess
+        if prep.feed != "frame" or prep.roi is not None:
+            return None
+        embed = getattr(getattr(self.fallback, "detector", None), "feature_size", 128)
+        return 2 * max(*prep.hw, embed)
+
+    @property
     def color(self) -> str:
         det = self.primary or self.fallback
         return det.preprocess.color if det is not None else "rgb"
@@ -187,10 +203,11 @@ class Supervisor:
         try:
             with clock.timed(PREPROCESS):
                 frames = [convert_color(it.frame, primary.preprocess.color) for it in items]
+            shapes = [it.shape for it in items]
             if caller is not None:
-                verdicts = _checked(caller.call(primary.inspect, (frames, clock), self._opts.score_timeout_s))
+                verdicts = _checked(caller.call(primary.inspect, (frames, clock, shapes), self._opts.score_timeout_s))
             else:
-                verdicts = _checked(primary.inspect(frames, clock))
+                verdicts = _checked(primary.inspect(frames, clock, shapes))
         except Exception as exc:
             reason = f"diffusion detector failed: {describe(exc)}"
             self._fail_primary(primary, reason)
@@ -216,7 +233,7 @@ class Supervisor:
         with clock.timed(PREPROCESS):
             frames = [convert_color(it.frame, insp.preprocess.color) for it in items]
         try:
-            results: list[Verdict | str] = list(_checked(insp.inspect(frames, clock)))
+            results: list[Verdict | str] = list(_checked(insp.inspect(frames, clock, [it.shape for it in items])))
         except Exception as exc:
             self._say.warn_once(f"fallback:{type(exc).__name__}", f"fallback failed on a batch "
                                 f"({describe(exc)}); scoring its frames one by one")

@@ -130,10 +130,12 @@ class Inspector:
     def health(self):  # noqa: ANN201 (HealthProfile | None: what drift alarms compare frames to)
         return getattr(self.detector, "health", None)
 
-    def inspect(self, frames: list[np.ndarray], clock: StageClock | None = None) -> list[Verdict]:
+    def inspect(self, frames: list[np.ndarray], clock: StageClock | None = None,
+                shapes: list[tuple[int, ...] | None] | None = None) -> list[Verdict]:
         """One verdict per frame, in order. Frames: decoded uint8 (H, W, C) in `preprocess.color`, any
         size. The detector's exceptions propagate (the caller decides: stop, or switch detector).
-        clock: gets this batch's time by stage."""
+        clock: gets this batch's time by stage. shapes: each frame's own shape where it was decoded
+        smaller (a reduced JPEG decode), so its map comes back on its own pixel grid."""
         if not frames:
             return []
         t0 = time.perf_counter()
@@ -151,7 +153,7 @@ class Inspector:
             why = unscorable(score, self.threshold)
             verdicts.append(Verdict(
                 label_for(score, self.threshold), score, None if why or p_values is None else float(p_values[i]),
-                why, None if maps is None else maps[i], frame.shape, self.preprocess))
+                why, None if maps is None else maps[i], (shapes and shapes[i]) or frame.shape, self.preprocess))
         if clock is not None:
             own = getattr(scored, "seconds", {})
             clock.add_all(own)
