@@ -36,3 +36,33 @@ def test_a_reduced_jpeg_decode_is_the_frame_averaged(color: str) -> None:
 def test_other_formats_are_decoded_whole() -> None:
     _, png = encoded(".png")
     assert decode_image(png, "rgb", min_side=100).shape == (600, 800, 3)
+
+
+def test_a_reduced_decode_keeps_the_verdicts(calibrated_bundle) -> None:  # noqa: ANN001
+    """Good and defective 1024 px JPEG frames, scored whole and decoded at a quarter of their size (what
+    `inspect watch` does where no health profile needs the whole frame): the same labels, scores within
+    a tenth of the good parts' score spread, the maps on the frame's own grid and alike."""
+    from diffinspect.scoring.inspector import Inspector
+
+    insp = Inspector.load(calibrated_bundle, backend="torch")
+    side = 2 * max(*insp.preprocess.hw, 128)  # the rule of Supervisor.decode_side
+    rng = np.random.default_rng(5)
+    whole, small, masks = [], [], []
+    for defect in (None, None, None, "scratch", "spot", "missing"):
+        img, mask = render_frame("metal", rng, 1024, defect)
+        data = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+        whole.append(decode_image(data, insp.preprocess.color))
+        small.append(decode_image(data, insp.preprocess.color, min_side=side))
+        masks.append(mask)
+    assert small[0].shape[0] <= 1024 // 2  # reduced at least twice
+    a = insp.inspect(whole)
+    b = insp.inspect(small, shapes=[f.shape for f in whole])
+    spread = float(np.std(insp.calibration_scores))
+    assert [v.label for v in a] == [v.label for v in b]
+    assert max(abs(x.score - y.score) for x, y in zip(a, b, strict=True)) <= 0.1 * spread
+    for x, y, mask in zip(a, b, masks, strict=True):
+        assert y.map.shape == x.map.shape == (1024, 1024)
+        assert np.corrcoef(x.map.ravel(), y.map.ravel())[0, 1] > 0.95
+        if mask.any():  # the defect stands out of the map (or not) alike
+            on, off = mask > 0, mask == 0
+            assert (y.map[on].mean() > y.map[off].mean()) == (x.map[on].mean() > x.map[off].mean())
