@@ -60,7 +60,7 @@ def default_bundle(workdir: Path, steps: int) -> Path:
     """A small U-Net at the default input, default recipe, calibrated, exported to ONNX FP32 (for the
     FLOP count) and OpenVINO INT8; made once under workdir and reused."""
     out = workdir / "bundle"
-    if (out / "openvino").is_dir():
+    if (out / "openvino" / "model.int8.xml").exists():
         return out
     from diffinspect.config import load_config
     from diffinspect.data.synthetic import make_line
