@@ -1,8 +1,8 @@
 """Where a frame's time goes: seconds per pipeline stage, summed over a run, as data.
 
-A stage is timed with one `perf_counter` pair per batch (not per pixel, not per log line), so keeping
-the clock on costs nothing measurable. `inspect watch` keeps one clock per run (its summary's
-`stages`), and bench/throughput.py reads it to say which stage to work on next.
+A stage is timed with one `perf_counter` pair per frame or batch, never per pixel and never as a log
+line, so the clock stays on. `inspect watch` keeps one clock per run (its summary's `stages`), and
+bench/throughput.py reads it to say which stage to work on next.
 """
 
 from __future__ import annotations
