@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import cv2
@@ -14,6 +15,7 @@ from diffinspect.scoring.detector import Scored
 from diffinspect.scoring.inspector import Inspector, conformal_p
 from diffinspect.scoring.overlay import overlay_name, wants_overlay
 from diffinspect.scoring.score import score_paths
+from diffinspect.scoring.stages import FRAME_TERM, MAP, MODEL, PREPROCESS, StageClock
 from diffinspect.scoring.threshold import conformal_threshold
 
 CAL = np.arange(1.0, 100.0)  # n = 99 good parts' scores
@@ -92,6 +94,21 @@ def test_the_map_comes_back_on_the_frame_grid_of_a_roi_bundle() -> None:
     outside = np.ones((30, 40), bool)
     outside[4:16, 10:30] = False
     assert (amap[outside] == 0.0).all()  # the map's coldest value where the model never looked
+
+
+def test_the_clock_gets_the_detectors_split_and_the_rest_as_its_model() -> None:
+    class Slow(Scripted):
+        def score(self, frames: list[np.ndarray]) -> Scored:
+            time.sleep(0.05)  # 0.014 s of it split by the detector, the rest is its model's
+            return Scored(np.ones(len(frames)), None, seconds={PREPROCESS: 0.01, FRAME_TERM: 0.004})
+
+    clock = StageClock()
+    Inspector(Slow([]), CAL).inspect(frames(2), clock)
+    clock.count(2)
+    ms = clock.ms_per_frame()
+    assert list(ms) == [PREPROCESS, MODEL, MAP, FRAME_TERM]  # pipeline order
+    assert (ms[PREPROCESS], ms[FRAME_TERM]) == pytest.approx((5.0, 2.0))
+    assert ms[MODEL] >= 18.0 - 1e-6 and 0.0 <= ms[MAP] < ms[MODEL]
 
 
 def test_the_overlay_rule() -> None:

@@ -206,6 +206,38 @@ def test_backlog_oldest_first_with_overlays(tmp_path: Path) -> None:
     assert jsonl_rows(out) == rows
 
 
+def test_the_summary_splits_the_time_by_stage(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 8, ng_every=4)
+    primary = Factory(cost_s=0.04)
+    s = once([cam], out, primary, batch=4)
+    assert list(s.stages) == ["decode", "health", "preprocess", "model", "map", "overlay", "commit"]
+    assert all(v >= 0 for v in s.stages.values()) and s.stages["decode"] > 0 and s.stages["commit"] > 0
+    # The detector sleeps 40 ms per call: at least that per batch is the model's, and it dominates.
+    assert s.stages["model"] >= 40.0 * primary.made[0].calls / 8 - 1e-6
+    assert max(s.stages, key=s.stages.get) == "model"
+
+
+def test_large_jpeg_frames_are_decoded_smaller_with_maps_on_their_own_grid(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    cam.mkdir()
+    for i, value in enumerate((50, 200)):  # ok, ng
+        img = np.full((1024, 768), value, np.uint8)
+        cv2.imwrite(str(cam / f"f{i}.jpg"), img)
+    drawn: list[tuple] = []
+
+    def writer(path, frame, amap, *rest) -> None:  # noqa: ANN001
+        drawn.append((frame.shape, amap.shape))
+        path.write_bytes(b"overlay")
+
+    # No health profile, a whole-frame 8 px input: scoring needs 2 x 128 px a side (the embedding's).
+    s = run_watch([cam], out, Factory(check_marker=False), Factory(name="copod"), options(once=True),
+                  overlay_writer=writer)
+    assert (s.ok, s.ng) == (1, 1)
+    # 768 / 4 = 192 px would be too few: decoded at half size, the map on the frame's own 1024 x 768 grid.
+    assert drawn == [((512, 384, 1), (1024, 768))]
+
+
 def test_restart_does_not_rescore_and_moves_committed_frames(tmp_path: Path) -> None:
     cam, out = tmp_path / "cam", tmp_path / "out"
     frames_in(cam, 6, ng_every=3)

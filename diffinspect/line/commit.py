@@ -22,6 +22,7 @@ from diffinspect.line.frame import Candidate, Item
 from diffinspect.line.say import Say, describe
 from diffinspect.scoring.overlay import overlay_name, wants_overlay
 from diffinspect.scoring.record import Record
+from diffinspect.scoring.stages import COMMIT, MAP, OVERLAY, StageClock
 from diffinspect.store.results import ResultStore
 
 # (path, frame uint8 (H, W, C), map on the frame's pixel grid or None, score, threshold, label,
@@ -38,11 +39,13 @@ class Committer:
     def __init__(self, store: ResultStore, out: Path, overlays: str, overlay_writer: OverlayWriter | None,
                  disposal: Disposal, done: Callable[[Candidate, bool], None], say: Say,
                  stopping: threading.Event, *, room: Callable[[], bool] = lambda: True,
-                 wrote: Callable[[str], None] = lambda p: None, once: bool = False) -> None:
+                 wrote: Callable[[str], None] = lambda p: None, once: bool = False,
+                 clock: StageClock | None = None) -> None:
         self.store, self.overlay_dir, self.overlays = store, out / "overlays", overlays
         self.overlay_writer, self.disposal, self.done = overlay_writer, disposal, done
         self.say, self.stopping = say, stopping
         self.room, self.wrote, self.once = room, wrote, once
+        self.clock = clock or StageClock()  # overlay and commit time, and the frames done
         self.on_commit: list[CommitHook] = []
         # on_alarm = "hold": why the verdicts of a (camera folder, product) are held now (its open alarms), else None.
         self.held: Callable[[Path, str | None], str | None] | None = None
@@ -51,6 +54,14 @@ class Committer:
 
     def commit(self, items: list[Item]) -> None:
         rows = [self._safe_row(it) for it in items]
+        t0 = time.perf_counter()
+        try:
+            self._commit(items, rows)
+        finally:
+            self.clock.add(COMMIT, time.perf_counter() - t0)
+            self.clock.count(len(items))
+
+    def _commit(self, items: list[Item], rows: list[Record]) -> None:
         inserted = self._commit_rows(rows)
         if inserted is None:  # given up: no rows, the files stay for the next start
             for row in rows:
@@ -110,7 +121,10 @@ class Committer:
         v, by = it.verdict, it.by
         path = self.overlay_dir / overlay_name(*it.cand.key)
         try:
-            self.overlay_writer(path, it.frame, v.map, v.score, by.threshold, v.label, by.pixel_threshold)
+            with self.clock.timed(MAP):
+                amap = v.map  # made here, on first use
+            with self.clock.timed(OVERLAY):
+                self.overlay_writer(path, it.frame, amap, v.score, by.threshold, v.label, by.pixel_threshold)
         except Exception as exc:
             self.say.warn_once(f"overlay:{type(exc).__name__}", f"overlay not written ({describe(exc)})")
             with contextlib.suppress(OSError):

@@ -135,3 +135,4 @@ class Item:
     product: str | None = None  # [watch.products]: the product the frame shows (line/products.py)
     held: str | None = None  # why it is not scored but held (an unknown product)
     bundle: Any = None  # line.products.Bundle: the detector pair that scores it
+    shape: tuple[int, ...] | None = None  # the frame's own (H, W, C) where `frame` was decoded smaller

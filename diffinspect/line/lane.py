@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffinspect.data.image import ImageError, decode_image
+from diffinspect.data.image import ImageError, decode_image, header_size
 from diffinspect.line.commit import Committer
 from diffinspect.line.drift import DriftHub
 from diffinspect.line.frame import Candidate, FrameChanged, Item, looks_complete, read_frame
@@ -23,6 +23,7 @@ from diffinspect.line.options import WatchOptions
 from diffinspect.line.products import Bundle, Products, Route
 from diffinspect.line.say import Say, describe
 from diffinspect.line.supervisor import Supervisor
+from diffinspect.scoring.stages import DECODE, HEALTH, StageClock
 
 
 class FrameQueue(queue.Queue):
@@ -50,6 +51,7 @@ class LaneShared:
     pool: ThreadPoolExecutor | None = None
     drift: DriftHub | None = None  # frame health and drift alarms
     products: Products | None = None  # [watch.products]: a frame's product picks its bundle
+    clock: StageClock = field(default_factory=StageClock)  # time by stage, for the summary
 
     def __post_init__(self) -> None:
         if self.opts.decode_workers > 1:
@@ -138,6 +140,7 @@ class Lane:
 
     def _read(self, cand: Candidate, supervisor: Supervisor | None) -> Item | None:
         sh = self.shared
+        t0 = time.perf_counter()
         try:
             data = read_frame(cand, sh.max_bytes)
         except FrameChanged:
@@ -148,9 +151,10 @@ class Lane:
         if not cand.settled and not looks_complete(data):
             sh.recheck(cand, True)  # half-written: never decoded
             return None
+        side = None if supervisor is None else supervisor.decode_side
         try:
             color = supervisor.color if supervisor is not None else "rgb"
-            frame = decode_image(data, color, sh.opts.max_megapixels)
+            frame = decode_image(data, color, sh.opts.max_megapixels, side)
         except Exception as exc:  # ImageError, or OpenCV raising on an exotic file
             if data and not cand.settled:
                 # Maybe a writer that closes after every chunk (TIFF has no end marker to check):
@@ -159,9 +163,14 @@ class Lane:
                 return None
             reason = str(exc) if isinstance(exc, ImageError) else f"cannot decode: {describe(exc)}"
             return Item(cand, error=reason)
+        t1 = time.perf_counter()
         health = (None if self.drift is None or supervisor is None
                   else self.drift.measure(cand.key, frame, supervisor.health))
-        return Item(cand, frame=frame, health=health)
+        sh.clock.add(DECODE, t1 - t0)
+        sh.clock.add(HEALTH, time.perf_counter() - t1)
+        width, height = header_size(data) if side else frame.shape[1::-1]
+        shape = None if (height, width) == frame.shape[:2] else (height, width, frame.shape[2])
+        return Item(cand, frame=frame, health=health, shape=shape)
 
     # -- score ---------------------------------------------------------------------------------
 
@@ -181,7 +190,7 @@ class Lane:
         try:
             for bundle in dict.fromkeys(it.bundle for it in todo):  # each bundle once, in frame order
                 with bundle.lock:
-                    bundle.supervisor.score([it for it in todo if it.bundle is bundle])
+                    bundle.supervisor.score([it for it in todo if it.bundle is bundle], self.shared.clock)
             if self.drift is not None:
                 for by in {id(it.by): it.by for it in todo if it.by is not None}.values():
                     self.drift.scored_by(by.name, by.guarantee)

@@ -21,6 +21,7 @@ from diffinspect.line.options import WatchOptions
 from diffinspect.line.say import Say, describe
 from diffinspect.scoring.detector import Detector
 from diffinspect.scoring.inspector import Inspector, Verdict
+from diffinspect.scoring.stages import PREPROCESS, StageClock
 
 # Makes the lane's diffusion inspector or its fallback (a bare Detector is wrapped in an Inspector).
 DetectorFactory = Callable[[], Inspector | Detector]
@@ -94,6 +95,22 @@ class Supervisor:
         return None if insp is None else insp.health
 
     @property
+    def decode_side(self) -> int | None:
+        """The fewest pixels a side scoring needs of a frame: a JPEG may be decoded that much smaller
+        (data/image.py). Twice the model input's side and the classical embedding's, so their area
+        resizes average the same pixels. None (decode whole) where something needs the frame's own
+        pixels: health signals, calibrated on whole decodes (the focus signal reads native detail, which
+        a reduced decode averages away); tiles (native resolution by design); an ROI (in frame pixels)."""
+        insp = self.primary or self.fallback
+        if insp is None or insp.health is not None:
+            return None
+        prep = insp.preprocess
+        if prep.feed != "frame" or prep.roi is not None:
+            return None
+        embed = getattr(getattr(self.fallback, "detector", None), "feature_size", 128)
+        return 2 * max(*prep.hw, embed)
+
+    @property
     def color(self) -> str:
         det = self.primary or self.fallback
         return det.preprocess.color if det is not None else "rgb"
@@ -149,14 +166,15 @@ class Supervisor:
                 self._say.warn(f"fallback detector unavailable: {self._fb_down}")
         return self.fallback
 
-    def score(self, items: list[Item]) -> None:
-        """Give decoded items their verdict and inspector (or an error)."""
+    def score(self, items: list[Item], clock: StageClock | None = None) -> None:
+        """Give decoded items their verdict and inspector (or an error); clock: time by stage."""
+        clock = clock or StageClock()
         primary, caller = self._primary_now()
         to_primary, to_fallback = self._route(items, primary)
         if primary is not None and to_primary:
-            to_fallback += self._score_primary(primary, caller, to_primary)
+            to_fallback += self._score_primary(primary, caller, to_primary, clock)
         if to_fallback:
-            self._score_fallback(to_fallback)
+            self._score_fallback(to_fallback, clock)
 
     def _route(self, items: list[Item], primary: Inspector | None) -> tuple[list[Item], list[Item]]:
         """(for diffusion, for the fallback): all to the fallback while diffusion is down, and the frames
@@ -178,15 +196,18 @@ class Supervisor:
                 to_primary.append(it)
         return to_primary, to_fallback
 
-    def _score_primary(self, primary: Inspector, caller: Caller | None, items: list[Item]) -> list[Item]:
+    def _score_primary(self, primary: Inspector, caller: Caller | None, items: list[Item],
+                       clock: StageClock) -> list[Item]:
         """Score with diffusion; returns the items the fallback has to score instead."""
         t0 = time.monotonic()
         try:
-            frames = [convert_color(it.frame, primary.preprocess.color) for it in items]
+            with clock.timed(PREPROCESS):
+                frames = [convert_color(it.frame, primary.preprocess.color) for it in items]
+            shapes = [it.shape for it in items]
             if caller is not None:
-                verdicts = _checked(caller.call(primary.inspect, (frames,), self._opts.score_timeout_s))
+                verdicts = _checked(caller.call(primary.inspect, (frames, clock, shapes), self._opts.score_timeout_s))
             else:
-                verdicts = _checked(primary.inspect(frames))
+                verdicts = _checked(primary.inspect(frames, clock, shapes))
         except Exception as exc:
             reason = f"diffusion detector failed: {describe(exc)}"
             self._fail_primary(primary, reason)
@@ -203,15 +224,16 @@ class Supervisor:
                 it.verdict, it.by = v, primary
         return left
 
-    def _score_fallback(self, items: list[Item]) -> None:
+    def _score_fallback(self, items: list[Item], clock: StageClock) -> None:
         insp = self._fallback_now()
         if insp is None:
             for it in items:
                 it.error = f"no detector could score it ({it.fallback_reason}; fallback: {self._fb_down})"
             return
-        frames = [convert_color(it.frame, insp.preprocess.color) for it in items]
+        with clock.timed(PREPROCESS):
+            frames = [convert_color(it.frame, insp.preprocess.color) for it in items]
         try:
-            results: list[Verdict | str] = list(_checked(insp.inspect(frames)))
+            results: list[Verdict | str] = list(_checked(insp.inspect(frames, clock, [it.shape for it in items])))
         except Exception as exc:
             self._say.warn_once(f"fallback:{type(exc).__name__}", f"fallback failed on a batch "
                                 f"({describe(exc)}); scoring its frames one by one")

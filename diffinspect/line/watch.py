@@ -39,6 +39,7 @@ from diffinspect.line.say import Say
 from diffinspect.line.supervisor import DetectorFactory, Supervisor
 from diffinspect.outputs.outbox import Outbox, Output, mark_key
 from diffinspect.scoring.overlay import save_overlay
+from diffinspect.scoring.stages import StageClock
 from diffinspect.store.results import ResultStore
 
 __all__ = ["CommitHook", "DetectorFactory", "OverlayWriter", "ProductSetup", "WatchOptions", "WatchSummary",
@@ -109,9 +110,9 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say, groups: lis
                                              opts.settle_ms, opts.rescan_seconds, opts.once),
                     store, {root: q for (folders, _), q in zip(groups, queues, strict=True) for root in folders},
                     say.warn, functools.partial(disposal, what="committed frame "))
-    stats, stop_taking = Stats(), threading.Event()
+    stats, stop_taking, clock = Stats(), threading.Event(), StageClock()
     committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, say, stop_taking,
-                          room=retention.space.room, wrote=retention.wrote, once=opts.once)
+                          room=retention.space.room, wrote=retention.wrote, once=opts.once, clock=clock)
     drift = DriftHub(out, store, say.warn, say.info, opts.alarm_lambda)
     committer.on_commit += [stats.record, say.rows, drift.on_commit, *hooks]
     if opts.on_alarm == "hold":
@@ -120,13 +121,13 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say, groups: lis
     if setup is not None:
         products = Products(setup, {f for folders, pair in groups if pair is not None for f in folders}, opts, say)
     shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking, drift=drift,
-                        products=products)
+                        products=products, clock=clock)
     lanes = [Lane(folders, q, None if pair is None else Supervisor(*pair, opts, say), shared)
              for (folders, pair), q in zip(groups, queues, strict=True)]
     view = None if opts.quiet else View(stats, lanes, roots, opts.queue_size, intake.waiting)
     _serve(lanes, intake, Events(roots, intake, recursive, say), shared, view)
     summary = stats.summary(max(q.high_water for q in queues), time.monotonic() - started)
-    summary.uncommitted = committer.uncommitted
+    summary.uncommitted, summary.stages = committer.uncommitted, clock.ms_per_frame()
     return summary
 
 

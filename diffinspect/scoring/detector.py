@@ -3,7 +3,7 @@ become verdicts in one place, the Inspector (inspector.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -24,6 +24,8 @@ class Scored:
     # The detector's own p-values where its rule defines them (the minp fused rule), else None: the
     # Inspector then ranks the scores among the bundle's calibration scores.
     p_values: np.ndarray | None = None
+    # The detector's time on this batch by stage (scoring/stages.py names), for the run's stage clock.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Detector(Protocol):

@@ -16,6 +16,7 @@ from diffinspect.engines import Engine
 from diffinspect.engines.exports import CALIBRATION_FILE  # noqa: F401  (the bundle file this detector reads)
 from diffinspect.scoring.detector import Scored
 from diffinspect.scoring.gaussian import GaussianEmbedding
+from diffinspect.scoring.stages import FRAME_TERM, MAP, MODEL, PREPROCESS, Split
 from diffinspect.scoring.threshold import min_rank_p, peel_p, tie_break_room
 from diffinspect.vocab import FrameDetector, Fusion
 
@@ -238,9 +239,15 @@ class DiffusionDetector:
         return stitch(maps, layout), np.array(frame_scores, np.float64)
 
     def score(self, frames: list[np.ndarray]) -> Scored:
-        inputs, layout = model_inputs(frames, self.preprocess)
-        maps, scores = self.assemble(*self.run_fitted(inputs, raw=False), layout)
+        split = Split()
+        with split(PREPROCESS):
+            inputs, layout = model_inputs(frames, self.preprocess)
+        with split(MODEL):
+            outputs = self.run_fitted(inputs, raw=False)
+        with split(MAP):
+            maps, scores = self.assemble(*outputs, layout)
         p_values = None
         if self.frame_term is not None:
-            scores, p_values = self.frame_term.fuse_with_p(scores, self.frame_term.embedding_scores(frames))
-        return Scored(scores=scores, maps=maps, p_values=p_values)
+            with split(FRAME_TERM):
+                scores, p_values = self.frame_term.fuse_with_p(scores, self.frame_term.embedding_scores(frames))
+        return Scored(scores=scores, maps=maps, p_values=p_values, seconds=split.seconds)

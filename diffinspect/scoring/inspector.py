@@ -10,6 +10,7 @@ verdict that says why: never `ok`.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 from diffinspect.bundle import Bundle
 from diffinspect.data.image import Preprocess
 from diffinspect.scoring.detector import Detector
+from diffinspect.scoring.stages import MAP, MODEL, StageClock
 
 
 def unscorable(score: float | None, threshold: float) -> str | None:
@@ -133,12 +135,17 @@ class Inspector:
     def health(self):  # noqa: ANN201 (HealthProfile | None: what drift alarms compare frames to)
         return getattr(self.detector, "health", None)
 
-    def inspect(self, frames: list[np.ndarray]) -> list[Verdict]:
+    def inspect(self, frames: list[np.ndarray], clock: StageClock | None = None,
+                shapes: list[tuple[int, ...] | None] | None = None) -> list[Verdict]:
         """One verdict per frame, in order. Frames: decoded uint8 (H, W, C) in `preprocess.color`, any
-        size. The detector's exceptions propagate (the caller decides: stop, or switch detector)."""
+        size. The detector's exceptions propagate (the caller decides: stop, or switch detector).
+        clock: gets this batch's time by stage. shapes: each frame's own shape where it was decoded
+        smaller (a reduced JPEG decode), so its map comes back on its own pixel grid."""
         if not frames:
             return []
+        t0 = time.perf_counter()
         scored = self.detector.score(frames)
+        t1 = time.perf_counter()
         scores = np.asarray(scored.scores, np.float64).reshape(-1)
         if scores.shape[0] != len(frames):
             why = f"the {self.name} detector returned {scores.shape[0]} scores for {len(frames)} frames"
@@ -151,7 +158,13 @@ class Inspector:
             why = unscorable(score, self.threshold)
             verdicts.append(Verdict(
                 label_for(score, self.threshold), score, None if why or p_values is None else float(p_values[i]),
-                why, None if maps is None else maps[i], frame.shape, self.preprocess))
+                why, None if maps is None else maps[i], (shapes and shapes[i]) or frame.shape, self.preprocess))
+        if clock is not None:
+            own = getattr(scored, "seconds", {})
+            clock.add_all(own)
+            # What the detector does not split itself (all of the COPOD fallback's time) is its model's.
+            clock.add(MODEL, t1 - t0 - sum(own.values()))
+            clock.add(MAP, time.perf_counter() - t1)
         return verdicts
 
     def _p_values(self, scores: np.ndarray, own: np.ndarray | None) -> np.ndarray | None:

@@ -1,0 +1,580 @@
+"""Frames per second per box: `inspect watch` end to end, the peers on the same frames, and the CPU's limit.
+
+1. End to end: the real `run_watch --once` over a folder this bench fills, at 0.3, 2 and 5 megapixels
+   (4:3 frames of the synthetic washer line), PNG and JPEG, colour and gray files, with the default
+   bundle (small U-Net at the default 64 px input, default recipe: frame term, health profile)
+   exported INT8 to OpenVINO, and with its COPOD fallback alone. frames/s over the backlog, then
+   latency p50/p99 (file renamed into the folder -> row committed) of a steady feed at half that
+   rate, and the time per frame by stage from the run's own stage clock (scoring/stages.py).
+2. Peers (--peers): anomalib's EfficientAD-S, PaDiM and PatchCore at their default 256 x 256 input,
+   exported by anomalib to OpenVINO FP32 and INT8 (its INT8_PTQ, in the peer venv of bench/peers.py,
+   made on first use under --peer-venv), timed by the same harness as our engine: the model alone on
+   inputs already at model size, and frame -> score (decode, resize, model) on the same JPEG frames.
+   Random backbone weights: speed does not depend on the weights' values.
+3. The limit: multiply-accumulates per frame of each graph (Conv, MatMul, Gemm, counted from the ONNX
+   graph with its shapes inferred) beside the CPU's measured peak in the same run: an FP32 GEMM
+   (numpy) and an INT8 matmul (onnxruntime MatMulInteger and an OpenVINO INT8 FC), and the share of
+   the INT8 / FP32 peak each engine reaches.
+
+The machine this runs on is shared (2 cores, other jobs coming and going): compare figures side by side
+within one run, as ratios, not across runs.
+
+    python bench/throughput.py --workdir /tmp/throughput                  # end to end + the limit
+    python bench/throughput.py --workdir /tmp/throughput --peers          # + anomalib's models
+    python bench/throughput.py --providers cuda,tensorrt                  # onnxruntime on a GPU (untested)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from diffinspect.data.synthetic import render_frame
+
+MEGAPIXELS = {"0.3": (480, 640), "2": (1200, 1600), "5": (1944, 2592)}
+PRODUCT = "washer"
+PEERS = ("efficientad_s", "padim", "patchcore")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- the default bundle ----------------------------------------------------------------------------
+
+
+def default_bundle(workdir: Path, steps: int) -> Path:
+    """A small U-Net at the default input, default recipe, calibrated, exported to ONNX FP32 (for the
+    FLOP count) and OpenVINO INT8; made once under workdir and reused."""
+    out = workdir / "bundle"
+    if (out / "openvino" / "model.int8.xml").exists():
+        return out
+    from diffinspect.config import load_config
+    from diffinspect.data.synthetic import make_line
+    from diffinspect.export import export_bundle
+    from diffinspect.scoring.calibrate import calibrate
+    from diffinspect.train import train
+
+    line = make_line(workdir / "line", PRODUCT, n_train=48, n_test_good=40, n_test_defect=0, size=256)
+    cfg = load_config(overrides={"model.size": "small", "data.image_size": 64, "train.steps": steps,
+                                 "train.batch_size": 8, "data.holdout": 0.25})
+    t0 = time.perf_counter()
+    train(line, out, cfg)
+    calibrate(out, line / "test" / "good", false_reject_rate=0.05)
+    export_bundle(out, "onnx", "fp32")
+    export_bundle(out, "openvino", "fp32")
+    export_bundle(out, "openvino", "int8")
+    log(f"default bundle built in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+# -- frames ----------------------------------------------------------------------------------------
+
+
+def frame_images(mp: str, n: int, seed: int = 0) -> list[np.ndarray]:
+    """n distinct RGB frames of the line at one resolution (4:3): two parts rendered (square, cropped),
+    each also flipped three ways (rendering a 5 MP part takes seconds)."""
+    h, w = MEGAPIXELS[mp]
+    rng = np.random.default_rng(seed)
+    parts = [render_frame(PRODUCT, rng, w)[0][(w - h) // 2:(w - h) // 2 + h] for _ in range(min(n, 2))]
+    views = [lambda x: x, lambda x: x[::-1], lambda x: x[:, ::-1], lambda x: x[::-1, ::-1]]
+    return [np.ascontiguousarray(views[i // len(parts) % 4](parts[i % len(parts)])) for i in range(n)]
+
+
+def encode(img: np.ndarray, fmt: str, color: str) -> bytes:
+    """PNG or JPEG (quality 90, what camera SDKs default to) of a frame in colour or gray."""
+    pixels = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) if color == "gray" else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 90] if fmt == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    ok, buf = cv2.imencode(f".{fmt}", pixels, params)
+    assert ok
+    return buf.tobytes()
+
+
+# -- end to end: the real run_watch ----------------------------------------------------------------
+
+
+def quiet_watch(folders: list[Path], out: Path, make: Callable, fallback: Callable, opts) -> object:  # noqa: ANN001
+    """run_watch with its per-frame lines sent nowhere (they are not the benchmark)."""
+    from diffinspect.line.watch import run_watch
+
+    devnull = open(os.devnull, "w")  # noqa: SIM115
+    stdout, sys.stdout = sys.stdout, devnull
+    try:
+        return run_watch(folders, out, make, fallback, opts)
+    finally:
+        sys.stdout = stdout
+        devnull.close()
+
+
+def backlog(files: list[bytes], ext: str, make: Callable, fallback: Callable, root: Path, batch: int) -> dict:
+    """`inspect watch --once` over the files as a backlog: frames/s from the first frame taken to the
+    last row committed, and the run's time per frame by stage."""
+    from diffinspect.line.watch import WatchOptions
+
+    cam = Path(tempfile.mkdtemp(prefix="cam-", dir=root))
+    for i, data in enumerate(files):
+        (cam / f"f{i:05d}.{ext}").write_bytes(data)
+    s = quiet_watch([cam], cam.with_name(cam.name + "-out"), make, fallback,
+                    WatchOptions(batch=batch, once=True, quiet=True, stable_ms=50))
+    return {"fps": s.fps, "frames": s.frames, "ng": s.ng, "error": s.error, "fallback": s.fallback,
+            "stages": s.stages}
+
+
+def steady(files: list[bytes], ext: str, make: Callable, fallback: Callable, root: Path, batch: int,
+           rate: float, seconds: float) -> np.ndarray:
+    """Latency (ms) from each file's rename into the watched folder to its committed row, with frames
+    published at a steady rate (written under a temporary name, then renamed, as cameras should)."""
+    from diffinspect.line.watch import WatchOptions
+    from diffinspect.store.reader import ResultsReader, count_frames
+
+    cam = Path(tempfile.mkdtemp(prefix="feed-", dir=root))
+    out = cam.with_name(cam.name + "-out")
+    stop = threading.Event()
+    opts = WatchOptions(batch=batch, quiet=True, stop=stop)
+    watcher = threading.Thread(target=quiet_watch, args=([cam], out, make, fallback, opts))
+    watcher.start()
+    published: dict[str, float] = {}
+    n = max(int(rate * seconds), 1)
+    try:
+        while not (out / "results.jsonl").exists():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        start = time.monotonic()
+        for i in range(n):
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+            tmp, final = cam / f".s{i:05d}.tmp", cam / f"s{i:05d}.{ext}"
+            tmp.write_bytes(files[i % len(files)])
+            os.rename(tmp, final)
+            published[str(final)] = time.time()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and count_frames(out / "results.db") < n:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        watcher.join()
+    with ResultsReader(out / "results.db") as db:
+        rows = db.rows()
+    return np.array([(r["scored_at"] - published[r["path"]]) * 1000 for r in rows if r["path"] in published])
+
+
+def end_to_end(bundle: Path, root: Path, sizes: list[str], formats: list[str], colors: list[str],
+               detectors: list[str], frames_at: dict[str, int], batch: int, latency_s: float) -> list[dict]:
+    from diffinspect.scoring.inspector import Inspector
+
+    int8 = Inspector.load(bundle, backend="openvino", device="cpu")
+    copod = Inspector.fallback(bundle)
+    log(f"default bundle on {int8.backend} ({int8.detector.engine.precision})")
+    # The same detector without its health profile (no drift alarms): nothing then needs a frame's own
+    # pixels, so a large JPEG is decoded at a reduced size (Supervisor.decode_side).
+    bare = Inspector.load(bundle, backend="openvino", device="cpu")
+    bare.detector.health = None
+    bare_copod = Inspector.fallback(bundle)
+    bare_copod.detector.health = None
+    pairs = {"int8": (lambda: int8, lambda: copod), "copod": (lambda: copod, lambda: copod),
+             "int8-nohealth": (lambda: bare, lambda: bare_copod)}
+    rows = []
+    for mp in sizes:
+        images = frame_images(mp, 8)
+        for fmt in formats:
+            for color in colors:
+                encoded = [encode(img, fmt, color) for img in images]
+                files = [encoded[i % len(encoded)] for i in range(frames_at[mp])]
+                for name in detectors:
+                    make, fallback = pairs[name]
+                    r = backlog(files, fmt, make, fallback, root, batch)
+                    first = (fmt, color) == (formats[0], colors[0])  # latency of the first kind of file only
+                    lat = (steady(files, fmt, make, fallback, root, batch, 0.5 * r["fps"], latency_s)
+                           if latency_s > 0 and first else np.array([]))
+                    p50, p99 = np.percentile(lat, [50, 99]) if lat.size else (float("nan"),) * 2
+                    r.update(megapixels=mp, format=fmt, color=color, detector=name, latency_p50_ms=float(p50),
+                             latency_p99_ms=float(p99), latency_rate=0.5 * r["fps"], bytes=len(encoded[0]))
+                    rows.append(r)
+                    top = max(r["stages"], key=r["stages"].get)
+                    log(f"{mp:>4} MP {fmt} {color:<4} {name:<5}: {r['fps']:6.1f} frames/s, latency p50 "
+                        f"{p50:.0f} ms p99 {p99:.0f} ms at {0.5 * r['fps']:.1f} frames/s; most time: {top} "
+                        f"{r['stages'][top]:.1f} ms/frame")
+    return rows
+
+
+# -- the limit: MACs per frame and the CPU's peak ----------------------------------------------------
+
+
+def graph_macs(onnx_path: Path, shapes: dict[str, list[int]]) -> float:
+    """Multiply-accumulates per frame of an ONNX graph: Conv (and transposed), MatMul and Gemm, counted
+    from the graph read by OpenVINO with its inputs fixed to `shapes` (every shape then static). A graph
+    exported with a fixed batch keeps it, and its count is divided by it."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(onnx_path))
+    batch = 1
+    if model.inputs[0].get_partial_shape()[0].is_static:
+        batch = model.inputs[0].get_partial_shape()[0].get_length()
+        shapes = {name: [batch, *shape[1:]] for name, shape in shapes.items()}
+    model.reshape({name: ov.PartialShape(shape) for name, shape in shapes.items()})
+    total = 0
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind in ("Convolution", "GroupConvolution"):
+            out = list(op.get_output_shape(0))
+            w = list(op.get_input_shape(1))  # (M, C, k...) or (G, M/G, C/G, k...)
+            total += int(np.prod(out)) * int(np.prod(w[1:] if kind == "Convolution" else w[2:]))
+        elif kind == "ConvolutionBackpropData":
+            x, w = list(op.get_input_shape(0)), list(op.get_input_shape(1))  # x (N, C, ...), w (C, M, k...)
+            total += int(np.prod(x)) * int(np.prod(w[1:]))
+        elif kind == "MatMul":
+            a = list(op.get_input_shape(0))
+            k = a[-2] if op.get_transpose_a() else a[-1]
+            total += int(np.prod(list(op.get_output_shape(0)))) * k
+    return total / batch
+
+
+def best_rate(fn: Callable[[], None], seconds: float = 1.5) -> float:
+    """Calls per second of fn, best of short windows (other jobs on a shared machine only slow it)."""
+    fn()
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        best = max(best, 1 / (time.perf_counter() - t0))
+    return best
+
+
+def cpu_peak(n: int = 1024) -> dict[str, float]:
+    """GMAC/s of an n x n x n matmul: FP32 (numpy's BLAS), INT8 (onnxruntime MatMulInteger, u8 x s8 -> s32)
+    and INT8 on OpenVINO (a quantized MatMul, run as an INT8 kernel by its CPU plugin)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), np.float32), rng.random((n, n), np.float32)
+    out = {"fp32 numpy": best_rate(lambda: a @ b) * n ** 3 / 1e9}
+    out["int8 onnxruntime"] = _ort_int8(n) * n ** 3 / 1e9
+    out["int8 openvino"] = _ov_int8(n) * n ** 3 / 1e9
+    out["fp32 openvino"] = _ov_fp32(n) * n ** 3 / 1e9
+    return out
+
+
+def _ort_int8(n: int) -> float:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from diffinspect.engines.exports import runtime_threads
+
+    w = np.random.default_rng(1).integers(-127, 128, (n, n), dtype=np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "int8",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+        [onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = runtime_threads()
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).integers(0, 256, (n, n), dtype=np.uint8)
+    return best_rate(lambda: sess.run(None, {"a": x}))
+
+
+def _ov_matmul(n: int, quantized: bool):  # noqa: ANN202
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from diffinspect.engines.openvino_engine import compile_config
+
+    x = ops.parameter([n, n], np.float32, name="x")
+    w = ops.constant(np.random.default_rng(1).standard_normal((n, n)).astype(np.float32))
+    if quantized:  # FakeQuantize on both inputs: the CPU plugin runs the MatMul as INT8 (u8 x s8)
+        def fq(node, lo: float, hi: float, levels: int = 256):  # noqa: ANN001, ANN202
+            lo_c, hi_c = ops.constant(np.float32(lo)), ops.constant(np.float32(hi))
+            return ops.fake_quantize(node, lo_c, hi_c, lo_c, hi_c, levels)
+        x_in, w_in = fq(x, 0.0, 4.0), fq(w, -4.0, 4.0, 255)
+    else:
+        x_in, w_in = x, w
+    model = ov.Model([ops.matmul(x_in, w_in, False, True)], [x])
+    compiled = ov.Core().compile_model(model, "CPU", compile_config("CPU", "int8" if quantized else "fp32"))
+    req = compiled.create_infer_request()
+    data = np.random.default_rng(2).random((n, n), np.float32) * 4
+    return best_rate(lambda: req.infer([data]))
+
+
+def _ov_int8(n: int) -> float:
+    return _ov_matmul(n, True)
+
+
+def _ov_fp32(n: int) -> float:
+    return _ov_matmul(n, False)
+
+
+# -- peers, and our model, on the same harness -------------------------------------------------------
+
+
+def peer_exports(workdir: Path, venv: Path, train_images: int) -> dict:
+    """anomalib's three models exported in the peer venv (made on first use), once per workdir."""
+    report = workdir / "peers" / "exports.json"
+    if report.exists():
+        return json.loads(report.read_text())
+    from peers import peer_python
+
+    python = peer_python(venv)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "nncf", "onnx", "onnxscript"], check=True)
+    cal = workdir / "peers" / "calibration.npy"
+    cal.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cal, np.stack([cv2.resize(img, (256, 256), interpolation=cv2.INTER_AREA)
+                           for img in frame_images("0.3", 16, seed=7)]))
+    done = subprocess.run([str(python), str(Path(__file__).with_name("peer_export.py")), "--out",
+                           str(report.parent), "--frames", str(cal), "--train-images", str(train_images)],
+                          check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    report.write_text(done.stdout.strip().splitlines()[-1])
+    return json.loads(report.read_text())
+
+
+class PeerModel:
+    """An anomalib OpenVINO IR compiled as our engine compiles ours (f32 hint, latency, our threads),
+    for one frame: float32 (1, 3, H, W) in [0, 1], anomalib's normalisation inside the graph."""
+
+    def __init__(self, xml: str, size: tuple[int, int], precision: str) -> None:
+        import openvino as ov
+
+        from diffinspect.engines.openvino_engine import compile_config
+
+        core = ov.Core()
+        model = core.read_model(xml)
+        first = model.inputs[0].get_partial_shape()[0]
+        # A graph exported with a fixed batch (anomalib's PatchCore) runs at it: each call is that many frames.
+        self.batch = first.get_length() if first.is_static else 1
+        model.reshape({model.inputs[0].get_any_name(): [self.batch, 3, *size]})
+        self.compiled = core.compile_model(model, "CPU", compile_config("CPU", precision))
+        self.request = self.compiled.create_infer_request()
+        self.size = size
+
+    def run(self, x: np.ndarray) -> int:
+        self.request.infer([x])
+        return self.batch
+
+    def score_frame(self, next_frame: Callable[[], np.ndarray]) -> int:
+        return self.run(np.concatenate([self.prepare(next_frame()) for _ in range(self.batch)]))
+
+    def prepare(self, frame: np.ndarray) -> np.ndarray:
+        x = cv2.resize(frame, self.size[::-1], interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(x.transpose(2, 0, 1)[None], np.float32) / 255.0
+
+
+def _inspect_next(insp, next_frame: Callable[[], np.ndarray]) -> None:  # noqa: ANN001
+    insp.inspect([next_frame()])
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, seconds: float) -> dict[str, float]:
+    """Frames per second of each fn (a call is one frame, or as many as it returns), median over rounds
+    in which every fn runs once in turn, so load from other jobs hits all of them alike."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                done = fn()
+                n += done if isinstance(done, int) else 1
+            samples[name].append(n / (time.perf_counter() - t0))
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def side_by_side(bundle: Path, peers: dict, jpegs: list[bytes], rounds: int, seconds: float,
+                 providers: list[str]) -> dict[str, dict]:
+    """frames/s of each engine: the graph alone on inputs at its model size, and frame -> score on the
+    same JPEG frames (decode, resize, graph; ours: decode and the whole Inspector, frame term included)."""
+    from diffinspect.bundle import Bundle
+    from diffinspect.data.image import decode_image
+    from diffinspect.engines.select import make_engine
+    from diffinspect.scoring.diffusion import model_inputs
+    from diffinspect.scoring.inspector import Inspector
+
+    frames = [decode_image(b, "rgb") for b in jpegs]
+    ours = {"diffinspect INT8 (openvino)": Inspector.load(bundle, backend="openvino", device="cpu")}
+    for p in providers:  # onnxruntime on other providers (a GPU: --providers cuda,tensorrt; untested here)
+        try:
+            ours[f"diffinspect FP32 (onnxruntime {p})"] = Inspector.load(bundle, backend="onnxruntime", device=p)
+        except Exception as exc:  # not present here: say so, measure the rest
+            log(f"  onnxruntime {p}: {exc}")
+    fp32 = make_engine(Bundle.load(bundle), "openvino", "cpu", precision="fp32")
+    graph: dict[str, Callable[[], object]] = {}
+    frame: dict[str, Callable[[], object]] = {}
+    info: dict[str, dict] = {}
+    cycle = itertools.cycle(jpegs)
+
+    def next_frame() -> np.ndarray:
+        return decode_image(next(cycle), "rgb")
+
+    for name, insp in ours.items():
+        det = insp.detector
+        x = model_inputs(frames[:1], det.preprocess)[0]
+        graph[name] = partial(det.engine.run, x, det.stats.mean, det.stats.std)
+        frame[name] = partial(_inspect_next, insp, next_frame)
+        info[name] = {"input": list(det.preprocess.hw)}
+    det = ours["diffinspect INT8 (openvino)"].detector
+    graph["diffinspect FP32 (openvino)"] = partial(fp32.run, model_inputs(frames[:1], det.preprocess)[0],
+                                                   det.stats.mean, det.stats.std)
+    info["diffinspect FP32 (openvino)"] = {"input": list(det.preprocess.hw)}
+    for peer, entry in peers.items():
+        for precision in ("fp32", "int8"):
+            if precision not in entry["files"]:
+                continue
+            name = f"{peer} {precision.upper()} (openvino)"
+            m = PeerModel(entry["files"][precision], tuple(entry["input"]), precision)
+            graph[name] = partial(m.run, np.concatenate([m.prepare(frames[0])] * m.batch))
+            frame[name] = partial(m.score_frame, next_frame)
+            info[name] = {"input": entry["input"]}
+    g = interleaved(graph, rounds, seconds)
+    f = interleaved(frame, rounds, seconds)
+    return {name: {**info[name], "graph_fps": g[name], "frame_fps": f.get(name)} for name in graph}
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def limit_rows(bundle: Path, peers: dict, speeds: dict[str, dict], peak: dict[str, float]) -> list[dict]:
+    """Each engine's MACs per frame, the GMAC/s its graph reaches, and that as a share of the peak of
+    its precision measured in the same run."""
+    from diffinspect.bundle import Bundle
+    from diffinspect.data.image import input_hw
+
+    prep = Bundle.load(bundle, verify=False).manifest.preprocess
+    h, w = input_hw(prep.image_size)
+    c = 3 if prep.color == "rgb" else 1
+    ours = graph_macs(bundle / "model.onnx", {"frames": [1, h, w, c]})
+    macs = {name: ours for name in speeds if name.startswith("diffinspect")}
+    for peer, entry in peers.items():
+        if "onnx" in entry["files"]:
+            import onnx
+
+            first = onnx.load(entry["files"]["onnx"], load_external_data=False).graph.input[0].name
+            n = graph_macs(Path(entry["files"]["onnx"]), {first: [1, 3, *entry["input"]]})
+            macs.update({name: n for name in speeds if name.startswith(peer)})
+    int8_peak = max(v for k, v in peak.items() if k.startswith("int8"))
+    fp32_peak = max(v for k, v in peak.items() if k.startswith("fp32"))
+    rows = []
+    for name, s in speeds.items():
+        if name not in macs:
+            continue
+        rate = macs[name] * s["graph_fps"] / 1e9
+        top = int8_peak if "INT8" in name else fp32_peak
+        rows.append({"engine": name, "gmac_per_frame": macs[name] / 1e9, "gmac_per_s": rate,
+                     "share_of_peak": rate / top, "peak": "int8" if "INT8" in name else "fp32"})
+    return rows
+
+
+def sizing(rows: list[dict], cores: int) -> list[dict]:
+    """Cameras one core carries at a few camera rates, from the end-to-end frames/s on `cores` cores."""
+    out = []
+    for r in rows:
+        if r["format"] != "jpg" or r["color"] != "rgb":
+            continue
+        per_core = r["fps"] / cores
+        out.append({"megapixels": r["megapixels"], "detector": r["detector"], "fps_per_core": per_core,
+                    **{f"cameras_at_{fps}": int(per_core // fps) for fps in (1, 2, 5, 10)}})
+    return out
+
+
+def print_report(e2e: list[dict], speeds: dict, limits: list[dict], peak: dict, cores: int) -> None:
+    print(f"\nend to end: inspect watch --once backlog on {cores} cores; latency: steady feed at half that rate")
+    print(f"{'MP':>4} {'file':<4} {'colour':<6} {'detector':<8} {'frames/s':>8} {'p50 ms':>7} {'p99 ms':>7}  "
+          "ms per frame by stage")
+    for r in e2e:
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
+        print(f"{r['megapixels']:>4} {r['format']:<4} {r['color']:<6} {r['detector']:<8} {r['fps']:8.1f} "
+              f"{r['latency_p50_ms']:7.0f} {r['latency_p99_ms']:7.0f}  {stages}")
+    if speeds:
+        print("\nside by side (same harness, same frames; graph: model input ready; frame: JPEG 0.3 MP -> score)")
+        print(f"{'engine':<36} {'input':>9} {'graph f/s':>9} {'frame f/s':>9}")
+        for name, s in speeds.items():
+            frame = f"{s['frame_fps']:9.1f}" if s.get("frame_fps") else f"{'-':>9}"
+            print(f"{name:<36} {'x'.join(map(str, s['input'])):>9} {s['graph_fps']:9.1f} {frame}")
+    print("\nthe limit: CPU peak in this run (GMAC/s): " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items()))
+    print(f"{'engine':<36} {'GMAC/frame':>10} {'GMAC/s':>8} {'share of peak':>14}")
+    for r in limits:
+        print(f"{r['engine']:<36} {r['gmac_per_frame']:10.3f} {r['gmac_per_s']:8.2f} "
+              f"{100 * r['share_of_peak']:9.1f} % {r['peak']}")
+
+
+def targets(e2e: list[dict], speeds: dict, limits: list[dict]) -> dict[str, bool | None]:
+    def fps(mp: str, fmt: str) -> float | None:
+        found = [r["fps"] for r in e2e if (r["megapixels"], r["format"], r["color"], r["detector"])
+                 == (mp, fmt, "rgb", "int8")]
+        return found[0] if found else None
+
+    out: dict[str, bool | None] = {}
+    at03, at5 = fps("0.3", "jpg") or fps("0.3", "png"), fps("5", "jpg")
+    out[">= 100 frames/s end to end at 0.3 MP"] = None if at03 is None else at03 >= 100
+    out[">= 25 frames/s end to end at 5 MP JPEG"] = None if at5 is None else at5 >= 25
+    peers = [s["graph_fps"] for n, s in speeds.items() if not n.startswith("diffinspect")]
+    ours = speeds.get("diffinspect INT8 (openvino)")
+    out[">= 2x the fastest peer (graph)"] = None if not peers or not ours else ours["graph_fps"] >= 2 * max(peers)
+    share = [r["share_of_peak"] for r in limits if r["engine"] == "diffinspect INT8 (openvino)"]
+    out["model stage >= 30 % of INT8 peak"] = None if not share else share[0] >= 0.3
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "diffinspect-throughput")
+    p.add_argument("--train-steps", type=int, default=40, help="of the default bundle (speed needs few)")
+    p.add_argument("--sizes", default="0.3,2,5", help=f"megapixels, of {', '.join(MEGAPIXELS)}")
+    p.add_argument("--formats", default="jpg,png")
+    p.add_argument("--colors", default="rgb,gray", help="of the frame files (the bundle is colour)")
+    p.add_argument("--detectors", default="int8,int8-nohealth,copod",
+                   help="int8: the default bundle; int8-nohealth: without drift alarms; copod: the fallback")
+    p.add_argument("--frames", default="0.3:160,2:48,5:32", help="frames per backlog run, per size")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--latency-seconds", type=float, default=4.0,
+                   help="steady feed per run of the first format and colour (0: none)")
+    p.add_argument("--peers", action="store_true", help="anomalib's EfficientAD-S, PaDiM, PatchCore too")
+    p.add_argument("--peer-venv", type=Path, default=Path("/work/peer-venv"))
+    p.add_argument("--train-images", type=int, default=200, help="PatchCore's memory bank: of this many images")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=1.5, help="per engine per round")
+    p.add_argument("--providers", default="", help="onnxruntime devices to add, e.g. cuda,tensorrt (untested)")
+    p.add_argument("--json", type=Path, help="write every figure here")
+    a = p.parse_args()
+
+    from diffinspect.engines.exports import available_cores
+
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    cores = available_cores()
+    bundle = default_bundle(a.workdir, a.train_steps)
+    frames_at = {k: int(v) for k, v in (kv.split(":") for kv in a.frames.split(","))}
+    with tempfile.TemporaryDirectory(prefix="throughput-", dir=a.workdir) as tmp:
+        e2e = end_to_end(bundle, Path(tmp), a.sizes.split(","), a.formats.split(","), a.colors.split(","),
+                         a.detectors.split(","), frames_at, a.batch, a.latency_seconds)
+    peers = peer_exports(a.workdir, a.peer_venv, a.train_images) if a.peers else {}
+    jpegs = [encode(img, "jpg", "rgb") for img in frame_images("0.3", 8, seed=3)]
+    providers = [x for x in a.providers.split(",") if x]
+    speeds = side_by_side(bundle, peers, jpegs, a.rounds, a.seconds, providers)
+    peak = cpu_peak()
+    limits = limit_rows(bundle, peers, speeds, peak)
+    print_report(e2e, speeds, limits, peak, cores)
+    met = targets(e2e, speeds, limits)
+    verdicts = (f"{k}: {'n/a' if v is None else 'met' if v else 'NOT met'}" for k, v in met.items())
+    print("\ntargets: " + "; ".join(verdicts))
+    table = sizing(e2e, cores)
+    print("\nsizing (cameras one core carries at a camera rate of 1 / 2 / 5 / 10 frames/s):")
+    for r in table:
+        print(f"  {r['megapixels']:>4} MP JPEG {r['detector']:<5}: {r['fps_per_core']:6.1f} frames/s per core -> "
+              f"{r['cameras_at_1']} / {r['cameras_at_2']} / {r['cameras_at_5']} / {r['cameras_at_10']}")
+    if a.json:
+        a.json.write_text(json.dumps({"cores": cores, "end_to_end": e2e, "side_by_side": speeds, "limit": limits,
+                                      "peak_gmac_s": peak, "targets": met, "sizing": table}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
