@@ -302,6 +302,7 @@ class MqttConfig:
     topic: str = "diffinspect/{station}/{camera}/verdict"  # one message per frame
     event_topic: str = "diffinspect/{station}/event"  # alarms, when the station has them
     status_topic: str = "diffinspect/{station}/status"  # retained: online | fallback | offline (last will)
+    version_topic: str = "diffinspect/{station}/{camera}/version"  # retained: the bundle version scoring it
     qos: int = 1  # 1 or 2: a message counts as delivered only once the broker acknowledged it
     client_id: str = ""  # default: diffinspect-{station}
     username: str | None = None
@@ -370,7 +371,7 @@ def validate_mqtt(cfg: MqttConfig) -> MqttConfig:
         raise DiffinspectError(f"MQTT broker URL must look like mqtt://host:1883 or mqtts://host:8883, got {cfg.url!r}")
     if cfg.qos not in (1, 2):
         raise DiffinspectError(f"watch.mqtt.qos must be 1 or 2 (0 has no acknowledgement), got {cfg.qos}")
-    for key in ("topic", "event_topic", "status_topic"):
+    for key in ("topic", "event_topic", "status_topic", "version_topic"):
         template = getattr(cfg, key)
         try:
             topic = template.format(station="s", camera="c")

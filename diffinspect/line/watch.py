@@ -34,7 +34,7 @@ from diffinspect.line.lane import FrameQueue, Lane, LaneShared
 from diffinspect.line.options import WatchOptions
 from diffinspect.line.retention import Retention, Space
 from diffinspect.line.say import Say
-from diffinspect.line.supervisor import DetectorFactory, Supervisor
+from diffinspect.line.supervisor import DetectorFactory, Supervisor, VersionHook
 from diffinspect.outputs.outbox import Outbox, Output, mark_key
 from diffinspect.scoring.overlay import save_overlay
 from diffinspect.store.results import ResultStore
@@ -107,13 +107,23 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say,
     if opts.on_alarm == "hold":
         committer.held = drift.held
     shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking, drift=drift)
-    lanes = [Lane(folders, q, Supervisor(*pair, opts, say), shared)
+    lanes = [Lane(folders, q, Supervisor(*pair, opts, say, _version_event(store, folders, say)), shared)
              for (folders, pair), q in zip(groups, queues, strict=True)]
     view = None if opts.quiet else View(stats, lanes, roots, opts.queue_size, intake.waiting)
     _serve(lanes, intake, Events(roots, intake, opts.recursive, say), shared, view)
     summary = stats.summary(max(q.high_water for q in queues), time.monotonic() - started)
     summary.uncommitted = committer.uncommitted
     return summary
+
+
+def _version_event(store: ResultStore, folders: list[Path], say: Say) -> VersionHook:
+    """A lane's swap to another bundle version as a station event (and so an MQTT event message)."""
+    def record(what: str, detail: str) -> None:
+        try:
+            store.add_events([(time.time(), "version", what, "raised", detail, ", ".join(map(str, folders)))])
+        except Exception as exc:  # the swap happened whatever the event table says
+            say.warn(f"could not record the version change: {exc}")
+    return record
 
 
 def _serve(lanes: list[Lane], intake: Intake, events: Events, shared: LaneShared, view: View | None) -> None:

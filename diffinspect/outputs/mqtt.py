@@ -72,6 +72,7 @@ class MqttOutput:
         self._connected = False
         self._connack: object | None = None
         self._status: str | None = None
+        self._versions: dict[str, int] = {}  # camera -> the bundle version last published for it
         self.acknowledged = 0  # messages acknowledged by the broker (frames, events and status)
         self.acknowledged_rows = 0
 
@@ -125,6 +126,7 @@ class MqttOutput:
         # Up again: replace the last will's "offline" at once, not at the next frame.
         self._publish(self.status_topic, b"online", retain=True)
         self._status = "online"
+        self._versions.clear()  # said again on the next frame, in case the broker lost its retained messages
 
     def close(self, say_offline: bool = True) -> None:
         client, self._client = self._client, None
@@ -153,6 +155,11 @@ class MqttOutput:
             self._publish(self.status_topic, status.encode(), retain=True)
             self._status = status
         camera = topic_part(Path(row.get("folder") or "").name)
+        version = row.get("bundle_version")
+        if version is not None and self._versions.get(camera) != version:  # a new version scores this camera
+            self._publish(self.cfg.version_topic.format(station=self.station, camera=camera), str(version).encode(),
+                          retain=True)
+            self._versions[camera] = version
         self._publish(self.cfg.topic.format(station=self.station, camera=camera), frame_message(row, self.station))
         self.acknowledged_rows += 1
 

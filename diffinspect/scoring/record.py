@@ -10,7 +10,7 @@ from dataclasses import dataclass
 # `inspect score --json` keys, in order: "label" is the status (the results.db column) under its
 # user-facing name.
 SCORE_KEYS = ("path", "score", "threshold", "label", "p_value", "detector", "backend", "latency_ms", "overlay",
-              "error")
+              "error", "bundle_version")
 
 
 def storable(text: str | None) -> str | None:
@@ -55,6 +55,7 @@ class Record:
     p_value: float | None = None
     # watch with on_alarm = "hold": the open alarms that made this frame's verdict hold (status "hold").
     hold_reason: str | None = None
+    bundle_version: int | None = None  # the version of the bundle that scored it (None for an error row)
 
     def to_dict(self) -> dict:
         """The `inspect score --json` line."""

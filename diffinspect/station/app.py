@@ -150,7 +150,7 @@ class Station:
             "detector": None if last is None else {
                 "detector": last["detector"], "backend": last["backend"], "fallback_reason": last["fallback_reason"],
                 "fallback_share": fallback / scored if scored else 0.0,
-                "threshold": last["threshold"], "at": last["scored_at"]},
+                "threshold": last["threshold"], "at": last["scored_at"], "version": last.get("bundle_version")},
             "histogram": _histogram(db.scores(after=recent_id, last=2000), last["detector"] if last else None),
             "rejects": rejects, "health": health, "bands": self._bands(), **_alarms(db),
             # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
@@ -209,7 +209,9 @@ def _alarms(db: ResultsReader) -> dict[str, Any]:
     latest: dict[tuple, dict] = {}
     for e in db.events():
         latest[(e["kind"], e["folder"])] = e
-    return {"alarms": [e for e in latest.values() if e["state"] == "raised"], "events": db.events(last=50)}
+    # A "version" event (a lane swapped bundle versions) is news, not an alarm that stays open.
+    return {"alarms": [e for e in latest.values() if e["state"] == "raised" and e["kind"] != "version"],
+            "events": db.events(last=50)}
 
 
 def _json(text: str | None) -> Any:

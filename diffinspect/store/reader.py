@@ -153,7 +153,8 @@ class ResultsReader:
 
     def last_scored(self, after: int) -> dict[str, Any] | None:
         """The newest frame a detector scored (no error row)."""
-        return self._one("SELECT id, detector, backend, fallback_reason, threshold, scored_at FROM frames "
+        version = ", bundle_version" if "bundle_version" in self.columns() else ""
+        return self._one(f"SELECT id, detector, backend, fallback_reason, threshold, scored_at{version} FROM frames "
                          "WHERE id > ? AND status != 'error' ORDER BY id DESC LIMIT 1", (after,))
 
     def fallback_count(self, after: int, last: int) -> tuple[int, int]:
