@@ -184,8 +184,12 @@ class BundleUpdate:
         self.bundle, self.command, self.summary = bundle, command, summary
         self.manifest = deepcopy(bundle.manifest)
         self.folder = _new_version_folder(bundle.path)
-        for name in bundle.manifest.files:
-            _link(confined(bundle.folder, name), self.folder / name)
+        try:
+            for name in bundle.manifest.files:
+                _link(confined(bundle.folder, name), confined(self.folder, name))
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
 
     def staging_path(self, name: str) -> Path:
         """A temporary path next to `name`; pass it to add_file once written."""
@@ -248,6 +252,23 @@ def activate(root: str | Path, number: int) -> Bundle:
     if bundle.folder != bundle.path:  # a bundle from before versions has only its one version
         _point(bundle.path, number)
     return bundle
+
+
+def version_rows(root: str | Path) -> list[dict[str, Any]]:
+    """One row per version, oldest first: number, parent, created, command, summary, threshold, active."""
+    root = Path(root)
+    if not is_bundle(root):
+        raise DiffinspectError(f"no bundle at {root}")
+    active = active_version(root)
+    rows = []
+    for n in version_numbers(root):
+        m = Bundle.load(root, verify=False, version=n).manifest
+        v = m.version or Version(1, None, "(written before versions)", m.created)
+        rows.append({"version": n, "parent": v.parent, "created": v.created, "command": v.command,
+                     "summary": v.summary, "threshold": m.calibration.threshold if m.calibration else
+                     m.fallback.threshold if m.fallback else None,
+                     "active": n == active})
+    return rows
 
 
 def diff_versions(root: str | Path, a: int, b: int) -> list[tuple[str, Any, Any]]:
