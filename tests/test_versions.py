@@ -197,11 +197,26 @@ def test_score_json_names_the_version(bundle: Path, line_dir: Path, capsys) -> N
 # -- watch: a version activated while frames flow ---------------------------------------------------
 
 
-def _drop(cam: Path, images: list[Path], start: int, n: int) -> None:
-    for i in range(start, start + n):
-        shutil.copy(images[i % len(images)], cam / f"f{i:04d}.tmp")
-        os.replace(cam / f"f{i:04d}.tmp", cam / f"f{i:04d}.png")
-        time.sleep(0.02)
+class Camera:
+    """Drops the synthetic line's frames into a folder, one every 20 ms, as a camera would."""
+
+    def __init__(self, folder: Path, images: list[Path]) -> None:
+        self.folder, self.images, self.n = folder, images, 0
+
+    def drop(self, n: int = 1) -> None:
+        for _ in range(n):
+            tmp = self.folder / f"f{self.n:04d}.tmp"
+            shutil.copy(self.images[self.n % len(self.images)], tmp)
+            os.replace(tmp, self.folder / f"f{self.n:04d}.png")
+            self.n += 1
+            time.sleep(0.02)
+
+    def until(self, cond, limit: int = 400) -> None:  # noqa: ANN001
+        """Keep dropping frames (the lane looks at the pointer between batches) until cond() holds."""
+        while not cond():
+            assert limit > 0, "timed out"
+            self.drop()
+            limit -= 1
 
 
 def test_watch_swaps_to_an_activated_version_between_batches_without_losing_a_frame(
@@ -229,21 +244,23 @@ def test_watch_swaps_to_an_activated_version_between_batches_without_losing_a_fr
     for name in ("info", "warn"):
         real = getattr(Say, name)
         monkeypatch.setattr(Say, name, lambda self, msg, real=real: (said.append(msg), real(self, msg))[1])
+    camera = Camera(cam, images)
     try:
         thread.start()
-        _drop(cam, images, 0, 20)
+        camera.drop(20)
         wait_for(lambda: len(_rows(out)) >= 10)
         (bundle / ACTIVE).write_text("3\n")  # by hand, past `activate`'s check: a version that cannot load
-        _drop(cam, images, 20, 20)
-        wait_for(lambda: len(_rows(out)) >= 30)
+        camera.until(lambda: any("does not load" in m for m in said))
+        camera.drop(10)
         activate(bundle, 2)  # frames keep coming while the lane loads it and swaps
-        _drop(cam, images, 40, 40)
-        wait_for(lambda: len(_rows(out)) >= 80, timeout=60)
+        camera.until(lambda: any("bundle version 2 active" in m for m in said))
+        camera.drop(20)
+        wait_for(lambda: len(_rows(out)) >= camera.n, timeout=60)
     finally:
         stop.set()
         thread.join(60)
     rows = _rows(out)
-    assert len(rows) == 80 and len({r["path"] for r in rows}) == 80  # none lost, none doubled
+    assert len(rows) == camera.n and len({r["path"] for r in rows}) == camera.n  # none lost, none doubled
     versions = [r["bundle_version"] for r in rows]
     assert versions == sorted(versions) and set(versions) == {1, 2}  # old, then new, never mixed back
     assert all(r["threshold"] == pytest.approx(thresholds[r["bundle_version"]]) for r in rows)
@@ -267,3 +284,12 @@ def _rows(out: Path) -> list[dict]:
         return []
     finally:
         db.close()
+
+
+def test_training_then_calibration_are_versions_1_and_2(calibrated_bundle: Path) -> None:
+    b = Bundle.load(calibrated_bundle)
+    first = Bundle.load(calibrated_bundle, version=1)
+    assert (b.version, b.manifest.version.parent, b.manifest.version.command) == (2, 1, "calibrate")
+    assert (first.manifest.version.command, first.manifest.calibration) == ("train", None)
+    assert b.manifest.version.summary.startswith("threshold none -> ")
+    assert os.path.samefile(b.file("weights.pt"), first.file("weights.pt"))
