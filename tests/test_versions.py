@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from test_hardening import run_cli
+from test_station import browser  # noqa: F401 (the fixture)
 from watch_fakes import wait_for
 
 from diffinspect import DiffinspectError
@@ -293,3 +294,68 @@ def test_training_then_calibration_are_versions_1_and_2(calibrated_bundle: Path)
     assert (first.manifest.version.command, first.manifest.calibration) == ("train", None)
     assert b.manifest.version.summary.startswith("threshold none -> ")
     assert os.path.samefile(b.file("weights.pt"), first.file("weights.pt"))
+
+
+def test_mqtt_says_the_version_scoring_each_camera_on_a_retained_topic(tmp_path: Path) -> None:
+    from line_receivers import MOSQUITTO, Broker, Subscriber, frame_row
+    from services import missing
+    from test_line_outputs import Warnings, mqtt
+
+    from diffinspect.outputs.outbox import Outbox
+    from diffinspect.store.results import ResultStore
+
+    if MOSQUITTO is None:
+        missing("Debian's mosquitto (apt-get install mosquitto)")
+    broker = Broker(tmp_path / "broker").start()
+    try:
+        store = ResultStore(tmp_path / "out")
+        rows = [frame_row(i, "/line/cam1" if i < 6 else "/line/cam2") for i in range(8)]
+        for row, version in zip(rows, [1, 1, 1, 2, 2, 2, 2, 2], strict=True):
+            row.bundle_version = version
+        sub = Subscriber(broker)
+        with Outbox(store.db_path, [mqtt(broker)], Warnings(), poll_s=0.05):
+            store.commit(rows)
+            wait_for(lambda: len(sub.verdicts()) == 8)
+        assert [m["bundle_version"] for m in sub.verdicts()] == [1, 1, 1, 2, 2, 2, 2, 2]
+        assert sub.on("/cam1/version") == ["1", "2"] and sub.on("/cam2/version") == ["2"]  # once per change
+        sub.close()
+        late = Subscriber(broker)  # retained: a dashboard starting later sees the version scoring now
+        wait_for(lambda: late.on("/cam1/version") == ["2"] and late.on("/cam2/version") == ["2"])
+        late.close()
+        store.close()
+    finally:
+        broker.stop()
+
+
+def test_the_station_shows_the_version_that_scored_a_frame_and_the_swap_event(
+        tmp_path: Path, browser) -> None:  # noqa: F811 (the fixture imported above)
+    from selenium.webdriver.common.by import By
+    from test_station import TOKEN, running, text_becomes
+    from test_station import rows as station_rows
+
+    from diffinspect.station.app import Station, create_app
+    from diffinspect.store.results import ResultStore
+
+    out = tmp_path / "out"
+    store = ResultStore(out)
+    made = station_rows(8, 0, time.time(), out)
+    for i, row in enumerate(made):
+        row.bundle_version = None if row.status == "error" else 1 if i < 4 else 3
+    store.commit(made)
+    store.add_events([(time.time(), "version", "bundle version 3 active", "raised", "model: version 3 scores "
+                       "from this batch on (was 1)", "/cam")])
+    state = Station(out).state()
+    assert state["detector"]["version"] == 3 and state["alarms"] == []  # news, not an open alarm
+    assert [e["name"] for e in state["events"]] == ["bundle version 3 active"]
+    ng = [r for r in made if r.status == "ng"][0]  # frame 3, scored by version 1
+    assert Station(out).frame(ng.id)["bundle_version"] == 1
+    try:
+        with running(create_app(out, TOKEN)) as port:
+            browser.get(f"http://127.0.0.1:{port}/?token={TOKEN}")
+            assert text_becomes(browser, "hour-total", "8") == "8"
+            assert "bundle version\n3" in browser.find_element(By.ID, "scoring").text
+            assert "bundle version 3 active model: version 3" in browser.find_element(By.ID, "events").text
+            browser.find_elements(By.CSS_SELECTOR, "#rejects figure")[-1].click()  # the oldest: frame 3
+            assert text_becomes(browser, "frame-version", "1") == "1"
+    finally:
+        store.close()
