@@ -264,19 +264,17 @@ def version_rows(root: str | Path) -> list[dict[str, Any]]:
     for n in version_numbers(root):
         m = Bundle.load(root, verify=False, version=n).manifest
         v = m.version or Version(1, None, "(written before versions)", m.created)
+        threshold = m.calibration.threshold if m.calibration else m.fallback.threshold if m.fallback else None
         rows.append({"version": n, "parent": v.parent, "created": v.created, "command": v.command,
-                     "summary": v.summary, "threshold": m.calibration.threshold if m.calibration else
-                     m.fallback.threshold if m.fallback else None,
-                     "active": n == active})
+                     "summary": v.summary, "threshold": threshold, "active": n == active})
     return rows
 
 
 def diff_versions(root: str | Path, a: int, b: int) -> list[tuple[str, Any, Any]]:
     """(key, value in a, value in b) for every manifest key whose value differs (dotted keys; files by name)."""
-    flat = [_flatten(plain(Bundle.load(root, verify=False, version=n).manifest)) for n in (a, b)]
-    keys = sorted((set(flat[0]) | set(flat[1])) - {k for k in flat[0] if k.startswith("version.")}
-                  - {k for k in flat[1] if k.startswith("version.")})
-    return [(k, flat[0].get(k), flat[1].get(k)) for k in keys if flat[0].get(k) != flat[1].get(k)]
+    x, y = ({k: v for k, v in _flatten(plain(Bundle.load(root, verify=False, version=n).manifest)).items()
+             if not k.startswith("version.")} for n in (a, b))
+    return [(k, x.get(k), y.get(k)) for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
 
 
 def prune(root: str | Path, keep: int) -> list[int]:
@@ -311,12 +309,13 @@ def describe_change(before: Manifest, after: Manifest) -> str:
 
 
 class ActivePointer:
-    """The active version of a bundle, read again only when the pointer's mtime changed and no more often
-    than every `every` seconds: cheap enough to ask between every two batches of `inspect watch`."""
+    """The active version of a bundle, read again only when the pointer file changed (each switch is a new
+    file, so a new inode) and no more often than every `every` seconds: cheap enough to ask between every
+    two batches of `inspect watch`."""
 
     def __init__(self, root: Path, every: float = 1.0):
         self.root, self.every = Path(root), every
-        self._mtime: int | None = None
+        self._stamp: tuple[int, int] | None = None
         self._number: int | None = None
         self._next = 0.0
 
@@ -326,11 +325,11 @@ class ActivePointer:
         if now >= self._next:
             self._next = now + self.every
             try:
-                mtime = (self.root / ACTIVE).stat().st_mtime_ns
-                if mtime != self._mtime:
-                    self._number, self._mtime = active_version(self.root), mtime
+                st = (self.root / ACTIVE).stat()
+                if (st.st_ino, st.st_mtime_ns) != self._stamp:
+                    self._number, self._stamp = active_version(self.root), (st.st_ino, st.st_mtime_ns)
             except (OSError, DiffinspectError):
-                self._number, self._mtime = None, None
+                self._number, self._stamp = None, None
         return self._number
 
 
