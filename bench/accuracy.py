@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, is_bundle
 from diffinspect.data.datasets import labelled_set
 from diffinspect.evaluation.evaluate import evaluate
 
@@ -129,7 +129,7 @@ def main() -> None:
     summary = {}
     for cat in args.categories:
         bundle = args.workdir / f"{cat.name}_{args.tag}"
-        if not (args.reuse and (bundle / "manifest.json").exists()):
+        if not (args.reuse and is_bundle(bundle)):
             budget = ("--steps", str(args.steps)) if args.steps else ("--max-minutes", str(args.minutes))
             run("train", str(cat), "--out", str(bundle), *budget, "--overwrite", *args.train_args.split())
         try:

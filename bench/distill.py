@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, is_bundle
 from diffinspect.config import DISTILL_DEFECT_SHARE
 from diffinspect.data.datasets import labelled_set
 from diffinspect.evaluation.metrics import image_auroc
@@ -71,14 +71,14 @@ def ms_per_frame(graphs: list[ScoringGraph], frames: np.ndarray, rounds: int = 5
 
 def student_bundle(src: Path, work: Path, steps: int, share: float, args: argparse.Namespace) -> Bundle:
     dst = work / f"student-{steps}-heal{share:g}"
-    if args.reuse and (dst / "manifest.json").exists():
+    if args.reuse and is_bundle(dst):
         b = Bundle.load(dst)
         if b.manifest.student is not None and b.manifest.student.steps == steps:
             print(f"reusing the {steps}-step student in {dst}")
             return b
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
-    with Bundle.load(dst).updating() as up:
+    with Bundle.load(dst).updating("bench") as up:
         up.manifest.calibration = None  # the bench uses its own statistics: skip re-calibration
     t0 = time.time()
     distill(dst, steps=steps, teacher_steps=args.teacher_steps, iterations=args.iterations,

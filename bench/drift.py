@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, is_bundle
 from diffinspect.data.datasets import list_images
 from diffinspect.data.image import read_image
 from diffinspect.line.drift import ALARMS, LAMBDA, DriftMonitor
@@ -89,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = tempfile.TemporaryDirectory()
     bundle = args.bundle
-    if bundle is None or not (bundle / "manifest.json").exists():
+    if bundle is None or not is_bundle(bundle):
         bundle = bundle or Path(tmp.name) / "copod"
         t0 = time.perf_counter()
         calibrate_copod_only(args.category / "train" / "good", bundle)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from accuracy import twins
 
-from diffinspect.bundle import Bundle
+from diffinspect.bundle import Bundle, is_bundle
 from diffinspect.data.datasets import labelled_set
 from diffinspect.evaluation.metrics import aupro, image_auroc, pixel_auroc, threshold_metrics
 from diffinspect.scoring.threshold import conformal_threshold, min_calibration_size
@@ -121,7 +121,7 @@ def main() -> None:
     results = {}
     for cat in args.categories:
         bundle = args.workdir / f"{cat.name}_{args.tag}"
-        if not (bundle / "manifest.json").exists():
+        if not is_bundle(bundle):
             raise SystemExit(f"no bundle {bundle}: run bench/accuracy.py with the same --workdir first")
         draem = run_draem(python, cat, bundle, args.minutes, args.size, folder)
         results[cat.name] = draem

@@ -1,13 +1,21 @@
-"""The model bundle: a directory with manifest.json and files, each listed with its sha256.
+"""The model bundle: a folder of versions, each a manifest.json and files listed with their sha256.
 
-A bundle is written whole into a temporary sibling folder and renamed into place, so a crash never
-leaves a half-written bundle. Later stages (calibrate, distil, export) add files one by one: each new
-file is written under a temporary name and renamed, then the manifest is replaced atomically.
+    BUNDLE/ACTIVE          the active version's number, replaced atomically (`os.replace`)
+    BUNDLE/versions/N/     a complete bundle: manifest.json (naming its parent version and what changed)
+                           and files; files a change kept are hard links to the parent's where the
+                           filesystem allows, copies otherwise
+
+Every change (train, distil, tune, calibrate, export) builds a new version in a hidden folder under
+versions/, renames it to the next number and only then moves the pointer, so a crash at any point
+leaves the last active version loadable and a half-written version ignored. A bundle written before
+versions existed (manifest.json and files at the top) loads as version 1; its first change moves that
+content to versions/1 and writes versions/2.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import math
@@ -15,10 +23,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import types
 import typing
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from copy import deepcopy
 from dataclasses import MISSING, dataclass, field
 from enum import Enum
@@ -47,6 +56,8 @@ T = typing.TypeVar("T")
 #    with COPOD). 2: COPOD figures as numbers. Older versions are read (`_upgrade`), newer ones refused.
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
+ACTIVE = "ACTIVE"
+VERSIONS = "versions"
 
 
 def sha256_file(path: Path) -> str:
@@ -58,21 +69,36 @@ def sha256_file(path: Path) -> str:
 
 
 class Bundle:
-    """A verified bundle on disk. `manifest` is its typed, validated manifest.json."""
+    """One verified version of a bundle. `path` is the bundle the user names, `folder` the version's files,
+    `version` its number (1 for a bundle from before versions), `manifest` its typed manifest.json."""
 
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: Path, manifest: Manifest, folder: Path | None = None, version: int = 1):
         self.path = path
         self.manifest = manifest
+        self.folder = folder or path
+        self.version = version
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True) -> Bundle:
+    def load(cls, path: str | Path, verify: bool = True, version: int | None = None) -> Bundle:
+        """The active version of the bundle at `path` (or `version`); a path to BUNDLE/versions/N is that version."""
         path = Path(path)
         if not path.is_dir():
             raise DiffinspectError(f"bundle not found: {path} (train one with `inspect train`)")
-        mpath = path / MANIFEST
-        if not mpath.exists():
-            raise DiffinspectError(f"{path} is not a bundle: {MANIFEST} is missing")
-        bundle = cls(path, Manifest.from_dict(read_manifest(mpath), path))
+        if path.parent.name == VERSIONS and path.name.isdigit() and (path.parent.parent / ACTIVE).is_file():
+            path, version = path.parent.parent, version or int(path.name)
+        if (path / ACTIVE).is_file():
+            number = version or active_version(path)
+            folder = path / VERSIONS / str(number)
+            if not (folder / MANIFEST).is_file():
+                raise DiffinspectError(f"bundle {path} has no version {number} (versions: "
+                                       f"{', '.join(map(str, version_numbers(path))) or 'none'})")
+        else:
+            if not (path / MANIFEST).exists():
+                raise DiffinspectError(f"{path} is not a bundle: {MANIFEST} is missing")
+            if version not in (None, 1):
+                raise DiffinspectError(f"bundle {path} has only version 1 (it was written before versions)")
+            number, folder = 1, path
+        bundle = cls(path, Manifest.from_dict(read_manifest(folder / MANIFEST), folder), folder, number)
         if verify:
             for name in bundle.manifest.files:
                 bundle.verify_file(name)
@@ -105,7 +131,7 @@ class Bundle:
         expected = self.manifest.files.get(name)
         if expected is None:
             raise DiffinspectError(f"bundle {self.path} has no {name}")
-        fpath = confined(self.path, name)
+        fpath = confined(self.folder, name)
         if not fpath.is_file():
             raise DiffinspectError(f"bundle {self.path} is missing {name}")
         if sha256_file(fpath) != expected:
@@ -140,21 +166,34 @@ class Bundle:
         return out
 
     @contextmanager
-    def updating(self) -> Iterator[BundleUpdate]:
-        """Add or replace files and manifest fields; the manifest is rewritten once, at the end."""
-        update = BundleUpdate(self)
-        yield update
-        update.commit()
+    def updating(self, command: str = "update", summary: str | None = None) -> Iterator[BundleUpdate]:
+        """A new version: this one's files and manifest to add to, replace or remove; on success it gets the
+        next number and becomes active (and this object is that version). On an error nothing changes.
+        summary: what changed, in a few words (default: the manifest keys that changed)."""
+        update = BundleUpdate(self, command, summary)
+        try:
+            yield update
+            update.commit()
+        finally:
+            shutil.rmtree(update.folder, ignore_errors=True)  # gone already when committed
 
 
 class BundleUpdate:
-    def __init__(self, bundle: Bundle):
-        self.bundle = bundle
+    def __init__(self, bundle: Bundle, command: str, summary: str | None):
+        _to_versions(bundle)
+        self.bundle, self.command, self.summary = bundle, command, summary
         self.manifest = deepcopy(bundle.manifest)
+        self.folder = _new_version_folder(bundle.path)
+        try:
+            for name in bundle.manifest.files:
+                _link(confined(bundle.folder, name), confined(self.folder, name))
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
 
     def staging_path(self, name: str) -> Path:
         """A temporary path next to `name`; pass it to add_file once written."""
-        target = self.bundle.path / name
+        target = confined(self.folder, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
@@ -162,7 +201,9 @@ class BundleUpdate:
 
     def add_file(self, name: str, staged: Path) -> None:
         digest = sha256_file(staged)
-        os.replace(staged, self.bundle.path / name)
+        target = confined(self.folder, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, target)  # replaces the link to the parent's file, never the file itself
         self.manifest.files[name] = digest
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -172,11 +213,205 @@ class BundleUpdate:
 
     def remove_file(self, name: str) -> None:
         if self.manifest.files.pop(name, None) is not None:
-            confined(self.bundle.path, name).unlink(missing_ok=True)  # never a file outside the bundle
+            confined(self.folder, name).unlink(missing_ok=True)  # this version's link only
 
     def commit(self) -> None:
-        write_manifest(self.bundle.path, self.manifest)
-        self.bundle.manifest = self.manifest
+        b = self.bundle
+        summary = self.summary or describe_change(b.manifest, self.manifest)
+        self.manifest.version = Version(0, b.version, self.command, _now(), summary)
+        number = _publish(b.path, self.folder, self.manifest)
+        b.manifest, b.folder, b.version = self.manifest, b.path / VERSIONS / str(number), number
+
+
+# -- versions --------------------------------------------------------------------------------------
+
+
+def active_version(root: Path) -> int:
+    """The number ACTIVE names (a versioned bundle) or 1 (a bundle from before versions)."""
+    pointer = Path(root) / ACTIVE
+    if not pointer.is_file():
+        return 1
+    text = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not text.isdigit() or int(text) < 1:
+        raise DiffinspectError(f"bundle {root}: {ACTIVE} holds {text[:20]!r}, not a version number")
+    return int(text)
+
+
+def version_numbers(root: Path) -> list[int]:
+    """The complete versions of a bundle, oldest first (a hidden folder being written is none)."""
+    folder = Path(root) / VERSIONS
+    if not (Path(root) / ACTIVE).is_file():
+        return [1] if (Path(root) / MANIFEST).is_file() else []
+    return sorted(int(p.name) for p in folder.iterdir()
+                  if p.name.isdigit() and (p / MANIFEST).is_file()) if folder.is_dir() else []
+
+
+def activate(root: str | Path, number: int) -> Bundle:
+    """Make version `number` the active one (it must load and verify first); returns it."""
+    bundle = Bundle.load(root, version=number)
+    if bundle.folder != bundle.path:  # a bundle from before versions has only its one version
+        _point(bundle.path, number)
+    return bundle
+
+
+def version_rows(root: str | Path) -> list[dict[str, Any]]:
+    """One row per version, oldest first: number, parent, created, command, summary, threshold, active."""
+    root = Path(root)
+    if not is_bundle(root):
+        raise DiffinspectError(f"no bundle at {root}")
+    active = active_version(root)
+    rows = []
+    for n in version_numbers(root):
+        m = Bundle.load(root, verify=False, version=n).manifest
+        v = m.version or Version(1, None, "(written before versions)", m.created)
+        threshold = m.calibration.threshold if m.calibration else m.fallback.threshold if m.fallback else None
+        rows.append({"version": n, "parent": v.parent, "created": v.created, "command": v.command,
+                     "summary": v.summary, "threshold": threshold, "active": n == active})
+    return rows
+
+
+def diff_versions(root: str | Path, a: int, b: int) -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) for every manifest key whose value differs (dotted keys; files by name)."""
+    x, y = ({k: v for k, v in _flatten(plain(Bundle.load(root, verify=False, version=n).manifest)).items()
+             if not k.startswith("version.")} for n in (a, b))
+    return [(k, x.get(k), y.get(k)) for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+
+
+def prune(root: str | Path, keep: int) -> list[int]:
+    """Remove all but the newest `keep` versions, never the active one; returns the numbers removed."""
+    root = Path(root)
+    if keep < 1:
+        raise DiffinspectError("--keep must be at least 1")
+    if not (root / ACTIVE).is_file():
+        return []
+    current = active_version(root)
+    numbers = version_numbers(root)
+    gone = [n for n in numbers[:-keep] if n != current]
+    for n in gone:
+        folder = root / VERSIONS / str(n)
+        # Renamed to a hidden name first: a crash mid-removal leaves no half version behind a number.
+        hidden = root / VERSIONS / f".removing-{n}"
+        os.replace(folder, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+    return gone
+
+
+def describe_change(before: Manifest, after: Manifest) -> str:
+    """What a change did, in a few words: the top-level manifest sections and files that differ."""
+    old, new = plain(before), plain(after)
+    files = sorted(f for f in set(old["files"]) | set(new["files"]) if old["files"].get(f) != new["files"].get(f))
+    keys = [k for k in new if k not in ("files", "version", "created") and old.get(k) != new.get(k)]
+    parts = ([f"threshold {_figure(before.calibration)} -> {_figure(after.calibration)}"]
+             if old.get("calibration") != new.get("calibration") else [])
+    parts += [", ".join(k for k in keys if k != "calibration")] if set(keys) - {"calibration"} else []
+    parts += [f"files {', '.join(files[:4])}{' ...' if len(files) > 4 else ''}"] if files else []
+    return "; ".join(parts) or "no change"
+
+
+class ActivePointer:
+    """The active version of a bundle, read again only when the pointer file changed (each switch is a new
+    file, so a new inode) and no more often than every `every` seconds: cheap enough to ask between every
+    two batches of `inspect watch`."""
+
+    def __init__(self, root: Path, every: float = 1.0):
+        self.root, self.every = Path(root), every
+        self._stamp: tuple[int, int] | None = None
+        self._number: int | None = None
+        self._next = 0.0
+
+    def active(self) -> int | None:
+        """The version ACTIVE names (None: no pointer, or one that cannot be read just now)."""
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.every
+            try:
+                st = (self.root / ACTIVE).stat()
+                if (st.st_ino, st.st_mtime_ns) != self._stamp:
+                    self._number, self._stamp = active_version(self.root), (st.st_ino, st.st_mtime_ns)
+            except (OSError, DiffinspectError):
+                self._number, self._stamp = None, None
+        return self._number
+
+
+def _figure(cal: Calibration | None) -> str:
+    return "none" if cal is None else f"{cal.threshold:.4g}"
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _point(root: Path, number: int) -> None:
+    """Switch ACTIVE atomically: written under a temporary name, flushed, renamed over the old one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{ACTIVE}.", suffix=".tmp", dir=root)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{number}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / ACTIVE)
+
+
+def _new_version_folder(root: Path) -> Path:
+    """A hidden folder under versions/ to build a version in (ignored by every reader until renamed)."""
+    (root / VERSIONS).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".new-", dir=root / VERSIONS))
+
+
+def _link(src: Path, dst: Path) -> None:
+    """dst as a hard link to src (a file the new version keeps unchanged), or a copy where links fail."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _publish(root: Path, folder: Path, manifest: Manifest) -> int:
+    """Give a finished version folder the next number, then make it active; returns the number."""
+    while True:
+        number = max(version_numbers(root), default=0) + 1
+        manifest.version.number = number
+        write_manifest(folder, manifest)
+        try:
+            os.rename(folder, root / VERSIONS / str(number))
+        except OSError:  # another writer took the number meanwhile
+            if (root / VERSIONS / str(number)).exists():
+                continue
+            raise
+        _point(root, number)
+        return number
+
+
+def _to_versions(bundle: Bundle) -> None:
+    """A bundle from before versions becomes versions/1 (the same files, linked) before its first change.
+    Until ACTIVE exists the flat layout is the bundle, so a crash midway leaves it loadable as it was."""
+    root = bundle.path
+    if bundle.folder != root:
+        return
+    first = root / VERSIONS / "1"
+    names = list(bundle.manifest.files)
+    if not (first / MANIFEST).is_file():
+        tmp = _new_version_folder(root)
+        for name in [*names, MANIFEST]:
+            _link(confined(root, name), tmp / name)
+        os.rename(tmp, first)
+    _point(root, 1)
+    for name in [*names, MANIFEST]:  # each lives on in versions/1
+        confined(root, name).unlink(missing_ok=True)
+    for name in names:  # and the sub-folders they leave empty (openvino/)
+        for parent in Path(name).parents[:-1]:
+            with suppress(OSError):
+                (root / parent).rmdir()
+    bundle.folder = first
 
 
 def write_manifest(folder: Path, manifest: Manifest | dict[str, Any]) -> None:
@@ -220,7 +455,10 @@ def _check_writable(folder: Path) -> None:
 
 
 def is_bundle(path: str | Path) -> bool:
-    """A folder whose manifest.json is a diffinspect bundle manifest (a dataset's manifest.json is not)."""
+    """A folder holding versions (ACTIVE) or a manifest.json that is a diffinspect bundle manifest (a
+    dataset's manifest.json is not)."""
+    if (Path(path) / ACTIVE).is_file():
+        return True
     try:
         manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -230,29 +468,47 @@ def is_bundle(path: str | Path) -> bool:
 
 
 @contextmanager
-def creating(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder to fill; on success it replaces `path` (with manifest written by caller).
+def creating(path: str | Path, overwrite: bool = False, command: str = "train",
+             summary: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder to fill with a whole bundle (files plus a manifest, see `finish`).
 
-    The caller writes its files plus a manifest (see `finish`). An existing `path`
-    is replaced only when it is a bundle and `overwrite` is set (see `check_output`).
+    A new `path` gets it as versions/1; an existing bundle (only with `overwrite`, see `check_output`)
+    gets it as its next version, the one that was active named as its parent, so nothing is lost.
     """
     path = Path(path).resolve()
     check_output(path, overwrite)
+    if is_bundle(path):
+        parent = Bundle.load(path, verify=False)
+        _to_versions(parent)
+        tmp = _new_version_folder(path)
+        try:
+            yield tmp
+            manifest = _written(tmp)
+            manifest.version = Version(0, parent.version, command, _now(), summary or describe_change(
+                parent.manifest, manifest))
+            _publish(path, tmp, manifest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    whole = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
+        tmp = whole / VERSIONS / "1"
+        tmp.mkdir(parents=True)
         yield tmp
-        if not (tmp / MANIFEST).exists():
-            raise RuntimeError("bundle written without a manifest")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        manifest = _written(tmp)
+        manifest.version = Version(1, None, command, _now(), summary or "first version")
+        write_manifest(tmp, manifest)
+        _point(whole, 1)
+        os.replace(whole, path)  # `path` is missing or an empty folder (check_output)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(whole, ignore_errors=True)
+
+
+def _written(folder: Path) -> Manifest:
+    if not (folder / MANIFEST).exists():
+        raise RuntimeError("bundle written without a manifest")
+    return Manifest.from_dict(read_manifest(folder / MANIFEST), folder)
 
 
 def finish(folder: Path, manifest: Manifest, names: list[str]) -> None:
@@ -451,6 +707,18 @@ class Health:
 
 
 @dataclass
+class Version:
+    """Which version of its bundle a manifest is, its parent (the version it was made from; none for a
+    first training) and what made it: the command, when (UTC) and a short summary."""
+
+    number: int = _bounded(MISSING, 0)
+    parent: int | None = None
+    command: str = ""
+    created: str | None = None
+    summary: str = ""
+
+
+@dataclass
 class Manifest:
     """manifest.json: what a bundle holds. A COPOD-only (cold-start) bundle has no model."""
 
@@ -469,6 +737,7 @@ class Manifest:
     health: Health | None = None
     exports: dict[str, Export] = field(default_factory=dict)
     tuning: dict[str, Any] | None = None
+    version: Version | None = None  # None: written before versions (loads as version 1)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], root: Path) -> Manifest:

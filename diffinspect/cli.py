@@ -611,7 +611,7 @@ def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (o
         return
     s = bundle_summary(_existing(bundle, "bundle"))
     m, p = s["model"] or {}, s["preprocess"] or {}
-    out.print(f"bundle {s['path']}")
+    out.print(f"bundle {s['path']} (version {s['version']})")
     out.print(f"  model: {m.get('kind')} {m.get('size')}, {m.get('params', 0) / 1e6:.2f} M params, "
               f"{m.get('gflops', 0):.3g} GFLOPs/frame, {_size_text(m.get('image_size'))}, "
               f"{m.get('channels')} channel(s)")
@@ -633,3 +633,74 @@ def info(bundle: Path | None = typer.Argument(None, help="Bundle to summarize (o
         figures = (f"rank corr {par['score_rank_correlation']:.4f}, map corr {par['map_correlation']:.4f}, "
                    f"max |Δmap| {par['max_abs_map_diff']:.3g}" if par else "no parity figures")
         out.print(f"  export {name}: {e['format']} {e['precision']} ({e['sampler']}): {figures}")
+
+
+model_app = typer.Typer(help="A bundle's versions: list, show, activate (roll back), diff, prune.",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.callback()
+def model(ctx: typer.Context, bundle: Path = typer.Argument(..., help="The bundle folder.")) -> None:
+    """Every change of a bundle (train, distill, tune, calibrate, export) is a version; one is active."""
+    ctx.obj = _existing(bundle, "bundle")
+
+
+@model_app.command("list")
+def model_list(ctx: typer.Context) -> None:
+    """Each version: number, parent, when, what changed, threshold; * marks the active one."""
+    from rich.table import Table
+
+    from diffinspect.bundle import version_rows
+
+    table = Table("", "version", "parent", "when (UTC)", "command", "what changed", "threshold")
+    for r in version_rows(ctx.obj):
+        table.add_row("*" if r["active"] else "", str(r["version"]), str(r["parent"] or ""), r["created"] or "",
+                      escape(r["command"]), escape(r["summary"]),
+                      "" if r["threshold"] is None else f"{r['threshold']:.4g}")
+    Console(width=200).print(table)
+
+
+@model_app.command("show")
+def model_show(ctx: typer.Context, number: int = typer.Argument(..., help="Version number.")) -> None:
+    """A version's manifest (what it holds and where it came from), as JSON."""
+    import json
+
+    from diffinspect.bundle import Bundle
+
+    b = Bundle.load(ctx.obj, verify=False, version=number)
+    print(json.dumps(b.manifest.to_dict(), indent=1))
+
+
+@model_app.command("activate")
+def model_activate(ctx: typer.Context, number: int = typer.Argument(..., help="Version to make active.")) -> None:
+    """Make a version the active one (a rollback is activating an older one); it is verified first."""
+    from diffinspect.bundle import activate, active_version
+
+    before = active_version(ctx.obj)
+    activate(ctx.obj, number)
+    console.print(f"version {number} of {escape(str(ctx.obj))} is active (was {before}); a running "
+                  f"inspect watch swaps to it between batches", highlight=False)
+
+
+@model_app.command("diff")
+def model_diff(ctx: typer.Context, a: int = typer.Argument(..., help="One version."),
+               b: int = typer.Argument(..., help="The other version.")) -> None:
+    """The manifest keys whose values differ between two versions."""
+    from diffinspect.bundle import diff_versions
+
+    rows = diff_versions(ctx.obj, a, b)
+    for key, va, vb in rows:
+        print(f"{key}: {va!r} -> {vb!r}")
+    if not rows:
+        console.print(f"versions {a} and {b} have the same manifest", highlight=False)
+
+
+@model_app.command("prune")
+def model_prune(ctx: typer.Context, keep: int = typer.Option(..., "--keep", help="Versions to keep (newest).")) -> None:
+    """Remove all but the newest KEEP versions; the active one is always kept."""
+    from diffinspect.bundle import prune
+
+    gone = prune(ctx.obj, keep)
+    console.print(f"removed version(s) {', '.join(map(str, gone))}" if gone else "nothing to remove",
+                  highlight=False)

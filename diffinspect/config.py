@@ -332,6 +332,7 @@ class MqttConfig:
     event_topic: str = "diffinspect/{station}/event"  # alarms, when the station has them
     status_topic: str = "diffinspect/{station}/status"  # retained JSON: online/fallback/offline, hold, alarms, low disk
     product_topic: str = "diffinspect/{station}/product"  # retained command: the product now on the line
+    version_topic: str = "diffinspect/{station}/{camera}/version"  # retained: the bundle version scoring it
     qos: int = 1  # 1 or 2: a message counts as delivered only once the broker acknowledged it
     client_id: str = ""  # default: diffinspect-{station}
     username: str | None = None
@@ -402,7 +403,7 @@ def validate_mqtt(cfg: MqttConfig) -> MqttConfig:
         raise DiffinspectError(f"MQTT broker URL must look like mqtt://host:1883 or mqtts://host:8883, got {cfg.url!r}")
     if cfg.qos not in (1, 2):
         raise DiffinspectError(f"watch.mqtt.qos must be 1 or 2 (0 has no acknowledgement), got {cfg.qos}")
-    for key in ("topic", "event_topic", "status_topic", "product_topic"):
+    for key in ("topic", "event_topic", "status_topic", "product_topic", "version_topic"):
         template = getattr(cfg, key)
         try:
             topic = template.format(station="s", camera="c")

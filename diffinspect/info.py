@@ -114,10 +114,11 @@ def bundle_summary(path: str | Path) -> dict[str, Any]:
 
     bundle = Bundle.load(path)
     m = bundle.manifest
-    files = {name: (bundle.path / name).stat().st_size for name in m.files}
+    files = {name: (bundle.folder / name).stat().st_size for name in m.files}
     cal, training = m.calibration, m.training
     return {
         "path": str(bundle.path),
+        "version": bundle.version,
         "model": plain(m.model),
         "preprocess": plain(m.preprocess),
         "sampler": plain(m.sampler),

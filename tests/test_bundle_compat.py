@@ -125,12 +125,13 @@ def test_old_copod_bundle_scores_as_it_did(tmp_path, line_dir):
     calibrate_copod_only(line_dir / "train" / "good", new, 0.1)
     old = tmp_path / "old"
     shutil.copytree(new, old)
-    raw = json.loads((old / "manifest.json").read_text())
+    folder = Bundle.load(old, verify=False).folder  # the active version's files
+    raw = json.loads((folder / "manifest.json").read_text())
     fb = raw["fallback"]
     raw["schema_version"] = 1
     raw["fallback"] = {**{k: repr(v) if isinstance(v, float) else str(v) for k, v in fb.items() if k != "file"},
                        "false_reject_rate": repr(fb["false_reject_rate"]), "embeddings_file": fb["file"]}
-    write_manifest(old, raw)
+    write_manifest(folder, raw)
     frames = [read_image(p, "gray") for p in sorted((line_dir / "test").glob("*/*.png"))[:6]]
     a, b = load_fallback(new), load_fallback(old)
     assert a.threshold == b.threshold and b.false_reject_rate == 0.1

@@ -99,8 +99,8 @@ def test_interrupted_distillation_resumes_where_it_stopped(trained_bundle, tmp_p
     whole = distill(b, **args)
     assert resumed["iterations"] == whole["iterations"] == 6
     assert [h["iteration"] for h in resumed["selection"]["history"]] == [0, 2, 3, 5, 6]
-    sa = torch.load(a / "student.pt", weights_only=True)
-    sb = torch.load(b / "student.pt", weights_only=True)
+    sa = torch.load(Bundle.load(a).file("student.pt"), weights_only=True)
+    sb = torch.load(Bundle.load(b).file("student.pt"), weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 

@@ -146,13 +146,23 @@ def test_auto_picks_the_fastest_export_that_passes_its_self_check(exported, monk
     assert "openvino:CPU:int8 failed self-check" in engine.selection
 
 
+def test_export_writes_a_new_version_of_the_bundle(exported):
+    path, records, _ = exported
+    b = Bundle.load(path)
+    parent = Bundle.load(path, version=b.manifest.version.parent)
+    assert b.manifest.version.command == "export" and set(b.manifest.exports) == set(records)
+    assert parent.manifest.exports == {} and parent.manifest.calibration == b.manifest.calibration
+    assert os.path.samefile(b.file("weights.pt"), parent.file("weights.pt"))
+
+
 def test_tampered_model_is_refused(exported, tmp_path):
     path, _, _ = exported
     copy = tmp_path / "b"
     shutil.copytree(path, copy)
-    data = bytearray((copy / "model.onnx").read_bytes())
+    model = Bundle.load(copy, verify=False).folder / "model.onnx"  # the active version's file
+    data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (copy / "model.onnx").write_bytes(bytes(data))
+    model.write_bytes(bytes(data))
     with pytest.raises(DiffinspectError, match=r"model\.onnx .*sha256"):
         make_engine(Bundle.load(copy), "onnxruntime")
 
@@ -176,9 +186,10 @@ def test_missing_export_unknown_device_and_backend_are_clear(exported, calibrate
 def test_exports_of_another_recipe_are_stale(exported, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(exported[0], copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
+    folder = Bundle.load(copy, verify=False).folder
+    manifest = json.loads((folder / "manifest.json").read_text())
     manifest["score"]["top_k"] = 0.05  # baked into the graph: the exports no longer compute this recipe
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DiffinspectError, match="stale"):
         make_engine(Bundle.load(copy), "openvino")
 
@@ -195,15 +206,17 @@ def test_parity_failure_refuses_and_writes_nothing(exported, calibrated_bundle, 
 
     copy = tmp_path / "b"
     shutil.copytree(calibrated_bundle, copy)
-    before = (copy / "manifest.json").read_text()
+    folder = Bundle.load(copy).folder
+    before = (folder / "manifest.json").read_text()
     # Reuse the fixture's graph instead of a second torch export; demand more than any export gives.
     monkeypatch.setattr(onnx_graph, "export_onnx",
-                        lambda graph, example, dst: shutil.copyfile(exported[0] / "model.onnx", dst))
+                        lambda graph, example, dst: shutil.copyfile(Bundle.load(exported[0]).file("model.onnx"), dst))
     monkeypatch.setattr(parity, "MIN_RANK_CORRELATION", 1.01)
     with pytest.raises(DiffinspectError, match="export refused, nothing written"):
         export_bundle(copy, "onnx", "fp32")
-    assert (copy / "manifest.json").read_text() == before
-    assert not (copy / "model.onnx").exists() and not list(copy.glob(".export-*"))
+    assert Bundle.load(copy).folder == folder and (folder / "manifest.json").read_text() == before
+    assert not list(copy.rglob("model.onnx")) and not list(copy.glob(".export-*"))
+    assert not list((copy / "versions").glob(".*"))  # no version left half-written
 
 
 def _edge_cli(tmp_path: Path, *args) -> subprocess.CompletedProcess:

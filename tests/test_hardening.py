@@ -63,9 +63,10 @@ def cold_bundle(line_dir, tmp_path_factory) -> Path:
 
 def edited(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
-    m = json.loads((dst / "manifest.json").read_text())
+    folder = Bundle.load(dst, verify=False).folder  # the active version's files
+    m = json.loads((folder / "manifest.json").read_text())
     edit(m)
-    (dst / "manifest.json").write_text(json.dumps(m))
+    (folder / "manifest.json").write_text(json.dumps(m))
     return dst
 
 
@@ -181,13 +182,14 @@ def test_bad_diffusion_threshold_is_refused_naming_the_field(calibrated_bundle, 
 def test_nan_statistics_give_error_records_and_valid_json(calibrated_bundle, line_dir, tmp_path, capsys):
     b = tmp_path / "b"
     shutil.copytree(calibrated_bundle, b)
-    with np.load(b / "calibration.npz") as z:
+    folder = Bundle.load(b, verify=False).folder
+    with np.load(folder / "calibration.npz") as z:
         arrays = {k: z[k] for k in z.files}
     arrays["mean"] = np.full_like(arrays["mean"], np.nan)
-    np.savez(b / "calibration.npz", **arrays)
-    m = json.loads((b / "manifest.json").read_text())
-    m["files"]["calibration.npz"] = sha256_file(b / "calibration.npz")
-    write_manifest(b, m)
+    np.savez(folder / "calibration.npz", **arrays)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["files"]["calibration.npz"] = sha256_file(folder / "calibration.npz")
+    write_manifest(folder, m)
     defect = next((line_dir / "test").glob("*/*.png"))
     code, out, _ = run_cli(capsys, "score", b, defect, "--backend", "torch", "--json")
     records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in JSON output")) for line in
@@ -203,10 +205,11 @@ def test_manifest_paths_outside_the_bundle_are_refused(cold_bundle, tmp_path, na
     victim.write_text("user data")
     b = tmp_path / "b"
     shutil.copytree(cold_bundle, b)
-    (b / "link").symlink_to(tmp_path)
-    m = json.loads((b / "manifest.json").read_text())
+    folder = Bundle.load(b, verify=False).folder
+    (folder / "link").symlink_to(tmp_path)
+    m = json.loads((folder / "manifest.json").read_text())
     m["files"][name] = sha256_file(victim)
-    write_manifest(b, m)
+    write_manifest(folder, m)
     with pytest.raises(DiffinspectError, match="outside the bundle"):
         Bundle.load(b)
     assert victim.exists()
@@ -407,14 +410,15 @@ def test_a_bad_calibration_file_with_a_matching_sha256_is_one_error(calibrated_b
 
     b = tmp_path / "b"
     shutil.copytree(calibrated_bundle, b)
-    target = b / "calibration.npz"
+    folder = Bundle.load(b, verify=False).folder
+    target = folder / "calibration.npz"
     if content == "garbage":
         target.write_bytes(b"not an npz")
     else:
         np.savez(target, mean=np.zeros(3, np.float32), std=np.ones(3, np.float32))  # not (terms, S, S)
-    m = json.loads((b / "manifest.json").read_text())
+    m = json.loads((folder / "manifest.json").read_text())
     m["files"]["calibration.npz"] = sha256_file(target)
-    write_manifest(b, m)
+    write_manifest(folder, m)
     with pytest.raises(DiffinspectError, match="calibration.npz"):
         load_detector(b, backend="torch")
 

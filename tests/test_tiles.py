@@ -173,7 +173,7 @@ def test_tile_training_is_deterministic_and_resumes(tiles_line, tmp_path):
     from diffinspect.train import train
 
     def weights(path: Path) -> dict:
-        return torch.load(path / "weights.pt", weights_only=True)
+        return torch.load(Bundle.load(path).file("weights.pt"), weights_only=True)
 
     a = weights(train(tiles_line, tmp_path / "a", tiles_cfg(**{"train.steps": 6})).path)
     b = weights(train(tiles_line, tmp_path / "b", tiles_cfg(**{"train.steps": 6})).path)

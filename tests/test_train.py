@@ -43,8 +43,8 @@ def test_loss_falls_and_bundle_loads(line_dir, tmp_path, kind):
 def test_deterministic_on_cpu(line_dir, tmp_path):
     a = train(line_dir, tmp_path / "a", tiny())
     b = train(line_dir, tmp_path / "b", tiny())
-    sa = torch.load(a.path / "weights.pt", weights_only=True)
-    sb = torch.load(b.path / "weights.pt", weights_only=True)
+    sa = torch.load(a.file("weights.pt"), weights_only=True)
+    sb = torch.load(b.file("weights.pt"), weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -67,8 +67,8 @@ def test_interrupt_saves_checkpoint_and_resume_continues(line_dir, tmp_path):
     assert b.manifest.training.steps == 6
     # An uninterrupted run draws the same batches: same weights.
     ref = train(line_dir, tmp_path / "ref", tiny(**{"train.steps": 6}))
-    sa = torch.load(b.path / "weights.pt", weights_only=True)
-    sr = torch.load(ref.path / "weights.pt", weights_only=True)
+    sa = torch.load(b.file("weights.pt"), weights_only=True)
+    sr = torch.load(ref.file("weights.pt"), weights_only=True)
     assert all(torch.allclose(sa[k], sr[k], atol=1e-6) for k in sa)
     assert not checkpoint_dir(out).exists()
 

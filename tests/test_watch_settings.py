@@ -4,7 +4,6 @@ password from the environment with QoS 2."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from line_receivers import MOSQUITTO, Broker, Subscriber, wait_for
 from services import needs
 from test_hardening import png_header_only, run_cli
 
+from diffinspect.bundle import Bundle
 from diffinspect.scoring.cold_start import calibrate_copod_only
 
 BOMB = (8000, 6600)  # 52.8 MP: just over the default limit, a few bytes on disk
@@ -44,7 +44,7 @@ def rows(out: Path) -> list[dict]:
 
 
 def threshold(bundle: Path) -> float:
-    return float(json.loads((bundle / "manifest.json").read_text())["fallback"]["threshold"])
+    return Bundle.load(bundle, verify=False).manifest.fallback.threshold
 
 
 def test_a_bundle_per_camera_folder_from_inspect_toml(cold_bundles, line_dir, tmp_path, capsys, monkeypatch):

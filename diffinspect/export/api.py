@@ -185,7 +185,7 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
         if failed and not allow_mismatch:
             raise DiffinspectError(f"export refused, nothing written: parity below {parity.MIN_RANK_CORRELATION} "
                                    f"for {', '.join(failed)} (--allow-mismatch to keep it anyway)")
-        with bundle.updating() as up:
+        with bundle.updating("export") as up:
             for name, rec in records.items():
                 for f in rec.files:
                     staged = up.staging_path(f)

@@ -112,7 +112,8 @@ class Committer:
             latency_ms=None, overlay=None if bad else self._overlay(it), error=it.error or (v.error if bad else None),
             fallback_reason=it.fallback_reason, received_at=c.received_at, scored_at=0.0,
             health=None if bad or it.health is None else it.health.json(),
-            p_value=None if bad else v.p_value, hold_reason=hold, product=it.product)
+            p_value=None if bad else v.p_value, hold_reason=hold, product=it.product,
+            bundle_version=None if bad else by.version)
 
     def _overlay(self, it: Item) -> str | None:
         """Written before the row is committed, so a row's overlay path always exists."""

@@ -28,6 +28,7 @@ class WatchSummary:
     uncommitted: int = 0  # --once: frames whose row could not be committed (scored again on the next start)
     archived: int = 0  # rows retention moved from results.db to OUT/archive/
     low_space: bool = False  # OUT was below the free-space floor at the end
+    products: dict[str, dict[str, int]] = field(default_factory=dict)  # [watch.products]: rows by status each
     stages: dict[str, float] = field(default_factory=dict)  # ms per frame by stage (scoring/stages.py)
 
     @property

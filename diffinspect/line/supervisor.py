@@ -3,6 +3,11 @@ fallback always; a failing or hung backend costs a warning and a re-creation att
 
 Hang isolation: Python cannot kill a thread, so a backend's calls run on a thread of their own
 (`Caller`) and the lane stops waiting for a call that hangs past score_timeout_s.
+
+Versions: between batches the lane looks at its bundle's active-version pointer (bundle.ActivePointer);
+a newly activated version is loaded whole in the background while the current one keeps scoring, then
+swapped in before the next batch. A batch is scored by one detector, so each row names the version
+that scored it. A version that fails to load leaves the current one, said once.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from diffinspect.bundle import ActivePointer
 from diffinspect.data.image import convert_color
 from diffinspect.line.frame import Item
 from diffinspect.line.options import WatchOptions
@@ -25,6 +31,8 @@ from diffinspect.scoring.stages import PREPROCESS, StageClock
 
 # Makes the lane's diffusion inspector or its fallback (a bare Detector is wrapped in an Inspector).
 DetectorFactory = Callable[[], Inspector | Detector]
+# Told when a lane swapped in another bundle version: (what happened, details).
+VersionHook = Callable[[str, str], None]
 
 
 class Caller:
@@ -63,9 +71,9 @@ class Supervisor:
     costs a warning and a re-creation attempt after retry_seconds, never a frame."""
 
     def __init__(self, make_primary: DetectorFactory, make_fallback: DetectorFactory, opts: WatchOptions,
-                 say: Say) -> None:
+                 say: Say, on_version: VersionHook | None = None) -> None:
         self._make_primary, self._make_fallback = make_primary, make_fallback
-        self._opts, self._say = opts, say
+        self._opts, self._say, self._on_version = opts, say, on_version
         self._lock = threading.Lock()
         self.primary: Inspector | None = None
         self._caller: Caller | None = None
@@ -76,6 +84,10 @@ class Supervisor:
         self._fb_down = "not loaded yet"
         self._fb_retry_at = 0.0
         self._est_s = 0.0  # recent diffusion time per batch, for max-latency routing
+        self._pointer: ActivePointer | None = None
+        self._next_version: tuple[Inspector, Inspector] | None = None  # loaded, swapped in before the next batch
+        self._version_loading = False
+        self._refused: int | None = None  # the version that failed to load (said once)
 
     def start(self) -> None:
         """Load both detectors. A diffusion load that hangs (a wedged accelerator) is left to finish
@@ -117,7 +129,8 @@ class Supervisor:
 
     def state(self) -> str:
         if self.primary is not None:
-            return f"{self.primary.name} ({self.primary.backend})"
+            version = f", version {self.primary.version}" if self.primary.version is not None else ""
+            return f"{self.primary.name} ({self.primary.backend}{version})"
         wait = max(0.0, self._retry_at - time.monotonic())
         retry = "loading" if self._loading else f"retry in {wait:.0f} s"
         return f"FALLBACK ({self.down}; {retry})"
@@ -169,6 +182,7 @@ class Supervisor:
     def score(self, items: list[Item], clock: StageClock | None = None) -> None:
         """Give decoded items their verdict and inspector (or an error); clock: time by stage."""
         clock = clock or StageClock()
+        self._follow_version()
         primary, caller = self._primary_now()
         to_primary, to_fallback = self._route(items, primary)
         if primary is not None and to_primary:
@@ -248,6 +262,55 @@ class Supervisor:
                 it.error = f"scoring failed ({it.fallback_reason}; fallback: score not finite)"
             else:
                 it.verdict, it.by = r, insp
+
+    # -- versions ------------------------------------------------------------------------------
+
+    def _follow_version(self) -> None:
+        """Swap in a version loaded since the last batch; start loading a newly activated one."""
+        with self._lock:
+            ready, self._next_version = self._next_version, None
+        if ready is not None:
+            self._swap(*ready)
+        current = self.fallback or self.primary
+        if current is None or current.bundle is None or self._version_loading or self._loading:
+            return
+        if self._pointer is None or self._pointer.root != current.bundle:
+            self._pointer = ActivePointer(current.bundle)
+        active = self._pointer.active()
+        if active is None or active == current.version or active == self._refused:
+            return
+        self._version_loading = True
+        threading.Thread(target=self._load_version, args=(active, current.version), name="watch-version",
+                         daemon=True).start()
+
+    def _load_version(self, number: int, old: int | None) -> None:
+        try:
+            fallback = as_inspector(self._make_fallback())
+            primary = as_inspector(self._make_primary())
+        except Exception as exc:
+            self._refused = number
+            self._say.warn(f"bundle version {number} was activated but does not load ({describe(exc)}); "
+                           f"version {old} keeps scoring")
+        else:
+            if {fallback.version, primary.version} == {number}:  # else activated again meanwhile: look again
+                with self._lock:
+                    self._next_version = (primary, fallback)
+        self._version_loading = False
+
+    def _swap(self, primary: Inspector, fallback: Inspector) -> None:
+        with self._lock:
+            old = self.fallback or self.primary
+            if self._caller is not None:
+                self._caller.close()
+            self.primary, self.fallback, self._fb_down = primary, fallback, ""
+            self._caller = Caller() if self._opts.score_timeout_s else None
+            self._refused = None
+        what = f"bundle version {primary.version} active"
+        detail = (f"{primary.bundle}: version {primary.version} scores from this batch on "
+                  f"(was {old.version if old else 'none'})")
+        self._say.info(f"{what}: {detail}")
+        if self._on_version is not None:
+            self._on_version(what, detail)
 
     @staticmethod
     def _one(insp: Inspector, frame: np.ndarray) -> Verdict | str:

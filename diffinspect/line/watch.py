@@ -36,7 +36,7 @@ from diffinspect.line.options import WatchOptions
 from diffinspect.line.products import Products, ProductSetup
 from diffinspect.line.retention import Retention, Space
 from diffinspect.line.say import Say
-from diffinspect.line.supervisor import DetectorFactory, Supervisor
+from diffinspect.line.supervisor import DetectorFactory, Supervisor, VersionHook
 from diffinspect.outputs.outbox import Outbox, Output, mark_key
 from diffinspect.scoring.overlay import save_overlay
 from diffinspect.scoring.stages import StageClock
@@ -122,13 +122,24 @@ def _run(roots: list[Path], out: Path, store: ResultStore, say: Say, groups: lis
         products = Products(setup, {f for folders, pair in groups if pair is not None for f in folders}, opts, say)
     shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking, drift=drift,
                         products=products, clock=clock)
-    lanes = [Lane(folders, q, None if pair is None else Supervisor(*pair, opts, say), shared)
+    lanes = [Lane(folders, q, None if pair is None else
+                  Supervisor(*pair, opts, say, _version_event(store, folders, say)), shared)
              for (folders, pair), q in zip(groups, queues, strict=True)]
     view = None if opts.quiet else View(stats, lanes, roots, opts.queue_size, intake.waiting)
     _serve(lanes, intake, Events(roots, intake, recursive, say), shared, view)
     summary = stats.summary(max(q.high_water for q in queues), time.monotonic() - started)
     summary.uncommitted, summary.stages = committer.uncommitted, clock.ms_per_frame()
     return summary
+
+
+def _version_event(store: ResultStore, folders: list[Path], say: Say) -> VersionHook:
+    """A lane's swap to another bundle version as a station event (and so an MQTT event message)."""
+    def record(what: str, detail: str) -> None:
+        try:
+            store.add_events([(time.time(), "version", what, "raised", detail, ", ".join(map(str, folders)))])
+        except Exception as exc:  # the swap happened whatever the event table says
+            say.warn(f"could not record the version change: {exc}")
+    return record
 
 
 def _serve(lanes: list[Lane], intake: Intake, events: Events, shared: LaneShared, view: View | None) -> None:

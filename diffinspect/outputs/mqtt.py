@@ -100,6 +100,7 @@ class MqttOutput:
         self._hold: dict[str, str] = {}  # camera -> why its verdicts are held
         self._alarms: dict[tuple[str, str | None], dict] = {}  # (kind, folder) -> the open alarm
         self._said: bytes | None = None
+        self._versions: dict[str, int] = {}  # camera -> the bundle version last published for it
         self.acknowledged = 0  # messages acknowledged by the broker (frames, events and status)
         self.acknowledged_rows = 0
 
@@ -153,6 +154,7 @@ class MqttOutput:
         # Up again: replace the last will's "offline" at once, not at the next frame.
         self._said = None
         self._say_status()
+        self._versions.clear()  # said again on the next frame, in case the broker lost its retained messages
 
     def close(self, say_offline: bool = True) -> None:
         client, self._client = self._client, None
@@ -190,6 +192,11 @@ class MqttOutput:
             self._hold.pop(name, None)
         self._say_status()
         camera = topic_part(name)
+        version = row.get("bundle_version")
+        if version is not None and self._versions.get(camera) != version:  # a new version scores this camera
+            self._publish(self.cfg.version_topic.format(station=self.station, camera=camera), str(version).encode(),
+                          retain=True)
+            self._versions[camera] = version
         self._publish(self.cfg.topic.format(station=self.station, camera=camera), frame_message(row, self.station))
         self.acknowledged_rows += 1
 

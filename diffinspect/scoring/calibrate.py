@@ -224,7 +224,7 @@ def calibrate(
              fusion_diffusion=fused[0], fusion_copod=fused[1],
              map_max=map_max, selfcheck_frames=selfcheck, selfcheck_scores=selfcheck_scores)
     copod_record = None
-    with bundle.updating() as up:
+    with bundle.updating("calibrate") as up:
         up.write_bytes(CALIBRATION_FILE, buf.getvalue())
         up.write_bytes(SUSPECTS_FILE, suspects_json(found, list(_excluded)))
         if copod is not None:

@@ -40,7 +40,7 @@ def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.0
     health = fit_health(frames, {copod.name: copod.calibration_scores})
     manifest = Manifest(preprocess=prep, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         training=Training(source=str(Path(folder).resolve())))
-    with bundle_io.creating(out) as tmp:
+    with bundle_io.creating(out, command="calibrate --detector copod") as tmp:
         manifest.fallback = copod.save(tmp)
         (tmp / SCORES_FILE).write_bytes(scores_npy(copod.calibration_scores))
         (tmp / SUSPECTS_FILE).write_bytes(suspects_json(found, excluded))

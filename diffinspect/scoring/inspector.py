@@ -86,6 +86,8 @@ class Inspector:
             calibration_scores = getattr(detector, "calibration_scores", None)
         cal = None if calibration_scores is None else np.sort(np.asarray(calibration_scores, np.float64).ravel())
         self.calibration_scores = cal if cal is not None and cal.size else None
+        self.bundle: Path | None = None  # the bundle it was loaded from, and that bundle's version
+        self.version: int | None = None
 
     @classmethod
     def load(cls, bundle: str | Path | Bundle, backend: str = "auto", device: str = "auto",
@@ -94,8 +96,9 @@ class Inspector:
         fallback) with the bundle's calibration scores."""
         from diffinspect.scoring.loader import load_detector  # lazy: pulls in the backends
 
-        det = load_detector(bundle, detector, backend, device, sampler)
-        return cls(det, getattr(det, "calibration_scores", None))
+        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        det = load_detector(b, detector, backend, device, sampler)
+        return cls(det, getattr(det, "calibration_scores", None))._from(b)
 
     @classmethod
     def fallback(cls, bundle: str | Path | Bundle) -> Inspector:
@@ -103,8 +106,13 @@ class Inspector:
         they were kept: no p-values then)."""
         from diffinspect.scoring.loader import load_fallback
 
-        det = load_fallback(bundle)
-        return cls(det, det.calibration_scores)
+        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        det = load_fallback(b)
+        return cls(det, det.calibration_scores)._from(b)
+
+    def _from(self, bundle: Bundle) -> Inspector:
+        self.bundle, self.version = bundle.path, bundle.version
+        return self
 
     @property
     def name(self) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 # `inspect score --json` keys, in order: "label" is the status (the results.db column) under its
 # user-facing name; "product" is set when the bundle was named by its product ([watch.products]).
 SCORE_KEYS = ("path", "score", "threshold", "label", "p_value", "detector", "backend", "latency_ms", "overlay",
-              "error", "product")
+              "error", "product", "bundle_version")
 
 
 def storable(text: str | None) -> str | None:
@@ -57,6 +57,7 @@ class Record:
     hold_reason: str | None = None
     # watch with [watch.products]: the product on the line when the frame was taken (line/products.py).
     product: str | None = None
+    bundle_version: int | None = None  # the version of the bundle that scored it (None for an error row)
 
     def to_dict(self) -> dict:
         """The `inspect score --json` line."""

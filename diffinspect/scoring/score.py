@@ -56,4 +56,4 @@ def _record(inspector: Inspector, path: Path, v: Verdict, latency_ms: float | No
     ok = v.label != "error"
     return Record(path=str(path), status=v.label, score=v.score if ok else None, threshold=inspector.threshold,
                   detector=inspector.name, backend=inspector.backend, latency_ms=latency_ms, overlay=overlay,
-                  error=v.error, p_value=v.p_value)
+                  error=v.error, p_value=v.p_value, bundle_version=inspector.version)

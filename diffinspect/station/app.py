@@ -152,7 +152,7 @@ class Station:
             "detector": None if last is None else {
                 "detector": last["detector"], "backend": last["backend"], "fallback_reason": last["fallback_reason"],
                 "fallback_share": fallback / scored if scored else 0.0,
-                "threshold": last["threshold"], "at": last["scored_at"],
+                "threshold": last["threshold"], "at": last["scored_at"], "version": last.get("bundle_version"),
                 # what this threshold guarantees, as `inspect calibrate` and `info` say it
                 "guarantee": (published.get("guarantees", {}).get(last["folder"]) or {}).get(last["detector"])},
             # Scores of the product on the line now (each product has its bundle, so its own scale).
@@ -229,7 +229,9 @@ def _alarms(db: ResultsReader) -> dict[str, Any]:
     latest: dict[tuple, dict] = {}
     for e in db.events():
         latest[(e["kind"], e["folder"])] = e
-    return {"alarms": [e for e in latest.values() if e["state"] == "raised"], "events": db.events(last=50)}
+    # A "version" event (a lane swapped bundle versions) is news, not an alarm that stays open.
+    return {"alarms": [e for e in latest.values() if e["state"] == "raised" and e["kind"] != "version"],
+            "events": db.events(last=50)}
 
 
 def _json(text: str | None) -> Any:

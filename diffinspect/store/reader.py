@@ -153,8 +153,9 @@ class ResultsReader:
 
     def last_scored(self, after: int) -> dict[str, Any] | None:
         """The newest frame a detector scored (no error row, nor one held unscored: an unknown product)."""
-        product = ", product" if "product" in self.columns() else ""
-        return self._one(f"SELECT id, folder, detector, backend, fallback_reason, threshold, scored_at{product} "
+        cols = self.columns()
+        extra = "".join(f", {c}" for c in ("product", "bundle_version") if c in cols)
+        return self._one(f"SELECT id, folder, detector, backend, fallback_reason, threshold, scored_at{extra} "
                          "FROM frames WHERE id > ? AND status != 'error' AND score IS NOT NULL "
                          "ORDER BY id DESC LIMIT 1", (after,))
 

@@ -62,13 +62,14 @@ CREATE TABLE IF NOT EXISTS frames (
     p_value REAL,                 -- conformal p-value of the score: reject at a plant's alpha when p <= alpha
     hold_reason TEXT,             -- why the verdict is hold: the camera's open alarms, an unknown product
     product TEXT,                 -- the product on the line when the frame was taken ([watch.products])
+    bundle_version INTEGER,       -- the version of the bundle that scored it (`inspect model BUNDLE list`)
     UNIQUE (path, size, mtime_ns)
 )"""
 _EVENTS = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     at REAL NOT NULL,             -- unix seconds
-    kind TEXT NOT NULL,           -- lighting | focus | camera | score (line/drift.py)
+    kind TEXT NOT NULL,           -- lighting | focus | camera | score (line/drift.py) | version
     name TEXT NOT NULL,           -- what the engineer reads: "lighting changed", ...
     state TEXT NOT NULL CHECK (state IN ('raised', 'cleared')),
     detail TEXT,
@@ -94,7 +95,7 @@ _SCHEMA = f"{_FRAMES};{_EVENTS};{_SECONDS};{_NG_INDEX};"
 # The table's columns in schema order (also the order of the JSON lines' keys).
 _COLUMNS = ["path", "folder", "size", "mtime", "mtime_ns", "status", "score", "threshold", "detector", "backend",
             "latency_ms", "overlay", "error", "fallback_reason", "received_at", "scored_at", "health", "p_value",
-            "hold_reason", "product"]
+            "hold_reason", "product", "bundle_version"]
 _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 _TEXT_COLUMNS = ("path", "folder", "overlay", "error", "fallback_reason", "backend", "detector", "hold_reason",
@@ -395,7 +396,8 @@ def _migrate(db: sqlite3.Connection) -> None:
     """The schema, with what results.db files written by older versions lack (inside a transaction)."""
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     cols = {r[1] for r in db.execute("PRAGMA table_info(frames)")}
-    for name, kind in (("health", "TEXT"), ("p_value", "REAL"), ("hold_reason", "TEXT"), ("product", "TEXT")):
+    for name, kind in (("health", "TEXT"), ("p_value", "REAL"), ("hold_reason", "TEXT"), ("product", "TEXT"),
+                       ("bundle_version", "INTEGER")):
         if cols and name not in cols:
             db.execute(f"ALTER TABLE frames ADD COLUMN {name} {kind}")
     sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'frames'").fetchone()

@@ -266,7 +266,7 @@ def _finish(bundle: Bundle, run: _Run, config: dict, teacher_auroc: float, sel: 
                       method="direct unrolled L2" + (", healing pasted defects" if config["defect_share"] else ""),
                       defect_share=config["defect_share"], selection=selection)
     stale = _stale_exports(bundle.manifest, config["teacher_steps"])
-    with bundle.updating() as up:
+    with bundle.updating("distill") as up:
         staged = up.staging_path(STUDENT_FILE)
         torch.save(run.best_state, staged)
         up.add_file(STUDENT_FILE, staged)
@@ -321,7 +321,7 @@ def _recalibrate(bundle: Bundle, device: str) -> dict | None:
                            sampler="student")
     except DiffinspectError as exc:
         # The old statistics describe another sampler; scoring with them would break the bound.
-        with Bundle.load(bundle.path).updating() as up:
+        with Bundle.load(bundle.path).updating("distill", "calibration removed: re-calibration failed") as up:
             up.manifest.calibration = None
         raise DiffinspectError(f"student written, but re-calibration failed ({exc}); the old calibration "
                                f"was removed: run inspect calibrate {bundle.path} GOOD_DIR") from None

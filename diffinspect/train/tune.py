@@ -85,7 +85,7 @@ def tune(bundle_path: str | Path, seed: int = 0, **_: object) -> dict:
     best = max(table, key=lambda r: r["auroc"])
     log.info(f"tuned on {len(val)} synthetic validation images: t*={best['t_star']}, terms {best['terms']}, "
              f"top-k {best['top_k']} (AUROC {best['auroc']:.3f} on pasted defects)")
-    with bundle.updating() as up:
+    with bundle.updating("tune") as up:
         up.manifest.score = best["recipe"]
         up.manifest.tuning = {"auroc": best["auroc"], "validation": "synthetic defects on training images",
                               "table": [{k: v for k, v in r.items() if k != "recipe"} for r in table]}

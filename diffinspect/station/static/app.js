@@ -25,6 +25,7 @@ function scoring(s) {
   if (d) {
     const fb = d.fallback_reason ? `<span class="fallback">FALLBACK</span> (${esc(d.fallback_reason)})` : "";
     rows.push(["detector", `${esc(d.detector)} ${fb}`], ["backend", esc(d.backend)],
+              ["bundle version", esc(d.version ?? "–")],
               ["threshold", fmt(d.threshold, 4)],
               ["guarantee", `<small id="guarantee">${d.guarantee ? esc(d.guarantee) : "–"}</small>`],
               ["fallback, last 200", `${fmt(100 * d.fallback_share, 0)} %`],
@@ -49,7 +50,8 @@ function alarms(s) {
   $("alarms").innerHTML = held + (open.length ? open.map(a =>
     `<div class="alarm"><b>${esc(a.name)}</b> since ${when(a.at)}<br><small>${esc(a.detail)}</small>` +
     `${a.folder ? `<br><small>${esc(a.folder)}</small>` : ""}</div>`).join("") : `<div class="none">no open alarm</div>`);
-  $("events").innerHTML = (s.events || []).map(e => `<div>${when(e.at)} ${esc(e.name)}: ${esc(e.state)}</div>`).join("");
+  $("events").innerHTML = (s.events || []).map(e => `<div>${when(e.at)} ${esc(e.name)}` +
+    (e.kind === "version" ? ` <small>${esc(e.detail)}</small>` : `: ${esc(e.state)}`) + `</div>`).join("");
 }
 function trend(s) {
   const svg = $("trend"); svg.replaceChildren();
@@ -122,7 +124,8 @@ async function openFrame(id) {
   $("modalbox").innerHTML = (r.overlay_url ? `<img alt="" src="${esc(withToken(r.overlay_url))}">` : "") +
     `<p><b class="${esc(r.status)}">${esc(r.status.toUpperCase())}</b> ${esc(r.path)}<br>` +
     `score <b>${fmt(r.score, 4)}</b> against threshold <b>${fmt(r.threshold, 4)}</b> (${esc(r.detector)} on ${esc(r.backend)}), ` +
-    `${when(r.scored_at)}, ${fmt(r.latency_ms, 0)} ms</p>` +
+    `${when(r.scored_at)}, ${fmt(r.latency_ms, 0)} ms` +
+    (r.bundle_version != null ? `, bundle version <b id="frame-version">${esc(r.bundle_version)}</b>` : "") + `</p>` +
     `<svg viewBox="0 0 100 8" height="24"><rect x="0" y="2" width="100" height="4" fill="#e3e7eb"/>` +
     `<rect x="0" y="2" width="${pos(r.score)}" height="4" fill="#d43a2f"/>` +
     `<line x1="${pos(r.threshold)}" x2="${pos(r.threshold)}" y1="0" y2="8" stroke="#1d2329" stroke-width=".6"/></svg>` +
