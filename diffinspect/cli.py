@@ -322,6 +322,7 @@ def watch(
     """Watch camera folders and score every frame exactly once; the line never stops."""
     from diffinspect.config import WATCH_FILE, load_watch_settings
     from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.logs import show_stamped
     from diffinspect.scoring.inspector import Inspector
 
     settings = load_watch_settings()
@@ -353,6 +354,8 @@ def watch(
     make_detector, make_fallback = factories(bundle)
     outputs = _outputs({"mqtt": settings.mqtt, "opcua": settings.opcua}, mqtt, opcua)
     out = out or Path(settings.out or "inspect_results")
+    if quiet:
+        show_stamped()  # a service's log: time-stamped lines on stderr
     summary = run_watch(folders, out, make_detector, make_fallback, options, per_folder=per_folder or None,
                         outputs=outputs)
     held = f"hold {summary.hold}, " if summary.hold else ""

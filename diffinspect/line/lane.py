@@ -7,6 +7,7 @@ as file names in the intake, not as pixels.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -20,8 +21,10 @@ from diffinspect.line.commit import Committer
 from diffinspect.line.drift import DriftHub
 from diffinspect.line.frame import Candidate, FrameChanged, Item, looks_complete, read_frame
 from diffinspect.line.options import WatchOptions
-from diffinspect.line.say import Say, describe
+from diffinspect.line.say import describe
 from diffinspect.line.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
 
 
 class FrameQueue(queue.Queue):
@@ -41,7 +44,6 @@ class LaneShared:
     """What the lanes of one run share."""
 
     opts: WatchOptions
-    say: Say
     committer: Committer
     recheck: Callable[[Candidate, bool], None]  # hand a frame back to the intake (changed, or half-written)
     started: Callable[[], None]  # the first frame is taken (for the rate)
@@ -82,7 +84,7 @@ class Lane:
                 return  # never started (start-up failed)
             t.join(max(0.0, deadline - time.monotonic()))
             if t.is_alive():
-                self.shared.say.warn(f"{t.name} did not finish within {timeout:g} s; leaving it")
+                log.warning(f"{t.name} did not finish within {timeout:g} s; leaving it")
                 return
 
     # -- prep: read + decode, just before scoring (the intake only holds names) ----------------
@@ -164,7 +166,7 @@ class Lane:
             if todo:
                 self.supervisor.score(todo)
         except Exception as exc:  # a bug here must cost rows, not the line
-            self.shared.say.warn(f"scoring: {describe(exc)}")
+            log.warning(f"scoring: {describe(exc)}")
             for it in todo:
                 if it.verdict is None and it.error is None:
                     it.error = f"internal error while scoring: {describe(exc)}"

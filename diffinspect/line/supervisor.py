@@ -7,6 +7,7 @@ Hang isolation: Python cannot kill a thread, so a backend's calls run on a threa
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -18,9 +19,11 @@ import numpy as np
 from diffinspect.data.image import convert_color
 from diffinspect.line.frame import Item
 from diffinspect.line.options import WatchOptions
-from diffinspect.line.say import Say, describe
+from diffinspect.line.say import WarnOnce, describe
 from diffinspect.scoring.detector import Detector
 from diffinspect.scoring.inspector import Inspector, Verdict
+
+log = logging.getLogger(__name__)
 
 # Makes the lane's diffusion inspector or its fallback (a bare Detector is wrapped in an Inspector).
 DetectorFactory = Callable[[], Inspector | Detector]
@@ -62,9 +65,9 @@ class Supervisor:
     costs a warning and a re-creation attempt after retry_seconds, never a frame."""
 
     def __init__(self, make_primary: DetectorFactory, make_fallback: DetectorFactory, opts: WatchOptions,
-                 say: Say) -> None:
+                 warn_once: WarnOnce) -> None:
         self._make_primary, self._make_fallback = make_primary, make_fallback
-        self._opts, self._say = opts, say
+        self._opts, self._warn_once = opts, warn_once
         self._lock = threading.Lock()
         self.primary: Inspector | None = None
         self._caller: Caller | None = None
@@ -85,8 +88,8 @@ class Supervisor:
         loader.start()
         loader.join(self._opts.score_timeout_s)
         if loader.is_alive():
-            self._say.warn(f"diffusion detector not loaded after {self._opts.score_timeout_s:g} s; "
-                           f"the fallback scores frames until it is")
+            log.warning(f"diffusion detector not loaded after {self._opts.score_timeout_s:g} s; "
+                        f"the fallback scores frames until it is")
 
     @property
     def health(self):  # noqa: ANN201 (HealthProfile | None: what drift alarms compare frames to)
@@ -113,13 +116,13 @@ class Supervisor:
                 self.down = f"diffusion detector unavailable: {describe(exc)}"
                 self._retry_at = time.monotonic() + self._opts.retry_seconds
                 self._loading = False
-            self._say.warn(f"{self.down}; the fallback scores frames, "
-                           f"retry in {self._opts.retry_seconds:g} s")
+            log.warning(f"{self.down}; the fallback scores frames, "
+                        f"retry in {self._opts.retry_seconds:g} s")
             return
         with self._lock:
             self.primary, self._loading = det, False
             self._caller = Caller() if self._opts.score_timeout_s else None
-        self._say.info(f"{det.name} detector ready ({det.backend})")
+        log.info(f"{det.name} detector ready ({det.backend})")
 
     def _primary_now(self) -> tuple[Inspector | None, Caller | None]:
         with self._lock:
@@ -136,8 +139,8 @@ class Supervisor:
                 self._caller.close()
             self.primary, self._caller, self.down = None, None, reason
             self._retry_at = time.monotonic() + self._opts.retry_seconds
-        self._say.warn(f"{reason}; the fallback scores frames, re-creating the detector in "
-                       f"{self._opts.retry_seconds:g} s")
+        log.warning(f"{reason}; the fallback scores frames, re-creating the detector in "
+                    f"{self._opts.retry_seconds:g} s")
 
     def _fallback_now(self) -> Inspector | None:
         if self.fallback is None and time.monotonic() >= self._fb_retry_at:
@@ -146,7 +149,7 @@ class Supervisor:
             except Exception as exc:
                 self._fb_down = describe(exc)
                 self._fb_retry_at = time.monotonic() + self._opts.retry_seconds
-                self._say.warn(f"fallback detector unavailable: {self._fb_down}")
+                log.warning(f"fallback detector unavailable: {self._fb_down}")
         return self.fallback
 
     def score(self, items: list[Item]) -> None:
@@ -213,8 +216,8 @@ class Supervisor:
         try:
             results: list[Verdict | str] = list(_checked(insp.inspect(frames)))
         except Exception as exc:
-            self._say.warn_once(f"fallback:{type(exc).__name__}", f"fallback failed on a batch "
-                                f"({describe(exc)}); scoring its frames one by one")
+            self._warn_once(log, f"fallback:{type(exc).__name__}", f"fallback failed on a batch "
+                            f"({describe(exc)}); scoring its frames one by one")
             results = [self._one(insp, f) for f in frames]
             if all(isinstance(r, str) for r in results):  # the instance is broken: replace it
                 self.fallback, self._fb_down = None, str(results[0])
