@@ -73,3 +73,16 @@ def test_warn_once_says_a_key_once_per_run(caplog):
     run2(log, "overlay:OSError", "overlay not written (OSError: disk full)")
     assert caplog.messages == ["overlay not written (OSError: disk full)", "cannot commit results",
                                "overlay not written (OSError: disk full)"]
+
+
+def test_the_cli_bar_draws_every_progress_call_as_a_row_per_task():
+    from diffinspect.cli import _Bar
+
+    with _Bar(minutes=10) as bar:
+        bar("training", 30, None, loss=0.0125, seconds=12.0)
+        bar("reading [good] images", 1, 2)  # a name with brackets is text, not markup
+        bar("reading [good] images", 2, 2)
+        rows = {t.description: t for t in bar.bar.tasks}
+    assert rows["training"].total is None and rows["training"].completed == 30
+    assert rows["training"].fields["info"] == "loss 0.0125  2.50 it/s  0.2/10 min"
+    assert rows["reading \\[good] images"].finished and rows["reading \\[good] images"].fields["info"] == ""

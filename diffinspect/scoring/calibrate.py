@@ -15,7 +15,6 @@ import io
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from diffinspect.data.datasets import list_images
 from diffinspect.data.image import Preprocess
 from diffinspect.data.reading import read_images
 from diffinspect.engines.select import make_engine
+from diffinspect.logs import Progress
 from diffinspect.scoring.diffusion import (
     CALIBRATION_FILE,
     DiffusionDetector,
@@ -54,7 +54,6 @@ MAX_REFERENCE = 256
 MAX_EMBEDDING_FIT = 4096  # training images the embedding detectors are fitted on
 MAX_REFERENCE_INPUTS = 2048  # model inputs (frames or tiles) for the statistics: bounds raw-term memory
 SELFCHECK_FRAMES = 4
-Progress = Callable[[str, int, int], None]
 
 log = logging.getLogger(__name__)
 
