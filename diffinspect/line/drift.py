@@ -233,14 +233,6 @@ class DriftMonitor:
     def _alarms(self) -> list[_Alarm]:
         return [*self._signal_alarms, *self._score_alarms.values()]
 
-    @property
-    def evidence(self) -> dict[str, float]:
-        """Each alarm's e-value now (score drift: the largest over detectors)."""
-        out: dict[str, float] = {}
-        for a in self._alarms:
-            out[a.kind] = max(out.get(a.kind, 0.0), a.process.value)
-        return out
-
     def update(self, signals: dict[str, float] | None, detector: str | None = None, status: str | None = None,
                score: float | None = None, at: float | None = None) -> list[AlarmEvent]:
         at = time.time() if at is None else at
