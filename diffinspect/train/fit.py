@@ -47,8 +47,8 @@ def train_threads(processes: int = 1) -> int:
     The cores are those this process may run on (os.sched_getaffinity: a container's or taskset's
     share, not the host's count, which torch's default reads), split between the processes started
     together (torchrun's LOCAL_WORLD_SIZE). Two processes that each take every core slow each other
-    down far more than 2x (bench/threads.py): their threads spin-wait at every barrier for a thread the
-    other process has pushed off its core. DIFFINSPECT_THREADS, when set, wins.
+    down far more than sharing would (bench/threads.py measures it): their threads spin-wait at every
+    barrier for a thread the other process has pushed off its core. DIFFINSPECT_THREADS, when set, wins.
     """
     value = os.environ.get("DIFFINSPECT_THREADS", "").strip()
     if value.isdigit() and int(value) > 0:
