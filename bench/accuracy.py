@@ -144,7 +144,7 @@ def main() -> None:
             if view is not None:
                 datasets.append(view)
         kinds = [k for k in args.baselines.split(",") if k]
-        report = evaluate([bundle], datasets, args.workdir / f"report_{cat.name}_{args.tag}", kinds, progress=False)
+        report = evaluate([bundle], datasets, args.workdir / f"report_{cat.name}_{args.tag}", kinds)
         print(table(report), flush=True)
         summary[cat.name] = report["datasets"]
     out = args.workdir / f"accuracy_{args.tag}.json"

@@ -61,8 +61,6 @@ from diffinspect.engines.torch_engine import TorchEngine
 from diffinspect.evaluation import metrics
 from diffinspect.evaluation.evaluate import mask_on_map
 from diffinspect.models.patches import PatchGaussian
-from diffinspect.models.recipe import Recipe
-from diffinspect.models.schedule import NoiseSchedule
 from diffinspect.models.scoring import ScoringGraph
 from diffinspect.scoring.calibrate import image_sets
 from diffinspect.scoring.diffusion import DiffusionDetector, Stats, fit_frames, robust_scale, robust_z
@@ -223,11 +221,11 @@ def measure(bundle_path: Path, category: Path, ts: list[int], scale_images: int,
     if "patch" in det.engine.term_names:
         # A bundle trained with the patch term: every arm but `bundle` starts from the rebuild terms alone.
         keep = [i for i, name in enumerate(det.engine.term_names) if name != "patch"]
-        rebuild = TorchEngine(b, "cpu", recipe=replace(Recipe.from_dict(b.manifest["score"]), patch_weight=0.0))
+        rebuild = TorchEngine(b, "cpu", recipe=replace(b.recipe, patch_weight=0.0))
         det = DiffusionDetector(rebuild, prep, Stats(det.stats.mean[keep], det.stats.std[keep]), det.threshold, None)
     graph = det.engine.graph  # type: ignore[attr-defined]
     denoiser, hw = graph.denoiser, tuple(graph.noise.shape[-2:])
-    schedule = NoiseSchedule.from_dict(b.manifest["schedule"])
+    schedule = b.schedule
 
     _, cal_paths, _ = image_sets(b, None)
     fit_paths = training_paths(b)

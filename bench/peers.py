@@ -12,7 +12,7 @@ split-conformally on the held-out good images only (the rule `inspect calibrate`
     python bench/peers.py ../shared/datasets/magnetic_tile ../shared/datasets/ball_screw \
         --workdir /tmp/acc --minutes 15
 
-The peer's venv takes about 6 GB (anomalib needs torchvision, which needs its matching torch build).
+The peer's venv takes several GB (anomalib needs torchvision, which needs its matching torch build).
 One torch job at a time: run this after bench/accuracy.py, not beside it.
 """
 

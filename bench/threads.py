@@ -15,10 +15,10 @@ It prints each worker's steps/s and the ratio of the two-process total to the si
 
     python bench/threads.py [--seconds 15]
 
-Measured on 2 cores shared with other jobs (load average about 9), --seconds 10: alone 0.08 steps/s with
-2 threads; two default 0.05 + 0.05 (total / alone 1.29); two shared, 1 thread each, 0.55 + 0.49 (13.4);
-two passive 0.32 + 0.36 (8.7). Spinning OpenMP threads on contended cores cost 5-10x; on a quiet machine
-a single process trains the U-Net small at about 2.7 steps/s (README).
+What to look for: on cores other jobs already use, "two, default" (threads spinning at every barrier for
+a thread the other process pushed off its core) falls far below "two, shared" and "two, passive"; on
+quiet cores spinning is the faster choice for a process alone. The figures depend on the machine and its
+load: they are this bench's output, not constants.
 """
 
 from __future__ import annotations

@@ -98,14 +98,42 @@ def _existing(path: Path, what: str) -> Path:
     return path
 
 
-def _progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class _Bar:
+    """The commands' one progress bar: draws the library's progress calls (diffinspect.logs.Progress), a
+    row per task. `minutes`: the run's time budget, shown beside its clock."""
 
-    # transient: an error ends a command as one line, not a half-drawn bar and the line; the command's
-    # last line says what was done.
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
-                    transient=True)
+    def __init__(self, minutes: float | None = None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        # transient: an error ends a command as one line, not a half-drawn bar and the line; the
+        # command's last line says what was done.
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                            transient=True)
+        self.minutes = minutes
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> _Bar:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def __call__(self, task: str, done: int, total: int | None, **detail: float) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = self.bar.add_task(escape(task), total=total, info="")
+        self.bar.update(self.tasks[task], completed=done, total=total, info=self.info(done, detail))
+
+    def info(self, done: int, detail: dict[str, float]) -> str:
+        """loss 0.01234  2.50 it/s  1.5/10 min: the figures, the rate on the run's clock, the budget."""
+        seconds = detail.pop("seconds", None)
+        parts = [f"{name} {value:.4g}" for name, value in detail.items()]
+        if seconds:
+            parts.append(f"{done / seconds:.2f} it/s")
+            if self.minutes:
+                parts.append(f"{seconds / 60:.1f}/{self.minutes:g} min")
+        return escape("  ".join(parts))
 
 
 def _backend(name: str | None) -> None:
@@ -164,16 +192,8 @@ def train(
         "data.defect_size": defect_size, "train.steps": steps,
         "train.max_minutes": max_minutes, "train.batch_size": batch_size, "data.holdout": holdout,
         "train.device": device, "train.seed": seed})
-    with _progress_bar() as bar:
-        task = bar.add_task("training", total=None, info="")
-
-        def progress(step: int, total: int, loss: float, elapsed: float) -> None:
-            budget = cfg.train.max_minutes
-            bar.update(task, completed=step, total=total if total < 10**9 else None,
-                       info=f"loss {loss:.4f}  {step / max(elapsed, 1e-9):.2f} steps/s"
-                       + (f"  {elapsed / 60:.1f}/{budget:g} min" if budget else ""))
-
-        bundle = run_train(data, out, cfg, resume=resume, overwrite=overwrite, progress=progress)
+    with _Bar(cfg.train.max_minutes) as bar:
+        bundle = run_train(data, out, cfg, resume=resume, overwrite=overwrite, progress=bar)
     if bundle is None:  # a torchrun rank other than 0: rank 0 writes the bundle and reports
         return
     console.print(f"bundle written to [bold]{bundle.path}[/]; next: inspect calibrate {bundle.path}")
@@ -227,16 +247,9 @@ def calibrate(
         from diffinspect.train.tune import tune as run_tune
 
         run_tune(bundle)
-    with _progress_bar() as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(what, total=total, info="")
-            bar.update(tasks[what], completed=done)
-
+    with _Bar() as bar:
         result = run_calibrate(bundle, normal_dir, false_reject_rate, backend, device, sampler,
-                               progress=progress, fusion=fusion,
+                               progress=bar, fusion=fusion,
                                frame_detector=frame_detector, confidence=confidence or None,
                                exclude_suspects=exclude_suspects)
     console.print(f"threshold [bold]{result.threshold:.4g}[/] (pixel {result.pixel_threshold:.4g}) "
@@ -335,6 +348,7 @@ def watch(
     """Watch camera folders and score every frame exactly once; the line never stops."""
     from diffinspect.config import WATCH_FILE, load_outputs, load_watch_settings
     from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.logs import show_stamped
     from diffinspect.scoring.inspector import Inspector
 
     settings = load_watch_settings()
@@ -371,6 +385,8 @@ def watch(
     products = _products(settings, mqtt_cfg, opcua_cfg, factories) if settings.products else None
     outputs = _outputs(mqtt_cfg, opcua_cfg)
     out = out or Path(settings.out or "inspect_results")
+    if quiet:
+        show_stamped()  # a service's log: time-stamped lines on stderr
     summary = run_watch(folders, out, make_detector, make_fallback, options, per_folder=per_folder or None,
                         outputs=outputs, products=products)
     held = f"hold {summary.hold}, " if summary.hold else ""
@@ -470,7 +486,8 @@ def evaluate(
     for d in data:
         _existing(d, "dataset")
     kinds = [] if baselines.strip().lower() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
-    result = run_evaluate(models, data, report, kinds, backend, device, one_class, robustness)
+    with _Bar() as bar:
+        result = run_evaluate(models, data, report, kinds, backend, device, one_class, robustness, progress=bar)
     console.print(f"report written to {report / 'report.html'}")
     for name, methods in result["datasets"].items():
         for method, figs in methods.items():
@@ -519,16 +536,9 @@ def distill(
     from diffinspect.train.distill import distill as run_distill
 
     _existing(bundle, "bundle")
-    with _progress_bar() as bar:
-        task = bar.add_task("distilling", total=None, info="")
-
-        def progress(step: int, total: int, loss: float, elapsed: float) -> None:
-            bar.update(task, completed=step, total=total if total < 10**9 else None,
-                       info=f"loss {loss:.5f}  {step / max(elapsed, 1e-9):.2f} it/s"
-                       + (f"  {elapsed / 60:.1f}/{max_minutes:g} min" if max_minutes else ""))
-
+    with _Bar(max_minutes) as bar:
         result = run_distill(bundle, steps=steps, teacher_steps=teacher_steps, iterations=iterations,
-                             max_minutes=max_minutes, device=device, resume=resume, progress=progress,
+                             max_minutes=max_minutes, device=device, resume=resume, progress=bar,
                              defect_share=heal)
     console.print(f"{result['steps']}-step student is now the default sampler of [bold]{bundle}[/]"
                   + ("" if result["calibration"] else f"; next: inspect calibrate {bundle}"))

@@ -138,7 +138,7 @@ def run_demo(workdir: Path, fast: bool = False) -> DemoResult:
     summary = watcher_out[0] if watcher_out else None
     log.info("6/6 writing the evaluation report")
     report_dir = workdir / "report"
-    report = evaluate([bundle], [line], report_dir, progress=False)
+    report = evaluate([bundle], [line], report_dir)
     figures = report["datasets"][line.name]["diffinspect"]
     headline = {
         "image_auroc": figures.get("image_auroc"), "pixel_auroc": figures.get("pixel_auroc"),

@@ -15,9 +15,9 @@ from diffinspect import __version__
 from diffinspect.bundle import Bundle, Manifest, plain
 
 PACKAGES = ("numpy", "onnxruntime", "openvino", "opencv-python-headless", "torch", "nncf")
-# Training images seen (steps x batch) below which a model is called undertrained. A U-Net small at
-# batch 16 gave AUROC below chance after 22 steps and called every defect OK after 46; the demo's ~240
-# steps find its defects. Larger models need more.
+# Training images seen (steps x batch) below which a model is called undertrained: a small U-Net trained a
+# few dozen steps ranks defects no better than chance, while the demo's run finds them. Larger models
+# need more.
 MIN_IMAGES_SEEN = {"tiny": 1600, "small": 3200, "base": 6400}
 
 

@@ -88,7 +88,7 @@ def test_interrupted_distillation_resumes_where_it_stopped(trained_bundle, tmp_p
     a, b = copy_of(trained_bundle, tmp_path, "a"), copy_of(trained_bundle, tmp_path, "b")
     args = {**QUIET, "steps": 2, "iterations": 6, "batch_size": 4}
 
-    def interrupt(it, total, loss, elapsed):
+    def interrupt(task, it, total, loss, seconds):
         if it == 3:
             raise KeyboardInterrupt
 

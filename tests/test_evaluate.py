@@ -108,7 +108,7 @@ def test_evaluate_end_to_end_with_fake_detectors(tmp_path: Path) -> None:
     dets = {"diffinspect": MeanDiffDetector(good), "copod_fallback": StatsCopod(good)}
     out = tmp_path / "report"
     torch_before = "torch" in sys.modules
-    report = ev.evaluate([], [cat], out, detectors=dets, progress=False, gallery_size=3)
+    report = ev.evaluate([], [cat], out, detectors=dets, gallery_size=3)
     assert torch_before or "torch" not in sys.modules  # the evaluation runs on the edge install
 
     for name in ("report.json", "summary.md", "report.html"):
@@ -156,8 +156,14 @@ def test_evaluate_end_to_end_with_fake_detectors(tmp_path: Path) -> None:
 
 def test_robustness_and_baselines_only_run(tmp_path: Path) -> None:
     cat = make_mvtec(tmp_path / "data", n_train=24, n_good=4, n_bad=3)
+    seen: dict[str, list[tuple[int, int | None]]] = {}
     report = ev.evaluate([], [cat], tmp_path / "r", baselines=("iforest_pixels",), robustness=True,
-                         progress=False)
+                         progress=lambda task, done, total: seen.setdefault(task, []).append((done, total)))
+    # every step shows from its start and ends complete: fitting (of unknown length), then each scoring pass
+    assert seen.pop("tiles: fitting 1 baseline(s)") == [(0, None), (1, 1)]
+    assert "tiles" in seen and len(seen) == 1 + len(ev.CORRUPTIONS) * len(ev.SEVERITIES)
+    for calls in seen.values():
+        assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] == calls[0][1] > 0
     row = report["datasets"]["tiles"]["iforest_pixels"]
     assert set(row["robustness"]) == set(CORRUPTIONS)
     assert set(row["robustness"]["blur"]) == {"1", "2", "3"}
@@ -171,7 +177,7 @@ def test_undecodable_test_images_are_skipped_and_named(tmp_path: Path, caplog) -
     (cat / "test" / "good" / "000.png").write_bytes(b"not a png")
     (cat / "test" / "dark" / "001.png").write_bytes(b"")
     with caplog.at_level("WARNING", logger="diffinspect"):
-        report = ev.evaluate([], [cat], tmp_path / "r", baselines=("iforest_pixels",), progress=False)
+        report = ev.evaluate([], [cat], tmp_path / "r", baselines=("iforest_pixels",))
     assert "undecodable test images" in caplog.text
     row = report["datasets"]["tiles"]["iforest_pixels"]
     assert (row["n_images"], row["n_good"], row["n_defective"]) == (8, 3, 5)
@@ -193,7 +199,7 @@ def test_one_class_on_digits(tmp_path: Path) -> None:
         counts[int(target)] = counts.get(int(target), 0) + 1
         big = cv2.resize((img * 255 / 16).astype(np.uint8), (32, 32), interpolation=cv2.INTER_LINEAR)
         _write(root / str(target) / f"{counts[int(target)]:03d}.png", big)
-    report = ev.evaluate([], [root], tmp_path / "r", one_class="0", progress=False,
+    report = ev.evaluate([], [root], tmp_path / "r", one_class="0",
                          embedder=lambda frames: embed_frames(frames, size=32))
     rows = report["datasets"]["digits[0]"]
     assert len(rows) == 6
@@ -209,19 +215,19 @@ def test_uncalibrated_bundle_error_is_not_swallowed(trained_bundle: Path, tmp_pa
     """A real bundle that was trained but never calibrated: evaluate says so, naming the fix."""
     cat = make_mvtec(tmp_path / "data", n_train=4, n_good=2, n_bad=1)
     with pytest.raises(DiffinspectError, match=r"never calibrated: run `inspect calibrate"):
-        ev.evaluate([trained_bundle], [cat], tmp_path / "r", progress=False)
+        ev.evaluate([trained_bundle], [cat], tmp_path / "r")
     assert not (tmp_path / "r" / "report.html").exists()
 
 
 def test_dataset_errors(tmp_path: Path) -> None:
     (tmp_path / "cat" / "train" / "good").mkdir(parents=True)
     with pytest.raises(DiffinspectError, match="test/"):
-        ev.evaluate([], [tmp_path / "cat"], tmp_path / "r", progress=False)
+        ev.evaluate([], [tmp_path / "cat"], tmp_path / "r")
     (tmp_path / "plain" / "scratch").mkdir(parents=True)
     with pytest.raises(DiffinspectError, match="good/"):
-        ev.evaluate([], [tmp_path / "plain"], tmp_path / "r", progress=False)
+        ev.evaluate([], [tmp_path / "plain"], tmp_path / "r")
     with pytest.raises(DiffinspectError, match="class '7' not found"):
-        ev.evaluate([], [tmp_path / "plain"], tmp_path / "r", one_class="7", progress=False)
+        ev.evaluate([], [tmp_path / "plain"], tmp_path / "r", one_class="7")
 
 
 def test_mask_on_map_follows_letterbox_and_crop() -> None:
@@ -315,7 +321,7 @@ class WorseDetector(MeanDiffDetector):
 def test_report_gives_counts_names_the_rate_source_and_flags_a_winning_baseline(tmp_path: Path) -> None:
     cat = make_mvtec(tmp_path / "data")
     dets = {"diffinspect": WorseDetector(_good_frames(cat))}
-    report = ev.evaluate([], [cat], tmp_path / "r", baselines=("copod_pixels",), detectors=dets, progress=False,
+    report = ev.evaluate([], [cat], tmp_path / "r", baselines=("copod_pixels",), detectors=dets,
                          gallery_size=0)
     row = report["datasets"]["tiles"]["diffinspect"]
     assert row["misses"] == round(row["miss_rate"] * row["n_defective"])

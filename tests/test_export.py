@@ -73,8 +73,8 @@ def test_every_format_and_precision_exports_and_passes_parity(exported):
         par = rec.parity
         assert par["passed"] == (par["score_rank_correlation"] >= parity.MIN_RANK_CORRELATION), (name, par)
         if rec.precision == "int8":
-            # 7-bit weights keep INT8 close to torch with and without VNNI (ONEDNN_MAX_CPU_ISA=AVX2 here:
-            # rank correlation 0.991, map correlation 0.992); the figure itself is the CPU's.
+            # 7-bit weights keep INT8 close to torch with and without VNNI (ONEDNN_MAX_CPU_ISA=AVX2 checks
+            # the former on any CPU); how close is the CPU's, so the bounds leave room.
             assert par["map_correlation"] > 0.98 and par["score_rank_correlation"] > 0.95, (name, par)
             continue
         assert par["passed"] and par["map_correlation"] > 0.99, (name, par)

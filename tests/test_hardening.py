@@ -424,7 +424,7 @@ def test_a_bad_calibration_file_with_a_matching_sha256_is_one_error(calibrated_b
 
 
 def test_openmp_threads_sleep_only_when_the_cores_are_already_busy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Spinning is faster alone (3.4 vs 2.7 steps/s here) and 5-10x slower on shared cores."""
+    """Spinning is faster alone and far slower on shared cores (bench/threads.py measures both)."""
     from diffinspect import cli
     from diffinspect.engines.exports import available_cores
 

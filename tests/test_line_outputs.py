@@ -489,7 +489,7 @@ def test_cli_refuses_a_bad_output_in_one_line(tmp_path: Path) -> None:
 
 
 @needs_mosquitto
-def test_watch_with_refused_credentials_scores_everything_and_says_so_once(tmp_path: Path, capsys) -> None:
+def test_watch_with_refused_credentials_scores_everything_and_says_so_once(tmp_path: Path, caplog) -> None:
     from watch_fakes import Factory
 
     from diffinspect.line.watch import WatchOptions, run_watch
@@ -507,7 +507,7 @@ def test_watch_with_refused_credentials_scores_everything_and_says_so_once(tmp_p
     finally:
         broker.stop()
     assert summary.frames == 20 and pending(tmp_path / "out" / "results.db", "mqtt") == 20
-    said = [line for line in capsys.readouterr().err.splitlines() if "mqtt:" in line]
+    said = [m for m in caplog.messages if "mqtt:" in m]
     assert len(said) == 1 and "refused the connection" in said[0] and "results wait in results.db" in said[0]
 
 
@@ -555,11 +555,21 @@ def test_cli_watch_mqtt_flag_publishes_and_reports(tmp_path: Path, broker: Broke
 
 
 def test_console_prints_bracketed_text_as_it_is(capsys) -> None:
-    """A receiver's error (or a file name) with brackets is printed, not read as rich markup."""
-    from diffinspect.line.say import Say
+    """A receiver's error (or a file name) with brackets is printed, not read as rich markup, by the handler
+    the CLI shows the watcher's records with."""
+    import logging
 
-    say = Say(quiet=False)
-    say.warn("opcua: refused [/x] by [bold]PLC[/bold]")
-    say.info("mqtt: delivering again [diffinspect[opcua]]")
+    from rich.console import Console
+
+    from diffinspect.logs import ROOT, show_on
+
+    logger = logging.getLogger(ROOT)
+    saved = logger.handlers[:], logger.level
+    try:
+        show_on(Console(stderr=True))
+        logging.getLogger("diffinspect.outputs.outbox").warning("opcua: refused [/x] by [bold]PLC[/bold]")
+        logging.getLogger("diffinspect.line.watch").info("mqtt: delivering again [diffinspect[opcua]]")
+    finally:
+        logger.handlers[:], logger.level = saved
     err = capsys.readouterr().err
-    assert "refused [/x] by [bold]PLC[/bold]" in err and "[diffinspect[opcua]]" in err
+    assert "warning: opcua: refused [/x] by [bold]PLC[/bold]" in err and "[diffinspect[opcua]]" in err

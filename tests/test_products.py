@@ -25,7 +25,7 @@ from diffinspect.config import MqttConfig, OpcuaConfig, OpcuaNodes, load_outputs
 from diffinspect.line.frame import Candidate
 from diffinspect.line.options import WatchOptions
 from diffinspect.line.products import Products, ProductSetup, Timeline
-from diffinspect.line.say import Say
+from diffinspect.line.say import WarnOnce
 from diffinspect.line.watch import run_watch
 
 needs_mosquitto = needs(MOSQUITTO is not None, "Debian's mosquitto (apt-get install mosquitto)")
@@ -71,7 +71,7 @@ def test_products_order_of_precedence_and_holds(tmp_path: Path) -> None:
     mqtt, plc = FakeSignal("mqtt"), FakeSignal("opcua")
     setup = ProductSetup({"housing": pair("housing"), "cover": pair("cover")}, folders={cam2: "cover"},
                          sources=[mqtt, plc])
-    products = Products(setup, {cam3}, WatchOptions(), Say(quiet=True))
+    products = Products(setup, {cam3}, WatchOptions(), WarnOnce())
     for s in (mqtt, plc):
         s.start(products._reporter(s.name))
     own = object()

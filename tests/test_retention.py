@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -25,7 +26,7 @@ import diffinspect.store.retention as retention_mod
 from diffinspect import DiffinspectError
 from diffinspect.config import RetentionSettings, load_watch_settings
 from diffinspect.line.retention import GB, Retention, Space
-from diffinspect.line.say import Say
+from diffinspect.line.say import WarnOnce
 from diffinspect.line.watch import WatchOptions, run_watch
 from diffinspect.store.deliveries import Deliveries
 from diffinspect.store.reader import ResultsReader
@@ -195,8 +196,8 @@ def test_overlays_and_moved_frames_stay_within_the_budget_oldest_first(tmp_path:
     store = ResultStore(out)
     try:
         settings = RetentionSettings(disk_gb=35_000 / GB, min_free_gb=0)
-        say = Say(quiet=True)
-        ret = Retention(store, out, settings, [], Space(out, 0, store, say), say)
+        warn_once = WarnOnce()
+        ret = Retention(store, out, settings, [], Space(out, 0, store, warn_once), warn_once)
         ret._list()
         late = out / "overlays" / "late.png"
         late.write_bytes(b"z" * 10_000)
@@ -283,7 +284,8 @@ def _start(cam: Path, out: Path, opts: WatchOptions) -> tuple[threading.Thread, 
 
 
 def test_below_the_floor_rows_are_recorded_without_overlays_or_moves_and_it_resumes(
-        small_fs: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+        small_fs: Path, tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    caplog.set_level(logging.INFO, logger="diffinspect")
     cam, out = tmp_path / "cam", small_fs / "out"
     out.mkdir()
     filler = small_fs / "filler"  # another program's file on the same disk
@@ -308,8 +310,8 @@ def test_below_the_floor_rows_are_recorded_without_overlays_or_moves_and_it_resu
     finally:
         stop.set()
         t.join(60)
-    err = capsys.readouterr().err
-    assert err.count("below min_free_gb") == 1 and err.count("resumed") == 1
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("below min_free_gb" in m for m in said) == 1 and sum("resumed" in m for m in said) == 1
 
 
 def test_a_line_on_a_small_disk_trims_our_oldest_files_and_records_every_row(small_fs: Path,

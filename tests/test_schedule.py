@@ -11,12 +11,8 @@ from diffinspect.models.schedule import (
     NoiseSchedule,
     ddim_step,
     ddim_timesteps,
-    eps_from_v,
-    eps_from_x0,
     q_sample,
-    v_from,
     x0_from_eps,
-    x0_from_v,
 )
 
 
@@ -37,26 +33,19 @@ def test_alphas_cumprod_decreases_inside_unit_interval(kind: str) -> None:
     assert ab[-1] > 0 and ab[0] < 1
 
 
-def test_ab_lookup_and_dict_round_trip() -> None:
+def test_ab_lookup_and_unknown_kind() -> None:
     s = NoiseSchedule("cosine", 500)
     assert isinstance(s.ab(10), float) and s.ab(10) == s.alphas_cumprod[10]
     np.testing.assert_array_equal(s.ab(np.array([1, 2])), s.alphas_cumprod[[1, 2]])
     assert torch.allclose(s.ab(torch.tensor([1, 2])), torch.from_numpy(s.alphas_cumprod[[1, 2]]))
-    again = NoiseSchedule.from_dict(s.to_dict())
-    assert again.to_dict() == {"kind": "cosine", "timesteps": 500}
-    np.testing.assert_array_equal(again.alphas_cumprod, s.alphas_cumprod)
     with pytest.raises(DiffinspectError, match="linear, cosine"):
         NoiseSchedule("sigmoid")
 
 
-def test_eps_and_v_round_trips(arrays) -> None:
+def test_x0_from_eps_undoes_the_noise(arrays) -> None:
     x0, eps, ab = arrays
     xt = q_sample(x0, eps, ab)
     np.testing.assert_allclose(x0_from_eps(xt, eps, ab), x0, atol=1e-6)
-    np.testing.assert_allclose(eps_from_x0(xt, x0, ab), eps, atol=1e-6)
-    v = v_from(x0, eps, ab)
-    np.testing.assert_allclose(x0_from_v(xt, v, ab), x0, atol=1e-9)
-    np.testing.assert_allclose(eps_from_v(xt, v, ab), eps, atol=1e-9)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -88,7 +77,6 @@ def test_numpy_and_torch_agree(arrays) -> None:
     xt = q_sample(x0, eps, ab)
     txt = q_sample(tx0, teps, tab)
     np.testing.assert_allclose(txt.numpy(), xt)
-    np.testing.assert_allclose(v_from(tx0, teps, tab).numpy(), v_from(x0, eps, ab))
     np.testing.assert_allclose(x0_from_eps(txt, teps, tab).numpy(), x0_from_eps(xt, eps, ab))
     step_np = ddim_step(xt, eps, ab, 0.9)
     np.testing.assert_allclose(ddim_step(txt, teps, tab, 0.9).numpy(), step_np)

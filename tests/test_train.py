@@ -22,7 +22,7 @@ def tiny(**over):
 def losses_of(line_dir, tmp_path, kind):
     seen = []
     train(line_dir, tmp_path / kind, tiny(**{"model.kind": kind, "train.steps": 50}),
-          progress=lambda s, n, loss, e: seen.append(loss))
+          progress=lambda task, step, total, loss, seconds: seen.append(loss))
     return seen
 
 
@@ -62,8 +62,8 @@ def test_interrupt_saves_checkpoint_and_resume_continues(line_dir, tmp_path):
     assert not out.exists()  # never a half-written bundle
     steps = []
     b = train(line_dir, out, tiny(**{"train.steps": 6}), resume=True,
-              progress=lambda s, *_: steps.append(s))
-    assert steps == [4, 5, 6]
+              progress=lambda task, step, total, **detail: steps.append((task, step, total)))
+    assert steps == [("training", 4, 6), ("training", 5, 6), ("training", 6, 6)]
     assert b.manifest.training.steps == 6
     # An uninterrupted run draws the same batches: same weights.
     ref = train(line_dir, tmp_path / "ref", tiny(**{"train.steps": 6}))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from logged import logged
 from test_hardening import run_cli
 from test_station import browser  # noqa: F401 (the fixture)
 from watch_fakes import wait_for
@@ -221,8 +222,7 @@ class Camera:
 
 
 def test_watch_swaps_to_an_activated_version_between_batches_without_losing_a_frame(
-        bundle: Path, line_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    from diffinspect.line.say import Say
+        bundle: Path, line_dir: Path, tmp_path: Path) -> None:
     from diffinspect.line.watch import WatchOptions, run_watch
     from diffinspect.scoring.inspector import Inspector
 
@@ -238,28 +238,25 @@ def test_watch_swaps_to_an_activated_version_between_batches_without_losing_a_fr
     stop = threading.Event()
     opts = WatchOptions(quiet=True, stable_ms=50, empty_ms=200, settle_ms=300, rescan_seconds=0.5, batch=4,
                         pattern="*.png", stop=stop)
-    said: list[str] = []
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(s=run_watch(
         [cam], out, lambda: Inspector.load(bundle), lambda: Inspector.fallback(bundle), opts)))
-    for name in ("info", "warn"):
-        real = getattr(Say, name)
-        monkeypatch.setattr(Say, name, lambda self, msg, real=real: (said.append(msg), real(self, msg))[1])
     camera = Camera(cam, images)
-    try:
-        thread.start()
-        camera.drop(20)
-        wait_for(lambda: len(_rows(out)) >= 10)
-        (bundle / ACTIVE).write_text("3\n")  # by hand, past `activate`'s check: a version that cannot load
-        camera.until(lambda: any("does not load" in m for m in said))
-        camera.drop(10)
-        activate(bundle, 2)  # frames keep coming while the lane loads it and swaps
-        camera.until(lambda: any("bundle version 2 active" in m for m in said))
-        camera.drop(20)
-        wait_for(lambda: len(_rows(out)) >= camera.n, timeout=60)
-    finally:
-        stop.set()
-        thread.join(60)
+    with logged() as said:
+        try:
+            thread.start()
+            camera.drop(20)
+            wait_for(lambda: len(_rows(out)) >= 10)
+            (bundle / ACTIVE).write_text("3\n")  # by hand, past `activate`'s check: a version that cannot load
+            camera.until(lambda: any("does not load" in m for m in said))
+            camera.drop(10)
+            activate(bundle, 2)  # frames keep coming while the lane loads it and swaps
+            camera.until(lambda: any("bundle version 2 active" in m for m in said))
+            camera.drop(20)
+            wait_for(lambda: len(_rows(out)) >= camera.n, timeout=60)
+        finally:
+            stop.set()
+            thread.join(60)
     rows = _rows(out)
     assert len(rows) == camera.n and len({r["path"] for r in rows}) == camera.n  # none lost, none doubled
     versions = [r["bundle_version"] for r in rows]

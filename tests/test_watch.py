@@ -384,6 +384,33 @@ def test_quiet_mode_prints_one_line_per_frame(tmp_path: Path, capsys: pytest.Cap
     assert sum(" ng " in line for line in lines) == 2 and sum("error" in line for line in lines) == 1
 
 
+def test_quiet_cli_logs_time_stamped_warnings_on_stderr(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`inspect watch --quiet` is a service: its warnings are time-stamped lines on stderr, its frames one
+    line each on stdout."""
+    from test_hardening import run_cli
+
+    import diffinspect.scoring.loader as loader
+
+    def no_accelerator(*a: object, **k: object) -> None:
+        raise RuntimeError("no accelerator (fake)")
+
+    monkeypatch.setattr(loader, "load_detector", no_accelerator)
+    monkeypatch.setattr(loader, "load_fallback", lambda *a, **k: FakeDetector(name="copod"))
+    monkeypatch.chdir(tmp_path)
+    Path("model").mkdir()
+    Path("model/manifest.json").write_text('{"schema_version": 1, "diffinspect_version": "0", "files": {}}')
+    frames_in(Path("cam"), 2)
+    code, out, err = run_cli(capsys, "watch", "cam", "--model", "model", "--once", "--quiet", "--out", "res")
+    assert code == 0, err
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}"
+    warned = [line for line in err.splitlines() if "diffusion detector unavailable" in line]
+    assert len(warned) == 1
+    assert re.fullmatch(stamp + r" WARNING diffusion detector unavailable: RuntimeError: no accelerator \(fake\); "
+                        r"the fallback scores frames, retry in \d+ s", warned[0]), warned[0]
+    frames = out.splitlines()
+    assert len(frames) == 2 and all(re.match(stamp + r" \w+ .*/cam/f000[01]\.png$", line) for line in frames), frames
+
+
 def test_live_view_shows_the_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cam, out = tmp_path / "cam", tmp_path / "out"
     frames_in(cam, 3, ng_every=3)  # f0000 is NG

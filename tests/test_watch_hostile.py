@@ -10,7 +10,8 @@ from test_watch_reliability import assert_mirror, watching
 from watch_fakes import Factory, db_rows, frame_bytes, jsonl_rows, n_rows, wait_for, write_frame
 
 from diffinspect.line.watch import WatchOptions, run_watch
-from diffinspect.scoring.record import Record, storable
+from diffinspect.logs import storable
+from diffinspect.scoring.record import Record
 
 FAST = {"quiet": True, "stable_ms": 30, "empty_ms": 150, "settle_ms": 150, "rescan_seconds": 0.3}
 

@@ -132,7 +132,9 @@ class Factory:
 
 def main(argv: list[str] | None = None) -> int:
     from diffinspect.line.watch import WatchOptions, run_watch
+    from diffinspect.logs import show_stamped
 
+    show_stamped()  # the watcher's warnings on stderr, as `inspect watch --quiet` shows them
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("folders", nargs="+")

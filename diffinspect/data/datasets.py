@@ -60,10 +60,6 @@ class LabelledSet:
     samples: list[TestSample] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def defect_types(self) -> list[str]:
-        return sorted({s.defect for s in self.samples if s.is_anomalous})
-
 
 def labelled_set(root: str | Path) -> LabelledSet:
     root = Path(root)

@@ -13,8 +13,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-# OpenCV's own ceiling on the pixels of one decode (read once, at its first decode): a second guard
-# behind the header check below, for a format whose header that check does not parse.
+# OpenCV's own ceiling on the pixels of one decode: a second guard behind the header check below, for a
+# format whose header that check does not parse. OpenCV reads it when it is loaded, so this one import-time
+# setting has to stay here, before `import cv2` (setdefault: a user's own value wins).
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 28))
 
 import cv2  # noqa: E402

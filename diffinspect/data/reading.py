@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from diffinspect.data.image import ImageError, read_image
+from diffinspect.logs import Progress
 
 SHOWN = 3  # bad files named in the warning; the rest are counted
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class ReadImages:
 
 def read_images(paths: list[Path], color: str, what: str = "images", *,
                 transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                progress: Callable[[str, int, int], None] | None = None) -> ReadImages:
+                progress: Progress | None = None) -> ReadImages:
     """Decode every file (then `transform` it, e.g. fit it to the model); a file that cannot be read,
     decoded or transformed is skipped, and one warning names the first few and counts them all."""
     out = ReadImages([], [])

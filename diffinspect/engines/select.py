@@ -8,11 +8,11 @@ Self-check (auto). Calibration stores a few frames (`selfcheck_frames`) and the 
 (`selfcheck_scores`). At start-up each candidate scores those frames with the bundle's statistics; it
 passes when every score is within SELFCHECK_TOLERANCE x σ, the spread of good parts' graph scores
 (`graph_score_spread`). One σ is above what a sound export deviates and well below what a broken one
-does, so a failure means "do not trust this engine", and auto falls through to the next one. On the
-tiny test model: INT8 deviated 0.2 σ (σ from the calibration scores) or 0.5 σ (σ from the reference
-images' IQR, a tighter spread: the model was fitted on them), fp16 under 0.01 σ; INT8 with x and its
-rebuild through separate feature-pass quantizers (a broken recipe, see export/onnx_graph.py) deviated
-about 5 σ on defective frames.
+does (a sound INT8 export stays well inside it, fp16 far inside; INT8 with x and its rebuild through
+separate feature-pass quantizers, a broken recipe, see export/onnx_graph.py, lands well outside), so a
+failure means "do not trust this engine", and auto falls through to the next one. The spread is taken
+from the calibration scores, not from the reference images', which are tighter (the model was fitted on
+them).
 """
 
 from __future__ import annotations

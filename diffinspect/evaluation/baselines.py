@@ -133,8 +133,8 @@ class PixelBaseline(_Calibrated):
         # n centred rows span at most n-1 directions; a further component has ~0 variance and would be
         # blown up into pure noise by the OCSVM's standardization.
         k = max(1, min(self.n_components, len(fit_idx) - 1, P.shape[1]))
-        # "auto" picks ARPACK here, seconds for a 30 x 4096 matrix; a full SVD takes milliseconds up to
-        # a few thousand rows, beyond that the randomized solver does.
+        # "auto" picks ARPACK here, far slower on these short, wide matrices than a full SVD up to a
+        # few thousand rows; beyond that the randomized solver is.
         solver = "full" if len(fit_idx) <= 3000 else "randomized"
         self.pca_ = PCA(n_components=k, svd_solver=solver, random_state=self.seed).fit(P[fit_idx])
         self._model.fit(self.pca_.transform(P[fit_idx]))

@@ -13,8 +13,9 @@ to put ground-truth masks on the map grid); `pixel_threshold`, `name`, `backend`
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from diffinspect.evaluation import metrics
 from diffinspect.evaluation.baselines import KINDS, EmbeddingBaseline, PixelBaseline
 from diffinspect.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from diffinspect.evaluation.report import GalleryItem, MethodView, summarize, write_report
+from diffinspect.logs import Progress
 from diffinspect.scoring.detector import Detector
 from diffinspect.scoring.inspector import Inspector, label_for
 from diffinspect.scoring.threshold import describe_bound
@@ -104,61 +106,59 @@ def evaluate(
     calib_share: float = 0.2,
     seed: int = 0,
     gallery_size: int = 6,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> dict:
     """Evaluate bundles (and/or pre-loaded `detectors`) and baselines on datasets; write the report.
 
     datasets: MVTec categories or folders with good/ and defect folders; with one_class, folders of
     class folders (ROOT/<class>/*.png) where one_class is normal and every other class an anomaly.
     train_dirs: good images for the baselines, one per dataset (or one for all); default: an MVTec
-    category's train/good, or the one-class training share. Returns the report dict (report.json).
+    category's train/good, or the one-class training share. progress: loading, fitting and scoring, task
+    by task (logs.Progress). Returns the report dict (report.json).
     """
     if not datasets:
         raise DiffinspectError("no dataset to evaluate")
-    with _progress(progress) as bar:  # from the start: loading and fitting take minutes too
-        notes: list[str] = []
-        models: dict[str, dict] = {}
-        suspects: dict[str, dict] = {}  # per bundle: its calibration images that look defective
-        task = bar.add("loading the model(s) and checking their backends", None) if bundles else None
+    notes: list[str] = []
+    models: dict[str, dict] = {}
+    suspects: dict[str, dict] = {}  # per bundle: its calibration images that look defective
+    with _unsized(progress, "loading the model(s) and checking their backends" if bundles else None):
         dets = _load_detectors(bundles, backend, device, notes, models, suspects)
-        bar.finish(task)
-        for name, det in (detectors or {}).items():
-            dets[_unique(name, dets)] = det
-        kinds = _baseline_names(baselines)
-        if alpha is None:
-            # Named by where it came from, not by its value: a line calibrated at 5 % is not "the default".
-            detector_alpha = _detector_alpha(dets)
-            alpha = DEFAULT_ALPHA if detector_alpha is None else detector_alpha
-            source = "the default" if detector_alpha is None else "the detector's target"
-        else:
-            source = "as asked"
-        if kinds:
-            notes.append(f"baseline thresholds target a false-reject rate of {alpha:g} ({source})")
-        embed_fn, embed_color = _embedder(embedder, dets, notes)
-        train_list = _train_dirs(train_dirs, len(datasets))
-        report: dict = {"models": models, "suspects": suspects, "datasets": {}, "summary": {}, "notes": notes}
-        views: dict[str, list[MethodView]] = {}
-        for root, train_dir in zip(datasets, train_list, strict=True):
-            spec = _dataset_spec(Path(root), one_class, train_dir, train_share, seed)
-            name = _unique(spec.name, report["datasets"])
-            methods = [_detector_method(n, d) for n, d in dets.items()]
-            # Detectors take frames as read in their colour mode: the identity feature step.
-            feats = {m.features: Featurizer(_color(m), _identity) for m in methods}
-            task = bar.add(f"{name}: fitting {len(kinds)} baseline(s)", None) if kinds else None
+    for name, det in (detectors or {}).items():
+        dets[_unique(name, dets)] = det
+    kinds = _baseline_names(baselines)
+    if alpha is None:
+        # Named by where it came from, not by its value: a line calibrated at 5 % is not "the default".
+        detector_alpha = _detector_alpha(dets)
+        alpha = DEFAULT_ALPHA if detector_alpha is None else detector_alpha
+        source = "the default" if detector_alpha is None else "the detector's target"
+    else:
+        source = "as asked"
+    if kinds:
+        notes.append(f"baseline thresholds target a false-reject rate of {alpha:g} ({source})")
+    embed_fn, embed_color = _embedder(embedder, dets, notes)
+    train_list = _train_dirs(train_dirs, len(datasets))
+    report: dict = {"models": models, "suspects": suspects, "datasets": {}, "summary": {}, "notes": notes}
+    views: dict[str, list[MethodView]] = {}
+    for root, train_dir in zip(datasets, train_list, strict=True):
+        spec = _dataset_spec(Path(root), one_class, train_dir, train_share, seed)
+        name = _unique(spec.name, report["datasets"])
+        methods = [_detector_method(n, d) for n, d in dets.items()]
+        # Detectors take frames as read in their colour mode: the identity feature step.
+        feats = {m.features: Featurizer(_color(m), _identity) for m in methods}
+        with _unsized(progress, f"{name}: fitting {len(kinds)} baseline(s)" if kinds else None):
             methods += _fit_baselines(spec, kinds, alpha, calib_share, seed, embed_fn, embed_color,
                                       _roi_crop(dets), feats, batch_size)
-            bar.finish(task)
-            if not methods:
-                raise DiffinspectError("nothing to evaluate: give a bundle or keep at least one baseline")
-            results, views[name] = _evaluate_dataset(spec, methods, feats, robustness, batch_size, seed,
-                                                     gallery_size, bar)
-            report["datasets"][name] = results
-            notes.extend(f"{name}: {n}" for n in spec.notes)
-        notes.extend(_general_notes(robustness))
-        report["summary"] = summarize(report["datasets"])
-        notes[:0] = _beaten(report["datasets"])
-        report["notes"] = list(dict.fromkeys(notes))  # keep order, drop repeats
-        write_report(report, views, Path(report_dir))
+        if not methods:
+            raise DiffinspectError("nothing to evaluate: give a bundle or keep at least one baseline")
+        results, views[name] = _evaluate_dataset(spec, methods, feats, robustness, batch_size, seed,
+                                                 gallery_size, progress)
+        report["datasets"][name] = results
+        notes.extend(f"{name}: {n}" for n in spec.notes)
+    notes.extend(_general_notes(robustness))
+    report["summary"] = summarize(report["datasets"])
+    notes[:0] = _beaten(report["datasets"])
+    report["notes"] = list(dict.fromkeys(notes))  # keep order, drop repeats
+    write_report(report, views, Path(report_dir))
     return report
 
 
@@ -489,12 +489,12 @@ def mask_on_map(mask: np.ndarray, amap: np.ndarray, pre: Preprocess) -> tuple[np
 
 def _evaluate_dataset(spec: DatasetSpec, methods: list[Method], feats: dict[str, Featurizer],
                       robustness: bool, batch_size: int, seed: int, gallery_size: int,
-                      bar: _Bar) -> tuple[dict, list[MethodView]]:
+                      progress: Progress | None) -> tuple[dict, list[MethodView]]:
     samples = spec.test.samples
     # Maps are kept only where masks make pixel metrics possible (the gallery re-scores its few frames).
     with_masks = any(s.mask is not None for s in samples)
     skipped: list[tuple[Path, str]] = []
-    clean = _score_set(samples, methods, feats, batch_size, bar, spec.name, with_masks, spec.notes,
+    clean = _score_set(samples, methods, feats, batch_size, progress, spec.name, with_masks, spec.notes,
                        skipped=skipped)
     if skipped:  # undecodable test images are left out of every figure, and named in the report
         spec.notes.append(skipped_message(skipped, "test images"))
@@ -512,7 +512,7 @@ def _evaluate_dataset(spec: DatasetSpec, methods: list[Method], feats: dict[str,
     if robustness:
         for kind in CORRUPTIONS:
             for sev in SEVERITIES:
-                out = _score_set(samples, methods, feats, batch_size, bar, f"{spec.name} {kind} s{sev}",
+                out = _score_set(samples, methods, feats, batch_size, progress, f"{spec.name} {kind} s{sev}",
                                  False, spec.notes, corruption=(kind, sev, seed))
                 for m in methods:
                     th = metrics.threshold_metrics(labels, out[m.name].scores, m.threshold)
@@ -530,7 +530,7 @@ def _evaluate_dataset(spec: DatasetSpec, methods: list[Method], feats: dict[str,
 
 
 def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str, Featurizer],
-               batch_size: int, bar: _Bar, label: str, pixel_pairs: bool, notes: list[str],
+               batch_size: int, progress: Progress | None, label: str, pixel_pairs: bool, notes: list[str],
                corruption: tuple[str, int, int] | None = None,
                skipped: list[tuple[Path, str]] | None = None) -> dict[str, Scores]:
     """Score every method on the samples, batch by batch; each frame is read once per colour. A sample
@@ -544,9 +544,11 @@ def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str
     seconds = dict.fromkeys([m.name for m in methods] + list(feats), 0.0)
     if corruption is None and samples:
         _warm_up(samples[0], methods, feats)
-    task = bar.add(label, len(samples))
+    if progress is not None:
+        progress(label, 0, len(samples))
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
+        done = start + len(batch)  # the samples handled once this batch is
         read = {c: read_images([s.path for s in batch], c, "test images") for c in colors}
         bad = {p: why for r in read.values() for p, why in r.skipped}
         if bad:
@@ -555,7 +557,8 @@ def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str
             batch = [s for s in batch if s.path not in bad]
         frames = {c: [f for f, p in zip(r.frames, r.paths, strict=True) if p not in bad] for c, r in read.items()}
         if not batch:
-            bar.advance(task, len(bad))
+            if progress is not None:
+                progress(label, done, len(samples))
             continue
         if corruption is not None:
             kind, sev, sd = corruption
@@ -587,7 +590,8 @@ def _score_set(samples: list[TestSample], methods: list[Method], feats: dict[str
                     else:
                         full = mask if mask is not None else np.zeros(fr.shape[:2], dtype=bool)
                         pairs[m.name].append(mask_on_map(full, amap, m.preprocess))
-        bar.advance(task, len(batch) + len(bad))
+        if progress is not None:
+            progress(label, done, len(samples))
     out = {}
     for m in methods:
         ps = p_values[m.name]
@@ -719,39 +723,11 @@ def _general_notes(robustness: bool) -> list[str]:
 
 # --- progress --------------------------------------------------------------------------------------
 
-class _Bar:
-    """A rich progress bar on stderr, or nothing."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.progress = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-
-    def __enter__(self) -> _Bar:
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def add(self, label: str, total: int | None) -> int | None:
-        """A task; total None shows a pulsing bar for work of unknown length."""
-        return None if self.progress is None else self.progress.add_task(label, total=total)
-
-    def finish(self, task: int | None) -> None:
-        if self.progress is not None and task is not None:
-            self.progress.update(task, total=1, completed=1)
-
-    def advance(self, task: int | None, n: int) -> None:
-        if self.progress is not None and task is not None:
-            self.progress.advance(task, n)
-
-
-def _progress(enabled: bool) -> _Bar:
-    return _Bar(enabled)
+@contextlib.contextmanager
+def _unsized(progress: Progress | None, task: str | None) -> Iterator[None]:
+    """A step of unknown length (task None: no step): shown while it runs, complete once it is done."""
+    if progress is not None and task is not None:
+        progress(task, 0, None)
+    yield
+    if progress is not None and task is not None:
+        progress(task, 1, 1)

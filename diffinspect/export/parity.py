@@ -2,11 +2,10 @@
 
 The frames are the calibration images plus, for each, a copy with a synthetic defect pasted on
 (seeded, `data.anomalies.anomaly_set`). Good parts alone score within a narrow band, and the ranks
-inside it are set by differences as small as those INT8 arithmetic adds: the tiny test model's INT8
-exports (before the score moved to the sharp map) ranked good-only frames at 0.975-0.992 and good +
-pasted-defect frames at 0.993-0.994; on magnetic_tile (2 M-param U-Net) both were >= 0.999. With the
-defective copies the rank correlation measures what the line depends on, frames ordered as torch
-orders them across good and defective parts; the good-only figure is reported beside it.
+inside it are set by differences as small as those INT8 arithmetic adds, so a small model's good-only
+rank correlation can sit visibly below the one with defects pasted on. With the defective copies the
+rank correlation measures what the line depends on, frames ordered as torch orders them across good and
+defective parts; the good-only figure is reported beside it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ next start and counted, so `--once` ends and says so instead of waiting for ever
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import numpy as np
 
 from diffinspect.line.disposal import Disposal
 from diffinspect.line.frame import Candidate, Item
-from diffinspect.line.say import Say, describe
+from diffinspect.line.say import WarnOnce, describe
 from diffinspect.scoring.overlay import overlay_name, wants_overlay
 from diffinspect.scoring.record import Record
 from diffinspect.scoring.stages import COMMIT, MAP, OVERLAY, StageClock
@@ -29,6 +30,7 @@ from diffinspect.store.results import ResultStore
 #  pixel_threshold) -> None
 OverlayWriter = Callable[[Path, np.ndarray, "np.ndarray | None", float, float, str, "float | None"], None]
 CommitHook = Callable[[list[Record]], None]
+log = logging.getLogger(__name__)
 _GIVE_UP_TRIES = 3  # commit attempts, a second apart, before a stopping or --once watcher gives a batch up
 
 
@@ -37,13 +39,13 @@ class Committer:
     new, after their transaction and before their files are moved; a failing hook costs a warning."""
 
     def __init__(self, store: ResultStore, out: Path, overlays: str, overlay_writer: OverlayWriter | None,
-                 disposal: Disposal, done: Callable[[Candidate, bool], None], say: Say,
+                 disposal: Disposal, done: Callable[[Candidate, bool], None], warn_once: WarnOnce,
                  stopping: threading.Event, *, room: Callable[[], bool] = lambda: True,
                  wrote: Callable[[str], None] = lambda p: None, once: bool = False,
                  clock: StageClock | None = None) -> None:
         self.store, self.overlay_dir, self.overlays = store, out / "overlays", overlays
         self.overlay_writer, self.disposal, self.done = overlay_writer, disposal, done
-        self.say, self.stopping = say, stopping
+        self.warn_once, self.stopping = warn_once, stopping
         self.room, self.wrote, self.once = room, wrote, once
         self.clock = clock or StageClock()  # overlay and commit time, and the frames done
         self.on_commit: list[CommitHook] = []
@@ -77,7 +79,7 @@ class Committer:
             try:
                 hook(inserted)
             except Exception as exc:  # the rows are committed; a hook must not hold up the line
-                self.say.warn_once(f"on_commit:{type(exc).__name__}", f"after commit: {describe(exc)}")
+                self.warn_once(log, f"on_commit:{type(exc).__name__}", f"after commit: {describe(exc)}")
         fresh = {id(r) for r in inserted}
         for it, row in zip(items, rows, strict=True):
             self._after(it.cand, row, id(row) in fresh)
@@ -127,7 +129,7 @@ class Committer:
             with self.clock.timed(OVERLAY):
                 self.overlay_writer(path, it.frame, amap, v.score, by.threshold, v.label, by.pixel_threshold)
         except Exception as exc:
-            self.say.warn_once(f"overlay:{type(exc).__name__}", f"overlay not written ({describe(exc)})")
+            self.warn_once(log, f"overlay:{type(exc).__name__}", f"overlay not written ({describe(exc)})")
             with contextlib.suppress(OSError):
                 path.unlink()  # a part written before the disk filled is no overlay
             return None
@@ -146,8 +148,8 @@ class Committer:
                 return inserted
             except Exception as exc:  # disk full, locked, I/O error: hold the line's results, retry
                 attempt += 1
-                self.say.warn_once(f"db:{type(exc).__name__}", f"cannot commit results "
-                                   f"({describe(exc)}); retrying every second")
+                self.warn_once(log, f"db:{type(exc).__name__}", f"cannot commit results "
+                               f"({describe(exc)}); retrying every second")
                 # Once a batch was given up, the next ones get one try each until a commit works again.
                 if (self.stopping.is_set() or self.once) and (self._given_up or attempt >= _GIVE_UP_TRIES):
                     self._given_up = True
@@ -162,6 +164,6 @@ class Committer:
                 status = row.status if fresh else self.store.status_of(*cand.key) or row.status
                 remains = self.disposal(cand.path, cand.size, cand.mtime_ns, status)
         except Exception as exc:  # left in place; its row is committed, so it is never re-scored
-            self.say.warn(f"could not {self.disposal.after} {cand.path}: {exc}")
+            log.warning(f"could not {self.disposal.after} {cand.path}: {exc}")
         finally:
             self.done(cand, remains)

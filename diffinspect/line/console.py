@@ -1,4 +1,4 @@
-"""The live table of `inspect watch` in interactive mode (the lines it says are line/say.py)."""
+"""The live table of `inspect watch` in interactive mode (its warnings print above it as log records)."""
 
 from __future__ import annotations
 

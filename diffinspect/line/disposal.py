@@ -8,11 +8,14 @@ to move (the intake). Nothing else is ever deleted.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # OUT's own folders: overlays, and the moved frames by status; the intake never takes frames from them.
 OUTPUT_SUBDIRS = ("overlays", "ok", "ng", "error", "hold")
@@ -60,9 +63,9 @@ class Disposal:
     has space for a moved frame (below the free-space floor frames stay where they are); `moved(path)`
     hears of each frame moved into OUT (retention keeps them within the disk budget)."""
 
-    def __init__(self, after: str, out: Path, warn: Callable[[str], None],
-                 room: Callable[[], bool] = lambda: True, moved: Callable[[str], None] = lambda p: None) -> None:
-        self.after, self.out, self.warn = after, out, warn
+    def __init__(self, after: str, out: Path, room: Callable[[], bool] = lambda: True,
+                 moved: Callable[[str], None] = lambda p: None) -> None:
+        self.after, self.out = after, out
         self.room, self.moved = room, moved
 
     def __call__(self, path: Path, size: int, mtime_ns: int, status: str, what: str = "") -> bool:
@@ -72,7 +75,7 @@ class Disposal:
         try:
             dest = dispose(path, size, mtime_ns, status, self.after, self.out)
         except Exception as exc:  # left in place; its row is committed, so it is never re-scored
-            self.warn(f"could not {self.after} {what}{path}: {exc}")
+            log.warning(f"could not {self.after} {what}{path}: {exc}")
             return True
         if self.after == "move" and dest is not None:
             self.moved(dest)

@@ -40,6 +40,7 @@ that, say, warms up slowly: that is a change too).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -52,12 +53,14 @@ from pathlib import Path
 import numpy as np
 
 from diffinspect.config import ALARM_LAMBDA
+from diffinspect.logs import storable
 from diffinspect.scoring.health import HealthProfile, measure
-from diffinspect.scoring.record import Record, storable
+from diffinspect.scoring.record import Record
 from diffinspect.scoring.threshold import binom_sf
 from diffinspect.store import BANDS_FILE
 from diffinspect.store.results import ResultStore
 
+log = logging.getLogger(__name__)
 LAMBDA = ALARM_LAMBDA  # the default of [watch] alarm_lambda: P(any false alarm, ever) <= 1 / LAMBDA
 LEVELS = (0.01, 0.05, 0.2, 0.5)  # nominal event rates the health bets watch (ranks j ~ level * (n + 1))
 SCORE_LEVELS = (0.1, 0.2, 0.5)  # for OK parts' scores: below any sensible threshold's rank
@@ -231,14 +234,6 @@ class DriftMonitor:
     def _alarms(self) -> list[_Alarm]:
         return [*self._signal_alarms, *self._score_alarms.values()]
 
-    @property
-    def evidence(self) -> dict[str, float]:
-        """Each alarm's e-value now (score drift: the largest over detectors)."""
-        out: dict[str, float] = {}
-        for a in self._alarms:
-            out[a.kind] = max(out.get(a.kind, 0.0), a.process.value)
-        return out
-
     def update(self, signals: dict[str, float] | None, detector: str | None = None, status: str | None = None,
                score: float | None = None, at: float | None = None) -> list[AlarmEvent]:
         at = time.time() if at is None else at
@@ -311,9 +306,8 @@ class DriftHub:
 
     MAX_PENDING = 100_000  # measured frames whose row has not come yet (never committed: bounded)
 
-    def __init__(self, out: Path, store: ResultStore, warn: Callable[[str], None], info: Callable[[str], None],
-                 lam: float = LAMBDA) -> None:
-        self.out, self.store, self.warn, self.info, self.lam = out, store, warn, info, lam
+    def __init__(self, out: Path, store: ResultStore, lam: float = LAMBDA) -> None:
+        self.out, self.store, self.lam = out, store, lam
         self._pending: dict[tuple[str, int, int], tuple[LaneDrift, Health]] = {}
         self._lanes: dict[Path, LaneDrift] = {}
         self._lock = threading.Lock()
@@ -344,8 +338,8 @@ class DriftHub:
             if events:
                 self.store.add_events([(e.at, e.kind, e.name, e.state, e.detail, where) for where, e in events])
                 for where, e in events:
-                    say = self.warn if e.state == "raised" else self.info
-                    say(f"ALARM {e.name}: {e.state} on {where} ({e.detail})")
+                    level = logging.WARNING if e.state == "raised" else logging.INFO
+                    log.log(level, f"ALARM {e.name}: {e.state} on {where} ({e.detail})")
         except Exception as exc:
             self.fail(exc)
 
@@ -389,7 +383,7 @@ class DriftHub:
     def fail(self, exc: BaseException) -> None:
         if not self._failed:
             self._failed = True
-            self.warn(f"frame health and drift alarms failed: {type(exc).__name__}: {exc}")
+            log.warning(f"frame health and drift alarms failed: {type(exc).__name__}: {exc}")
 
 
 class LaneDrift:

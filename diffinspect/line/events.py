@@ -11,15 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffinspect.line.intake import Intake
-from diffinspect.line.say import Say, describe
+from diffinspect.line.say import WarnOnce, describe
+
+log = logging.getLogger(__name__)
 
 
 class Events:
     """The watchdog observer, restarted if its thread dies (e.g. a watched share unmounted). Without
     events (inotify watch limit reached) rescans alone still find every frame, only later."""
 
-    def __init__(self, roots: list[Path], intake: Intake, recursive: bool, say: Say) -> None:
-        self.roots, self.intake, self.recursive, self.say = roots, intake, recursive, say
+    def __init__(self, roots: list[Path], intake: Intake, recursive: bool, warn_once: WarnOnce) -> None:
+        self.roots, self.intake, self.recursive, self.warn_once = roots, intake, recursive, warn_once
         self.observer = None
 
     def start(self) -> None:
@@ -32,8 +34,8 @@ class Events:
                 observer.schedule(handler, str(root), recursive=self.recursive)
             observer.start()
         except Exception as exc:
-            self.say.warn_once(f"events:{type(exc).__name__}", f"file events unavailable "
-                               f"({describe(exc)}); rescanning every second instead")
+            self.warn_once(log, f"events:{type(exc).__name__}", f"file events unavailable "
+                           f"({describe(exc)}); rescanning every second instead")
             self.intake.cfg.rescan_seconds = min(self.intake.cfg.rescan_seconds, 1.0)
             _stop_quietly(observer)
             return
@@ -46,7 +48,7 @@ class Events:
         if obs is not None and obs.is_alive() and all(e.is_alive() for e in list(obs.emitters)):
             return
         if obs is not None:
-            self.say.warn("file events stopped; restarting them")
+            log.warning("file events stopped; restarting them")
             _stop_quietly(obs)
             self.observer = None
         self.intake.rescan_soon()

@@ -14,6 +14,7 @@ A file is only handed on once it is complete:
 from __future__ import annotations
 
 import heapq
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 from diffinspect.line.frame import Candidate
 from diffinspect.line.listing import Folders
 from diffinspect.store.results import ResultStore
+
+log = logging.getLogger(__name__)
 
 # (path, size, mtime_ns, status) of a frame committed by an earlier run -> True if the file remains
 DisposeCommitted = Callable[[Path, int, int, str], bool]
@@ -68,13 +71,12 @@ class Intake:
     to it through `inbox`, so no locks are needed and no event is lost."""
 
     def __init__(self, folders: list[Path], out: Path, config: IntakeConfig, store: ResultStore,
-                 queues: dict[Path, queue.Queue], warn: Callable[[str], None],
+                 queues: dict[Path, queue.Queue],
                  dispose_committed: DisposeCommitted) -> None:
         self.folders = folders
         self.cfg = config
         self.store = store
         self.queues = queues
-        self.warn = warn
         self._dispose_committed = dispose_committed
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.finished = threading.Event()  # once-mode: every backlog frame has its row
@@ -85,7 +87,7 @@ class Intake:
         self._seq = 0
         self._outstanding = 0  # entries not yet done (once-mode exit condition)
         self._rescan_at = 0.0
-        self.files = Folders(folders, out, config.pattern, config.recursive, warn)
+        self.files = Folders(folders, out, config.pattern, config.recursive)
 
     # -- called from other threads ------------------------------------------------------------
 
@@ -134,7 +136,7 @@ class Intake:
             try:
                 self._step()
             except Exception as exc:  # e.g. the database briefly unreadable: the rescan recovers
-                self.warn(f"intake: {type(exc).__name__}: {exc}")
+                log.warning(f"intake: {type(exc).__name__}: {exc}")
                 time.sleep(0.1)
 
     def _step(self) -> None:

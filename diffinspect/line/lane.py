@@ -7,6 +7,7 @@ as file names in the intake, not as pixels.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -21,9 +22,11 @@ from diffinspect.line.drift import DriftHub
 from diffinspect.line.frame import Candidate, FrameChanged, Item, looks_complete, read_frame
 from diffinspect.line.options import WatchOptions
 from diffinspect.line.products import Bundle, Products, Route
-from diffinspect.line.say import Say, describe
+from diffinspect.line.say import describe
 from diffinspect.line.supervisor import Supervisor
 from diffinspect.scoring.stages import DECODE, HEALTH, StageClock
+
+log = logging.getLogger(__name__)
 
 
 class FrameQueue(queue.Queue):
@@ -43,7 +46,6 @@ class LaneShared:
     """What the lanes of one run share."""
 
     opts: WatchOptions
-    say: Say
     committer: Committer
     recheck: Callable[[Candidate, bool], None]  # hand a frame back to the intake (changed, or half-written)
     started: Callable[[], None]  # the first frame is taken (for the rate)
@@ -88,7 +90,7 @@ class Lane:
                 return  # never started (start-up failed)
             t.join(max(0.0, deadline - time.monotonic()))
             if t.is_alive():
-                self.shared.say.warn(f"{t.name} did not finish within {timeout:g} s; leaving it")
+                log.warning(f"{t.name} did not finish within {timeout:g} s; leaving it")
                 return
 
     # -- prep: read + decode, just before scoring (the intake only holds names) ----------------
@@ -195,7 +197,7 @@ class Lane:
                 for by in {id(it.by): it.by for it in todo if it.by is not None}.values():
                     self.drift.scored_by(by.name, by.guarantee)
         except Exception as exc:  # a bug here must cost rows, not the line
-            self.shared.say.warn(f"scoring: {describe(exc)}")
+            log.warning(f"scoring: {describe(exc)}")
             for it in todo:
                 if it.verdict is None and it.error is None:
                     it.error = f"internal error while scoring: {describe(exc)}"

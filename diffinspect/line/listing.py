@@ -4,20 +4,21 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from diffinspect.data.image import is_image_path
 from diffinspect.line.disposal import OUTPUT_SUBDIRS
 
+log = logging.getLogger(__name__)
+
 
 class Folders:
     """The watched folders, seen through the name filter (pattern, recursion, hidden files, OUT)."""
 
-    def __init__(self, roots: list[Path], out: Path, pattern: str | None, recursive: bool,
-                 warn: Callable[[str], None]) -> None:
-        self.roots, self.pattern, self.recursive, self.warn = roots, pattern, recursive, warn
+    def __init__(self, roots: list[Path], out: Path, pattern: str | None, recursive: bool) -> None:
+        self.roots, self.pattern, self.recursive = roots, pattern, recursive
         self._scan_warned: set[str] = set()
         self._excluded = [os.path.join(str(out), d) for d in OUTPUT_SUBDIRS]
 
@@ -73,4 +74,4 @@ class Folders:
         where = str(exc.filename)
         if where not in self._scan_warned:  # a dropped network share: say it once, keep trying
             self._scan_warned.add(where)
-            self.warn(f"cannot list {where}: {exc.strerror or exc}; retrying")
+            log.warning(f"cannot list {where}: {exc.strerror or exc}; retrying")

@@ -20,6 +20,7 @@ Each product's bundle is loaded once, at start, and kept: a changeover costs no 
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import threading
 import time
@@ -30,8 +31,10 @@ from typing import Protocol
 
 from diffinspect.line.frame import Candidate
 from diffinspect.line.options import WatchOptions
-from diffinspect.line.say import Say
+from diffinspect.line.say import WarnOnce
 from diffinspect.line.supervisor import DetectorFactory, Supervisor
+
+log = logging.getLogger(__name__)
 
 KEEP_S = 3600.0  # changeovers older than this are forgotten (the one in force is always kept)
 READY_S = 10.0  # how long the start waits for the line-wide signals' current product
@@ -112,11 +115,11 @@ class Route:
 class Products:
     """The product of each frame and its bundle, for every lane of one run."""
 
-    def __init__(self, setup: ProductSetup, defaults: set[Path], opts: WatchOptions, say: Say) -> None:
+    def __init__(self, setup: ProductSetup, defaults: set[Path], opts: WatchOptions, warn_once: WarnOnce) -> None:
         """defaults: the camera folders with a bundle of their own (--model, or [watch.cameras]); their frames
         that no source names a product for are scored by it, those of the other cameras are held."""
-        self.setup, self.defaults, self.say = setup, defaults, say
-        self.bundles = {name: Bundle(Supervisor(*pair, opts, say)) for name, pair in setup.bundles.items()}
+        self.setup, self.defaults = setup, defaults
+        self.bundles = {name: Bundle(Supervisor(*pair, opts, warn_once)) for name, pair in setup.bundles.items()}
         self.timelines = {s.name: Timeline() for s in setup.sources}
 
     def start(self) -> None:
@@ -128,7 +131,7 @@ class Products:
         deadline = time.monotonic() + READY_S
         for source in self.setup.sources:
             if not source.ready.wait(max(0.0, deadline - time.monotonic())):
-                self.say.warn(f"product signal {source.name}: no current product after {READY_S:g} s; "
+                log.warning(f"product signal {source.name}: no current product after {READY_S:g} s; "
                               f"frames take the product it names once it answers")
 
     def stop(self) -> None:
@@ -143,7 +146,7 @@ class Products:
             if timeline.set(product, at):
                 unknown = "" if product is None or product in self.bundles else " (unknown: verdicts held)"
                 when = "before the start" if math.isinf(at) else time.strftime("%H:%M:%S", time.localtime(at))
-                self.say.info(f"product {old or '-'} -> {product or '-'}{unknown} by {source}, in force from {when}")
+                log.info(f"product {old or '-'} -> {product or '-'}{unknown} by {source}, in force from {when}")
         return report
 
     def route(self, cand: Candidate, own: Bundle | None) -> Route:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -24,9 +25,10 @@ from pathlib import Path
 
 from diffinspect.config import RetentionSettings
 from diffinspect.line.disposal import OUTPUT_SUBDIRS
-from diffinspect.line.say import Say, describe
+from diffinspect.line.say import WarnOnce, describe
 from diffinspect.store.results import ResultStore
 
+log = logging.getLogger(__name__)
 GB = 1 << 30
 _STEP_PAUSE_S = 0.01  # between transactions: commits get the store's lock in between
 
@@ -34,9 +36,9 @@ _STEP_PAUSE_S = 0.01  # between transactions: commits get the store's lock in be
 class Space:
     """The free-space floor of OUT, asked before each overlay and move (any thread)."""
 
-    def __init__(self, out: Path, min_free_gb: float, store: ResultStore, say: Say) -> None:
+    def __init__(self, out: Path, min_free_gb: float, store: ResultStore, warn_once: WarnOnce) -> None:
         self.out, self.floor = out, int(min_free_gb * GB)
-        self.store, self.say = store, say
+        self.store, self.warn_once = store, warn_once
         self.low = False  # below the floor: what the station and the summary read
         self._lock = threading.Lock()
 
@@ -69,24 +71,24 @@ class Space:
         if low:
             detail = (f"{free / GB:.3g} GB free in {self.out}, below min_free_gb ({floor}): overlays and moving "
                       f"frames paused, rows still recorded")
-            self.say.warn(detail)
+            log.warning(detail)
         else:
             detail = f"{free / GB:.3g} GB free in {self.out} again: overlays and moving frames resumed"
-            self.say.info(detail)
+            log.info(detail)
         try:  # the station shows it as an alarm, the outputs publish it as an event
             self.store.add_events([(time.time(), "disk", "disk space low", "raised" if low else "cleared",
                                     detail, None)])
         except Exception as exc:  # a disk too full even for that: the console said it
-            self.say.warn_once(f"disk-event:{type(exc).__name__}", f"disk event not recorded: {describe(exc)}")
+            self.warn_once(log, f"disk-event:{type(exc).__name__}", f"disk event not recorded: {describe(exc)}")
 
 
 class Retention:
     """The retention thread: `start()` with the watcher, `stop()` after its last commit."""
 
     def __init__(self, store: ResultStore, out: Path, settings: RetentionSettings, marks: list[str],
-                 space: Space, say: Say) -> None:
+                 space: Space, warn_once: WarnOnce) -> None:
         self.store, self.out, self.settings, self.marks = store, out, settings, marks
-        self.space, self.say = space, say
+        self.space, self.warn_once = space, warn_once
         self.archived = 0  # rows archived in this run
         self.deleted = 0  # files deleted in this run
         self._files: collections.deque[tuple[str, int]] = collections.deque()  # (path, bytes), oldest first
@@ -131,8 +133,8 @@ class Retention:
             try:
                 step()
             except Exception as exc:  # retention must never stop the line; the next pass tries again
-                self.say.warn_once(f"retention:{step.__name__}:{type(exc).__name__}",
-                                   f"retention: {describe(exc)}; trying again every {self.settings.interval_s:g} s")
+                self.warn_once(log, f"retention:{step.__name__}:{type(exc).__name__}",
+                               f"retention: {describe(exc)}; trying again every {self.settings.interval_s:g} s")
         self.space.room()
 
     def _rows(self) -> None:

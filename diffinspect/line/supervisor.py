@@ -12,6 +12,7 @@ that scored it. A version that fails to load leaves the current one, said once.
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -24,10 +25,12 @@ from diffinspect.bundle import ActivePointer
 from diffinspect.data.image import convert_color
 from diffinspect.line.frame import Item
 from diffinspect.line.options import WatchOptions
-from diffinspect.line.say import Say, describe
+from diffinspect.line.say import WarnOnce, describe
 from diffinspect.scoring.detector import Detector
 from diffinspect.scoring.inspector import Inspector, Verdict
 from diffinspect.scoring.stages import PREPROCESS, StageClock
+
+log = logging.getLogger(__name__)
 
 # Makes the lane's diffusion inspector or its fallback (a bare Detector is wrapped in an Inspector).
 DetectorFactory = Callable[[], Inspector | Detector]
@@ -71,9 +74,9 @@ class Supervisor:
     costs a warning and a re-creation attempt after retry_seconds, never a frame."""
 
     def __init__(self, make_primary: DetectorFactory, make_fallback: DetectorFactory, opts: WatchOptions,
-                 say: Say, on_version: VersionHook | None = None) -> None:
+                 warn_once: WarnOnce, on_version: VersionHook | None = None) -> None:
         self._make_primary, self._make_fallback = make_primary, make_fallback
-        self._opts, self._say, self._on_version = opts, say, on_version
+        self._opts, self._warn_once, self._on_version = opts, warn_once, on_version
         self._lock = threading.Lock()
         self.primary: Inspector | None = None
         self._caller: Caller | None = None
@@ -98,8 +101,8 @@ class Supervisor:
         loader.start()
         loader.join(self._opts.score_timeout_s)
         if loader.is_alive():
-            self._say.warn(f"diffusion detector not loaded after {self._opts.score_timeout_s:g} s; "
-                           f"the fallback scores frames until it is")
+            log.warning(f"diffusion detector not loaded after {self._opts.score_timeout_s:g} s; "
+                        f"the fallback scores frames until it is")
 
     @property
     def health(self):  # noqa: ANN201 (HealthProfile | None: what drift alarms compare frames to)
@@ -143,13 +146,13 @@ class Supervisor:
                 self.down = f"diffusion detector unavailable: {describe(exc)}"
                 self._retry_at = time.monotonic() + self._opts.retry_seconds
                 self._loading = False
-            self._say.warn(f"{self.down}; the fallback scores frames, "
-                           f"retry in {self._opts.retry_seconds:g} s")
+            log.warning(f"{self.down}; the fallback scores frames, "
+                        f"retry in {self._opts.retry_seconds:g} s")
             return
         with self._lock:
             self.primary, self._loading = det, False
             self._caller = Caller() if self._opts.score_timeout_s else None
-        self._say.info(f"{det.name} detector ready ({det.backend})")
+        log.info(f"{det.name} detector ready ({det.backend})")
 
     def _primary_now(self) -> tuple[Inspector | None, Caller | None]:
         with self._lock:
@@ -166,8 +169,8 @@ class Supervisor:
                 self._caller.close()
             self.primary, self._caller, self.down = None, None, reason
             self._retry_at = time.monotonic() + self._opts.retry_seconds
-        self._say.warn(f"{reason}; the fallback scores frames, re-creating the detector in "
-                       f"{self._opts.retry_seconds:g} s")
+        log.warning(f"{reason}; the fallback scores frames, re-creating the detector in "
+                    f"{self._opts.retry_seconds:g} s")
 
     def _fallback_now(self) -> Inspector | None:
         if self.fallback is None and time.monotonic() >= self._fb_retry_at:
@@ -176,7 +179,7 @@ class Supervisor:
             except Exception as exc:
                 self._fb_down = describe(exc)
                 self._fb_retry_at = time.monotonic() + self._opts.retry_seconds
-                self._say.warn(f"fallback detector unavailable: {self._fb_down}")
+                log.warning(f"fallback detector unavailable: {self._fb_down}")
         return self.fallback
 
     def score(self, items: list[Item], clock: StageClock | None = None) -> None:
@@ -249,8 +252,8 @@ class Supervisor:
         try:
             results: list[Verdict | str] = list(_checked(insp.inspect(frames, clock, [it.shape for it in items])))
         except Exception as exc:
-            self._say.warn_once(f"fallback:{type(exc).__name__}", f"fallback failed on a batch "
-                                f"({describe(exc)}); scoring its frames one by one")
+            self._warn_once(log, f"fallback:{type(exc).__name__}", f"fallback failed on a batch "
+                            f"({describe(exc)}); scoring its frames one by one")
             results = [self._one(insp, f) for f in frames]
             if all(isinstance(r, str) for r in results):  # the instance is broken: replace it
                 self.fallback, self._fb_down = None, str(results[0])
@@ -289,8 +292,8 @@ class Supervisor:
             primary = as_inspector(self._make_primary())
         except Exception as exc:
             self._refused = number
-            self._say.warn(f"bundle version {number} was activated but does not load ({describe(exc)}); "
-                           f"version {old} keeps scoring")
+            log.warning(f"bundle version {number} was activated but does not load ({describe(exc)}); "
+                        f"version {old} keeps scoring")
         else:
             if {fallback.version, primary.version} == {number}:  # else activated again meanwhile: look again
                 with self._lock:
@@ -308,7 +311,7 @@ class Supervisor:
         what = f"bundle version {primary.version} active"
         detail = (f"{primary.bundle}: version {primary.version} scores from this batch on "
                   f"(was {old.version if old else 'none'})")
-        self._say.info(f"{what}: {detail}")
+        log.info(f"{what}: {detail}")
         if self._on_version is not None:
             self._on_version(what, detail)
 

@@ -17,6 +17,7 @@ together and runs until stopped.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
@@ -35,7 +36,7 @@ from diffinspect.line.lane import FrameQueue, Lane, LaneShared
 from diffinspect.line.options import WatchOptions
 from diffinspect.line.products import Products, ProductSetup
 from diffinspect.line.retention import Retention, Space
-from diffinspect.line.say import Say
+from diffinspect.line.say import WarnOnce, print_rows
 from diffinspect.line.supervisor import DetectorFactory, Supervisor, VersionHook
 from diffinspect.outputs.outbox import Outbox, Output, mark_key
 from diffinspect.scoring.overlay import save_overlay
@@ -45,6 +46,7 @@ from diffinspect.store.results import ResultStore
 __all__ = ["CommitHook", "DetectorFactory", "OverlayWriter", "ProductSetup", "WatchOptions", "WatchSummary",
            "run_watch"]
 
+log = logging.getLogger(__name__)
 Pair = tuple[DetectorFactory, DetectorFactory]
 DetectorPairs = Mapping[Path, Pair]
 
@@ -76,15 +78,16 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
         raise DiffinspectError("no detector for some folders: give a bundle, or several products")
     out = Path(os.path.abspath(out))
     started = time.monotonic()
-    say = Say(opts.quiet)
-    store = ResultStore(out, say.warn)
-    outbox = Outbox(store.db_path, outputs, say.warn, say.info).start() if outputs else None
+    warn_once = WarnOnce()
+    store = ResultStore(out, log.warning)
+    outbox = Outbox(store.db_path, outputs, log.warning, log.info).start() if outputs else None
     wake = [lambda rows: outbox.wake()] if outbox is not None else []
-    space = Space(out, opts.retention.min_free_gb, store, say)
-    retention = Retention(store, out, opts.retention, [mark_key(o.name, "frames") for o in outputs], space, say)
+    space = Space(out, opts.retention.min_free_gb, store, warn_once)
+    retention = Retention(store, out, opts.retention, [mark_key(o.name, "frames") for o in outputs], space,
+                          warn_once)
     try:
         groups = _group_folders(roots, default, per_folder)
-        summary = _run(roots, out, store, say, groups, overlay_writer, [*wake, *on_commit], opts, started,
+        summary = _run(roots, out, store, warn_once, groups, overlay_writer, [*wake, *on_commit], opts, started,
                        retention.start(), products)
         summary.archived, summary.low_space = retention.archived, space.low
         return summary
@@ -95,50 +98,52 @@ def run_watch(folders: Sequence[Path], out: Path, make_detector: DetectorFactory
         store.close()
 
 
-def _run(roots: list[Path], out: Path, store: ResultStore, say: Say, groups: list[tuple[list[Path], Pair | None]],
+def _run(roots: list[Path], out: Path, store: ResultStore, warn_once: WarnOnce,
+         groups: list[tuple[list[Path], Pair | None]],
          overlay_writer: OverlayWriter | None, hooks: list[CommitHook], opts: WatchOptions,
          started: float, retention: Retention, setup: ProductSetup | None) -> WatchSummary:
     if store.reconciled:
-        say.info(f"results.jsonl: {store.reconciled} row(s) restored from results.db")
+        log.info(f"results.jsonl: {store.reconciled} row(s) restored from results.db")
     if opts.overlays != "none" and overlay_writer is None:
         overlay_writer = save_overlay
     (out / "overlays").mkdir(exist_ok=True)
-    disposal = Disposal(opts.after, out, say.warn, retention.space.room, retention.wrote)
+    disposal = Disposal(opts.after, out, retention.space.room, retention.wrote)
     queues = [FrameQueue(opts.queue_size) for _ in groups]
     recursive = opts.recursive or setup is not None  # camera_feed/<product>/frame.png
     intake = Intake(roots, out, IntakeConfig(opts.pattern, recursive, opts.stable_ms, opts.empty_ms,
                                              opts.settle_ms, opts.rescan_seconds, opts.once),
                     store, {root: q for (folders, _), q in zip(groups, queues, strict=True) for root in folders},
-                    say.warn, functools.partial(disposal, what="committed frame "))
+                    functools.partial(disposal, what="committed frame "))
     stats, stop_taking, clock = Stats(), threading.Event(), StageClock()
-    committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, say, stop_taking,
+    committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, warn_once, stop_taking,
                           room=retention.space.room, wrote=retention.wrote, once=opts.once, clock=clock)
-    drift = DriftHub(out, store, say.warn, say.info, opts.alarm_lambda)
-    committer.on_commit += [stats.record, say.rows, drift.on_commit, *hooks]
+    drift = DriftHub(out, store, opts.alarm_lambda)
+    committer.on_commit += [stats.record, *([print_rows] if opts.quiet else []), drift.on_commit, *hooks]
     if opts.on_alarm == "hold":
         committer.held = drift.held
     products = None
     if setup is not None:
-        products = Products(setup, {f for folders, pair in groups if pair is not None for f in folders}, opts, say)
-    shared = LaneShared(opts, say, committer, intake.recheck, stats.started, stop_taking, drift=drift,
+        products = Products(setup, {f for folders, pair in groups if pair is not None for f in folders}, opts,
+                            warn_once)
+    shared = LaneShared(opts, committer, intake.recheck, stats.started, stop_taking, drift=drift,
                         products=products, clock=clock)
     lanes = [Lane(folders, q, None if pair is None else
-                  Supervisor(*pair, opts, say, _version_event(store, folders, say)), shared)
+                  Supervisor(*pair, opts, warn_once, _version_event(store, folders)), shared)
              for (folders, pair), q in zip(groups, queues, strict=True)]
     view = None if opts.quiet else View(stats, lanes, roots, opts.queue_size, intake.waiting)
-    _serve(lanes, intake, Events(roots, intake, recursive, say), shared, view)
+    _serve(lanes, intake, Events(roots, intake, recursive, warn_once), shared, view)
     summary = stats.summary(max(q.high_water for q in queues), time.monotonic() - started)
     summary.uncommitted, summary.stages = committer.uncommitted, clock.ms_per_frame()
     return summary
 
 
-def _version_event(store: ResultStore, folders: list[Path], say: Say) -> VersionHook:
+def _version_event(store: ResultStore, folders: list[Path]) -> VersionHook:
     """A lane's swap to another bundle version as a station event (and so an MQTT event message)."""
     def record(what: str, detail: str) -> None:
         try:
             store.add_events([(time.time(), "version", what, "raised", detail, ", ".join(map(str, folders)))])
         except Exception as exc:  # the swap happened whatever the event table says
-            say.warn(f"could not record the version change: {exc}")
+            log.warning(f"could not record the version change: {exc}")
     return record
 
 
@@ -160,7 +165,7 @@ def _serve(lanes: list[Lane], intake: Intake, events: Events, shared: LaneShared
         intake_thread.start()
         for lane in lanes:
             lane.start()
-        _wait(stop, opts, intake, events, view, shared.say)
+        _wait(stop, opts, intake, events, view)
     finally:
         shared.stop_taking.set()  # prep stops taking frames; batches in flight are scored and committed
         intake.halt()
@@ -175,8 +180,7 @@ def _serve(lanes: list[Lane], intake: Intake, events: Events, shared: LaneShared
         restore_signals()
 
 
-def _wait(stop: threading.Event, opts: WatchOptions, intake: Intake, events: Events, view: View | None,
-          say: Say) -> None:
+def _wait(stop: threading.Event, opts: WatchOptions, intake: Intake, events: Events, view: View | None) -> None:
     def done() -> bool:
         return (stop.is_set() or (opts.stop is not None and opts.stop.is_set())
                 or (opts.once and intake.finished.is_set()))
@@ -186,7 +190,10 @@ def _wait(stop: threading.Event, opts: WatchOptions, intake: Intake, events: Eve
     if view is not None:
         from rich.live import Live
 
-        live = Live(view.table(), console=say.console, refresh_per_second=2, transient=False)
+        from diffinspect.logs import console
+
+        # on the console the records show on, so warnings print above the table
+        live = Live(view.table(), console=console(), refresh_per_second=2, transient=False)
         live.start()
     try:
         while not done():

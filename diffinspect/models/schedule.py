@@ -58,13 +58,6 @@ class NoiseSchedule:
         abs_ = [self.ab(t) for t in ts]
         return [(t, a, a_prev) for t, a, a_prev in zip(ts, abs_, [*abs_[1:], 1.0], strict=True)]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "timesteps": self.timesteps}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NoiseSchedule:
-        return cls(kind=d.get("kind", "linear"), timesteps=int(d.get("timesteps", 1000)))
-
     def __repr__(self) -> str:
         return f"NoiseSchedule(kind={self.kind!r}, timesteps={self.timesteps})"
 
@@ -90,23 +83,6 @@ def q_sample(x0: A, eps: A, ab: Any) -> A:
 
 def x0_from_eps(xt: A, eps: A, ab: Any) -> A:
     return (xt - (1 - ab) ** 0.5 * eps) / ab**0.5
-
-
-def eps_from_x0(xt: A, x0: A, ab: Any) -> A:
-    return (xt - ab**0.5 * x0) / (1 - ab) ** 0.5
-
-
-def v_from(x0: A, eps: A, ab: Any) -> A:
-    """v-prediction target (Salimans & Ho 2022): v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·x0."""
-    return ab**0.5 * eps - (1 - ab) ** 0.5 * x0
-
-
-def x0_from_v(xt: A, v: A, ab: Any) -> A:
-    return ab**0.5 * xt - (1 - ab) ** 0.5 * v
-
-
-def eps_from_v(xt: A, v: A, ab: Any) -> A:
-    return (1 - ab) ** 0.5 * xt + ab**0.5 * v
 
 
 def ddim_step(xt: A, eps: A, ab_t: Any, ab_prev: Any) -> A:

@@ -15,7 +15,6 @@ import io
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from diffinspect.data.datasets import list_images
 from diffinspect.data.image import Preprocess
 from diffinspect.data.reading import read_images
 from diffinspect.engines.select import make_engine
+from diffinspect.logs import Progress
 from diffinspect.scoring.diffusion import (
     CALIBRATION_FILE,
     DiffusionDetector,
@@ -56,7 +56,6 @@ MAX_REFERENCE = 256
 MAX_EMBEDDING_FIT = 4096  # training images the embedding detectors are fitted on
 MAX_REFERENCE_INPUTS = 2048  # model inputs (frames or tiles) for the statistics: bounds raw-term memory
 SELFCHECK_FRAMES = 4
-Progress = Callable[[str, int, int], None]
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +283,8 @@ def _score_frames(detector: DiffusionDetector, frames: list[np.ndarray], what: s
 
 def _embedding_fit_paths(bundle: Bundle, reference: list[Path]) -> list[Path]:
     """Every training image still on disk (up to MAX_EMBEDDING_FIT), else the reference images: the
-    embedding detectors gain from each good part they see (the Gaussian on magnetic_tile: image AUROC
-    0.916 from 256 photos, 0.936 from 648), and an embedding costs a few ms."""
+    embedding detectors gain from each good part they see (README, accuracy), and an embedding is cheap
+    next to a diffusion pass."""
     return _sample((bundle.manifest.training or Training()).paths_on_disk(), MAX_EMBEDDING_FIT) or reference
 
 

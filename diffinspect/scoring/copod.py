@@ -17,7 +17,7 @@ frames dilutes its own tails). Here every new frame is scored alone against the 
 a new value z over the n fit values is (#{X <= z} + 1) / (n + 1), which is exactly what pyod computes
 for a batch of one (the skewness sign, too, comes from the fit set alone; pyod's includes the new
 point, which can flip it on a near-symmetric feature), so batch and single-frame scores agree. It
-also keeps the runtime free of the pyod import (about 1.5 s, and it pulls in matplotlib).
+also keeps the runtime free of the pyod import (slow to import, and it pulls in matplotlib).
 """
 
 from __future__ import annotations

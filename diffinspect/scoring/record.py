@@ -4,30 +4,14 @@ commits as a row of results.db / results.jsonl."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
+
+from diffinspect.logs import storable
 
 # `inspect score --json` keys, in order: "label" is the status (the results.db column) under its
 # user-facing name; "product" is set when the bundle was named by its product ([watch.products]).
 SCORE_KEYS = ("path", "score", "threshold", "label", "p_value", "detector", "backend", "latency_ms", "overlay",
               "error", "product", "bundle_version")
-
-
-def storable(text: str | None) -> str | None:
-    """Text SQLite and JSON can hold. A file name that is not valid UTF-8 reaches Python with its bad
-    bytes as lone surrogates, which sqlite3 refuses; those bytes are written as \\xNN instead, so the
-    name stays readable and distinct (the frame's identity also holds its size and mtime_ns)."""
-    if text is None:
-        return None
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        return os.fsencode(text).decode("utf-8", "backslashreplace")
-    except UnicodeError:  # a lone surrogate that no file name produced
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import TextIO
 
 from diffinspect import DiffinspectError
-from diffinspect.scoring.record import Record, storable
+from diffinspect.logs import storable
+from diffinspect.scoring.record import Record
 from diffinspect.store.reader import SECOND_SQL
 from diffinspect.store.retention import acknowledged_upto, archive_step, day_of
 

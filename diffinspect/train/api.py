@@ -16,6 +16,7 @@ from diffinspect.config import Config
 from diffinspect.data.datasets import normal_images
 from diffinspect.data.image import Preprocess, choose_color, parse_size
 from diffinspect.info import training_warning
+from diffinspect.logs import Progress
 from diffinspect.models.patches import PATCH_FILE
 from diffinspect.train.data import load_training_set
 from diffinspect.train.fit import clear_checkpoints, fit, model_summary
@@ -55,7 +56,7 @@ def train(
     cfg: Config,
     resume: bool = False,
     overwrite: bool = False,
-    progress: Callable[[int, int, float, float], None] | None = None,
+    progress: Progress | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> Bundle | None:
     """Fit and write the bundle; None on torchrun ranks other than 0 (rank 0 writes the one bundle)."""

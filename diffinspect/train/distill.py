@@ -36,11 +36,12 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle, Calibration, Manifest, Samplers, Student, Training, plain
 from diffinspect.config import DISTILL_DEFECT_SHARE, AugmentConfig
 from diffinspect.data.image import Preprocess
+from diffinspect.logs import Progress
 from diffinspect.models.device import resolve_device
 from diffinspect.models.from_bundle import load_denoiser
 from diffinspect.models.scoring import ScoringGraph
 from diffinspect.train.augment import augment_batch
-from diffinspect.train.loop import Checkpoint, Clock, budget
+from diffinspect.train.loop import UNBOUNDED, Checkpoint, Clock, budget
 from diffinspect.train.selection import SelectionSet, measure, read_frames, reconstructions, selection_set
 from diffinspect.train.targets import TargetPool
 from diffinspect.vocab import Sampler
@@ -57,8 +58,6 @@ POOL_BATCHES = 4  # the target pool holds this many batches
 REUSE = 4  # each teacher target feeds about this many student batches
 LR = 2e-4  # fine-tuning from the teacher: a tenth of the training rate keeps its features usable
 MIN_IMAGES = 4
-
-Progress = Callable[[int, int, float, float], None]
 
 
 def checkpoint_dir(bundle_path: str | Path) -> Path:
@@ -175,7 +174,7 @@ def distill(
 ) -> dict:
     """Distil the bundle's teacher into an S-step student and write student.pt into the bundle.
 
-    `progress(iteration, total, loss, elapsed_seconds)` as in training; checkpoints go to
+    Progress: task "distilling", in iterations, with loss and seconds as in training; checkpoints go to
     `<bundle>.distill-checkpoint/`. Returns a summary: the evaluations, the kept iteration and, when
     the bundle was calibrated, the new calibration.
     """
@@ -246,7 +245,8 @@ def distill(
             elif run.iteration % CHECKPOINT_EVERY == 0:
                 save()
             if progress is not None:
-                progress(run.iteration, total, loss_ema, run.elapsed)
+                progress("distilling", run.iteration, None if total == UNBOUNDED else total, loss=loss_ema,
+                         seconds=run.elapsed)
     if run.history[-1]["iteration"] != run.iteration:
         report(run.evaluate(sel, teacher_rec, loss_ema))
     run.elapsed = clock.elapsed()

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 
 from diffinspect.config import Config
 from diffinspect.engines.exports import available_cores
+from diffinspect.logs import Progress
 from diffinspect.models import build_model, check_image_size, describe
 from diffinspect.models.device import resolve_device
 from diffinspect.models.schedule import NoiseSchedule, q_sample
 from diffinspect.train.augment import augment_batch
 from diffinspect.train.data import TrainingSet
-from diffinspect.train.loop import Checkpoint, Clock, budget
+from diffinspect.train.loop import UNBOUNDED, Checkpoint, Clock, budget
 
 # The recipe we stand behind when the user gives neither --steps nor --max-minutes.
 DEFAULT_STEPS = 20000
@@ -46,8 +47,8 @@ def train_threads(processes: int = 1) -> int:
     The cores are those this process may run on (os.sched_getaffinity: a container's or taskset's
     share, not the host's count, which torch's default reads), split between the processes started
     together (torchrun's LOCAL_WORLD_SIZE). Two processes that each take every core slow each other
-    down far more than 2x (bench/threads.py): their threads spin-wait at every barrier for a thread the
-    other process has pushed off its core. DIFFINSPECT_THREADS, when set, wins.
+    down far more than sharing would (bench/threads.py measures it): their threads spin-wait at every
+    barrier for a thread the other process has pushed off its core. DIFFINSPECT_THREADS, when set, wins.
     """
     value = os.environ.get("DIFFINSPECT_THREADS", "").strip()
     if value.isdigit() and int(value) > 0:
@@ -69,11 +70,11 @@ def fit(
     cfg: Config,
     out: Path,
     resume: bool = False,
-    progress: Callable[[int, int, float, float], None] | None = None,
+    progress: Progress | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train on data.images (frames, or random tiles of canvases); checkpoints go to `<out>.checkpoint/`.
-    `progress(step, total, loss, elapsed)`."""
+    Progress: task "training", in steps, with loss and seconds (the training clock, resumed runs included)."""
     tc, mc = cfg.train, cfg.model
     size, channels = data.preprocess.image_size, data.preprocess.color == "rgb" and 3 or 1
     check_image_size(mc.kind, mc.size, size)
@@ -147,7 +148,8 @@ def fit(
             value = float(loss.detach())
             loss_ema = value if np.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * value
             if progress is not None and rank == 0:
-                progress(step, total, loss_ema, clock.elapsed())
+                progress("training", step, None if total == UNBOUNDED else total, loss=loss_ema,
+                         seconds=clock.elapsed())
             if step % tc.checkpoint_every == 0:
                 save_checkpoint()
             if on_step is not None:

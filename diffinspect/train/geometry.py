@@ -1,11 +1,11 @@
 """Choosing the model input shape from the training frames (`inspect train` without --image-size).
 
 Stretching every frame to one square erases what a line cares about: a 1250 x 500 frame squeezed to
-64 x 64 loses 20x along its long side and 8x along the short one, and a 2 px crack vanishes. On a tall
-set of that size, an input with the aspect ratio kept (64 x 160) reached 0.83-0.86 image and 0.91 pixel
-AUROC against 0.71 / 0.66 for the 64 px square. So the input keeps the frames' median aspect ratio,
-and its short side is the larger of DEFAULT_SIDE and what keeps a defect of `defect_size` native
-pixels at MIN_DEFECT_PX model pixels, within a pixel budget (training and scoring time grow with it).
+64 x 64 loses 20x along its long side and 8x along the short one, and a 2 px crack vanishes; on a tall
+set, an input with the aspect ratio kept (64 x 160) finds defects the 64 px square misses. So the input
+keeps the frames' median aspect ratio, and its short side is the larger of DEFAULT_SIDE and what keeps a
+defect of `defect_size` native pixels at MIN_DEFECT_PX model pixels, within a pixel budget (training and
+scoring time grow with it).
 """
 
 from __future__ import annotations
