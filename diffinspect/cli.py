@@ -133,8 +133,12 @@ def _image_size(text: str | None) -> int | list[int] | None:
 
 @app.command()
 def train(
-    data: Path = typer.Argument(..., help="MVTec category (uses train/good) or a folder of good images."),
-    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+    data: Path = typer.Argument(..., help="MVTec category (uses train/good) or a folder of good images; with "
+                                "--add-good, the bundle to fine-tune."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Bundle folder to write."),
+    add_good: Path | None = typer.Option(None, "--add-good", help="Fine-tune the bundle DATA on the good images "
+                                         "in this folder and its reviewed good parts, then calibrate it again "
+                                         "(default --steps: a quarter of its first training's)."),
     model: ModelKind | None = typer.Option(None, "--model", help="unet or dit (default: unet)."),
     size: ModelSize | None = typer.Option(None, "--size", help="tiny, small or base (default: small)."),
     image_size: str | None = typer.Option(
@@ -152,11 +156,16 @@ def train(
     overwrite: bool = _flag("--overwrite", help="Replace an existing bundle at --out."),
     distill_steps: int | None = typer.Option(None, "--distill-steps", help="Also distil a 1-4 step student."),
 ) -> None:
-    """Train a diffusion model on photos of good parts and write a model bundle."""
+    """Train a diffusion model on photos of good parts and write a model bundle (or fine-tune one)."""
     from diffinspect.bundle import TRAIN_HINT, check_output
     from diffinspect.config import load_config
     from diffinspect.train import train as run_train
 
+    if add_good is not None:
+        _finetune(data, add_good, steps, max_minutes, device, seed, resume, distill_steps)
+        return
+    if out is None:
+        raise DiffinspectError("name the bundle to write: inspect train DATA --out BUNDLE")
     _existing(data, "data folder")
     check_output(out, overwrite, resume, TRAIN_HINT)
     cfg = load_config(config, {
@@ -183,6 +192,29 @@ def train(
         run_distill(bundle.path, steps=distill_steps)
 
 
+def _finetune(bundle: Path, add_good: Path, steps: int | None, max_minutes: float | None, device: str | None,
+              seed: int | None, resume: bool, distill_steps: int | None) -> None:
+    from diffinspect.train.finetune import finetune
+
+    _existing(bundle, "bundle")
+    _existing(add_good, "folder of good images")
+    with _progress_bar() as bar:
+        task = bar.add_task("fine-tuning", total=None, info="")
+
+        def progress(step: int, total: int, loss: float, elapsed: float) -> None:
+            bar.update(task, completed=step, total=total if total < 10**9 else None, info=f"loss {loss:.4f}")
+
+        result = finetune(bundle, add_good, steps, max_minutes, device, seed, resume, progress)
+    console.print(f"fine-tuned {result.steps} steps on {result.images} good images ({result.new} new to the "
+                  f"bundle, {result.reviewed} reviewed good parts now trained on); bundle {bundle}")
+    if result.recalibrated:
+        console.print(f"calibrated again: {result.recalibrated}")
+    if distill_steps:
+        from diffinspect.train.distill import distill as run_distill
+
+        run_distill(bundle, steps=distill_steps)
+
+
 @app.command()
 def calibrate(
     bundle: Path | None = typer.Argument(None, help="Bundle to calibrate (omit with --detector copod)."),
@@ -205,6 +237,9 @@ def calibrate(
                                      "0 asks for the average bound only."),
     exclude_suspects: bool = _flag("--exclude-suspects", help="Calibrate again without the calibration images "
                                    "that look defective (listed either way)."),
+    add_reviewed: Path | None = typer.Option(None, "--add-reviewed", help="Results folder of `inspect watch`: "
+                                             "copy the frames reviewed \"good part\" on the station into the "
+                                             "bundle and calibrate with them added."),
 ) -> None:
     """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
     from diffinspect.scoring.threshold import describe_bound
@@ -223,6 +258,8 @@ def calibrate(
         raise DiffinspectError("name the bundle to calibrate: inspect calibrate BUNDLE [GOOD_DIR]")
     from diffinspect.scoring.calibrate import calibrate as run_calibrate
 
+    if add_reviewed is not None:
+        _add_reviewed(bundle, add_reviewed)
     if tune:
         from diffinspect.train.tune import tune as run_tune
 
@@ -244,6 +281,19 @@ def calibrate(
     console.print(result.bound)
     if result.copod_threshold is not None:
         console.print(f"COPOD fallback fitted, threshold {result.copod_threshold:.4g}")
+
+
+def _add_reviewed(bundle: Path, out: Path) -> None:
+    from diffinspect.bundle import Bundle
+    from diffinspect.store.reviews import reviewed_good_files
+
+    files, gone = reviewed_good_files(_existing(out, "results folder"))
+    n = 0
+    if files:
+        with Bundle.load(bundle).updating() as up:
+            n = up.add_images(files, "calibration", "reviewed good parts", str(out.resolve()))
+    console.print(f"{n} reviewed good part(s) added to the calibration images ({len(files) - n} already in the "
+                  f"bundle" + (f"; {gone} skipped: their frame file is gone)" if gone else ")"))
 
 
 @app.command()

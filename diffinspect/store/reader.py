@@ -199,6 +199,17 @@ class ResultsReader:
         return self._all("SELECT * FROM events ORDER BY id DESC LIMIT ?", (last,))
 
 
+    # -- reviews -------------------------------------------------------------------------------------
+
+    def reviews(self, latest: bool = False) -> list[dict[str, Any]]:
+        """The operator's reviews (store/reviews.py), oldest first; with `latest`, each frame's latest only
+        (none before the first review)."""
+        if "reviews" not in self.tables():
+            return []
+        where = " WHERE id IN (SELECT MAX(id) FROM reviews GROUP BY frame_id)" if latest else ""
+        return self._all(f"SELECT * FROM reviews{where} ORDER BY id")
+
+
 def count_frames(db_path: Path) -> int:
     """Frames in results.db so far, read while a watcher writes (0 before its database is readable)."""
     try:
