@@ -494,16 +494,54 @@ def station(
     server_name: list[str] = typer.Option([], "--server-name",
                                           help="A host name the page is opened by besides the bound address "
                                                "(checked against the Host header when there is no token)."),
+    review_token: list[str] = typer.Option([], "--review-token", envvar="DIFFINSPECT_REVIEW_TOKEN",
+                                           help="NAME=SECRET (repeatable): lets whoever holds SECRET review "
+                                                "verdicts on the page, recorded as NAME. Without one the page "
+                                                "cannot review."),
+    bundle: Path | None = typer.Option(None, "--bundle", help="The line's bundle: its calibrated false-reject "
+                                       "bound is shown beside the rate the reviews measure."),
 ) -> None:
-    """A live web page over OUT/results.db: counts, trend, latency, rejects, health and drift alarms."""
-    from diffinspect.station.app import check_bind, parse_shifts, serve, station_url
+    """A live web page over OUT/results.db: counts, trend, latency, rejects, health, drift alarms and reviews."""
+    from diffinspect.station.app import check_bind, parse_reviewers, parse_shifts, serve, station_url
 
     _existing(out, "results folder")
     check_bind(host, token)
     parse_shifts(shifts)
+    reviewers = parse_reviewers(review_token, token)
+    bound = _calibrated_bound(bundle) if bundle is not None else None
     url = station_url(host, port, token)
-    console.print(f"station for {out} at {url} (read-only; Ctrl-C stops it)", highlight=False, soft_wrap=True)
-    serve(out, host, port, token, shifts, tuple(server_name))
+    mode = f"reviews by {', '.join(reviewers)}" if reviewers else "read-only"
+    console.print(f"station for {out} at {url} ({mode}; Ctrl-C stops it)", highlight=False, soft_wrap=True)
+    serve(out, host, port, token, shifts, tuple(server_name), reviewers, bound)
+
+
+def _calibrated_bound(path: Path) -> dict:
+    from diffinspect.bundle import Bundle
+
+    cal = Bundle.load(path, verify=False).manifest.calibration
+    if cal is None:
+        raise DiffinspectError(f"bundle {path} is not calibrated: it states no false-reject bound")
+    return {"false_reject_rate": cal.false_reject_rate, "n": cal.n, "rule": cal.rule, "confidence": cal.confidence}
+
+
+@app.command()
+def reviews(
+    out: Path = typer.Argument(..., help="Results folder of `inspect watch` (holds results.db)."),
+    csv: Path | None = typer.Option(None, "--csv", help="Write the reviews to this CSV file (default: stdout)."),
+) -> None:
+    """The operators' reviews of verdicts (from the station page), every one, oldest first, as CSV."""
+    from diffinspect.store.reviews import all_reviews, write_csv
+
+    db = _existing(out, "results folder") / "results.db"
+    if not db.is_file():
+        raise DiffinspectError(f"no results.db in {out}: name the results folder of `inspect watch`")
+    rows = all_reviews(db)
+    if csv is None:
+        write_csv(rows, sys.stdout)
+        return
+    with open(csv, "w", newline="", encoding="utf-8") as f:
+        write_csv(rows, f)
+    console.print(f"{len(rows)} review(s) written to {csv}")
 
 
 @app.command()

@@ -13,11 +13,12 @@ The latest review of a frame is the one that counts (an operator may correct a s
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from diffinspect import DiffinspectError
 from diffinspect.store.reader import ResultsReader
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS reviews (
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL
 )"""
+REVIEWS_INDEX = "CREATE INDEX IF NOT EXISTS reviews_frame ON reviews (frame_id)"
 
 
 class ReviewWriter:
@@ -51,13 +53,14 @@ class ReviewWriter:
             raise DiffinspectError(f"no results in {Path(db_path).parent} yet: nothing to review")
         self._db = sqlite3.connect(db_path, timeout=timeout, isolation_level=None)
         self._db.execute("PRAGMA synchronous=FULL")  # a person's word is not re-sent by anyone: keep it
+        self._db.execute(REVIEWS_TABLE)  # a results.db of a watcher older than reviews has none yet
+        self._db.execute(REVIEWS_INDEX)
 
     def add(self, frame_id: int, verdict: str, who: str, note: str | None = None) -> dict[str, Any] | None:
         """Record a review of frame `frame_id`; returns it, or None when no such OK or NG frame exists."""
         if verdict not in VERDICTS:
             raise DiffinspectError(f"a review says one of {VERDICTS}, got {verdict!r}")
         note = (note or "").strip()[:MAX_NOTE] or None
-        self._db.execute(REVIEWS_TABLE)
         cur = self._db.execute(
             "INSERT INTO reviews (frame_id, verdict, note, who, at, status, score, threshold, scored_at, path, "
             "size, mtime_ns) SELECT id, ?, ?, ?, ?, status, score, threshold, scored_at, path, size, mtime_ns "
@@ -86,6 +89,22 @@ def all_reviews(db_path: Path) -> list[dict[str, Any]]:
             return db.reviews()
     except sqlite3.Error as exc:
         raise DiffinspectError(f"cannot read the reviews in {db_path}: {exc}") from None
+
+
+CSV_COLUMNS = ("id", "frame_id", "verdict", "note", "who", "at", "status", "score", "threshold", "scored_at", "path",
+               "size", "mtime_ns")
+
+
+def write_csv(reviews: list[dict[str, Any]], f: TextIO) -> None:
+    """The reviews as CSV, their times in ISO 8601 (UTC)."""
+    import datetime as dt
+
+    out = csv.writer(f)
+    out.writerow(CSV_COLUMNS)
+    for r in reviews:
+        row = {**r, **{k: dt.datetime.fromtimestamp(r[k], dt.timezone.utc).isoformat(timespec="seconds")
+                       for k in ("at", "scored_at")}}
+        out.writerow([row.get(c) for c in CSV_COLUMNS])
 
 
 def frame_file(out: Path, review: dict[str, Any]) -> Path | None:
