@@ -95,3 +95,43 @@ def test_finetune_default_steps_are_a_quarter(calibrated_bundle):
 
     cfg = finetune_config(Bundle.load(calibrated_bundle), None, None, None, None)
     assert cfg.train.steps == 60 // 4 and cfg.train.batch_size == 8 and cfg.model.size == "tiny"
+
+
+def test_calibrate_add_reviewed_copies_the_good_parts_and_says_what_it_skipped(calibrated_bundle, line_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from test_station import rows
+
+    from diffinspect.store.results import ResultStore
+    from diffinspect.store.reviews import ReviewWriter
+
+    bundle = _copy(calibrated_bundle, tmp_path)
+    n_before = Bundle.load(bundle).manifest.calibration.n
+    out = tmp_path / "out"
+    store = ResultStore(out)
+    recs = [r for r in rows(12, 0, time.time(), out) if r.status == "ng"]
+    frames = sorted((line_dir / "train" / "good").iterdir())[:len(recs)]
+    for r, frame in zip(recs, frames, strict=True):  # the line's frames: kept where the camera wrote them
+        r.path = str(tmp_path / "cam" / frame.name)
+        Path(r.path).parent.mkdir(exist_ok=True)
+        shutil.copy(frame, r.path)
+        st = Path(r.path).stat()
+        r.size, r.mtime_ns = st.st_size, st.st_mtime_ns
+    store.commit(recs)
+    store.close()
+    with ReviewWriter(out / "results.db") as w:
+        for r in recs:
+            w.add(r.id, "good", "anna")
+    Path(recs[-1].path).unlink()  # deleted by the line since
+    run = subprocess.run([sys.executable, "-m", "diffinspect", "calibrate", str(bundle),
+                          str(line_dir / "test" / "good"), "--false-reject-rate", "0.1", "--add-reviewed", str(out)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert run.returncode == 0, run.stderr
+    kept = len(recs) - 1
+    assert f"{kept} reviewed good part(s) added" in run.stderr and "1 skipped: their frame file is gone" in run.stderr
+    manifest = Bundle.load(bundle).manifest
+    assert len(manifest.added.calibration) == kept and manifest.calibration.n == n_before + kept
+    assert all(Path(r.path).exists() for r in recs[:-1])  # the camera's files stay where they are

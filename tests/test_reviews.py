@@ -15,7 +15,7 @@ from math import comb
 from pathlib import Path
 
 import pytest
-from test_station import TOKEN, rows, running
+from test_station import TOKEN, browser, rows, running  # noqa: F401 (browser: a fixture)
 
 from diffinspect import DiffinspectError
 from diffinspect.station.app import create_app, parse_reviewers
@@ -264,3 +264,41 @@ def test_inspect_reviews_exports_csv_and_errors_in_one_line(out, tmp_path: Path)
         bad = subprocess.run([sys.executable, "-m", "diffinspect", "reviews", *args], capture_output=True, text=True,
                              env=env)
         assert bad.returncode == 2 and says in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# -- the page ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_operator_reviews_a_reject_on_the_page(out, browser):  # noqa: F811 (the fixture)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_station import text_becomes
+
+    o, _ = out
+    ng = ids(o / "results.db", "ng")
+    bound = {"false_reject_rate": 0.01, "n": 300, "rule": "split", "confidence": 0.95}
+    with running(create_app(o, reviewers=REVIEWERS, bound=bound)) as port:
+        browser.get(f"http://127.0.0.1:{port}/")
+        assert text_becomes(browser, "good-rejects", "0") == "0"
+        assert "≤ 1.0 %" in browser.find_element(By.ID, "bound").text
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#frames div")) == 12
+        browser.find_element(By.CSS_SELECTOR, f'#rejects figure[data-id="{ng[-1]}"]').click()
+        box = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "review"))
+        assert "not reviewed yet" in box.text
+        box.find_element(By.NAME, "token").send_keys("not-the-token")
+        box.find_element(By.CSS_SELECTOR, 'button[data-verdict="good"]').click()
+        assert text_becomes(browser, "review-said", "not saved: review token required (X-Review-Token)") \
+            == "not saved: review token required (X-Review-Token)"
+        token = box.find_element(By.NAME, "token")
+        token.clear()
+        token.send_keys(REVIEWERS["anna"])
+        box.find_element(By.NAME, "note").send_keys("dust on the lens")
+        box.find_element(By.CSS_SELECTOR, 'button[data-verdict="good"]').click()
+        assert text_becomes(browser, "review-said", "reviewed: good part by anna, saved") \
+            == "reviewed: good part by anna, saved"
+        assert browser.find_element(By.ID, "modal").get_attribute("class") == "open"  # the controls do not close it
+        assert text_becomes(browser, "good-rejects", "1") == "1"
+        assert browser.find_element(By.ID, "good-share").text == "100.0 %"
+    assert [(r["frame_id"], r["verdict"], r["who"], r["note"]) for r in all_reviews(o / "results.db")] == [
+        (ng[-1], "good", "anna", "dust on the lens")]
