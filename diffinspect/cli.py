@@ -247,6 +247,9 @@ def calibrate(
     if detector == "copod":
         from diffinspect.scoring.cold_start import calibrate_copod_only
 
+        if add_reviewed is not None:
+            raise DiffinspectError("--add-reviewed adds to a bundle's calibration images: not with --detector copod")
+
         folder = normal_dir or bundle
         if folder is None or out is None:
             raise DiffinspectError("usage: inspect calibrate --detector copod GOOD_DIR --out BUNDLE")

@@ -29,6 +29,7 @@ from diffinspect.data.datasets import list_images
 from diffinspect.data.reading import read_images
 from diffinspect.models.from_bundle import load_denoiser
 from diffinspect.models.patches import PATCH_FILE
+from diffinspect.scoring.calibrate import calibrate, image_sets
 from diffinspect.train.api import WEIGHTS
 from diffinspect.train.data import MIN_IMAGES, TrainingSet
 from diffinspect.train.fit import clear_checkpoints, fit
@@ -82,6 +83,8 @@ def finetune(bundle_path: str | Path, add_good: str | Path, steps: int | None = 
     new = list_images(add_good)
     if not new:
         raise DiffinspectError(f"no images found under {add_good}")
+    if bundle.manifest.calibration is not None:  # the calibration images must still be there afterwards
+        image_sets(bundle, bundle.manifest.calibration.folder)
     reviewed = bundle.added_paths("calibration")
     fit_frame = prep.canvas if prep.feed == "tiles" else prep.fit
     read = read_images(new + reviewed, prep.color, "new good images", transform=fit_frame)
@@ -132,8 +135,6 @@ def _refit_patches(up, model: torch.nn.Module, prep, fit_frame) -> None:  # noqa
 
 def _recalibrate(bundle: Bundle) -> str | None:
     """Calibrate the fine-tuned bundle as it was last calibrated; None when it never was."""
-    from diffinspect.scoring.calibrate import calibrate
-
     cal = bundle.manifest.calibration
     if cal is None:
         log.warning(f"bundle {bundle.path} was not calibrated: calibrate it (inspect calibrate {bundle.path})")
