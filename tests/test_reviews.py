@@ -152,6 +152,7 @@ def test_reviews_are_refused_without_the_review_token(out):
             assert status == 403 and "review token required" in r["error"] and "\n" not in r["error"], headers
         ok_headers = {"X-Review-Token": REVIEWERS["anna"]}
         for body in ({"frame_id": ng, "verdict": "maybe"}, {"frame_id": "x", "verdict": "good"}, [1, 2], b"{nope",
+                     {"frame_id": float(ng), "verdict": "good"}, {"frame_id": str(ng), "verdict": "good"},
                      {"frame_id": ng, "verdict": "good", "note": 5}):
             assert post(port, body, ok_headers)[0] == 400, body
         status, r = post(port, {"frame_id": error, "verdict": "good"}, ok_headers)

@@ -291,6 +291,7 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
     """reviewers: {name: secret} of the review tokens (POST /api/review needs one in X-Review-Token); bound:
     the calibrated false-reject bound of the line's bundle, shown beside the measured rate."""
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -367,14 +368,15 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
             return _refuse(403, "review token required (X-Review-Token)")
         try:
             body = await request.json()
-            frame_id, verdict = int(body["frame_id"]), body["verdict"]
-            note = body.get("note")
-            if verdict not in VERDICTS or not (note is None or isinstance(note, str)):
+            frame_id, verdict, note = body["frame_id"], body["verdict"], body.get("note")
+            if type(frame_id) is not int or verdict not in VERDICTS or not (note is None or isinstance(note, str)):
                 raise ValueError(verdict)
         except (ValueError, TypeError, KeyError, AttributeError):
             return _refuse(400, f"a review is JSON {{frame_id, verdict: {' or '.join(VERDICTS)}, note}}")
         try:
-            review = station.review(frame_id, verdict, who, note) if 0 < frame_id < 2**63 else None
+            # in a worker thread: a busy database must not stall the page's other requests
+            review = await run_in_threadpool(station.review, frame_id, verdict, who, note) \
+                if 0 < frame_id < 2**63 else None
         except (Unreadable, DiffinspectError) as exc:
             return _refuse(503, str(exc))
         if review is None:
