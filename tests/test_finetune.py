@@ -5,12 +5,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffinspect import DiffinspectError
-from diffinspect.bundle import ADDED_DIR, Bundle, sha256_file
+from diffinspect.bundle import ADDED_DIR, Bundle, Samplers, Student, sha256_file
 from diffinspect.models.from_bundle import load_denoiser
+from diffinspect.models.patches import PATCH_FILE
 from diffinspect.scoring.calibrate import calibrate, image_sets
+from diffinspect.scoring.threshold import conformal_threshold
+from diffinspect.vocab import Sampler
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
@@ -63,7 +67,11 @@ def test_finetune_starts_from_the_weights_moves_reviewed_to_training_and_recalib
     new.mkdir()
     for p in sorted((line_dir / "train" / "good").iterdir())[10:22]:
         shutil.copy(p, new / p.name)
+    with Bundle.load(bundle).updating() as up:  # a distilled student of the old model
+        up.write_bytes("student.pt", b"the old model's student")
+        up.manifest.sampler = Samplers(Sampler.STUDENT, Student("student.pt", steps=1))
     old = load_denoiser(Bundle.load(bundle)).state_dict()
+    old_patches = Bundle.load(bundle).manifest.files[PATCH_FILE]
     result = finetune(bundle, new, steps=3)
     loaded = Bundle.load(bundle)
     tuned = load_denoiser(loaded).state_dict()
@@ -71,6 +79,8 @@ def test_finetune_starts_from_the_weights_moves_reviewed_to_training_and_recalib
     # three small steps from the old weights: changed, but close to them (a fresh model would be far)
     change = max(float((tuned[k] - old[k]).abs().max()) for k in old if old[k].is_floating_point())
     assert 0 < change < 0.05
+    assert loaded.manifest.files[PATCH_FILE] != old_patches  # refitted on the new weights' features
+    assert loaded.manifest.student is None and not loaded.has("student.pt") and not (bundle / "student.pt").exists()
     added = loaded.manifest.added
     assert added.calibration == [] and len(added.training) == 16
     assert added.history[-1]["reviewed_now_training"] == 4 and added.history[-1]["steps"] == 3
@@ -135,3 +145,14 @@ def test_calibrate_add_reviewed_copies_the_good_parts_and_says_what_it_skipped(c
     manifest = Bundle.load(bundle).manifest
     assert len(manifest.added.calibration) == kept and manifest.calibration.n == n_before + kept
     assert all(Path(r.path).exists() for r in recs[:-1])  # the camera's files stay where they are
+
+
+def test_good_parts_that_were_rejected_only_raise_the_threshold():
+    """Reviewed false rejects scored above the threshold: calibrating with them added never lowers it."""
+    rng = np.random.default_rng(0)
+    for n, alpha in ((100, 0.05), (300, 0.01), (1000, 0.01)):
+        scores = rng.normal(size=n)
+        before = conformal_threshold(scores, alpha)
+        for m in (1, 5, 50):
+            rejected = before + rng.exponential(size=m)
+            assert conformal_threshold(np.concatenate([scores, rejected]), alpha) >= before
