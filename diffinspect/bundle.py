@@ -127,6 +127,10 @@ class Bundle:
         assert self.manifest.schedule is not None
         return NoiseSchedule(self.manifest.schedule.kind, self.manifest.schedule.timesteps)
 
+    def added_paths(self, role: str) -> list[Path]:
+        """The added good images of one role ("calibration" or "training"), as paths inside the bundle."""
+        return [self.folder / name for name in getattr(self.manifest.added or Added(), role)]
+
     def verify_file(self, name: str) -> Path:
         expected = self.manifest.files.get(name)
         if expected is None:
@@ -210,6 +214,27 @@ class BundleUpdate:
         tmp = self.staging_path(name)
         tmp.write_bytes(data)
         self.add_file(name, tmp)
+
+    def add_images(self, paths: list[Path], role: str, what: str, source: str) -> int:
+        """Copy good images into ADDED_DIR under their content's sha256 (never the original file, which a
+        camera or a disposal may change) as images of `role`; returns how many were new to the bundle."""
+        added = self.manifest.added = self.manifest.added or Added()
+        listed = set(added.calibration) | set(added.training)
+        names = []
+        for path in paths:
+            staged = self.staging_path(f"{ADDED_DIR}/{path.name}")
+            shutil.copyfile(path, staged)
+            name = f"{ADDED_DIR}/{sha256_file(staged)}{path.suffix.lower()}"
+            if name in listed or name in names:
+                staged.unlink()
+                continue
+            self.add_file(name, staged)
+            names.append(name)
+        getattr(added, role).extend(names)
+        added.history.append({
+            "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "what": what, "role": role,
+            "source": source, "images": len(names), "already_in_bundle": len(paths) - len(names)})
+        return len(names)
 
     def remove_file(self, name: str) -> None:
         if self.manifest.files.pop(name, None) is not None:
@@ -706,6 +731,20 @@ class Health:
     score_quantile: dict[str, ScoreQuantile] = field(default_factory=dict)
 
 
+ADDED_DIR = "added"  # good images added after training: copies named by their content's sha256
+
+
+@dataclass
+class Added:
+    """Good images added after training (`calibrate --add-reviewed`, `train --add-good`), each a copy in
+    ADDED_DIR listed in `files`. Calibration images are scored for the threshold; once the model is
+    fine-tuned on them they move to `training`, since a threshold's bound needs images nothing was fitted on."""
+
+    calibration: list[str] = field(default_factory=list)
+    training: list[str] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # what was added when, from where, how many
+
+
 @dataclass
 class Version:
     """Which version of its bundle a manifest is, its parent (the version it was made from; none for a
@@ -738,6 +777,7 @@ class Manifest:
     exports: dict[str, Export] = field(default_factory=dict)
     tuning: dict[str, Any] | None = None
     version: Version | None = None  # None: written before versions (loads as version 1)
+    added: Added | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], root: Path) -> Manifest:
@@ -803,6 +843,9 @@ class Manifest:
             _refuse("score" if self.score is None else "schedule", "present beside model", None)
         if self.fallback is not None and self.fallback.file not in self.files:
             raise DiffinspectError(f"bundle {root}: fallback.file {self.fallback.file!r} is not a listed file")
+        for name in (*self.added.calibration, *self.added.training) if self.added else ():
+            if name not in self.files:
+                raise DiffinspectError(f"bundle {root}: added image {name!r} is not a listed file")
         for name, rec in self.exports.items():
             confined(root, name)
             for f in rec.files:

@@ -161,8 +161,12 @@ def _image_size(text: str | None) -> int | list[int] | None:
 
 @app.command()
 def train(
-    data: Path = typer.Argument(..., help="MVTec category (uses train/good) or a folder of good images."),
-    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+    data: Path = typer.Argument(..., help="MVTec category (uses train/good) or a folder of good images; with "
+                                "--add-good, the bundle to fine-tune."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Bundle folder to write."),
+    add_good: Path | None = typer.Option(None, "--add-good", help="Fine-tune the bundle DATA on the good images "
+                                         "in this folder and its reviewed good parts, then calibrate it again "
+                                         "(default --steps: a quarter of its first training's)."),
     model: ModelKind | None = typer.Option(None, "--model", help="unet or dit (default: unet)."),
     size: ModelSize | None = typer.Option(None, "--size", help="tiny, small or base (default: small)."),
     image_size: str | None = typer.Option(
@@ -180,11 +184,16 @@ def train(
     overwrite: bool = _flag("--overwrite", help="Replace an existing bundle at --out."),
     distill_steps: int | None = typer.Option(None, "--distill-steps", help="Also distil a 1-4 step student."),
 ) -> None:
-    """Train a diffusion model on photos of good parts and write a model bundle."""
+    """Train a diffusion model on photos of good parts and write a model bundle (or fine-tune one)."""
     from diffinspect.bundle import TRAIN_HINT, check_output
     from diffinspect.config import load_config
     from diffinspect.train import train as run_train
 
+    if add_good is not None:
+        _finetune(data, add_good, steps, max_minutes, device, seed, resume, distill_steps)
+        return
+    if out is None:
+        raise DiffinspectError("name the bundle to write: inspect train DATA --out BUNDLE")
     _existing(data, "data folder")
     check_output(out, overwrite, resume, TRAIN_HINT)
     cfg = load_config(config, {
@@ -201,6 +210,24 @@ def train(
         from diffinspect.train.distill import distill as run_distill
 
         run_distill(bundle.path, steps=distill_steps)
+
+
+def _finetune(bundle: Path, add_good: Path, steps: int | None, max_minutes: float | None, device: str | None,
+              seed: int | None, resume: bool, distill_steps: int | None) -> None:
+    from diffinspect.train.finetune import finetune
+
+    _existing(bundle, "bundle")
+    _existing(add_good, "folder of good images")
+    with _Bar(max_minutes) as bar:
+        result = finetune(bundle, add_good, steps, max_minutes, device, seed, resume, bar)
+    console.print(f"fine-tuned {result.steps} steps on {result.images} good images ({result.new} new to the "
+                  f"bundle, {result.reviewed} reviewed good parts now trained on); bundle {bundle}")
+    if result.recalibrated:
+        console.print(f"calibrated again: {result.recalibrated}")
+    if distill_steps:
+        from diffinspect.train.distill import distill as run_distill
+
+        run_distill(bundle, steps=distill_steps)
 
 
 @app.command()
@@ -225,12 +252,18 @@ def calibrate(
                                      "0 asks for the average bound only."),
     exclude_suspects: bool = _flag("--exclude-suspects", help="Calibrate again without the calibration images "
                                    "that look defective (listed either way)."),
+    add_reviewed: Path | None = typer.Option(None, "--add-reviewed", help="Results folder of `inspect watch`: "
+                                             "copy the frames reviewed \"good part\" on the station into the "
+                                             "bundle and calibrate with them added."),
 ) -> None:
     """Set the OK/NG threshold from good parts only, with a stated false-reject bound."""
     from diffinspect.scoring.threshold import describe_bound
 
     if detector == "copod":
         from diffinspect.scoring.cold_start import calibrate_copod_only
+
+        if add_reviewed is not None:
+            raise DiffinspectError("--add-reviewed adds to a bundle's calibration images: not with --detector copod")
 
         folder = normal_dir or bundle
         if folder is None or out is None:
@@ -243,6 +276,8 @@ def calibrate(
         raise DiffinspectError("name the bundle to calibrate: inspect calibrate BUNDLE [GOOD_DIR]")
     from diffinspect.scoring.calibrate import calibrate as run_calibrate
 
+    if add_reviewed is not None:
+        _add_reviewed(bundle, add_reviewed)
     if tune:
         from diffinspect.train.tune import tune as run_tune
 
@@ -257,6 +292,19 @@ def calibrate(
     console.print(result.bound)
     if result.copod_threshold is not None:
         console.print(f"COPOD fallback fitted, threshold {result.copod_threshold:.4g}")
+
+
+def _add_reviewed(bundle: Path, out: Path) -> None:
+    from diffinspect.bundle import Bundle
+    from diffinspect.store.reviews import reviewed_good_files
+
+    files, gone = reviewed_good_files(_existing(out, "results folder"))
+    n = 0
+    if files:
+        with Bundle.load(bundle).updating() as up:
+            n = up.add_images(files, "calibration", "reviewed good parts", str(out.resolve()))
+    console.print(f"{n} reviewed good part(s) added to the calibration images ({len(files) - n} already in the "
+                  f"bundle" + (f"; {gone} skipped: their frame file is gone)" if gone else ")"))
 
 
 @app.command()
@@ -507,16 +555,54 @@ def station(
     server_name: list[str] = typer.Option([], "--server-name",
                                           help="A host name the page is opened by besides the bound address "
                                                "(checked against the Host header when there is no token)."),
+    review_token: list[str] = typer.Option([], "--review-token", envvar="DIFFINSPECT_REVIEW_TOKEN",
+                                           help="NAME=SECRET (repeatable): lets whoever holds SECRET review "
+                                                "verdicts on the page, recorded as NAME. Without one the page "
+                                                "cannot review."),
+    bundle: Path | None = typer.Option(None, "--bundle", help="The line's bundle: its calibrated false-reject "
+                                       "bound is shown beside the rate the reviews measure."),
 ) -> None:
-    """A live web page over OUT/results.db: counts, trend, latency, rejects, health and drift alarms."""
-    from diffinspect.station.app import check_bind, parse_shifts, serve, station_url
+    """A live web page over OUT/results.db: counts, trend, latency, rejects, health, drift alarms and reviews."""
+    from diffinspect.station.app import check_bind, parse_reviewers, parse_shifts, serve, station_url
 
     _existing(out, "results folder")
     check_bind(host, token)
     parse_shifts(shifts)
+    reviewers = parse_reviewers(review_token, token)
+    bound = _calibrated_bound(bundle) if bundle is not None else None
     url = station_url(host, port, token)
-    console.print(f"station for {out} at {url} (read-only; Ctrl-C stops it)", highlight=False, soft_wrap=True)
-    serve(out, host, port, token, shifts, tuple(server_name))
+    mode = f"reviews by {', '.join(reviewers)}" if reviewers else "read-only"
+    console.print(f"station for {out} at {url} ({mode}; Ctrl-C stops it)", highlight=False, soft_wrap=True)
+    serve(out, host, port, token, shifts, tuple(server_name), reviewers, bound)
+
+
+def _calibrated_bound(path: Path) -> dict:
+    from diffinspect.bundle import Bundle
+
+    cal = Bundle.load(path, verify=False).manifest.calibration
+    if cal is None:
+        raise DiffinspectError(f"bundle {path} is not calibrated: it states no false-reject bound")
+    return {"false_reject_rate": cal.false_reject_rate, "n": cal.n, "rule": cal.rule, "confidence": cal.confidence}
+
+
+@app.command()
+def reviews(
+    out: Path = typer.Argument(..., help="Results folder of `inspect watch` (holds results.db)."),
+    csv: Path | None = typer.Option(None, "--csv", help="Write the reviews to this CSV file (default: stdout)."),
+) -> None:
+    """The operators' reviews of verdicts (from the station page), every one, oldest first, as CSV."""
+    from diffinspect.store.reviews import all_reviews, write_csv
+
+    db = _existing(out, "results folder") / "results.db"
+    if not db.is_file():
+        raise DiffinspectError(f"no results.db in {out}: name the results folder of `inspect watch`")
+    rows = all_reviews(db)
+    if csv is None:
+        write_csv(rows, sys.stdout)
+        return
+    with open(csv, "w", newline="", encoding="utf-8") as f:
+        write_csv(rows, f)
+    console.print(f"{len(rows)} review(s) written to {csv}")
 
 
 @app.command()

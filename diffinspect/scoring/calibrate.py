@@ -97,6 +97,13 @@ def image_sets(bundle: Bundle, normal_dir: str | Path | None, seed: int = 0
                 f"bundle {bundle.path} has no held-out good images on disk: name a folder of good images "
                 f"(inspect calibrate {bundle.path} GOOD_DIR)")
         described = f"{len(calib)} good images held back from training ({training.source})"
+    # Good images added since training: reviewed good parts are scored for the threshold; the images a
+    # fine-tune learnt from give statistics like the training images.
+    added = bundle.added_paths("calibration")
+    if added:
+        calib = calib + added
+        described += f" and {len(added)} added to the bundle (reviewed good parts)"
+    reference = reference + bundle.added_paths("training")
     if not reference:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(calib))
@@ -285,7 +292,8 @@ def _embedding_fit_paths(bundle: Bundle, reference: list[Path]) -> list[Path]:
     """Every training image still on disk (up to MAX_EMBEDDING_FIT), else the reference images: the
     embedding detectors gain from each good part they see (README, accuracy), and an embedding is cheap
     next to a diffusion pass."""
-    return _sample((bundle.manifest.training or Training()).paths_on_disk(), MAX_EMBEDDING_FIT) or reference
+    training = (bundle.manifest.training or Training()).paths_on_disk() + bundle.added_paths("training")
+    return _sample(training, MAX_EMBEDDING_FIT) or reference
 
 
 def _fit_fallback(fit_paths: list[Path], cal_frames, prep: Preprocess, rate: float, progress: Progress | None):

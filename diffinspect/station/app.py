@@ -9,6 +9,12 @@ nothing. From OUT only images are served (overlays and moved frames, the thumbna
 resolved with symlinks followed and kept inside OUT; every response carries a CSP without inline script
 and `X-Content-Type-Options: nosniff`.
 
+Reviews are the one thing the station writes: with a review token (`--review-token NAME=SECRET`, distinct
+from the read token) an operator marks a reject "good part" or an OK frame "defect" (POST /api/review, the
+token in the X-Review-Token header, never a cookie). Each goes to the reviews table through the store's
+ReviewWriter (its own short transaction); the frames table stays read-only here, so no delivered verdict
+changes. The first review creates results.db's -wal and -shm files when no watcher holds them.
+
 The page is plain HTML, JS and SVG (no CDN: plant networks are offline), shipped as the package files
 static/index.html, app.js and style.css, and polls /api/state. The two assets hold no results and are the
 same on every install, so they are served without the token (a browser does not pass `?token=` on to them).
@@ -30,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from diffinspect import DiffinspectError
+from diffinspect.station.reviewed import summary as review_summary
 from diffinspect.store import BANDS_FILE, StoreError
 from diffinspect.store.reader import STATUSES, ResultsReader, explain
+from diffinspect.store.reviews import VERDICTS, ReviewWriter
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SIGNAL_NAMES = ("brightness", "contrast", "sharpness", "shift")
@@ -73,7 +81,8 @@ def shift_start(now: float, shifts: list[tuple[int, int]]) -> float:
 class Station:
     """The data side of the page: the store's read-only queries over OUT/results.db, paths confined to OUT."""
 
-    def __init__(self, out: Path, shifts: str = DEFAULT_SHIFTS) -> None:
+    def __init__(self, out: Path, shifts: str = DEFAULT_SHIFTS, bound: dict[str, Any] | None = None) -> None:
+        self.bound = bound  # the calibrated false-reject bound of the line's bundle, when the station was told
         self.out = Path(out).resolve()
         if not self.out.is_dir():
             raise DiffinspectError(f"results folder not found: {out}")
@@ -163,12 +172,34 @@ class Station:
             "rejects": rejects, "health": health, "bands": _bands(published, product), **_alarms(db),
             # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
             "hold": db.held(after=recent_id),
+            "frames": [self._frame(r) for r in db.last_frames(last=12)],
+            "reviews": self._reviews(db),
         }
+
+    def _reviews(self, db: ResultsReader) -> dict[str, Any]:
+        """The operators' reviews: measured rates beside the calibrated bound (station/reviewed.py)."""
+        reviews = db.reviews(latest=True)
+        for r in reviews:
+            r["name"] = Path(r["path"]).name
+        return review_summary(reviews, db.status_counts, self.bound)
+
+    def review(self, frame_id: int, verdict: str, who: str, note: str | None) -> dict[str, Any] | None:
+        """Record a review (the one write the station makes, to the reviews table); None: no such OK or NG
+        frame. Raises Unreadable when results.db is busy for longer than a moment."""
+        try:
+            with ReviewWriter(self.db_path) as writer:
+                return writer.add(frame_id, verdict, who, note)
+        except StoreError as exc:
+            raise Unreadable(explain(exc, self.db_path) or f"{self.db_path} is busy ({exc}); try again") from None
 
     def frame(self, frame_id: int) -> dict[str, Any] | None:
         if not 0 < frame_id < 2**63:  # no such row id in SQLite
             return None
-        row = self._read(lambda db: db.frame(frame_id), None)
+        def read(db: ResultsReader) -> dict[str, Any] | None:
+            row = db.frame(frame_id)
+            return None if row is None else {**row, "review": db.review_of(frame_id)}
+
+        row = self._read(read, None)
         return None if row is None else _finite(self._frame(row))
 
     def _frame(self, d: dict[str, Any]) -> dict[str, Any]:
@@ -277,14 +308,19 @@ def _histogram(rows: list[tuple], detector: str | None, bins: int = 30) -> dict[
 
 
 def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS, host: str = "127.0.0.1",
-               server_names: tuple[str, ...] = ()):  # noqa: ANN201 (Starlette)
+               server_names: tuple[str, ...] = (), reviewers: dict[str, str] | None = None,
+               bound: dict[str, Any] | None = None):  # noqa: ANN201 (Starlette)
+    """reviewers: {name: secret} of the review tokens (POST /api/review needs one in X-Review-Token); bound:
+    the calibrated false-reject bound of the line's bundle, shown beside the measured rate."""
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    station = Station(out, shifts)
+    station = Station(out, shifts, bound)
+    reviewers = reviewers or {}
     page_html = static_file("index.html").decode()
     assets = {name: static_file(name) for name in ASSETS}
     names = {_host_name(host), *(_host_name(n) for n in server_names)} | (LOOPBACK if host in LOOPBACK else set())
@@ -327,7 +363,7 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
 
     def api_state(request: Request) -> Response:
         try:
-            return JSONResponse(station.state())
+            return JSONResponse({**station.state(), "reviewing": bool(reviewers)})
         except Unreadable as exc:
             return PlainTextResponse(str(exc), status_code=503)
 
@@ -344,6 +380,31 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
             return PlainTextResponse("no such frame", status_code=404)
         return JSONResponse(row)
 
+    async def api_review(request: Request) -> Response:
+        """A review: JSON {frame_id, verdict: good|defect, note}, the review token in X-Review-Token (a header a
+        page of another site cannot send without the station's consent, so no cross-site request forges one)."""
+        if not reviewers:
+            return _refuse(403, "reviews are off: start the station with --review-token NAME=SECRET")
+        who = _reviewer(request.headers.get("x-review-token", ""), reviewers)
+        if who is None:
+            return _refuse(403, "review token required (X-Review-Token)")
+        try:
+            body = await request.json()
+            frame_id, verdict, note = body["frame_id"], body["verdict"], body.get("note")
+            if type(frame_id) is not int or verdict not in VERDICTS or not (note is None or isinstance(note, str)):
+                raise ValueError(verdict)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return _refuse(400, f"a review is JSON {{frame_id, verdict: {' or '.join(VERDICTS)}, note}}")
+        try:
+            # in a worker thread: a busy database must not stall the page's other requests
+            review = await run_in_threadpool(station.review, frame_id, verdict, who, note) \
+                if 0 < frame_id < 2**63 else None
+        except (Unreadable, DiffinspectError) as exc:
+            return _refuse(503, str(exc))
+        if review is None:
+            return _refuse(404, f"no OK or NG frame {frame_id} (held and error frames have no verdict to review)")
+        return JSONResponse(_finite(review))
+
     def files(request: Request) -> Response:
         path = station.resolve_file(request.path_params["path"])
         if path is None:
@@ -353,7 +414,7 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
                             headers={"Content-Security-Policy": CSP + "; sandbox"})
 
     routes = [Route("/", page), Route("/static/{name}", asset), Route("/api/state", api_state),
-              Route("/api/frame/{frame_id}", api_frame),
+              Route("/api/frame/{frame_id}", api_frame), Route("/api/review", api_review, methods=["POST"]),
               Route("/files/{path:path}", files)]
     return Starlette(routes=routes, middleware=[Middleware(Guard)])
 
@@ -388,6 +449,42 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def _refuse(status: int, why: str):  # noqa: ANN202 (Starlette)
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": " ".join(why.split())}, status_code=status)
+
+
+def _reviewer(given: str, reviewers: dict[str, str]) -> str | None:
+    """The name of the review token given, or None; every token is compared (in constant time)."""
+    who = None
+    for name, secret in reviewers.items():
+        if hmac.compare_digest(given.encode(), secret.encode()):
+            who = name
+    return who
+
+
+def parse_reviewers(specs: list[str], read_token: str | None = None) -> dict[str, str]:
+    """--review-token NAME=SECRET (repeatable) as {name: secret}; one-line errors. A review secret is never the
+    read token: whoever may only look must not be able to review."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, secret = spec.partition("=")
+        name, secret = name.strip(), secret.strip()
+        if not sep or not name:
+            raise DiffinspectError("a review token is NAME=SECRET (the name is recorded with each review)")
+        if len(secret) < 8:
+            raise DiffinspectError(f"the review token of {name} must be at least 8 characters")
+        if name in out:
+            raise DiffinspectError(f"two review tokens are named {name}")
+        if secret == read_token:
+            raise DiffinspectError(f"the review token of {name} is the read-only token: give it its own secret")
+        out[name] = secret
+    if len(set(out.values())) < len(out):
+        raise DiffinspectError("two review tokens share a secret: each reviewer needs their own")
+    return out
+
+
 def _authorized(request: Any, token: str) -> bool:  # noqa: ANN401
     given = request.query_params.get("token") or ""
     auth = request.headers.get("authorization", "")
@@ -414,9 +511,10 @@ def station_url(host: str, port: int, token: str | None) -> str:
 
 
 def serve(out: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          shifts: str = DEFAULT_SHIFTS, server_names: tuple[str, ...] = ()) -> None:
+          shifts: str = DEFAULT_SHIFTS, server_names: tuple[str, ...] = (), reviewers: dict[str, str] | None = None,
+          bound: dict[str, Any] | None = None) -> None:
     import uvicorn
 
     check_bind(host, token)
-    app = create_app(out, token, shifts, host, server_names)
+    app = create_app(out, token, shifts, host, server_names, reviewers, bound)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

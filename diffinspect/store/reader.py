@@ -187,6 +187,11 @@ class ResultsReader:
         return self._all("SELECT * FROM frames WHERE id > ? AND status = 'ng' ORDER BY id DESC LIMIT ?",
                          (after, last))
 
+    def last_frames(self, last: int) -> list[dict[str, Any]]:
+        """id, path, status, score and scored_at of the newest `last` frames, newest first."""
+        return self._all("SELECT id, path, status, score, threshold, scored_at FROM frames ORDER BY id DESC LIMIT ?",
+                         (last,))
+
     def held(self, after: int) -> list[dict[str, Any]]:
         """The camera folders whose newest row (after id `after`) is held, with why and since when."""
         if "hold_reason" not in self.columns():
@@ -213,6 +218,23 @@ class ResultsReader:
         if last is None:
             return self._all("SELECT * FROM events ORDER BY id")
         return self._all("SELECT * FROM events ORDER BY id DESC LIMIT ?", (last,))
+
+
+    # -- reviews -------------------------------------------------------------------------------------
+
+    def reviews(self, latest: bool = False) -> list[dict[str, Any]]:
+        """The operator's reviews (store/reviews.py), oldest first; with `latest`, each frame's latest only
+        (none before the first review)."""
+        if "reviews" not in self.tables():
+            return []
+        where = " WHERE id IN (SELECT MAX(id) FROM reviews GROUP BY frame_id)" if latest else ""
+        return self._all(f"SELECT * FROM reviews{where} ORDER BY id")
+
+    def review_of(self, frame_id: int) -> dict[str, Any] | None:
+        """The latest review of one frame, or None."""
+        if "reviews" not in self.tables():
+            return None
+        return self._one("SELECT * FROM reviews WHERE frame_id = ? ORDER BY id DESC LIMIT 1", (frame_id,))
 
 
 def count_frames(db_path: Path) -> int:

@@ -39,6 +39,7 @@ from diffinspect.logs import storable
 from diffinspect.scoring.record import Record
 from diffinspect.store.reader import SECOND_SQL
 from diffinspect.store.retention import acknowledged_upto, archive_step, day_of
+from diffinspect.store.reviews import REVIEWS_INDEX, REVIEWS_TABLE
 
 _FRAMES = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -90,7 +91,7 @@ CREATE TABLE IF NOT EXISTS seconds (
 )"""
 # The last rejects, found without reading the OK frames between them.
 _NG_INDEX = "CREATE INDEX IF NOT EXISTS frames_ng ON frames (id) WHERE status = 'ng'"
-_SCHEMA = f"{_FRAMES};{_EVENTS};{_SECONDS};{_NG_INDEX};"
+_SCHEMA = f"{_FRAMES};{_EVENTS};{_SECONDS};{_NG_INDEX};{REVIEWS_TABLE};{REVIEWS_INDEX};"
 
 
 # The table's columns in schema order (also the order of the JSON lines' keys).

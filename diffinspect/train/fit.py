@@ -72,9 +72,11 @@ def fit(
     resume: bool = False,
     progress: Progress | None = None,
     on_step: Callable[[int], None] | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train on data.images (frames, or random tiles of canvases); checkpoints go to `<out>.checkpoint/`.
-    Progress: task "training", in steps, with loss and seconds (the training clock, resumed runs included)."""
+    Progress: task "training", in steps, with loss and seconds (the training clock, resumed runs included).
+    `init`: start from these weights (a fine-tune), not at random."""
     tc, mc = cfg.train, cfg.model
     size, channels = data.preprocess.image_size, data.preprocess.color == "rgb" and 3 or 1
     check_image_size(mc.kind, mc.size, size)
@@ -86,7 +88,10 @@ def fit(
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     torch.manual_seed(tc.seed)
-    model = build_model(mc.kind, mc.size, size, channels).to(device)
+    model = build_model(mc.kind, mc.size, size, channels)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     schedule = NoiseSchedule(mc.schedule)

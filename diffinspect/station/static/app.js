@@ -118,6 +118,55 @@ function rejects(s) {
     box.append(f);
   }
 }
+const pct = (v, d=1) => v === null || v === undefined ? "–" : `${fmt(100 * v, d)} %`;
+const interval = i => i ? `${pct(i[0])} – ${pct(i[1])}` : "–";
+function reviewed(s) {
+  const v = s.reviews, b = v.bound;
+  const bound = b ? `≤ ${pct(b.false_reject_rate)}` + (b.confidence ? ` (with ${pct(b.confidence, 0)} confidence, ${b.n} images)` :
+    ` (on average, ${b.n} images)`) : "start the station with --bundle to show it";
+  const rows = [
+    ["reviews (latest per frame)", v.reviews],
+    ["rejects reviewed", `${v.rejects_reviewed}, of which good parts <b id="good-rejects">${v.good_rejects}</b>`],
+    ["good parts among reviewed rejects", `<b id="good-share">${pct(v.good_share)}</b> (${pct(v.confidence, 0)} exact interval ${interval(v.good_share_interval)})`],
+    ["false-reject rate, measured", `<b id="measured-frr">${pct(v.false_reject_rate, 2)}</b> (${pct(v.confidence, 0)} interval ${interval(v.false_reject_interval)})` +
+      (v.since ? `<br><small>good parts rejected of good parts scored since ${new Date(v.since * 1000).toLocaleString()}: ${v.frames_since.ng} rejects, ${v.frames_since.ok} OK</small>` : "")],
+    ["false-reject rate, calibrated bound", `<span id="bound">${bound}</span>`],
+    ["reviewed misses (OK frames found defective)", `<b id="misses-count" class="${v.misses ? "ng" : ""}">${v.misses}</b>`],
+  ];
+  $("reviewed").innerHTML = rows.map(([k, x]) => `<span>${k}</span><span>${x}</span>`).join("");
+  $("misses").innerHTML = v.last_misses.map(m => `<div class="ng">${when(m.at)} ${esc(m.name)}: score ${fmt(m.score, 3)} ` +
+    `(threshold ${fmt(m.threshold, 3)}), ${esc(m.who)}${m.note ? `: ${esc(m.note)}` : ""}</div>`).join("");
+}
+function frames(s) {
+  const box = $("frames"); box.replaceChildren();
+  for (const r of s.frames) {
+    const d = document.createElement("div");
+    d.dataset.id = r.id;
+    d.innerHTML = `<span>#${r.id}</span><span>${esc(r.name)}</span><b class="${esc(r.status)}">${esc(r.status.toUpperCase())}</b>` +
+      `<span>${fmt(r.score, 3)}</span><span>${when(r.scored_at)}</span>`;
+    d.addEventListener("click", () => openFrame(r.id));
+    box.append(d);
+  }
+}
+let reviewing = false;
+function reviewBox(r) {
+  if (!reviewing || !["ok", "ng"].includes(r.status)) return "";
+  const said = r.review ? `reviewed: <b>${r.review.verdict === "good" ? "good part" : "defect"}</b> by ${esc(r.review.who)}, ${when(r.review.at)}` +
+    (r.review.note ? ` (${esc(r.review.note)})` : "") : "not reviewed yet";
+  return `<div class="review" id="review"><span class="said" id="review-said">${said}</span>` +
+    `<input name="token" type="password" placeholder="review token" autocomplete="off" value="${esc(sessionStorage.getItem("reviewToken") || "")}">` +
+    `<input name="note" placeholder="note (optional)" maxlength="500">` +
+    `<button data-verdict="good">good part</button><button data-verdict="defect">defect</button></div>`;
+}
+async function sendReview(id, verdict) {
+  const box = $("review"), token = box.querySelector("[name=token]").value;
+  sessionStorage.setItem("reviewToken", token);
+  const res = await fetch(withToken("/api/review"), {method: "POST", headers: {"Content-Type": "application/json", "X-Review-Token": token},
+    body: JSON.stringify({frame_id: id, verdict, note: box.querySelector("[name=note]").value})});
+  const answer = await res.json();
+  $("review-said").innerHTML = res.ok ? `reviewed: <b>${verdict === "good" ? "good part" : "defect"}</b> by ${esc(answer.who)}, saved` :
+    `<span class="ng">not saved: ${esc(answer.error)}</span>`;
+}
 async function openFrame(id) {
   const r = await (await fetch(withToken(`/api/frame/${id}`))).json();
   const span = Math.max(r.score, r.threshold) * 1.25 || 1, pos = v => 100 * v / span;
@@ -129,7 +178,12 @@ async function openFrame(id) {
     `<svg viewBox="0 0 100 8" height="24"><rect x="0" y="2" width="100" height="4" fill="#e3e7eb"/>` +
     `<rect x="0" y="2" width="${pos(r.score)}" height="4" fill="#d43a2f"/>` +
     `<line x1="${pos(r.threshold)}" x2="${pos(r.threshold)}" y1="0" y2="8" stroke="#1d2329" stroke-width=".6"/></svg>` +
-    `<p><small>click anywhere to close</small></p>`;
+    reviewBox(r) + `<p><small>click anywhere else to close</small></p>`;
+  const box = $("review");
+  if (box) {
+    box.addEventListener("click", e => e.stopPropagation());
+    box.querySelectorAll("button").forEach(b => b.addEventListener("click", () => sendReview(id, b.dataset.verdict)));
+  }
   $("modal").classList.add("open");
 }
 $("modal").addEventListener("click", () => $("modal").classList.remove("open"));
@@ -146,7 +200,8 @@ async function poll() {
     $("live").className = ""; $("live").textContent = `live · ${new Date().toLocaleTimeString()}`;
     if (!s.ready) { $("live").textContent = "waiting for results.db…"; return; }
     counts("hour", s.counts.hour); counts("shift", s.counts.shift);
-    scoring(s); products(s); alarms(s); trend(s); hist(s); health(s);
+    reviewing = s.reviewing;
+    scoring(s); products(s); alarms(s); trend(s); hist(s); health(s); reviewed(s); frames(s);
     if (s.max_id !== lastMax) { rejects(s); lastMax = s.max_id; }
     document.body.dataset.maxId = s.max_id;
   } catch (e) {
