@@ -125,7 +125,7 @@ def _refit_patches(up, model: torch.nn.Module, prep, fit_frame) -> None:  # noqa
     """The patch statistics on the new weights' features, over every training image at hand."""
     bundle = up.bundle
     paths = (bundle.manifest.training or Training()).paths_on_disk() + [
-        bundle.path / n for n in up.manifest.added.training]
+        up.folder / n for n in up.manifest.added.training]
     frames = read_images(paths, prep.color, "training images", transform=fit_frame).frames
     staged = up.staging_path(PATCH_FILE)
     with open(staged, "wb") as f:
