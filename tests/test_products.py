@@ -317,11 +317,11 @@ def test_drift_is_kept_per_product_and_a_changeover_is_not_drift(tmp_path: Path)
 def test_cli_watch_routes_by_camera_folder_and_sub_folder(tmp_path: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    import diffinspect.scoring.loader as loader
     from diffinspect.cli import app
+    from diffinspect.scoring.inspector import Inspector
 
-    monkeypatch.setattr(loader, "load_detector", lambda b, *a, **k: FakeDetector(name=Path(b).name))
-    monkeypatch.setattr(loader, "load_fallback", lambda b, *a, **k: FakeDetector(name="copod"))
+    monkeypatch.setattr(Inspector, "load", classmethod(lambda cls, b, *a, **k: cls(FakeDetector(name=Path(b).name))))
+    monkeypatch.setattr(Inspector, "fallback", classmethod(lambda cls, b, *a, **k: cls(FakeDetector(name="copod"))))
     monkeypatch.chdir(tmp_path)
     for name in ("housing", "cover"):
         Path(f"models/{name}").mkdir(parents=True)
