@@ -86,7 +86,7 @@ def main() -> None:
         shutil.copytree(bundles["half"], bundles["finetuned"])
         seconds["finetuned"] = run("train", str(bundles["finetuned"]), "--add-good", str(b),
                                    "--steps", str(max(1, args.steps // 4)))
-        report = evaluate([bundles[arm] for arm in ARMS], [cat], w / "report", [], progress=False)
+        report = evaluate([bundles[arm] for arm in ARMS], [cat], w / "report", [])
         methods = next(iter(report["datasets"].values()))
         auroc = {arm: methods[arm]["image_auroc"] for arm in ARMS}
         summary[cat.name] = {"good_photos": len(normal_images(cat)), "half": len(normal_images(a)),

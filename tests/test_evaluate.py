@@ -352,7 +352,7 @@ def test_report_json_gives_each_image_its_p_value_the_guarantee_and_the_suspects
         cv2.imwrite(str(good / f"zz{i}.png"), img)
     bundle = tmp_path / "cold"
     calibrate_copod_only(good, bundle, false_reject_rate=0.1)
-    report = ev.evaluate([bundle], [line_dir], tmp_path / "r", baselines=(), progress=False, gallery_size=0)
+    report = ev.evaluate([bundle], [line_dir], tmp_path / "r", baselines=(), gallery_size=0)
     on_disk = json.loads((tmp_path / "r" / "report.json").read_text())
     row = on_disk["datasets"]["metal"]["copod_fallback"]
     det = load_fallback(bundle)

@@ -389,13 +389,13 @@ def test_quiet_cli_logs_time_stamped_warnings_on_stderr(tmp_path: Path, capsys, 
     line each on stdout."""
     from test_hardening import run_cli
 
-    import diffinspect.scoring.loader as loader
+    from diffinspect.scoring.inspector import Inspector
 
     def no_accelerator(*a: object, **k: object) -> None:
         raise RuntimeError("no accelerator (fake)")
 
-    monkeypatch.setattr(loader, "load_detector", no_accelerator)
-    monkeypatch.setattr(loader, "load_fallback", lambda *a, **k: FakeDetector(name="copod"))
+    monkeypatch.setattr(Inspector, "load", no_accelerator)
+    monkeypatch.setattr(Inspector, "fallback", classmethod(lambda cls, *a, **k: cls(FakeDetector(name="copod"))))
     monkeypatch.chdir(tmp_path)
     Path("model").mkdir()
     Path("model/manifest.json").write_text('{"schema_version": 1, "diffinspect_version": "0", "files": {}}')
