@@ -80,21 +80,28 @@ class Station:
         self.db_path = self.out / "results.db"
         self.shifts = parse_shifts(shifts)
         self._lock = threading.Lock()
-        self._last: tuple[float, dict[str, Any]] | None = None
+        self._last: tuple[float, dict[str, Any], bytes] | None = None
 
     def state(self, now: float | None = None) -> dict[str, Any]:
         """What the page shows (at `now`, by default this second); raises Unreadable when results.db is there
         but cannot be read."""
-        if now is not None:
-            return self._compute(now)
-        # One computation a second, however many browsers poll: the page's cost on the cores that score frames
-        # does not grow with its audience. A whole second, so that no edge of the hour or its minutes falls
-        # inside a second, which the store would read row by row (rows scored since are counted all the same).
+        return self._compute(now) if now is not None else self._now()[0]
+
+    def state_json(self) -> bytes:
+        """state() as the JSON body of /api/state."""
+        return self._now()[1]
+
+    def _now(self) -> tuple[dict[str, Any], bytes]:
+        # One computation and one JSON body a second, however many browsers poll: the page's cost on the cores
+        # that score frames does not grow with its audience. A whole second, so that no edge of the hour or its
+        # minutes falls inside a second, which the store would read row by row (rows scored since are counted
+        # all the same).
         now = math.floor(time.time())
         with self._lock:
             if self._last is None or self._last[0] != now:
-                self._last = (now, self._compute(now))
-            return self._last[1]
+                state = self._compute(now)
+                self._last = (now, state, json.dumps(state, separators=(",", ":"), allow_nan=False).encode())
+            return self._last[1], self._last[2]
 
     def _compute(self, now: float) -> dict[str, Any]:
         base: dict[str, Any] = {"out": str(self.out), "now": now, "ready": False}
@@ -152,7 +159,9 @@ class Station:
                 "fallback_share": fallback / scored if scored else 0.0,
                 "threshold": last["threshold"], "at": last["scored_at"]},
             "histogram": _histogram(db.scores(after=recent_id, last=2000), last["detector"] if last else None),
-            "rejects": rejects, "health": health, "bands": self._bands(), **_alarms(db),
+            "rejects": rejects, "health": health, "bands": self._bands(),
+            # The drift and disk alarms open now, and the newest events, newest first.
+            "alarms": db.alarms(), "events": db.events(last=50)[::-1],
             # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
             "hold": db.held(after=recent_id),
         }
@@ -202,14 +211,6 @@ class Station:
         if not path.is_file() or path.suffix.lower() not in IMAGE_TYPES:
             return None
         return path
-
-
-def _alarms(db: ResultsReader) -> dict[str, Any]:
-    """The drift alarms raised now (the latest event per kind and camera says raised), and the last 50 events."""
-    latest: dict[tuple, dict] = {}
-    for e in db.events():
-        latest[(e["kind"], e["folder"])] = e
-    return {"alarms": [e for e in latest.values() if e["state"] == "raised"], "events": db.events(last=50)}
 
 
 def _json(text: str | None) -> Any:
@@ -305,7 +306,7 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
 
     def api_state(request: Request) -> Response:
         try:
-            return JSONResponse(station.state())
+            return Response(station.state_json(), media_type="application/json")
         except Unreadable as exc:
             return PlainTextResponse(str(exc), status_code=503)
 

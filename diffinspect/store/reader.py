@@ -173,30 +173,42 @@ class ResultsReader:
                          (after, last))
 
     def held(self, after: int) -> list[dict[str, Any]]:
-        """The camera folders whose newest row (after id `after`) is held, with why and since when."""
+        """The camera folders whose newest row is held, with why and since when: one row per camera from the
+        cameras table the committer keeps; a database no watcher of this version opened yet has none, and its
+        newest rows after id `after` stand in."""
         if "hold_reason" not in self.columns():
             return []
-        return self._all("SELECT id, folder, hold_reason, scored_at FROM frames WHERE id IN (SELECT MAX(id) "
-                         "FROM frames WHERE id > ? GROUP BY folder) AND status = 'hold' ORDER BY folder", (after,))
+        newest = ("SELECT last_id FROM cameras" if "cameras" in self.tables() else
+                  "SELECT MAX(id) FROM frames WHERE id > ? GROUP BY folder")
+        return self._all(f"SELECT id, folder, hold_reason, scored_at FROM frames WHERE id IN ({newest}) "
+                         f"AND status = 'hold' ORDER BY folder", () if "cameras" in self.tables() else (after,))
 
     def health(self, after: int, last: int) -> list[dict[str, Any]]:
-        """id, scored_at, folder and the health JSON of the newest `last` frames that have it, newest first
-        (none from a database written before health was stored)."""
+        """id, scored_at, folder and the health JSON of the frames that have it among the newest `last` after
+        id `after`, newest first (error rows and a database written before health was stored have none)."""
         if "health" not in self.columns():
             return []
-        return self._all("SELECT id, scored_at, folder, health FROM frames WHERE id > ? AND health IS NOT NULL "
-                         "ORDER BY id DESC LIMIT ?", (after, last))
+        return self._all("SELECT id, scored_at, folder, health FROM (SELECT id, scored_at, folder, health FROM "
+                         "frames WHERE id > ? ORDER BY id DESC LIMIT ?) WHERE health IS NOT NULL", (after, last))
 
     # -- events --------------------------------------------------------------------------------------
 
-    def events(self, last: int | None = None) -> list[dict[str, Any]]:
-        """The drift events, oldest first; with `last`, the newest `last` of them, newest first (none from a
-        database written before events were stored)."""
+    def events(self, last: int = 100) -> list[dict[str, Any]]:
+        """The newest `last` drift and disk events, oldest first (none from a database written before events
+        were stored)."""
         if "events" not in self.tables():
             return []
-        if last is None:
-            return self._all("SELECT * FROM events ORDER BY id")
-        return self._all("SELECT * FROM events ORDER BY id DESC LIMIT ?", (last,))
+        return self._all("SELECT * FROM (SELECT * FROM events ORDER BY id DESC LIMIT ?) ORDER BY id", (last,))
+
+    def alarms(self) -> list[dict[str, Any]]:
+        """The alarms open now: the events whose kind and camera have no newer event, when that says raised.
+        One row per kind and camera from the alarms table the store keeps; a database no watcher of this
+        version opened yet has none, and gets the same answer from every event (slow, but right)."""
+        if "events" not in self.tables():
+            return []
+        newest = ("SELECT event_id FROM alarms" if "alarms" in self.tables() else
+                  "SELECT MAX(id) FROM events GROUP BY kind, folder")
+        return self._all(f"SELECT * FROM events WHERE id IN ({newest}) AND state = 'raised' ORDER BY id")
 
 
 def count_frames(db_path: Path) -> int:
