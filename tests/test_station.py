@@ -686,3 +686,55 @@ def test_open_alarms_are_read_without_reading_every_event(tmp_path: Path):
     with sqlite3.connect(tmp_path / "results.db") as db:
         assert db.execute("SELECT COUNT(*) FROM alarms").fetchone()[0] == 3
     assert Station(tmp_path).state()["alarms"] == s["alarms"]
+
+
+def test_counts_kept_between_polls_equal_counts_read_afresh(tmp_path: Path, monkeypatch):
+    """The page's counts and trend from the totals kept between polls are those of a fresh read, as the clock
+    moves on by seconds and by hours, across shift starts, and back."""
+    import random
+
+    import diffinspect.station.app as app
+
+    rng = random.Random(3)
+    clock = [float(int(time.time())) - 5 * 3600]
+    monkeypatch.setattr(app.time, "time", lambda: clock[0])
+    shifts = "00:00,06:00,12:00,18:00"
+    station, store, i = Station(tmp_path, shifts), ResultStore(tmp_path), 0
+    try:
+        for step in range(60):
+            made = rows(5, i, clock[0], tmp_path)
+            for r in made:  # committed now: scored this second or a few before, or by a clock a little ahead
+                r.scored_at, r.overlay = clock[0] - rng.uniform(0, 4) + (step % 7 == 0), None
+            store.commit(made)
+            i += 5
+            clock[0] += -900 if step == 40 else rng.choice([1, 1, 3, 11, 59, 600, 3000])
+            got, want = station.state(), Station(tmp_path, shifts).state(clock[0])
+            assert got["counts"] == want["counts"] and got["trend"] == want["trend"], step
+        assert want["counts"]["shift"]["total"] > 0 and sum(b["ok"] for b in want["trend"]) > 0
+    finally:
+        store.close()
+
+
+def test_a_poll_never_waits_for_the_next_state(tmp_path: Path, monkeypatch):
+    import diffinspect.station.app as app
+
+    store = ResultStore(tmp_path)
+    store.commit(rows(10, 0, time.time(), tmp_path))
+    store.close()
+    clock = [float(int(time.time())) + 0.5]
+    monkeypatch.setattr(app.time, "time", lambda: clock[0])
+    station = Station(tmp_path)
+    first = json.loads(station.state_json())["now"]
+    release, real = threading.Event(), Station._compute
+    monkeypatch.setattr(Station, "_compute", lambda self, *a: release.wait(30) and real(self, *a))
+    clock[0] += 1
+    t0 = time.monotonic()
+    assert [json.loads(station.state_json())["now"] for _ in range(5)] == [first] * 5  # at once, a second old
+    assert time.monotonic() - t0 < 10
+    release.set()
+    deadline = time.monotonic() + 10
+    while json.loads(station.state_json())["now"] == first and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert json.loads(station.state_json())["now"] == first + 1  # computed meanwhile
+    clock[0] += app.STALE_S + 1  # after a pause no poll gets a state that old: it waits for its own
+    assert json.loads(station.state_json())["now"] == int(clock[0])

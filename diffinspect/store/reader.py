@@ -133,6 +133,12 @@ class ResultsReader:
                         out[b][status] += k
         return out
 
+    def second_counts(self, first: int, last: int | None = None) -> list[tuple[int, int, int, int, int]]:
+        """(second, ok, ng, error, hold) of the seconds [first, last) that have frames (without last: from
+        first on, a clock a little ahead included)."""
+        return self._db.execute(f"SELECT second, ok, ng, error, hold FROM {self._seconds()} WHERE second >= ? "
+                                f"AND second < ? ORDER BY second", (first, 2**62 if last is None else last)).fetchall()
+
     def _second_rows(self, second: int) -> list[tuple[float, str]]:
         """(scored_at, status) of the frames of one second, read between its first and last id."""
         return self._db.execute(f"SELECT f.scored_at, f.status FROM {self._seconds()} s JOIN frames f ON f.id "
