@@ -726,7 +726,7 @@ def test_a_poll_never_waits_for_the_next_state(tmp_path: Path, monkeypatch):
     station = Station(tmp_path)
     first = json.loads(station.state_json())["now"]
     release, real = threading.Event(), Station._compute
-    monkeypatch.setattr(Station, "_compute", lambda self, *a: release.wait(30) and real(self, *a))
+    monkeypatch.setattr(Station, "_compute", lambda self, *a, **k: release.wait(30) and real(self, *a, **k))
     clock[0] += 1
     t0 = time.monotonic()
     assert [json.loads(station.state_json())["now"] for _ in range(5)] == [first] * 5  # at once, a second old

@@ -122,13 +122,13 @@ class Station:
         return last[1], last[2]
 
     def _store(self, now: int) -> tuple[int, dict[str, Any], bytes]:
-        state = self._compute(now, self._totals)
+        state = self._compute(now, kept=True)
         self._last = (now, state, json.dumps(state, separators=(",", ":"), allow_nan=False).encode())
         return self._last
 
-    def _compute(self, now: float, totals: Totals | None = None) -> dict[str, Any]:
+    def _compute(self, now: float, kept: bool = False) -> dict[str, Any]:
         base: dict[str, Any] = {"out": str(self.out), "now": now, "ready": False}
-        return _finite(self._read(lambda db: {**base, "ready": True, **self._state(db, now, totals)}, base))
+        return _finite(self._read(lambda db: {**base, "ready": True, **self._state(db, now, kept)}, base))
 
     def _read(self, query: Callable[[ResultsReader], Any], default: Any) -> Any:  # noqa: ANN401
         """query(reader) on results.db, or default while there is none yet (or no table: a watcher starting)."""
@@ -149,12 +149,14 @@ class Station:
                 raise Unreadable(line or f"{self.db_path} is busy ({exc}); trying again") from None
         return result
 
-    def _state(self, db: ResultsReader, now: float, totals: Totals | None) -> dict[str, Any]:
-        """The page's state; its counts from `totals` (a whole second `now`), or read afresh without."""
+    def _state(self, db: ResultsReader, now: float, kept: bool) -> dict[str, Any]:
+        """The page's state; its counts from the totals kept between polls (`kept`, a whole second `now`), or
+        read afresh."""
         hour, shift = now - 3600, shift_start(now, self.shifts)
         max_id = db.max_id()
         recent_id = max(0, max_id - RECENT_ROWS)
-        if totals is None:
+        totals = self._totals
+        if not kept:
             count_since, per_minute = db.status_counts, db.per_window(hour, 60.0, 61)
         else:
             totals.update(db, int(min(hour, shift)), int(now), max_id)
