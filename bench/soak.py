@@ -118,12 +118,12 @@ def build_database(out: Path, rows: int, rate: float) -> float:
     db.execute("DROP TABLE seconds")  # the store summarises the built rows once, as for an older database
     db.commit()
     db.close()
-    ResultStore(out).close()
-    # The mirror of the built rows holds only the last one: a watcher starting on them would otherwise
-    # write them all out first, and the mirror's size is not what the soak measures.
+    # The mirror of the built rows holds only the last one: the store opening them would otherwise write
+    # them all out first, and the mirror's size is not what the soak measures.
     last = t0 + (rows - 1) / rate
     (out / "results.jsonl").write_text(json.dumps({"id": rows, "scored_at": last}) + "\n")
     os.utime(out / "results.jsonl", (last, last))
+    ResultStore(out).close()
     with Deliveries(out / "results.db") as d:  # a year of frames was delivered long ago
         d.start_marks({"mqtt": "frames", "mqtt/events": "events"}, replay=False)
     return span
