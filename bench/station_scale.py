@@ -13,6 +13,7 @@ database, as on the line), and CLIENTS threads each poll `/api/state` POLLS time
 Prints p50 / p99 / max of the polls and p99 against the 50 ms target.
 
     python bench/station_scale.py [--out /tmp/station_scale] [--rows 50000000] [--clients 4] [--polls 150]
+    python bench/station_scale.py --path /static/style.css     # the same clients on a fixed file: the floor
 """
 
 from __future__ import annotations
