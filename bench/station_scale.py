@@ -13,6 +13,7 @@ database, as on the line), and CLIENTS threads each poll `/api/state` POLLS time
 Prints p50 / p99 / max of the polls and p99 against the 50 ms target.
 
     python bench/station_scale.py [--out /tmp/station_scale] [--rows 50000000] [--clients 4] [--polls 150]
+    python bench/station_scale.py --path /static/style.css     # the same clients on a fixed file: the floor
 """
 
 from __future__ import annotations
@@ -84,15 +85,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def poll(port: int, n: int, interval: float, times: list[float], errors: list[str]) -> None:
+def poll(port: int, n: int, interval: float, times: list[float], errors: list[str], path: str = "/api/state") -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     for _ in range(n):
         t0 = time.perf_counter()
         try:
-            conn.request("GET", "/api/state")
+            conn.request("GET", path)
             r = conn.getresponse()
             body = r.read()
-            if r.status != 200 or not json.loads(body)["ready"]:
+            if r.status != 200 or (path == "/api/state" and not json.loads(body)["ready"]):
                 errors.append(f"{r.status} {body[:200]!r}")
         except (OSError, http.client.HTTPException) as exc:
             errors.append(repr(exc))
@@ -135,6 +136,8 @@ def main() -> None:
     ap.add_argument("--polls", type=int, default=150, help="polls per client")
     ap.add_argument("--interval", type=float, default=0.2, help="seconds between one client's polls")
     ap.add_argument("--write", type=float, default=50.0, help="frames/s a watcher commits meanwhile (0: none)")
+    ap.add_argument("--path", default="/api/state",
+                    help="what the clients GET (/static/style.css: the floor a busy machine sets on any request)")
     args = ap.parse_args()
 
     out = args.out
@@ -170,7 +173,7 @@ def main() -> None:
         poll(port, 3, 0.0, warm, [])  # first polls: the page cache of a cold database
         times: list[float] = []
         errors: list[str] = []
-        clients = [threading.Thread(target=poll, args=(port, args.polls, args.interval, times, errors))
+        clients = [threading.Thread(target=poll, args=(port, args.polls, args.interval, times, errors, args.path))
                    for _ in range(args.clients)]
         t0 = time.perf_counter()
         for c in clients:
@@ -185,7 +188,7 @@ def main() -> None:
         if writer.is_alive():
             writer.join(timeout=30)
     p50, p99 = pct(times, 50), pct(times, 99)
-    print(f"/api/state, {args.clients} clients x {args.polls} polls ({args.interval} s apart) over {wall:.0f} s, "
+    print(f"{args.path}, {args.clients} clients x {args.polls} polls ({args.interval} s apart) over {wall:.0f} s, "
           f"{sum(written)} frames committed meanwhile; first cold polls {', '.join(f'{t:.0f}' for t in warm)} ms; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"  p50 {p50:.1f} ms   p99 {p99:.1f} ms   max {max(times):.1f} ms   "

@@ -108,6 +108,28 @@ def test_without_outputs_rows_go_by_age_alone(tmp_path: Path) -> None:
             4, min(r["id"] for r in kept))
 
 
+def test_an_archive_step_costs_the_same_however_many_seconds_are_kept(tmp_path: Path) -> None:
+    """A step drops the per-second summary of the rows it archived by a range of its key: a plant's months of
+    kept seconds (one row each) do not slow the step, which holds the lock the commits wait for."""
+    cost = {}
+    for kept in (2_000, 40_000):
+        store = ResultStore(tmp_path / str(kept))
+        _commit_days(store, [100], per_day=100)
+        now, kept_rows = time.time(), [frame_row(100 + i) for i in range(kept)]
+        for i, r in enumerate(kept_rows):  # the kept rows, one a second up to now
+            r.scored_at = now - kept + i
+        store.commit(kept_rows)
+        steps = [0]
+        store._db.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1), 100)  # noqa: B023
+        assert store.retire(time.time() - 90 * DAY, []) == 100
+        store._db.set_progress_handler(None, 0)
+        left = store._db.execute("SELECT COUNT(*), SUM(ok + ng + error + hold) FROM seconds").fetchone()
+        assert left == (kept, kept)
+        cost[kept] = steps[0]
+        store.close()
+    assert cost[40_000] <= cost[2_000] * 1.1 + 5, cost
+
+
 def test_a_crash_mid_archive_neither_loses_nor_duplicates_a_row(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     store = ResultStore(tmp_path)
     real = retention_mod._append

@@ -619,3 +619,137 @@ def test_page_says_why_it_cannot_read_the_database(tmp_path: Path, browser):
         browser.get(f"http://127.0.0.1:{port}/")
         expected = f"{tmp_path / 'results.db'} is not a SQLite database: not the results of `inspect watch`"
         assert text_becomes(browser, "live", expected) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# A poll reads bounded ranges only: a year of frames or a month of flapping alarms costs it nothing
+
+
+def poll_cost(out: Path, now: float, monkeypatch) -> int:  # noqa: ANN001
+    """SQLite virtual-machine steps (in hundreds) of one computation of the page's state."""
+    from diffinspect.store.reader import ResultsReader
+
+    steps = [0]
+    real = ResultsReader._connect
+
+    def connect(self, timeout):  # noqa: ANN001, ANN202
+        db = real(self, timeout)
+        db.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1), 100)
+        return db
+
+    with monkeypatch.context() as m:
+        m.setattr(ResultsReader, "_connect", connect)
+        Station(out).state(now)
+    return steps[0]
+
+
+def test_a_poll_costs_the_same_after_months_of_rows_and_events(tmp_path: Path, monkeypatch):
+    """Every query of a poll is a bounded range: ten times the old frames and events leave its cost as it was."""
+    now = float(int(time.time()))
+    cost = {}
+    for old in (4_000, 40_000):  # both more than any LIMIT of a poll
+        out = tmp_path / str(old)
+        store = ResultStore(out)
+        with pytest.MonkeyPatch.context() as m:  # no overlay images: only the rows matter here
+            m.setattr(cv2, "imwrite", lambda *a: True)
+            store.commit(rows(old, 0, now - 3 * 86400, out))
+        store.add_events([(now - 2 * 86400 + i, "lighting", "lighting changed", "raised" if i % 2 else "cleared",
+                           "", "/cam") for i in range(old // 10)])
+        store.commit(rows(200, old, now - 30, out))
+        store.add_events([(now - 10, "focus", "focus changed", "raised", "", "/cam")])
+        store.close()
+        cost[old] = poll_cost(out, now, monkeypatch)
+    assert cost[40_000] <= cost[4_000] * 1.1 + 5, cost
+
+
+def test_a_held_camera_is_shown_however_many_rows_other_cameras_made_since(tmp_path: Path, monkeypatch):
+    import diffinspect.station.app as app
+
+    monkeypatch.setattr(app, "RECENT_ROWS", 10)
+    store = ResultStore(tmp_path)
+    now = time.time()
+    held = rows(1, 0, now, tmp_path)
+    held[0].status, held[0].hold_reason, held[0].folder, held[0].overlay = "hold", "lighting changed", "/cam2", None
+    store.commit(held)
+    store.commit(rows(30, 1, now, tmp_path))
+    store.close()
+    assert [(h["folder"], h["hold_reason"]) for h in Station(tmp_path).state()["hold"]] == \
+        [("/cam2", "lighting changed")]
+
+
+def test_open_alarms_are_read_without_reading_every_event(tmp_path: Path):
+    import sqlite3
+
+    store = ResultStore(tmp_path)
+    now = time.time()
+    # An alarm raised a month ago and never cleared, then a month of another camera's alarm flapping.
+    store.add_events([(now - 30 * 86400, "focus", "focus changed", "raised", "", "/cam1")])
+    flaps = [(now - 30 * 86400 + 60 * i, "lighting", "lighting changed", "raised" if i % 2 else "cleared",
+              "", "/cam2") for i in range(1, 2001)]
+    store.add_events(flaps)
+    store.add_events([(now, "disk", "disk space low", "raised", "", None)])
+    store.close()
+    s = Station(tmp_path).state()
+    assert [(a["kind"], a["folder"]) for a in s["alarms"]] == [("focus", "/cam1"), ("disk", None)]
+    assert len(s["events"]) == 50 and s["events"][0]["kind"] == "disk" and s["events"][1]["at"] == flaps[-1][0]
+    # A database from before the alarms table: the reader gets the same from every event, and the watcher's
+    # store makes the table from them when it opens the database.
+    with sqlite3.connect(tmp_path / "results.db") as db:
+        db.execute("DROP TABLE alarms")
+    assert Station(tmp_path).state()["alarms"] == s["alarms"]
+    ResultStore(tmp_path).close()
+    with sqlite3.connect(tmp_path / "results.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM alarms").fetchone()[0] == 3
+    assert Station(tmp_path).state()["alarms"] == s["alarms"]
+
+
+def test_counts_kept_between_polls_equal_counts_read_afresh(tmp_path: Path, monkeypatch):
+    """The page's counts and trend from the totals kept between polls are those of a fresh read, as the clock
+    moves on by seconds and by hours, across shift starts, and back."""
+    import random
+
+    import diffinspect.station.app as app
+
+    rng = random.Random(3)
+    clock = [float(int(time.time())) - 5 * 3600]
+    monkeypatch.setattr(app.time, "time", lambda: clock[0])
+    shifts = "00:00,06:00,12:00,18:00"
+    station, store, i = Station(tmp_path, shifts), ResultStore(tmp_path), 0
+    try:
+        for step in range(60):
+            made = rows(5, i, clock[0], tmp_path)
+            for r in made:  # committed now: scored this second or a few before, or by a clock a little ahead
+                r.scored_at, r.overlay = clock[0] - rng.uniform(0, 4) + (step % 7 == 0), None
+            store.commit(made)
+            i += 5
+            clock[0] += -900 if step == 40 else rng.choice([1, 1, 3, 11, 59, 600, 3000])
+            got, want = station.state(), Station(tmp_path, shifts).state(clock[0])
+            assert got["counts"] == want["counts"] and got["trend"] == want["trend"], step
+        assert want["counts"]["shift"]["total"] > 0 and sum(b["ok"] for b in want["trend"]) > 0
+    finally:
+        store.close()
+
+
+def test_a_poll_never_waits_for_the_next_state(tmp_path: Path, monkeypatch):
+    import diffinspect.station.app as app
+
+    store = ResultStore(tmp_path)
+    store.commit(rows(10, 0, time.time(), tmp_path))
+    store.close()
+    clock = [float(int(time.time())) + 0.5]
+    monkeypatch.setattr(app.time, "time", lambda: clock[0])
+    station = Station(tmp_path)
+    first = json.loads(station.state_json())["now"]
+    release, real = threading.Event(), Station._compute
+    monkeypatch.setattr(Station, "_compute", lambda self, *a, **k: release.wait(30) and real(self, *a, **k))
+    clock[0] += 1
+    t0 = time.monotonic()
+    assert [json.loads(station.state_json())["now"] for _ in range(5)] == [first] * 5  # at once, a second old
+    assert time.monotonic() - t0 < 10
+    release.set()
+    deadline = time.monotonic() + 10
+    while json.loads(station.state_json())["now"] == first and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert json.loads(station.state_json())["now"] == first + 1  # computed meanwhile
+    clock[0] += app.STALE_S + 1  # after a pause no poll gets a state that old: it waits for its own
+    assert json.loads(station.state_json())["now"] == int(clock[0])

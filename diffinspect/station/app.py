@@ -37,6 +37,7 @@ from typing import Any
 
 from diffinspect import DiffinspectError
 from diffinspect.station.reviewed import summary as review_summary
+from diffinspect.station.totals import Totals
 from diffinspect.store import BANDS_FILE, StoreError
 from diffinspect.store.reader import STATUSES, ResultsReader, explain
 from diffinspect.store.reviews import VERDICTS, ReviewWriter
@@ -46,6 +47,7 @@ SIGNAL_NAMES = ("brightness", "contrast", "sharpness", "shift")
 DEFAULT_SHIFTS = "06:00,14:00,22:00"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 RECENT_ROWS = 100_000  # rejects are looked for among this many latest rows
+STALE_S = 2  # how old a state a poll may get while the next is computed (the page polls every 2 s)
 # What /files/ serves: images a browser shows, never as active content (no SVG, no HTML)
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
                ".gif": "image/gif", ".webp": "image/webp"}
@@ -83,31 +85,60 @@ class Station:
 
     def __init__(self, out: Path, shifts: str = DEFAULT_SHIFTS, bound: dict[str, Any] | None = None) -> None:
         self.bound = bound  # the calibrated false-reject bound of the line's bundle, when the station was told
+        self.reviewing = False  # review tokens were given: the page offers the review controls
         self.out = Path(out).resolve()
         if not self.out.is_dir():
             raise DiffinspectError(f"results folder not found: {out}")
         self.db_path = self.out / "results.db"
         self.shifts = parse_shifts(shifts)
-        self._lock = threading.Lock()
-        self._last: tuple[float, dict[str, Any]] | None = None
+        self._computing = threading.Lock()  # one computation of the state at a time
+        self._last: tuple[int, dict[str, Any], bytes] | None = None  # (second, state, JSON body)
+        self._totals = Totals()  # the settled seconds' counts, kept between polls (the whole seconds of state())
 
     def state(self, now: float | None = None) -> dict[str, Any]:
         """What the page shows (at `now`, by default this second); raises Unreadable when results.db is there
         but cannot be read."""
-        if now is not None:
-            return self._compute(now)
-        # One computation a second, however many browsers poll: the page's cost on the cores that score frames
-        # does not grow with its audience. A whole second, so that no edge of the hour or its minutes falls
-        # inside a second, which the store would read row by row (rows scored since are counted all the same).
-        now = math.floor(time.time())
-        with self._lock:
-            if self._last is None or self._last[0] != now:
-                self._last = (now, self._compute(now))
-            return self._last[1]
+        return self._compute(now) if now is not None else self._now()[0]
 
-    def _compute(self, now: float) -> dict[str, Any]:
+    def state_json(self) -> bytes:
+        """state() as the JSON body of /api/state. While the state of one of the last STALE_S seconds is there,
+        a poll gets it at once and the next one is computed meanwhile in another thread: no poll waits for a
+        computation but the first (and the first after a pause)."""
+        now, last = math.floor(time.time()), self._last
+        if last is None or now - last[0] > STALE_S:
+            return self._now()[1]
+        if last[0] != now and self._computing.acquire(blocking=False):
+            threading.Thread(target=self._refresh, args=(now,), name="station-state", daemon=True).start()
+        return last[2]
+
+    def _refresh(self, now: int) -> None:
+        try:
+            self._store(now)
+        except Exception:  # the next poll computes in its own thread, and says what is wrong
+            self._last = None
+        finally:
+            self._computing.release()
+
+    def _now(self) -> tuple[dict[str, Any], bytes]:
+        # One computation and one JSON body a second, however many browsers poll: the page's cost on the cores
+        # that score frames does not grow with its audience. A whole second, so that every edge of the hour,
+        # its minutes and the shift is one of a second, and the counts come from the totals kept between polls
+        # (rows scored since are counted all the same).
+        now = math.floor(time.time())
+        with self._computing:
+            last = self._last
+            if last is None or last[0] != now:
+                last = self._store(now)
+        return last[1], last[2]
+
+    def _store(self, now: int) -> tuple[int, dict[str, Any], bytes]:
+        state = self._compute(now, kept=True)
+        self._last = (now, state, json.dumps(state, separators=(",", ":"), allow_nan=False).encode())
+        return self._last
+
+    def _compute(self, now: float, kept: bool = False) -> dict[str, Any]:
         base: dict[str, Any] = {"out": str(self.out), "now": now, "ready": False}
-        return _finite(self._read(lambda db: {**base, "ready": True, **self._state(db, now)}, base))
+        return _finite(self._read(lambda db: {**base, "ready": True, **self._state(db, now, kept)}, base))
 
     def _read(self, query: Callable[[ResultsReader], Any], default: Any) -> Any:  # noqa: ANN401
         """query(reader) on results.db, or default while there is none yet (or no table: a watcher starting)."""
@@ -122,23 +153,33 @@ class Station:
                     result = query(db)
                     if db.unchanged():
                         break
+                    self._totals = Totals()  # what it read may be torn
             except StoreError as exc:
                 line = explain(exc, self.db_path)
                 raise Unreadable(line or f"{self.db_path} is busy ({exc}); trying again") from None
         return result
 
-    def _state(self, db: ResultsReader, now: float) -> dict[str, Any]:
+    def _state(self, db: ResultsReader, now: float, kept: bool) -> dict[str, Any]:
+        """The page's state; its counts from the totals kept between polls (`kept`, a whole second `now`), or
+        read afresh."""
         hour, shift = now - 3600, shift_start(now, self.shifts)
         max_id = db.max_id()
         recent_id = max(0, max_id - RECENT_ROWS)
+        totals = self._totals
+        if not kept:
+            count_since, per_minute = db.status_counts, db.per_window(hour, 60.0, 61)
+        else:
+            totals.update(db, int(min(hour, shift)), int(now), max_id)
+            count_since = lambda t: totals.count(int(t))  # noqa: E731
+            per_minute = [totals.count(int(hour) + 60 * i, int(hour) + 60 * (i + 1)) for i in range(61)]
         counts = {}
-        for key, since in (("hour", hour), ("shift", shift)):
-            c = db.status_counts(since)
+        for key, start in (("hour", hour), ("shift", shift)):
+            c = count_since(start)
             n = sum(c.values())
-            span_min = max((now - since) / 60.0, 1e-9)
-            counts[key] = {"total": n, **c, "per_minute": n / span_min, "since": since}
+            span_min = max((now - start) / 60.0, 1e-9)
+            counts[key] = {"total": n, **c, "per_minute": n / span_min, "since": start}
         # OK/NG/error per minute over the last hour; the last minute also takes what is scored this very second.
-        trend = [{"t": hour + 60 * i, **c} for i, c in enumerate(db.per_window(hour, 60.0, 61))]
+        trend = [{"t": hour + 60 * i, **c} for i, c in enumerate(per_minute)]
         late = trend.pop()  # scored this very second (or by a clock a little ahead): the last minute
         for status in STATUSES:
             trend[-1][status] += late[status]
@@ -169,7 +210,11 @@ class Station:
                                     last["detector"] if last else None) | {"product": product},
             "products": [{"product": p, "total": sum(c.values()), **c}
                          for p, c in sorted(db.product_counts(after=recent_id).items())],
-            "rejects": rejects, "health": health, "bands": _bands(published, product), **_alarms(db),
+            "rejects": rejects, "health": health, "bands": _bands(published, product),
+            # The drift and disk alarms open now (a "version" event, a lane swapping bundle versions, is news,
+            # not an alarm that stays open), and the newest events, newest first.
+            "alarms": [e for e in db.alarms() if e["kind"] != "version"], "events": db.events(last=50)[::-1],
+            "reviewing": self.reviewing,
             # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
             "hold": db.held(after=recent_id),
             "frames": [self._frame(r) for r in db.last_frames(last=12)],
@@ -255,16 +300,6 @@ def _bands(published: dict[str, Any], product: str | None) -> dict[str, Any]:
     return bands if isinstance(bands, dict) else {}
 
 
-def _alarms(db: ResultsReader) -> dict[str, Any]:
-    """The drift alarms raised now (the latest event per kind and camera says raised), and the last 50 events."""
-    latest: dict[tuple, dict] = {}
-    for e in db.events():
-        latest[(e["kind"], e["folder"])] = e
-    # A "version" event (a lane swapped bundle versions) is news, not an alarm that stays open.
-    return {"alarms": [e for e in latest.values() if e["state"] == "raised" and e["kind"] != "version"],
-            "events": db.events(last=50)}
-
-
 def _json(text: str | None) -> Any:
     try:
         return json.loads(text) if text else None
@@ -320,6 +355,7 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
     from starlette.routing import Route
 
     station = Station(out, shifts, bound)
+    station.reviewing = bool(reviewers)
     reviewers = reviewers or {}
     page_html = static_file("index.html").decode()
     assets = {name: static_file(name) for name in ASSETS}
@@ -363,7 +399,7 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
 
     def api_state(request: Request) -> Response:
         try:
-            return JSONResponse({**station.state(), "reviewing": bool(reviewers)})
+            return Response(station.state_json(), media_type="application/json")
         except Unreadable as exc:
             return PlainTextResponse(str(exc), status_code=503)
 

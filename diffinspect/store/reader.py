@@ -133,6 +133,12 @@ class ResultsReader:
                         out[b][status] += k
         return out
 
+    def second_counts(self, first: int, last: int | None = None) -> list[tuple[int, int, int, int, int]]:
+        """(second, ok, ng, error, hold) of the seconds [first, last) that have frames (without last: from
+        first on, a clock a little ahead included)."""
+        return self._db.execute(f"SELECT second, ok, ng, error, hold FROM {self._seconds()} WHERE second >= ? "
+                                f"AND second < ? ORDER BY second", (first, 2**62 if last is None else last)).fetchall()
+
     def _second_rows(self, second: int) -> list[tuple[float, str]]:
         """(scored_at, status) of the frames of one second, read between its first and last id."""
         return self._db.execute(f"SELECT f.scored_at, f.status FROM {self._seconds()} s JOIN frames f ON f.id "
@@ -193,31 +199,45 @@ class ResultsReader:
                          (last,))
 
     def held(self, after: int) -> list[dict[str, Any]]:
-        """The camera folders whose newest row (after id `after`) is held, with why and since when."""
+        """The camera folders whose newest row is held, with why and since when: one row per camera from the
+        cameras table the committer keeps; a database no watcher of this version opened yet has none, and its
+        newest rows after id `after` stand in."""
         if "hold_reason" not in self.columns():
             return []
-        return self._all("SELECT id, folder, hold_reason, scored_at FROM frames WHERE id IN (SELECT MAX(id) "
-                         "FROM frames WHERE id > ? GROUP BY folder) AND status = 'hold' ORDER BY folder", (after,))
+        newest = ("SELECT last_id FROM cameras" if "cameras" in self.tables() else
+                  "SELECT MAX(id) FROM frames WHERE id > ? GROUP BY folder")
+        return self._all(f"SELECT id, folder, hold_reason, scored_at FROM frames WHERE id IN ({newest}) "
+                         f"AND status = 'hold' ORDER BY folder", () if "cameras" in self.tables() else (after,))
 
     def health(self, after: int, last: int, product: str | None = None) -> list[dict[str, Any]]:
-        """id, scored_at, folder and the health JSON of the newest `last` frames that have it (of one product),
-        newest first (none from a database written before health was stored)."""
+        """id, scored_at, folder and the health JSON of the frames that have it among the newest `last` after
+        id `after` (of one product), newest first (error rows and a database written before health was stored
+        have none)."""
         if "health" not in self.columns():
             return []
         of = " AND product = ?" if product is not None else ""
-        return self._all(f"SELECT id, scored_at, folder, health FROM frames WHERE id > ? AND health IS NOT NULL{of} "
-                         "ORDER BY id DESC LIMIT ?", (after, *([product] if of else []), last))
+        return self._all("SELECT id, scored_at, folder, health FROM (SELECT id, scored_at, folder, health"
+                         f"{', product' if of else ''} FROM frames WHERE id > ? ORDER BY id DESC LIMIT ?) "
+                         f"WHERE health IS NOT NULL{of}", (after, last, *([product] if of else [])))
 
     # -- events --------------------------------------------------------------------------------------
 
-    def events(self, last: int | None = None) -> list[dict[str, Any]]:
-        """The drift events, oldest first; with `last`, the newest `last` of them, newest first (none from a
-        database written before events were stored)."""
+    def events(self, last: int = 100) -> list[dict[str, Any]]:
+        """The newest `last` drift and disk events, oldest first (none from a database written before events
+        were stored)."""
         if "events" not in self.tables():
             return []
-        if last is None:
-            return self._all("SELECT * FROM events ORDER BY id")
-        return self._all("SELECT * FROM events ORDER BY id DESC LIMIT ?", (last,))
+        return self._all("SELECT * FROM (SELECT * FROM events ORDER BY id DESC LIMIT ?) ORDER BY id", (last,))
+
+    def alarms(self) -> list[dict[str, Any]]:
+        """The alarms open now: the events whose kind and camera have no newer event, when that says raised.
+        One row per kind and camera from the alarms table the store keeps; a database no watcher of this
+        version opened yet has none, and gets the same answer from every event (slow, but right)."""
+        if "events" not in self.tables():
+            return []
+        newest = ("SELECT event_id FROM alarms" if "alarms" in self.tables() else
+                  "SELECT MAX(id) FROM events GROUP BY kind, folder")
+        return self._all(f"SELECT * FROM events WHERE id IN ({newest}) AND state = 'raised' ORDER BY id")
 
 
     # -- reviews -------------------------------------------------------------------------------------

@@ -91,7 +91,13 @@ CREATE TABLE IF NOT EXISTS seconds (
 )"""
 # The last rejects, found without reading the OK frames between them.
 _NG_INDEX = "CREATE INDEX IF NOT EXISTS frames_ng ON frames (id) WHERE status = 'ng'"
-_SCHEMA = f"{_FRAMES};{_EVENTS};{_SECONDS};{_NG_INDEX};{REVIEWS_TABLE};{REVIEWS_INDEX};"
+# The newest row of each camera folder, kept by each commit: the cameras held now, without grouping the table.
+_CAMERAS = "CREATE TABLE IF NOT EXISTS cameras (folder TEXT PRIMARY KEY, last_id INTEGER NOT NULL)"
+# The newest event of each kind and camera ('' for none), kept by each event's insert: the alarms open now,
+# without reading a month of events.
+_ALARMS = ("CREATE TABLE IF NOT EXISTS alarms (kind TEXT NOT NULL, folder TEXT NOT NULL, "
+           "event_id INTEGER NOT NULL, PRIMARY KEY (kind, folder))")
+_SCHEMA = f"{_FRAMES};{_EVENTS};{_SECONDS};{_NG_INDEX};{_CAMERAS};{_ALARMS};{REVIEWS_TABLE};{REVIEWS_INDEX};"
 
 
 # The table's columns in schema order (also the order of the JSON lines' keys).
@@ -172,7 +178,7 @@ class ResultStore:
                     if cur.rowcount == 1:
                         row.id = cur.lastrowid
                         inserted.append(row)
-                _count_seconds(cur, inserted)
+                _summarise(cur, inserted)
                 cur.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -194,8 +200,10 @@ class ResultStore:
             self._keep_files()
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT INTO events (at, kind, name, state, detail, folder) "
-                                     "VALUES (?, ?, ?, ?, ?, ?)", events)
+                for event in events:
+                    event_id = self._db.execute("INSERT INTO events (at, kind, name, state, detail, folder) "
+                                                "VALUES (?, ?, ?, ?, ?, ?)", event).lastrowid
+                    self._db.execute(_LATEST_EVENT, (event[1], event[5] or "", event_id))
                 self._db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -410,7 +418,13 @@ def _migrate(db: sqlite3.Connection) -> None:
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             db.execute(statement)
-    if "frames" in tables and "seconds" not in tables:  # rows from before the summary: counted once, here
+    # The summaries of rows from before them: made once, here (a full read of the table, only this once)
+    if "frames" in tables and "cameras" not in tables:
+        db.execute("INSERT INTO cameras (folder, last_id) SELECT folder, MAX(id) FROM frames GROUP BY folder")
+    if "events" in tables and "alarms" not in tables:
+        db.execute("INSERT INTO alarms (kind, folder, event_id) SELECT kind, COALESCE(folder, ''), MAX(id) "
+                   "FROM events GROUP BY 1, 2")
+    if "frames" in tables and "seconds" not in tables:
         db.execute(f"INSERT INTO seconds (second, ok, ng, error, first_id, last_id, hold) SELECT s, "
                    f"SUM(status = 'ok'), SUM(status = 'ng'), SUM(status = 'error'), MIN(id), MAX(id), "
                    f"SUM(status = 'hold') FROM (SELECT {SECOND_SQL} s, status, id FROM frames) GROUP BY s")
@@ -435,16 +449,25 @@ _COUNT_SECOND = ("INSERT INTO seconds (second, ok, ng, error, first_id, last_id,
                  "first_id = MIN(first_id, excluded.first_id), last_id = MAX(last_id, excluded.last_id)")
 
 
-def _count_seconds(cur: sqlite3.Cursor, inserted: list[Record]) -> None:
-    """Add the new rows to the seconds table, in the transaction that inserts them."""
+_LATEST_ROW = ("INSERT INTO cameras (folder, last_id) VALUES (?, ?) "
+               "ON CONFLICT (folder) DO UPDATE SET last_id = MAX(last_id, excluded.last_id)")
+_LATEST_EVENT = ("INSERT INTO alarms (kind, folder, event_id) VALUES (?, ?, ?) "
+                 "ON CONFLICT (kind, folder) DO UPDATE SET event_id = MAX(event_id, excluded.event_id)")
+
+
+def _summarise(cur: sqlite3.Cursor, inserted: list[Record]) -> None:
+    """Add the new rows to the seconds and cameras tables, in the transaction that inserts them."""
     seconds: dict[int, dict[str, int]] = {}
+    newest: dict[str, int] = {}
     for row in inserted:
+        newest[row.folder] = max(newest.get(row.folder, 0), row.id)
         s = seconds.setdefault(math.floor(row.scored_at), {"ok": 0, "ng": 0, "error": 0, "hold": 0,
                                                             "first": row.id, "last": row.id})
         s[row.status] += 1
         s["first"], s["last"] = min(s["first"], row.id), max(s["last"], row.id)
     cur.executemany(_COUNT_SECOND, [(second, c["ok"], c["ng"], c["error"], c["first"], c["last"], c["hold"])
                                     for second, c in seconds.items()])
+    cur.executemany(_LATEST_ROW, list(newest.items()))
 
 
 def _last_jsonl_id(path: Path) -> int | None:

@@ -64,8 +64,9 @@ def archive_step(db: sqlite3.Connection, archive_dir: Path, before: float, upto_
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute("DELETE FROM frames WHERE id >= ? AND id <= ?", (rows[0]["id"], rows[-1]["id"]))
-        # Every id up to the last archived one has left: the seconds made only of such frames go too.
-        db.execute("DELETE FROM seconds WHERE last_id <= ?", (rows[-1]["id"],))
+        # Every id up to the last archived one has left: the seconds made only of such frames go too. Those
+        # all lie before `before` (so do their frames): a range of the key, not a read of every second.
+        db.execute("DELETE FROM seconds WHERE second < ? AND last_id <= ?", (before, rows[-1]["id"]))
         db.execute("INSERT OR REPLACE INTO archive (day, size) VALUES (?, ?)", (day, size))
         db.execute("COMMIT")
     except BaseException:
