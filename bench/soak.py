@@ -111,8 +111,10 @@ def build_database(out: Path, rows: int, rate: float) -> float:
         for i in range(start, min(rows, start + chunk)):
             t = t0 + i / rate
             status = "ng" if i % 50 == 0 else "ok"
-            batch.append((f"/line/cam1/old{i:08d}.png", "/line/cam1", 4200, t, i, status, 0.4, 0.5, "diffusion",
-                          "fake", 3.0, None, None, None, t, t, None, None, None))
+            row = {"path": f"/line/cam1/old{i:08d}.png", "folder": "/line/cam1", "size": 4200, "mtime": t,
+                   "mtime_ns": i, "status": status, "score": 0.4, "threshold": 0.5, "detector": "diffusion",
+                   "backend": "fake", "latency_ms": 3.0, "received_at": t, "scored_at": t}
+            batch.append(tuple(row.get(c) for c in store_results._COLUMNS))  # unnamed columns: NULL
         db.executemany(store_results._INSERT, batch)
         db.commit()
     db.execute("DROP TABLE seconds")  # the store summarises the built rows once, as for an older database

@@ -209,7 +209,7 @@ class Station:
             "histogram": _histogram(db.scores(after=recent_id, last=2000, product=product),
                                     last["detector"] if last else None) | {"product": product},
             "products": [{"product": p, "total": sum(c.values()), **c}
-                         for p, c in sorted(db.product_counts(after=recent_id).items())],
+                         for p, c in sorted(db.product_counts(after=recent_id, last=2000).items())],
             "rejects": rejects, "health": health, "bands": _bands(published, product),
             # The drift and disk alarms open now (a "version" event, a lane swapping bundle versions, is news,
             # not an alarm that stays open), and the newest events, newest first.

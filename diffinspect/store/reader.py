@@ -179,13 +179,15 @@ class ResultsReader:
                                 f"AND score IS NOT NULL{of} ORDER BY id DESC LIMIT ?",
                                 (after, *([product] if of else []), last)).fetchall()
 
-    def product_counts(self, after: int) -> dict[str, dict[str, int]]:
-        """Rows after id `after` by product and status (none from a database without products)."""
+    def product_counts(self, after: int, last: int) -> dict[str, dict[str, int]]:
+        """The newest `last` rows after id `after` by product and status (none from a database without
+        products)."""
         if "product" not in self.columns():
             return {}
         out: dict[str, dict[str, int]] = {}
-        for product, status, n in self._db.execute("SELECT product, status, COUNT(*) FROM frames WHERE id > ? "
-                                                   "AND product IS NOT NULL GROUP BY product, status", (after,)):
+        for product, status, n in self._db.execute(
+                "SELECT product, status, COUNT(*) FROM (SELECT product, status FROM frames WHERE id > ? "
+                "ORDER BY id DESC LIMIT ?) WHERE product IS NOT NULL GROUP BY product, status", (after, last)):
             out.setdefault(product, dict.fromkeys(STATUSES, 0))[status] = n
         return out
 
