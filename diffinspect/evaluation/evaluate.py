@@ -364,7 +364,9 @@ def _detector_method(name: str, det: Detector) -> Method:
     rate = getattr(det, "false_reject_rate", None)
     term = getattr(det, "frame_term", None)
     rule = "best-rank" if getattr(term, "rule", None) == "minp" else "split"
-    calibration = describe_bound(int(n), float(rate), rule) if n and rate else None
+    confidence = getattr(det, "confidence", None)  # set: the calibration-conditional threshold
+    delta = None if confidence is None else 1 - confidence
+    calibration = describe_bound(int(n), float(rate), rule, delta) if n and rate else None
     return Method(name, "detector", f"frames:{det.preprocess.color}", score, det.threshold, det.preprocess,
                   det.pixel_threshold, str(getattr(det, "backend", "")), calibration, inspector)
 

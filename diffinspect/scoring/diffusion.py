@@ -212,6 +212,7 @@ class DiffusionDetector:
         self.batch_size = batch_size
         self.frame_term = frame_term
         self.health: HealthProfile | None = None  # set by the loader from the bundle
+        self.confidence: float | None = None  # set by the loader: the threshold is calibration-conditional
 
     def run_fitted(self, fitted: np.ndarray, raw: bool = True) -> tuple[np.ndarray, ...]:
         """(maps, scores, raw) for inputs already at model size, in batches; (maps, scores) without raw,

@@ -52,6 +52,7 @@ def load_detector(bundle: str | Path | Bundle, detector: str = "diffusion", back
                             cal.false_reject_rate, frame_term=frame_term)
     det.health = _health(b)
     det.calibration_scores = _calibration_scores(z)
+    det.confidence = cal.confidence
     return det
 
 
