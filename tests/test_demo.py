@@ -27,6 +27,9 @@ def test_demo_fast_end_to_end(tmp_path):
     report = json.loads((work / "report" / "report.json").read_text())
     figures = report["datasets"]["line"]["diffinspect"]
     assert figures["image_auroc"] > 0.6
+    # The map is the diffusion model's alone (the frame term scores whole frames): with its weights zeroed
+    # the image figure above can still pass on the frame term, these cannot.
+    assert figures["pixel_auroc"] > 0.75 and figures["aupro"] > 0.5, figures
     assert (work / "report" / "report.html").stat().st_size > 10_000
     if shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin"):  # every row went out over MQTT
         assert f"{len(rows)} verdicts acknowledged by the broker" in " ".join(res.stdout.split())

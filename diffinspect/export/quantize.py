@@ -30,6 +30,7 @@ def _feeds(frames: np.ndarray, mean: np.ndarray, std: np.ndarray) -> list[dict[s
 
 
 def onnx_int8(src: Path, dst: Path, nodes: list[str], frames: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
@@ -39,6 +40,11 @@ def onnx_int8(src: Path, dst: Path, nodes: list[str], frames: np.ndarray, mean: 
         def get_next(self):
             return next(self.feeds, None)
 
+    model = onnx.load(str(src))
+    unshared = dst.with_name(dst.name + ".unshared.onnx")
+    if unshare_weights(model, set(nodes)):
+        onnx.save(model, str(unshared))
+        src = unshared
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to run quant_pre_process does not apply (see above)
@@ -46,6 +52,34 @@ def onnx_int8(src: Path, dst: Path, nodes: list[str], frames: np.ndarray, mean: 
         _quantize_static(str(src), str(dst), Reader(), nodes)
     finally:
         root.setLevel(level)
+        unshared.unlink(missing_ok=True)
+
+
+def unshare_weights(model, nodes: set[str]) -> int:
+    """Give the nodes that stay float their own copy of every initializer they share with a node in
+    `nodes`; returns the number of copies. The rebuild and the feature pass run the same denoiser, so
+    its weights are initializers both read, and onnxruntime's QDQ quantizer rewires every reader of a
+    quantized initializer to its INT8 copy: the feature pass, kept float by name, computed with INT8
+    weights, which the patch term's whitening amplifies past the map parity bar (OpenVINO's NNCF
+    quantizes per node and needs no copies)."""
+    import onnx
+
+    quantized = {name for node in model.graph.node if node.name in nodes for name in node.input}
+    initializers = {t.name: t for t in model.graph.initializer}
+    copies: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.name in nodes:
+            continue
+        for i, name in enumerate(node.input):
+            if name not in quantized or name not in initializers:
+                continue
+            if name not in copies:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(initializers[name])
+                copy.name = copies[name] = f"{name}.float"
+                model.graph.initializer.append(copy)
+            node.input[i] = copies[name]
+    return len(copies)
 
 
 def _quantize_static(src: str, dst: str, reader, nodes: list[str]) -> None:
