@@ -63,19 +63,11 @@ class OpcuaOutput:
 
     def open(self) -> None:
         from asyncua import ua
-        from asyncua.sync import Client
 
         self.close()
-        client = Client(self.cfg.url, timeout=self.cfg.timeout_s, sync_wrapper_timeout=self.cfg.timeout_s * 3)
         try:
-            if self.cfg.username:
-                client.set_user(self.cfg.username)
-                client.set_password(os.environ.get(PASSWORD_ENV) or self.cfg.password or "")
-            if self.cfg.security:
-                client.set_security_string(self.cfg.security)
-            client.connect()
+            client = _connect(self.cfg)
         except Exception as exc:
-            _quietly(client.disconnect)
             raise OutputError(f"cannot connect to the {self.where} ({_describe(exc)})") from None
         self._client = client
         nodes = self.cfg.nodes
@@ -147,6 +139,25 @@ def _unix(stamp: datetime.datetime | None) -> float | None:
     return (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=datetime.UTC)).timestamp()
 
 
+def _connect(cfg: OpcuaConfig):  # noqa: ANN202 (asyncua.sync.Client)
+    """A client connected to the PLC's server with the configured user and security (disconnected again
+    when connecting fails)."""
+    from asyncua.sync import Client
+
+    client = Client(cfg.url, timeout=cfg.timeout_s, sync_wrapper_timeout=cfg.timeout_s * 3)
+    try:
+        if cfg.username:
+            client.set_user(cfg.username)
+            client.set_password(os.environ.get(PASSWORD_ENV) or cfg.password or "")
+        if cfg.security:
+            client.set_security_string(cfg.security)
+        client.connect()
+    except Exception:
+        _quietly(client.disconnect)
+        raise
+    return client
+
+
 def _quietly(fn) -> None:  # noqa: ANN001
     with contextlib.suppress(Exception):  # a broken connection is being dropped
         fn()
@@ -195,20 +206,13 @@ class ProductNode:
             self._thread.join(self.cfg.timeout_s * 3)
 
     def _run(self, report) -> None:  # noqa: ANN001
-        from asyncua.sync import Client
-
         seen: object = None
         last_read = -math.inf
         failing = False
         while not self._stop.is_set():
-            client = Client(self.cfg.url, timeout=self.cfg.timeout_s, sync_wrapper_timeout=self.cfg.timeout_s * 3)
+            client = None
             try:
-                if self.cfg.username:
-                    client.set_user(self.cfg.username)
-                    client.set_password(os.environ.get(PASSWORD_ENV) or self.cfg.password or "")
-                if self.cfg.security:
-                    client.set_security_string(self.cfg.security)
-                client.connect()
+                client = _connect(self.cfg)
                 node = client.get_node(self.cfg.nodes.product)
                 while not self._stop.is_set():
                     data = node.read_data_value()
@@ -232,4 +236,5 @@ class ProductNode:
                 self.ready.set()  # the start does not wait for a server that is down
                 self._stop.wait(3.0)
             finally:
-                _quietly(client.disconnect)
+                if client is not None:
+                    _quietly(client.disconnect)
