@@ -37,10 +37,11 @@ def test_added_images_are_hashed_copies_listed_and_verified(calibrated_bundle, l
     with Bundle.load(bundle).updating() as up:  # the same images again: nothing new
         assert up.add_images(good, "calibration", "reviewed good parts", "OUT") == 0
     # the copies are the bundle's own: calibration reads them, not the camera's files
-    reference, calib, described = image_sets(Bundle.load(bundle), line_dir / "test" / "good")
-    assert [p for p in calib if p.parent.name == ADDED_DIR] == [bundle / n for n in names]
+    active = Bundle.load(bundle)
+    reference, calib, described = image_sets(active, line_dir / "test" / "good")
+    assert [p for p in calib if p.parent.name == ADDED_DIR] == [active.folder / n for n in names]
     assert "3 added to the bundle" in described
-    (bundle / names[0]).write_bytes(b"altered")
+    (active.folder / names[0]).write_bytes(b"altered")
     with pytest.raises(DiffinspectError, match="altered"):
         Bundle.load(bundle)
 

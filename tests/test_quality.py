@@ -139,7 +139,7 @@ def test_every_reader_names_the_rule_that_set_the_threshold(trained_bundle, line
     and the evaluation report say the same rule."""
     from diffinspect.bundle import Bundle
     from diffinspect.evaluation.evaluate import evaluate
-    from diffinspect.info import guarantee
+    from diffinspect.scoring.threshold import guarantee
 
     cal_dir = _write_good_frames(tmp_path / "good", 40, np.random.default_rng(5))  # enough for the 95 % bound
     path = tmp_path / "b"

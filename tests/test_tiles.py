@@ -161,7 +161,7 @@ def test_tiles_evaluate_pixel_pairs(tiles_bundle, tiles_line):
     det = load_detector(tiles_bundle, backend="torch")
     sample = next(s for s in labelled_set(tiles_line).samples if s.mask is not None and s.path.name.startswith("w"))
     frame = read_image(sample.path, det.preprocess.color)
-    scores, maps = _detector_method("diffusion", det).score([frame])
+    scores, maps, _ = _detector_method("diffusion", det).score([frame])
     mask = read_image(sample.mask, "gray")[..., 0] > 127
     part, m = mask_on_map(mask, maps[0], det.preprocess)
     assert part.shape == m.shape == (48, 70) and m.any()
