@@ -137,6 +137,8 @@ def steady(files: list[bytes], ext: str, make: Callable, fallback: Callable, roo
            rate: float, seconds: float) -> np.ndarray:
     """Latency (ms) from each file's rename into the watched folder to its committed row, with frames
     published at a steady rate (written under a temporary name, then renamed, as cameras should)."""
+    from watch import publish_steadily  # bench/watch.py, beside this script
+
     from diffinspect.line.watch import WatchOptions
     from diffinspect.store.reader import ResultsReader, count_frames
 
@@ -152,13 +154,7 @@ def steady(files: list[bytes], ext: str, make: Callable, fallback: Callable, roo
         while not (out / "results.jsonl").exists():
             time.sleep(0.05)
         time.sleep(0.5)
-        start = time.monotonic()
-        for i in range(n):
-            time.sleep(max(0.0, start + i / rate - time.monotonic()))
-            tmp, final = cam / f".s{i:05d}.tmp", cam / f"s{i:05d}.{ext}"
-            tmp.write_bytes(files[i % len(files)])
-            os.rename(tmp, final)
-            published[str(final)] = time.time()
+        published.update(publish_steadily(cam, files, ext, rate, n))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and count_frames(out / "results.db") < n:
             time.sleep(0.05)

@@ -45,6 +45,20 @@ class FakeDetector:
         return Scored(np.array([f.mean() / 255.0 for f in frames]), None)
 
 
+def publish_steadily(cam: Path, files: Sequence[bytes], ext: str, rate: float, n: int) -> dict[str, float]:
+    """Drop n frames into cam at a steady rate, with the atomic-publish idiom cameras should use (written
+    under a temporary name, then renamed); returns each frame's path -> the wall time it appeared."""
+    published: dict[str, float] = {}
+    start = time.monotonic()
+    for i in range(n):
+        time.sleep(max(0.0, start + i / rate - time.monotonic()))
+        tmp, final = cam / f".s{i:05d}.tmp", cam / f"s{i:05d}.{ext}"
+        tmp.write_bytes(files[i % len(files)])
+        os.rename(tmp, final)
+        published[str(final)] = time.time()
+    return published
+
+
 def make_frames(folder: Path, n: int, size: int, color: str, seed: int = 0) -> list[bytes]:
     rng = np.random.default_rng(seed)
     shape = (size, size) if color == "gray" else (size, size, 3)
@@ -114,13 +128,7 @@ def publish_steady(cam: Path, out: Path, det, fallback, frames: list[bytes], bat
             time.sleep(0.05)
         time.sleep(settle_s)
         n = int(rate * seconds)
-        start = time.monotonic()
-        for i in range(n):
-            time.sleep(max(0.0, start + i / rate - time.monotonic()))
-            tmp, final = cam / f".s{i:05d}.tmp", cam / f"s{i:05d}.png"
-            tmp.write_bytes(frames[i % len(frames)])
-            os.rename(tmp, final)
-            published[str(final)] = time.time()
+        published.update(publish_steadily(cam, frames, "png", rate, n))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and arrived() < n:
             time.sleep(0.05)
