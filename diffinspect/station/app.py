@@ -83,9 +83,10 @@ def shift_start(now: float, shifts: list[tuple[int, int]]) -> float:
 class Station:
     """The data side of the page: the store's read-only queries over OUT/results.db, paths confined to OUT."""
 
-    def __init__(self, out: Path, shifts: str = DEFAULT_SHIFTS, bound: dict[str, Any] | None = None) -> None:
+    def __init__(self, out: Path, shifts: str = DEFAULT_SHIFTS, bound: dict[str, Any] | None = None,
+                 reviewing: bool = False) -> None:
         self.bound = bound  # the calibrated false-reject bound of the line's bundle, when the station was told
-        self.reviewing = False  # review tokens were given: the page offers the review controls
+        self.reviewing = reviewing  # review tokens were given: the page offers the review controls
         self.out = Path(out).resolve()
         if not self.out.is_dir():
             raise DiffinspectError(f"results folder not found: {out}")
@@ -354,8 +355,7 @@ def create_app(out: Path, token: str | None = None, shifts: str = DEFAULT_SHIFTS
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    station = Station(out, shifts, bound)
-    station.reviewing = bool(reviewers)
+    station = Station(out, shifts, bound, reviewing=bool(reviewers))
     reviewers = reviewers or {}
     page_html = static_file("index.html").decode()
     assets = {name: static_file(name) for name in ASSETS}
