@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.watch:
         out, cam, port, days, log = a.watch
         return watch(a, Path(out), Path(cam), int(port), float(days), Path(log))
+    if a.dir is not None:
+        a.dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="soak-", dir=a.dir))
     try:
         return run(a, root)
