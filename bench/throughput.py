@@ -146,13 +146,24 @@ def student_bundle(workdir: Path, bundle: Path, iterations: int) -> Path:
 
 # -- frames ----------------------------------------------------------------------------------------
 
-DISTINCT = {"0.3": 8, "2": 4, "5": 3}  # good parts rendered per size (a 5 MP render takes seconds)
+DISTINCT = {"0.3": 8, "2": 6, "5": 4}  # good parts per size
 
 
 def frame_images(mp: str, n: int, seed: int = 0) -> list[np.ndarray]:
-    """n distinct RGB frames of good parts of the line at one resolution (4:3)."""
-    w = MEGAPIXELS[mp][1]
-    return [line_frame(np.random.default_rng([seed, 100 + i]), w) for i in range(n)]
+    """n distinct RGB frames of good parts of the line at one resolution (4:3). Each part is rendered at
+    0.3 MP, as the bundle's frames were: the renderer draws its textures in pixels, so a part rendered
+    larger is another product to the bundle (the lighting alarm says so). A larger frame is that render
+    enlarged (cubic) with a little sensor noise, so its file costs what a real one of its size costs."""
+    h, w = MEGAPIXELS[mp]
+    rng = np.random.default_rng([seed, 99])
+    out = []
+    for i in range(n):
+        img = line_frame(np.random.default_rng([seed, 100 + i]), MEGAPIXELS["0.3"][1])
+        if mp != "0.3":
+            big = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+            img = np.clip(big + rng.normal(0.0, 2.0, big.shape), 0, 255).astype(np.uint8)
+        out.append(img)
+    return out
 
 
 def with_defect(img: np.ndarray, seed: int) -> np.ndarray:
