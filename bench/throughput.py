@@ -79,12 +79,25 @@ def line_frame(rng: np.random.Generator, width: int, defect: str | None = None) 
     return np.ascontiguousarray(img[(width - h) // 2:(width - h) // 2 + h])
 
 
-def write_frames(folder: Path, width: int, n: int, seed: int, fmt: str = "png") -> Path:
+def good_frame(mp: str, seed: int, i: int) -> np.ndarray:
+    """A good part at one resolution (4:3), rendered at 0.3 MP as the bundle's frames were: the renderer
+    draws its textures in pixels, so a part rendered larger is another product to the bundle. A larger
+    frame is that render enlarged (cubic) with a little sensor noise, so its file costs what a real one
+    of its size costs."""
+    h, w = MEGAPIXELS[mp]
+    img = line_frame(np.random.default_rng([seed, i]), MEGAPIXELS["0.3"][1])
+    if mp == "0.3":
+        return img
+    big = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    return np.clip(big + np.random.default_rng([seed, i, 1]).normal(0.0, 2.0, big.shape), 0, 255).astype(np.uint8)
+
+
+def write_frames(folder: Path, n: int, make: Callable[[int], np.ndarray], fmt: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         path = folder / f"{i:03d}.{fmt}"
         if not path.exists():  # kept from an interrupted build: the same seed renders the same frame
-            path.write_bytes(encode(line_frame(np.random.default_rng([seed, i]), width), fmt, "rgb"))
+            path.write_bytes(encode(make(i), fmt, "rgb"))
     return folder
 
 
@@ -109,9 +122,9 @@ def default_bundle(workdir: Path, steps: int) -> Path:
     from diffinspect.scoring.calibrate import calibrate
     from diffinspect.train import train
 
-    h, w = MEGAPIXELS["0.3"]
-    train_dir = write_frames(workdir / "line-frames" / "train" / "good", 320, 64, seed=1)
-    calib_dir = write_frames(workdir / "line-frames" / "calibration", w, 160, seed=2, fmt="jpg")
+    train_dir = write_frames(workdir / "line-frames" / "train" / "good", 64,
+                             lambda i: line_frame(np.random.default_rng([1, i]), 320), "png")
+    calib_dir = write_frames(workdir / "line-frames" / "calibration", 160, partial(good_frame, "0.3", 2), "jpg")
     cfg = load_config(overrides={"model.size": "small", "data.image_size": 64, "train.steps": steps,
                                  "train.batch_size": 8, "data.holdout": 0.25})
     t0 = time.perf_counter()
@@ -121,6 +134,27 @@ def default_bundle(workdir: Path, steps: int) -> Path:
     export_bundle(out, "openvino", "fp32")
     export_bundle(out, "openvino", "int8")
     log(f"default bundle built in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def camera_bundle(workdir: Path, bundle: Path, mp: str) -> Path:
+    """The default bundle calibrated on 160 frames of a camera at mp (JPEG), as a line calibrates on its
+    own camera's frames: the frame term reads fine texture, so the same part at another resolution and
+    compression is another frame to it. Made once under workdir and reused."""
+    if mp == "0.3":
+        return bundle
+    import shutil
+
+    from diffinspect.scoring.calibrate import calibrate
+
+    out = workdir / f"line-bundle-{mp}mp"
+    if not out.exists():
+        frames = write_frames(workdir / "line-frames" / f"calibration-{mp}mp", 160, partial(good_frame, mp, 2), "jpg")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(bundle, tmp)
+        calibrate(tmp, frames)
+        tmp.rename(out)
     return out
 
 
@@ -150,20 +184,8 @@ DISTINCT = {"0.3": 8, "2": 6, "5": 4}  # good parts per size
 
 
 def frame_images(mp: str, n: int, seed: int = 0) -> list[np.ndarray]:
-    """n distinct RGB frames of good parts of the line at one resolution (4:3). Each part is rendered at
-    0.3 MP, as the bundle's frames were: the renderer draws its textures in pixels, so a part rendered
-    larger is another product to the bundle (the lighting alarm says so). A larger frame is that render
-    enlarged (cubic) with a little sensor noise, so its file costs what a real one of its size costs."""
-    h, w = MEGAPIXELS[mp]
-    rng = np.random.default_rng([seed, 99])
-    out = []
-    for i in range(n):
-        img = line_frame(np.random.default_rng([seed, 100 + i]), MEGAPIXELS["0.3"][1])
-        if mp != "0.3":
-            big = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
-            img = np.clip(big + rng.normal(0.0, 2.0, big.shape), 0, 255).astype(np.uint8)
-        out.append(img)
-    return out
+    """n distinct RGB frames of good parts of the line at one resolution (4:3; see good_frame)."""
+    return [good_frame(mp, seed + 10, i) for i in range(n)]
 
 
 def with_defect(img: np.ndarray, seed: int) -> np.ndarray:
@@ -299,9 +321,9 @@ def end_to_end(bundle: Path, root: Path, sizes: list[str], formats: list[str], c
                ng_share: float) -> list[dict]:
     from diffinspect.line.watch import WatchOptions
 
-    pairs = detector_pairs(bundle)
     rows = []
     for mp in sizes:
+        pairs = detector_pairs(camera_bundle(root.parent, bundle, mp))
         n = frames_at[mp]
         good = frame_images(mp, DISTINCT[mp])
         bad = defect_at(n, ng_share)
