@@ -1,27 +1,42 @@
 """Frames per second per box: `inspect watch` end to end, the peers on the same frames, and the CPU's limit.
 
-1. End to end: the real `run_watch --once` over a folder this bench fills, at 0.3, 2 and 5 megapixels
-   (4:3 frames of the synthetic washer line), PNG and JPEG, colour and gray files, with the default
-   bundle (small U-Net at the default 64 px input, default recipe: frame term, health profile)
-   exported INT8 to OpenVINO, and with its COPOD fallback alone. frames/s over the backlog, then
-   latency p50/p99 (file renamed into the folder -> row committed) of a steady feed at half that
-   rate, and the time per frame by stage from the run's own stage clock (scoring/stages.py).
+1. End to end: the real `run_watch --once` over a folder this bench fills with 4:3 frames of the
+   synthetic washer line at 0.3, 2 and 5 megapixels (JPEG colour by default; PNG and gray files on
+   request), scored by the default bundle (small U-Net at the default 64 px input, default recipe:
+   frame term, health profile) trained and calibrated on frames of that same line and view, exported
+   INT8 to OpenVINO. So the good parts pass, as on a line: the typical mix is good parts with
+   --ng-share of them carrying a synthetic defect (3 % by default); the NG count of each run is the
+   detector's own verdicts. Runs, side by side in one process (--variants), each a lever:
+     int8                     the typical mix, overlays of NG frames (PNG)
+     int8 overlays all        an overlay for every frame (`--overlays all`), PNG
+     int8 overlays all jpg    the same, written as JPEG (`[watch] overlay_format = "jpg"`)
+     int8 batch 1             the typical mix, micro-batch 1 instead of 8
+     int8 2 lanes x 1 thread  the frames over two camera folders, each its own lane and engine on one
+                              thread, against one lane whose engine uses both cores
+     int8-nohealth            no health profile (no drift alarms: a large JPEG is decoded reduced)
+     copod                    the COPOD fallback alone
+   frames/s over the backlog, then latency p50/p99 (file renamed into the folder -> row committed) of
+   a steady feed at half that rate (int8 and copod), and the time per frame by stage from the run's
+   own stage clock (scoring/stages.py).
 2. Peers (--peers): anomalib's EfficientAD-S, PaDiM and PatchCore at their default 256 x 256 input,
    exported by anomalib to OpenVINO FP32 and INT8 (its INT8_PTQ, in the peer venv of bench/peers.py,
    made on first use under --peer-venv), timed by the same harness as our engine: the model alone on
    inputs already at model size, and frame -> score (decode, resize, model) on the same JPEG frames.
-   Random backbone weights: speed does not depend on the weights' values.
+   Random backbone weights: speed does not depend on the weights' values. --student N adds a 1-step
+   student distilled for N iterations (its speed only) beside the default recipe's one-step teacher.
 3. The limit: multiply-accumulates per frame of each graph (Conv, MatMul, Gemm, counted from the ONNX
    graph with its shapes inferred) beside the CPU's measured peak in the same run: an FP32 GEMM
    (numpy) and an INT8 matmul (onnxruntime MatMulInteger and an OpenVINO INT8 FC), and the share of
    the INT8 / FP32 peak each engine reaches.
 
 The machine this runs on is shared (2 cores, other jobs coming and going): compare figures side by side
-within one run, as ratios, not across runs.
+within one run, as ratios, not across runs. The default invocation is the one whose figures the README's
+"Frames per second per box" tables give (the bundle is built once under --workdir, a few minutes):
 
-    python bench/throughput.py --workdir /tmp/throughput                  # end to end + the limit
-    python bench/throughput.py --workdir /tmp/throughput --peers          # + anomalib's models
-    python bench/throughput.py --providers cuda,tensorrt                  # onnxruntime on a GPU (untested)
+    python bench/throughput.py --workdir /tmp/throughput --json /tmp/throughput/run.json
+    python bench/throughput.py --workdir /tmp/throughput --peers --student 200   # + anomalib's, a student
+    python bench/throughput.py --formats jpg,png --colors rgb,gray             # the other files
+    python bench/throughput.py --providers cuda,tensorrt                        # onnxruntime on a GPU (untested)
 """
 
 from __future__ import annotations
@@ -53,27 +68,68 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# -- the default bundle ----------------------------------------------------------------------------
+# -- frames of the line, and the default bundle trained on them ------------------------------------
+
+
+def line_frame(rng: np.random.Generator, width: int, defect: str | None = None) -> np.ndarray:
+    """One 4:3 RGB frame of the synthetic washer line at `width` (the middle of a square render), the
+    geometry of every frame here: the bundle's training and calibration frames and the bench's."""
+    h = width * 3 // 4
+    img = render_frame(PRODUCT, rng, width, defect)[0]
+    return np.ascontiguousarray(img[(width - h) // 2:(width - h) // 2 + h])
+
+
+def good_frame(mp: str, seed: int, i: int) -> np.ndarray:
+    """A good part at one resolution (4:3), rendered at 0.3 MP as the bundle's frames were: the renderer
+    draws its textures in pixels, so a part rendered larger is another product to the bundle. A larger
+    frame is that render enlarged (cubic) with a little sensor noise, so its file costs what a real one
+    of its size costs."""
+    h, w = MEGAPIXELS[mp]
+    img = line_frame(np.random.default_rng([seed, i]), MEGAPIXELS["0.3"][1])
+    if mp == "0.3":
+        return img
+    big = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    return np.clip(big + np.random.default_rng([seed, i, 1]).normal(0.0, 2.0, big.shape), 0, 255).astype(np.uint8)
+
+
+def write_frames(folder: Path, n: int, make: Callable[[int], np.ndarray], fmt: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        path = folder / f"{i:03d}.{fmt}"
+        if not path.exists():  # kept from an interrupted build: the same seed renders the same frame
+            path.write_bytes(encode(make(i), fmt, "rgb"))
+    return folder
+
+
+def has_int8(bundle: Path) -> bool:
+    """Whether the bundle's active version holds its OpenVINO INT8 export (the bench's bundles are built
+    once and reused)."""
+    from diffinspect.bundle import Bundle, is_bundle
+
+    return is_bundle(bundle) and Bundle.load(bundle, verify=False).has("openvino/model.int8.xml")
 
 
 def default_bundle(workdir: Path, steps: int) -> Path:
-    """A small U-Net at the default input, default recipe, calibrated, exported to ONNX FP32 (for the
-    FLOP count) and OpenVINO INT8; made once under workdir and reused."""
-    out = workdir / "bundle"
-    if (out / "openvino" / "model.int8.xml").exists():
+    """A small U-Net at the default input, default recipe, trained on good frames of the same line and
+    view as the bench's frames (4:3, 320 px wide), calibrated on 160 others as the camera gives them
+    (0.3 MP JPEG, so the health profile is that camera's) at the default false-reject rate, exported to
+    ONNX FP32 (for the MAC count) and OpenVINO INT8; made once under workdir and reused."""
+    out = workdir / "line-bundle"
+    if has_int8(out):
         return out
     from diffinspect.config import load_config
-    from diffinspect.data.synthetic import make_line
     from diffinspect.export import export_bundle
     from diffinspect.scoring.calibrate import calibrate
     from diffinspect.train import train
 
-    line = make_line(workdir / "line", PRODUCT, n_train=48, n_test_good=40, n_test_defect=0, size=256)
+    train_dir = write_frames(workdir / "line-frames" / "train" / "good", 64,
+                             lambda i: line_frame(np.random.default_rng([1, i]), 320), "png")
+    calib_dir = write_frames(workdir / "line-frames" / "calibration", 160, partial(good_frame, "0.3", 2), "jpg")
     cfg = load_config(overrides={"model.size": "small", "data.image_size": 64, "train.steps": steps,
                                  "train.batch_size": 8, "data.holdout": 0.25})
     t0 = time.perf_counter()
-    train(line, out, cfg)
-    calibrate(out, line / "test" / "good", false_reject_rate=0.05)
+    train(train_dir.parent.parent, out, cfg)
+    calibrate(out, calib_dir)
     export_bundle(out, "onnx", "fp32")
     export_bundle(out, "openvino", "fp32")
     export_bundle(out, "openvino", "int8")
@@ -81,17 +137,74 @@ def default_bundle(workdir: Path, steps: int) -> Path:
     return out
 
 
+def camera_bundle(workdir: Path, bundle: Path, mp: str) -> Path:
+    """The default bundle calibrated on 160 frames of a camera at mp (JPEG), as a line calibrates on its
+    own camera's frames: the frame term reads fine texture, so the same part at another resolution and
+    compression is another frame to it. Made once under workdir and reused."""
+    if mp == "0.3":
+        return bundle
+    import shutil
+
+    from diffinspect.scoring.calibrate import calibrate
+
+    out = workdir / f"line-bundle-{mp}mp"
+    if not out.exists():
+        frames = write_frames(workdir / "line-frames" / f"calibration-{mp}mp", 160, partial(good_frame, mp, 2), "jpg")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(bundle, tmp)
+        calibrate(tmp, frames)
+        tmp.rename(out)
+    return out
+
+
+def student_bundle(workdir: Path, bundle: Path, iterations: int) -> Path:
+    """A copy of the default bundle with a distilled 1-step student as its default sampler, calibrated
+    and exported like it (few iterations: only its speed is measured here)."""
+    out = workdir / "bundle-student1"
+    if has_int8(out):
+        return out
+    import shutil
+
+    from diffinspect.export import export_bundle
+    from diffinspect.scoring.calibrate import calibrate
+    from diffinspect.train.distill import distill
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(bundle, out)
+    distill(out, steps=1, iterations=iterations)
+    calibrate(out, workdir / "line-frames" / "calibration", sampler="student")
+    export_bundle(out, "openvino", "int8", sampler="student")
+    return out
+
+
 # -- frames ----------------------------------------------------------------------------------------
+
+DISTINCT = {"0.3": 8, "2": 6, "5": 4}  # good parts per size
 
 
 def frame_images(mp: str, n: int, seed: int = 0) -> list[np.ndarray]:
-    """n distinct RGB frames of the line at one resolution (4:3): two parts rendered (square, cropped),
-    each also flipped three ways (rendering a 5 MP part takes seconds)."""
-    h, w = MEGAPIXELS[mp]
+    """n distinct RGB frames of good parts of the line at one resolution (4:3; see good_frame)."""
+    return [good_frame(mp, seed + 10, i) for i in range(n)]
+
+
+def with_defect(img: np.ndarray, seed: int) -> np.ndarray:
+    """The frame with a gross defect: a dark blot over about a tenth of it. The NG share must be what
+    --ng-share asks whatever the bundle's few training steps find, so the defect is one any detector
+    flags (the line's subtle synthetic defects need a model trained for minutes)."""
     rng = np.random.default_rng(seed)
-    parts = [render_frame(PRODUCT, rng, w)[0][(w - h) // 2:(w - h) // 2 + h] for _ in range(min(n, 2))]
-    views = [lambda x: x, lambda x: x[::-1], lambda x: x[:, ::-1], lambda x: x[::-1, ::-1]]
-    return [np.ascontiguousarray(views[i // len(parts) % 4](parts[i % len(parts)])) for i in range(n)]
+    h, w = img.shape[:2]
+    out = img.copy()
+    centre = (int(rng.uniform(0.3, 0.7) * w), int(rng.uniform(0.3, 0.7) * h))
+    cv2.circle(out, centre, int(0.18 * h), (20, 18, 15), -1, cv2.LINE_AA)
+    return out
+
+
+def defect_at(n: int, share: float) -> set[int]:
+    """Which of n frames carry a defect: round(n * share) of them (at least one for a share above 0),
+    spread evenly."""
+    k = min(n, max(1 if share > 0 else 0, round(n * share)))
+    return {int((j + 0.5) * n / k) for j in range(k)}
 
 
 def encode(img: np.ndarray, fmt: str, color: str) -> bytes:
@@ -105,30 +218,42 @@ def encode(img: np.ndarray, fmt: str, color: str) -> bytes:
 
 # -- end to end: the real run_watch ----------------------------------------------------------------
 
+# Each run: the detector pair, the overlay rule and format, the batch, and the lanes (2: the frames split
+# over two camera folders, each its own lane and engine on one thread; 1: one lane, the engine on both).
+VARIANTS: dict[str, dict] = {
+    "int8": {"pair": "int8"},
+    "int8 overlays all": {"pair": "int8", "overlays": "all"},
+    "int8 overlays all jpg": {"pair": "int8", "overlays": "all", "overlay_format": "jpg"},
+    "int8 batch 1": {"pair": "int8", "batch": 1},
+    "int8 2 lanes x 1 thread": {"pair": "int8", "lanes": 2},
+    "int8-nohealth": {"pair": "nohealth"},
+    "copod": {"pair": "copod"},
+}
 
-def quiet_watch(folders: list[Path], out: Path, make: Callable, fallback: Callable, opts) -> object:  # noqa: ANN001
+
+def quiet_watch(folders: list[Path], out: Path, make: Callable, fallback: Callable, opts,  # noqa: ANN001
+                per_folder: dict | None = None) -> object:
     """run_watch with its per-frame lines sent nowhere (they are not the benchmark)."""
     from diffinspect.line.watch import run_watch
 
     devnull = open(os.devnull, "w")  # noqa: SIM115
     stdout, sys.stdout = sys.stdout, devnull
     try:
-        return run_watch(folders, out, make, fallback, opts)
+        return run_watch(folders, out, make, fallback, opts, per_folder=per_folder)
     finally:
         sys.stdout = stdout
         devnull.close()
 
 
-def backlog(files: list[bytes], ext: str, make: Callable, fallback: Callable, root: Path, batch: int) -> dict:
-    """`inspect watch --once` over the files as a backlog: frames/s from the first frame taken to the
-    last row committed, and the run's time per frame by stage."""
-    from diffinspect.line.watch import WatchOptions
-
-    cam = Path(tempfile.mkdtemp(prefix="cam-", dir=root))
+def backlog(files: list[bytes], ext: str, pairs: list[tuple[Callable, Callable]], root: Path, opts) -> dict:  # noqa: ANN001
+    """`inspect watch --once` over the files as a backlog (dealt over one camera folder per pair, each
+    its own lane): frames/s from the first frame taken to the last row committed, and the run's time per
+    frame by stage."""
+    cams = [Path(tempfile.mkdtemp(prefix="cam-", dir=root)) for _ in pairs]
     for i, data in enumerate(files):
-        (cam / f"f{i:05d}.{ext}").write_bytes(data)
-    s = quiet_watch([cam], cam.with_name(cam.name + "-out"), make, fallback,
-                    WatchOptions(batch=batch, once=True, quiet=True, stable_ms=50))
+        (cams[i % len(cams)] / f"f{i:05d}.{ext}").write_bytes(data)
+    s = quiet_watch(cams, cams[0].with_name(cams[0].name + "-out"), *pairs[0], opts,
+                    per_folder=dict(zip(cams, pairs, strict=True)))
     return {"fps": s.fps, "frames": s.frames, "ng": s.ng, "error": s.error, "fallback": s.fallback,
             "stages": s.stages}
 
@@ -166,43 +291,77 @@ def steady(files: list[bytes], ext: str, make: Callable, fallback: Callable, roo
     return np.array([(r["scored_at"] - published[r["path"]]) * 1000 for r in rows if r["path"] in published])
 
 
-def end_to_end(bundle: Path, root: Path, sizes: list[str], formats: list[str], colors: list[str],
-               detectors: list[str], frames_at: dict[str, int], batch: int, latency_s: float) -> list[dict]:
+def detector_pairs(bundle: Path) -> dict[str, list[tuple[Callable, Callable]]]:
+    """The (make_detector, make_fallback) pairs of each kind of run, one per lane."""
+    from diffinspect.engines.exports import THREADS_ENV
     from diffinspect.scoring.inspector import Inspector
 
-    int8 = Inspector.load(bundle, backend="openvino", device="cpu")
-    copod = Inspector.fallback(bundle)
-    log(f"default bundle on {int8.backend} ({int8.detector.engine.precision})")
-    # The same detector without its health profile (no drift alarms): nothing then needs a frame's own
-    # pixels, so a large JPEG is decoded at a reduced size (Supervisor.decode_side).
-    bare = Inspector.load(bundle, backend="openvino", device="cpu")
-    bare.detector.health = None
-    bare_copod = Inspector.fallback(bundle)
-    bare_copod.detector.health = None
-    pairs = {"int8": (lambda: int8, lambda: copod), "copod": (lambda: copod, lambda: copod),
-             "int8-nohealth": (lambda: bare, lambda: bare_copod)}
+    def pair(health: bool = True) -> tuple[Callable, Callable]:
+        int8, copod = Inspector.load(bundle, backend="openvino", device="cpu"), Inspector.fallback(bundle)
+        if not health:  # no drift alarms: nothing needs a frame's own pixels, so a large JPEG is decoded
+            int8.detector.health = copod.detector.health = None  # reduced (Supervisor.decode_side)
+        return (lambda: int8), (lambda: copod)
+
+    int8 = pair()
+    log(f"default bundle on {int8[0]().backend} ({int8[0]().detector.engine.precision})")
+    copod = int8[1]
+    saved = os.environ.get(THREADS_ENV)
+    os.environ[THREADS_ENV] = "1"  # read when an engine is compiled
+    try:
+        one_thread = [pair(), pair()]
+    finally:
+        del os.environ[THREADS_ENV]
+        if saved is not None:
+            os.environ[THREADS_ENV] = saved
+    return {"int8": [int8], "int8 x2": one_thread, "nohealth": [pair(health=False)], "copod": [(copod, copod)]}
+
+
+def end_to_end(bundle: Path, root: Path, sizes: list[str], formats: list[str], colors: list[str],
+               variants: list[str], frames_at: dict[str, int], batch: int, latency_s: float,
+               ng_share: float) -> list[dict]:
+    from diffinspect.line.watch import WatchOptions
+
     rows = []
     for mp in sizes:
-        images = frame_images(mp, 8)
+        pairs = detector_pairs(camera_bundle(root.parent, bundle, mp))
+        n = frames_at[mp]
+        good = frame_images(mp, DISTINCT[mp])
+        bad = defect_at(n, ng_share)
+        defective = [with_defect(good[j % len(good)], j) for j in range(min(len(bad), 2))]
         for fmt in formats:
             for color in colors:
-                encoded = [encode(img, fmt, color) for img in images]
-                files = [encoded[i % len(encoded)] for i in range(frames_at[mp])]
-                for name in detectors:
-                    make, fallback = pairs[name]
-                    r = backlog(files, fmt, make, fallback, root, batch)
-                    first = (fmt, color) == (formats[0], colors[0])  # latency of the first kind of file only
+                enc_good = [encode(img, fmt, color) for img in good]
+                enc_bad = [encode(img, fmt, color) for img in defective]
+                files = _in_order(n, bad, enc_good, enc_bad)
+                for name in variants:
+                    v = VARIANTS[name]
+                    lanes = pairs["int8 x2"] if v.get("lanes", 1) == 2 else pairs[v["pair"]]
+                    opts = WatchOptions(batch=v.get("batch", batch), once=True, quiet=True, stable_ms=50,
+                                        overlays=v.get("overlays", "ng"),
+                                        overlay_format=v.get("overlay_format", "png"))
+                    r = backlog(files, fmt, lanes, root, opts)
+                    first = (fmt, color) == (formats[0], colors[0]) and name in ("int8", "copod")
+                    make, fallback = lanes[0]
                     lat = (steady(files, fmt, make, fallback, root, batch, 0.5 * r["fps"], latency_s)
                            if latency_s > 0 and first else np.array([]))
                     p50, p99 = np.percentile(lat, [50, 99]) if lat.size else (float("nan"),) * 2
-                    r.update(megapixels=mp, format=fmt, color=color, detector=name, latency_p50_ms=float(p50),
-                             latency_p99_ms=float(p99), latency_rate=0.5 * r["fps"], bytes=len(encoded[0]))
+                    r.update(megapixels=mp, format=fmt, color=color, variant=name, detector=v["pair"],
+                             defect_share=len(bad) / n, latency_p50_ms=float(p50), latency_p99_ms=float(p99),
+                             latency_rate=0.5 * r["fps"], bytes=len(enc_good[0]))
                     rows.append(r)
                     top = max(r["stages"], key=r["stages"].get)
-                    log(f"{mp:>4} MP {fmt} {color:<4} {name:<5}: {r['fps']:6.1f} frames/s, latency p50 "
-                        f"{p50:.0f} ms p99 {p99:.0f} ms at {0.5 * r['fps']:.1f} frames/s; most time: {top} "
+                    log(f"{mp:>4} MP {fmt} {color:<4} {name:<24}: {r['fps']:6.1f} frames/s, NG {r['ng']}/{r['frames']}"
+                        f", latency p50 {p50:.0f} ms p99 {p99:.0f} ms; most time: {top} "
                         f"{r['stages'][top]:.1f} ms/frame")
     return rows
+
+
+def _in_order(n: int, bad: set[int], good: list[bytes], defective: list[bytes]) -> list[bytes]:
+    """The backlog's files: a defective frame at each index in bad, good ones (cycled) elsewhere."""
+    out, g, d = [], itertools.cycle(good), itertools.cycle(defective)
+    for i in range(n):
+        out.append(next(d) if i in bad else next(g))
+    return out
 
 
 # -- the limit: MACs per frame and the CPU's peak ----------------------------------------------------
@@ -386,7 +545,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, seconds: floa
 
 
 def side_by_side(bundle: Path, peers: dict, jpegs: list[bytes], rounds: int, seconds: float,
-                 providers: list[str]) -> dict[str, dict]:
+                 providers: list[str], student: Path | None = None) -> dict[str, dict]:
     """frames/s of each engine: the graph alone on inputs at its model size, and frame -> score on the
     same JPEG frames (decode, resize, graph; ours: decode and the whole Inspector, frame term included)."""
     from diffinspect.bundle import Bundle
@@ -397,6 +556,9 @@ def side_by_side(bundle: Path, peers: dict, jpegs: list[bytes], rounds: int, sec
 
     frames = [decode_image(b, "rgb") for b in jpegs]
     ours = {"diffinspect INT8 (openvino)": Inspector.load(bundle, backend="openvino", device="cpu")}
+    if student is not None:  # the same U-Net, once per frame, as the default recipe's one-step teacher
+        ours["diffinspect INT8 1-step student (openvino)"] = Inspector.load(student, backend="openvino",
+                                                                             device="cpu", sampler="student")
     for p in providers:  # onnxruntime on other providers (a GPU: --providers cuda,tensorrt; untested here)
         try:
             ours[f"diffinspect FP32 (onnxruntime {p})"] = Inspector.load(bundle, backend="onnxruntime", device=p)
@@ -447,7 +609,7 @@ def limit_rows(bundle: Path, peers: dict, speeds: dict[str, dict], peak: dict[st
     prep = Bundle.load(bundle, verify=False).manifest.preprocess
     h, w = input_hw(prep.image_size)
     c = 3 if prep.color == "rgb" else 1
-    ours = graph_macs(bundle / "model.onnx", {"frames": [1, h, w, c]})
+    ours = graph_macs(Bundle.load(bundle, verify=False).file("model.onnx"), {"frames": [1, h, w, c]})
     macs = {name: ours for name in speeds if name.startswith("diffinspect")}
     for peer, entry in peers.items():
         if "onnx" in entry["files"]:
@@ -469,25 +631,29 @@ def limit_rows(bundle: Path, peers: dict, speeds: dict[str, dict], peak: dict[st
     return rows
 
 
+SIZING = ("int8", "int8 overlays all", "int8-nohealth", "copod")  # the runs of the sizing table
+
+
 def sizing(rows: list[dict], cores: int) -> list[dict]:
     """Cameras one core carries at a few camera rates, from the end-to-end frames/s on `cores` cores."""
     out = []
     for r in rows:
-        if r["format"] != "jpg" or r["color"] != "rgb":
+        if r["format"] != "jpg" or r["color"] != "rgb" or r["variant"] not in SIZING:
             continue
         per_core = r["fps"] / cores
-        out.append({"megapixels": r["megapixels"], "detector": r["detector"], "fps_per_core": per_core,
+        out.append({"megapixels": r["megapixels"], "variant": r["variant"], "fps_per_core": per_core,
                     **{f"cameras_at_{fps}": int(per_core // fps) for fps in (1, 2, 5, 10)}})
     return out
 
 
 def print_report(e2e: list[dict], speeds: dict, limits: list[dict], peak: dict, cores: int) -> None:
     print(f"\nend to end: inspect watch --once backlog on {cores} cores; latency: steady feed at half that rate")
-    print(f"{'MP':>4} {'file':<4} {'colour':<6} {'detector':<8} {'frames/s':>8} {'p50 ms':>7} {'p99 ms':>7}  "
+    print(f"{'MP':>4} {'file':<4} {'colour':<6} {'run':<24} {'frames/s':>8} {'NG':>7} {'p50 ms':>7} {'p99 ms':>7}  "
           "ms per frame by stage")
     for r in e2e:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
-        print(f"{r['megapixels']:>4} {r['format']:<4} {r['color']:<6} {r['detector']:<8} {r['fps']:8.1f} "
+        ng = f"{r['ng']}/{r['frames']}"
+        print(f"{r['megapixels']:>4} {r['format']:<4} {r['color']:<6} {r['variant']:<24} {r['fps']:8.1f} {ng:>7} "
               f"{r['latency_p50_ms']:7.0f} {r['latency_p99_ms']:7.0f}  {stages}")
     if speeds:
         print("\nside by side (same harness, same frames; graph: model input ready; frame: JPEG 0.3 MP -> score)")
@@ -504,7 +670,7 @@ def print_report(e2e: list[dict], speeds: dict, limits: list[dict], peak: dict, 
 
 def targets(e2e: list[dict], speeds: dict, limits: list[dict]) -> dict[str, bool | None]:
     def fps(mp: str, fmt: str) -> float | None:
-        found = [r["fps"] for r in e2e if (r["megapixels"], r["format"], r["color"], r["detector"])
+        found = [r["fps"] for r in e2e if (r["megapixels"], r["format"], r["color"], r["variant"])
                  == (mp, fmt, "rgb", "int8")]
         return found[0] if found else None
 
@@ -523,13 +689,15 @@ def targets(e2e: list[dict], speeds: dict, limits: list[dict]) -> dict[str, bool
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "diffinspect-throughput")
-    p.add_argument("--train-steps", type=int, default=40, help="of the default bundle (speed needs few)")
+    p.add_argument("--train-steps", type=int, default=40,
+                   help="of the default bundle (speed needs few; good frames pass at any, by the calibration)")
     p.add_argument("--sizes", default="0.3,2,5", help=f"megapixels, of {', '.join(MEGAPIXELS)}")
-    p.add_argument("--formats", default="jpg,png")
-    p.add_argument("--colors", default="rgb,gray", help="of the frame files (the bundle is colour)")
-    p.add_argument("--detectors", default="int8,int8-nohealth,copod",
-                   help="int8: the default bundle; int8-nohealth: without drift alarms; copod: the fallback")
-    p.add_argument("--frames", default="0.3:160,2:48,5:32", help="frames per backlog run, per size")
+    p.add_argument("--formats", default="jpg", help="of the frame files: jpg, png")
+    p.add_argument("--colors", default="rgb", help="of the frame files: rgb, gray (the bundle is colour)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="runs, of: " + ", ".join(VARIANTS))
+    p.add_argument("--ng-share", type=float, default=0.03,
+                   help="share of the frames that carry a defect (the rest are good parts)")
+    p.add_argument("--frames", default="0.3:200,2:48,5:32", help="frames per backlog run, per size")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--latency-seconds", type=float, default=4.0,
                    help="steady feed per run of the first format and colour (0: none)")
@@ -538,6 +706,8 @@ def main() -> int:
     p.add_argument("--train-images", type=int, default=200, help="PatchCore's memory bank: of this many images")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=1.5, help="per engine per round")
+    p.add_argument("--student", type=int, default=0, metavar="ITERATIONS",
+                   help="also time a 1-step student distilled for this many iterations (speed only)")
     p.add_argument("--providers", default="", help="onnxruntime devices to add, e.g. cuda,tensorrt (untested)")
     p.add_argument("--json", type=Path, help="write every figure here")
     a = p.parse_args()
@@ -550,11 +720,12 @@ def main() -> int:
     frames_at = {k: int(v) for k, v in (kv.split(":") for kv in a.frames.split(","))}
     with tempfile.TemporaryDirectory(prefix="throughput-", dir=a.workdir) as tmp:
         e2e = end_to_end(bundle, Path(tmp), a.sizes.split(","), a.formats.split(","), a.colors.split(","),
-                         a.detectors.split(","), frames_at, a.batch, a.latency_seconds)
+                         a.variants.split(","), frames_at, a.batch, a.latency_seconds, a.ng_share)
     peers = peer_exports(a.workdir, a.peer_venv, a.train_images) if a.peers else {}
     jpegs = [encode(img, "jpg", "rgb") for img in frame_images("0.3", 8, seed=3)]
     providers = [x for x in a.providers.split(",") if x]
-    speeds = side_by_side(bundle, peers, jpegs, a.rounds, a.seconds, providers)
+    student = student_bundle(a.workdir, bundle, a.student) if a.student else None
+    speeds = side_by_side(bundle, peers, jpegs, a.rounds, a.seconds, providers, student)
     peak = cpu_peak()
     limits = limit_rows(bundle, peers, speeds, peak)
     print_report(e2e, speeds, limits, peak, cores)
@@ -564,7 +735,7 @@ def main() -> int:
     table = sizing(e2e, cores)
     print("\nsizing (cameras one core carries at a camera rate of 1 / 2 / 5 / 10 frames/s):")
     for r in table:
-        print(f"  {r['megapixels']:>4} MP JPEG {r['detector']:<5}: {r['fps_per_core']:6.1f} frames/s per core -> "
+        print(f"  {r['megapixels']:>4} MP JPEG {r['variant']:<18}: {r['fps_per_core']:6.1f} frames/s per core -> "
               f"{r['cameras_at_1']} / {r['cameras_at_2']} / {r['cameras_at_5']} / {r['cameras_at_10']}")
     if a.json:
         a.json.write_text(json.dumps({"cores": cores, "end_to_end": e2e, "side_by_side": speeds, "limit": limits,

@@ -421,7 +421,8 @@ def watch(
                   if b not in settings.products}
     # A flag wins over the file; where neither is given, WatchOptions keeps its own default.
     given = {"batch": batch if batch is not None else settings.batch,  # --batch 0 is refused, not the default
-             "overlays": overlays or settings.overlays, "after": after or settings.after,
+             "overlays": overlays or settings.overlays, "overlay_format": settings.overlay_format,
+             "after": after or settings.after,
              "max_latency_ms": max_latency_ms or settings.max_latency_ms,
              "on_alarm": on_alarm or settings.on_alarm}
     options = WatchOptions(recursive=recursive, pattern=pattern, once=once, quiet=quiet,

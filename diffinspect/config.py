@@ -280,6 +280,7 @@ class WatchSettings:
     device: str | None = None
     batch: int | None = None
     overlays: str | None = None
+    overlay_format: str | None = None  # png | jpg (line/options.py)
     after: str | None = None
     max_latency_ms: float | None = None
     on_alarm: str | None = None  # flag | hold: see line/options.py

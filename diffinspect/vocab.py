@@ -111,6 +111,13 @@ class Overlays(Choice):
     NONE = "none"
 
 
+class OverlayFormat(Choice):
+    """How overlays are written: PNG (lossless) or JPEG (far cheaper to encode)."""
+
+    PNG = "png"
+    JPG = "jpg"
+
+
 class After(Choice):
     """What `inspect watch` does with a frame's file once its row is committed."""
 

@@ -107,6 +107,31 @@ def test_write_overlay_creates_the_folder_and_writes_png(tmp_path) -> None:
     assert np.array_equal(cv2.imread(str(path), cv2.IMREAD_COLOR), image)
 
 
+def test_a_large_frame_is_drawn_shrunk_with_its_content_in_place() -> None:
+    """A 5 MP frame drawn at MAX_SIDE: the photo area-averaged (a fine checkerboard turns mid-gray, not
+    aliased stripes), its halves where they were, the heat over the spot of the map."""
+    h, w = 1944, 2592
+    frame = np.zeros((h, w), np.uint8)
+    frame[:, w // 2:] = (np.indices((h, w - w // 2)).sum(0) % 2 * 255).astype(np.uint8)  # 1 px checkerboard
+    out = render_overlay(frame, cv2.resize(hot_spot_map(64), (w, h)), 3.0, 2.5, "ng", pixel_threshold=2.0)
+    img = out[band_height(out, round(h * MAX_SIDE / w)):].astype(int)
+    assert img.shape[:2] == (round(h * MAX_SIDE / w), MAX_SIDE)
+    dh, dw = img.shape[:2]
+    assert np.abs(img[dh - 40:, 20:dw // 2 - 20]).max() <= 2  # black half, no heat there
+    checker = img[dh - 40:, dw // 2 + 20:dw - 20]
+    assert np.abs(checker - 127.5).max() <= 3  # averaged, not sampled
+    hot = img[round(0.28 * dh), round(0.78 * dw)]
+    assert hot[2] > hot[0] + 40
+
+
+def test_write_overlay_writes_jpeg_for_a_jpg_path(tmp_path) -> None:
+    image = render_overlay(np.full((64, 64), 128, np.uint8), hot_spot_map(), 3.0, 2.5, "ng", 2.0)
+    path = write_overlay(tmp_path / "frame_001.jpg", image)
+    assert path.read_bytes()[:3] == b"\xff\xd8\xff"
+    back = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert back.shape == image.shape and np.abs(back.astype(int) - image).mean() < 3  # lossy, close
+
+
 def test_bad_inputs_are_clear_errors() -> None:
     with pytest.raises(DiffinspectError):
         render_overlay(np.zeros((8, 8), np.float32), None, 1.0, 2.0, "ok")

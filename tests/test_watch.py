@@ -206,6 +206,16 @@ def test_backlog_oldest_first_with_overlays(tmp_path: Path) -> None:
     assert jsonl_rows(out) == rows
 
 
+def test_overlays_as_jpeg_where_the_settings_ask(tmp_path: Path) -> None:
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    frames_in(cam, 4, ng_every=2)
+    once([cam], out, overlays="all", overlay_format="jpg")
+    written = [Path(r["overlay"]) for r in db_rows(out)]
+    assert len(written) == 4 and {p.suffix for p in written} == {".jpg"}
+    assert all(p.read_bytes()[:3] == b"\xff\xd8\xff" for p in written)  # JPEG files, under the name the row gives
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(p.name for p in written)
+
+
 def test_the_summary_splits_the_time_by_stage(tmp_path: Path) -> None:
     cam, out = tmp_path / "cam", tmp_path / "out"
     frames_in(cam, 8, ng_every=4)
@@ -527,8 +537,8 @@ def test_name_reused_while_the_old_frame_is_being_scored(tmp_path: Path) -> None
 
 
 def test_options_are_checked(tmp_path: Path) -> None:
-    for bad in ({"overlays": "some"}, {"after": "archive"}, {"batch": 0}, {"queue_size": 2, "batch": 8},
-                {"max_latency_ms": 0}):
+    for bad in ({"overlays": "some"}, {"overlay_format": "tiff"}, {"after": "archive"}, {"batch": 0},
+                {"queue_size": 2, "batch": 8}, {"max_latency_ms": 0}):
         with pytest.raises(DiffinspectError):
             run_watch([tmp_path], tmp_path / "out", Factory(), Factory(), options(**bad))
     with pytest.raises(DiffinspectError, match="not found"):

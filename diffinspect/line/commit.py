@@ -42,8 +42,9 @@ class Committer:
                  disposal: Disposal, done: Callable[[Candidate, bool], None], warn_once: WarnOnce,
                  stopping: threading.Event, *, room: Callable[[], bool] = lambda: True,
                  wrote: Callable[[str], None] = lambda p: None, once: bool = False,
-                 clock: StageClock | None = None) -> None:
+                 clock: StageClock | None = None, overlay_format: str = "png") -> None:
         self.store, self.overlay_dir, self.overlays = store, out / "overlays", overlays
+        self.overlay_format = overlay_format
         self.overlay_writer, self.disposal, self.done = overlay_writer, disposal, done
         self.warn_once, self.stopping = warn_once, stopping
         self.room, self.wrote, self.once = room, wrote, once
@@ -122,7 +123,7 @@ class Committer:
         if not self.wants_overlay(it) or it.frame is None or not self.room():
             return None
         v, by = it.verdict, it.by
-        path = self.overlay_dir / overlay_name(*it.cand.key)
+        path = self.overlay_dir / overlay_name(*it.cand.key, self.overlay_format)
         try:
             with self.clock.timed(MAP):
                 amap = v.map  # made here, on first use

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from diffinspect import DiffinspectError
 from diffinspect.config import ALARM_LAMBDA, RetentionSettings, check_alarm_lambda
-from diffinspect.vocab import After, Overlays
+from diffinspect.vocab import After, OverlayFormat, Overlays
 
 ON_ALARM = ("flag", "hold")
 
@@ -17,6 +17,7 @@ ON_ALARM = ("flag", "hold")
 class WatchOptions:
     batch: int = 8
     overlays: str = "ng"  # ng | all | none
+    overlay_format: str = "png"  # png | jpg: JPEG costs far less to encode, PNG is lossless
     after: str = "keep"  # keep | move | delete (only after the frame's row is committed)
     recursive: bool = False
     pattern: str | None = None  # glob on the file name (case-insensitive); None: image suffixes
@@ -45,6 +46,8 @@ class WatchOptions:
             (self.batch >= 1, f"batch must be at least 1, got {self.batch}"),
             (self.overlays in Overlays.values(),
              f"overlays must be ng, all or none, got {self.overlays!r}"),
+            (self.overlay_format in OverlayFormat.values(),
+             f"overlay_format must be png or jpg, got {self.overlay_format!r}"),
             (self.after in After.values(),
              f"after must be keep, move or delete, got {self.after!r}"),
             (self.queue_size >= self.batch, f"queue size ({self.queue_size}) must be at least the batch "

@@ -116,7 +116,8 @@ def _run(roots: list[Path], out: Path, store: ResultStore, warn_once: WarnOnce,
                     functools.partial(disposal, what="committed frame "))
     stats, stop_taking, clock = Stats(), threading.Event(), StageClock()
     committer = Committer(store, out, opts.overlays, overlay_writer, disposal, intake.done, warn_once, stop_taking,
-                          room=retention.space.room, wrote=retention.wrote, once=opts.once, clock=clock)
+                          room=retention.space.room, wrote=retention.wrote, once=opts.once, clock=clock,
+                          overlay_format=opts.overlay_format)
     drift = DriftHub(out, store, opts.alarm_lambda)
     committer.on_commit += [stats.record, *([print_rows] if opts.quiet else []), drift.on_commit, *hooks]
     if opts.on_alarm == "hold":

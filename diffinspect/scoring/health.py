@@ -48,19 +48,19 @@ MIN_FRAMES = 20
 
 
 def _work_gray(frame: np.ndarray) -> np.ndarray:
-    """Gray copy with the longer side at most SHARP_SIDE: shrunk first, so a 5 MP colour frame costs
-    one resize, not a full-size colour conversion."""
+    """Gray copy with the longer side at most SHARP_SIDE: decimated first, then made gray, then area
+    resampled, so a 5 MP colour frame costs no full-size pass and the slow area resampling one channel."""
     if frame.ndim == 3 and frame.shape[2] == 1:
         frame = frame[:, :, 0]
     step = max(frame.shape[:2]) // SHARP_SIDE
-    if step > 1:  # decimation first (reads 1 pixel in step^2); area resampling of a 5 MP frame costs tens of ms
+    if step > 1:  # decimation first (reads 1 pixel in step^2): area resampling of a 5 MP frame is slow
         h, w = frame.shape[:2]
         frame = cv2.resize(frame, (w // step, h // step), interpolation=cv2.INTER_NEAREST)
+    if frame.ndim == 3:
+        frame = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
     scale = SHARP_SIDE / max(frame.shape[:2])
     if scale < 1:
         frame = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    if frame.ndim == 3:
-        frame = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
     return frame
 
 
@@ -69,15 +69,24 @@ def _resized(gray: np.ndarray, side: int) -> np.ndarray:
 
 
 def _sharpness(gray: np.ndarray) -> float:
-    g = gray.astype(np.float32)
+    h, w = gray.shape
+    ys = [i * h // TILES for i in range(TILES + 1)]
+    xs = [j * w // TILES for j in range(TILES + 1)]
+    # Only the inner tiles count: the Laplacian of the inner block with a one-pixel rim, the same values
+    # as over the whole copy there (its 3 x 3 kernel reads no further).
+    y0, y1, x0, x1 = max(ys[1] - 1, 0), min(ys[-2] + 1, h), max(xs[1] - 1, 0), min(xs[-2] + 1, w)
+    g = gray[y0:y1, x0:x1].astype(np.float32)
     lap = cv2.Laplacian(g, cv2.CV_32F)
-    h, w = g.shape
     ratios = []
     for i in range(1, TILES - 1):
         for j in range(1, TILES - 1):
-            tile = (slice(i * h // TILES, (i + 1) * h // TILES), slice(j * w // TILES, (j + 1) * w // TILES))
-            ratios.append((float(lap[tile].var()) + 1e-3) / (float(g[tile].var()) + 1e-3))
+            tile = (slice(ys[i] - y0, ys[i + 1] - y0), slice(xs[j] - x0, xs[j + 1] - x0))
+            ratios.append((_var(lap[tile]) + 1e-3) / (_var(g[tile]) + 1e-3))
     return math.log10(float(np.median(ratios)))
+
+
+def _var(a: np.ndarray) -> float:
+    return float(cv2.meanStdDev(a)[1][0, 0]) ** 2
 
 
 def pose_profiles(gray: np.ndarray) -> np.ndarray:
@@ -91,15 +100,25 @@ def pose_profiles(gray: np.ndarray) -> np.ndarray:
 
 def profile_offset(reference: np.ndarray, profile: np.ndarray) -> float:
     """Displacement (whole pixels) of profile against reference, within MAX_OFFSET:
-    positive when the frame's content moved right (down). Every overlap is compared whole, so edges
-    near the frame border count."""
+    positive when the frame's content moved right (down). Every overlap is compared whole (the
+    correlation of the overlapping parts, each centred), so edges near the frame border count."""
     n = profile.size
-    corr = np.empty(2 * MAX_OFFSET + 1)
-    for i, s in enumerate(range(-MAX_OFFSET, MAX_OFFSET + 1)):
-        a = reference[max(0, -s):n - max(0, s)]
-        b = profile[max(0, s):n - max(0, -s)]
-        a, b = a - a.mean(), b - b.mean()
-        corr[i] = float((a * b).sum()) / math.sqrt(float((a * a).sum() * (b * b).sum()) + 1e-12)
+    a, b = np.asarray(reference, np.float64), np.asarray(profile, np.float64)
+    shifts = np.arange(-MAX_OFFSET, MAX_OFFSET + 1)
+    # For a shift s the overlap is a[i], b[i + s]; the sums over it from prefix sums, the products
+    # from one cross-correlation, so all shifts cost a few vector operations.
+    lo, hi = np.maximum(0, -shifts), n - np.maximum(0, shifts)
+    length = hi - lo
+
+    def window(x: np.ndarray, start: np.ndarray) -> np.ndarray:
+        c = np.concatenate([[0.0], np.cumsum(x)])
+        return c[start + length] - c[start]
+
+    sa, sb = window(a, lo), window(b, lo + shifts)
+    saa, sbb = window(a * a, lo), window(b * b, lo + shifts)
+    sab = np.correlate(b, a, "full")[n - 1 + shifts]
+    cov = sab - sa * sb / length
+    corr = cov / np.sqrt((saa - sa * sa / length) * (sbb - sb * sb / length) + 1e-12)
     return float(int(corr.argmax()) - MAX_OFFSET)
 
 

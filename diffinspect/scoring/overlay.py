@@ -26,8 +26,11 @@ from diffinspect import DiffinspectError
 
 MIN_SIDE = 256  # small frames are upscaled to this so the header text and outlines are readable
 # ... but no side ever exceeds this: a thin strip (8 x 20000 px) keeps its shape at a bounded size instead
-# of being scaled up by its short side, and a huge frame is shrunk, so an overlay's memory is bounded.
-MAX_SIDE = 4096
+# of being scaled up by its short side, and a large frame is drawn shrunk, so an overlay's memory and its
+# cost are bounded whatever the camera. The heat comes from the model's map (tens of pixels a side), so a
+# reviewer loses no part of what the map shows; the photo's own finest detail is in the frame file.
+MAX_SIDE = 1024
+JPEG_QUALITY = 90  # of a .jpg overlay ([watch] overlay_format = "jpg"): far cheaper to encode than PNG
 HOT_FLOOR_Z = 3.0
 # BGR header colours; ERROR is amber so it reads as "no verdict", neither pass nor fail.
 LABEL_COLOURS = {"ok": (40, 150, 40), "ng": (30, 30, 210), "error": (0, 150, 230)}
@@ -46,8 +49,8 @@ def wants_overlay(rule: str, label: str) -> bool:
     return label != "error" and (rule == "all" or (rule == "ng" and label == "ng"))
 
 
-def overlay_name(path: str | Path, size: int, mtime_ns: int) -> str:
-    """The overlay file name of a frame: `{stem}-{digest}.png`, the same in `inspect score` and `watch`.
+def overlay_name(path: str | Path, size: int, mtime_ns: int, fmt: str = "png") -> str:
+    """The overlay file name of a frame: `{stem}-{digest}.{fmt}`, the same in `inspect score` and `watch`.
 
     The digest (sha1 of the frame's identity: absolute path, size, mtime_ns, as watch keys its rows)
     makes it deterministic per frame, so a frame scored again overwrites its own overlay, while frames
@@ -59,7 +62,7 @@ def overlay_name(path: str | Path, size: int, mtime_ns: int) -> str:
     identity = f"{path}|{size}|{mtime_ns}".encode("utf-8", "surrogatepass")  # never raises on odd names
     digest = hashlib.sha1(identity).hexdigest()[:10]
     stem = _NOT_SAFE.sub("_", Path(path).stem)[:STEM_CHARS].lstrip(".")
-    return f"{stem}-{digest}.png"  # write_overlay writes PNG
+    return f"{stem}-{digest}.{fmt}"  # write_overlay encodes by the suffix
 
 
 def render_overlay(frame: np.ndarray, amap: np.ndarray | None, score: float, threshold: float, label: str,
@@ -69,22 +72,24 @@ def render_overlay(frame: np.ndarray, amap: np.ndarray | None, score: float, thr
     frame: uint8 (H, W), (H, W, 1) or (H, W, 3) RGB. amap: 2-D map in z-units covering the whole frame
     (any resolution; use Preprocess.map_to_frame first when an ROI was cropped), or None (COPOD).
     """
-    image = _to_bgr(frame)
-    h, w = image.shape[:2]
+    frame = _checked(frame)
+    h, w = frame.shape[:2]
     scale = min(max(1, math.ceil(MIN_SIDE / min(h, w))), MAX_SIDE / max(h, w))
-    if scale != 1:
-        # Nearest neighbour when enlarging: an engineer should see the real pixels, not interpolated blur.
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_NEAREST if scale > 1 else cv2.INTER_AREA)
+    if scale != 1:  # before the colour conversion: everything after works on the drawn size only
+        frame = _resized(frame, (max(1, round(w * scale)), max(1, round(h * scale))))
+    image = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR if frame.ndim == 2 else cv2.COLOR_RGB2BGR)
     if amap is not None:
         image = _draw_map(image, amap, pixel_threshold, alpha)
     return np.ascontiguousarray(np.vstack([_header(image.shape[1], score, threshold, label), image]))
 
 
 def write_overlay(path: str | Path, image: np.ndarray) -> Path:
-    """Write image as PNG at path (parent folders created); returns the path."""
+    """Write image at path (parent folders created), as JPEG for a .jpg path, else as PNG; returns the path."""
     path = Path(path)
-    ok, buf = cv2.imencode(".png", image)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    else:
+        ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise DiffinspectError(f"cannot encode overlay for {path}")
     try:
@@ -98,20 +103,34 @@ def write_overlay(path: str | Path, image: np.ndarray) -> Path:
 
 def save_overlay(path: str | Path, frame: np.ndarray, amap: np.ndarray | None, score: float, threshold: float,
                  label: str, pixel_threshold: float | None = None) -> Path:
-    """Render and write one overlay (PNG); amap already on the frame's pixel grid. The one overlay writer
-    of `inspect score` and `inspect watch`."""
+    """Render and write one overlay (its format from the path's suffix); amap already on the frame's pixel
+    grid. The one overlay writer of `inspect score` and `inspect watch`."""
     return write_overlay(path, render_overlay(frame, amap, score, threshold, label, pixel_threshold))
 
 
-def _to_bgr(frame: np.ndarray) -> np.ndarray:
+def _resized(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """frame at size (w, h). Enlarged by nearest neighbour: an engineer should see the real pixels, not
+    interpolated blur. Shrunk by area averaging over whole blocks of the largest integer factor (OpenCV's
+    fast path; its fractional area path costs many times more), then linearly for the rest (under 2x);
+    the last partial block at the right and bottom edge, under one drawn pixel, is left out."""
+    w, h = size
+    if w > frame.shape[1] or h > frame.shape[0]:
+        return cv2.resize(frame, size, interpolation=cv2.INTER_NEAREST)
+    k = min(frame.shape[1] // w, frame.shape[0] // h)
+    if k > 1:
+        bh, bw = frame.shape[0] // k, frame.shape[1] // k
+        frame = cv2.resize(frame[:bh * k, :bw * k], (bw, bh), interpolation=cv2.INTER_AREA)
+    return cv2.resize(frame, size, interpolation=cv2.INTER_LINEAR)
+
+
+def _checked(frame: np.ndarray) -> np.ndarray:
+    """The frame as (H, W) gray or (H, W, 3) RGB uint8, or a clear error."""
     if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
         raise DiffinspectError(f"overlay frame must be uint8, got {getattr(frame, 'dtype', type(frame))}")
     if frame.ndim == 3 and frame.shape[2] == 1:
         frame = frame[:, :, 0]
-    if frame.ndim == 2:
-        return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-    if frame.ndim == 3 and frame.shape[2] == 3:
-        return cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+    if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3):
+        return frame
     raise DiffinspectError(f"overlay frame must be (H, W), (H, W, 1) or (H, W, 3), got {frame.shape}")
 
 
@@ -122,15 +141,18 @@ def _draw_map(image: np.ndarray, amap: np.ndarray, pixel_threshold: float | None
     if amap.ndim != 2 or amap.size == 0:
         raise DiffinspectError(f"anomaly map must be 2-D, got shape {amap.shape}")
     h, w = image.shape[:2]
-    amap = cv2.resize(np.nan_to_num(amap, nan=0.0), (w, h), interpolation=cv2.INTER_LINEAR)
+    # Resized first, then NaN read as 0 (cold), also where it was interpolated into its neighbours.
+    amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+    cv2.patchNaNs(amap, 0.0)
+    np.minimum(amap, np.finfo(np.float32).max, out=amap)  # +inf: the hottest finite value
     if pixel_threshold is not None and pixel_threshold > 0:
         hot = 2.0 * pixel_threshold
     else:
         hot = max(float(amap.max()), HOT_FLOOR_Z)
-    level = np.clip(amap / hot, 0.0, 1.0) * 255.0
+    level = np.clip(amap * np.float32(255.0 / hot), 0.0, 255.0)
     heat = cv2.applyColorMap(level.astype(np.uint8), cv2.COLORMAP_JET)
-    weight = (alpha * np.clip(level / 127.5, 0.0, 1.0))[:, :, None]  # full alpha from half-scale up
-    out = np.rint(image * (1.0 - weight) + heat * weight).astype(np.uint8)
+    weight = np.clip(level * np.float32(alpha / 127.5), 0.0, alpha)  # full alpha from half-scale up
+    out = cv2.blendLinear(image, heat, 1.0 - weight, weight)
     if pixel_threshold is not None:
         mask = (amap > pixel_threshold).astype(np.uint8)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
