@@ -243,19 +243,32 @@ def test_a_bundle_holds_and_checks_its_backbone(bundles, tmp_path):
 
 
 @pytest.mark.slow
-def test_exports_with_a_backbone_match_torch(bundles):
+def test_exports_with_a_backbone_match_torch(bundles, line_dir, tmp_path):
     """The state dict is part of the exported graph, the ONNX model is spliced into it: every export's map
     follows torch's (INT8 keeps both the backbone and the encoder pass float)."""
     from diffinspect.export import export_bundle
 
-    records = export_bundle(bundles["pt"], "all", "all", allow_mismatch=True)
-    records |= {f"onnx backbone: {k}": v for k, v in export_bundle(bundles["onnx"], "all", "fp32").items()}
+    few = tmp_path / "good"  # INT8 ranges and parity on 12 frames (and their defect copies): quick
+    few.mkdir()
+    for path in sorted((line_dir / "test" / "good").iterdir())[:12]:
+        shutil.copy(path, few)
+    records = export_bundle(bundles["pt"], "all", "all", calibration_dir=few, allow_mismatch=True)
+    records |= {f"onnx backbone: {k}": v for k, v in export_bundle(bundles["onnx"], "all", "fp32", few).items()}
     assert len(records) == 7
     for name, rec in records.items():
         assert rec.terms[-1] == "patch", (name, rec.terms)
         bar = 0.98 if rec.precision == "int8" else 0.99
         assert rec.parity["map_correlation"] > bar and rec.parity["passed"], (name, rec.parity)
     assert Bundle.load(bundles["onnx"]).manifest.exports["model.onnx"].parity["max_abs_map_diff"] < 1e-2
+    # the ResNet's convolutions are in the graph, and none is among those INT8 or fp16 may touch
+    import onnx
+
+    from diffinspect.export.onnx_graph import _tagged, denoiser_nodes
+
+    proto = onnx.load(str(Bundle.load(bundles["pt"]).file("model.onnx")))
+    convs = {n.name for n, scopes in _tagged(proto) if n.op_type == "Conv" and any(
+        s.startswith("backbone") for s in scopes)}
+    assert len(convs) > 10 and not convs & set(denoiser_nodes(proto))
 
 
 def _edge_cli(tmp_path: Path, *args) -> subprocess.CompletedProcess:
