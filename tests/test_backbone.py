@@ -19,7 +19,7 @@ import torch
 from diffinspect.bundle import Bundle
 from diffinspect.data.synthetic import render_frame
 from diffinspect.models import build_model
-from diffinspect.models.backbone import ResNetTrunk, _recognise, build_backbone, read_backbone
+from diffinspect.models.backbone import ResNetTrunk, _recognise, build_backbone, default_input, read_backbone
 from diffinspect.models.patches import BACKBONE_GRID, PatchGaussian
 from diffinspect.models.recipe import Backbone, Recipe
 from diffinspect.models.schedule import NoiseSchedule
@@ -83,6 +83,23 @@ def test_every_named_resnet_is_recognised_from_its_keys_and_shapes():
     for kind in ("resnet18", "resnet34", "resnet50", "wide_resnet50_2"):
         state = ResNetTrunk(kind).state_dict()
         assert _recognise(Path(kind), state) == kind
+    # unset, the input keeps the model input's aspect ratio at ImageNet's 224 px short side
+    assert default_input(64) == (224, 224) and default_input((64, 160)) == (224, 560)
+
+
+def test_the_config_table_sets_the_backbone_and_refuses_bad_values(tmp_path):
+    from diffinspect import DiffinspectError
+    from diffinspect.config import load_config
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[score.backbone]\ninput_size = [96, 128]\nmean = [0.5, 0.5, 0.5]\n")
+    b = load_config(cfg, {"score.backbone.file": "r.pt"}).score.backbone
+    assert (b.file, b.input_size, b.mean, b.std) == ("r.pt", [96, 128], [0.5] * 3, [0.229, 0.224, 0.225])
+    assert load_config().score.backbone is None
+    for bad in ("std = [0.2, 0.0, 0.2]", "input_size = 8", "mean = [0.5]"):
+        cfg.write_text(f"[score.backbone]\n{bad}\n")
+        with pytest.raises(DiffinspectError, match="config key score.backbone"):
+            load_config(cfg)
 
 
 def _frames(n: int, seed: int, defect: str | None = None) -> tuple[np.ndarray, np.ndarray]:
