@@ -237,12 +237,16 @@ def bundles(files, line_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_a_bundle_holds_and_checks_its_backbone(bundles, tmp_path):
+    from diffinspect.models.from_bundle import load_patches
+
     for kind, path in bundles.items():
         b = Bundle.load(path)
         spec = b.recipe.backbone
         assert spec is not None and b.has(str(spec.file)) and b.recipe.patch_weight == 1.0
         assert spec.kind == ("onnx" if kind == "onnx" else "resnet18") and spec.input_size == INPUT
         assert b.manifest.calibration.terms == ["pixel", "ssim", "feature", "patch"]
+        # the statistics belong to the backbone's features: a distilled student's graph keeps them
+        assert load_patches(b, "student.pt").grid == BACKBONE_GRID
     copy = tmp_path / "copy"
     shutil.copytree(bundles["pt"], copy)
     folder = Bundle.load(copy).folder
