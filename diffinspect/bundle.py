@@ -805,10 +805,12 @@ class Manifest:
         student = self.student if sampler == Sampler.STUDENT else None
         weights = ["weights.pt"] + ([student.weights] if student else [])
         score = plain(self.score)
-        if self.score.patch_weight > 0:  # the patch term's statistics are graph constants
-            weights.append(PATCH_FILE)
+        if self.score.patch_weight > 0:  # the patch term's statistics (and its backbone) are graph constants
+            weights += [PATCH_FILE] + ([self.score.backbone.file] if self.score.backbone else [])
         else:  # without the term the graph is what it was before the field existed: exports stay current
             score.pop("patch_weight", None)
+        if score.get("backbone") is None:  # likewise for bundles without a backbone
+            score.pop("backbone", None)
         payload = {"model": plain(self.model), "score": score, "schedule": plain(self.schedule),
                    "sampler": str(sampler), "student": plain(student),
                    "weights": {f: self.files.get(f) for f in weights}}
@@ -841,6 +843,15 @@ class Manifest:
             _refuse("model.channels", "one of (1, 3)", self.model.channels)
         if self.model is not None and (self.score is None or self.schedule is None):
             _refuse("score" if self.score is None else "schedule", "present beside model", None)
+        backbone = self.score and self.score.backbone
+        if backbone:
+            if bad := backbone.invalid():
+                _refuse(f"score.backbone.{bad[0]}", bad[1], bad[2])
+            if backbone.kind is None or backbone.input_size is None:
+                _refuse("score.backbone.kind" if backbone.kind is None else "score.backbone.input_size",
+                        "present", None)
+            if backbone.file not in self.files:
+                raise DiffinspectError(f"bundle {root}: score.backbone.file {backbone.file!r} is not a listed file")
         if self.fallback is not None and self.fallback.file not in self.files:
             raise DiffinspectError(f"bundle {root}: fallback.file {self.fallback.file!r} is not a listed file")
         for name in (*self.added.calibration, *self.added.training) if self.added else ():

@@ -183,12 +183,17 @@ def train(
     resume: bool = _flag("--resume", help="Continue from the last checkpoint of --out."),
     overwrite: bool = _flag("--overwrite", help="Replace an existing bundle at --out."),
     distill_steps: int | None = typer.Option(None, "--distill-steps", help="Also distil a 1-4 step student."),
+    backbone: Path | None = typer.Option(
+        None, "--backbone", help="A pretrained feature network you have (a torchvision ResNet / Wide-ResNet "
+        "state dict .pt/.pth, or an ONNX feature model): its features feed the patch term; copied into the bundle."),
 ) -> None:
     """Train a diffusion model on photos of good parts and write a model bundle (or fine-tune one)."""
     from diffinspect.bundle import TRAIN_HINT, check_output
     from diffinspect.config import load_config
     from diffinspect.train import train as run_train
 
+    if add_good is not None and backbone is not None:
+        raise DiffinspectError("--backbone is chosen when a bundle is first trained, not with --add-good")
     if add_good is not None:
         _finetune(data, add_good, steps, max_minutes, device, seed, resume, distill_steps)
         return
@@ -200,7 +205,7 @@ def train(
         "model.kind": model, "model.size": size, "data.image_size": _image_size(image_size),
         "data.defect_size": defect_size, "train.steps": steps,
         "train.max_minutes": max_minutes, "train.batch_size": batch_size, "data.holdout": holdout,
-        "train.device": device, "train.seed": seed})
+        "train.device": device, "train.seed": seed, "score.backbone.file": backbone and str(backbone)})
     with _Bar(cfg.train.max_minutes) as bar:
         bundle = run_train(data, out, cfg, resume=resume, overwrite=overwrite, progress=bar)
     if bundle is None:  # a torchrun rank other than 0: rank 0 writes the bundle and reports

@@ -127,7 +127,7 @@ def _apply(obj: Any, raw: dict[str, Any], prefix: str) -> None:
         name = f"{prefix}{key}"
         if not dataclasses.is_dataclass(obj) or key not in {f.name for f in dataclasses.fields(obj)}:
             raise DiffinspectError(f"unknown config key: {name}")
-        current = getattr(obj, key)
+        current = _section(obj, key) if isinstance(value, dict) else getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise DiffinspectError(f"config key {name} must be a table")
@@ -143,11 +143,24 @@ def _set(root: Any, key: str, value: Any, name: str | None = None) -> None:
         name = key
         *parents, key = key.split(".")
         for part in parents:
-            obj = getattr(obj, part)
+            obj = _section(obj, part)
     hints = typing.get_type_hints(type(obj))
     if key not in hints:
         raise DiffinspectError(f"unknown config key: {name}")
     setattr(obj, key, _convert(value, hints[key], name))
+
+
+def _section(obj: Any, key: str) -> Any:
+    """The sub-table `key` of a section; an optional one left unset (score.backbone) is created with its
+    defaults when a setting names it."""
+    current = getattr(obj, key)
+    if current is None:
+        hint = typing.get_type_hints(type(obj)).get(key)
+        table = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+        if table is not None:
+            current = table()
+            setattr(obj, key, current)
+    return current
 
 
 def _convert(value: Any, hint: Any, name: str) -> Any:
@@ -159,6 +172,8 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
         hint = listed[0] if listed and isinstance(value, list | tuple) else next(a for a in args if a is not type(None))
         args = typing.get_args(hint)
     origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):  # a table given as a plain value (a table itself goes to _apply)
+        raise DiffinspectError(f"config key {name} must be a table, got {value!r}")
     if origin is dict:
         if not isinstance(value, dict):
             raise DiffinspectError(f"config key {name} must be a table, got {value!r}")
@@ -207,6 +222,8 @@ def validate(cfg: Config) -> None:
         raise DiffinspectError("config key data.roi must be [x, y, width, height] with positive size")
     if not 0 < cfg.data.tile_scale <= 4:
         raise DiffinspectError(f"config key data.tile_scale must be in (0, 4], got {cfg.data.tile_scale}")
+    if cfg.score.backbone is not None and (bad := cfg.score.backbone.invalid()):
+        raise DiffinspectError(f"config key score.backbone.{bad[0]} must be {bad[1]}, got {bad[2]!r}")
     if cfg.score.t_star >= 1000:
         raise DiffinspectError(f"config key score.t_star must be below 1000, got {cfg.score.t_star}")
 

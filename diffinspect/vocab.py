@@ -76,6 +76,16 @@ class FrameDetector(Choice):
     COPOD = "copod"
 
 
+class BackboneKind(Choice):
+    """A pretrained feature network the user supplies for the patch term (models/backbone.py)."""
+
+    RESNET18 = "resnet18"
+    RESNET34 = "resnet34"
+    RESNET50 = "resnet50"
+    WIDE_RESNET50_2 = "wide_resnet50_2"
+    ONNX = "onnx"  # an ONNX feature model: an image batch in, one or more feature maps out
+
+
 class Device(Choice):
     """Where training runs."""
 

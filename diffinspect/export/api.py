@@ -121,8 +121,10 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
         export_onnx,
         int8_nodes,
         rebuild_nodes,
+        splice_backbone,
     )
     from diffinspect.export.rewrite import for_export
+    from diffinspect.models.backbone import OnnxFeatures
     from diffinspect.models.from_bundle import load_graph
     from diffinspect.models.sampler import resolve_sampler
     from diffinspect.scoring.diffusion import CALIBRATION_FILE
@@ -150,6 +152,8 @@ def export_bundle(bundle_path: str | Path, format: str = "onnx", precision: str 
         src = work / "scoring.fp32.onnx"
         example = (torch.from_numpy(frames[:2]), torch.from_numpy(mean), torch.from_numpy(std))
         export_onnx(for_export(graph), example, src)
+        if isinstance(getattr(graph.backbone, "net", None), OnnxFeatures):
+            splice_backbone(src, bundle.file(str(bundle.recipe.backbone.file)))
         import onnx
 
         proto = onnx.load(str(src))

@@ -99,3 +99,43 @@ def denoiser_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of every Conv/MatMul/Gemm node of the denoiser (rebuild and feature pass)."""
     return [node.name for node, scopes in _tagged(model)
             if node.op_type in QUANTIZABLE_OPS and any(s.startswith("denoiser") for s in scopes)]
+
+
+def splice_backbone(path: Path, backbone: Path) -> None:
+    """Put the user's ONNX feature model into the exported scoring graph at `path`, in place of the
+    placeholder node it exported as (models/backbone.OnnxFeatures): one graph, so every engine runs the
+    same one scoring path with the same inputs and outputs. The backbone is brought to the graph's opset,
+    its names prefixed so none collides with the graph's."""
+    from onnx import compose, helper, version_converter
+
+    from diffinspect.models.backbone import PLACEHOLDER
+
+    model, user = onnx.load(str(path)), onnx.load(str(backbone))
+    domain, op = PLACEHOLDER.split("::")
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if next((o.version for o in user.opset_import if o.domain in ("", "ai.onnx")), opset) != opset:
+        try:
+            user = version_converter.convert_version(user, opset)
+        except Exception as exc:  # the converter raises its own types
+            raise DiffinspectError(f"the backbone's ONNX opset cannot be brought to the graph's {opset}: "
+                                   f"{str(exc)[:200]}") from None
+    user = compose.add_prefix(user, "backbone/")
+    weights = {t.name for t in user.graph.initializer}
+    (image,) = [i.name for i in user.graph.input if i.name not in weights]
+    graph = model.graph
+    at = next(i for i, n in enumerate(graph.node) if n.domain == domain and n.op_type == op)
+    node = graph.node[at]
+    nodes = [helper.make_node("Identity", [node.input[0]], [image]), *user.graph.node,
+             *(helper.make_node("Identity", [o.name], [mine])
+               for o, mine in zip(user.graph.output, node.output, strict=True))]
+    del graph.node[at]
+    for i, new in enumerate(nodes):
+        graph.node.insert(at + i, new)
+    graph.initializer.extend(user.graph.initializer)
+    model.functions.extend(user.functions)
+    imports = {o.domain for o in model.opset_import}
+    model.opset_import.extend(o for o in user.opset_import if o.domain not in imports | {"ai.onnx"})
+    keep = [o for o in model.opset_import if o.domain != domain]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    onnx.save(model, str(path))

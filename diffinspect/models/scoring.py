@@ -4,7 +4,7 @@ One torch module, exported whole to ONNX, so every backend computes the same thi
 
     x in [-1, 1] -> x_t* = sqrt(ab) x + sqrt(1 - ab) eps (fixed, seeded eps) -> DDIM back to x0_hat
     -> per-pixel terms (L1, 1 - SSIM, denoiser feature distance, patch distance to the good parts'
-       patches, models/patches.py) -> z-score with calibration
+       patches, models/patches.py, on the denoiser's or a backbone's features) -> z-score with calibration
     statistics (graph inputs, so re-calibrating needs no re-export) -> weighted sum (the sharp map)
     -> image score = mean of the top-k pixels of the sharp map (+ a whole-frame term);
     the map users see is the sharp map Gaussian-blurred.
@@ -59,12 +59,13 @@ class ScoringGraph(nn.Module):
 
     def __init__(
         self, denoiser: nn.Module, schedule: NoiseSchedule, recipe: Recipe, steps: int | None = None,
-        patches: PatchGaussian | None = None,
+        patches: PatchGaussian | None = None, backbone: nn.Module | None = None,
     ):
         super().__init__()
         self.denoiser = denoiser.eval()
         self.recipe = recipe
         self.patches = patches
+        self.backbone = backbone  # set: the patch term reads its features (models/backbone.py)
         # The patch term needs statistics fitted on this denoiser's features: without them it is left out.
         self.weights = {k: v for k, v in recipe.weights().items() if k != "patch" or patches is not None}
         c, (h, w) = denoiser.channels, input_hw(denoiser.image_size)
@@ -113,18 +114,19 @@ class ScoringGraph(nn.Module):
             out.append((x - rec).abs().mean(1) / 2)
         if "ssim" in self.weights:
             out.append(1 - ssim_map((x + 1) / 2, (rec + 1) / 2, self.ssim_kernel))
-        if "feature" in self.weights or "patch" in self.weights:
-            n, size = x.shape[0], x.shape[-2:]
+        n, size = x.shape[0], x.shape[-2:]
+        both: list[torch.Tensor] = []
+        if "feature" in self.weights or ("patch" in self.weights and self.backbone is None):
             # x and its rebuild go through the encoder as one batch. Keep it so: in an INT8 export the two
             # halves then share every quantizer, so equal inputs round alike and the small feature distance
             # survives INT8 (export/onnx_graph.py); one call of twice the batch is also faster than two.
             both = self.denoiser.features(torch.cat([x, rec]), torch.zeros(2 * n, device=x.device))
-            if "feature" in self.weights:
-                out.append(self.feature_distance(both, n, size))
-            if "patch" in self.weights:
-                assert self.patches is not None
-                dist = self.patches([f[:n] for f in both])
-                out.append(F.interpolate(dist[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
+        if "feature" in self.weights:
+            out.append(self.feature_distance(both, n, size))
+        if "patch" in self.weights:
+            assert self.patches is not None
+            dist = self.patches(self.backbone(x) if self.backbone is not None else [f[:n] for f in both])
+            out.append(F.interpolate(dist[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
         return out
 
     @staticmethod

@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffinspect import DiffinspectError
 from diffinspect import bundle as bundle_io
 from diffinspect.bundle import Bundle, Manifest, Model, Schedule, Training
 from diffinspect.config import Config
@@ -17,7 +19,9 @@ from diffinspect.data.datasets import normal_images
 from diffinspect.data.image import Preprocess, choose_color, parse_size
 from diffinspect.info import training_warning
 from diffinspect.logs import Progress
+from diffinspect.models.backbone import build_backbone, read_backbone
 from diffinspect.models.patches import PATCH_FILE
+from diffinspect.models.recipe import Recipe
 from diffinspect.train.data import load_training_set
 from diffinspect.train.fit import clear_checkpoints, fit, model_summary
 from diffinspect.train.geometry import DEFAULT_SIDE, Geometry, choose_geometry, describe_size, frame_sizes
@@ -26,6 +30,7 @@ from diffinspect.train.patches import fit_patch_statistics
 log = logging.getLogger(__name__)
 
 WEIGHTS = "weights.pt"
+BACKBONE_PATCH_WEIGHT = 1.0  # the patch term's weight with a backbone, unless the config sets one
 
 
 def input_geometry(images: list[Path], cfg: Config) -> Geometry:
@@ -50,6 +55,21 @@ def preprocess_for(data: Path, cfg: Config, geometry: Geometry | None = None) ->
                       roi=tuple(d.roi) if d.roi else None, feed=d.feed, tile_scale=d.tile_scale)
 
 
+def _with_backbone(score: Recipe, prep: Preprocess) -> tuple[Recipe, bytes]:
+    """The recipe with the user's backbone checked and recorded (kind, input size, its bundle file) and the
+    patch term on, and the bytes of its copy in the bundle; the recipe as it is without a backbone."""
+    if score.backbone is None:
+        return score, b""
+    if not score.backbone.file:
+        raise DiffinspectError("config [score.backbone] names no file: pass --backbone FILE")
+    if prep.feed == "tiles":
+        raise DiffinspectError("a backbone feeds the patch term, which tiles have none of (no fixed patch "
+                               "positions): train on whole frames (data.feed = \"frame\") to use one")
+    spec, data = read_backbone(score.backbone, prep.image_size)
+    weight = score.patch_weight if score.patch_weight > 0 else BACKBONE_PATCH_WEIGHT
+    return replace(score, backbone=spec, patch_weight=weight), data
+
+
 def train(
     data: str | Path,
     out: str | Path,
@@ -63,8 +83,12 @@ def train(
     data, out = Path(data).resolve(), Path(out).resolve()
     bundle_io.check_output(out, overwrite, resume, bundle_io.TRAIN_HINT)  # before minutes of training
     geometry = input_geometry(normal_images(data), cfg)
-    log.info(f"model input: {geometry.reason}")
     prep = preprocess_for(data, cfg, geometry)
+    score, backbone_bytes = _with_backbone(cfg.score, prep)  # checked before minutes of training
+    log.info(f"model input: {geometry.reason}")
+    if score.backbone is not None:
+        log.info(f"backbone: {score.backbone.kind} at {describe_size(score.backbone.input_size)}, "
+                 f"patch term weight {score.patch_weight:g}")
     tset = load_training_set(data, prep, cfg.data.holdout, cfg.train.seed)
     channels = 3 if prep.color == "rgb" else 1
     size = describe_size(prep.image_size)
@@ -81,7 +105,7 @@ def train(
                     round(summary["gflops"], 4)),
         preprocess=prep,
         schedule=Schedule(cfg.model.schedule),
-        score=cfg.score,
+        score=score,
         training=Training(
             data=str(tset.root), source=str(tset.source),
             train_files=tset.relative(tset.train_files), holdout_files=tset.relative(tset.holdout_files),
@@ -91,13 +115,19 @@ def train(
             device=str(cfg.train.device), config=cfg.to_dict(), geometry=geometry.to_dict(),
         ),
     )
-    # Per-position patch statistics need frames of one geometry: tiles cut anywhere have no positions.
-    patches = fit_patch_statistics(result.model, tset.images) if prep.feed != "tiles" else None
     with bundle_io.creating(out, overwrite=True) as tmp:
         torch.save(result.model.state_dict(), tmp / WEIGHTS)
-        if patches is not None:
-            np.savez(tmp / PATCH_FILE, **patches)
-        bundle_io.finish(tmp, manifest, [WEIGHTS] + ([PATCH_FILE] if patches is not None else []))
+        files, backbone = [WEIGHTS], None
+        if score.backbone is not None:  # the bundle holds its copy, so it stays self-contained
+            (tmp / str(score.backbone.file)).write_bytes(backbone_bytes)
+            files.append(str(score.backbone.file))
+            backbone = build_backbone(score.backbone, tmp / str(score.backbone.file))
+            backbone.to(next(result.model.parameters()).device)
+        # Per-position patch statistics need frames of one geometry: tiles cut anywhere have no positions.
+        if prep.feed != "tiles":
+            np.savez(tmp / PATCH_FILE, **fit_patch_statistics(result.model, tset.images, backbone=backbone))
+            files.append(PATCH_FILE)
+        bundle_io.finish(tmp, manifest, files)
     clear_checkpoints(out)
     log.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
              f"({result.steps_per_second:.2f} steps/s), loss {result.final_loss:.4f}")

@@ -27,7 +27,7 @@ from diffinspect.config import Config, TrainConfig, load_config
 from diffinspect.data.datasets import list_images
 from diffinspect.data.reading import read_images
 from diffinspect.logs import Progress
-from diffinspect.models.from_bundle import load_denoiser
+from diffinspect.models.from_bundle import load_backbone, load_denoiser
 from diffinspect.models.patches import PATCH_FILE
 from diffinspect.scoring.calibrate import calibrate, image_sets
 from diffinspect.train.api import WEIGHTS
@@ -122,14 +122,17 @@ def finetune(bundle_path: str | Path, add_good: str | Path, steps: int | None = 
 
 
 def _refit_patches(up, model: torch.nn.Module, prep, fit_frame) -> None:  # noqa: ANN001
-    """The patch statistics on the new weights' features, over every training image at hand."""
+    """The patch statistics on the new weights' features (or the backbone's), over every training image at hand."""
     bundle = up.bundle
     paths = (bundle.manifest.training or Training()).paths_on_disk() + [
         up.folder / n for n in up.manifest.added.training]
     frames = read_images(paths, prep.color, "training images", transform=fit_frame).frames
+    backbone = load_backbone(bundle)
+    if backbone is not None:
+        backbone.to(next(model.parameters()).device)
     staged = up.staging_path(PATCH_FILE)
     with open(staged, "wb") as f:
-        np.savez(f, **fit_patch_statistics(model, np.stack(frames)))
+        np.savez(f, **fit_patch_statistics(model, np.stack(frames), backbone=backbone))
     up.add_file(PATCH_FILE, staged)
 
 
