@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,8 @@ from diffinspect.data.image import Preprocess, choose_color, parse_size
 from diffinspect.info import training_warning
 from diffinspect.logs import Progress
 from diffinspect.models.patches import PATCH_FILE
-from diffinspect.train.data import load_training_set
-from diffinspect.train.fit import clear_checkpoints, fit, model_summary
+from diffinspect.train.data import TrainingSet, load_training_set
+from diffinspect.train.fit import TrainResult, clear_checkpoints, fit, model_summary
 from diffinspect.train.geometry import DEFAULT_SIDE, Geometry, choose_geometry, describe_size, frame_sizes
 from diffinspect.train.patches import fit_patch_statistics
 
@@ -50,6 +50,11 @@ def preprocess_for(data: Path, cfg: Config, geometry: Geometry | None = None) ->
                       roi=tuple(d.roi) if d.roi else None, feed=d.feed, tile_scale=d.tile_scale)
 
 
+def snapshot_path(out: Path, minutes: float) -> Path:
+    """Where `train(..., snapshots=...)` writes the bundle taken after `minutes` CPU minutes."""
+    return out.with_name(f"{out.name}_{minutes:g}min")
+
+
 def train(
     data: str | Path,
     out: str | Path,
@@ -58,22 +63,48 @@ def train(
     overwrite: bool = False,
     progress: Progress | None = None,
     on_step: Callable[[int], None] | None = None,
+    snapshots: Sequence[float] = (),
+    on_snapshot: Callable[[float, Bundle], None] | None = None,
 ) -> Bundle | None:
-    """Fit and write the bundle; None on torchrun ranks other than 0 (rank 0 writes the one bundle)."""
+    """Fit and write the bundle; None on torchrun ranks other than 0 (rank 0 writes the one bundle).
+
+    snapshots: CPU minutes of training (loop.cpu_minutes) after which a full bundle of the model so far is
+    also written, to snapshot_path(out, minutes) (replacing one there), and handed to on_snapshot; without
+    a step or minute budget in cfg the last snapshot ends the training (time-to-accuracy curves)."""
     data, out = Path(data).resolve(), Path(out).resolve()
     bundle_io.check_output(out, overwrite, resume, bundle_io.TRAIN_HINT)  # before minutes of training
     geometry = input_geometry(normal_images(data), cfg)
     log.info(f"model input: {geometry.reason}")
     prep = preprocess_for(data, cfg, geometry)
     tset = load_training_set(data, prep, cfg.data.holdout, cfg.train.seed)
-    channels = 3 if prep.color == "rgb" else 1
     size = describe_size(prep.image_size)
     fed = f", {size} tiles at {prep.tile_scale:g}x scale" if prep.feed == "tiles" else ""
     log.info(f"training on {len(tset.train_files)} images ({prep.color}, {size}{fed}), "
              f"{len(tset.holdout_files)} held back for calibration")
-    result = fit(tset, cfg, out, resume=resume, progress=progress, on_step=on_step)
+
+    def snapshot(minutes: float, result: TrainResult) -> None:
+        b = _write(snapshot_path(out, minutes), result, tset, cfg, prep, geometry)
+        log.info(f"snapshot after {minutes:g} CPU minutes ({result.steps} steps): {b.path}")
+        if on_snapshot is not None:
+            on_snapshot(minutes, b)
+
+    result = fit(tset, cfg, out, resume=resume, progress=progress, on_step=on_step,
+                 snapshot_minutes=snapshots, on_snapshot=snapshot)
     if int(torch.distributed.is_initialized() and torch.distributed.get_rank()) != 0:
         return None  # only rank 0 writes the bundle
+    bundle = _write(out, result, tset, cfg, prep, geometry)
+    clear_checkpoints(out)
+    log.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
+             f"({result.steps_per_second:.2f} steps/s), loss {result.final_loss:.4f}")
+    if warning := training_warning(bundle.manifest):
+        log.warning(warning)
+    return bundle
+
+
+def _write(out: Path, result: TrainResult, tset: TrainingSet, cfg: Config, prep: Preprocess,
+           geometry: Geometry) -> Bundle:
+    """The bundle of a trained model: weights, manifest and patch statistics, written atomically."""
+    channels = 3 if prep.color == "rgb" else 1
     summary = model_summary(result.model, prep.image_size, channels)
     manifest = Manifest(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -98,9 +129,4 @@ def train(
         if patches is not None:
             np.savez(tmp / PATCH_FILE, **patches)
         bundle_io.finish(tmp, manifest, [WEIGHTS] + ([PATCH_FILE] if patches is not None else []))
-    clear_checkpoints(out)
-    log.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
-             f"({result.steps_per_second:.2f} steps/s), loss {result.final_loss:.4f}")
-    if warning := training_warning(manifest):
-        log.warning(warning)
     return Bundle.load(out)
