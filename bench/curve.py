@@ -195,7 +195,7 @@ def plot(curves: list[dict], path: Path) -> None:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         if key == "miss_rate":
-            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_xlabel("CPU minutes of training")
         ax.set_title(label + (" (twin-free where twins)" if key == "image_auroc" else ""), fontsize=10)
         ax.grid(alpha=0.3)
