@@ -12,6 +12,9 @@ exposures) are also evaluated without those photos (`twin_free`), since a line n
 
     python bench/accuracy.py ../shared/datasets/magnetic_tile ../shared/datasets/ball_screw \
         --workdir /tmp/acc --minutes 15
+
+`--curve 1,3,5,15,60` instead trains each category once and evaluates snapshots after those CPU minutes,
+beside the best classical baseline and DRAEM (time to accuracy: bench/curve.py).
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ def good_view(category: Path, good: list[Path], name: str, folder: Path) -> Path
         if (category / part).exists():
             (view / part).symlink_to((category / part).resolve())
     return view
+
+
+def calibrate(bundle: Path, extra: str) -> None:
+    try:
+        run("calibrate", str(bundle), *extra.split())
+    except subprocess.CalledProcessError:
+        # Too few held-out images for the default 1 % (99 needed): the AUROC figures do not depend on
+        # the rate, so calibrate at the rate the holdout supports and say so.
+        print(f"{bundle.name}: the holdout is too small for a 1 % rate; calibrating at 2.5 %", flush=True)
+        run("calibrate", str(bundle), "--false-reject-rate", "0.025", *extra.split())
 
 
 def same_day_view(category: Path, pattern: str, folder: Path) -> Path | None:
@@ -122,9 +135,20 @@ def main() -> None:
     ap.add_argument("--same-day", default=r"_2009(05|06|07)", help="regex for same-day good photos")
     ap.add_argument("--twins", type=float, default=0.95, help="pixel correlation that makes a twin photo")
     ap.add_argument("--baselines", default="iforest,ocsvm,copod")
+    ap.add_argument("--curve", default=None, help="time to accuracy: snapshots after these CPU minutes of one "
+                    "training (e.g. 1,3,5,15,60; bench/curve.py)")
+    ap.add_argument("--draem-minutes", default=None,
+                    help="with --curve: DRAEM's CPU minutes (default: the curve's; 'none' skips DRAEM)")
+    ap.add_argument("--draem-size", type=int, default=256, help="with --curve: DRAEM's input side")
+    ap.add_argument("--peer-venv", type=Path, default=None, help="DRAEM's venv (default: WORKDIR/peer-venv)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp())
+    if args.curve:
+        import curve
+
+        curve.main(args.categories, [float(m) for m in args.curve.split(",")], args)
+        return
     views = Path(tempfile.mkdtemp(prefix="same_day_"))
     summary = {}
     for cat in args.categories:
@@ -132,13 +156,7 @@ def main() -> None:
         if not (args.reuse and is_bundle(bundle)):
             budget = ("--steps", str(args.steps)) if args.steps else ("--max-minutes", str(args.minutes))
             run("train", str(cat), "--out", str(bundle), *budget, "--overwrite", *args.train_args.split())
-        try:
-            run("calibrate", str(bundle), *args.calibrate_args.split())
-        except subprocess.CalledProcessError:
-            # Too few held-out images for the default 1 % (99 needed): the AUROC figures do not depend on
-            # the rate, so calibrate at the rate the holdout supports and say so.
-            print(f"{cat.name}: the holdout is too small for a 1 % rate; calibrating at 2.5 %", flush=True)
-            run("calibrate", str(bundle), "--false-reject-rate", "0.025", *args.calibrate_args.split())
+        calibrate(bundle, args.calibrate_args)
         datasets = [cat]
         for view in (same_day_view(cat, args.same_day, views), twin_free_view(cat, bundle, views, args.twins)):
             if view is not None:

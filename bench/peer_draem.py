@@ -1,5 +1,9 @@
 """DRAEM from anomalib, trained for a fixed number of CPU minutes; run by bench/peers.py in its own venv.
 
+A CPU minute is this process's CPU time over torch's threads (as diffinspect's training snapshots count
+it, diffinspect.train.loop.cpu_minutes): a wall minute on as many idle cores, whatever else the machine
+runs. `--minutes 1,3,5` scores the model after each budget of one training run (scoring not counted).
+
 anomalib's own Lightning module downloads the DTD texture set when it is missing, so this drives its
 torch parts directly: `DraemModel` (reconstructive + discriminative networks, no pretrained weights),
 `DraemLoss`, and `PerlinAnomalyGenerator` with no anomaly source, which blends Perlin-shaped noise
@@ -7,6 +11,8 @@ instead of textures. Optimizer as anomalib configures it (Adam, lr 1e-4). Frames
 square (anomalib's default pre-processing, 256 px unless --size says otherwise).
 
     python bench/peer_draem.py --train LIST --score LIST --minutes 15 --out scores.npz
+
+The npz holds, per budget M (as %g), scores_M, maps_M, steps_M; without a list also scores, maps, steps.
 """
 
 from __future__ import annotations
@@ -34,11 +40,27 @@ def load(paths: list[str], size: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def cpu_minutes() -> float:
+    return time.process_time() / torch.get_num_threads() / 60
+
+
+def score(model: DraemModel, paths: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    scores, maps = [], []
+    with torch.no_grad():
+        for i in range(0, len(paths), 16):
+            out = model(load(paths[i:i + 16], size))
+            scores.append(out.pred_score.numpy())
+            maps.append(out.anomaly_map.numpy().astype(np.float16))
+    model.train()
+    return np.concatenate(scores), np.concatenate(maps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=Path, required=True, help="file with one training image path a line")
     ap.add_argument("--score", type=Path, required=True, help="file with one image path a line to score")
-    ap.add_argument("--minutes", type=float, required=True)
+    ap.add_argument("--minutes", required=True, help="CPU minutes of training, or a comma list of them")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -50,9 +72,19 @@ def main() -> None:
     augment = PerlinAnomalyGenerator(anomaly_source_path=None, blend_factor=(0.1, 1.0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     model.train()
-    start, steps = time.monotonic(), 0
+    budgets = sorted(float(m) for m in args.minutes.split(","))
+    paths = args.score.read_text().splitlines()
     gen = torch.Generator().manual_seed(args.seed)
-    while time.monotonic() - start < 60 * args.minutes:
+    results: dict[str, np.ndarray] = {}
+    start, steps = cpu_minutes(), 0
+    while budgets:
+        if cpu_minutes() - start >= budgets[0]:
+            at, paused = budgets.pop(0), cpu_minutes()
+            scores, maps = score(model, paths, args.size)
+            results.update({f"scores_{at:g}": scores, f"maps_{at:g}": maps, f"steps_{at:g}": np.array(steps)})
+            print(f"DRAEM: {steps} steps in {at:g} CPU min; scored {len(paths)} images", flush=True)
+            start += cpu_minutes() - paused  # scoring is not training
+            continue
         batch = train[torch.randint(len(train), (args.batch_size,), generator=gen)]
         augmented, mask = augment(batch)
         reconstruction, prediction = model(augmented)
@@ -62,19 +94,11 @@ def main() -> None:
         opt.step()
         steps += 1
         if steps % 10 == 0:
-            print(f"step {steps}, {time.monotonic() - start:.0f} s, loss {loss.item():.4f}", flush=True)
-    trained_s = time.monotonic() - start
-    model.eval()
-    paths = args.score.read_text().splitlines()
-    scores, maps = [], []
-    with torch.no_grad():
-        for i in range(0, len(paths), 16):
-            out = model(load(paths[i:i + 16], args.size))
-            scores.append(out.pred_score.numpy())
-            maps.append(out.anomaly_map.numpy().astype(np.float16))
-    np.savez_compressed(args.out, scores=np.concatenate(scores), maps=np.concatenate(maps),
-                        steps=steps, trained_s=trained_s)
-    print(f"DRAEM: {steps} steps in {trained_s / 60:.1f} min; scored {len(paths)} images", flush=True)
+            print(f"step {steps}, {cpu_minutes() - start:.1f} CPU min, loss {loss.item():.4f}", flush=True)
+    if "," not in args.minutes:
+        key = f"{float(args.minutes):g}"
+        results.update(scores=results[f"scores_{key}"], maps=results[f"maps_{key}"], steps=results[f"steps_{key}"])
+    np.savez_compressed(args.out, **results)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,12 @@ import torch
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle
 from diffinspect.config import load_config
+from diffinspect.data.image import read_image
 from diffinspect.models.from_bundle import load_denoiser
-from diffinspect.train import train
+from diffinspect.scoring.calibrate import calibrate
+from diffinspect.scoring.loader import load_detector
+from diffinspect.train import loop, train
+from diffinspect.train.api import snapshot_path
 from diffinspect.train.fit import checkpoint_dir
 
 
@@ -114,3 +118,39 @@ def test_undecodable_files_are_skipped_and_counted(tmp_path, caplog):
     assert "skipped 2 undecodable" in caplog.text
     assert len(b.manifest.training.skipped) == 2
     assert b.manifest.preprocess.color == "gray"
+
+
+def test_snapshots_count_training_minutes_not_their_own_writing(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(loop, "cpu_minutes", lambda: clock[0])
+    taken = []
+
+    def write(minutes, step):
+        taken.append((minutes, step, clock[0]))
+        clock[0] += 10.0  # a slow write: must not count as training
+
+    snaps = loop.Snapshots([3, 1], write)
+    for step in range(8):
+        snaps.tick(step)
+        clock[0] += 0.5
+    assert taken == [(1, 2, 1.0), (3, 6, 13.0)]
+    assert snaps.done
+    with pytest.raises(DiffinspectError, match="positive"):
+        loop.Snapshots([0, 1], write)
+
+
+def test_snapshots_are_bundles_that_score_and_the_last_ends_training(line_dir, tmp_path):
+    out, seen = tmp_path / "b", []
+    cfg = load_config(overrides={"model.size": "tiny", "data.image_size": 32, "train.batch_size": 8,
+                                 "data.holdout": 0.3})
+    final = train(line_dir, out, cfg, snapshots=[0.015, 0.005],
+                  on_snapshot=lambda minutes, b: seen.append((minutes, b.path, loop.cpu_minutes())))
+    assert [(m, p) for m, p, _ in seen] == [(0.005, snapshot_path(out, 0.005)), (0.015, snapshot_path(out, 0.015))]
+    steps = [Bundle.load(p).manifest.training.steps for _, p, _ in seen]
+    assert 0 < steps[0] < steps[1] == final.manifest.training.steps
+    assert seen[1][2] - seen[0][2] >= 0.01  # at least the CPU minutes between the two snapshots
+    frames = [read_image(p, "rgb") for p in sorted((line_dir / "test" / "good").iterdir())[:3]]
+    for _, path, _ in seen:
+        calibrate(path, line_dir / "test" / "good", false_reject_rate=0.1, backend="torch")
+        scored = load_detector(path, backend="torch").score(frames)
+        assert scored.scores.shape == (3,) and np.isfinite(scored.scores).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,8 +22,8 @@ from diffinspect.logs import Progress
 from diffinspect.models.backbone import build_backbone, read_backbone
 from diffinspect.models.patches import PATCH_FILE
 from diffinspect.models.recipe import Recipe
-from diffinspect.train.data import load_training_set
-from diffinspect.train.fit import clear_checkpoints, fit, model_summary
+from diffinspect.train.data import TrainingSet, load_training_set
+from diffinspect.train.fit import TrainResult, clear_checkpoints, fit, model_summary
 from diffinspect.train.geometry import DEFAULT_SIDE, Geometry, choose_geometry, describe_size, frame_sizes
 from diffinspect.train.patches import fit_patch_statistics
 
@@ -70,6 +70,11 @@ def _with_backbone(score: Recipe, prep: Preprocess) -> tuple[Recipe, bytes]:
     return replace(score, backbone=spec, patch_weight=weight), data
 
 
+def snapshot_path(out: Path, minutes: float) -> Path:
+    """Where `train(..., snapshots=...)` writes the bundle taken after `minutes` CPU minutes."""
+    return out.with_name(f"{out.name}_{minutes:g}min")
+
+
 def train(
     data: str | Path,
     out: str | Path,
@@ -78,8 +83,14 @@ def train(
     overwrite: bool = False,
     progress: Progress | None = None,
     on_step: Callable[[int], None] | None = None,
+    snapshots: Sequence[float] = (),
+    on_snapshot: Callable[[float, Bundle], None] | None = None,
 ) -> Bundle | None:
-    """Fit and write the bundle; None on torchrun ranks other than 0 (rank 0 writes the one bundle)."""
+    """Fit and write the bundle; None on torchrun ranks other than 0 (rank 0 writes the one bundle).
+
+    snapshots: CPU minutes of training (loop.cpu_minutes) after which a full bundle of the model so far is
+    also written, to snapshot_path(out, minutes) (replacing one there), and handed to on_snapshot; without
+    a step or minute budget in cfg the last snapshot ends the training (time-to-accuracy curves)."""
     data, out = Path(data).resolve(), Path(out).resolve()
     bundle_io.check_output(out, overwrite, resume, bundle_io.TRAIN_HINT)  # before minutes of training
     geometry = input_geometry(normal_images(data), cfg)
@@ -90,14 +101,35 @@ def train(
         log.info(f"backbone: {score.backbone.kind} at {describe_size(score.backbone.input_size)}, "
                  f"patch term weight {score.patch_weight:g}")
     tset = load_training_set(data, prep, cfg.data.holdout, cfg.train.seed)
-    channels = 3 if prep.color == "rgb" else 1
     size = describe_size(prep.image_size)
     fed = f", {size} tiles at {prep.tile_scale:g}x scale" if prep.feed == "tiles" else ""
     log.info(f"training on {len(tset.train_files)} images ({prep.color}, {size}{fed}), "
              f"{len(tset.holdout_files)} held back for calibration")
-    result = fit(tset, cfg, out, resume=resume, progress=progress, on_step=on_step)
+
+    def snapshot(minutes: float, result: TrainResult) -> None:
+        b = _write(snapshot_path(out, minutes), result, tset, cfg, score, backbone_bytes, prep, geometry)
+        log.info(f"snapshot after {minutes:g} CPU minutes ({result.steps} steps): {b.path}")
+        if on_snapshot is not None:
+            on_snapshot(minutes, b)
+
+    result = fit(tset, cfg, out, resume=resume, progress=progress, on_step=on_step,
+                 snapshot_minutes=snapshots, on_snapshot=snapshot)
     if int(torch.distributed.is_initialized() and torch.distributed.get_rank()) != 0:
         return None  # only rank 0 writes the bundle
+    bundle = _write(out, result, tset, cfg, score, backbone_bytes, prep, geometry)
+    clear_checkpoints(out)
+    log.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
+             f"({result.steps_per_second:.2f} steps/s), loss {result.final_loss:.4f}")
+    if warning := training_warning(bundle.manifest):
+        log.warning(warning)
+    return bundle
+
+
+def _write(out: Path, result: TrainResult, tset: TrainingSet, cfg: Config, score: Recipe, backbone_bytes: bytes,
+           prep: Preprocess, geometry: Geometry) -> Bundle:
+    """The bundle of a trained model: weights, manifest, the backbone's copy and patch statistics, written
+    atomically."""
+    channels = 3 if prep.color == "rgb" else 1
     summary = model_summary(result.model, prep.image_size, channels)
     manifest = Manifest(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -128,9 +160,4 @@ def train(
             np.savez(tmp / PATCH_FILE, **fit_patch_statistics(result.model, tset.images, backbone=backbone))
             files.append(PATCH_FILE)
         bundle_io.finish(tmp, manifest, files)
-    clear_checkpoints(out)
-    log.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
-             f"({result.steps_per_second:.2f} steps/s), loss {result.final_loss:.4f}")
-    if warning := training_warning(manifest):
-        log.warning(warning)
     return Bundle.load(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffinspect import DiffinspectError
 from diffinspect.config import Config
 from diffinspect.engines.exports import available_cores
 from diffinspect.logs import Progress
@@ -20,7 +21,7 @@ from diffinspect.models.device import resolve_device
 from diffinspect.models.schedule import NoiseSchedule, q_sample
 from diffinspect.train.augment import augment_batch
 from diffinspect.train.data import TrainingSet
-from diffinspect.train.loop import UNBOUNDED, Checkpoint, Clock, budget
+from diffinspect.train.loop import UNBOUNDED, Checkpoint, Clock, Snapshots, budget
 
 # The recipe we stand behind when the user gives neither --steps nor --max-minutes.
 DEFAULT_STEPS = 20000
@@ -73,10 +74,14 @@ def fit(
     progress: Progress | None = None,
     on_step: Callable[[int], None] | None = None,
     init: dict[str, torch.Tensor] | None = None,
+    snapshot_minutes: Sequence[float] = (),
+    on_snapshot: Callable[[float, TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train on data.images (frames, or random tiles of canvases); checkpoints go to `<out>.checkpoint/`.
     Progress: task "training", in steps, with loss and seconds (the training clock, resumed runs included).
-    `init`: start from these weights (a fine-tune), not at random."""
+    `init`: start from these weights (a fine-tune), not at random. `on_snapshot(minutes, result)` gets the
+    EMA weights after each of `snapshot_minutes` CPU minutes of this run (loop.Snapshots); without --steps
+    or --max-minutes the last snapshot ends the training."""
     tc, mc = cfg.train, cfg.model
     size, channels = data.preprocess.image_size, data.preprocess.color == "rgb" and 3 or 1
     check_image_size(mc.kind, mc.size, size)
@@ -97,6 +102,8 @@ def fit(
     schedule = NoiseSchedule(mc.schedule)
     ab_all = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
     total, minutes = budget(tc.steps, tc.max_minutes, DEFAULT_STEPS, DEFAULT_MAX_MINUTES)
+    if snapshot_minutes and tc.steps is None and tc.max_minutes is None:
+        total, minutes = UNBOUNDED, None
 
     ckpt = Checkpoint(checkpoint_dir(out))
     step, elapsed_before = 0, 0.0
@@ -133,6 +140,17 @@ def fit(
             ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                        "step": step, "elapsed": clock.elapsed()})
 
+    snaps = None
+    if snapshot_minutes and on_snapshot is not None:
+        if world > 1:  # the ranks would each keep their own CPU clock and stop at different steps
+            raise DiffinspectError("snapshots by CPU minutes need a single training process, not torchrun")
+
+        def write(at: float, step: int) -> None:
+            rate = (step - start_step) / max(clock.session(), 1e-9)
+            on_snapshot(at, TrainResult(copy.deepcopy(ema).cpu().eval(), step, clock.elapsed(), loss_ema, rate))
+
+        snaps = Snapshots(list(snapshot_minutes), write)
+        snaps.tick(step)
     with ckpt.on_interrupt("training", "step", lambda: step, save_checkpoint):
         while step < total and not _out_of_time(clock.over(), world, device):
             idx, t, noise, corners = _draw(gen, n_images, tc.batch_size, tc.t_max, channels, hw, tiles)
@@ -159,6 +177,10 @@ def fit(
                 save_checkpoint()
             if on_step is not None:
                 on_step(step)
+            if snaps is not None:
+                snaps.tick(step)
+                if snaps.done:
+                    break
     seconds = clock.elapsed()
     if world > 1:
         torch.distributed.barrier()

@@ -1,4 +1,5 @@
-"""What every training loop here shares: the step / time budget, the checkpoint, resume and Ctrl-C.
+"""What every training loop here shares: the step / time budget, the checkpoint, resume and Ctrl-C,
+and snapshots of the model at given CPU minutes (for time-to-accuracy curves).
 
 `fit` (the denoiser) and `distill` (the student) keep their own step and state; this module keeps the
 rules they must agree on: a budget in steps or minutes, a checkpoint written atomically (a crash while
@@ -49,6 +50,39 @@ class Clock:
     def share(self) -> float:
         """Share of the time budget spent (0 without one)."""
         return self.elapsed() / (self.minutes * 60) if self.minutes else 0.0
+
+
+def cpu_minutes() -> float:
+    """This process's CPU time over torch's intra-op threads, in minutes: what training would have taken
+    alone on that many idle cores. Unlike a wall clock it does not count the share of the cores that other
+    jobs take, so a minute means the same on a loaded machine as on an idle one."""
+    return time.process_time() / torch.get_num_threads() / 60
+
+
+class Snapshots:
+    """Calls `write(minutes, step)` once training has run each of `minutes` CPU minutes (see cpu_minutes),
+    counted from the first `tick`; the time spent writing is not counted as training."""
+
+    def __init__(self, minutes: list[float], write: Callable[[float, int], None]) -> None:
+        if not minutes or min(minutes) <= 0:
+            raise DiffinspectError(f"snapshot minutes must be positive, got {minutes}")
+        self.pending, self.write, self.start = sorted(set(minutes)), write, None
+
+    def trained(self) -> float:
+        """CPU minutes of training so far (0 before the first tick)."""
+        return 0.0 if self.start is None else cpu_minutes() - self.start
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    def tick(self, step: int) -> None:
+        if self.start is None:
+            self.start = cpu_minutes()
+        while self.pending and self.trained() >= self.pending[0]:
+            before = cpu_minutes()
+            self.write(self.pending.pop(0), step)
+            self.start += cpu_minutes() - before
 
 
 class Checkpoint:
