@@ -274,7 +274,7 @@ def test_inspect_reviews_exports_csv_and_errors_in_one_line(out, tmp_path: Path)
 def test_an_operator_reviews_a_reject_on_the_page(out, browser):  # noqa: F811 (the fixture)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    from test_station import text_becomes
+    from test_station import text_becomes, text_of
 
     o, _ = out
     ng = ids(o / "results.db", "ng")
@@ -282,7 +282,7 @@ def test_an_operator_reviews_a_reject_on_the_page(out, browser):  # noqa: F811 (
     with running(create_app(o, reviewers=REVIEWERS, bound=bound)) as port:
         browser.get(f"http://127.0.0.1:{port}/")
         assert text_becomes(browser, "good-rejects", "0") == "0"
-        assert "≤ 1.0 %" in browser.find_element(By.ID, "bound").text
+        assert "≤ 1.0 %" in text_of(browser, "bound")
         assert len(browser.find_elements(By.CSS_SELECTOR, "#frames div")) == 12
         browser.find_element(By.CSS_SELECTOR, f'#rejects figure[data-id="{ng[-1]}"]').click()
         box = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "review"))
@@ -300,6 +300,6 @@ def test_an_operator_reviews_a_reject_on_the_page(out, browser):  # noqa: F811 (
             == "reviewed: good part by anna, saved"
         assert browser.find_element(By.ID, "modal").get_attribute("class") == "open"  # the controls do not close it
         assert text_becomes(browser, "good-rejects", "1") == "1"
-        assert browser.find_element(By.ID, "good-share").text == "100.0 %"
+        assert text_of(browser, "good-share") == "100.0 %"
     assert [(r["frame_id"], r["verdict"], r["who"], r["note"]) for r in all_reviews(o / "results.db")] == [
         (ng[-1], "good", "anna", "dust on the lens")]
