@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from diffinspect import DiffinspectError
+from diffinspect.station.reviewed import LAST as LAST_REVIEWS
 from diffinspect.station.reviewed import summary as review_summary
 from diffinspect.station.totals import Totals
 from diffinspect.store import BANDS_FILE, StoreError
@@ -233,15 +234,16 @@ class Station:
             # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
             "hold": db.held(after=recent_id),
             "frames": [self._frame(r) for r in db.last_frames(last=12)],
-            "reviews": self._reviews(db),
+            "reviews": self._reviews(db, (lambda t: totals.since(db, t)) if kept else db.status_counts),
         }
 
-    def _reviews(self, db: ResultsReader) -> dict[str, Any]:
-        """The operators' reviews: measured rates beside the calibrated bound (station/reviewed.py)."""
-        reviews = db.reviews(latest=True)
-        for r in reviews:
+    def _reviews(self, db: ResultsReader, counts_since: Callable[[float], dict[str, int]]) -> dict[str, Any]:
+        """The operators' reviews: measured rates beside the calibrated bound (station/reviewed.py), from the
+        summaries each review keeps; counts_since(t): the frames by status scored since t."""
+        tally = db.review_tally(last=LAST_REVIEWS)
+        for r in (*tally.last, *tally.last_misses):
             r["name"] = Path(r["path"]).name
-        return review_summary(reviews, db.status_counts, self.bound)
+        return review_summary(tally, counts_since, self.bound)
 
     def review(self, frame_id: int, verdict: str, who: str, note: str | None) -> dict[str, Any] | None:
         """Record a review (the one write the station makes, to the reviews table); None: no such OK or NG
