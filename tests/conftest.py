@@ -49,9 +49,28 @@ def calibrated_bundle(trained_bundle, line_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def distilled_bundle(calibrated_bundle, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the calibrated bundle with a one-step student (40 iterations, each checkpoint chosen on a few
+    images), and what distill returned: made once for the tests that check the student, which only read it."""
+    import shutil
+
+    from diffinspect.train import selection
+    from diffinspect.train.distill import distill
+
+    out = tmp_path_factory.mktemp("distilled") / "tiny"
+    shutil.copytree(calibrated_bundle, out)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(selection, "MAX_GOOD", 8)
+        m.setattr(selection, "STATS_IMAGES", 8)
+        result = distill(out, steps=1, iterations=40, device="cpu", batch_size=8)
+    return out, result
+
+
 # A test that needs a trained model pays for training (and often export) before it runs: slow by rule,
 # so `pytest -m "not slow"` never builds these fixtures. Other slow tests carry @pytest.mark.slow.
-TRAINED_FIXTURES = {"trained_bundle", "calibrated_bundle", "exported", "tiles_bundle", "wide_bundle"}
+TRAINED_FIXTURES = {"trained_bundle", "calibrated_bundle", "distilled_bundle", "exported", "tiles_bundle",
+                    "wide_bundle"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -38,10 +38,9 @@ def copy_of(bundle, tmp_path, name="b"):
     return dst
 
 
-def test_student_approaches_teacher(trained_bundle, tmp_path):
-    b = copy_of(trained_bundle, tmp_path)
-    teacher_sha = Bundle.load(b).manifest.files["weights.pt"]
-    result = distill(b, steps=1, iterations=40, **QUIET)
+def test_student_approaches_teacher(distilled_bundle, calibrated_bundle):
+    b, result = distilled_bundle  # distill(steps=1, iterations=40) of a copy of calibrated_bundle
+    teacher_sha = Bundle.load(calibrated_bundle).manifest.files["weights.pt"]
     history = result["selection"]["history"]
     # Iteration 0 is the undistilled one-step x̂0 prediction of the same weights.
     assert history[0]["iteration"] == 0 and history[-1]["iteration"] == 40

@@ -499,3 +499,21 @@ def test_watch_gives_every_unreadable_frame_a_row(cold_bundle, line_dir, tmp_pat
     db.close()
     assert {Path(p).name for p, s in rows.items() if s == "error"} == odd
     assert {Path(p).name for p, s in rows.items() if s != "error"} == {"good.png"}
+
+
+def test_calibrate_names_a_corrupt_image_in_one_line_without_a_python_warning(line_dir, tmp_path):
+    """Issue 22: calibrate on corrupt images printed a raw Python UserWarning with its source line. The skip is
+    one warning line of the CLI naming the file, in the user's process (not pytest's, which captures warnings)."""
+    import subprocess
+
+    good = tmp_path / "good"
+    shutil.copytree(line_dir / "train" / "good", good)
+    (good / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONWARNINGS": "default"}
+    r = subprocess.run([sys.executable, "-m", "diffinspect", "calibrate", "--detector", "copod", str(good), "--out",
+                        str(tmp_path / "b"), "--false-reject-rate", "0.1"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if "zz_corrupt.png" in line]
+    assert len(said) == 1 and "skipped 1 undecodable" in said[0], r.stderr
+    assert "Warning:" not in r.stderr and "warnings.warn" not in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -20,6 +20,7 @@ from test_station import TOKEN, browser, rows, running  # noqa: F401 (browser: a
 from diffinspect import DiffinspectError
 from diffinspect.station.app import create_app, parse_reviewers
 from diffinspect.station.reviewed import betainc, clopper_pearson, summary
+from diffinspect.store.reader import Tally
 from diffinspect.store.results import ResultStore
 from diffinspect.store.reviews import ReviewWriter, all_reviews, frame_file, reviewed_good_files
 
@@ -94,7 +95,8 @@ def test_the_measured_rate_counts_good_parts_over_good_parts_scored():
     reviews = ([{"status": "ng", "verdict": "good", "scored_at": now + i} for i in range(2)]
                + [{"status": "ng", "verdict": "defect", "scored_at": now + 5}] * 8
                + [{"status": "ok", "verdict": "defect", "scored_at": now + 9, "name": "x"}])
-    s = summary(reviews, lambda since: {"ok": 191, "ng": 10, "error": 0, "hold": 0}, {"false_reject_rate": 0.01})
+    s = summary(Tally.of(reviews, 10), lambda since: {"ok": 191, "ng": 10, "error": 0, "hold": 0},
+                {"false_reject_rate": 0.01})
     assert s["rejects_reviewed"] == 10 and s["good_rejects"] == 2 and s["misses"] == 1
     assert s["good_share"] == 0.2 and s["good_share_interval"] == pytest.approx(clopper_pearson(2, 10))
     # 10 rejects, a fifth of them good: 2 good parts rejected of 190 + 2 good parts (one OK frame was a miss)
@@ -102,7 +104,7 @@ def test_the_measured_rate_counts_good_parts_over_good_parts_scored():
     lo, hi = clopper_pearson(2, 10)
     assert s["false_reject_interval"] == pytest.approx([10 * lo / (190 + 10 * lo), 10 * hi / (190 + 10 * hi)])
     assert s["bound"] == {"false_reject_rate": 0.01}
-    empty = summary([], lambda since: {}, None)
+    empty = summary(Tally(), lambda since: {}, None)
     assert empty["good_share"] is None and empty["false_reject_rate"] is None and empty["misses"] == 0
 
 
@@ -274,7 +276,7 @@ def test_inspect_reviews_exports_csv_and_errors_in_one_line(out, tmp_path: Path)
 def test_an_operator_reviews_a_reject_on_the_page(out, browser):  # noqa: F811 (the fixture)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    from test_station import text_becomes
+    from test_station import text_becomes, text_of
 
     o, _ = out
     ng = ids(o / "results.db", "ng")
@@ -282,7 +284,7 @@ def test_an_operator_reviews_a_reject_on_the_page(out, browser):  # noqa: F811 (
     with running(create_app(o, reviewers=REVIEWERS, bound=bound)) as port:
         browser.get(f"http://127.0.0.1:{port}/")
         assert text_becomes(browser, "good-rejects", "0") == "0"
-        assert "≤ 1.0 %" in browser.find_element(By.ID, "bound").text
+        assert "≤ 1.0 %" in text_of(browser, "bound")
         assert len(browser.find_elements(By.CSS_SELECTOR, "#frames div")) == 12
         browser.find_element(By.CSS_SELECTOR, f'#rejects figure[data-id="{ng[-1]}"]').click()
         box = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "review"))
@@ -300,6 +302,88 @@ def test_an_operator_reviews_a_reject_on_the_page(out, browser):  # noqa: F811 (
             == "reviewed: good part by anna, saved"
         assert browser.find_element(By.ID, "modal").get_attribute("class") == "open"  # the controls do not close it
         assert text_becomes(browser, "good-rejects", "1") == "1"
-        assert browser.find_element(By.ID, "good-share").text == "100.0 %"
+        assert text_of(browser, "good-share") == "100.0 %"
     assert [(r["frame_id"], r["verdict"], r["who"], r["note"]) for r in all_reviews(o / "results.db")] == [
         (ng[-1], "good", "anna", "dust on the lens")]
+
+
+# -- a poll reads the reviews in bounded ranges ------------------------------------------------------------
+
+
+def reviewed_out(out: Path, n: int, now: float) -> list[int]:
+    """OUT with 10 n frames over the 3 days before `now` and n reviews of them, oldest frame first, some
+    corrected; returns the reviewed frame ids."""
+    store = ResultStore(out)
+    made = rows(10 * n, 0, now, out)
+    for i, r in enumerate(made):
+        r.scored_at, r.overlay = now - 3 * 86400 * (1 - i / len(made)), None
+    store.commit(made)
+    store.close()
+    reviewed = ids(out / "results.db", "ng")[: n // 2] + ids(out / "results.db", "ok")[: n - n // 2]
+    with ReviewWriter(out / "results.db") as w:
+        w._db.execute("PRAGMA synchronous=OFF")  # thousands of reviews in a test: no fsync each
+        for i, f in enumerate(sorted(reviewed)):
+            w.add(f, "good" if i % 3 == 0 else "defect", "anna")
+            if i % 7 == 0:  # a correction: the latest review of the frame counts
+                w.add(f, "defect" if i % 3 == 0 else "good", "ben")
+    return reviewed
+
+
+def naive_reviews(db: Path, since_counts) -> dict:  # noqa: ANN001
+    """The review figures from every review, each frame's latest one counting."""
+    with sqlite3.connect(db) as c:
+        c.row_factory = sqlite3.Row
+        latest = [dict(r) for r in c.execute(
+            "SELECT * FROM reviews WHERE id IN (SELECT MAX(id) FROM reviews GROUP BY frame_id) ORDER BY id")]
+    s = summary(Tally.of(latest, 10), since_counts, None)
+    return {**s, "last": [r["id"] for r in s["last"]], "last_misses": [r["id"] for r in s["last_misses"]]}
+
+
+def test_a_poll_reads_the_reviews_in_bounded_ranges_however_many_there_are(tmp_path: Path, monkeypatch):
+    """Ten times the reviews (and the frames since the first reviewed one) leave a poll's cost as it was: the
+    figures come from the summaries each review keeps and from the frames counted between polls. They are
+    those of every review read afresh, also for a database whose reviews were written before the summaries."""
+    import diffinspect.station.app as app
+    from diffinspect.station.app import Station
+    from diffinspect.store.reader import ResultsReader
+
+    now = float(int(time.time()))
+    clock = [now]
+    monkeypatch.setattr(app.time, "time", lambda: clock[0])
+    steps, real = [0], ResultsReader._connect
+
+    def connect(self, timeout):  # noqa: ANN001, ANN202
+        db = real(self, timeout)
+        db.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1), 100)
+        return db
+
+    monkeypatch.setattr(ResultsReader, "_connect", connect)
+    cost = {}
+    for n in (200, 2000):
+        out = tmp_path / str(n)
+        reviewed_out(out, n, now - 60)
+        clock[0] = now
+        station = Station(out)
+        station.state()  # the first poll sums the frames since the first reviewed one
+        store = ResultStore(out)
+        store.commit(rows(5, 10 * n, now, out))
+        clock[0] += 1
+        steps[0] = 0
+        got = station.state()["reviews"]
+        cost[n] = steps[0]
+        with ResultsReader(out / "results.db") as db:
+            want = naive_reviews(out / "results.db", db.status_counts)
+        assert {**got, "last": [r["id"] for r in got["last"]],
+                "last_misses": [r["id"] for r in got["last_misses"]]} == want
+        assert got["misses"] > 0 and got["rejects_reviewed"] > 0 and len(got["last_misses"]) == 10
+        store.close()
+        # Reviews written before the summaries: read from every review, then summarised once by the watcher.
+        with sqlite3.connect(out / "results.db") as c:
+            c.execute("DROP TABLE latest_reviews")
+            c.execute("DROP TABLE review_counts")
+        assert Station(out).state(clock[0])["reviews"]["good_rejects"] == want["good_rejects"]
+        ResultStore(out).close()
+        fresh = Station(out).state(clock[0])["reviews"]
+        assert {**fresh, "last": [r["id"] for r in fresh["last"]],
+                "last_misses": [r["id"] for r in fresh["last_misses"]]} == want
+    assert cost[2000] <= cost[200] * 1.1 + 5, cost

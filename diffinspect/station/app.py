@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import json
+import logging
 import math
 import os
 import threading
@@ -36,12 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from diffinspect import DiffinspectError
+from diffinspect.station.reviewed import LAST as LAST_REVIEWS
 from diffinspect.station.reviewed import summary as review_summary
 from diffinspect.station.totals import Totals
 from diffinspect.store import BANDS_FILE, StoreError
 from diffinspect.store.reader import STATUSES, ResultsReader, explain
 from diffinspect.store.reviews import VERDICTS, ReviewWriter
 
+log = logging.getLogger(__name__)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SIGNAL_NAMES = ("brightness", "contrast", "sharpness", "shift")
 DEFAULT_SHIFTS = "06:00,14:00,22:00"
@@ -95,6 +98,7 @@ class Station:
         self._computing = threading.Lock()  # one computation of the state at a time
         self._last: tuple[int, dict[str, Any], bytes] | None = None  # (second, state, JSON body)
         self._totals = Totals()  # the settled seconds' counts, kept between polls (the whole seconds of state())
+        self._said: set[str] = set()  # why computations in the background failed: each said once
 
     def state(self, now: float | None = None) -> dict[str, Any]:
         """What the page shows (at `now`, by default this second); raises Unreadable when results.db is there
@@ -109,14 +113,25 @@ class Station:
         if last is None or now - last[0] > STALE_S:
             return self._now()[1]
         if last[0] != now and self._computing.acquire(blocking=False):
-            threading.Thread(target=self._refresh, args=(now,), name="station-state", daemon=True).start()
+            try:
+                threading.Thread(target=self._refresh, args=(now,), name="station-state", daemon=True).start()
+            except RuntimeError:  # no thread to be had: the lock must not stay taken, or every poll waits
+                self._computing.release()
+                raise
         return last[2]
 
     def _refresh(self, now: int) -> None:
+        """The next state, in the background. When that fails, the last state is dropped, so the next poll
+        computes its own and answers with the error (a 503 naming it, for a database it cannot read) or, once
+        the fault is gone, with a fresh state; each distinct failure is logged once."""
         try:
             self._store(now)
-        except Exception:  # the next poll computes in its own thread, and says what is wrong
+        except Exception as exc:
             self._last = None
+            why = f"{type(exc).__name__}: {exc}"
+            if why not in self._said:
+                self._said.add(why)
+                log.warning("station: the page's state could not be computed (%s); the next poll tries again", why)
         finally:
             self._computing.release()
 
@@ -219,15 +234,16 @@ class Station:
             # Cameras whose verdicts are held now (on_alarm = "hold"): why, and since which frame.
             "hold": db.held(after=recent_id),
             "frames": [self._frame(r) for r in db.last_frames(last=12)],
-            "reviews": self._reviews(db),
+            "reviews": self._reviews(db, (lambda t: totals.since(db, t)) if kept else db.status_counts),
         }
 
-    def _reviews(self, db: ResultsReader) -> dict[str, Any]:
-        """The operators' reviews: measured rates beside the calibrated bound (station/reviewed.py)."""
-        reviews = db.reviews(latest=True)
-        for r in reviews:
+    def _reviews(self, db: ResultsReader, counts_since: Callable[[float], dict[str, int]]) -> dict[str, Any]:
+        """The operators' reviews: measured rates beside the calibrated bound (station/reviewed.py), from the
+        summaries each review keeps; counts_since(t): the frames by status scored since t."""
+        tally = db.review_tally(last=LAST_REVIEWS)
+        for r in (*tally.last, *tally.last_misses):
             r["name"] = Path(r["path"]).name
-        return review_summary(reviews, db.status_counts, self.bound)
+        return review_summary(tally, counts_since, self.bound)
 
     def review(self, frame_id: int, verdict: str, who: str, note: str | None) -> dict[str, Any] | None:
         """Record a review (the one write the station makes, to the reviews table); None: no such OK or NG

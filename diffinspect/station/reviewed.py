@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from diffinspect.store.reader import Tally
+
 CONFIDENCE = 0.95
 LAST = 10  # reviews and misses listed on the page
 
@@ -74,30 +76,31 @@ def clopper_pearson(x: int, n: int, confidence: float = CONFIDENCE) -> tuple[flo
     return lo, hi
 
 
-def summary(reviews: list[dict[str, Any]], counts_since: Any, bound: dict[str, Any] | None) -> dict[str, Any]:  # noqa: ANN401
-    """The page's review figures from each frame's latest review (oldest first); counts_since(t) gives the
+def summary(tally: Tally, counts_since: Any, bound: dict[str, Any] | None) -> dict[str, Any]:  # noqa: ANN401
+    """The page's review figures from each frame's latest review (the store's Tally); counts_since(t) gives the
     frames by status scored since t (the store's seconds table)."""
-    rejects = [r for r in reviews if r["status"] == "ng"]
-    good = sum(r["verdict"] == "good" for r in rejects)
-    misses = [r for r in reviews if r["status"] == "ok" and r["verdict"] == "defect"]
+    def frames(status: str, verdict: str) -> int:
+        return tally.frames.get((status, verdict), 0)
+
+    good, rejects, misses = frames("ng", "good"), frames("ng", "good") + frames("ng", "defect"), frames("ok", "defect")
     out: dict[str, Any] = {
-        "reviews": len(reviews), "confidence": CONFIDENCE, "bound": bound,
-        "rejects_reviewed": len(rejects), "good_rejects": good, "misses": len(misses),
-        "last_misses": misses[::-1][:LAST], "last": reviews[::-1][:LAST],
+        "reviews": sum(tally.frames.values()), "confidence": CONFIDENCE, "bound": bound,
+        "rejects_reviewed": rejects, "good_rejects": good, "misses": misses,
+        "last_misses": tally.last_misses[:LAST], "last": tally.last[:LAST],
         "good_share": None, "good_share_interval": None, "false_reject_rate": None, "false_reject_interval": None,
     }
     if not rejects:
         return out
-    lo, hi = clopper_pearson(good, len(rejects))
-    out |= {"good_share": good / len(rejects), "good_share_interval": [lo, hi]}
-    since = min(r["scored_at"] for r in reviews)
+    lo, hi = clopper_pearson(good, rejects)
+    out |= {"good_share": good / rejects, "good_share_interval": [lo, hi]}
+    since = tally.since
     c = counts_since(since)
-    ok = max(0, c["ok"] - sum(r["scored_at"] >= since for r in misses))
+    ok = max(0, c["ok"] - misses)  # every miss was scored since the earliest reviewed frame
 
     def rate(share: float) -> float:
         false_rejects = c["ng"] * share
         return false_rejects / (ok + false_rejects) if ok + false_rejects > 0 else 0.0
 
-    out |= {"false_reject_rate": rate(good / len(rejects)), "false_reject_interval": [rate(lo), rate(hi)],
+    out |= {"false_reject_rate": rate(good / rejects), "false_reject_interval": [rate(lo), rate(hi)],
             "since": since, "frames_since": {"ok": c["ok"], "ng": c["ng"]}}
     return out

@@ -28,6 +28,7 @@ class Totals:
         self._settled = 0
         self._max_id = 0
         self._live: dict[int, tuple[int, ...]] = {}
+        self._since: tuple[float, int, tuple[int, ...]] | None = None  # (t, end, frames of [t, end)): since()
 
     def update(self, db: ResultsReader, first: int, now: int, max_id: int) -> None:
         """Read the seconds settled since the last update and those still open. Starts again from `first`
@@ -35,6 +36,8 @@ class Totals:
         settled, end = now - SETTLE_S, self._start + len(self._cum) - 1
         if not self._start <= first <= end or first - self._start > KEEP_S or settled < end or max_id < self._max_id:
             self._start, self._cum, end = first, [ZERO], first
+        if max_id < self._max_id:  # another database: since() starts again too
+            self._since = None
         if settled > end:
             got = {s: tuple(c) for s, *c in db.second_counts(end, settled)}
             run = self._cum[-1]
@@ -55,4 +58,21 @@ class Totals:
         for second, c in self._live.items():
             if second >= a and (b is None or second < b):
                 total = _add(total, c)
+        return dict(zip(STATUSES, total, strict=True))
+
+    def since(self, db: ResultsReader, t: float) -> dict[str, int]:
+        """Frames scored at or after t, however long ago (the span of the reviews, after update()): the settled
+        seconds are summed once and kept, so a poll reads only the seconds settled since the last one."""
+        settled = self._settled
+        if t >= settled:
+            return db.status_counts(t)
+        kept = self._since
+        if kept is None or kept[0] != t or kept[1] > settled:  # another t, or a clock that went back
+            kept = (t, settled, tuple(db.status_counts(t, until=settled).values()))
+        total = kept[2]
+        for _, *c in db.second_counts(kept[1], settled):  # the seconds settled since the last poll
+            total = _add(total, tuple(c))
+        self._since = (t, settled, total)
+        for c in self._live.values():  # the seconds from `settled` on
+            total = _add(total, c)
         return dict(zip(STATUSES, total, strict=True))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +100,13 @@ class ResultsReader:
     def frame(self, frame_id: int) -> dict[str, Any] | None:
         return self._one("SELECT * FROM frames WHERE id = ?", (frame_id,))
 
-    def status_counts(self, since: float) -> dict[str, int]:
-        """Frames scored at or after `since`, by status: whole seconds from the seconds table, the second that
-        `since` cuts row by row."""
+    def status_counts(self, since: float, until: int | None = None) -> dict[str, int]:
+        """Frames scored at or after `since` (and before the second `until`), by status: whole seconds from the
+        seconds table, the second that `since` cuts row by row."""
         first = math.ceil(since)
         r = self._db.execute(f"SELECT COALESCE(SUM(ok), 0), COALESCE(SUM(ng), 0), COALESCE(SUM(error), 0), "
-                             f"COALESCE(SUM(hold), 0) FROM {self._seconds()} WHERE second >= ?", (first,)).fetchone()
+                             f"COALESCE(SUM(hold), 0) FROM {self._seconds()} WHERE second >= ? AND second < ?",
+                             (first, 2**62 if until is None else until)).fetchone()
         counts = dict(zip(STATUSES, r, strict=True))
         if first != since:
             for t, status in self._second_rows(math.floor(since)):
@@ -252,11 +255,48 @@ class ResultsReader:
         where = " WHERE id IN (SELECT MAX(id) FROM reviews GROUP BY frame_id)" if latest else ""
         return self._all(f"SELECT * FROM reviews{where} ORDER BY id")
 
+    def review_tally(self, last: int) -> Tally:
+        """What the station shows of the reviews, from the summaries each review keeps (store/reviews.py): a few
+        rows and an index or two, however many reviews. A database whose reviews no writer of this version
+        summarised yet gets the same from every review (slow, but right)."""
+        tables = self.tables()
+        if "reviews" not in tables:
+            return Tally()
+        if "review_counts" not in tables:
+            return Tally.of(self.reviews(latest=True), last)
+        newest = ("SELECT r.* FROM latest_reviews l JOIN reviews r ON r.id = l.review_id{} "
+                  "ORDER BY l.review_id DESC LIMIT ?")
+        counts = self._db.execute("SELECT status, verdict, frames FROM review_counts WHERE frames > 0")
+        return Tally(
+            {(s, v): n for s, v, n in counts},
+            self._db.execute("SELECT MIN(scored_at) FROM reviews").fetchone()[0],
+            self._all(newest.format(""), (last,)),
+            self._all(newest.format(" WHERE l.status = 'ok' AND l.verdict = 'defect'"), (last,)))
+
     def review_of(self, frame_id: int) -> dict[str, Any] | None:
         """The latest review of one frame, or None."""
         if "reviews" not in self.tables():
             return None
         return self._one("SELECT * FROM reviews WHERE frame_id = ? ORDER BY id DESC LIMIT 1", (frame_id,))
+
+
+@dataclass
+class Tally:
+    """The reviews by each reviewed frame's latest review: frames by (status, verdict), the scored_at of the
+    earliest reviewed frame, and the newest `last` of those reviews and of the misses among them (OK frames
+    found defective), newest first."""
+
+    frames: dict[tuple[str, str], int] = field(default_factory=dict)
+    since: float | None = None
+    last: list[dict[str, Any]] = field(default_factory=list)
+    last_misses: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, latest: list[dict[str, Any]], last: int) -> Tally:
+        """From each frame's latest review, oldest first."""
+        misses = [r for r in latest if (r["status"], r["verdict"]) == ("ok", "defect")]
+        return cls(dict(Counter((r["status"], r["verdict"]) for r in latest)),
+                   min((r["scored_at"] for r in latest), default=None), latest[::-1][:last], misses[::-1][:last])
 
 
 def count_frames(db_path: Path) -> int:

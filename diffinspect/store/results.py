@@ -39,7 +39,7 @@ from diffinspect.logs import storable
 from diffinspect.scoring.record import Record
 from diffinspect.store.reader import SECOND_SQL
 from diffinspect.store.retention import acknowledged_upto, archive_step, day_of
-from diffinspect.store.reviews import REVIEWS_INDEX, REVIEWS_TABLE
+from diffinspect.store.reviews import migrate as migrate_reviews
 
 _FRAMES = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -97,7 +97,7 @@ _CAMERAS = "CREATE TABLE IF NOT EXISTS cameras (folder TEXT PRIMARY KEY, last_id
 # without reading a month of events.
 _ALARMS = ("CREATE TABLE IF NOT EXISTS alarms (kind TEXT NOT NULL, folder TEXT NOT NULL, "
            "event_id INTEGER NOT NULL, PRIMARY KEY (kind, folder))")
-_SCHEMA = f"{_FRAMES};{_EVENTS};{_SECONDS};{_NG_INDEX};{_CAMERAS};{_ALARMS};{REVIEWS_TABLE};{REVIEWS_INDEX};"
+_SCHEMA = f"{_FRAMES};{_EVENTS};{_SECONDS};{_NG_INDEX};{_CAMERAS};{_ALARMS};"
 
 
 # The table's columns in schema order (also the order of the JSON lines' keys).
@@ -418,6 +418,7 @@ def _migrate(db: sqlite3.Connection) -> None:
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             db.execute(statement)
+    migrate_reviews(db)
     # The summaries of rows from before them: made once, here (a full read of the table, only this once)
     if "frames" in tables and "cameras" not in tables:
         db.execute("INSERT INTO cameras (folder, last_id) SELECT folder, MAX(id) FROM frames GROUP BY folder")

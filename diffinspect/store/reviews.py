@@ -7,7 +7,10 @@ frame's row: the verdict was delivered when it was committed. The review keeps a
 
 The station writes reviews through a `ReviewWriter`: its own connection, one short transaction per review,
 and a short busy timeout, so a review waits for the committer (and never the other way round for long).
-The latest review of a frame is the one that counts (an operator may correct a slip).
+The latest review of a frame is the one that counts (an operator may correct a slip). Each review also keeps,
+in its transaction, what the station's poll reads instead of grouping the whole table: each reviewed frame's
+latest review (`latest_reviews`) and how many frames' latest review is of each status and verdict
+(`review_counts`).
 """
 
 from __future__ import annotations
@@ -43,34 +46,76 @@ CREATE TABLE IF NOT EXISTS reviews (
     mtime_ns INTEGER NOT NULL
 )"""
 REVIEWS_INDEX = "CREATE INDEX IF NOT EXISTS reviews_frame ON reviews (frame_id)"
+# What a poll reads, kept by each review: the earliest reviewed frame (an index), each frame's latest review
+# (the misses among them indexed apart), and the frames by status and verdict of their latest review.
+SUMMARY = (
+    "CREATE INDEX IF NOT EXISTS reviews_scored ON reviews (scored_at)",
+    "CREATE TABLE IF NOT EXISTS latest_reviews (frame_id INTEGER PRIMARY KEY, review_id INTEGER NOT NULL UNIQUE, "
+    "status TEXT NOT NULL, verdict TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS latest_misses ON latest_reviews (review_id) WHERE status = 'ok' AND verdict = 'defect'",
+    "CREATE TABLE IF NOT EXISTS review_counts (status TEXT NOT NULL, verdict TEXT NOT NULL, frames INTEGER NOT NULL, "
+    "PRIMARY KEY (status, verdict))",
+)
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """The reviews table and its summaries (inside the caller's transaction); the summaries of reviews written
+    before them are made here, once."""
+    had = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    for statement in (REVIEWS_TABLE, REVIEWS_INDEX, *SUMMARY):
+        db.execute(statement)
+    if "latest_reviews" not in had:
+        db.execute("INSERT INTO latest_reviews (frame_id, review_id, status, verdict) SELECT frame_id, id, status, "
+                   "verdict FROM reviews WHERE id IN (SELECT MAX(id) FROM reviews GROUP BY frame_id)")
+        db.execute("INSERT INTO review_counts (status, verdict, frames) SELECT status, verdict, COUNT(*) "
+                   "FROM latest_reviews GROUP BY status, verdict")
+
+
+def _summarise(db: sqlite3.Connection, review: sqlite3.Row) -> None:
+    """A new review in the summaries: it replaces its frame's latest review, if any, in the counts too."""
+    before = db.execute("SELECT status, verdict FROM latest_reviews WHERE frame_id = ?", (review["frame_id"],))
+    for status, verdict in before.fetchall():
+        db.execute("UPDATE review_counts SET frames = frames - 1 WHERE status = ? AND verdict = ?", (status, verdict))
+    db.execute("INSERT INTO latest_reviews (frame_id, review_id, status, verdict) VALUES (?, ?, ?, ?) "
+               "ON CONFLICT (frame_id) DO UPDATE SET review_id = excluded.review_id, status = excluded.status, "
+               "verdict = excluded.verdict", (review["frame_id"], review["id"], review["status"], review["verdict"]))
+    db.execute("INSERT INTO review_counts (status, verdict, frames) VALUES (?, ?, 1) "
+               "ON CONFLICT (status, verdict) DO UPDATE SET frames = frames + 1", (review["status"], review["verdict"]))
 
 
 class ReviewWriter:
-    """Adds reviews to results.db (a context manager). It writes no other table."""
+    """Adds reviews to results.db (a context manager). It writes no table but the reviews and their summaries."""
 
     def __init__(self, db_path: Path, timeout: float = 2.0) -> None:
         if not Path(db_path).is_file():
             raise DiffinspectError(f"no results in {Path(db_path).parent} yet: nothing to review")
         self._db = sqlite3.connect(db_path, timeout=timeout, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA synchronous=FULL")  # a person's word is not re-sent by anyone: keep it
-        self._db.execute(REVIEWS_TABLE)  # a results.db of a watcher older than reviews has none yet
-        self._db.execute(REVIEWS_INDEX)
 
     def add(self, frame_id: int, verdict: str, who: str, note: str | None = None) -> dict[str, Any] | None:
         """Record a review of frame `frame_id`; returns it, or None when no such OK or NG frame exists."""
         if verdict not in VERDICTS:
             raise DiffinspectError(f"a review says one of {VERDICTS}, got {verdict!r}")
         note = (note or "").strip()[:MAX_NOTE] or None
-        cur = self._db.execute(
-            "INSERT INTO reviews (frame_id, verdict, note, who, at, status, score, threshold, scored_at, path, "
-            "size, mtime_ns) SELECT id, ?, ?, ?, ?, status, score, threshold, scored_at, path, size, mtime_ns "
-            f"FROM frames WHERE id = ? AND status IN {REVIEWED_STATUSES}",
-            (verdict, note, who, time.time(), frame_id))
-        if cur.rowcount != 1:
-            return None
-        self._db.row_factory = sqlite3.Row
-        row = self._db.execute("SELECT * FROM reviews WHERE id = ?", (cur.lastrowid,)).fetchone()
-        return dict(row)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            migrate(self._db)  # a results.db of a watcher older than reviews (or their summaries) has none yet
+            cur = self._db.execute(
+                "INSERT INTO reviews (frame_id, verdict, note, who, at, status, score, threshold, scored_at, path, "
+                "size, mtime_ns) SELECT id, ?, ?, ?, ?, status, score, threshold, scored_at, path, size, mtime_ns "
+                f"FROM frames WHERE id = ? AND status IN {REVIEWED_STATUSES}",
+                (verdict, note, who, time.time(), frame_id))
+            review = None
+            if cur.rowcount == 1:
+                review = self._db.execute("SELECT * FROM reviews WHERE id = ?", (cur.lastrowid,)).fetchone()
+                _summarise(self._db, review)
+            self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+        return None if review is None else dict(review)
 
     def close(self) -> None:
         self._db.close()
