@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_hardening import run_cli
 
 from diffinspect.bundle import Bundle
 from diffinspect.data.synthetic import render_frame
@@ -142,21 +143,6 @@ def test_the_patch_term_reads_the_backbone_and_is_flat_without_it(files, tmp_pat
 # --- refused files: one line, exit 2, before any training -----------------------------------------------
 
 
-def _run_cli(capsys, *args) -> tuple[int, str]:
-    """The real entry point in process: (exit code, stderr); an exception escaping main() fails the test."""
-    from diffinspect.cli import main
-
-    argv, sys.argv = sys.argv, ["inspect", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, capsys.readouterr().err
-
-
 def _onnx_graph(path: Path, input_shape: list, output_rank: int = 4) -> Path:
     """A one-node ONNX model (a 1 x 1 convolution, or a flatten for a non-image output)."""
     import onnx
@@ -207,7 +193,7 @@ def test_bad_backbone_files_are_refused_in_one_line(capsys, files, line_dir, tmp
         "tiles": (files["pt"], "--config", tiles),
     }
     for expected, (path, *more) in cases.items():
-        code, err = _run_cli(capsys, "train", line_dir, "--out", out, "--steps", "1", "--backbone", path, *more)
+        code, _, err = run_cli(capsys, "train", line_dir, "--out", out, "--steps", "1", "--backbone", path, *more)
         assert code == 2 and expected in err, (expected, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not out.exists()
