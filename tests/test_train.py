@@ -154,3 +154,11 @@ def test_snapshots_are_bundles_that_score_and_the_last_ends_training(line_dir, t
         calibrate(path, line_dir / "test" / "good", false_reject_rate=0.1, backend="torch")
         scored = load_detector(path, backend="torch").score(frames)
         assert scored.scores.shape == (3,) and np.isfinite(scored.scores).all()
+
+
+def test_snapshots_do_not_end_a_training_given_its_steps(line_dir, tmp_path):
+    cfg = load_config(overrides={"model.size": "tiny", "data.image_size": 32, "train.batch_size": 8,
+                                 "data.holdout": 0.3, "train.steps": 12})
+    seen = []
+    final = train(line_dir, tmp_path / "b", cfg, snapshots=[1e-6], on_snapshot=lambda m, b: seen.append(m))
+    assert seen == [1e-6] and final.manifest.training.steps == 12

@@ -102,7 +102,8 @@ def fit(
     schedule = NoiseSchedule(mc.schedule)
     ab_all = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
     total, minutes = budget(tc.steps, tc.max_minutes, DEFAULT_STEPS, DEFAULT_MAX_MINUTES)
-    if snapshot_minutes and tc.steps is None and tc.max_minutes is None:
+    last_snapshot_ends = bool(snapshot_minutes) and tc.steps is None and tc.max_minutes is None
+    if last_snapshot_ends:
         total, minutes = UNBOUNDED, None
 
     ckpt = Checkpoint(checkpoint_dir(out))
@@ -179,7 +180,7 @@ def fit(
                 on_step(step)
             if snaps is not None:
                 snaps.tick(step)
-                if snaps.done:
+                if snaps.done and last_snapshot_ends:
                     break
     seconds = clock.elapsed()
     if world > 1:
