@@ -20,8 +20,9 @@ import csv
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from diffinspect import DiffinspectError
 from diffinspect.store.reader import ResultsReader
@@ -29,6 +30,7 @@ from diffinspect.store.reader import ResultsReader
 VERDICTS = ("good", "defect")  # what the reviewer found: a good part, or a defect
 REVIEWED_STATUSES = ("ok", "ng")  # the verdicts a person can review (held and error frames have none)
 MAX_NOTE = 500
+T = TypeVar("T")
 REVIEWS_TABLE = """
 CREATE TABLE IF NOT EXISTS reviews (
     id INTEGER PRIMARY KEY,
@@ -92,30 +94,41 @@ class ReviewWriter:
         self._db = sqlite3.connect(db_path, timeout=timeout, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA synchronous=FULL")  # a person's word is not re-sent by anyone: keep it
+        # A results.db of a watcher older than reviews (or their summaries) has none yet: made once, here.
+        self._transaction(lambda: migrate(self._db))
 
     def add(self, frame_id: int, verdict: str, who: str, note: str | None = None) -> dict[str, Any] | None:
         """Record a review of frame `frame_id`; returns it, or None when no such OK or NG frame exists."""
         if verdict not in VERDICTS:
             raise DiffinspectError(f"a review says one of {VERDICTS}, got {verdict!r}")
         note = (note or "").strip()[:MAX_NOTE] or None
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            migrate(self._db)  # a results.db of a watcher older than reviews (or their summaries) has none yet
+
+        def insert() -> sqlite3.Row | None:
             cur = self._db.execute(
                 "INSERT INTO reviews (frame_id, verdict, note, who, at, status, score, threshold, scored_at, path, "
                 "size, mtime_ns) SELECT id, ?, ?, ?, ?, status, score, threshold, scored_at, path, size, mtime_ns "
                 f"FROM frames WHERE id = ? AND status IN {REVIEWED_STATUSES}",
                 (verdict, note, who, time.time(), frame_id))
-            review = None
-            if cur.rowcount == 1:
-                review = self._db.execute("SELECT * FROM reviews WHERE id = ?", (cur.lastrowid,)).fetchone()
-                _summarise(self._db, review)
+            if cur.rowcount != 1:
+                return None
+            review = self._db.execute("SELECT * FROM reviews WHERE id = ?", (cur.lastrowid,)).fetchone()
+            _summarise(self._db, review)
+            return review
+
+        review = self._transaction(insert)
+        return None if review is None else dict(review)
+
+    def _transaction(self, work: Callable[[], T]) -> T:
+        """work() in one write transaction, rolled back if it raises."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work()
             self._db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
             raise
-        return None if review is None else dict(review)
+        return result
 
     def close(self) -> None:
         self._db.close()
