@@ -57,26 +57,19 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--poll-s", type=float, default=0.2)
     a = ap.parse_args()
-    import paho.mqtt.client as mqtt
-
     from diffinspect.outputs.mqtt import ProductTopic
     from diffinspect.outputs.opcua import ProductNode
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         broker = receivers.Broker(Path(tmp) / "broker").start()
-        line = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-line")
-        line.connect("127.0.0.1", broker.port)
-        line.loop_start()
+        publish = receivers.LineController(broker, station="st1")
         try:
-            def publish(product: str) -> None:
-                line.publish("diffinspect/st1/product", product, qos=1, retain=True).wait_for_publish(5)
-
             publish("cover")
             results["MQTT command topic"] = measure(ProductTopic(MqttConfig(url=broker.url, station="st1")),
                                                     publish, a.n)
         finally:
-            line.loop_stop()
+            publish.close()
             broker.stop()
         plc = receivers.PlcServer().start()
         try:

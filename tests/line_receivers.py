@@ -146,6 +146,26 @@ class Subscriber:
         self.client.loop_stop()
 
 
+class LineController:
+    """The line's side of a changeover: publishes the product to a station's command topic, retained, so a
+    station that starts later takes it too. Called with the product's name."""
+
+    def __init__(self, broker: Broker, station: str = "st1") -> None:
+        import paho.mqtt.client as mqtt
+
+        self.topic = f"diffinspect/{station}/product"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"line-controller-{id(self)}")
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+
+    def __call__(self, product: str) -> None:
+        self.client.publish(self.topic, product, qos=1, retain=True).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 def check_delivery(received: list[int], expected: list[int], max_duplicates: int) -> dict[str, int]:
     """In order, none missing; a duplicate may only repeat the id just before it (a re-send)."""
     dups = [b for a, b in zip(received, received[1:], strict=False) if b <= a]

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from line_receivers import MOSQUITTO, Broker, PlcServer, Subscriber, wait_for
+from line_receivers import MOSQUITTO, Broker, LineController, PlcServer, Subscriber, wait_for
 from services import needs
 from watch_fakes import Factory, FakeDetector, db_rows, jsonl_rows, n_rows, write_frame
 
@@ -199,18 +199,11 @@ def check_rows(out: Path, expected: dict[str, str], setup: ProductSetup) -> list
 
 @needs_mosquitto
 def test_changeover_over_the_real_broker_with_frames_in_flight(tmp_path: Path, capsys) -> None:
-    import paho.mqtt.client as mqtt
-
     from diffinspect.outputs.mqtt import MqttOutput, ProductTopic
 
     broker = Broker(tmp_path / "broker").start()
-    line = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-line-controller")
-    line.connect("127.0.0.1", broker.port)
-    line.loop_start()
+    change = LineController(broker, station="st1")
     try:
-        def change(product: str) -> None:
-            line.publish("diffinspect/st1/product", product, qos=1, retain=True).wait_for_publish(5)
-
         change("housing")  # retained before the station starts: in force from the start
         sub = Subscriber(broker, topic="diffinspect/st1/+/verdict")
         cfg = MqttConfig(url=broker.url, station="st1")
@@ -232,7 +225,7 @@ def test_changeover_over_the_real_broker_with_frames_in_flight(tmp_path: Path, c
                                             "lid": {"ok": 0, "ng": 0, "error": 0, "hold": 4}}
         sub.close()
     finally:
-        line.loop_stop()
+        change.close()
         broker.stop()
 
     from diffinspect.station.app import Station
