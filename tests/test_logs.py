@@ -5,22 +5,27 @@ from __future__ import annotations
 import io
 import logging
 
+import pytest
 from rich.console import Console
 
 from diffinspect.logs import ROOT, show_on, show_stamped
 
 
-def test_records_show_as_plain_lines_and_warnings_say_so():
-    out = io.StringIO()
+@pytest.fixture(autouse=True)
+def _root_logger_restored():
+    """Each test points diffinspect's root logger at its own output: put back its handlers and level after."""
     logger = logging.getLogger(ROOT)
     saved = logger.handlers[:], logger.level
-    try:
-        show_on(Console(file=out, width=30))
-        logging.getLogger("diffinspect.export.api").info("  model.onnx ok [openvino:CPU, 3.4 s]")
-        logging.getLogger("diffinspect.train.api").warning("the model trained only 4 steps")
-        logging.getLogger("diffinspect.train.api").debug("not shown at the default level")
-    finally:
-        logger.handlers[:], logger.level = saved[0], saved[1]
+    yield
+    logger.handlers[:], logger.level = saved
+
+
+def test_records_show_as_plain_lines_and_warnings_say_so():
+    out = io.StringIO()
+    show_on(Console(file=out, width=30))
+    logging.getLogger("diffinspect.export.api").info("  model.onnx ok [openvino:CPU, 3.4 s]")
+    logging.getLogger("diffinspect.train.api").warning("the model trained only 4 steps")
+    logging.getLogger("diffinspect.train.api").debug("not shown at the default level")
     # no markup read from the message, no wrapping of a long line by rich, one line a record
     assert out.getvalue().splitlines() == ["  model.onnx ok [openvino:CPU, 3.4 s]",
                                            "warning: the model trained only 4 steps"]
@@ -31,16 +36,11 @@ def test_service_lines_are_time_stamped_and_keep_a_bad_file_name_readable():
     import re
 
     out = io.StringIO()
-    logger = logging.getLogger(ROOT)
-    saved = logger.handlers[:], logger.level
     bad = os.fsdecode(b"/cam/bad\xff.png")  # a name that is not UTF-8, as Python reads it
-    try:
-        show_stamped(out)
-        logging.getLogger("diffinspect.line.commit").warning(f"could not move {bad}: [Errno 28]")
-        logging.getLogger("diffinspect.line.supervisor").info("diffusion detector ready (fake)")
-        logging.getLogger("diffinspect.line.watch").debug("not shown at the default level")
-    finally:
-        logger.handlers[:], logger.level = saved[0], saved[1]
+    show_stamped(out)
+    logging.getLogger("diffinspect.line.commit").warning(f"could not move {bad}: [Errno 28]")
+    logging.getLogger("diffinspect.line.supervisor").info("diffusion detector ready (fake)")
+    logging.getLogger("diffinspect.line.watch").debug("not shown at the default level")
     lines = out.getvalue().splitlines()
     stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}"
     assert len(lines) == 2
@@ -52,13 +52,8 @@ def test_the_console_prints_a_bad_file_name_readably():
     import os
 
     out = io.StringIO()
-    logger = logging.getLogger(ROOT)
-    saved = logger.handlers[:], logger.level
-    try:
-        show_on(Console(file=out, width=80))
-        logging.getLogger("diffinspect.line.commit").warning(os.fsdecode(b"overlay of bad\xfe.png not written"))
-    finally:
-        logger.handlers[:], logger.level = saved[0], saved[1]
+    show_on(Console(file=out, width=80))
+    logging.getLogger("diffinspect.line.commit").warning(os.fsdecode(b"overlay of bad\xfe.png not written"))
     assert out.getvalue().splitlines() == ["warning: overlay of bad\\xfe.png not written"]
 
 
