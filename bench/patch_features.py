@@ -208,8 +208,7 @@ def pixel_figures(maps: np.ndarray, pairs_of: Callable[[np.ndarray], list]) -> d
 # --- one bundle ---------------------------------------------------------------------------------------
 
 def training_paths(bundle: Bundle) -> list[Path]:
-    training = bundle.manifest["training"]
-    return [p for p in (Path(training["source"]) / f for f in training["train_files"]) if p.exists()]
+    return bundle.manifest.training.paths_on_disk() if bundle.manifest.training else []
 
 
 def measure(bundle_path: Path, category: Path, ts: list[int], scale_images: int, rate: float | None,

@@ -250,7 +250,8 @@ def calibrate(
     fusion: Fusion | None = typer.Option(None, "--fusion", help="How the embedding score joins the diffusion "
                                       "score: minp, sum or max (default: the bundle's)."),
     frame_detector: FrameDetector | None = typer.Option(None, "--frame-detector", help="The detector on the frame "
-                                              "embeddings: gaussian or copod (default: the bundle's)."),
+                                              "embeddings: gaussian, knn (the nearest good parts: where good parts "
+                                              "come in several looks) or copod (default: the bundle's)."),
     confidence: float = typer.Option(0.95, "--confidence", help="Set the threshold so that, with this confidence, "
                                      "it rejects at most --false-reject-rate of good parts (needs enough images; "
                                      "otherwise the average bound holds, and it says why). "

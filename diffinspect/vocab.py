@@ -74,6 +74,7 @@ class FrameDetector(Choice):
 
     GAUSSIAN = "gaussian"
     COPOD = "copod"
+    KNN = "knn"
 
 
 class BackboneKind(Choice):

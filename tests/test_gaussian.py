@@ -7,10 +7,10 @@ import pytest
 from sklearn.covariance import LedoitWolf
 
 from diffinspect import DiffinspectError
-from diffinspect.bundle import Manifest
+from diffinspect.bundle import Bundle, Manifest
 from diffinspect.models.recipe import Recipe
 from diffinspect.scoring.copod import EcdfCopod
-from diffinspect.scoring.gaussian import GaussianEmbedding, ledoit_wolf
+from diffinspect.scoring.gaussian import GaussianEmbedding, NearestEmbedding, ledoit_wolf
 
 
 def test_ledoit_wolf_and_mahalanobis_agree_with_scikit_learn():
@@ -50,3 +50,53 @@ def test_recipes_written_before_keep_copod_and_the_sum():
                               "preprocess": {"color": "gray", "image_size": 64}}, Path("."))
     assert (old.score.frame_detector, old.score.fusion) == ("copod", "sum")
     assert (Recipe().frame_detector, Recipe().fusion) == ("gaussian", "minp")
+
+
+def test_the_nearest_good_parts_see_a_part_between_two_looks_that_one_gaussian_takes_in():
+    rng = np.random.default_rng(3)
+    looks = rng.normal(size=(800, 2))
+    looks[:, 0] = np.r_[rng.normal(-3, 0.2, 400), rng.normal(3, 0.2, 400)]  # two lightings, say
+    between = np.zeros((1, 2))  # at the mean of all good parts, and far from each of them
+    gauss, near = GaussianEmbedding(looks), NearestEmbedding(looks)
+    good_gauss, good_near = gauss.score(looks), near.score(looks)
+    assert gauss.score(between)[0] < np.median(good_gauss)  # the Gaussian calls it typical
+    assert near.score(between)[0] > good_near.max()  # further from good parts than any good part is
+
+
+def test_the_fit_set_scores_itself_as_unseen_parts_and_excluded_parts_are_not_neighbours():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(50, 6))
+    near = NearestEmbedding(x)
+    w = near.memory
+    d = np.sqrt(((w[:, None] - w[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_allclose(near.score(x), d.min(1), rtol=1e-6)  # each one's nearest other part
+    first = d[0].argmin()
+    exclude = np.zeros((1, 50), bool)
+    exclude[0, first] = True
+    assert near.score(x[:1], exclude)[0] == pytest.approx(np.sort(d[0])[1], rel=1e-6)
+    assert np.isnan(near.score(np.full((1, 6), np.nan)))[0]
+
+
+def test_calibrate_with_the_nearest_good_parts_records_it_and_scores_defects_above_good(calibrated_bundle,
+                                                                                          line_dir, tmp_path):
+    import shutil
+
+    from diffinspect.data.datasets import labelled_set
+    from diffinspect.data.image import read_image
+    from diffinspect.evaluation.metrics import image_auroc
+    from diffinspect.scoring.calibrate import calibrate
+    from diffinspect.scoring.loader import load_detector
+
+    bundle = tmp_path / "knn"
+    shutil.copytree(calibrated_bundle, bundle)
+    calibrate(bundle, line_dir / "test" / "good", false_reject_rate=0.1, frame_detector="knn")
+    assert Bundle.load(bundle).manifest.score.frame_detector == "knn"
+    det = load_detector(bundle, backend="torch")
+    assert det.frame_term.detector == "knn"
+    samples = labelled_set(line_dir).samples
+    frames = [read_image(s.path, det.preprocess.color) for s in samples]
+    labels = np.array([s.is_anomalous for s in samples])
+    knn = det.frame_term.embedding_scores(frames)
+    assert np.isfinite(det.score(frames).scores).all()
+    assert image_auroc(labels, knn) > 0.95  # the term alone, on the embeddings of the synthetic line

@@ -15,7 +15,7 @@ from diffinspect.data.image import ImageSize, Preprocess, input_hw
 from diffinspect.engines import Engine
 from diffinspect.engines.exports import CALIBRATION_FILE  # noqa: F401  (the bundle file this detector reads)
 from diffinspect.scoring.detector import Scored
-from diffinspect.scoring.gaussian import GaussianEmbedding
+from diffinspect.scoring.gaussian import GaussianEmbedding, NearestEmbedding
 from diffinspect.scoring.stages import FRAME_TERM, MAP, MODEL, PREPROCESS, Split
 from diffinspect.scoring.threshold import min_rank_p, peel_p, tie_break_room
 from diffinspect.vocab import FrameDetector, Fusion
@@ -187,8 +187,11 @@ class FrameTerm:
 
 
 def embedding_scorer(copod, detector: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The frame term's score of classical embeddings: COPOD's own, or a Gaussian on COPOD's fit set."""
-    return copod.score_embeddings if detector == "copod" else GaussianEmbedding(copod.embeddings).score
+    """The frame term's score of classical embeddings: COPOD's own, or a Gaussian or the nearest good
+    embeddings on COPOD's fit set."""
+    if detector == "copod":
+        return copod.score_embeddings
+    return (NearestEmbedding if detector == "knn" else GaussianEmbedding)(copod.embeddings).score
 
 
 def robust_scale(values: np.ndarray) -> tuple[float, float]:

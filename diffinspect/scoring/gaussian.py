@@ -7,6 +7,10 @@ A frame's score is its squared Mahalanobis distance. Unlike COPOD, which looks a
 it sees features that move together and a part that breaks their usual relation (a texture statistic
 that no longer matches the brightness, say). The README's accuracy section compares the two on the
 shared sets (bench/accuracy.py).
+
+NearestEmbedding measures in the same whitened space, but to the nearest good parts instead of to
+their mean: where good parts come in several looks (lighting series, surface batches) one Gaussian
+spans them all and takes in what lies between; the nearest neighbours do not (bench/frame_detectors.py).
 """
 
 from __future__ import annotations
@@ -47,6 +51,40 @@ class GaussianEmbedding:
         values, vectors = np.linalg.eigh(cov)
         self.whiten = vectors / np.sqrt(np.maximum(values, 1e-12))
 
+    def whitened(self, embeddings: np.ndarray) -> np.ndarray:
+        return ((np.asarray(embeddings, dtype=np.float64) - self.mean) / self.scale) @ self.whiten
+
     def score(self, embeddings: np.ndarray) -> np.ndarray:
-        z = (np.asarray(embeddings, dtype=np.float64) - self.mean) / self.scale
-        return np.sum((z @ self.whiten) ** 2, axis=1)
+        return np.sum(self.whitened(embeddings) ** 2, axis=1)
+
+
+class NearestEmbedding:
+    """Mean whitened distance of embeddings to their NEIGHBOURS nearest good parts' embeddings.
+
+    A copy of a fit embedding is scored against the others (an exact match is not a neighbour), so
+    the fit set scores itself as unseen parts would, which the frame term's robust scale reads."""
+
+    NEIGHBOURS = 1
+
+    def __init__(self, embeddings: np.ndarray) -> None:
+        self.space = GaussianEmbedding(embeddings)
+        self.memory = self.space.whitened(embeddings)
+        if len(self.memory) <= self.NEIGHBOURS:
+            raise DiffinspectError(f"the nearest-neighbour frame term needs more than {self.NEIGHBOURS} "
+                                   f"embeddings, got {len(self.memory)}")
+        self.norms = np.sum(self.memory**2, axis=1)
+
+    def score(self, embeddings: np.ndarray, exclude: np.ndarray | None = None, batch: int = 256) -> np.ndarray:
+        """exclude: (queries, fit embeddings) True where a query may not use that good part (evaluation:
+        photos of the same physical part, which a line never has in memory)."""
+        out = []
+        for i in range(0, len(embeddings), batch):
+            q = self.space.whitened(embeddings[i:i + batch])
+            d2 = np.sum(q**2, axis=1)[:, None] + self.norms[None] - 2 * q @ self.memory.T
+            d2[d2 <= 1e-9 * (1.0 + self.norms[None])] = np.inf  # the query itself
+            if exclude is not None:
+                d2[exclude[i:i + batch]] = np.inf
+            near = np.partition(d2, self.NEIGHBOURS - 1, axis=1)[:, :self.NEIGHBOURS]
+            near[np.isinf(near)] = 0.0  # a query equal to every good part is as good as they are
+            out.append(np.sqrt(np.maximum(near, 0.0)).mean(axis=1))
+        return np.concatenate(out) if out else np.zeros(0)
