@@ -78,8 +78,7 @@ def measure(bundle_path: Path, category: Path, rate: float, neighbours: tuple[in
     gaussian = embedding_scorer(term.copod, "gaussian")
     row("gaussian", gaussian, gaussian(emb["cal"]), gaussian(emb["test"]))
     for k in neighbours:
-        NearestEmbedding.NEIGHBOURS = k
-        near = NearestEmbedding(fit)
+        near = NearestEmbedding(fit, k)
         row(f"knn k={k}", near.score, near.score(emb["cal"]), near.score(emb["test"]))
         if twin["cal"].any():
             row(f"knn k={k}, twins out", near.score, near.score(emb["cal"], twin["cal"]),
@@ -91,7 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pairs", nargs="+", help="BUNDLE:CATEGORY")
     ap.add_argument("--rate", type=float, default=0.01)
-    ap.add_argument("--neighbours", default="1,3")
+    ap.add_argument("--neighbours", default=f"1,{NearestEmbedding.NEIGHBOURS}")
     args = ap.parse_args()
     ks = tuple(int(k) for k in args.neighbours.split(","))
     for pair in args.pairs:

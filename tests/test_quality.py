@@ -52,17 +52,17 @@ def test_the_diffusion_score_alone_finds_the_defects_and_fails_without_its_model
 
 
 def test_the_frame_term_alone_finds_the_defects(calibrated_bundle, line_dir):
-    """The frame-level term (a Gaussian on the classical embeddings, the default frame detector) by itself:
-    it separates every defect of this line."""
+    """The frame-level term (the nearest good parts' classical embeddings, the default frame detector) by
+    itself: it separates every defect of this line."""
     det = load_detector(calibrated_bundle, backend="torch")
-    assert det.frame_term is not None and det.frame_term.detector == "gaussian"
+    assert det.frame_term is not None and det.frame_term.detector == "knn"
     frames, labels = _labelled(line_dir, det.preprocess.color)
     assert roc_auc_score(labels, det.frame_term.embedding_scores(frames)) > 0.97
 
 
 def test_the_copod_fallback_alone_finds_the_defects(calibrated_bundle, line_dir):
     """The fallback the line runs on when the model or the accelerator fails: COPOD on the same
-    embeddings, a little weaker than the Gaussian."""
+    embeddings, a little weaker than the frame term."""
     det = load_fallback(calibrated_bundle)
     assert det.name == "copod"
     frames, labels = _labelled(line_dir, det.preprocess.color)

@@ -59,7 +59,7 @@ class Recipe:
     frame_weight: float = 0.0  # weight of the whole-frame mean map (defects covering the frame)
     classical_weight: float = 1.0  # frame-level term: a detector on classical embeddings (0 = off)
     fusion: Fusion = Fusion.MINP  # how the frame-level (embedding) term joins the diffusion score
-    frame_detector: FrameDetector = FrameDetector.GAUSSIAN  # the detector on the embeddings for that term
+    frame_detector: FrameDetector = FrameDetector.KNN  # the detector on the embeddings for that term
     seed: int = 0
     backbone: Backbone | None = None  # set: the patch term reads this network's features, not the denoiser's
 

@@ -59,19 +59,20 @@ class GaussianEmbedding:
 
 
 class NearestEmbedding:
-    """Mean whitened distance of embeddings to their NEIGHBOURS nearest good parts' embeddings.
+    """Mean whitened distance of embeddings to their `neighbours` nearest good parts' embeddings.
 
     A copy of a fit embedding is scored against the others (an exact match is not a neighbour), so
     the fit set scores itself as unseen parts would, which the frame term's robust scale reads."""
 
-    NEIGHBOURS = 1
+    # One neighbour ranks best, but a part photographed again (an exposure series) then finds its own twin
+    # in memory; a few neighbours cost little (bench/frame_detectors.py --neighbours).
+    NEIGHBOURS = 5
 
-    def __init__(self, embeddings: np.ndarray) -> None:
+    def __init__(self, embeddings: np.ndarray, neighbours: int = NEIGHBOURS) -> None:
         self.space = GaussianEmbedding(embeddings)
         self.memory = self.space.whitened(embeddings)
-        if len(self.memory) <= self.NEIGHBOURS:
-            raise DiffinspectError(f"the nearest-neighbour frame term needs more than {self.NEIGHBOURS} "
-                                   f"embeddings, got {len(self.memory)}")
+        # Fewer good parts than that: as many as there are, but the query itself.
+        self.neighbours = max(1, min(neighbours, len(self.memory) - 1))
         self.norms = np.sum(self.memory**2, axis=1)
 
     def score(self, embeddings: np.ndarray, exclude: np.ndarray | None = None, batch: int = 256) -> np.ndarray:
@@ -84,7 +85,7 @@ class NearestEmbedding:
             d2[d2 <= 1e-9 * (1.0 + self.norms[None])] = np.inf  # the query itself
             if exclude is not None:
                 d2[exclude[i:i + batch]] = np.inf
-            near = np.partition(d2, self.NEIGHBOURS - 1, axis=1)[:, :self.NEIGHBOURS]
+            near = np.partition(d2, self.neighbours - 1, axis=1)[:, :self.neighbours]
             near[np.isinf(near)] = 0.0  # a query equal to every good part is as good as they are
             out.append(np.sqrt(np.maximum(near, 0.0)).mean(axis=1))
         return np.concatenate(out) if out else np.zeros(0)
