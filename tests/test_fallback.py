@@ -67,8 +67,34 @@ def test_embedding_is_fixed_length_deterministic_float32_for_any_frame() -> None
         assert emb.dtype == np.float32 and emb.shape == (embedding_dim(),)
         assert np.isfinite(emb).all()
         assert np.array_equal(emb, classical_embedding(frame.copy()))
-    assert embedding_dim() <= 400
+    assert embedding_dim() == 3 * embedding_dim(1) and embedding_dim(1) <= 400
     assert embed_frames([]).shape == (0, embedding_dim())
+
+
+def test_the_embedding_holds_the_feature_size_its_half_and_its_quarter_and_version_1_is_still_made() -> None:
+    frame = good_frame(np.random.default_rng(5), (300, 200), 3)
+    v1 = classical_embedding(frame, version=1)
+    v2 = classical_embedding(frame)
+    square = cv2.resize(frame, (128, 128), interpolation=cv2.INTER_AREA)
+    d = embedding_dim(1)
+    assert np.array_equal(v2[:d], v1)  # the feature size itself, as version 1 embeds it
+    for i, side in ((1, 64), (2, 32)):  # then the smaller squares, made from that 128 px copy
+        small = cv2.resize(square, (side, side), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(v2[i * d:(i + 1) * d], classical_embedding(small, size=side, version=1))
+    with pytest.raises(DiffinspectError, match="v9"):
+        classical_embedding(frame, version=9)
+
+
+def test_a_fallback_fitted_on_version_1_embeddings_embeds_new_frames_the_same_way(tmp_path) -> None:
+    rng = np.random.default_rng(6)
+    frames = [good_frame(rng) for _ in range(30)]
+    old = CopodDetector(embed_frames(frames, version=1), 1.0, Preprocess(color="gray", image_size=64),
+                        feature_version=1)
+    record = old.save(tmp_path)
+    assert record.feature_version == 1 and record.embedding_dim == embedding_dim(1)
+    loaded = CopodDetector.load(tmp_path / record.file, record, old.preprocess)
+    assert loaded.embed(frames[:2]).shape == (2, embedding_dim(1))
+    assert np.array_equal(loaded.score(frames[:5]).scores, old.score(frames[:5]).scores)
 
 
 def test_gray_as_three_equal_channels_embeds_like_gray() -> None:

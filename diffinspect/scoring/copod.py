@@ -33,7 +33,7 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Fallback
 from diffinspect.data.image import Preprocess
 from diffinspect.scoring.detector import Scored
-from diffinspect.scoring.features import FEATURE_VERSION, embed_frames, embedding_dim
+from diffinspect.scoring.features import FEATURE_VERSION, SCALE_DIM, SCALES, embed_frames, embedding_dim
 from diffinspect.scoring.threshold import check_calibration_size, conformal_threshold, min_calibration_size
 
 if TYPE_CHECKING:
@@ -102,17 +102,18 @@ class CopodDetector:
 
     def __init__(self, embeddings: np.ndarray, threshold: float, preprocess: Preprocess, *,
                  feature_size: int = 128, false_reject_rate: float | None = None,
-                 n_calibration: int = 0) -> None:
+                 n_calibration: int = 0, feature_version: int = FEATURE_VERSION) -> None:
         emb = np.asarray(embeddings, dtype=np.float32)
-        if emb.ndim != 2 or emb.shape[1] != embedding_dim() or emb.shape[0] < 1:
-            raise DiffinspectError(f"COPOD fit set must be (n, {embedding_dim()}) embeddings, "
-                                   f"got {emb.shape}")
+        dim = embedding_dim(feature_version)
+        if emb.ndim != 2 or emb.shape[1] != dim or emb.shape[0] < 1:
+            raise DiffinspectError(f"COPOD fit set must be (n, {dim}) embeddings, got {emb.shape}")
         if not np.isfinite(emb).all():
             raise DiffinspectError("COPOD fit set holds non-finite embeddings")
         self.embeddings = emb  # the fit set, kept as float32 so a saved copy rebuilds the same model
         self.threshold = float(threshold)
         self.preprocess = preprocess
         self.feature_size = int(feature_size)
+        self.feature_version = int(feature_version)  # the embedding recipe the fit set was made with
         self.false_reject_rate = false_reject_rate
         self.n_calibration = int(n_calibration)
         self.calibration_scores: np.ndarray | None = None  # kept in the bundle as SCORES_FILE
@@ -120,20 +121,23 @@ class CopodDetector:
         self.calibration_embeddings: np.ndarray | None = None
         self.health: HealthProfile | None = None  # set by the loader from the bundle
         self.calibration_index: np.ndarray | None = None  # fit_copod: the calibration frames among its input
-        self._model = EcdfCopod(emb)
+        # COPOD reads the feature size's own statistics only: it adds every feature's tail evidence with
+        # one weight, and the coarser scales, which the frame term's whitened detectors weigh for
+        # themselves, would thin out a small defect's few moved features (tests/test_fallback.py).
+        self._model = EcdfCopod(emb[:, :SCALE_DIM])
 
     def embed(self, frames: list[np.ndarray]) -> np.ndarray:
         """Raw classical embeddings (N, D) float32 of the frames' ROI crops (what the fit set holds)."""
         # Only the ROI crop here: the embedding resizes to its own size, and skipping the model's
         # resize keeps detail (and the aspect handling) independent of the diffusion input size.
-        return embed_frames([self.preprocess.crop_roi(f) for f in frames], self.feature_size)
+        return embed_frames([self.preprocess.crop_roi(f) for f in frames], self.feature_size, self.feature_version)
 
     def score_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
         """COPOD scores (N,) float64 of embeddings against the fit set; higher is more anomalous."""
         emb = np.asarray(embeddings, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.embeddings.shape[1]:
             raise DiffinspectError(f"expected (n, {self.embeddings.shape[1]}) embeddings, got {emb.shape}")
-        return self._model.score(emb)
+        return self._model.score(emb[:, :SCALE_DIM])
 
     def score(self, frames: list[np.ndarray]) -> Scored:
         return Scored(scores=self.score_embeddings(self.embed(frames)), maps=None)
@@ -146,15 +150,15 @@ class CopodDetector:
         return Fallback(threshold=self.threshold, file=EMBEDDINGS_FILE, detector=self.name,
                         false_reject_rate=self.false_reject_rate, n_calibration=self.n_calibration,
                         n_fit=int(self.embeddings.shape[0]), feature_size=self.feature_size,
-                        feature_version=FEATURE_VERSION, embedding_dim=int(self.embeddings.shape[1]))
+                        feature_version=self.feature_version, embedding_dim=int(self.embeddings.shape[1]))
 
     @classmethod
     def load(cls, path: str | Path, record: Fallback, preprocess: Preprocess) -> CopodDetector:
         """Rebuild the detector from its fit set (the embeddings file, as a bundle hands it out after
         verifying its checksum) and record; the refit is deterministic, so scores match."""
-        if record.feature_version != FEATURE_VERSION:
-            raise DiffinspectError(f"COPOD fallback was fitted on feature recipe v{record.feature_version}, this "
-                                   f"version computes v{FEATURE_VERSION}: run `inspect calibrate` again")
+        if record.feature_version not in SCALES:
+            raise DiffinspectError(f"COPOD fallback was fitted on feature recipe v{record.feature_version}, which "
+                                   f"this version does not compute: run `inspect calibrate` again")
         try:
             emb = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -162,7 +166,8 @@ class CopodDetector:
         if record.n_fit is not None and record.n_fit != emb.shape[0]:
             raise DiffinspectError(f"{path} holds {emb.shape[0]} embeddings, the manifest says {record.n_fit}")
         return cls(emb, record.threshold, preprocess, feature_size=record.feature_size,
-                   false_reject_rate=record.false_reject_rate, n_calibration=record.n_calibration)
+                   false_reject_rate=record.false_reject_rate, n_calibration=record.n_calibration,
+                   feature_version=record.feature_version)
 
 
 def scores_npy(scores: np.ndarray) -> bytes:

@@ -6,10 +6,15 @@ orientation histograms per cell (edges, shape), a rotation-invariant uniform LBP
 radial FFT band energies (texture scale, blur) and tail statistics of the residual against a median
 blur (small spots and scratches, which barely move any average).
 
+The statistics are taken at three scales (the feature size, its half and its quarter), each from the
+one resized copy: a blowhole or a crack that moves no statistic of the 128 px square stands out against
+the coarser texture of the 32 px one, and the nearest good parts (scoring/gaussian.py) see it there
+(bench/frame_detectors.py; the README's ablation).
+
 The length depends only on the recipe, not on the frame's size or channel count: gray frames get the
 same vector layout as RGB frames, with the two chroma channels at zero. Change FEATURE_VERSION
 whenever the recipe changes: stored fallback embeddings are only comparable with the recipe that made
-them.
+them, so the fallback records its version and older versions are still computed for older bundles.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import numpy as np
 from diffinspect import DiffinspectError
 from diffinspect.data.image import convert_color
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
+# The scales of each recipe version, as divisors of the feature size (version 1: the feature size only).
+SCALES = {1: (1,), 2: (1, 2, 4)}
 GRID = 4  # cells per side for local statistics: a 4x4 grid localizes changes to 1/16 of the frame
 HOG_BINS = 4  # unsigned orientations, 45 degrees each: enough for edge direction, few dims
 FFT_BANDS = 8
@@ -35,8 +42,20 @@ MIN_SIZE = 32
 _RING = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
 
 
-def embedding_dim() -> int:
+def embedding_dim(version: int = FEATURE_VERSION) -> int:
     """Length of classical_embedding's output (the same for every frame size and channel count)."""
+    return SCALE_DIM * len(_scales(version))
+
+
+def _scales(version: int) -> tuple[int, ...]:
+    if version not in SCALES:
+        raise DiffinspectError(f"unknown classical feature recipe v{version}: this version computes "
+                               f"{', '.join(f'v{v}' for v in SCALES)}")
+    return SCALES[version]
+
+
+def _scale_dim() -> int:
+    """The statistics of one scale; the feature size's own come first in every version."""
     cells = GRID * GRID
     colour = 3 * 3 + 3 * cells + cells  # moments, cell means per channel, luma cell std
     gradient = HOG_BINS * cells + cells  # per-cell orientation histograms, per-cell magnitude
@@ -44,9 +63,19 @@ def embedding_dim() -> int:
     return colour + gradient + LBP_BINS + FFT_BANDS + tails
 
 
-def classical_embedding(frame: np.ndarray, size: int = 128) -> np.ndarray:
+SCALE_DIM = _scale_dim()
+
+
+def classical_embedding(frame: np.ndarray, size: int = 128, version: int = FEATURE_VERSION) -> np.ndarray:
     """Embed one uint8 (H, W, C) frame, C = 1 (gray) or 3 (RGB), of any size, as float32 (D,)."""
-    luma, chroma = _channels(_resize(_check_frame(frame), size))
+    square = _resize(_check_frame(frame), size)
+    # The smaller scales come from the square copy: one pass over a large frame, whatever the scales.
+    out = [_statistics(square if d == 1 else _resize(square, max(MIN_SIZE, size // d))) for d in _scales(version)]
+    return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+def _statistics(square: np.ndarray) -> np.ndarray:
+    luma, chroma = _channels(square)
     gray8 = np.clip(luma * 255.0 + 0.5, 0, 255).astype(np.uint8)  # exact: luma is 8-bit / 255
     parts = [
         *_colour_stats(luma, chroma),
@@ -60,11 +89,11 @@ def classical_embedding(frame: np.ndarray, size: int = 128) -> np.ndarray:
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def embed_frames(frames: list[np.ndarray], size: int = 128) -> np.ndarray:
+def embed_frames(frames: list[np.ndarray], size: int = 128, version: int = FEATURE_VERSION) -> np.ndarray:
     """Embed frames to (N, D) float32; N = 0 gives a (0, D) array."""
-    out = np.empty((len(frames), embedding_dim()), dtype=np.float32)
+    out = np.empty((len(frames), embedding_dim(version)), dtype=np.float32)
     for i, frame in enumerate(frames):
-        out[i] = classical_embedding(frame, size)
+        out[i] = classical_embedding(frame, size, version)
     return out
 
 
