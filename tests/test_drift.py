@@ -77,13 +77,13 @@ class Line:
 
 
 @pytest.fixture(scope="module", params=["whole", "reduced"])
-def line(request) -> Line:  # noqa: ANN001
+def line(request, profile) -> Line:  # noqa: ANN001
     """whole: frames read as they are, the profile fitted on them. reduced: frames NATIVE times larger,
     calibrated on lossless frames (area-averaged to SIDE by fit_health) and read from JPEG at SIDE (the
     DCT-reduced decode), so a PNG calibration set and a JPEG line meet."""
-    rng = np.random.default_rng(0)
     if request.param == "whole":
-        return Line(fit_health([scene(rng) for _ in range(160)]), scene, lambda f: f)
+        return Line(profile, scene, lambda f: f)
+    rng = np.random.default_rng(0)
     big = partial(scene, k=NATIVE)
     return Line(fit_health([big(rng) for _ in range(160)], read_side=SIDE), big, read_jpeg)
 
