@@ -729,6 +729,9 @@ class Health:
     n: int
     bands: dict[str, tuple[float, float]] = field(default_factory=dict)
     score_quantile: dict[str, ScoreQuantile] = field(default_factory=dict)
+    # The min_side its frames were read at (data/image.py, Preprocess.read_side); None: whole frames, as
+    # every profile before it was recorded. Watch decodes reduced only where this matches its own.
+    read_side: int | None = _bounded(None, 1)
 
 
 ADDED_DIR = "added"  # good images added after training: copies named by their content's sha256

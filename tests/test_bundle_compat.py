@@ -56,6 +56,8 @@ def test_every_old_manifest_loads_typed_and_round_trips(tmp_path, path):
         assert m.sampler.default == "student" and m.student.weights in m.files
     if kind == "tiles":
         assert m.preprocess.feed == "tiles"
+    if m.health is not None:  # fitted on whole frames: watch keeps decoding them whole
+        assert m.health.read_side is None
     # Written again by this version, it reads back the same.
     write_manifest(b.path, m)
     assert Bundle.load(b.path, verify=False).manifest == m
@@ -105,6 +107,7 @@ def test_a_newer_schema_is_refused_naming_both_versions(tmp_path):
     ("calibration.frame_term.rule", lambda m: m["calibration"]["frame_term"].update(rule="mean")),
     ("calibration.frame_term.diffusion", lambda m: m["calibration"]["frame_term"].update(diffusion=[1.0])),
     ("health.n", lambda m: m["health"].update(n="many")),
+    ("health.read_side", lambda m: m["health"].update(read_side=0)),
     ("sampler.default", lambda m: m["sampler"].update(default="oracle")),
     ("training.train_files[0]", lambda m: m["training"]["train_files"].__setitem__(0, 7)),
     ("calibration", lambda m: m.update(calibration=[1, 2])),

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -12,20 +15,23 @@ import numpy as np
 import pytest
 
 from diffinspect import DiffinspectError
+from diffinspect.data.image import decode_image
 from diffinspect.line.drift import CLEAR_AFTER, Bag, DriftMonitor, EProcess, exceedance_bound
-from diffinspect.scoring.health import HEALTH_FILE, fit_health, load_health, measure
+from diffinspect.scoring.health import HEALTH_FILE, HealthProfile, fit_health, load_health, measure
 from diffinspect.scoring.threshold import binom_sf
 
 SIDE = 96
+NATIVE = 4  # a native frame of NATIVE x SIDE px a side is read at SIDE: decoded at 1/4, as watch reads 5 MP
 
 
-def scene(rng: np.random.Generator) -> np.ndarray:
-    """A part in a fixture: bright plate with dark holes and an edge, placed within +-1 px, textured."""
-    img = np.full((SIDE, SIDE), 70, np.float32)
-    dx, dy = rng.integers(-1, 2, 2)
-    cv2.rectangle(img, (14 + dx, 12 + dy), (82 + dx, 84 + dy), 170, -1)
+def scene(rng: np.random.Generator, k: int = 1) -> np.ndarray:
+    """A part in a fixture: bright plate with dark holes and an edge, placed within +-1 px (at SIDE),
+    textured; k: drawn at k times that size, the placement to the native pixel, the texture per native pixel."""
+    img = np.full((SIDE * k, SIDE * k), 70, np.float32)
+    dx, dy = rng.integers(-k, k + 1, 2)
+    cv2.rectangle(img, (14 * k + dx, 12 * k + dy), (82 * k + dx, 84 * k + dy), 170, -1)
     for cx, cy in ((30, 30), (66, 30), (48, 66)):
-        cv2.circle(img, (cx + dx, cy + dy), 7, 40, -1)
+        cv2.circle(img, (cx * k + dx, cy * k + dy), 7 * k, 40, -1)
     img *= rng.uniform(0.95, 1.05)
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)[:, :, None]
@@ -36,13 +42,22 @@ def darker(f: np.ndarray) -> np.ndarray:
 
 
 def blurred(f: np.ndarray) -> np.ndarray:
+    """Out of focus by 2 px of the frame's own (native) pixels."""
     return cv2.GaussianBlur(f, (0, 0), 2.0)[:, :, None]
 
 
 def shifted(f: np.ndarray) -> np.ndarray:
     # Whole pixels: a sub-pixel shift interpolates, which blurs the frame as well.
-    m = np.float32([[1, 0, round(0.08 * SIDE)], [0, 1, round(0.08 * SIDE)]])
-    return cv2.warpAffine(f, m, (SIDE, SIDE), borderMode=cv2.BORDER_REPLICATE)[:, :, None]
+    side = f.shape[0]
+    m = np.float32([[1, 0, round(0.08 * side)], [0, 1, round(0.08 * side)]])
+    return cv2.warpAffine(f, m, (side, side), borderMode=cv2.BORDER_REPLICATE)[:, :, None]
+
+
+def read_jpeg(frame: np.ndarray) -> np.ndarray:
+    """The frame as `inspect watch` reads a camera's JPEG of it where the profile was fitted at SIDE:
+    decoded reduced by the DCT."""
+    data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    return decode_image(data, "gray", min_side=SIDE)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +67,31 @@ def profile():
     return fit_health([scene(rng) for _ in range(160)], {"copod": scores})
 
 
-def feed(monitor: DriftMonitor, frames, scores=None) -> list:
+@dataclass
+class Line:
+    """A camera's frames and how they are read, with the profile calibrated so."""
+
+    profile: HealthProfile
+    frame: Callable[[np.ndarray], np.ndarray]  # a frame as the camera takes it (native size)
+    read: Callable[[np.ndarray], np.ndarray]  # that frame as watch reads it
+
+
+@pytest.fixture(scope="module", params=["whole", "reduced"])
+def line(request, profile) -> Line:  # noqa: ANN001
+    """whole: frames read as they are, the profile fitted on them. reduced: frames NATIVE times larger,
+    calibrated on lossless frames (area-averaged to SIDE by fit_health) and read from JPEG at SIDE (the
+    DCT-reduced decode), so a PNG calibration set and a JPEG line meet."""
+    if request.param == "whole":
+        return Line(profile, scene, lambda f: f)
+    rng = np.random.default_rng(0)
+    big = partial(scene, k=NATIVE)
+    return Line(fit_health([big(rng) for _ in range(160)], read_side=SIDE), big, read_jpeg)
+
+
+def feed(monitor: DriftMonitor, frames, scores=None, read=lambda f: f) -> list:  # noqa: ANN001
     raised = []
     for i, f in enumerate(frames):
-        sig = measure(f, monitor.profile.reference)
+        sig = measure(read(f), monitor.profile.reference)
         s = None if scores is None else float(scores[i])
         raised += [(i, e) for e in monitor.update(sig, "copod", "ok" if s is not None else None, s)]
     return raised
@@ -72,18 +108,18 @@ def test_signals_follow_the_change():
     assert abs(measure(darker(f))["sharpness"] - base["sharpness"]) < 0.1
 
 
-def test_unchanged_frames_raise_nothing(profile):
+def test_unchanged_frames_raise_nothing(line: Line):
     rng = np.random.default_rng(2)
-    mon = DriftMonitor(profile)
-    assert feed(mon, [scene(rng) for _ in range(200)], rng.normal(0, 1, 200)) == []
+    mon = DriftMonitor(line.profile)
+    assert feed(mon, [line.frame(rng) for _ in range(200)], rng.normal(0, 1, 200), line.read) == []
 
 
 @pytest.mark.parametrize(("change", "kind"), [(darker, "lighting"), (blurred, "focus"), (shifted, "camera")])
-def test_changes_raise_their_named_alarm_within_50_frames(profile, change, kind):
+def test_changes_raise_their_named_alarm_within_50_frames(line: Line, change, kind):
     rng = np.random.default_rng(3)
-    mon = DriftMonitor(profile)
-    assert feed(mon, [scene(rng) for _ in range(60)]) == []
-    events = feed(mon, [change(scene(rng)) for _ in range(50)])
+    mon = DriftMonitor(line.profile)
+    assert feed(mon, [line.frame(rng) for _ in range(60)], read=line.read) == []
+    events = feed(mon, [change(line.frame(rng)) for _ in range(50)], read=line.read)
     raised = {e.kind: i for i, e in events if e.state == "raised"}
     assert set(raised) == {kind}, events  # its own alarm, and no other
     assert raised[kind] < 50
@@ -91,15 +127,29 @@ def test_changes_raise_their_named_alarm_within_50_frames(profile, change, kind)
                                    "camera": "camera moved"}[kind]
 
 
-def test_a_raised_alarm_holds_while_the_change_lasts_then_clears(profile):
+def test_a_raised_alarm_holds_while_the_change_lasts_then_clears(line: Line):
     rng = np.random.default_rng(9)
-    mon = DriftMonitor(profile)
-    assert feed(mon, [scene(rng) for _ in range(40)]) == []
-    dark = feed(mon, [darker(scene(rng)) for _ in range(150)])
+    mon = DriftMonitor(line.profile)
+    assert feed(mon, [line.frame(rng) for _ in range(40)], read=line.read) == []
+    dark = feed(mon, [darker(line.frame(rng)) for _ in range(150)], read=line.read)
     assert [(e.kind, e.state) for _, e in dark] == [("lighting", "raised")]  # raised once, held
-    back = feed(mon, [scene(rng) for _ in range(100)])
+    back = feed(mon, [line.frame(rng) for _ in range(100)], read=line.read)
     assert [(e.kind, e.state) for _, e in back] == [("lighting", "cleared")]
     assert 0 < back[0][0] < CLEAR_AFTER and mon.open == {}  # 50 frames after its last crossing
+
+
+def test_a_jpeg_decoded_reduced_reads_as_the_frame_area_averaged():
+    """The DCT-reduced decode of the line and the area-averaged frames a lossless calibration set gives
+    read alike: each signal's mean over the same frames within a third of the good frames' own spread."""
+    rng = np.random.default_rng(10)
+    frames = [scene(rng, NATIVE) for _ in range(60)]
+    prof = fit_health(frames, read_side=SIDE)
+    dct = [measure(read_jpeg(f), prof.reference) for f in frames]
+    assert read_jpeg(frames[0]).shape == (SIDE, SIDE, 1)
+    for name in ("brightness", "contrast", "sharpness", "offset_x", "offset_y"):
+        area, spread = prof.values[name], prof.values[name].std()
+        assert spread > 0
+        assert abs(np.mean([d[name] for d in dct]) - area.mean()) < spread / 3, name
 
 
 def test_score_drift_raises_then_clears_with_hysteresis(profile):
@@ -195,6 +245,9 @@ def test_cold_start_bundle_records_health(tmp_path: Path):
     assert b.manifest.health.score_quantile["copod"].level == 0.8
     p = load_health(b)
     assert p is not None and p.values["brightness"].size == 140
+    # Fitted at the scale watch reads the frames at, and says so.
+    rule = b.manifest.preprocess.read_side(b.manifest.fallback.feature_size)
+    assert p.read_side == b.manifest.health.read_side == rule == 256
     assert load_fallback(b).health is not None
     # A bundle without the section still loads, with no health profile.
     b.manifest.health = None
@@ -240,16 +293,63 @@ class _Steady:
 
     name, backend, threshold, pixel_threshold = "copod", "fake", 1.0, None
 
-    def __init__(self, profile) -> None:  # noqa: ANN001
+    def __init__(self, profile, preprocess=None) -> None:  # noqa: ANN001
         from diffinspect.data.image import Preprocess
 
-        self.preprocess = Preprocess(color="gray")
+        self.preprocess = preprocess or Preprocess(color="gray")
         self.health = profile
+        self.shapes: list[tuple[int, ...]] = []  # of the frames it scored, as decoded
 
     def score(self, frames):  # noqa: ANN001, ANN201
         from diffinspect.scoring.detector import Scored
 
+        self.shapes += [f.shape for f in frames]
         return Scored(scores=np.zeros(len(frames)), maps=None)
+
+
+def test_frames_are_decoded_reduced_where_the_health_profile_was_fitted_so(profile):
+    """The decode scale of a lane (Supervisor.decode_side): Preprocess.read_side, with a health profile
+    only where the profile was fitted at that scale; whole for an older profile, tiles and an ROI."""
+    from diffinspect.data.image import Preprocess
+    from diffinspect.line.say import WarnOnce
+    from diffinspect.line.supervisor import Supervisor
+    from diffinspect.line.watch import WatchOptions
+
+    def side(health, **prep) -> int | None:  # noqa: ANN001
+        det = _Steady(health, Preprocess(color="gray", **prep))
+        sup = Supervisor(lambda: det, lambda: det, WatchOptions(), WarnOnce())
+        sup.start()
+        return sup.decode_side
+
+    rule = Preprocess(color="gray").read_side(128)
+    assert rule == 256 == Preprocess(color="gray", image_size=(96, 128)).read_side(64)
+    assert side(None) == rule
+    assert side(replace(profile, read_side=rule)) == rule
+    assert side(profile) is None and profile.read_side is None  # fitted whole (as every older profile)
+    assert side(replace(profile, read_side=rule // 2)) is None  # fitted at another scale
+    assert side(None, feed="tiles") is None and side(None, roi=(0, 0, 50, 50)) is None
+    assert Preprocess(color="gray", feed="tiles").read_side(128) is None
+
+
+def test_watch_with_drift_alarms_decodes_a_5_mp_jpeg_reduced(tmp_path: Path, profile):
+    """A 5 MP JPEG and the same frame as PNG, with a health profile fitted at the read scale: both reach
+    scoring and health at 1/4 of their size; with an older profile (fitted whole) the JPEG is decoded whole."""
+    from watch_fakes import db_rows
+
+    from diffinspect.data.image import Preprocess
+    from diffinspect.line.watch import WatchOptions, run_watch
+
+    frame = cv2.resize(scene(np.random.default_rng(11)), (2592, 1944), interpolation=cv2.INTER_CUBIC)
+    rule = Preprocess(color="gray").read_side(128)
+    for fmt, read_side, decoded in (("jpg", rule, (486, 648, 1)), ("png", rule, (486, 648, 1)),
+                                    ("jpg", None, (1944, 2592, 1))):
+        cam, out = tmp_path / f"cam-{fmt}-{read_side}", tmp_path / f"out-{fmt}-{read_side}"
+        cam.mkdir()
+        cv2.imwrite(str(cam / f"f.{fmt}"), frame)
+        det = _Steady(replace(profile, read_side=read_side))
+        run_watch([cam], out, lambda d=det: d, lambda d=det: d, WatchOptions(once=True, quiet=True, overlays="none"))
+        assert det.shapes == [decoded], (fmt, read_side)
+        assert json.loads(db_rows(out)[0]["health"])["brightness"] > 0
 
 
 def test_watch_stores_health_and_alarms(tmp_path: Path, profile, caplog: pytest.LogCaptureFixture):
@@ -323,4 +423,6 @@ def test_diffusion_calibration_records_health_for_both_detectors(calibrated_bund
 
     b = Bundle.load(calibrated_bundle)
     assert set(b.manifest.health.score_quantile) == {"diffusion", "copod"}
-    assert load_detector(b, backend="torch").health is not None
+    health = load_detector(b, backend="torch").health
+    assert health is not None
+    assert health.read_side == b.manifest.preprocess.read_side(b.manifest.fallback.feature_size) is not None

@@ -1,4 +1,5 @@
-"""Decoding: the reduced JPEG decode (a fraction of the work where scoring needs fewer pixels)."""
+"""Decoding: the reduced read (a JPEG decoded reduced by its DCT, a fraction of the work where scoring needs
+fewer pixels; any other format decoded whole and area-averaged to the same scale)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from diffinspect.data.image import decode_image, jpeg_reduction
+from diffinspect.data.image import at_read_scale, decode_image, jpeg_reduction
 from diffinspect.data.synthetic import render_frame
 
 
@@ -33,9 +34,29 @@ def test_a_reduced_jpeg_decode_is_the_frame_averaged(color: str) -> None:
         assert np.abs(small.astype(int) - area).mean() < 2.0
 
 
-def test_other_formats_are_decoded_whole() -> None:
-    _, png = encoded(".png")
-    assert decode_image(png, "rgb", min_side=100).shape == (600, 800, 3)
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".tiff"])
+def test_other_formats_are_decoded_whole_then_read_at_the_jpeg_scale(ext: str) -> None:
+    """A lossless frame is decoded whole and area-averaged by the factor a JPEG of it is reduced by, so
+    every format reaches scoring and health at one scale (and reads as the JPEG does, to its error)."""
+    img, data = encoded(ext)
+    whole = decode_image(data, "rgb")
+    assert whole.shape == (600, 800, 3)
+    assert decode_image(data, "rgb", min_side=1000).shape == whole.shape  # no reduction keeps the frame
+    small = decode_image(data, "rgb", min_side=100)
+    assert small.shape == (150, 200, 3)
+    assert np.array_equal(small, at_read_scale(whole, 100))
+    jpeg = decode_image(encoded(".jpg")[1], "rgb", min_side=100)
+    assert np.abs(small.astype(int) - jpeg).mean() < 2.0
+    gray = decode_image(data, "gray", min_side=100)
+    assert gray.shape == (150, 200, 1)
+
+
+def test_read_scale_rounds_sides_up_as_libjpeg_does() -> None:
+    _, data = encoded(".jpg", (601, 803))
+    reduced = decode_image(data, "rgb", min_side=150)
+    assert reduced.shape == (151, 201, 3)
+    assert at_read_scale(decode_image(data, "rgb"), 150).shape == reduced.shape
+    assert at_read_scale(np.zeros((601, 803, 1), np.uint8), 150).shape == (151, 201, 1)
 
 
 def test_a_reduced_decode_keeps_the_verdicts(calibrated_bundle) -> None:  # noqa: ANN001
@@ -45,7 +66,7 @@ def test_a_reduced_decode_keeps_the_verdicts(calibrated_bundle) -> None:  # noqa
     from diffinspect.scoring.inspector import Inspector
 
     insp = Inspector.load(calibrated_bundle, backend="torch")
-    side = 2 * max(*insp.preprocess.hw, 128)  # the rule of Supervisor.decode_side
+    side = insp.preprocess.read_side(Inspector.fallback(calibrated_bundle).detector.feature_size)
     rng = np.random.default_rng(5)
     whole, small, masks = [], [], []
     for defect in (None, None, None, "scratch", "spot", "missing"):

@@ -36,7 +36,8 @@ DEFAULT_MAX_MEGAPIXELS = 50.0
 MIN_FRAME_SIDE = 8
 
 # libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 of its size, scaling the DCT blocks as it decodes: a
-# fraction of the work where scoring needs far fewer pixels than the frame has (see decode_image).
+# fraction of the work where scoring needs far fewer pixels than the frame has (see decode_image). Other
+# formats are decoded whole and area-averaged by the same factor, so every format is read at one scale.
 REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 # A model input size: one side (square) or (height, width). Manifests store an int for a square.
@@ -81,14 +82,28 @@ def jpeg_reduction(width: int, height: int, min_side: int) -> int:
     return next((r for r in sorted(REDUCED_COLOR, reverse=True) if min(width, height) // r >= min_side), 1)
 
 
+def at_read_scale(frame: np.ndarray, min_side: int | None) -> np.ndarray:
+    """A frame decoded whole, brought to the scale decode_image(min_side=...) reads it at: averaged over
+    r x r blocks (INTER_AREA), r from jpeg_reduction, to the size libjpeg's reduced decode gives (sides
+    rounded up). What the DCT scaling does, to a JPEG's own error (tests/test_image.py), so a PNG
+    calibration set and a JPEG line read alike."""
+    h, w = frame.shape[:2]
+    r = jpeg_reduction(w, h, min_side) if min_side else 1
+    if r == 1:
+        return frame
+    size = (-(-w // r), -(-h // r))
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0], *frame.shape[2:])
+
+
 def decode_image(data: bytes, color: str, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
                  min_side: int | None = None) -> np.ndarray:
     """Decode encoded image bytes to uint8 (H, W, C), C=1 for gray and 3 for RGB.
 
     The pixel count is read from the header and checked against `max_megapixels` before anything is
     decoded; formats other than PNG, JPEG, BMP and TIFF are refused (their headers are not checked).
-    min_side: a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size, the most that keeps both sides at
-    least min_side px (`jpeg_reduction`); other formats are always decoded whole.
+    min_side: the frame is read at 1/2, 1/4 or 1/8 of its size, the most that keeps both sides at least
+    min_side px (`jpeg_reduction`): a JPEG reduced by its DCT as it decodes, any other format decoded
+    whole, then area-averaged to the same size (`at_read_scale`).
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
@@ -107,7 +122,8 @@ def decode_image(data: bytes, color: str, max_megapixels: float | None = DEFAULT
         raise ImageError("not a decodable image (corrupt, truncated or unsupported format)")
     if img.shape[:2] != (-(-height // r), -(-width // r)):  # the header lied about what follows
         raise ImageError(f"decoded {img.shape[1] * r}x{img.shape[0] * r} px where the header says {width}x{height}")
-    return to_uint8(img, color)
+    img = to_uint8(img, color)
+    return at_read_scale(img, min_side) if r == 1 else img
 
 
 def read_image(path: str | Path, color: str, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
@@ -263,6 +279,15 @@ class Preprocess:
     def hw(self) -> tuple[int, int]:
         """(height, width) of one model input."""
         return input_hw(self.image_size)
+
+    def read_side(self, embed_side: int) -> int | None:
+        """The fewest pixels a side a frame is read at (decode_image's min_side), the one rule of `inspect
+        watch` and of the health profile `inspect calibrate` fits: twice the model input's side and the
+        classical embedding's (embed_side), so their area resizes average the same pixels as from the
+        whole frame. None (read whole) for tiles (native resolution by design) and an ROI (in frame pixels)."""
+        if self.feed != "frame" or self.roi is not None:
+            return None
+        return 2 * max(*self.hw, embed_side)
 
     def roi_box(self, frame_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         """(x, y, width, height) of the part of the frame `crop_roi` keeps."""

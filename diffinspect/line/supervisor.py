@@ -111,19 +111,16 @@ class Supervisor:
 
     @property
     def decode_side(self) -> int | None:
-        """The fewest pixels a side scoring needs of a frame: a JPEG may be decoded that much smaller
-        (data/image.py). Twice the model input's side and the classical embedding's, so their area
-        resizes average the same pixels. None (decode whole) where something needs the frame's own
-        pixels: health signals, calibrated on whole decodes (the focus signal reads native detail, which
-        a reduced decode averages away); tiles (native resolution by design); an ROI (in frame pixels)."""
+        """The min_side frames are decoded at (data/image.py): the scale scoring needs, the rule of
+        Preprocess.read_side (None, whole, for tiles and an ROI). With drift alarms, only where the health
+        profile was fitted at that scale: a profile without one (older bundles) was fitted on whole frames,
+        whose focus signal reads native detail that a reduced frame averages away, so frames stay whole."""
         insp = self.primary or self.fallback
-        if insp is None or insp.health is not None:
-            return None
-        prep = insp.preprocess
-        if prep.feed != "frame" or prep.roi is not None:
+        if insp is None:
             return None
         embed = getattr(getattr(self.fallback, "detector", None), "feature_size", 128)
-        return 2 * max(*prep.hw, embed)
+        side = insp.preprocess.read_side(embed)
+        return None if insp.health is not None and insp.health.read_side != side else side
 
     @property
     def color(self) -> str:

@@ -223,7 +223,9 @@ def calibrate(
     cal_scores = {detector.name: scores}
     if copod is not None and copod.calibration_scores is not None:
         cal_scores[copod.name] = copod.calibration_scores
-    health = fit_health(cal_frames, cal_scores)
+    # Read at the scale watch reads the line's frames at (Preprocess.read_side), which the profile records.
+    embed = (copod or bundle.manifest.fallback or Fallback(0.0)).feature_size  # the fallback watch loads
+    health = fit_health(cal_frames, cal_scores, prep.read_side(embed))
 
     buf = io.BytesIO()
     np.savez(buf, mean=stats.mean, std=stats.std, terms=np.array(engine.term_names), scores=scores,

@@ -37,7 +37,7 @@ def calibrate_copod_only(folder: Path, out: Path, false_reject_rate: float = 0.0
         found = find_suspects(copod.calibration_scores, [paths[i] for i in copod.calibration_index])
     for line in describe(found, excluded):
         log.info(line)
-    health = fit_health(frames, {copod.name: copod.calibration_scores})
+    health = fit_health(frames, {copod.name: copod.calibration_scores}, prep.read_side(copod.feature_size))
     manifest = Manifest(preprocess=prep, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         training=Training(source=str(Path(folder).resolve())))
     with bundle_io.creating(out, command="calibrate --detector copod") as tmp:

@@ -1,6 +1,11 @@
 """Frame health: cheap per-frame signals that move when the camera or the lighting changes, and their
 values on the good calibration frames (stored in the bundle, read by line/drift.py).
 
+Frames are read at the scale `inspect watch` reads them (Preprocess.read_side: a large frame at 1/2 to 1/8,
+a JPEG reduced by its DCT, any other format area-averaged alike), and the profile records that scale, so
+the line's frames are measured as the calibration frames were whatever their format. A profile without it
+(older bundles, tiles, an ROI) was fitted on whole frames, and watch then decodes whole.
+
 Each signal is made to move for its own cause only (tests/test_drift.py checks that a change raises its
 own alarm and no other). All from OpenCV on a gray copy of the frame, a few milliseconds on 5 MP:
 - brightness: mean gray level (0-255) of a SMALL x SMALL copy of the view (see measure);
@@ -34,6 +39,7 @@ import numpy as np
 
 from diffinspect import DiffinspectError
 from diffinspect.bundle import Bundle, BundleUpdate, Health, ScoreQuantile
+from diffinspect.data.image import at_read_scale
 
 HEALTH_FILE = "health.npz"
 SMALL = 64  # brightness: coarse structure only, so blur barely moves it
@@ -154,6 +160,7 @@ class HealthProfile:
     values: dict[str, np.ndarray]  # signal -> calibration values
     reference: np.ndarray  # (2, PROFILE) mean pose profiles of the calibration frames
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # detector name -> calibration scores
+    read_side: int | None = None  # the min_side its frames were read at (None: whole); see the module docstring
 
     def bands(self) -> dict[str, tuple[float, float]]:
         """Range of each signal on the good calibration frames (1 % and 99 % quantiles), for display."""
@@ -169,7 +176,7 @@ class HealthProfile:
         """The profile's manifest section (the arrays go to HEALTH_FILE)."""
         quant = {d: ScoreQuantile(SCORE_LEVEL, float(np.quantile(s, SCORE_LEVEL)), int(s.size))
                  for d, s in self.scores.items() if s.size >= MIN_FRAMES}
-        return Health(HEALTH_FILE, int(self.values["brightness"].size), self.bands(), quant)
+        return Health(HEALTH_FILE, int(self.values["brightness"].size), self.bands(), quant, self.read_side)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -193,15 +200,17 @@ class HealthProfile:
         return cls(values, reference, scores)
 
 
-def fit_health(frames: list[np.ndarray], scores: Mapping[str, np.ndarray] | None = None) -> HealthProfile | None:
-    """Calibrate health signals on good frames; None when there are too few frames to say anything."""
+def fit_health(frames: list[np.ndarray], scores: Mapping[str, np.ndarray] | None = None,
+               read_side: int | None = None) -> HealthProfile | None:
+    """Calibrate health signals on good frames decoded whole, each read at read_side first (what
+    decode_image(min_side=read_side) gives on the line); None when there are too few frames to say anything."""
     if len(frames) < MIN_FRAMES:
         return None
-    grays = [_work_gray(f) for f in frames]
-    reference = np.mean([pose_profiles(g) for g in grays], axis=0).astype(np.float32)
+    frames = [at_read_scale(f, read_side) for f in frames]
+    reference = np.mean([pose_profiles(_work_gray(f)) for f in frames], axis=0).astype(np.float32)
     rows = [measure(f, reference) for f in frames]
     return HealthProfile({k: np.asarray([r[k] for r in rows], np.float64) for k in SIGNALS}, reference,
-                         {k: np.asarray(v, np.float64) for k, v in (scores or {}).items()})
+                         {k: np.asarray(v, np.float64) for k, v in (scores or {}).items()}, read_side)
 
 
 def save_health(update: BundleUpdate, profile: HealthProfile | None) -> None:
@@ -219,4 +228,6 @@ def load_health(bundle: Bundle) -> HealthProfile | None:
     section = bundle.manifest.health
     if section is None or not bundle.has(HEALTH_FILE):  # the name is fixed: never from the manifest
         return None
-    return HealthProfile.from_file(bundle.file(HEALTH_FILE))
+    profile = HealthProfile.from_file(bundle.file(HEALTH_FILE))
+    profile.read_side = section.read_side
+    return profile
