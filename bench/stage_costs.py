@@ -1,4 +1,5 @@
-"""The cost of two per-frame stages alone: health signals and the overlay (render + write), in ms.
+"""The cost of per-frame stages alone, in ms: health signals, the overlay (render + write) and the
+frame term's classical embedding (feature recipe v1, the 128 px square, and v2, three scales).
 
 Best of --repeats calls (other jobs on a shared machine only slow a call), on 4:3 frames of the synthetic
 washer line at 0.3, 2 and 5 MP with a map that has one hot spot. Run it against two checkouts, one after
@@ -21,6 +22,7 @@ import numpy as np
 
 from diffinspect.data.synthetic import render_frame
 from diffinspect.scoring import overlay
+from diffinspect.scoring.features import SCALES, classical_embedding
 from diffinspect.scoring.health import _work_gray, measure, pose_profiles
 
 SIZES = {"0.3": 640, "2": 1600, "5": 2592}
@@ -51,7 +53,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     a = p.parse_args()
     jpeg = "fmt" in overlay.overlay_name.__code__.co_varnames  # [watch] overlay_format on this checkout
-    print(f"{'MP':>4} {'health ms':>9} {'render ms':>9} {'+ PNG ms':>9} {'+ JPEG ms':>9}  overlay px")
+    print(f"{'MP':>4} {'health ms':>9} {'render ms':>9} {'+ PNG ms':>9} {'+ JPEG ms':>9} "
+          + " ".join(f"{f'embed v{v} ms':>12}" for v in SCALES) + "  overlay px")
     with tempfile.TemporaryDirectory() as tmp:
         for mp in a.sizes.split(","):
             img, amap = frame_and_map(SIZES[mp])
@@ -63,7 +66,9 @@ def main() -> None:
                           a.repeats)
             jpg = (best_ms(lambda: overlay.save_overlay(Path(tmp) / "o.jpg", img, amap, 3.0, 2.5, "ng", 2.0),  # noqa: B023
                            a.repeats) if jpeg else float("nan"))
-            print(f"{mp:>4} {health:9.1f} {render:9.1f} {png:9.1f} {jpg:9.1f}  {image.shape[1]} x {image.shape[0]}")
+            embed = [best_ms(lambda v=v: classical_embedding(img, version=v), a.repeats) for v in SCALES]  # noqa: B023
+            print(f"{mp:>4} {health:9.1f} {render:9.1f} {png:9.1f} {jpg:9.1f} "
+                  + " ".join(f"{e:12.1f}" for e in embed) + f"  {image.shape[1]} x {image.shape[0]}")
 
 
 if __name__ == "__main__":
