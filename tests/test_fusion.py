@@ -150,7 +150,7 @@ def test_calibrate_with_minp_stores_the_rule_and_scores_round_trip(trained_bundl
     assert bundle_summary(path)["calibration"]["fusion"] == "minp"  # inspect info names the rule
     n = cal.n
     assert cal.frame_term.rule == "minp" and cal.threshold == pytest.approx(min_rank_threshold(n, 0.1))
-    assert cal.frame_term.detector == "gaussian"  # the default embedding detector of the term
+    assert cal.frame_term.detector == "knn"  # the default embedding detector of the term
     det = load_detector(path, backend="torch")
     paths = sorted((line_dir / "test").glob("*/*.png"))
     frames = [read_image(p, det.preprocess.color) for p in paths]
