@@ -27,6 +27,7 @@ from diffinspect.line.frame import Item
 from diffinspect.line.options import WatchOptions
 from diffinspect.line.say import WarnOnce, describe
 from diffinspect.scoring.detector import Detector
+from diffinspect.scoring.features import FEATURE_SIZE
 from diffinspect.scoring.inspector import Inspector, Verdict
 from diffinspect.scoring.stages import PREPROCESS, StageClock
 
@@ -118,7 +119,7 @@ class Supervisor:
         insp = self.primary or self.fallback
         if insp is None:
             return None
-        embed = getattr(getattr(self.fallback, "detector", None), "feature_size", 128)
+        embed = getattr(getattr(self.fallback, "detector", None), "feature_size", FEATURE_SIZE)
         side = insp.preprocess.read_side(embed)
         return None if insp.health is not None and insp.health.read_side != side else side
 

@@ -36,6 +36,7 @@ from diffinspect.scoring.diffusion import (
     fit_frames,
     robust_scale,
 )
+from diffinspect.scoring.features import FEATURE_SIZE
 from diffinspect.scoring.health import fit_health, save_health
 from diffinspect.scoring.suspects import RULE, SUSPECTS_FILE, Suspect, find_suspects, suspects_json
 from diffinspect.scoring.suspects import describe as describe_suspects
@@ -224,7 +225,8 @@ def calibrate(
     if copod is not None and copod.calibration_scores is not None:
         cal_scores[copod.name] = copod.calibration_scores
     # Read at the scale watch reads the line's frames at (Preprocess.read_side), which the profile records.
-    embed = (copod or bundle.manifest.fallback or Fallback(0.0)).feature_size  # the fallback watch loads
+    fallback = copod or bundle.manifest.fallback  # the fallback watch loads
+    embed = fallback.feature_size if fallback else FEATURE_SIZE
     health = fit_health(cal_frames, cal_scores, prep.read_side(embed))
 
     buf = io.BytesIO()

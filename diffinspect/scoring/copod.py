@@ -33,7 +33,7 @@ from diffinspect import DiffinspectError
 from diffinspect.bundle import Fallback
 from diffinspect.data.image import Preprocess
 from diffinspect.scoring.detector import Scored
-from diffinspect.scoring.features import FEATURE_VERSION, SCALE_DIM, SCALES, embed_frames, embedding_dim
+from diffinspect.scoring.features import FEATURE_SIZE, FEATURE_VERSION, SCALE_DIM, SCALES, embed_frames, embedding_dim
 from diffinspect.scoring.threshold import check_calibration_size, conformal_threshold, min_calibration_size
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class CopodDetector:
     pixel_threshold: float | None = None  # COPOD gives no anomaly map
 
     def __init__(self, embeddings: np.ndarray, threshold: float, preprocess: Preprocess, *,
-                 feature_size: int = 128, false_reject_rate: float | None = None,
+                 feature_size: int = FEATURE_SIZE, false_reject_rate: float | None = None,
                  n_calibration: int = 0, feature_version: int = FEATURE_VERSION) -> None:
         emb = np.asarray(embeddings, dtype=np.float32)
         dim = embedding_dim(feature_version)
@@ -189,7 +189,7 @@ def load_scores(path: Path, n_calibration: int) -> np.ndarray | None:
 
 
 def fit_copod(frames: list[np.ndarray], preprocess: Preprocess, false_reject_rate: float = 0.01, *,
-              feature_size: int = 128, calibration_fraction: float = 0.5, seed: int = 0) -> CopodDetector:
+              feature_size: int = FEATURE_SIZE, calibration_fraction: float = 0.5, seed: int = 0) -> CopodDetector:
     """Fit the fallback on good frames and set its threshold for the target false-reject rate.
 
     The frames are split at random (seeded) into a fit part, whose embeddings become COPOD's ECDFs,
@@ -213,7 +213,8 @@ def fit_copod(frames: list[np.ndarray], preprocess: Preprocess, false_reject_rat
 
 
 def fit_copod_embeddings(emb: np.ndarray, preprocess: Preprocess, false_reject_rate: float = 0.01, *,
-                         feature_size: int = 128, calibration_fraction: float = 0.5, seed: int = 0) -> CopodDetector:
+                         feature_size: int = FEATURE_SIZE, calibration_fraction: float = 0.5,
+                         seed: int = 0) -> CopodDetector:
     """fit_copod on the frames' embeddings (N, D), already computed."""
     n = len(emb)
     need_cal = min_calibration_size(false_reject_rate)

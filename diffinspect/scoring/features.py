@@ -30,6 +30,7 @@ from diffinspect.data.image import convert_color
 FEATURE_VERSION = 2
 # The scales of each recipe version, as divisors of the feature size (version 1: the feature size only).
 SCALES = {1: (1,), 2: (1, 2, 4)}
+FEATURE_SIZE = 128  # the square side a frame is embedded at (its half and quarter join it in recipe v2)
 GRID = 4  # cells per side for local statistics: a 4x4 grid localizes changes to 1/16 of the frame
 HOG_BINS = 4  # unsigned orientations, 45 degrees each: enough for edge direction, few dims
 FFT_BANDS = 8
@@ -66,12 +67,12 @@ def _scale_dim() -> int:
 SCALE_DIM = _scale_dim()
 
 
-def classical_embedding(frame: np.ndarray, size: int = 128, version: int = FEATURE_VERSION) -> np.ndarray:
+def classical_embedding(frame: np.ndarray, size: int = FEATURE_SIZE, version: int = FEATURE_VERSION) -> np.ndarray:
     """Embed one uint8 (H, W, C) frame, C = 1 (gray) or 3 (RGB), of any size, as float32 (D,)."""
     square = _resize(_check_frame(frame), size)
     # The smaller scales come from the square copy: one pass over a large frame, whatever the scales.
-    out = [_statistics(square if d == 1 else _resize(square, max(MIN_SIZE, size // d))) for d in _scales(version)]
-    return out[0] if len(out) == 1 else np.concatenate(out)
+    return np.concatenate([_statistics(square if d == 1 else _resize(square, max(MIN_SIZE, size // d)))
+                           for d in _scales(version)])
 
 
 def _statistics(square: np.ndarray) -> np.ndarray:
@@ -89,7 +90,7 @@ def _statistics(square: np.ndarray) -> np.ndarray:
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def embed_frames(frames: list[np.ndarray], size: int = 128, version: int = FEATURE_VERSION) -> np.ndarray:
+def embed_frames(frames: list[np.ndarray], size: int = FEATURE_SIZE, version: int = FEATURE_VERSION) -> np.ndarray:
     """Embed frames to (N, D) float32; N = 0 gives a (0, D) array."""
     out = np.empty((len(frames), embedding_dim(version)), dtype=np.float32)
     for i, frame in enumerate(frames):
